@@ -1,0 +1,207 @@
+"""Settings: pydantic-settings models, loading and validation.
+
+Sources, highest priority first: ``FACTORY_*`` environment variables (nested with ``__``, e.g.
+``FACTORY_DISPATCH__LEASE_TTL_S``), then an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml``
+when present), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
+naming the field and its environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+log = logging.getLogger(__name__)
+
+#: Hard ceiling on iterations per run: a run is a bounded chain, never an endless one.
+MAX_ITERATIONS_CEILING = 1000
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line naming the field."""
+
+
+class LoopSettings(BaseModel):
+    """The bounded loop: how often beat kicks off a run and how long a run is."""
+
+    interval_s: float = Field(10.0, gt=0, description="seconds between beat kickoffs")
+    max_iterations: int = Field(3, ge=1, le=MAX_ITERATIONS_CEILING, description="iterations per run")
+    stale_after_s: float = Field(60.0, gt=0, description="heartbeat older than this is stale")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
+    heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
+    lease_ttl_s: float = Field(300.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+
+
+class DispatchSettings(BaseModel):
+    """The dispatch ledger: leases, the in-flight cap, attempts and backoff."""
+
+    max_in_flight: int = Field(8, ge=1, description="cluster-wide cap on claimed issues")
+    lease_ttl_s: float = Field(30.0, gt=0, description="claim lease, renewed while the agent runs")
+    max_attempts: int = Field(3, ge=1, description="failed attempts before an issue is parked")
+    backoff_base_s: float = Field(5.0, ge=0, description="first backoff window")
+    backoff_max_s: float = Field(300.0, ge=0, description="largest backoff window")
+    backoff_jitter: float = Field(0.1, ge=0, le=1, description="up to this fraction is added to a window")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "DispatchSettings":
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be >= backoff_base_s")
+        return self
+
+
+class SourceSettings(BaseModel):
+    """Where issues come from: ``file`` (a .jsonl/.json file or a directory), ``github`` or ``module:Class``."""
+
+    kind: str = Field("file", min_length=1)
+    path: Path = Path("examples/issues.jsonl")
+    ready_states: list[str] = Field(default_factory=lambda: ["ready"], min_length=1)
+    github_repo: str | None = Field(None, description="owner/name for kind=github")
+    github_labels: list[str] = Field(default_factory=list)
+    github_api_url: str = "https://api.github.com"
+    github_token_env: str = Field("GITHUB_TOKEN", description="name of the env var holding the token")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in ("file", "github") and ":" not in v:
+            raise ValueError("must be 'file', 'github' or 'module:Class'")
+        return v
+
+
+class AgentSettings(BaseModel):
+    """The agent program: an argv list (never a shell string), its timeout and where its logs go."""
+
+    command: list[str] = Field(default_factory=lambda: ["python", "examples/agent.py", "{id}"], min_length=1)
+    timeout_s: float = Field(600.0, gt=0)
+    log_dir: Path = Path(".factory/logs")
+    term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError("must be a JSON list of strings (an argv), not a shell string") from None
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError("must be a JSON list of strings (an argv)")
+        if v and not v[0].strip():
+            raise ValueError("argv[0] must not be empty")
+        return v
+
+
+class WorkerSettings(BaseModel):
+    """Worker-side timings: soft shutdown window and the worker liveness key."""
+
+    soft_shutdown_s: float = Field(20.0, ge=0, description="Celery worker_soft_shutdown_timeout")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_ttl_s: float = Field(15.0, gt=0)
+    visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis broker visibility timeout")
+
+
+class NotifySettings(BaseModel):
+    """Optional Slack-compatible webhook notifications (off unless a URL is set)."""
+
+    webhook_url: str | None = None
+    timeout_s: float = Field(2.0, gt=0)
+    events: list[str] = Field(default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed"])
+
+
+class Settings(BaseSettings):
+    """All of factory_worker's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FACTORY_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    redis_url: str | None = Field(None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
+    broker_url: str | None = Field(None, description="Celery broker; defaults to redis_url")
+    namespace: str = Field("factory", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    loop: LoopSettings = Field(default_factory=LoopSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.effective_redis_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = config_file()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+def config_file() -> Path | None:
+    """The TOML file to read: ``$FACTORY_CONFIG`` (must exist) or ``./factory.toml`` when present."""
+    explicit = os.environ.get("FACTORY_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"FACTORY_CONFIG={explicit}: no such file")
+        return path
+    default = Path("factory.toml")
+    return default if default.is_file() else None
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return "FACTORY_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line: the first bad field, its env var, the reason (and how many more problems there are)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    field = ".".join(str(p) for p in loc) or "settings"
+    msg = first.get("msg", "invalid").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown setting"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"invalid setting {field} ({_env_name(loc)}): {msg}{more}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable / malformed TOML
+        raise ConfigError(f"cannot read configuration: {exc}".splitlines()[0]) from None

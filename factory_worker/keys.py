@@ -1,0 +1,128 @@
+"""Every Redis key name factory_worker uses, built from one namespace.
+
+All keys share the hash tag ``{<namespace>}`` so that every Lua script's keys live in one Redis Cluster
+slot. Nothing else in the package spells a key by hand: see docs/ARCHITECTURE.md for the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one namespace (``FACTORY_NAMESPACE``)."""
+
+    namespace: str = "factory"
+
+    @property
+    def prefix(self) -> str:
+        return "{%s}" % self.namespace
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # -- dispatch ledger ------------------------------------------------------------------------------
+    def claim(self, issue: str) -> str:
+        """String: the owner token of a live claim, with the lease as its PX expiry."""
+        return self._k("claim", issue)
+
+    @property
+    def fences(self) -> str:
+        """Hash issue -> last fencing number issued (only grows; moved into ``done`` on completion)."""
+        return self._k("fences")
+
+    @property
+    def done(self) -> str:
+        """Hash issue -> ``<fence>:<completed_ms>``: the permanent done marker."""
+        return self._k("done")
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set issue -> lease expiry (ms): counts claims against the in-flight cap."""
+        return self._k("inflight")
+
+    @property
+    def backoff(self) -> str:
+        """Sorted set issue -> end of its backoff window (ms)."""
+        return self._k("backoff")
+
+    @property
+    def parked(self) -> str:
+        """Hash issue -> parked-at (ms): dead-lettered until an operator retries it."""
+        return self._k("parked")
+
+    @property
+    def attempts(self) -> str:
+        """Hash issue -> failed attempts counted so far."""
+        return self._k("attempts")
+
+    @property
+    def errors(self) -> str:
+        """Hash issue -> the last error text (truncated)."""
+        return self._k("errors")
+
+    @property
+    def counters(self) -> str:
+        """Hash of ledger and loop counters (claimed, deduped, backed_off, parked, completed, ...)."""
+        return self._k("counters")
+
+    # -- loop and runs --------------------------------------------------------------------------------
+    @property
+    def heartbeat(self) -> str:
+        """String (JSON) with expiry: the loop heartbeat."""
+        return self._k("heartbeat")
+
+    @property
+    def loop_lease(self) -> str:
+        """String: the run id holding the loop (overlap policy SKIP), with a TTL."""
+        return self._k("loop", "lease")
+
+    @property
+    def kill(self) -> str:
+        """Hash {run_id, by, at, at_ms, reason}: present while the loop is killed."""
+        return self._k("loop", "kill")
+
+    @property
+    def paused(self) -> str:
+        """Hash {by, at}: present while the loop is paused."""
+        return self._k("loop", "paused")
+
+    @property
+    def current_run(self) -> str:
+        """String: id of the latest run."""
+        return self._k("run", "current")
+
+    def run(self, run_id: str) -> str:
+        """Hash: the run record (status, task ids, iterations, failures, started/finished)."""
+        return self._k("run", run_id)
+
+    @property
+    def revoked(self) -> str:
+        """Set of task ids revoked by kill-loop (durable, unlike a worker's in-memory revoke list)."""
+        return self._k("revoked")
+
+    # -- agents and workers ---------------------------------------------------------------------------
+    def agent_task(self, task_id: str) -> str:
+        """Hash {issue, token, run_id, hostname, pid, pgid}: maps an agent task to its claim."""
+        return self._k("agent", task_id)
+
+    @property
+    def agents(self) -> str:
+        """Set of agent task ids currently running (for --release-agents and teardown)."""
+        return self._k("agents")
+
+    def agent_stop(self, task_id: str) -> str:
+        """String flag: the agent of this task must stop and release its claim as interrupted."""
+        return self._k("agent", task_id, "stop")
+
+    def worker(self, hostname: str) -> str:
+        """String (JSON) with expiry: a worker's liveness heartbeat."""
+        return self._k("worker", hostname)
+
+    def worker_pattern(self) -> str:
+        return self._k("worker", "*")
+
+    def pattern(self) -> str:
+        """Match every key of the namespace (teardown, tests)."""
+        return self.prefix + ":*"
