@@ -1,0 +1,52 @@
+"""The AgentRunner protocol and the result of running an agent for one dispatch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..sources.base import Issue
+
+#: Outcomes: ok (exit 0) | failed (non-zero exit) | timeout | signalled | lease-lost | interrupted
+OUTCOMES = ("ok", "failed", "timeout", "signalled", "lease-lost", "interrupted")
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    outcome: str
+    exit_code: int | None
+    duration_s: float
+    log_path: Path | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass
+class Dispatch:
+    """What an agent run needs to know about its claim."""
+
+    issue: Issue
+    token: str
+    dispatch_id: str  # the agent task id; names the log file
+
+
+class AgentRunner(Protocol):
+    def run(
+        self,
+        dispatch: Dispatch,
+        renew: Callable[[], object],
+        should_stop: Callable[[], str | None],
+        on_start: Callable[[int], None] | None = None,
+    ) -> AgentResult:
+        """Run the agent to completion.
+
+        ``renew()`` is called every renewal interval while the agent runs; if it raises
+        ``StaleClaimError`` the agent's process group is stopped and the outcome is ``lease-lost``.
+        ``should_stop()`` is polled as often; a non-None reason stops the agent (outcome ``interrupted``).
+        ``on_start(pid)`` is called once the subprocess exists (its pid is also its process group id).
+        """
+        ...
