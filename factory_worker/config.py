@@ -41,7 +41,13 @@ class LoopSettings(BaseModel):
     stale_after_s: float = Field(60.0, gt=0, description="heartbeat older than this is stale")
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
-    lease_ttl_s: float = Field(300.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+    lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+
+    @model_validator(mode="after")
+    def _stale_after_interval(self) -> "LoopSettings":
+        if self.stale_after_s <= self.interval_s:
+            raise ValueError("stale_after_s must be greater than interval_s (an idle loop would look stale)")
+        return self
 
 
 class DispatchSettings(BaseModel):

@@ -120,6 +120,10 @@ class Keys:
         """String (JSON) with expiry: a worker's liveness heartbeat."""
         return self._k("worker", hostname)
 
+    def worker_shutdown(self, hostname: str) -> str:
+        """String: deadline (ms) by which a warm-shutting-down worker's agents must have stopped."""
+        return self._k("shutdown", hostname)
+
     def worker_pattern(self) -> str:
         return self._k("worker", "*")
 

@@ -1,0 +1,191 @@
+"""Runs and loop control: the loop lease (overlap SKIP), run records, kill / pause flags, revoked ids.
+
+A run is started by :func:`start_run` (the kickoff) and ended exactly once by :func:`end_run`. The loop
+lease is a token (the run id) with a TTL, renewed by each iteration and released by run id only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from . import heartbeat
+from .config import Settings
+from .keys import Keys
+from .redis_client import server_now_ms
+from .scripts import scripts_for
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD_TTL_S = 7 * 24 * 3600
+REVOKED_TTL_S = 24 * 3600
+
+def who() -> str:
+    return f"{os.environ.get('USER', 'unknown')}@{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Kickoff:
+    started: bool
+    run_id: str | None = None
+    reason: str = ""
+    task_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "run_id": self.run_id, "reason": self.reason, "task_ids": self.task_ids}
+
+
+class LoopControl:
+    """Reads and writes the loop's control state in Redis."""
+
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+        self.r = r
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._s = scripts_for(r)
+
+    # -- counters -------------------------------------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(self.keys.counters, name, n)
+
+    # -- kill / pause ---------------------------------------------------------------------------------
+    def kill_info(self) -> dict[str, str] | None:
+        return self.r.hgetall(self.keys.kill) or None
+
+    def pause_info(self) -> dict[str, str] | None:
+        return self.r.hgetall(self.keys.paused) or None
+
+    def set_paused(self, paused: bool, by: str | None = None) -> bool:
+        """Pause or resume; returns whether anything changed."""
+        if not paused:
+            return bool(self.r.delete(self.keys.paused))
+        changed = not self.r.exists(self.keys.paused)
+        self.r.hset(self.keys.paused, mapping={"by": by or who(), "at_ms": server_now_ms(self.r)})
+        return changed
+
+    def is_revoked(self, task_id: str | None) -> bool:
+        return bool(task_id) and bool(self.r.sismember(self.keys.revoked, task_id))
+
+    def revoke_ids(self, task_ids: list[str]) -> None:
+        if task_ids:
+            p = self.r.pipeline(transaction=True)
+            p.sadd(self.keys.revoked, *task_ids).expire(self.keys.revoked, REVOKED_TTL_S)
+            p.execute()
+
+    def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> None:
+        now = server_now_ms(self.r)
+        self.r.hset(self.keys.kill, mapping={"run_id": run_id or "", "by": by, "at_ms": now, "reason": reason})
+
+    def clear_kill(self) -> bool:
+        return bool(self.r.delete(self.keys.kill))
+
+    # -- runs -----------------------------------------------------------------------------------------
+    def current_run_id(self) -> str | None:
+        return self.r.get(self.keys.current_run)
+
+    def run(self, run_id: str | None) -> dict[str, Any] | None:
+        if not run_id:
+            return None
+        raw = self.r.hgetall(self.keys.run(run_id))
+        if not raw:
+            return None
+        rec: dict[str, Any] = dict(raw)
+        for name in ("task_ids", "last_report"):
+            if name in rec:
+                try:
+                    rec[name] = json.loads(rec[name])
+                except ValueError:
+                    pass
+        for name in ("max_iterations", "iterations_done", "failures", "consecutive_failures",
+                     "started_ms", "finished_ms"):
+            if name in rec:
+                rec[name] = int(rec[name])
+        return rec
+
+    def lease_holder(self) -> str | None:
+        return self.r.get(self.keys.loop_lease)
+
+    def start_run(self, max_iterations: int | None = None, by: str = "beat") -> Kickoff:
+        """Take the loop lease and write the run record; SKIP (counted) if killed, paused or a run is live.
+
+        Task ids of the whole chain are generated up front: ``iter-0..n-1`` then ``finish``.
+        """
+        n = max_iterations or self.settings.loop.max_iterations
+        kill = self.kill_info()
+        if kill:
+            self.count("kickoffs_skipped_killed")
+            return Kickoff(False, reason=f"killed by {kill.get('by', '?')}; run start-loop to clear")
+        if self.pause_info():
+            self.count("kickoffs_skipped_paused")
+            return Kickoff(False, reason="paused; run resume")
+        run_id = uuid.uuid4().hex[:16]
+        ttl_ms = int(self.settings.loop.lease_ttl_s * 1000)
+        if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms):
+            self.count("kickoffs_skipped_overlap")
+            return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
+        task_ids = [f"{run_id}-iter-{i}" for i in range(n)] + [f"{run_id}-finish"]
+        now = server_now_ms(self.r)
+        p = self.r.pipeline(transaction=True)
+        p.hset(self.keys.run(run_id), mapping={
+            "run_id": run_id, "status": "running", "started_ms": now, "max_iterations": n, "by": by,
+            "task_ids": json.dumps(task_ids), "iterations_done": 0, "failures": 0, "consecutive_failures": 0,
+        })
+        p.expire(self.keys.run(run_id), RUN_RECORD_TTL_S)
+        p.set(self.keys.current_run, run_id)
+        p.hincrby(self.keys.counters, "runs_started", 1)
+        p.execute()
+        heartbeat.write(self.r, self.keys, run_id, "running", 0, n, self.settings.loop.heartbeat_ttl_s)
+        log.info("run %s started by %s (%d iterations)", run_id, by, n)
+        return Kickoff(True, run_id=run_id, task_ids=task_ids)
+
+    def abandon_start(self, run_id: str, error: str) -> None:
+        """The chain could not be sent: end the run and free the lease at once."""
+        self.end_run(run_id, "failed", f"could not send the chain: {error}")
+
+    def renew_lease(self, run_id: str) -> bool:
+        return bool(self._s['lease_renew'](keys=[self.keys.loop_lease],
+                                args=[run_id, int(self.settings.loop.lease_ttl_s * 1000)]))
+
+    def run_status(self, run_id: str) -> str | None:
+        return self.r.hget(self.keys.run(run_id), "status")
+
+    def record_iteration(self, run_id: str, index: int, report: dict[str, Any], failed: bool,
+                         worker: str | None = None) -> int:
+        """Store an iteration's outcome on the run; returns the consecutive failure count."""
+        key = self.keys.run(run_id)
+        p = self.r.pipeline(transaction=True)
+        p.hset(key, mapping={"iterations_done": index + 1, "last_report": json.dumps(report),
+                             "last_worker": worker or socket.gethostname()})
+        if failed:
+            p.hincrby(key, "failures", 1).hincrby(key, "consecutive_failures", 1)
+            p.hset(key, "last_error", str(report.get("error", ""))[:500])
+            p.hincrby(self.keys.counters, "iterations_failed", 1)
+        else:
+            p.hset(key, "consecutive_failures", 0)
+        p.hincrby(self.keys.counters, "iterations", 1)
+        p.hget(key, "consecutive_failures")
+        return int(p.execute()[-1] or 0)
+
+    def end_run(self, run_id: str, status: str, reason: str = "") -> bool:
+        """End ``run_id`` once: status, heartbeat (idle, or stopping), lease released by run id."""
+        now = server_now_ms(self.r)
+        ended = bool(self._s['run_end'](keys=[self.keys.run(run_id)], args=[status, reason, now]))
+        rec = self.run(run_id) or {}
+        hb_status = "idle" if status == "finished" else "stopping"
+        ttl = self.settings.loop.heartbeat_ttl_s if hb_status == "idle" else self.settings.loop.stale_after_s
+        current = heartbeat.read(self.r, self.keys)
+        if current is None or current.run_id == run_id:
+            heartbeat.write(self.r, self.keys, run_id, hb_status, int(rec.get("iterations_done", 0)),
+                            int(rec.get("max_iterations", 0)), ttl)
+        self._s['lease_release'](keys=[self.keys.loop_lease], args=[run_id])
+        if ended:
+            self.count(f"runs_{status}")
+            log.info("run %s ended: %s %s", run_id, status, reason)
+        return ended

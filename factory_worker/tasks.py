@@ -1,0 +1,97 @@
+"""The Celery tasks: thin views over :mod:`loop`, :mod:`runs` and :mod:`dispatch`.
+
+``factory.loop.kickoff`` -> chain of ``factory.loop.iteration`` x N -> ``factory.loop.finish``;
+``factory.agent.run`` runs one agent for one claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import chain
+
+from . import dispatch, loop
+from .app import AGENT_QUEUE, LOOP_QUEUE, app
+from .ledger import Claim
+from .runs import Kickoff
+from .sources.base import Issue
+
+log = logging.getLogger(__name__)
+
+_factory: loop.Factory | None = None
+
+
+def factory() -> loop.Factory:
+    """The process-wide Factory (one Redis pool per process)."""
+    global _factory
+    if _factory is None:
+        _factory = loop.Factory(app.conf.factory_settings)
+    return _factory
+
+
+def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None) -> None:
+    """Send one ``factory.agent.run``; Flower shows the issue id, never the token or the issue body."""
+    agent_run.apply_async(
+        args=[issue.id, claim.token, run_id],
+        kwargs={"issue": issue.as_json_dict()},
+        task_id=task_id,
+        queue=AGENT_QUEUE,
+        argsrepr=repr([issue.id, f"fence={claim.fence}", run_id]),
+        kwargsrepr="{}",
+    )
+
+
+def start_run(max_iterations: int | None = None, by: str = "beat") -> Kickoff:
+    """Take the loop lease and send the run's chain (overlap policy SKIP). Shared by beat and start-loop."""
+    f = factory()
+    kick = f.control.start_run(max_iterations, by=by)
+    if not kick.started:
+        log.info("kickoff skipped: %s", kick.reason)
+        return kick
+    ids = kick.task_ids
+    run_id = kick.run_id
+    steps = [iteration.si(run_id, i).set(task_id=ids[i], queue=LOOP_QUEUE) for i in range(len(ids) - 1)]
+    steps.append(finish.si(run_id).set(task_id=ids[-1], queue=LOOP_QUEUE))
+    try:
+        chain(*steps).apply_async()
+    except Exception as exc:
+        f.control.abandon_start(run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    return kick
+
+
+@app.task(name="factory.loop.kickoff", bind=True)
+def kickoff(self, max_iterations: int | None = None, by: str = "beat") -> dict[str, Any]:
+    """Start a run unless one is live, the loop is killed or paused (each a counted no-op)."""
+    return start_run(max_iterations, by=by).as_dict()
+
+
+@app.task(name="factory.loop.iteration", bind=True)
+def iteration(self, run_id: str, index: int) -> dict[str, Any]:
+    """Poll, gate through the ledger, dispatch agents; stops the chain when the run must end."""
+    report, go_on = loop.run_iteration(factory(), send_agent, run_id, index, task_id=self.request.id,
+                                       worker=self.request.hostname)
+    if not go_on:
+        self.request.chain = None  # end the chain here: nothing after this iteration is sent
+    return report.as_dict()
+
+
+@app.task(name="factory.loop.finish", bind=True)
+def finish(self, run_id: str) -> dict[str, Any]:
+    """End the run: heartbeat idle, loop lease released."""
+    f = factory()
+    if f.control.is_revoked(self.request.id):
+        return {"run_id": run_id, "finished": False}
+    return {"run_id": run_id, "finished": loop.finish_run(f, run_id)}
+
+
+@app.task(name="factory.agent.run", bind=True)
+def agent_run(self, issue_id: str, token: str, run_id: str | None = None,
+              issue: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the agent for one claimed issue and settle the claim by its token."""
+    from .signals import local_stop_reason
+
+    data = issue or {"id": issue_id, "title": "", "state": "ready"}
+    return dispatch.execute(factory(), self.request.id, data, token, run_id,
+                            hostname=self.request.hostname, local_stop=local_stop_reason)
