@@ -1,0 +1,266 @@
+"""The control CLI: ``python -m factory_worker.ctl`` / ``factory-worker``. A thin view over the core.
+
+Every command has ``--json``. Errors (unreachable Redis, bad config, bad argument) are one line on
+stderr and exit 2, never a traceback. Only Redis is needed, plus the broker for revoke and start-loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import click
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
+from .ledger import STATES, LedgerError
+from .loop import Factory, iterate
+from .sources.base import SourceError
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+class Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _factory() -> Factory:
+    f = Factory(_settings())
+    f.r.ping()  # fail fast (exit 2) when Redis is unreachable
+    return f
+
+
+def _ts(ms: Any) -> str:
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return "-"
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None], code: int = 0) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human(data)
+    raise Exit(code)
+
+
+def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_cell(c, r.get(c)) for c in columns])
+    console.print(t)
+
+
+def _cell(name: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if name.endswith("_ms"):
+        return _ts(v)
+    return str(v)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="log at INFO")
+def cli(verbose: bool) -> None:
+    """Control a factory_worker loop (needs only Redis; the broker for revoke and start-loop)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+@cli.command("loop-status")
+@json_opt
+def loop_status_cmd(as_json: bool) -> None:
+    """Heartbeat, liveness, run and counters. Exit 0 live, 1 not live, 2 error."""
+    from .operations import loop_status
+
+    data, code = loop_status(_factory())
+
+    def human(d: dict[str, Any]) -> None:
+        hb = d["heartbeat"] or {}
+        console.print(f"loop: [bold]{d['liveness']}[/bold]" + (f" (heartbeat {d['age_s']}s old)" if hb else ""))
+        if hb:
+            console.print(f"run {hb['run_id']}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
+                          f" on {hb['hostname']} pid {hb['pid']}")
+        if d["killed"]:
+            k = d["killed"]
+            console.print(f"[red]killed[/red] at {_ts(k.get('at_ms'))} by {k.get('by')}: run start-loop to resume")
+        if d["paused"]:
+            console.print(f"[yellow]paused[/yellow] at {_ts(d['paused'].get('at_ms'))} by {d['paused'].get('by')}")
+        console.print("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
+        console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
+        console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
+                      f"last iteration on {d['last_iteration_worker'] or '-'}")
+
+    emit(data, as_json, human, code)
+
+
+@cli.command("kill-loop")
+@click.option("--force", is_flag=True, help="kill even when no live run is seen")
+@click.option("--release-agents", is_flag=True, help="also stop the run's agents and free their claims")
+@json_opt
+def kill_loop_cmd(force: bool, release_agents: bool, as_json: bool) -> None:
+    """Kill the live run and keep the loop stopped until start-loop. Exit 0 killed, 1 refused, 2 error."""
+    from .operations import kill_loop
+
+    data, code = kill_loop(_factory(), force=force, release_agents=release_agents, revoke=_revoke)
+
+    def human(d: dict[str, Any]) -> None:
+        if d.get("refused"):
+            click.echo(f"refused: {d['refused']}", err=True)
+            return
+        click.echo(f"killed run {d['killed'] or '-'}; revoked {len(d['revoked'])} task(s); "
+                   f"released {len(d['released_agents'])} agent(s). The loop stays stopped: run start-loop.")
+
+    emit(data, as_json, human, code)
+
+
+def _revoke(task_ids: list[str]) -> None:
+    from .app import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
+        app.control.revoke(task_ids, connection=conn)
+
+
+@cli.command("start-loop")
+@click.option("--max-iterations", type=click.IntRange(1, MAX_ITERATIONS_CEILING), default=None,
+              help="iterations of this run")
+@json_opt
+def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
+    """Clear a kill and start a run now (overlap policy applies). Exit 0 started, 1 skipped."""
+    from .operations import start_loop
+    from .tasks import start_run
+
+    data, code = start_loop(_factory(), lambda n, by: start_run(n, by=by), max_iterations)
+    emit(data, as_json, lambda d: click.echo(
+        f"started run {d['run_id']}" if d["started"] else f"skipped: {d['reason']}"), code)
+
+
+@cli.command("run-once")
+@click.option("--dry-run", is_flag=True, help="gate without claiming or dispatching anything")
+@json_opt
+def run_once_cmd(dry_run: bool, as_json: bool) -> None:
+    """One iteration in this process; prints the IterationReport."""
+    f = _factory()
+    send = None
+    if not dry_run:
+        from .tasks import send_agent
+
+        send = send_agent
+    report = iterate(f, send, dry_run=dry_run).as_dict()
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"pulled {d['pulled']}, dispatched {d['dispatched']}{' (dry run)' if d['dry_run'] else ''}")
+        if d["dispatches"]:
+            table("dispatched" + (" (would)" if d["dry_run"] else ""), d["dispatches"], ["issue", "task_id", "fence"])
+        if d["skipped"]:
+            table("skipped", d["skipped"], ["issue", "reason"])
+
+    emit(report, as_json, human)
+
+
+@cli.command("dispatches")
+@click.option("--state", type=click.Choice(STATES), default=None, help="only this state")
+@json_opt
+def dispatches_cmd(state: str | None, as_json: bool) -> None:
+    """The ledger, issue by issue."""
+    f = _factory()
+    rows = f.ledger.entries(state) if state else f.ledger.all_entries()
+    cols = ["issue", "state", "until_ms", "attempts", "fence", "completed_ms", "last_error"]
+    emit(rows, as_json, lambda d: table("dispatches", d, cols))
+
+
+@cli.command("explain")
+@click.argument("issue")
+@json_opt
+def explain_cmd(issue: str, as_json: bool) -> None:
+    """Why ISSUE is or is not dispatched now."""
+    e = _factory().ledger.explain(issue)
+    emit(e.as_dict(), as_json, lambda d: click.echo(f"{d['issue']}: {d['state']}: {d['text']}"))
+
+
+@cli.command("retry")
+@click.argument("issue")
+@json_opt
+def retry_cmd(issue: str, as_json: bool) -> None:
+    """Give a parked or backing-off ISSUE a fresh attempt budget."""
+    data = _factory().ledger.retry(issue)
+    emit(data, as_json, lambda d: click.echo(
+        f"{issue}: {'unparked' if d['was_parked'] else 'backoff cleared'} (had {d['attempts_before']} attempts)"))
+
+
+@cli.command("pause")
+@json_opt
+def pause_cmd(as_json: bool) -> None:
+    """Claim nothing new; running agents go on; the run stays alive."""
+    from .operations import set_paused
+
+    data, code = set_paused(_factory(), True)
+    emit(data, as_json, lambda d: click.echo("paused" if d["changed"] else "already paused"), code)
+
+
+@cli.command("resume")
+@json_opt
+def resume_cmd(as_json: bool) -> None:
+    """Undo pause."""
+    from .operations import set_paused
+
+    data, code = set_paused(_factory(), False)
+    emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
+
+
+@cli.command("up")
+@click.option("--no-flower", is_flag=True, help="do not start Flower")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, help="worker processes to start")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, help="pool size of each worker")
+def up_cmd(no_flower: bool, workers: int, concurrency: int) -> None:
+    """Dev stack in one process tree: Redis (embedded when none is configured), worker(s), beat, Flower."""
+    from .devstack import run_stack
+
+    raise Exit(run_stack(_settings(), flower=not no_flower, workers=workers, concurrency=concurrency))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line on stderr and exit 2 for any error; never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="factory-worker", standalone_mode=False)
+        return 0
+    except Exit as e:
+        return e.code
+    except click.exceptions.Abort:
+        click.echo("factory-worker: aborted", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"factory-worker: error: {e.format_message()}", err=True)
+        return 2
+    except ConfigError as e:
+        click.echo(f"factory-worker: {e}", err=True)
+        return 2
+    except redis.ConnectionError as e:
+        click.echo(f"factory-worker: cannot reach Redis: {str(e).splitlines()[0]}", err=True)
+        return 2
+    except (redis.RedisError, LedgerError, SourceError, OSError, ValueError) as e:
+        click.echo(f"factory-worker: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                   err=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
