@@ -76,7 +76,10 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
         _release_quietly(f, issue.id, token, "revoked")
         return {**result, "outcome": "revoked"}
     try:
-        f.ledger.renew(issue.id, token)
+        if not f.ledger.begin(issue.id, token):
+            log.warning("agent task %s for %s does nothing: an agent already started for this claim",
+                        task_id, issue.id)
+            return {**result, "outcome": "duplicate"}
     except StaleClaimError as exc:
         log.warning("agent task %s for %s does nothing: %s", task_id, issue.id, exc)
         return {**result, "outcome": "stale"}

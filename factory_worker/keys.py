@@ -63,6 +63,11 @@ class Keys:
         return self._k("errors")
 
     @property
+    def started(self) -> str:
+        """Hash issue -> the token whose agent has started (a second start for that token is refused)."""
+        return self._k("started")
+
+    @property
     def counters(self) -> str:
         """Hash of ledger and loop counters (claimed, deduped, backed_off, parked, completed, ...)."""
         return self._k("counters")

@@ -162,11 +162,24 @@ class Ledger:
         res = self._s["renew"](keys=[k.claim(issue), k.inflight], args=[token, self.lease_ms, issue])
         return int(checked(res, issue, token)[1])
 
+    def begin(self, issue: str, token: str) -> bool:
+        """Start the agent for ``token``'s claim: True once per token, False if it already started.
+
+        Also renews the lease. Stale or superseded token -> StaleClaimError.
+        """
+        k = self.keys
+        res = self._s["begin"](keys=[k.claim(issue), k.inflight, k.started], args=[token, self.lease_ms, issue])
+        if int(res[0]) == 2:
+            return False
+        checked(res, issue, token)
+        return True
+
     def complete(self, issue: str, token: str) -> None:
         """Mark ``issue`` done for good (the holder only)."""
         k = self.keys
         res = self._s["complete"](
-            keys=[k.claim(issue), k.inflight, k.fences, k.done, k.backoff, k.attempts, k.errors, k.counters],
+            keys=[k.claim(issue), k.inflight, k.fences, k.done, k.backoff, k.attempts, k.errors, k.counters,
+                  k.started],
             args=[token, issue],
         )
         checked(res, issue, token)
@@ -177,7 +190,7 @@ class Ledger:
         k = self.keys
         cfg = self.cfg
         res = self._s["fail"](
-            keys=[k.claim(issue), k.inflight, k.backoff, k.parked, k.attempts, k.errors, k.counters],
+            keys=[k.claim(issue), k.inflight, k.backoff, k.parked, k.attempts, k.errors, k.counters, k.started],
             args=[
                 token, issue, int(cfg.backoff_base_s * 1000), int(cfg.backoff_max_s * 1000), cfg.max_attempts,
                 repr(cfg.backoff_jitter * self.rng()), (error or "failed")[:ERROR_MAX_CHARS],
@@ -190,7 +203,8 @@ class Ledger:
     def release(self, issue: str, token: str, reason: str = "interrupted") -> None:
         """Free the claim without counting an attempt (no backoff penalty)."""
         k = self.keys
-        res = self._s["release"](keys=[k.claim(issue), k.inflight, k.counters], args=[token, issue, reason])
+        res = self._s["release"](keys=[k.claim(issue), k.inflight, k.counters, k.started],
+                                 args=[token, issue, reason])
         checked(res, issue, token)
         log.info("issue %s released (%s)", issue, reason)
 

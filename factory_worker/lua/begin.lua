@@ -1,0 +1,16 @@
+--[[ begin: the agent task for a claim starts, at most once per token (a redelivered message is refused).
+KEYS[1] claim key   KEYS[2] inflight (zset)   KEYS[3] started (hash issue -> token whose agent started)
+ARGV[1] token   ARGV[2] lease_ms   ARGV[3] issue
+Returns {1, expires_ms} started (lease renewed) | {2, ""} an agent already started for this token
+      | {0, ""} no live claim | {-1, current_token} held by another token ]]
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {0, ''} end
+if cur ~= ARGV[1] then return {-1, cur} end
+if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[1] then return {2, ''} end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('ZADD', KEYS[2], now + lease, ARGV[3])
+return {1, tostring(now + lease)}

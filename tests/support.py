@@ -1,0 +1,115 @@
+"""Helpers for end-to-end tests: real `celery worker` / `celery beat` subprocesses, waiting, agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
+    env.update(settings_env)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class CeleryProc:
+    """A real `celery -A factory_worker worker|beat` subprocess with its log in a file."""
+
+    def __init__(self, kind: str, env: dict[str, str], log_dir: Path, name: str, extra: list[str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.kind, self.name = kind, name
+        self.log_path = log_dir / f"{name}.log"
+        argv = [sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
+        if kind == "worker":
+            argv += ["-n", f"{name}@%h", "-Q", "factory.loop,factory.agents", "--without-mingle",
+                     "--without-gossip", "-P", "prefork"]
+        else:
+            argv += ["--schedule", str(log_dir / f"{name}-schedule")]
+        argv += extra or []
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=cwd or ROOT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        needle = "ready." if self.kind == "worker" else "beat: Starting"
+        wait_until(lambda: needle in self.log() or self.proc.poll() is not None, timeout, what=f"{self.name} ready")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited early:\n{self.log()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+RECORDING_AGENT = r'''
+import json, os, sys, time, pathlib
+issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
+out = pathlib.Path(os.environ["AGENT_OUT"])
+iid = os.environ["FACTORY_ISSUE_ID"]
+def rec(event, **kw):
+    with open(out / "events.jsonl", "a") as fh:
+        fh.write(json.dumps({"issue": iid, "event": event, "t": time.time(), "pid": os.getpid(),
+                             "token": os.environ["FACTORY_DISPATCH_TOKEN"], **kw}) + "\n")
+rec("start", argv=sys.argv[1:])
+time.sleep(float(os.environ.get("AGENT_SLEEP", "0.1")))
+labels = issue.get("labels", [])
+code = 0
+if "always-fails" in labels:
+    code = 1
+elif "fails-once" in labels:
+    marker = out / f"failed-once-{iid}"
+    if not marker.exists():
+        marker.write_text("x")
+        code = 1
+rec("end", code=code)
+sys.exit(code)
+'''
+
+
+def write_issues(path: Path, issues: list[dict]) -> None:
+    path.write_text("".join(json.dumps(i) + "\n" for i in issues))
+
+
+def read_events(out: Path) -> list[dict]:
+    p = out / "events.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
