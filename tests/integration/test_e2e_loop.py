@@ -1,0 +1,218 @@
+"""End to end: real redis-server, real `celery worker` x2 and `celery beat` x2 subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from factory_worker.config import load_settings
+from factory_worker.ledger import Ledger
+from factory_worker.loop import Factory
+from factory_worker.runs import LoopControl
+from tests.support import RECORDING_AGENT, CeleryProc, factory_env, read_events, wait_until, write_issues
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    agent = tmp_path / "agent.py"
+    agent.write_text(RECORDING_AGENT)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {
+        "FACTORY_REDIS_URL": redis_url,
+        "FACTORY_NAMESPACE": namespace,
+        "FACTORY_LOOP__INTERVAL_S": "1",
+        "FACTORY_LOOP__MAX_ITERATIONS": "3",
+        "FACTORY_LOOP__STALE_AFTER_S": "10",
+        "FACTORY_DISPATCH__LEASE_TTL_S": "5",
+        "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
+        "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
+        "FACTORY_DISPATCH__BACKOFF_BASE_S": "1",
+        "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
+        "FACTORY_DISPATCH__BACKOFF_JITTER": "0",
+        "FACTORY_SOURCE__PATH": str(tmp_path / "issues.jsonl"),
+        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, str(agent), "{id}", "{title}"]),
+        "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
+        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "5",
+        "AGENT_OUT": str(out),
+    }
+    env.update(extra)
+    return factory_env(env)
+
+
+def settings_from(env: dict[str, str]):
+    fields = {k: v for k, v in env.items() if k.startswith("FACTORY_")}
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, fields, clear=False):
+        return load_settings()
+
+
+@pytest.fixture
+def procs():
+    started: list[CeleryProc] = []
+    yield started
+    for p in started:
+        p.stop(timeout=20)
+
+
+def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real_redis, namespace, tmp_path, procs):
+    issues = []
+    for n in range(60):
+        labels = ["fails-once"] if n % 7 == 3 else []
+        if n == 59:
+            labels = ["always-fails"]
+        issues.append({"id": f"I-{n:02d}", "title": f"issue {n}", "state": "ready", "labels": labels})
+    write_issues(tmp_path / "issues.jsonl", issues)
+    env = stack_env(redis_url, namespace, tmp_path)
+    for name in ("w1", "w2"):
+        procs.append(CeleryProc("worker", env, tmp_path, name, extra=["-c", "4"]))
+    for name in ("beat1", "beat2"):  # two beats firing at once must still start one run at a time
+        procs.append(CeleryProc("beat", env, tmp_path, name))
+    for p in procs:
+        p.wait_ready()
+    settings = settings_from(env)
+    ledger = Ledger.from_settings(settings, real_redis)
+    wait_until(lambda: ledger.gauges()["done"] == 59 and ledger.gauges()["parked"] == 1, 120,
+               interval=0.5, what="59 done + 1 parked")
+
+    events = read_events(tmp_path / "out")
+    by_issue: dict[str, list[dict]] = defaultdict(list)
+    for e in events:
+        by_issue[e["issue"]].append(e)
+    # every issue done exactly once
+    for n in range(59):
+        ends_ok = [e for e in by_issue[f"I-{n:02d}"] if e["event"] == "end" and e["code"] == 0]
+        assert len(ends_ok) == 1, (n, by_issue[f"I-{n:02d}"])
+    # no two runs of one issue overlap in time
+    for issue, evs in by_issue.items():
+        spans = []
+        starts = {e["pid"]: e["t"] for e in evs if e["event"] == "start"}
+        for e in evs:
+            if e["event"] == "end":
+                spans.append((starts[e["pid"]], e["t"]))
+        assert len(spans) == len(starts), issue
+        spans.sort()
+        for (s1, e1), (s2, _) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"{issue}: overlapping agent runs"
+    # a failed issue is not retried before its backoff window (base 1 s, no jitter)
+    for n in range(59):
+        if n % 7 != 3:
+            continue
+        evs = sorted(by_issue[f"I-{n:02d}"], key=lambda e: e["t"])
+        first_end = next(e for e in evs if e["event"] == "end")
+        assert first_end["code"] == 1
+        second_start = [e for e in evs if e["event"] == "start"][1]
+        assert second_start["t"] - first_end["t"] >= 1.0, (n, second_start["t"] - first_end["t"])
+    # the always-failing issue is parked after max_attempts
+    assert len([e for e in by_issue["I-59"] if e["event"] == "start"]) == 3
+    assert ledger.explain("I-59").state == "parked"
+    # runs never overlapped, though two beats kicked off
+    f = Factory(settings, real_redis)
+    runs = []
+    for key in real_redis.scan_iter(match=f.keys.run("*")):
+        if key.endswith(":current"):
+            continue
+        rec = f.control.run(key.rsplit(":", 1)[1])
+        if rec and "started_ms" in rec:
+            runs.append((rec["started_ms"], rec.get("finished_ms") or 10**15, rec["status"]))
+    runs.sort()
+    assert len(runs) >= 2
+    for (s1, e1, _), (s2, _, _) in zip(runs, runs[1:]):
+        assert s2 >= e1, "two runs were live at once"
+    # nothing is left owned
+    assert ledger.gauges()["in_flight"] == 0
+    assert not real_redis.keys(f.keys.claim("*"))
+
+
+def test_two_kickoffs_at_the_same_moment_start_one_run(real_redis, make_settings, redis_url):
+    settings = make_settings(redis_url=redis_url)
+    barrier = threading.Barrier(8)
+    results = []
+
+    def kick() -> None:
+        control = LoopControl(real_redis, settings)
+        barrier.wait()
+        results.append(control.start_run(by="test"))
+
+    threads = [threading.Thread(target=kick) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    started = [k for k in results if k.started]
+    assert len(started) == 1
+    assert all("overlap" in k.reason for k in results if not k.started)
+    assert int(real_redis.hget(Keys_for(settings).counters, "kickoffs_skipped_overlap")) == 7
+
+
+def Keys_for(settings):
+    from factory_worker.keys import Keys
+
+    return Keys(settings.namespace)
+
+
+def ctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "factory_worker.ctl", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_dry_run_dispatches_nothing_and_writes_nothing(redis_url, real_redis, namespace, tmp_path):
+    write_issues(tmp_path / "issues.jsonl", [{"id": f"D-{n}", "title": "t", "state": "ready"} for n in range(5)])
+    env = stack_env(redis_url, namespace, tmp_path)
+    before = {k: real_redis.dump(k) for k in real_redis.keys("*")}
+    res = ctl(env, "run-once", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["dry_run"] is True and report["pulled"] == 5 and report["dispatched"] == 5
+    after = {k: real_redis.dump(k) for k in real_redis.keys("*")}
+    assert after == before
+    assert real_redis.llen("factory.agents") == 0
+
+
+def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, namespace, tmp_path, procs):
+    write_issues(tmp_path / "issues.jsonl", [{"id": "R-1", "title": "t", "state": "ready"}])
+    env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="1.0")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
+    procs[0].wait_ready()
+    settings = settings_from(env)
+    ledger = Ledger.from_settings(settings, real_redis)
+    claim = ledger.claim(["R-1"]).claims[0]
+    from celery import Celery
+
+    sender = Celery(broker=redis_url)
+    sender.conf.task_serializer = "json"
+    msg = dict(args=["R-1", claim.token, None], kwargs={"issue": {"id": "R-1", "title": "t", "state": "ready"}},
+               queue="factory.agents")
+    sender.send_task("factory.agent.run", task_id="dup-1", **msg)
+    sender.send_task("factory.agent.run", task_id="dup-1", **msg)  # the same message, delivered again
+    wait_until(lambda: ledger.explain("R-1").state == "done", 30, what="R-1 done")
+    import time
+
+    time.sleep(1.5)  # give a duplicate time to (wrongly) start
+    starts = [e for e in read_events(tmp_path / "out") if e["event"] == "start"]
+    assert len(starts) == 1
+
+
+def test_hostile_title_reaches_the_agent_as_plain_text(redis_url, real_redis, namespace, tmp_path, procs):
+    pwned = tmp_path / "pwned"
+    title = f"$(touch {pwned}); touch {pwned}2 `touch {pwned}3` | touch {pwned}4"
+    write_issues(tmp_path / "issues.jsonl", [{"id": "X-1", "title": title, "state": "ready"}])
+    env = stack_env(redis_url, namespace, tmp_path)
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "1"]))
+    procs[0].wait_ready()
+    res = ctl(env, "run-once", "--json")
+    assert res.returncode == 0, res.stderr
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    wait_until(lambda: ledger.explain("X-1").state == "done", 30, what="X-1 done")
+    start = next(e for e in read_events(tmp_path / "out") if e["event"] == "start")
+    assert start["argv"] == ["X-1", title]
+    assert not list(tmp_path.glob("pwned*"))
