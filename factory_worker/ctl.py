@@ -226,6 +226,34 @@ def resume_cmd(as_json: bool) -> None:
     emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
 
 
+@cli.command("doctor")
+@json_opt
+def doctor_cmd(as_json: bool) -> None:
+    """Check a deployment's Redis and Celery settings. Exit 0 all good, 1 findings, 2 error."""
+    from .doctor import format_report, run_doctor
+
+    data, code = run_doctor(_settings())
+    emit(data, as_json, lambda d: click.echo(format_report(d)), code)
+
+
+@cli.command("metrics")
+@click.option("--serve", "serve_addr", default=None, metavar="[HOST]:PORT",
+              help="serve Prometheus metrics over HTTP until interrupted")
+@json_opt
+def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
+    """Print the Prometheus metrics once, or serve them with --serve :PORT."""
+    from .metrics import parse_addr, render, serve, snapshot
+
+    f = _factory()
+    if serve_addr:
+        host, port = parse_addr(serve_addr)
+        raise Exit(serve(f, host, port))
+    if as_json:
+        emit(snapshot(f), True, lambda d: None)
+    click.echo(render(f), nl=False)
+    raise Exit(0)
+
+
 @cli.command("up")
 @click.option("--no-flower", is_flag=True, help="do not start Flower")
 @click.option("--workers", type=click.IntRange(1, 16), default=1, help="worker processes to start")
