@@ -1,0 +1,82 @@
+"""Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
+
+``kind`` is ``file`` (:class:`FileSource`), ``github`` (``factory_worker.sources.github``, imported only
+when asked for) or ``module:Class`` (any importable class taking the :class:`SourceSettings`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING
+
+from .base import Issue, IssueSource, PollResult, SourceError
+from .file import FileSource
+
+if TYPE_CHECKING:
+    from ..config import SourceSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FileSource", "Issue", "IssueSource", "PollResult", "SourceError", "load_source"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _check(obj: object, what: str) -> IssueSource:
+    ok = isinstance(obj, IssueSource) and callable(getattr(obj, "poll", None)) and callable(
+        getattr(obj, "get", None)
+    )
+    if not ok:
+        raise SourceError(f"source {what} does not implement IssueSource (needs poll() and get(issue_id))")
+    return obj  # type: ignore[return-value]
+
+
+def _load_github(settings: "SourceSettings") -> IssueSource:
+    try:
+        from .github import GitHubSource
+    except ImportError as exc:
+        raise SourceError(f"source kind 'github' is unavailable: {_first_line(exc)}") from None
+    try:
+        return _check(GitHubSource.from_settings(settings), "github")
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"source kind 'github' failed to start: {_first_line(exc)}") from None
+
+
+def _load_class(spec: str, settings: "SourceSettings") -> IssueSource:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise SourceError(f"source kind {spec!r}: expected 'file', 'github' or 'module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise SourceError(f"source kind {spec!r}: cannot import {module_name}: {_first_line(exc)}") from None
+    cls = module
+    for part in class_name.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            raise SourceError(f"source kind {spec!r}: {module_name} has no attribute {class_name!r}")
+    if not callable(cls):
+        raise SourceError(f"source kind {spec!r}: {class_name} is not a class or factory")
+    try:
+        obj = cls(settings)
+    except Exception as exc:
+        raise SourceError(f"source kind {spec!r}: {class_name}(settings) failed: {_first_line(exc)}") from None
+    return _check(obj, repr(spec))
+
+
+def load_source(settings: "SourceSettings") -> IssueSource:
+    """Build the issue source ``settings.kind`` names; raise :class:`SourceError` (one line) if it can't."""
+    kind = settings.kind
+    if kind == "file":
+        return FileSource(settings.path, settings.ready_states)
+    if kind == "github":
+        return _load_github(settings)
+    if ":" in kind:
+        return _load_class(kind, settings)
+    raise SourceError(f"unknown source kind {kind!r}: expected 'file', 'github' or 'module:Class'")

@@ -1,0 +1,309 @@
+"""The command agent: run the configured argv for one dispatch as a supervised subprocess.
+
+Safety rules (issue text is untrusted input):
+
+* ``{id}`` and ``{title}`` are substituted inside single argv elements, in one pass (a title containing
+  ``{id}`` stays literal); there is never a shell, so ``$(...)``, ``;`` and quotes reach the agent as text.
+* The dispatch token travels in the environment (``FACTORY_DISPATCH_TOKEN``), never in argv.
+
+Supervision: the agent gets its own session and process group (``pgid == pid``) and, on Linux,
+``PR_SET_PDEATHSIG(SIGKILL)``, so it dies with the thread that started it even if the worker is SIGKILLed;
+``run()`` must therefore be called from the thread that stays to supervise it. The supervising loop polls
+for exit without reaping (``waitid(WNOWAIT)``) so the group id cannot be recycled before the group is
+signalled, renews the claim every ``renew_interval_s``, polls ``should_stop()`` and enforces the timeout.
+Stopping is SIGTERM to the group, ``term_grace_s``, then SIGKILL. Whatever happens, no process of the
+group is left running when ``run()`` returns (a process that makes itself a new session escapes the
+group: that is out of reach without cgroups).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ..config import AgentSettings
+from ..scripts import StaleClaimError
+from ..sources.base import Issue
+from .base import AgentResult, Dispatch
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_PLACEHOLDER = re.compile(r"\{(id|title)\}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_POLL_S = 0.02  # how often the leader's exit is checked between ticks
+
+
+def substitute_argv(command: list[str], issue: Issue) -> list[str]:
+    """``command`` with ``{id}`` / ``{title}`` replaced inside each element (literal text, one pass)."""
+    values = {"id": issue.id, "title": issue.title}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """A filesystem-safe, collision-resistant name for ``text`` (an issue or dispatch id)."""
+    cleaned = _UNSAFE.sub("_", text).lstrip(".")[:limit] or "_"
+    if cleaned != text:
+        cleaned = f"{cleaned}-{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()[:10]}"
+    return cleaned
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved in the parent so the forked child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError) as exc:
+        log.warning("prctl unavailable (%s): agents will not die with their worker", exc)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _preexec() -> Callable[[], None] | None:
+    """A preexec_fn setting PR_SET_PDEATHSIG(SIGKILL); closes the race where the parent died first."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent, sigkill = os.getpid(), int(signal.SIGKILL)
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: die now, as PDEATHSIG would have
+            os.kill(os.getpid(), sigkill)
+
+    return child
+
+
+def _exit_state(proc: subprocess.Popen) -> str:
+    """``running``, ``exited`` (a zombie, not reaped: its pid/pgid stay reserved) or ``lost``."""
+    if proc.returncode is not None:
+        return "exited"
+    if not hasattr(os, "waitid"):
+        return "running" if proc.poll() is None else "exited"
+    try:
+        found = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped by someone else: the exit status is gone
+        return "lost"
+    return "running" if found is None else "exited"
+
+
+def _live_member(pgid: int) -> bool:
+    """Is any non-zombie process in group ``pgid``? (Linux /proc; elsewhere assume yes.)"""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()  # state ppid pgrp ...
+        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """Does process group ``pgid`` still have a running (non-zombie) member?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _live_member(pgid) if sys.platform.startswith("linux") else True
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class CommandAgent:
+    """Runs ``settings.command`` for a dispatch; implements :class:`~factory_worker.agents.base.AgentRunner`."""
+
+    def __init__(self, settings: AgentSettings, renew_interval_s: float) -> None:
+        self.settings = settings
+        self.renew_interval_s = max(0.01, float(renew_interval_s))
+
+    def paths(self, dispatch: Dispatch) -> tuple[Path, Path]:
+        """(log file, issue JSON file) of a dispatch: ``<log_dir>/<issue>/<dispatch>.{log,issue.json}``."""
+        folder = Path(os.path.abspath(self.settings.log_dir)) / safe_name(dispatch.issue.id)
+        name = safe_name(dispatch.dispatch_id)
+        return folder / f"{name}.log", folder / f"{name}.issue.json"
+
+    def run(
+        self,
+        dispatch: Dispatch,
+        renew: Callable[[], object],
+        should_stop: Callable[[], str | None],
+        on_start: Callable[[int], None] | None = None,
+    ) -> AgentResult:
+        issue = dispatch.issue
+        argv = substitute_argv(self.settings.command, issue)
+        log_path, issue_json = self.paths(dispatch)
+        start = time.monotonic()
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            issue_json.write_text(json.dumps(issue.as_json_dict(), ensure_ascii=False, indent=2) + "\n")
+            logf = open(log_path, "ab")
+        except OSError as exc:
+            msg = f"cannot write the agent's log or issue file under {log_path.parent}: {exc.strerror or exc}"
+            log.error("issue %s: %s", issue.id, msg)
+            return AgentResult("failed", None, time.monotonic() - start, None, msg)
+        env = dict(os.environ)
+        env.update(
+            FACTORY_ISSUE_ID=issue.id, FACTORY_ISSUE_JSON=str(issue_json), FACTORY_DISPATCH_TOKEN=str(dispatch.token)
+        )
+        with logf:
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            logf.write(
+                f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} "
+                f"started={stamp} argv={argv!r}\n".encode("utf-8", "backslashreplace")
+            )
+            logf.flush()
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                    close_fds=True, start_new_session=True, preexec_fn=_preexec(),
+                )
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                msg = f"cannot start agent {argv[0]!r}: {reason} (log: {log_path})"
+                logf.write(f"# {msg}\n".encode("utf-8", "backslashreplace"))
+                log.error("issue %s: %s", issue.id, msg)
+                return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
+        log.info("issue %s: agent started, pid %d, log %s", issue.id, proc.pid, log_path)
+        outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
+        return self._result(proc, outcome, error, lost, start, log_path, issue.id)
+
+    # -- supervision -----------------------------------------------------------------------------
+    def _supervise(self, proc, start, renew, should_stop, on_start, issue_id):
+        """Wait for the agent, renewing and checking; returns (outcome or None, error, status_lost)."""
+        outcome, error, lost = None, "", False
+        tick = min(0.2, self.renew_interval_s)
+        next_renew = start + self.renew_interval_s
+        try:
+            if on_start is not None:
+                try:
+                    on_start(proc.pid)
+                except Exception:
+                    log.exception("issue %s: on_start(%d) failed; the agent runs on", issue_id, proc.pid)
+            while True:
+                state = self._wait(proc, tick)
+                if state != "running":
+                    lost = state == "lost"
+                    break
+                reason = self._should_stop(should_stop, issue_id)
+                if reason is not None:
+                    outcome, error = "interrupted", str(reason)
+                    break
+                now = time.monotonic()
+                if now - start >= self.settings.timeout_s:
+                    outcome, error = "timeout", f"agent ran longer than {self.settings.timeout_s:g}s"
+                    break
+                if now >= next_renew:
+                    next_renew = now + self.renew_interval_s
+                    try:
+                        renew()
+                    except StaleClaimError as exc:
+                        outcome, error = "lease-lost", str(exc)
+                        break
+                    except Exception as exc:  # e.g. Redis unreachable: the lease may still be valid
+                        log.warning("issue %s: renewing the claim failed (retrying): %s", issue_id, exc)
+        finally:
+            if outcome is not None:
+                log.warning("issue %s: stopping agent group %d (%s: %s)", issue_id, proc.pid, outcome, error)
+            self.stop_group(proc)
+        return outcome, error, lost
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen, seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while True:
+            state = _exit_state(proc)
+            remaining = deadline - time.monotonic()
+            if state != "running" or remaining <= 0:
+                return state
+            time.sleep(min(_POLL_S, remaining))
+
+    @staticmethod
+    def _should_stop(should_stop: Callable[[], str | None], issue_id: str) -> str | None:
+        try:
+            return should_stop()
+        except Exception:
+            log.exception("issue %s: should_stop() failed; carrying on", issue_id)
+            return None
+
+    def stop_group(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the agent's group, wait ``term_grace_s`` for it to go, then SIGKILL; reap the leader."""
+        pgid = proc.pid
+        _signal_group(pgid, signal.SIGTERM)  # the leader is running or a zombie: pgid cannot be reused
+        deadline = time.monotonic() + self.settings.term_grace_s
+        while True:
+            if proc.poll() is not None and not group_alive(pgid):
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        log.warning("agent group %d outlived SIGTERM by %gs: SIGKILL", pgid, self.settings.term_grace_s)
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("agent %d did not die after SIGKILL", pgid)
+        deadline = time.monotonic() + 1.0
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+
+    def _result(self, proc, outcome, error, lost, start, log_path: Path, issue_id: str) -> AgentResult:
+        rc = None if lost else proc.returncode
+        if outcome is None:
+            if lost:
+                outcome, error = "failed", "the agent's exit status was lost (reaped elsewhere)"
+            elif rc == 0:
+                outcome = "ok"
+            elif rc is not None and rc > 0:
+                outcome, error = "failed", f"agent exited with code {rc}"
+            else:
+                outcome, error = "signalled", f"agent was killed by signal {_signal_name(-(rc or 0))}"
+        if outcome in ("failed", "signalled", "timeout"):
+            error = f"{error} (log: {log_path})"
+        duration = time.monotonic() - start
+        try:
+            with open(log_path, "ab") as fh:
+                fh.write(f"# exit: outcome={outcome} code={rc} duration={duration:.2f}s\n".encode())
+        except OSError:
+            pass
+        level = logging.INFO if outcome == "ok" else logging.WARNING
+        log.log(level, "issue %s: agent %s in %.2fs%s", issue_id, outcome, duration, f": {error}" if error else "")
+        return AgentResult(outcome, rc, duration, log_path, error)
