@@ -12,11 +12,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -89,7 +90,9 @@ class SourceSettings(BaseModel):
 class AgentSettings(BaseModel):
     """The agent program: an argv list (never a shell string), its timeout and where its logs go."""
 
-    command: list[str] = Field(default_factory=lambda: ["python", "examples/agent.py", "{id}"], min_length=1)
+    command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["python", "examples/agent.py", "{id}"], min_length=1
+    )
     timeout_s: float = Field(600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
     term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")

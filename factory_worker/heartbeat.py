@@ -81,13 +81,18 @@ def parse(raw: str | bytes | None) -> Heartbeat | None:
         return None
     try:
         return Heartbeat.model_validate(json.loads(raw))
-    except (ValueError, TypeError, ValidationError) as exc:
+    except (ValueError, TypeError, ValidationError) as exc:  # UnicodeDecodeError is a ValueError
         log.warning("malformed heartbeat treated as missing: %s", str(exc).splitlines()[0])
         return None
 
 
+def _get_raw(r: redis.Redis, keys: Keys) -> bytes | None:
+    """The stored bytes, undecoded: a value that is not UTF-8 must read as malformed, not crash."""
+    return r.execute_command("GET", keys.heartbeat, NEVER_DECODE=True)
+
+
 def read(r: redis.Redis, keys: Keys) -> Heartbeat | None:
-    return parse(r.get(keys.heartbeat))
+    return parse(_get_raw(r, keys))
 
 
 def liveness(hb: Heartbeat | None, now_ms: int, stale_after_s: float) -> Liveness:
@@ -104,7 +109,6 @@ def liveness(hb: Heartbeat | None, now_ms: int, stale_after_s: float) -> Livenes
 
 def check(r: redis.Redis, keys: Keys, stale_after_s: float) -> Liveness:
     """Read the heartbeat and judge its liveness on the server clock."""
-    p = r.pipeline(transaction=True)
-    p.get(keys.heartbeat).time()
-    raw, (sec, usec) = p.execute()
+    raw = _get_raw(r, keys)
+    sec, usec = r.time()
     return liveness(parse(raw), int(sec) * 1000 + int(usec) // 1000, stale_after_s)

@@ -6,6 +6,8 @@
   here poll it and, past the deadline, are terminated and their claims released as interrupted.
 - ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
   task-id -> (issue, token) mapping in Redis, never a thread-local token.
+- ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
+  never outlives the worker that started it, even when the worker is SIGKILLed.
 - ``worker_shutdown`` stops the thread and removes this worker's keys.
 """
 
@@ -96,6 +98,14 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
     STATE.started_ms = int(time.time() * 1000)
     STATE.thread = threading.Thread(target=_liveness_loop, name="factory-worker-liveness", daemon=True)
     STATE.thread.start()
+
+
+@signals.worker_process_init.connect
+def on_worker_process_init(**_: Any) -> None:
+    """A pool process dies with its worker (even by SIGKILL), and so, through PDEATHSIG, do its agents."""
+    from .agents.command import die_with_parent
+
+    die_with_parent()
 
 
 @signals.worker_shutting_down.connect

@@ -90,6 +90,18 @@ def _preexec() -> Callable[[], None] | None:
     return child
 
 
+def die_with_parent() -> bool:
+    """Make the calling process get SIGKILL when its parent dies (Linux); returns whether it is set."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    parent = os.getppid()
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # parent already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def _exit_state(proc: subprocess.Popen) -> str:
     """``running``, ``exited`` (a zombie, not reaped: its pid/pgid stay reserved) or ``lost``."""
     if proc.returncode is not None:
