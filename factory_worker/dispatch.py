@@ -12,6 +12,8 @@ import socket
 import time
 from typing import Any, Callable
 
+import redis
+
 from .agents import AgentRunner, CommandAgent, Dispatch
 from .loop import Factory
 from .scripts import StaleClaimError
@@ -105,7 +107,25 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
 
 
 def settle(f: Factory, issue_id: str, token: str, outcome: str, error: str = "") -> str:
-    """Write an agent outcome to the ledger by token; a stale token changes nothing."""
+    """Write an agent outcome to the ledger by token; a stale token changes nothing.
+
+    A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
+    then, and giving up early would make the issue run again.
+    """
+    deadline = time.monotonic() + f.settings.dispatch.lease_ttl_s
+    delay = 0.1
+    while True:
+        try:
+            return _settle_once(f, issue_id, token, outcome, error)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("Redis unavailable while settling %s (%s); retrying in %.1fs", issue_id, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _settle_once(f: Factory, issue_id: str, token: str, outcome: str, error: str) -> str:
     try:
         if outcome == "ok":
             f.ledger.complete(issue_id, token)

@@ -107,3 +107,12 @@ def make_settings(namespace: str, tmp_path: Path):
         return load_settings(**overrides)
 
     return _make
+
+
+@pytest.fixture
+def procs():
+    """Celery subprocesses started by a test; stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list = []
+    yield started
+    for p in started:
+        p.stop(timeout=20)

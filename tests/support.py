@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
+
+from factory_worker.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,8 +92,16 @@ def rec(event, **kw):
         fh.write(json.dumps({"issue": iid, "event": event, "t": time.time(), "pid": os.getpid(),
                              "token": os.environ["FACTORY_DISPATCH_TOKEN"], **kw}) + "\n")
 rec("start", argv=sys.argv[1:])
-time.sleep(float(os.environ.get("AGENT_SLEEP", "0.1")))
 labels = issue.get("labels", [])
+sleep = float(os.environ.get("AGENT_SLEEP", "0.1"))
+if "slow" in labels:
+    sleep = 60.0
+elif "slow-once" in labels:
+    slow_marker = out / f"slow-once-{iid}"
+    if not slow_marker.exists():
+        slow_marker.write_text("x")
+        sleep = 60.0
+time.sleep(sleep)
 code = 0
 if "always-fails" in labels:
     code = 1
@@ -104,6 +115,15 @@ sys.exit(code)
 '''
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def write_issues(path: Path, issues: list[dict]) -> None:
     path.write_text("".join(json.dumps(i) + "\n" for i in issues))
 
@@ -113,3 +133,43 @@ def read_events(out: Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    agent = tmp_path / "agent.py"
+    agent.write_text(RECORDING_AGENT)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = {
+        "FACTORY_REDIS_URL": redis_url,
+        "FACTORY_NAMESPACE": namespace,
+        "FACTORY_LOOP__INTERVAL_S": "1",
+        "FACTORY_LOOP__MAX_ITERATIONS": "3",
+        "FACTORY_LOOP__STALE_AFTER_S": "10",
+        "FACTORY_DISPATCH__LEASE_TTL_S": "5",
+        "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
+        "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
+        "FACTORY_DISPATCH__BACKOFF_BASE_S": "1",
+        "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
+        "FACTORY_DISPATCH__BACKOFF_JITTER": "0",
+        "FACTORY_SOURCE__PATH": str(tmp_path / "issues.jsonl"),
+        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, str(agent), "{id}", "{title}"]),
+        "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
+        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "5",
+        "AGENT_OUT": str(out),
+    }
+    env.update(extra)
+    return factory_env(env)
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    fields = {k: v for k, v in env.items() if k.startswith("FACTORY_")}
+    with mock.patch.dict(os.environ, fields, clear=False):
+        return load_settings()
+
+
+
+def ctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m factory_worker.ctl ARGS`` with ``env``."""
+    return subprocess.run([sys.executable, "-m", "factory_worker.ctl", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 from collections import defaultdict
@@ -11,57 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.config import load_settings
 from factory_worker.ledger import Ledger
 from factory_worker.loop import Factory
 from factory_worker.runs import LoopControl
-from tests.support import RECORDING_AGENT, CeleryProc, factory_env, read_events, wait_until, write_issues
+from tests.support import CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-
-
-def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    agent = tmp_path / "agent.py"
-    agent.write_text(RECORDING_AGENT)
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    env = {
-        "FACTORY_REDIS_URL": redis_url,
-        "FACTORY_NAMESPACE": namespace,
-        "FACTORY_LOOP__INTERVAL_S": "1",
-        "FACTORY_LOOP__MAX_ITERATIONS": "3",
-        "FACTORY_LOOP__STALE_AFTER_S": "10",
-        "FACTORY_DISPATCH__LEASE_TTL_S": "5",
-        "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
-        "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
-        "FACTORY_DISPATCH__BACKOFF_BASE_S": "1",
-        "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
-        "FACTORY_DISPATCH__BACKOFF_JITTER": "0",
-        "FACTORY_SOURCE__PATH": str(tmp_path / "issues.jsonl"),
-        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, str(agent), "{id}", "{title}"]),
-        "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
-        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "5",
-        "AGENT_OUT": str(out),
-    }
-    env.update(extra)
-    return factory_env(env)
-
-
-def settings_from(env: dict[str, str]):
-    fields = {k: v for k, v in env.items() if k.startswith("FACTORY_")}
-    import os
-    from unittest import mock
-
-    with mock.patch.dict(os.environ, fields, clear=False):
-        return load_settings()
-
-
-@pytest.fixture
-def procs():
-    started: list[CeleryProc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=20)
 
 
 def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real_redis, namespace, tmp_path, procs):
@@ -158,11 +112,6 @@ def Keys_for(settings):
     from factory_worker.keys import Keys
 
     return Keys(settings.namespace)
-
-
-def ctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "factory_worker.ctl", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_dry_run_dispatches_nothing_and_writes_nothing(redis_url, real_redis, namespace, tmp_path):
