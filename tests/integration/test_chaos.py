@@ -1,0 +1,206 @@
+"""Chaos and kill tests: real redis-server, real worker/beat subprocesses, faults on purpose. Bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from factory_worker import heartbeat
+from factory_worker.embedded import RedisServer
+from factory_worker.ledger import Ledger, StaleClaimError
+from factory_worker.loop import Factory
+from tests.support import (
+    CeleryProc, ctl, pid_alive, read_events, settings_from, stack_env, wait_until, write_issues,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(180)]
+
+
+def starts(tmp_path, issue=None):
+    return [e for e in read_events(tmp_path / "out") if e["event"] == "start" and (issue is None or e["issue"] == issue)]
+
+
+def ok_ends(tmp_path):
+    return Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "end" and e["code"] == 0)
+
+
+def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(redis_url, real_redis, namespace,
+                                                                       tmp_path, procs):
+    write_issues(tmp_path / "issues.jsonl", [{"id": "K-1", "title": "t", "state": "ready", "labels": ["slow-once"]}])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__LEASE_TTL_S="3")
+    w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "1"])
+    procs.append(w1)
+    w1.wait_ready()
+    assert ctl(env, "run-once", "--json").returncode == 0
+    first = wait_until(lambda: starts(tmp_path, "K-1"), 20, what="agent start")[0]
+    w2 = CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "1"])
+    procs.append(w2)
+    w2.wait_ready()
+
+    w1.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_until(lambda: not pid_alive(first["pid"]), 1.0, interval=0.02, what="agent gone with its worker")
+    assert time.monotonic() - t0 <= 1.0
+
+    f = Factory(settings_from(env), real_redis)
+    assert f.ledger.explain("K-1").state == "in-flight"  # the dead holder's lease runs out, no sooner
+    wait_until(lambda: f.ledger.explain("K-1").state == "claimable", 6, what="lease expiry")
+    assert ctl(env, "run-once", "--json").returncode == 0
+    wait_until(lambda: f.ledger.explain("K-1").state == "done", 20, what="K-1 done by w2")
+    assert ok_ends(tmp_path)["K-1"] == 1
+    assert len(starts(tmp_path, "K-1")) == 2
+    with pytest.raises(StaleClaimError):
+        f.ledger.complete("K-1", first["token"])
+
+
+def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_url, real_redis, namespace,
+                                                                       tmp_path, procs):
+    issues = [{"id": f"S-{n}", "title": "t", "state": "ready", "labels": ["slow-once"]} for n in range(2)]
+    write_issues(tmp_path / "issues.jsonl", issues)
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__SOFT_SHUTDOWN_S="3",
+                    FACTORY_LOOP__MAX_ITERATIONS="20")
+    w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
+    procs.append(w1)
+    w1.wait_ready()
+    beat = CeleryProc("beat", env, tmp_path, "beat")
+    procs.append(beat)
+    beat.wait_ready()
+    first = wait_until(lambda: len(starts(tmp_path)) >= 2 and starts(tmp_path), 30, what="both slow agents")
+    f = Factory(settings_from(env), real_redis)
+    tokens = {e["issue"]: e["token"] for e in first}
+    w2 = CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "3"])
+    procs.append(w2)
+    w2.wait_ready()
+
+    t0 = time.monotonic()
+    w1.signal(signal.SIGTERM)
+    w1.proc.wait(3 + 10)
+    took = time.monotonic() - t0
+    assert took <= 3 + 3, f"warm shutdown took {took:.1f}s"
+    for e in first:
+        assert not pid_alive(e["pid"])
+    counters = f.ledger.counters()
+    assert counters.get("released_interrupted", 0) >= 2
+    for issue, token in tokens.items():
+        assert real_redis.get(f.keys.claim(issue)) != token  # nothing left owned by w1
+        assert f.ledger.explain(issue).detail.get("attempts", 0) == 0  # interrupted, not failed
+    assert real_redis.get(f.keys.worker("w1@" + os.uname().nodename)) is None
+    # the loop continues on w2: both issues get done there
+    wait_until(lambda: all(f.ledger.explain(i["id"]).state == "done" for i in issues), 40, what="done on w2")
+    assert all(n == 1 for n in ok_ends(tmp_path).values())
+    run = f.control.run(f.control.current_run_id())
+    assert run["last_worker"].startswith("w2@")
+
+
+def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redis, namespace, tmp_path, procs):
+    path = tmp_path / "issues.jsonl"
+    write_issues(path, [{"id": f"A-{n}", "title": "t", "state": "ready"} for n in range(4)])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    f = Factory(settings_from(env), real_redis)
+    wait_until(lambda: f.ledger.gauges()["done"] == 4, 30, what="first issues done")
+    assert ctl(env, "loop-status").returncode == 0
+
+    res = ctl(env, "kill-loop", "--json")
+    killed_at = time.time()
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["killed"] and out["revoked"]
+    # a second kill with nothing live is refused
+    again = ctl(env, "kill-loop")
+    assert again.returncode == 1 and "refused" in again.stderr
+    with open(path, "a") as fh:  # new ready issues arrive while killed
+        for n in range(3):
+            fh.write(json.dumps({"id": f"N-{n}", "title": "t", "state": "ready"}) + "\n")
+    time.sleep(3 * 1.0 + 0.5)  # three loop intervals
+    assert not [e for e in starts(tmp_path) if e["t"] > killed_at + 0.05]
+    status = json.loads(ctl(env, "loop-status", "--json").stdout)
+    assert status["killed"]["run_id"] == out["killed"]
+    assert status["counters"].get("kickoffs_skipped_killed", 0) >= 2
+    assert status["liveness"] in ("stopping", "missing")
+
+    started = ctl(env, "start-loop", "--json")
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_until(lambda: f.ledger.gauges()["done"] == 7, 30, what="dispatching resumed")
+
+
+def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis, namespace, tmp_path):
+    env = stack_env(redis_url, namespace, tmp_path)
+    f = Factory(settings_from(env), real_redis)
+    now = int(real_redis.time()[0]) * 1000
+    stale = heartbeat.make("old-run", "running", 1, 3, now - 60_000)
+    real_redis.set(f.keys.heartbeat, stale.model_dump_json())
+    res = ctl(env, "kill-loop")
+    assert res.returncode == 1 and "stale" in res.stderr
+    assert not real_redis.exists(f.keys.kill)
+    real_redis.set(f.keys.heartbeat, '{"run_id": 5, "status": "running"')
+    status = ctl(env, "loop-status", "--json")
+    assert status.returncode == 1
+    assert json.loads(status.stdout)["liveness"] == "missing"
+    assert ctl(env, "kill-loop").returncode == 1
+    forced = ctl(env, "kill-loop", "--force", "--json")
+    assert forced.returncode == 0 and real_redis.exists(f.keys.kill)
+
+
+def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, real_redis, namespace,
+                                                                    tmp_path, procs):
+    issues = [{"id": f"L-{n}", "title": "t", "state": "ready", "labels": ["slow"]} for n in range(3)]
+    write_issues(tmp_path / "issues.jsonl", issues)
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50",
+                    FACTORY_AGENT__TERM_GRACE_S="2")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "4"]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    running = wait_until(lambda: len(starts(tmp_path)) >= 3 and starts(tmp_path), 30, what="3 agents running")
+    f = Factory(settings_from(env), real_redis)
+    t0 = time.monotonic()
+    res = ctl(env, "kill-loop", "--release-agents", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert sorted(a["issue"] for a in out["released_agents"]) == ["L-0", "L-1", "L-2"]
+    wait_until(lambda: not any(pid_alive(e["pid"]) for e in running), 2 + 2, what="agents gone")
+    assert time.monotonic() - t0 <= 2 + 2 + 1
+    for i in issues:
+        assert f.ledger.current_token(i["id"]) is None
+        assert f.ledger.explain(i["id"]).detail.get("attempts") == 0
+    assert f.ledger.gauges()["in_flight"] == 0
+    assert f.ledger.counters().get("released_interrupted", 0) == 3
+
+
+def test_redis_restart_mid_run_every_issue_done_once(tmp_path, namespace, procs):
+    server = RedisServer(tmp_path / "redis-aof", appendonly=True).start()
+    try:
+        issues = [{"id": f"R-{n:02d}", "title": "t", "state": "ready"} for n in range(30)]
+        write_issues(tmp_path / "issues.jsonl", issues)
+        env = stack_env(server.url, namespace, tmp_path, AGENT_SLEEP="0.3", FACTORY_LOOP__MAX_ITERATIONS="20",
+                        FACTORY_DISPATCH__MAX_IN_FLIGHT="4")
+        procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
+        procs.append(CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "2"]))
+        procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+        for p in procs:
+            p.wait_ready()
+        r = server.client()
+        ledger = Ledger.from_settings(settings_from(env), r)
+        wait_until(lambda: ledger.gauges()["done"] >= 8, 60, what="some issues done")
+        server.restart(signal.SIGTERM)  # AOF keeps the ledger
+        r = server.client()
+        ledger = Ledger.from_settings(settings_from(env), r)
+        wait_until(lambda: ledger.gauges()["done"] == 30, 90, interval=0.5, what="all 30 done after restart")
+        assert ledger.counters()["completed"] == 30
+        ends = ok_ends(tmp_path)
+        assert set(ends) == {i["id"] for i in issues}
+        assert all(n == 1 for n in ends.values()), {k: n for k, n in ends.items() if n != 1}
+    finally:
+        for p in procs:
+            p.stop(timeout=20)
+        procs.clear()
+        server.stop()
