@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,7 +92,7 @@ class AgentSettings(BaseModel):
     """The agent program: an argv list (never a shell string), its timeout and where its logs go."""
 
     command: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["python", "examples/agent.py", "{id}"], min_length=1
+        default_factory=lambda: [sys.executable, "examples/agent.py", "{id}"], min_length=1
     )
     timeout_s: float = Field(600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
