@@ -87,6 +87,15 @@ def _int(v: Any, default: int = 0) -> int:
         return default
 
 
+def _inflight_min(now_ms: int) -> int:
+    """Lowest ``inflight`` score still counted as live at ``now_ms``, exactly as ``claim.lua`` counts it.
+
+    Redis keeps a key alive through the millisecond it expires at (and a script's expiry clock may lag
+    TIME by 1 ms), so a lease ending at ``now - 1`` may still be live: it keeps counting.
+    """
+    return now_ms - 1
+
+
 class Ledger:
     """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters."""
 
@@ -134,18 +143,20 @@ class Ledger:
             keys=fixed + [k.claim(i) for i in issues],
             args=[self.lease_ms, self.cfg.max_in_flight, uuid.uuid4().hex, *issues],
         )
-        for n, issue in enumerate(issues):
-            code, a, b = res[3 * n : 3 * n + 3]
-            if code == "ok":
-                out.claims.append(Claim(issue, a, int(b)))
+        claims, skipped = out.claims, out.skipped
+        for issue, entry in zip(issues, res):
+            if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
+                claims.append(Claim(issue, entry, int(entry.partition(":")[0])))
             else:
-                out.skipped.append(Skip(issue, code, self._skip_detail(code, a, b)))
+                code, _, rest = entry.partition(":")
+                skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
 
     @staticmethod
-    def _skip_detail(code: str, a: str, b: str) -> dict[str, Any]:
+    def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
+        a = parts[0]
+        b = parts[1] if len(parts) > 1 else ""
         if code == "done":
-            fence, _, at = a.partition(":")
-            return {"fence": _int(fence), "completed_ms": _int(at)}
+            return {"fence": _int(a), "completed_ms": _int(b)}
         if code == "in-flight":
             return {"lease_left_ms": _int(a)}
         if code == "backoff":
@@ -250,7 +261,7 @@ class Ledger:
             return Explanation(issue, "backoff", f"backing off for {(float(until) - now) / 1000:.1f}s more "
                                f"after attempt {n}; last error: {error or '-'}",
                                {"attempts": n, "until_ms": int(float(until)), "last_error": error})
-        in_flight = self.r.zcount(k.inflight, f"({now}", "+inf")
+        in_flight = self.r.zcount(k.inflight, _inflight_min(now), "+inf")
         if in_flight >= self.cfg.max_in_flight:
             return Explanation(issue, "max-in-flight", f"claimable, but the in-flight cap is reached "
                                f"({in_flight}/{self.cfg.max_in_flight})",
@@ -262,7 +273,7 @@ class Ledger:
         k = self.keys
         now = self.now_ms()
         if state == "in-flight":
-            rows = self.r.zrangebyscore(k.inflight, f"({now}", "+inf", withscores=True)
+            rows = self.r.zrangebyscore(k.inflight, _inflight_min(now), "+inf", withscores=True)
             return [{"issue": i, "state": state, "until_ms": int(s), "token": self.current_token(i)}
                     for i, s in rows]
         if state == "backoff":
@@ -295,6 +306,7 @@ class Ledger:
         k = self.keys
         now = self.now_ms()
         p = self.r.pipeline(transaction=False)
-        p.zcount(k.inflight, f"({now}", "+inf").zcount(k.backoff, f"({now}", "+inf").hlen(k.parked).hlen(k.done)
+        p.zcount(k.inflight, _inflight_min(now), "+inf").zcount(k.backoff, f"({now}", "+inf")
+        p.hlen(k.parked).hlen(k.done)
         inflight, backoff, parked, done = p.execute()
         return {"in_flight": inflight, "backoff": backoff, "parked": parked, "done": done}

