@@ -52,7 +52,7 @@ class RedisServer:
 
     def __init__(self, directory: Path, port: int | None = None, appendonly: bool = False,
                  extra: list[str] | None = None) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra = extra or []
