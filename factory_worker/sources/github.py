@@ -1,0 +1,297 @@
+"""The GitHub issue source (``FACTORY_SOURCE__KIND=github``): open issues of one repository via the REST API.
+
+Polling: ``GET {api}/repos/{owner}/{name}/issues?state=open&labels=a,b&per_page=100``, following the
+``Link: <...>; rel="next"`` header page by page (at most :data:`MAX_PAGES`; ``next`` links must stay on the
+configured API origin, so the token is never sent elsewhere). Pull requests (items with a
+``"pull_request"`` key) are skipped.
+
+Ready-state mapping (GitHub only knows ``open``/``closed``): an issue is *ready* when it is open and
+carries every configured label (case-insensitive, as on GitHub; no labels configured = every open issue).
+A ready issue gets ``state = ready_states[0]`` (``"ready"`` by default), so the rest of the loop sees the
+same states as with the file source; any other issue (only returned by :meth:`GitHubSource.get`) keeps
+GitHub's own state, ``"open"`` or ``"closed"``. ``poll()`` returns only the ready issues; ``seen`` counts
+every issue (not pull request) listed. Issue fields: ``id = str(number)``, ``title``, ``body`` (or ``""``),
+``labels`` (names), ``updated_at``, ``url`` (``html_url``).
+
+Conditional requests: the ETag and the payload of every page URL are remembered; the next poll sends
+``If-None-Match`` and a ``304 Not Modified`` reuses the cached page (GitHub does not count 304s against the
+rate limit). Rate limits: a 403/429 with ``X-RateLimit-Remaining: 0`` or ``Retry-After`` (or any 429)
+records a *retry-not-before* time (``Retry-After``, else ``X-RateLimit-Reset``, else 60 s); until then
+``poll()``/``get()`` raise :class:`SourceError` without calling the server, and the loop's breaker backs off.
+A 2xx that reports ``X-RateLimit-Remaining: 0`` also sets it, so the next call does not earn a 403.
+
+Errors: HTTP errors, connection errors, a non-JSON body or a page that is not a JSON array raise
+:class:`SourceError` with one line (status, repo; the token never appears). A malformed item (not an
+object, missing/mistyped ``number`` or ``title``...) is reported in ``PollResult.errors`` as
+``github:<repo>#<index>: reason`` (index 0-based across pages) and skipped.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from .base import Issue, PollResult, SourceError
+
+if TYPE_CHECKING:
+    from ..config import SourceSettings
+
+log = logging.getLogger(__name__)
+
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+PER_PAGE = 100
+MAX_PAGES = 100
+DEFAULT_RETRY_S = 60.0
+USER_AGENT = "factory-worker (+https://github.com/factory-worker)"
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _retry_after(headers: httpx.Headers, now: float) -> float | None:
+    """Seconds to wait from ``Retry-After`` (delta or HTTP date) or ``X-RateLimit-Reset`` (epoch)."""
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - now)
+        except ValueError:
+            pass
+    return None
+
+
+class GitHubSource:
+    """Open issues of ``repo`` carrying ``labels``, as :class:`Issue` objects (see the module docstring)."""
+
+    def __init__(
+        self,
+        api_url: str,
+        repo: str,
+        labels: Iterable[str] = (),
+        token: str | None = None,
+        ready_states: Iterable[str] = ("ready",),
+        client: httpx.Client | None = None,
+        *,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not REPO_RE.match(repo or ""):
+            raise SourceError(f"github repo {repo!r}: expected 'owner/name'")
+        if _origin(api_url)[0] not in ("http", "https"):
+            raise SourceError(f"github api url {api_url!r}: expected http(s)://...")
+        self.api_url = api_url.rstrip("/")
+        self.repo = repo
+        self.labels = [lb for lb in labels if lb]
+        self.ready_state = next(iter(ready_states), "ready")
+        self._token = token or None
+        self._clock = clock
+        self._owns_client = client is None
+        self._client = client or httpx.Client(timeout=timeout_s, follow_redirects=True)
+        self._headers = {
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": "2022-11-28",
+            "User-Agent": USER_AGENT,
+        }
+        if self._token:
+            self._headers["Authorization"] = f"Bearer {self._token}"
+        self._cache: dict[str, tuple[str, Any, str | None]] = {}  # url -> (etag, payload, next url)
+        self._retry_not_before = 0.0
+        self._lock = threading.Lock()
+        #: HTTP requests actually sent, and how many were answered 304 (for metrics and tests)
+        self.stats = {"requests": 0, "not_modified": 0}
+
+    @classmethod
+    def from_settings(cls, settings: "SourceSettings") -> "GitHubSource":
+        """Build from :class:`SourceSettings`; the token is read from ``$<github_token_env>``."""
+        repo = (settings.github_repo or "").strip()
+        if not REPO_RE.match(repo):
+            raise SourceError(
+                f"source kind 'github' needs source.github_repo as 'owner/name' "
+                f"(FACTORY_SOURCE__GITHUB_REPO), got {settings.github_repo!r}"
+            )
+        token = os.environ.get(settings.github_token_env) or None
+        log.info("github source %s labels=%s token=%s", repo, settings.github_labels,
+                 "set" if token else f"unset (${settings.github_token_env})")
+        return cls(settings.github_api_url, repo, settings.github_labels, token, settings.ready_states)
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"GitHubSource({self.api_url!r}, {self.repo!r}, labels={self.labels!r})"
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+    def _fail(self, what: str) -> SourceError:
+        return SourceError(self._scrub(f"GitHub {self.repo}: {what}"))
+
+    def _check_rate_limit(self) -> None:
+        now = self._clock()
+        if now < self._retry_not_before:
+            left = self._retry_not_before - now
+            raise SourceError(f"GitHub rate limit: retry after {_iso(self._retry_not_before)} "
+                              f"(in {left:.0f}s, repo {self.repo})")
+
+    def _set_retry(self, headers: httpx.Headers, status: int) -> float:
+        now = self._clock()
+        wait = _retry_after(headers, now)
+        self._retry_not_before = now + (DEFAULT_RETRY_S if wait is None else wait)
+        log.warning("GitHub %s rate limit reached (HTTP %s): no requests until %s",
+                    self.repo, status, _iso(self._retry_not_before))
+        return self._retry_not_before
+
+    def _get(
+        self, url: str, params: dict[str, Any] | None = None, *, allow_404: bool = False, cache: bool = True
+    ) -> tuple[Any, str | None]:
+        """GET one URL (conditionally when ``cache``); ``(payload, next_url)``, or ``(None, None)`` on 404/410."""
+        self._check_rate_limit()
+        req = self._client.build_request("GET", url, params=params, headers=self._headers)
+        key = str(req.url)
+        cached = self._cache.get(key) if cache else None
+        if cached:
+            req.headers["If-None-Match"] = cached[0]
+        self.stats["requests"] += 1
+        try:
+            resp = self._client.send(req)
+        except httpx.TimeoutException:
+            raise self._fail(f"request timed out ({req.url.path})") from None
+        except httpx.HTTPError as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise self._fail(f"request failed ({type(exc).__name__}{': ' + detail if detail else ''})") from None
+        status, headers = resp.status_code, resp.headers
+        if status == 304 and cached:
+            self.stats["not_modified"] += 1
+            return cached[1], cached[2]
+        limited = headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers
+        if status == 429 or (status == 403 and limited):
+            until = self._set_retry(headers, status)
+            raise SourceError(f"GitHub rate limit: retry after {_iso(until)} (HTTP {status}, repo {self.repo})")
+        if allow_404 and status in (404, 410):
+            return None, None
+        if status >= 300:
+            hint = {401: " (bad or expired token?)", 404: " (no such repo, or no access)"}.get(status, "")
+            raise self._fail(f"HTTP {status} from GET {resp.request.url.path}{hint}")
+        try:
+            payload = resp.json()
+        except ValueError:
+            ctype = headers.get("content-type", "?")
+            raise self._fail(f"response is not JSON (HTTP {status}, content-type {ctype})") from None
+        if headers.get("x-ratelimit-remaining") == "0":
+            self._set_retry(headers, status)
+        next_url = resp.links.get("next", {}).get("url")
+        if next_url and _origin(next_url) != _origin(self.api_url):
+            raise self._fail(f"pagination link leaves {_origin(self.api_url)[1]}; refusing to follow it")
+        etag = headers.get("etag")
+        if etag and cache:
+            self._cache[key] = (etag, payload, next_url)
+        else:
+            self._cache.pop(key, None)
+        return payload, next_url
+
+    # -- mapping ----------------------------------------------------------------------------------
+
+    def _has_labels(self, names: list[str]) -> bool:
+        have = {n.lower() for n in names}
+        return all(lb.lower() in have for lb in self.labels)
+
+    def _to_issue(self, item: Any) -> Issue:
+        """Map one API item; raise ValueError with a short reason when it is malformed."""
+        if not isinstance(item, dict):
+            raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+        number = item.get("number")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ValueError("missing or non-integer 'number'")
+        if not isinstance(item.get("title"), str):
+            raise ValueError("missing or non-string 'title'")
+        raw_labels = item.get("labels") or []
+        if not isinstance(raw_labels, list):
+            raise ValueError("'labels' is not a list")
+        names = [lb.get("name") if isinstance(lb, dict) else lb for lb in raw_labels]
+        names = [n for n in names if isinstance(n, str)]
+        gh_state = item.get("state") if isinstance(item.get("state"), str) else "open"
+        state = self.ready_state if gh_state == "open" and self._has_labels(names) else gh_state
+        try:
+            return Issue(id=str(number), title=item["title"], state=state, body=item.get("body") or "",
+                         labels=names, updated_at=item.get("updated_at"), url=item.get("html_url"))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, first.get('loc', ()))) or 'item'}: {first.get('msg')}") from None
+
+    # -- IssueSource --------------------------------------------------------------------------------
+
+    def poll(self) -> PollResult:
+        """The ready open issues (all pages); one ``github:<repo>#<index>: reason`` line per bad item."""
+        with self._lock:
+            result = PollResult()
+            params: dict[str, Any] | None = {"state": "open", "per_page": PER_PAGE}
+            if self.labels:
+                params["labels"] = ",".join(self.labels)
+            url: str | None = f"{self.api_url}/repos/{self.repo}/issues"
+            index, pages, visited = 0, 0, set()
+            while url:
+                if pages >= MAX_PAGES or url in visited:
+                    result.errors.append(f"github:{self.repo}: stopped after {pages} pages (pagination limit)")
+                    break
+                visited.add(url)
+                payload, url = self._get(url, params)
+                params, pages = None, pages + 1
+                if not isinstance(payload, list):
+                    raise self._fail(f"unexpected payload on page {pages}: expected a JSON array, "
+                                     f"got {type(payload).__name__}")
+                for item in payload:
+                    where, index = f"github:{self.repo}#{index}", index + 1
+                    if isinstance(item, dict) and "pull_request" in item:
+                        continue
+                    try:
+                        issue = self._to_issue(item)
+                    except ValueError as exc:
+                        result.errors.append(f"{where}: {exc}")
+                        continue
+                    result.seen += 1
+                    if issue.state == self.ready_state:
+                        result.issues.append(issue)
+            for line in result.errors:
+                log.warning("%s", line)
+            return result
+
+    def get(self, issue_id: str) -> Issue | None:
+        """One issue by number (``"42"``); None when it does not exist, is a pull request or id is not a number."""
+        if not re.fullmatch(r"[0-9]{1,12}", str(issue_id)):
+            return None
+        with self._lock:
+            payload, _ = self._get(f"{self.api_url}/repos/{self.repo}/issues/{int(issue_id)}",
+                                  allow_404=True, cache=False)
+        if payload is None or (isinstance(payload, dict) and "pull_request" in payload):
+            return None
+        try:
+            return self._to_issue(payload)
+        except ValueError as exc:
+            raise self._fail(f"issue {issue_id}: malformed payload: {exc}") from None
