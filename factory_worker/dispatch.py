@@ -129,6 +129,7 @@ def _settle_once(f: Factory, issue_id: str, token: str, outcome: str, error: str
     try:
         if outcome == "ok":
             f.ledger.complete(issue_id, token)
+            f.notifier.send_event("done", issue_id=issue_id)
             return "done"
         if outcome == "lease-lost":
             return "lease-lost"
@@ -136,6 +137,8 @@ def _settle_once(f: Factory, issue_id: str, token: str, outcome: str, error: str
             f.ledger.release(issue_id, token, reason="interrupted")
             return "released"
         failed = f.ledger.fail(issue_id, token, error or outcome)
+        if failed.state == "parked":
+            f.notifier.send_event("parked", issue_id=issue_id, attempts=failed.attempts, last_error=error)
         return failed.state
     except StaleClaimError as exc:
         log.warning("late %s for %s rejected: %s", outcome, issue_id, exc)

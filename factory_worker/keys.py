@@ -129,6 +129,14 @@ class Keys:
         """String: deadline (ms) by which a warm-shutting-down worker's agents must have stopped."""
         return self._k("shutdown", hostname)
 
+    def beat(self, node: str) -> str:
+        """String (JSON) with expiry: a live ``celery beat``'s presence (``beat("*")`` matches them all)."""
+        return self._k("beat", node)
+
+    def notified(self, event: str, subject: str) -> str:
+        """String with expiry: ``event`` about ``subject`` was already notified (no repeats)."""
+        return self._k("notified", event, subject)
+
     def worker_pattern(self) -> str:
         return self._k("worker", "*")
 

@@ -9,7 +9,7 @@ import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import redis
 
@@ -21,6 +21,9 @@ from .redis_client import client as make_client
 from .runs import LoopControl
 from .sources import IssueSource, load_source
 from .sources.base import Issue
+
+if TYPE_CHECKING:
+    from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,12 @@ class Factory:
     def control(self) -> LoopControl:
         return LoopControl(self.r, self.settings)
 
+    @cached_property
+    def notifier(self) -> "Notifier":
+        from .notify import Notifier
+
+        return Notifier.from_settings(self.settings.notify)
+
     @property
     def source(self) -> IssueSource:
         if self._source is None:
@@ -106,6 +115,8 @@ def iterate(f: Factory, send: Sender | None, run_id: str | None = None, dry_run:
             send(task_id, issues[claim.issue], claim, run_id)
             sent += 1
             report.dispatches.append({"issue": claim.issue, "task_id": task_id, "fence": claim.fence})
+            f.notifier.send_event("dispatched", issue_id=claim.issue, title=issues[claim.issue].title,
+                                  run_id=run_id)
     except Exception:
         for claim in batch.claims[sent:]:
             try:

@@ -81,6 +81,8 @@ def kill_loop(f: Factory, force: bool = False, release_agents: bool = False,
     if run_id:
         f.control.end_run(run_id, "killed", f"kill-loop by {by}")
     released = stop_agents(f, agent_ids, grace_s) if release_agents else []
+    f.notifier.send_event("killed", run_id=run_id, by=by)
+    f.notifier.close()
     out = {"killed": run_id, "revoked": task_ids, "released_agents": released, "by": by,
            "celery_revoke_sent": revoked_sent}
     if revoke_error:

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import chain
 
-from . import dispatch, loop
+from . import dispatch, heartbeat, loop
 from .app import AGENT_QUEUE, LOOP_QUEUE, app
 from .ledger import Claim
 from .runs import Kickoff
@@ -45,6 +45,7 @@ def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None) -> 
 def start_run(max_iterations: int | None = None, by: str = "beat") -> Kickoff:
     """Take the loop lease and send the run's chain (overlap policy SKIP). Shared by beat and start-loop."""
     f = factory()
+    _notify_if_stale(f)
     kick = f.control.start_run(max_iterations, by=by)
     if not kick.started:
         log.info("kickoff skipped: %s", kick.reason)
@@ -59,6 +60,16 @@ def start_run(max_iterations: int | None = None, by: str = "beat") -> Kickoff:
         f.control.abandon_start(run_id, f"{type(exc).__name__}: {exc}")
         raise
     return kick
+
+
+def _notify_if_stale(f: loop.Factory) -> None:
+    """Tell the team, once per run, that the loop's heartbeat went stale."""
+    if not f.notifier.enabled:
+        return
+    live = heartbeat.check(f.r, f.keys, f.settings.loop.stale_after_s)
+    hb = live.heartbeat
+    if live.state == "stale" and hb and f.r.set(f.keys.notified("stale", hb.run_id), 1, nx=True, ex=86400):
+        f.notifier.send_event("stale", age_s=live.age_s, run_id=hb.run_id, hostname=hb.hostname)
 
 
 @app.task(name="factory.loop.kickoff", bind=True)
