@@ -1,0 +1,548 @@
+#!/usr/bin/env python
+"""End-to-end benchmark: factory_worker through real Celery workers against plain Celery, on one Redis.
+
+One run, one redis-server (started here on a free port unless ``--redis-url``), three phases:
+
+(a) factory      ``--n`` issues in a .jsonl file, 2 x ``celery -A factory_worker worker -c 4`` (both queues)
+                 + 1 beat, agent ``["true"]``, loop interval 0.5 s, 50 iterations per run, max_in_flight 64.
+                 Timed from the first kickoff to ``Ledger.gauges()["done"] == n`` (polled every ~20 ms).
+                 -> dispatches_per_s
+(b) plain        a tiny Celery app (written to a temp dir; broker = the same Redis, another db and queue;
+                 JSON, prefetch 1, default acks) whose one task runs ``subprocess.run(["true"])`` and INCRs
+                 a counter; 2 workers -c 4; ``--n`` tasks sent, timed until the counter reaches n.
+                 -> plain_celery_tasks_per_s, ratio = factory / plain (target >= 0.7: reported, not asserted)
+(c) latency      factory workers + beat with loop interval 1 s (``--latency-max-iterations`` per run, default
+                 the product default 3); ``--latency-n`` issues appended to the source file one at a time at
+                 random moments; the agent is a tiny python script that records time.time() at start.
+                 latency = agent start - append time. -> latency_p50_s, latency_p99_s
+
+Worker and beat start-up is never timed: every phase waits for "ready." / "beat: Starting" in the logs.
+Every subprocess runs in its own process group and is killed with it; temp dirs are removed.
+
+    .venv/bin/python benchmarks/e2e_bench.py            # human-readable figures
+    .venv/bin/python benchmarks/e2e_bench.py --json     # one JSON object on stdout (progress on stderr)
+
+This is a script that prints figures, not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse, urlunparse
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from factory_worker.config import DispatchSettings  # noqa: E402
+from factory_worker.embedded import RedisServer  # noqa: E402
+from factory_worker.keys import Keys  # noqa: E402
+from factory_worker.ledger import Ledger  # noqa: E402
+
+PY = sys.executable
+FACTORY_QUEUES = "factory.loop,factory.agents"
+POLL_S = 0.02
+
+PLAIN_APP = '''
+"""Plain Celery baseline for benchmarks/e2e_bench.py: one task that runs `true` and counts itself."""
+import os
+import subprocess
+
+import redis
+from celery import Celery
+
+BROKER = os.environ["BENCH_BROKER_URL"]
+QUEUE = os.environ["BENCH_QUEUE"]
+COUNTER = os.environ["BENCH_COUNTER_KEY"]
+
+app = Celery("bench_plain", broker=BROKER)
+app.conf.update(
+    task_serializer="json", result_serializer="json", accept_content=["json"], task_ignore_result=True,
+    result_backend=None, worker_prefetch_multiplier=1, task_default_queue=QUEUE,
+    broker_connection_retry_on_startup=True,
+)
+_r = redis.Redis.from_url(BROKER)
+
+
+@app.task(name="bench.plain.run_true")
+def run_true():
+    subprocess.run(["true"], check=True)
+    _r.incr(COUNTER)
+'''
+
+LATENCY_AGENT = '''
+import os, time
+t = time.time()
+with open(os.environ["BENCH_LATENCY_OUT"], "a") as fh:
+    fh.write("%.6f %s\\n" % (t, os.environ["FACTORY_ISSUE_ID"]))
+'''
+
+
+def say(msg: str) -> None:
+    print(f"[e2e_bench] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Proc:
+    """A subprocess in its own session (pgid == pid) logging to a file; stop() kills the whole group."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path,
+                 ready_needle: str) -> None:
+        self.name, self.needle = name, ready_needle
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return self.needle in self.log()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever is left of the group (pool processes, agents): SIGKILL
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class Group:
+    """Processes started together, stopped together (SIGTERM all, then wait, then SIGKILL each group)."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def add(self, p: Proc) -> Proc:
+        self.procs.append(p)
+        return p
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        for p in self.procs:
+            wait_for(p.ready, timeout, f"{p.name} to be ready")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.stop()
+        self.procs.clear()
+
+    def tails(self, n: int = 2000) -> str:
+        return "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log()[-n:]}" for p in self.procs)
+
+
+def base_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FACTORY_", "BENCH_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def with_db(url: str, db: int) -> str:
+    u = urlparse(url)
+    return urlunparse(u._replace(path=f"/{db}"))
+
+
+def url_db(url: str) -> int:
+    path = urlparse(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# -- factory ---------------------------------------------------------------------------------------------
+def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], interval_s: float,
+                max_iterations: int, max_in_flight: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "FACTORY_REDIS_URL": redis_url,
+        "FACTORY_NAMESPACE": namespace,
+        "FACTORY_LOOP__INTERVAL_S": str(interval_s),
+        "FACTORY_LOOP__STALE_AFTER_S": str(max(5.0, interval_s * 5)),
+        "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
+        "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(max_in_flight),
+        "FACTORY_DISPATCH__LEASE_TTL_S": "30",
+        "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
+        "FACTORY_SOURCE__KIND": "file",
+        "FACTORY_SOURCE__PATH": str(work / "issues.jsonl"),
+        "FACTORY_AGENT__COMMAND": json.dumps(agent),
+        "FACTORY_AGENT__LOG_DIR": str(work / "agent-logs"),
+        "FACTORY_AGENT__TERM_GRACE_S": "1",
+        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    env.update(extra or {})
+    return base_env(env)
+
+
+def start_factory(group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int,
+                  beat: bool = True) -> None:
+    for i in range(workers):
+        name = f"fw{i + 1}"
+        argv = [PY, "-m", "celery", "-A", "factory_worker", "worker", "-l", "INFO", "-n", f"{name}@%h",
+                "-Q", FACTORY_QUEUES, "-c", str(concurrency), "-P", "prefork", "--without-mingle",
+                "--without-gossip"]
+        group.add(Proc(name, argv, env, work, ROOT, "ready."))
+    if beat:
+        argv = [PY, "-m", "celery", "-A", "factory_worker", "beat", "-l", "INFO",
+                "--schedule", str(work / "beat-schedule")]
+        group.add(Proc("beat", argv, env, work, ROOT, "beat: Starting"))
+    group.wait_ready()
+
+
+def set_paused(r: redis.Redis, keys: Keys, paused: bool) -> None:
+    if paused:
+        r.hset(keys.paused, mapping={"by": "e2e_bench", "at_ms": int(time.time() * 1000)})
+    else:
+        r.delete(keys.paused)
+
+
+def issue_line(issue_id: str) -> str:
+    return json.dumps({"id": issue_id, "title": f"bench {issue_id}", "state": "ready"}) + "\n"
+
+
+def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float) -> dict:
+    work = tmp / "factory"
+    work.mkdir()
+    namespace = "bench" + uuid.uuid4().hex[:8]
+    keys = Keys(namespace)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    ledger = Ledger(r, keys, DispatchSettings())
+    (work / "issues.jsonl").write_text("".join(issue_line(f"B-{i:05d}") for i in range(n)))
+    # Paused until the clock starts: beat's kickoffs during start-up are counted no-ops.
+    set_paused(r, keys, True)
+    env = factory_env(redis_url, namespace, work, ["true"], interval_s=0.5, max_iterations=50,
+                      max_in_flight=64)
+    group = Group()
+    try:
+        say(f"factory: starting {workers} workers -c {concurrency} + beat (namespace {namespace})")
+        start_factory(group, env, work, workers, concurrency)
+        from celery import Celery
+
+        sender = Celery("e2e_bench_sender", broker=redis_url, set_as_current=False)
+        sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=False)
+        say(f"factory: go ({n} issues)")
+        t0 = time.perf_counter()
+        set_paused(r, keys, False)
+        sender.send_task("factory.loop.kickoff", kwargs={"by": "e2e_bench"}, queue="factory.loop")
+        first_done = None
+        deadline = time.monotonic() + timeout
+        while True:
+            done = ledger.gauges()["done"]
+            if done and first_done is None:
+                first_done = time.perf_counter() - t0
+            if done >= n:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"factory: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}")
+            time.sleep(POLL_S)
+        elapsed = time.perf_counter() - t0
+        counters = r.hgetall(keys.counters)
+        sender.close()
+    finally:
+        group.stop()
+        _drop_namespace(r, keys)
+        r.close()
+    return {
+        "elapsed_s": elapsed,
+        "dispatches_per_s": n / elapsed,
+        "first_done_s": first_done,
+        "counters": {k: int(v) for k, v in counters.items() if v.lstrip("-").isdigit()},
+    }
+
+
+def _drop_namespace(r: redis.Redis, keys: Keys) -> None:
+    try:
+        batch = list(r.scan_iter(match=keys.prefix.replace("{", "\\{").replace("}", "\\}") + ":*", count=1000))
+        for i in range(0, len(batch), 500):
+            r.delete(*batch[i:i + 500])
+    except redis.RedisError:
+        pass
+
+
+# -- plain Celery -------------------------------------------------------------------------------------------
+def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float) -> dict:
+    work = tmp / "plain"
+    work.mkdir()
+    (work / "bench_plain_app.py").write_text(PLAIN_APP)
+    broker = with_db(redis_url, (url_db(redis_url) + 1) % 16)
+    queue = "bench.plain." + uuid.uuid4().hex[:8]
+    counter = f"{queue}:done"
+    env = base_env({"BENCH_BROKER_URL": broker, "BENCH_QUEUE": queue, "BENCH_COUNTER_KEY": counter,
+                    "PYTHONPATH": str(work)})
+    r = redis.Redis.from_url(broker, decode_responses=True)
+    r.delete(counter)
+    group = Group()
+    try:
+        say(f"plain celery: starting {workers} workers -c {concurrency} (broker {broker}, queue {queue})")
+        for i in range(workers):
+            name = f"pw{i + 1}"
+            argv = [PY, "-m", "celery", "-A", "bench_plain_app", "worker", "-l", "INFO", "-n", f"{name}@%h",
+                    "-Q", queue, "-c", str(concurrency), "-P", "prefork", "--without-mingle", "--without-gossip"]
+            group.add(Proc(name, argv, env, work, work, "ready."))
+        group.wait_ready()
+        from celery import Celery
+
+        sender = Celery("e2e_bench_plain_sender", broker=broker, set_as_current=False)
+        sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=False)
+        say(f"plain celery: go ({n} tasks)")
+        t0 = time.perf_counter()
+        for _i in range(n):
+            sender.send_task("bench.plain.run_true", queue=queue)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = int(r.get(counter) or 0)
+            if done >= n:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}")
+            time.sleep(POLL_S)
+        elapsed = time.perf_counter() - t0
+        sender.close()
+    finally:
+        group.stop()
+        try:
+            r.delete(counter, queue)
+            for k in r.scan_iter(match="_kombu.binding.*"):
+                if r.type(k) == "set" and any(queue in m for m in r.smembers(k)):
+                    r.srem(k, *[m for m in r.smembers(k) if queue in m])
+        except redis.RedisError:
+            pass
+        r.close()
+    return {"elapsed_s": elapsed, "tasks_per_s": n / elapsed}
+
+
+# -- latency ---------------------------------------------------------------------------------------------
+def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurrency: int, max_iterations: int,
+                  gap_min: float, gap_max: float, seed: int | None, timeout: float) -> dict:
+    work = tmp / "latency"
+    work.mkdir()
+    namespace = "benchlat" + uuid.uuid4().hex[:8]
+    keys = Keys(namespace)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    agent = work / "agent.py"
+    agent.write_text(LATENCY_AGENT)
+    out = work / "starts.txt"
+    source = work / "issues.jsonl"
+    source.write_text("")
+    env = factory_env(redis_url, namespace, work, [PY, "-S", str(agent)], interval_s=1.0,
+                      max_iterations=max_iterations, max_in_flight=64,
+                      extra={"BENCH_LATENCY_OUT": str(out)})
+    rng = random.Random(seed)
+    ready_at: dict[str, float] = {}
+    group = Group()
+    try:
+        say(f"latency: starting {workers} workers -c {concurrency} + beat (interval 1 s, "
+            f"{max_iterations} iterations per run)")
+        start_factory(group, env, work, workers, concurrency)
+        time.sleep(rng.uniform(0, 1.0))
+        say(f"latency: appending {count} issues at random moments")
+        fd = os.open(source, os.O_WRONLY | os.O_APPEND)
+        try:
+            for i in range(count):
+                time.sleep(rng.uniform(gap_min, gap_max))
+                iid = f"L-{i:04d}"
+                os.write(fd, issue_line(iid).encode())  # one write of a whole line: never a torn line
+                ready_at[iid] = time.time()
+        finally:
+            os.close(fd)
+
+        def starts() -> dict[str, float]:
+            found: dict[str, float] = {}
+            if out.exists():
+                for line in out.read_text().splitlines():
+                    t, _, iid = line.partition(" ")
+                    if iid and iid not in found:
+                        found[iid] = float(t)
+            return found
+
+        try:
+            wait_for(lambda: len(starts()) >= count, timeout, "every latency issue's agent to start", 0.1)
+        except BenchError:
+            pass  # reported as missing
+        started = starts()
+    finally:
+        group.stop()
+        _drop_namespace(r, keys)
+        r.close()
+    lat = [started[i] - ready_at[i] for i in ready_at if i in started]
+    return {
+        "samples": len(lat),
+        "missing": count - len(lat),
+        "p50_s": percentile(lat, 50),
+        "p99_s": percentile(lat, 99),
+        "min_s": min(lat) if lat else float("nan"),
+        "max_s": max(lat) if lat else float("nan"),
+        "mean_s": sum(lat) / len(lat) if lat else float("nan"),
+    }
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=textwrap.dedent(__doc__.split("\n\n", 1)[1]))
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--n", type=int, default=200, help="issues (phase a) and tasks (phase b); default 200")
+    ap.add_argument("--latency-n", type=int, default=30, help="issues appended in phase c; default 30")
+    ap.add_argument("--latency-max-iterations", type=int, default=3,
+                    help="FACTORY_LOOP__MAX_ITERATIONS in phase c; default 3 (the product default)")
+    ap.add_argument("--latency-gap", type=float, nargs=2, default=(0.1, 0.9), metavar=("MIN", "MAX"),
+                    help="random pause between two appends in phase c, seconds; default 0.1 0.9")
+    ap.add_argument("--workers", type=int, default=2, help="workers per phase; default 2")
+    ap.add_argument("--concurrency", "-c", type=int, default=4, help="-c of each worker; default 4")
+    ap.add_argument("--redis-url", help="use this Redis (db N for factory, db N+1 for plain Celery) instead of "
+                                        "starting one; factory's queue names are fixed, so not a production Redis")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the random append moments")
+    ap.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds; default 120")
+    ap.add_argument("--skip", choices=("factory", "plain", "latency"), action="append", default=[],
+                    help="skip a phase (repeatable)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) and print its path")
+    args = ap.parse_args(argv)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    tmp = Path(tempfile.mkdtemp(prefix="factory-e2e-bench-"))
+    server: RedisServer | None = None
+    results: dict = {}
+    t_start = time.perf_counter()
+    try:
+        if args.redis_url:
+            redis_url = args.redis_url
+        else:
+            server = RedisServer(tmp / "redis")
+            server.start()
+            redis_url = server.url
+            say(f"redis-server on {redis_url}")
+        if "factory" not in args.skip:
+            results["factory"] = bench_factory(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
+        if "plain" not in args.skip:
+            results["plain"] = bench_plain(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
+        if "latency" not in args.skip:
+            results["latency"] = bench_latency(redis_url, tmp, args.latency_n, args.workers, args.concurrency,
+                                               args.latency_max_iterations, args.latency_gap[0],
+                                               args.latency_gap[1], args.seed, args.timeout)
+    except BenchError as exc:
+        print(f"e2e_bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("e2e_bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+        if args.keep_tmp:
+            say(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    f, p, lat = results.get("factory"), results.get("plain"), results.get("latency")
+    summary: dict = {
+        "n": args.n,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "dispatches_per_s": round(f["dispatches_per_s"], 2) if f else None,
+        "plain_celery_tasks_per_s": round(p["tasks_per_s"], 2) if p else None,
+        "ratio": round(f["dispatches_per_s"] / p["tasks_per_s"], 3) if f and p else None,
+        "ratio_target": 0.7,
+        "latency_n": args.latency_n,
+        "latency_max_iterations": args.latency_max_iterations,
+        "latency_p50_s": round(lat["p50_s"], 3) if lat else None,
+        "latency_p99_s": round(lat["p99_s"], 3) if lat else None,
+        "details": {
+            "factory": f and {**f, "elapsed_s": round(f["elapsed_s"], 3),
+                              "dispatches_per_s": round(f["dispatches_per_s"], 2),
+                              "first_done_s": f["first_done_s"] and round(f["first_done_s"], 3)},
+            "plain": p and {k: round(v, 3) for k, v in p.items()},
+            "latency": lat and {k: (round(v, 3) if isinstance(v, float) else v) for k, v in lat.items()},
+        },
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
+          f"(wall {summary['wall_s']} s)")
+    if f:
+        c = f["counters"]
+        print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
+              f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
+              f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
+    if p:
+        print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
+              f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
+    if f and p:
+        ratio = summary["ratio"]
+        verdict = "meets" if ratio >= 0.7 else "below"
+        print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
+    if lat:
+        print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
+              f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
+        print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
+              f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
