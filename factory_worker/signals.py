@@ -8,11 +8,13 @@
   task-id -> (issue, token) mapping in Redis, never a thread-local token.
 - ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
   never outlives the worker that started it, even when the worker is SIGKILLed.
+- ``beat_init`` starts a thread publishing the beat's presence key (``doctor`` reports two live beats).
 - ``worker_shutdown`` stops the thread and removes this worker's keys.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -124,6 +126,40 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
             f.r.delete(f.keys.worker(STATE.node), f.keys.worker_shutdown(STATE.node))
         except Exception:  # noqa: BLE001
             log.warning("could not remove worker keys", exc_info=True)
+
+
+def _beat_presence_loop() -> None:
+    from .doctor import beat_ttl_s, clear_beat, publish_beat
+
+    f = _factory()
+    every = beat_ttl_s(f.settings) / 3
+    next_beat = 0.0
+    while not STATE.closing:
+        if time.monotonic() >= next_beat:
+            try:
+                publish_beat(f)
+            except Exception:  # noqa: BLE001 - Redis down: the key's TTL tells the truth
+                log.warning("beat presence: Redis write failed", exc_info=True)
+            next_beat = time.monotonic() + every
+        time.sleep(0.2)
+    try:
+        clear_beat(f)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@signals.beat_init.connect
+def on_beat_init(sender: Any = None, **_: Any) -> None:
+    """Publish this beat's presence (``{ns}:beat:<host/pid>``) so `doctor` can see two beats."""
+    STATE.thread = threading.Thread(target=_beat_presence_loop, name="factory-beat-presence", daemon=True)
+    STATE.thread.start()
+    atexit.register(_stop_thread)
+
+
+def _stop_thread() -> None:
+    STATE.closing = True
+    if STATE.thread is not None:
+        STATE.thread.join(timeout=2)
 
 
 @signals.task_revoked.connect

@@ -261,12 +261,14 @@ class CommandAgent:
     @staticmethod
     def _wait(proc: subprocess.Popen, seconds: float) -> str:
         deadline = time.monotonic() + seconds
+        nap = 0.001  # short agents are seen exiting within a few ms; long ones cost a check per _POLL_S
         while True:
             state = _exit_state(proc)
             remaining = deadline - time.monotonic()
             if state != "running" or remaining <= 0:
                 return state
-            time.sleep(min(_POLL_S, remaining))
+            time.sleep(min(nap, remaining))
+            nap = min(nap * 2, _POLL_S)
 
     @staticmethod
     def _should_stop(should_stop: Callable[[], str | None], issue_id: str) -> str | None:
