@@ -42,8 +42,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_late": False,
         "broker_transport_options": {"visibility_timeout": visibility},
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_track_started": True,
+        "task_send_sent_event": False,  # one message per dispatch, not two; Flower sees received/started
         "worker_soft_shutdown_timeout": settings.worker.soft_shutdown_s,
         "worker_enable_soft_shutdown_on_idle": True,
         "broker_connection_retry_on_startup": True,

@@ -9,7 +9,7 @@ import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import redis
 
@@ -107,10 +107,11 @@ def iterate(f: Factory, send: Sender | None, run_id: str | None = None, dry_run:
     batch = f.ledger.claim(list(issues))
     report.skipped.extend({"issue": s.issue, "reason": s.reason} for s in batch.skipped)
     sent = 0
+    task_ids = [new_agent_task_id(c.issue) for c in batch.claims]
     try:
-        for claim in batch.claims:
-            task_id = new_agent_task_id(claim.issue)
-            _remember_agent_task(f, task_id, claim, run_id)
+        if batch.claims:
+            _remember_agent_tasks(f, zip(task_ids, batch.claims), run_id)
+        for task_id, claim in zip(task_ids, batch.claims):
             assert send is not None
             send(task_id, issues[claim.issue], claim, run_id)
             sent += 1
@@ -145,12 +146,14 @@ def _dry_gate(f: Factory, issues: dict[str, Issue], report: IterationReport) -> 
     return report
 
 
-def _remember_agent_task(f: Factory, task_id: str, claim: Claim, run_id: str | None) -> None:
-    """Map the agent task id to its claim, so a revoke or teardown can release by token."""
-    key = f.keys.agent_task(task_id)
-    p = f.r.pipeline(transaction=True)
-    p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "", "state": "queued"})
-    p.expire(key, AGENT_TASK_TTL_S)
+def _remember_agent_tasks(f: Factory, pairs: Iterable[tuple[str, Claim]], run_id: str | None) -> None:
+    """Map each agent task id to its claim (one round trip), so a revoke or teardown can release by token."""
+    p = f.r.pipeline(transaction=False)
+    for task_id, claim in pairs:
+        key = f.keys.agent_task(task_id)
+        p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
+                             "state": "queued"})
+        p.expire(key, AGENT_TASK_TTL_S)
     p.execute()
 
 

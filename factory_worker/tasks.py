@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -30,9 +31,10 @@ def factory() -> loop.Factory:
     return _factory
 
 
-def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None) -> None:
+def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None, producer: Any = None) -> None:
     """Send one ``factory.agent.run``; Flower shows the issue id, never the token or the issue body."""
     agent_run.apply_async(
+        producer=producer,
         args=[issue.id, claim.token, run_id],
         kwargs={"issue": issue.as_json_dict()},
         task_id=task_id,
@@ -81,8 +83,10 @@ def kickoff(self, max_iterations: int | None = None, by: str = "beat") -> dict[s
 @app.task(name="factory.loop.iteration", bind=True)
 def iteration(self, run_id: str, index: int) -> dict[str, Any]:
     """Poll, gate through the ledger, dispatch agents; stops the chain when the run must end."""
-    report, go_on = loop.run_iteration(factory(), send_agent, run_id, index, task_id=self.request.id,
-                                       worker=self.request.hostname)
+    with app.producer_or_acquire() as producer:  # one producer for every agent message of the batch
+        send = functools.partial(send_agent, producer=producer)
+        report, go_on = loop.run_iteration(factory(), send, run_id, index, task_id=self.request.id,
+                                           worker=self.request.hostname)
     if not go_on:
         self.request.chain = None  # end the chain here: nothing after this iteration is sent
     return report.as_dict()
