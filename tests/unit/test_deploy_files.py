@@ -1,0 +1,535 @@
+"""The deployment files, validated by parsing (no Docker engine, no cluster, no systemd here).
+
+docker-compose.yml, deploy/k8s/*.yaml, deploy/systemd/*.service, deploy/redis.conf, the env examples,
+the Dockerfile and docs/deploy.md: every command they run exists (and its options parse), every
+FACTORY_* name is a real setting and the env blocks load as valid Settings, Flower always has basic auth,
+exactly one beat, grace periods cover the soft-shutdown window, Redis persists and never evicts, and no
+password is written in plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from factory_worker.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+K8S_DIR = ROOT / "deploy" / "k8s"
+UNIT_DIR = ROOT / "deploy" / "systemd"
+REDIS_CONF = ROOT / "deploy" / "redis.conf"
+DOC = ROOT / "docs" / "deploy.md"
+SECRET_NAME = "factory-worker-secrets"
+CELERY_SUBS = {"worker", "beat", "flower", "inspect"}
+#: FACTORY_* names that are not settings: the config file path and what agents receive.
+NON_SETTING_ENV = {"FACTORY_CONFIG", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
+VAR_REF = re.compile(r"^(\$\{[A-Za-z_][A-Za-z0-9_]*(:?[?-][^}]*)?\}|\$\([A-Za-z_][A-Za-z0-9_]*\)|<[^<>]+>)$")
+SHELL_OPS = {"|", "||", "&&", ";"}
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        out.extend((path.name, d) for d in yaml.safe_load_all(path.read_text()) if d)
+    return out
+
+
+def k8s_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in k8s_docs() if d.get("kind") == kind]
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for _, d in k8s_docs() if d.get("kind") in ("Deployment", "StatefulSet")]
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} outside a section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not key=value: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_values(path: Path, section: str, key: str) -> list[str]:
+    return [v for k, v in parse_unit(path).get(section, []) if k == key]
+
+
+def units() -> list[Path]:
+    return sorted(UNIT_DIR.glob("*.service"))
+
+
+def env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def compose_env() -> dict[str, str]:
+    return {k: str(v) for k, v in compose()["x-factory-env"].items()}
+
+
+def configmap_env() -> dict[str, str]:
+    (cm,) = [d for d in k8s_kind("ConfigMap") if d["metadata"]["name"] == "factory-worker-config"]
+    return {k: str(v) for k, v in cm["data"].items()}
+
+
+def interpolate(value: str) -> str:
+    """Compose-style ${VAR:?msg} / ${VAR:-default} / ${VAR} -> a dummy value or the default."""
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*)|:?\?[^}]*)?\}",
+                  lambda m: m.group(2) if m.group(2) is not None else "x", value)
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+def _argv(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(v) for v in value]
+
+
+def _expand_shell(argv: list[str]) -> list[str]:
+    """``sh -c SCRIPT`` -> the script's words (quotes resolved); other argv unchanged."""
+    if argv and Path(argv[0]).name in ("sh", "bash") and "-c" in argv:
+        return shlex.split(argv[argv.index("-c") + 1])
+    return argv
+
+
+def all_commands() -> Iterator[tuple[str, list[str]]]:
+    """(where, argv) for every command, healthcheck, probe and ExecStart in the deployment files."""
+    for name, svc in compose()["services"].items():
+        if "command" in svc:
+            yield f"compose {name}", _argv(svc["command"])
+        test = (svc.get("healthcheck") or {}).get("test")
+        if test:
+            yield f"compose {name} healthcheck", shlex.split(test[1]) if test[0] == "CMD-SHELL" else test[1:]
+    for doc in workloads():
+        for c in containers(doc):
+            where = f"k8s {doc['metadata']['name']}/{c['name']}"
+            yield where, [*c.get("command", []), *c.get("args", [])]
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if "exec" in c.get(probe, {}):
+                    yield f"{where} {probe}", _expand_shell(c[probe]["exec"]["command"])
+    for path in units():
+        for key in ("ExecStart", "ExecStartPre", "ExecStop"):
+            for v in unit_values(path, "Service", key):
+                yield f"{path.name} {key}", _expand_shell(shlex.split(v.lstrip("-@+!")))
+    for line in DOC.read_text().splitlines():
+        text = line.strip().split("  #")[0]
+        if text.startswith(("factory-worker ", "celery -A factory_worker ")):
+            yield "docs/deploy.md", shlex.split(text)
+
+
+def program_calls(argv: list[str]) -> Iterator[list[str]]:
+    """Each ``celery ...`` / ``factory-worker ...`` call inside ``argv`` (cut at shell operators)."""
+    for i, tok in enumerate(argv):
+        if Path(tok).name in ("celery", "factory-worker"):
+            end = next((j for j in range(i + 1, len(argv)) if argv[j] in SHELL_OPS), len(argv))
+            yield [Path(tok).name, *argv[i + 1:end]]
+
+
+def _click_opts(cmd: Any) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def _opt_name(tok: str) -> str:
+    return tok.split("=", 1)[0]
+
+
+def check_celery(argv: list[str], where: str) -> str:
+    from celery.bin.celery import celery as celery_group
+
+    assert argv[1:3] == ["-A", "factory_worker"], f"{where}: {argv}"
+    sub = argv[3]
+    assert sub in CELERY_SUBS, f"{where}: celery {sub} is not one of {sorted(CELERY_SUBS)}"
+    rest = argv[4:]
+    if sub == "flower":
+        from flower.options import options
+
+        for tok in rest:
+            assert tok.startswith("--"), f"{where}: {tok}"
+            assert _opt_name(tok)[2:].replace("_", "-") in options._options, f"{where}: flower {tok}"
+        return sub
+    if sub == "inspect":
+        assert rest and rest[0] == "ping", f"{where}: inspect {rest}"
+        rest = rest[1:]
+    known = _click_opts(celery_group.commands[sub])
+    takes_value = {o for p in celery_group.commands[sub].params if not getattr(p, "is_flag", False)
+                   for o in (*p.opts, *p.secondary_opts)}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        assert tok.startswith("-") and _opt_name(tok) in known, f"{where}: celery {sub} has no option {tok}"
+        i += 2 if tok in takes_value and "=" not in tok else 1
+    return sub
+
+
+def check_factory_worker(argv: list[str], where: str) -> str:
+    from factory_worker.ctl import cli
+
+    name = argv[1]
+    assert name in cli.commands, f"{where}: factory-worker has no command {name!r}"
+    ctx = cli.commands[name].make_context(name, argv[2:])  # raises on an unknown option or bad value
+    if name == "metrics" and ctx.params.get("serve_addr"):
+        from factory_worker.metrics import parse_addr
+
+        parse_addr(ctx.params["serve_addr"])
+    return name
+
+
+def test_factory_worker_app_imports() -> None:
+    from celery.app.utils import find_app
+
+    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE, app
+
+    assert find_app("factory_worker") is app and app.main == "factory_worker"  # what `-A factory_worker` finds
+    assert {LOOP_QUEUE, AGENT_QUEUE} == {"factory.loop", "factory.agents"}
+
+
+def test_every_command_exists_and_parses() -> None:
+    seen = {"celery": set(), "factory-worker": set()}
+    for where, argv in all_commands():
+        for call in program_calls(argv):
+            if call[0] == "celery":
+                seen["celery"].add(check_celery(call, where))
+            else:
+                seen["factory-worker"].add(check_factory_worker(call, where))
+    assert {"worker", "beat", "flower", "inspect"} <= seen["celery"]
+    assert {"metrics", "doctor"} <= seen["factory-worker"]
+
+
+def test_every_workload_runs_something() -> None:
+    for name, svc in compose()["services"].items():
+        assert svc.get("command"), f"compose {name} has no command"
+    for doc in workloads():
+        for c in containers(doc):
+            assert c.get("command") or c.get("args"), doc["metadata"]["name"]
+    for path in units():
+        assert len(unit_values(path, "Service", "ExecStart")) == 1, path.name
+
+
+def test_workers_consume_both_queues_and_probe_their_own_node() -> None:
+    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
+
+    worker_argvs = [(w, a) for w, a in all_commands() for c in program_calls(a)
+                    if c[0] == "celery" and c[3] == "worker"]
+    assert len(worker_argvs) >= 3  # compose, k8s, systemd
+    for where, argv in worker_argvs:
+        queues = argv[argv.index("-Q") + 1].split(",")
+        assert set(queues) == {LOOP_QUEUE, AGENT_QUEUE}, where
+    # Probes ping celery@$HOSTNAME: the worker keeps the default node name (no -n) there.
+    for where, argv in worker_argvs:
+        if ".service" not in where:
+            assert "-n" not in argv and "--hostname" not in argv, where
+    probes = [a for w, a in all_commands() if ("healthcheck" in w or "Probe" in w) and "inspect" in a]
+    assert len(probes) == 2
+    for argv in probes:
+        dest = argv[argv.index("-d") + 1]
+        assert dest.startswith("celery@") and "HOSTNAME" in dest
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+def setting_env_names(model: type[BaseModel] = Settings, prefix: str = "FACTORY_") -> set[str]:
+    """Every env var name Settings reads: FACTORY_<FIELD> and FACTORY_<FIELD>__<SUB>... for nested models."""
+    names = set()
+    for name, field in model.model_fields.items():
+        env = prefix + name.upper()
+        names.add(env)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names |= setting_env_names(ann, env + "__")
+    return names
+
+
+def test_setting_env_names_helper() -> None:
+    names = setting_env_names()
+    assert {"FACTORY_REDIS_URL", "FACTORY_NAMESPACE", "FACTORY_LOOP__INTERVAL_S", "FACTORY_AGENT__COMMAND",
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S", "FACTORY_DISPATCH__LEASE_TTL_S"} <= names
+    assert "FACTORY_LOOP__NOPE" not in names and "FACTORY_WORKER" in names
+
+
+def deploy_texts() -> dict[str, str]:
+    paths = [COMPOSE, ROOT / "Dockerfile", DOC, REDIS_CONF, *sorted((ROOT / "deploy").rglob("*"))]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in paths if p.is_file()}
+
+
+def test_every_factory_env_name_is_a_setting() -> None:
+    valid = setting_env_names() | NON_SETTING_ENV
+    used = {}
+    for name, text in deploy_texts().items():
+        for m in re.finditer(r"\bFACTORY_[A-Z0-9][A-Z0-9_]*", text):
+            used.setdefault(m.group(0), name)
+    assert "FACTORY_REDIS_URL" in used
+    bad = {n: where for n, where in used.items() if n not in valid}
+    assert not bad, f"not settings: {bad}"
+
+
+def test_flower_env_names_are_flower_options() -> None:
+    from flower.options import options
+
+    text = (ROOT / "deploy" / "flower.env.example").read_text()
+    for m in re.finditer(r"^#?\s*FLOWER_([A-Z_]+)=", text, re.MULTILINE):
+        assert m.group(1).lower().replace("_", "-") in options._options, m.group(0)
+
+
+@pytest.mark.parametrize("which", ["compose", "k8s", "systemd"])
+def test_env_blocks_load_as_valid_settings(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"compose": lambda: {k: interpolate(v) for k, v in compose_env().items()},
+           "k8s": configmap_env, "systemd": lambda: env_file(UNIT_DIR / "env.example")}[which]()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.replace("<redis-password>", "pw"))
+    s = load_settings()
+    assert s.worker.visibility_timeout_s >= s.agent.timeout_s + s.worker.soft_shutdown_s
+
+
+# -- semantics -------------------------------------------------------------------------------------------------
+def _seconds(v: str | int) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", str(v))
+    assert m, v
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
+
+
+def _window(env: dict[str, str]) -> float:
+    return float(env["FACTORY_WORKER__SOFT_SHUTDOWN_S"]) + float(env.get("FACTORY_AGENT__TERM_GRACE_S", 5))
+
+
+def test_grace_periods_exceed_soft_shutdown_window() -> None:
+    svc = compose()["services"]["worker"]
+    assert _seconds(svc["stop_grace_period"]) > _window(compose_env())
+    assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+    (worker,) = [d for d in workloads() if d["metadata"]["name"] == "factory-worker"]
+    assert worker["spec"]["replicas"] >= 2
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > _window(configmap_env())
+    unit = UNIT_DIR / "factory-worker@.service"
+    assert _seconds(unit_values(unit, "Service", "TimeoutStopSec")[0]) > _window(env_file(UNIT_DIR / "env.example"))
+    assert unit_values(unit, "Service", "KillSignal") == ["SIGTERM"]
+    assert unit_values(unit, "Service", "KillMode") == ["mixed"]  # SIGTERM to celery only, not to agents
+
+
+def _runs(argv: list[str], sub: str) -> bool:
+    return any(c[0] == "celery" and c[3] == sub for c in program_calls(argv))
+
+
+def test_exactly_one_beat() -> None:
+    services = compose()["services"]
+    beats = [n for n, s in services.items() if _runs(_argv(s.get("command", [])), "beat")]
+    assert beats == ["beat"] and services["beat"]["deploy"]["replicas"] == 1
+    k8s_beats = [d for d in workloads() if any(_runs([*c.get("command", []), *c.get("args", [])], "beat")
+                                               for c in containers(d))]
+    assert len(k8s_beats) == 1
+    assert k8s_beats[0]["spec"]["replicas"] == 1 and k8s_beats[0]["spec"]["strategy"]["type"] == "Recreate"
+    unit_beats = [p.name for p in units() if _runs(shlex.split(unit_values(p, "Service", "ExecStart")[0]), "beat")]
+    assert unit_beats == ["factory-beat.service"]  # not a template: one per machine, enabled on one machine
+
+
+def test_flower_always_has_basic_auth() -> None:
+    services = compose()["services"]
+    flowers = [s for s in services.values() if _runs(_argv(s.get("command", [])), "flower")]
+    assert flowers
+    for s in flowers:
+        auth = [a for a in _argv(s["command"]) if a.startswith("--basic-auth=")]
+        env = (s.get("environment") or {}).get("FLOWER_BASIC_AUTH", "")
+        value = auth[0].split("=", 1)[1] if auth else env
+        assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", value), f"flower auth must be required: {value!r}"
+        assert all(p.startswith("127.0.0.1:") for p in s.get("ports", []))
+    k8s_flowers = [(d, c) for d in workloads() for c in containers(d)
+                   if _runs([*c.get("command", []), *c.get("args", [])], "flower")]
+    assert k8s_flowers
+    for _, c in k8s_flowers:
+        env = {e["name"]: e for e in c.get("env", [])}
+        has_arg = any(a.startswith("--basic-auth=") for a in [*c.get("command", []), *c.get("args", [])])
+        ref = env.get("FLOWER_BASIC_AUTH", {}).get("valueFrom", {}).get("secretKeyRef")
+        assert has_arg or (ref and ref["name"] == SECRET_NAME and not ref.get("optional")), c
+    for p in units():
+        start = unit_values(p, "Service", "ExecStart")[0]
+        if _runs(shlex.split(start), "flower"):
+            assert "--basic-auth=${FLOWER_BASIC_AUTH}" in start
+            assert any("FLOWER_BASIC_AUTH" in v for v in unit_values(p, "Service", "ExecStartPre"))
+    for svc in k8s_kind("Service"):
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+
+
+def _redis_conf(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            out[key.lower()] = value.strip()
+    return out
+
+
+def test_redis_persists_and_never_evicts() -> None:
+    conf = _redis_conf(REDIS_CONF.read_text())
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert "requirepass" not in conf  # given at start from a secret
+    argv = _argv(compose()["services"]["redis"]["command"])
+    pairs = dict(zip(argv[1::2], argv[2::2]))
+    assert pairs["--appendonly"] == "yes" and pairs["--maxmemory-policy"] == "noeviction"
+    (cm,) = [d for d in k8s_kind("ConfigMap") if d["metadata"]["name"] == "factory-redis-conf"]
+    assert cm["data"]["redis.conf"] == REDIS_CONF.read_text()
+    (sts,) = k8s_kind("StatefulSet")
+    (c,) = containers(sts)
+    assert c["args"][:2] == ["redis-server", "/etc/redis/redis.conf"]
+    assert {"mountPath": "/etc/redis", "name": "conf", "readOnly": True} in c["volumeMounts"]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_redis_conf_is_accepted_by_redis_server(tmp_path: Path) -> None:
+    import redis as redis_py
+
+    from factory_worker.embedded import free_port
+
+    port = free_port()
+    conf = REDIS_CONF.read_text().replace("dir /data", f"dir {tmp_path}").replace("port 6379", f"port {port}")
+    (tmp_path / "redis.conf").write_text(conf)
+    proc = subprocess.Popen(["redis-server", str(tmp_path / "redis.conf"), "--requirepass", "pw"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = redis_py.Redis(port=port, password="pw", decode_responses=True, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                got = client.config_get("maxmemory-policy") | client.config_get("appendonly")
+            except redis_py.ConnectionError:
+                time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        assert got == {"maxmemory-policy": "noeviction", "appendonly": "yes"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- secrets ----------------------------------------------------------------------------------------------------
+def test_no_plaintext_passwords() -> None:
+    for name, text in deploy_texts().items():
+        for m in re.finditer(r"\b[a-z]+://[^\s:/@\"']*:([^\s@\"']+)@", text):
+            assert VAR_REF.match(m.group(1)), f"{name}: password in a URL: {m.group(0)}"
+    for where, argv in all_commands():
+        for i, tok in enumerate(argv):
+            if tok == "--requirepass":
+                assert VAR_REF.match(argv[i + 1]), where
+            if tok.startswith("--basic-auth="):
+                assert VAR_REF.match(tok.split("=", 1)[1]), where
+    secretish = re.compile(r"PASSWORD|AUTH|SECRET|TOKEN|REDIS_URL|BROKER_URL")
+    for svc in compose()["services"].values():
+        for k, v in (svc.get("environment") or {}).items():
+            if secretish.search(k):
+                assert VAR_REF.match(str(v)) or re.search(r"\$\{[A-Z_]+:\?", str(v)), k
+    for doc in workloads():
+        for c in containers(doc):
+            for e in c.get("env", []):
+                if secretish.search(e["name"]):
+                    assert "value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == SECRET_NAME, e
+    for secret in k8s_kind("Secret"):
+        for k, v in secret.get("stringData", {}).items():
+            assert "${" in v and not secret.get("data"), f"secret {k} must be a placeholder"
+    for p in units():
+        assert not unit_values(p, "Service", "Environment"), f"{p.name}: use EnvironmentFile for settings"
+        assert "/etc/factory-worker/env" in unit_values(p, "Service", "EnvironmentFile")
+
+
+def test_secret_keys_are_consistent() -> None:
+    (secret,) = k8s_kind("Secret")
+    keys = set(secret["stringData"])
+    example = set(env_file(K8S_DIR / "secrets.env.example"))
+    assert keys == example
+    refs = [e["valueFrom"]["secretKeyRef"] for d in workloads() for c in containers(d) for e in c.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})]
+    assert refs and all(r["name"] == SECRET_NAME and r["key"] in keys for r in refs)
+
+
+# -- k8s structure --------------------------------------------------------------------------------------------------
+def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
+    (k,) = [d for _, d in k8s_docs() if d.get("kind") == "Kustomization"]
+    files = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
+    assert set(k["resources"]) == files
+    (gen,) = k["secretGenerator"]
+    assert gen["name"] == SECRET_NAME and gen["envs"] == ["secrets.env"]
+
+
+def test_services_select_pods_and_configmaps_exist() -> None:
+    cms = {d["metadata"]["name"] for d in k8s_kind("ConfigMap")}
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in workloads()]
+    for d in workloads():
+        assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        for c in containers(d):
+            for src in c.get("envFrom", []):
+                assert src["configMapRef"]["name"] in cms
+            assert c["image"]
+    for svc in k8s_kind("Service"):
+        sel = svc["spec"]["selector"].items()
+        assert sum(1 for labels in pods if sel <= labels.items()) == 1, svc["metadata"]["name"]
+
+
+# -- systemd, Dockerfile --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own parser, with the install paths pointed at this venv and User= dropped."""
+    import sys
+
+    venv = str(Path(sys.executable).parent.parent)
+    names = []
+    for p in units():
+        text = p.read_text().replace("/opt/factory-worker/venv", venv)
+        text = re.sub(r"^(User|Group)=.*$", "", text, flags=re.MULTILINE)
+        name = p.name.replace("@.service", "@1.service")
+        (tmp_path / name).write_text(text)
+        names.append(f"./{name}")
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *names], check=False, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
+
+
+def test_dockerfile() -> None:
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    instr = [ln.split()[0].upper() for ln in lines]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert "ENTRYPOINT" not in instr
+    users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(re.search(r"pip install \"?\.", ln) for ln in lines)
+    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    for ln in lines:
+        if ln.upper().startswith("COPY "):
+            for src in ln.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+                assert src not in ignored, f"{src} is excluded by .dockerignore"
+    assert {".env", ".venv", ".git"} <= ignored
