@@ -148,7 +148,7 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     from .operations import start_loop
     from .tasks import start_run
 
-    data, code = start_loop(_factory(), lambda n, by: start_run(n, by=by), max_iterations)
+    data, code = start_loop(_factory(), lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
     emit(data, as_json, lambda d: click.echo(
         f"started run {d['run_id']}" if d["started"] else f"skipped: {d['reason']}"), code)
 

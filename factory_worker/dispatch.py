@@ -74,21 +74,25 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
     issue = Issue.model_validate(issue_data)
     hostname = hostname or socket.gethostname()
     result: dict[str, Any] = {"issue": issue.id, "task_id": task_id}
-    if f.control.is_revoked(task_id):
-        _release_quietly(f, issue.id, token, "revoked")
-        return {**result, "outcome": "revoked"}
     try:
-        if not f.ledger.begin(issue.id, token):
-            log.warning("agent task %s for %s does nothing: an agent already started for this claim",
-                        task_id, issue.id)
-            return {**result, "outcome": "duplicate"}
+        began = f.ledger.begin(issue.id, token, task_id)
     except StaleClaimError as exc:
         log.warning("agent task %s for %s does nothing: %s", task_id, issue.id, exc)
         return {**result, "outcome": "stale"}
+    if began in ("revoked", "killed"):
+        log.warning("agent task %s for %s does nothing: %s; claim released", task_id, issue.id, began)
+        _release_quietly(f, issue.id, token, "interrupted")
+        return {**result, "outcome": began}
+    if began == "duplicate":
+        log.warning("agent task %s for %s does nothing: an agent already started for this claim",
+                    task_id, issue.id)
+        return {**result, "outcome": "duplicate"}
     key = f.keys.agent_task(task_id)
-    f.r.hset(key, mapping={"issue": issue.id, "token": token, "run_id": run_id or "", "hostname": hostname,
-                           "worker_pid": os.getpid(), "state": "running"})
-    f.r.sadd(f.keys.agents, task_id)
+    p = f.r.pipeline(transaction=False)
+    p.hset(key, mapping={"issue": issue.id, "token": token, "run_id": run_id or "", "hostname": hostname,
+                         "worker_pid": os.getpid(), "state": "running"})
+    p.sadd(f.keys.agents, task_id)
+    p.execute()
     runner = runner or make_runner(f)
     try:
         res = runner.run(

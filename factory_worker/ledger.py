@@ -173,17 +173,23 @@ class Ledger:
         res = self._s["renew"](keys=[k.claim(issue), k.inflight], args=[token, self.lease_ms, issue])
         return int(checked(res, issue, token)[1])
 
-    def begin(self, issue: str, token: str) -> bool:
-        """Start the agent for ``token``'s claim: True once per token, False if it already started.
+    def begin(self, issue: str, token: str, task_id: str = "") -> str:
+        """Start the agent for ``token``'s claim; also renews the lease.
 
-        Also renews the lease. Stale or superseded token -> StaleClaimError.
+        Returns ``"started"`` (once per token), ``"duplicate"`` (an agent already started for this token),
+        ``"revoked"`` (``task_id`` was revoked) or ``"killed"`` (the loop is killed). Stale or superseded
+        token -> StaleClaimError.
         """
         k = self.keys
-        res = self._s["begin"](keys=[k.claim(issue), k.inflight, k.started], args=[token, self.lease_ms, issue])
-        if int(res[0]) == 2:
-            return False
+        res = self._s["begin"](keys=[k.claim(issue), k.inflight, k.started, k.revoked, k.kill],
+                               args=[token, self.lease_ms, issue, task_id])
+        code = int(res[0])
+        if code == 2:
+            return "duplicate"
+        if code == 3:
+            return str(res[1])
         checked(res, issue, token)
-        return True
+        return "started"
 
     def complete(self, issue: str, token: str) -> None:
         """Mark ``issue`` done for good (the holder only)."""

@@ -129,8 +129,8 @@ def stop_agents(f: Factory, task_ids: list[str], grace_s: float | None = None) -
 def start_loop(f: Factory, start: Callable[[int | None, str], Any], max_iterations: int | None = None
                ) -> tuple[dict[str, Any], int]:
     """Clear a kill and start a run now (overlap policy applies): exit 0 started, 1 skipped."""
-    cleared = f.control.clear_kill()
-    kick = start(max_iterations, f"start-loop {who()}")
+    cleared = f.control.kill_info() is not None
+    kick = start(max_iterations, f"start-loop {who()}")  # clears the kill once it holds the loop lease
     out = {"cleared_kill": cleared, **kick.as_dict()}
     return out, 0 if kick.started else 1
 

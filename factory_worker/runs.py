@@ -112,13 +112,15 @@ class LoopControl:
     def lease_holder(self) -> str | None:
         return self.r.get(self.keys.loop_lease)
 
-    def start_run(self, max_iterations: int | None = None, by: str = "beat") -> Kickoff:
+    def start_run(self, max_iterations: int | None = None, by: str = "beat", clear_kill: bool = False) -> Kickoff:
         """Take the loop lease and write the run record; SKIP (counted) if killed, paused or a run is live.
 
-        Task ids of the whole chain are generated up front: ``iter-0..n-1`` then ``finish``.
+        ``clear_kill`` (start-loop) takes the lease *before* clearing the kill flag, so a beat kickoff in
+        between still sees the kill and cannot take the run from the operator. Task ids of the whole chain
+        are generated up front: ``iter-0..n-1`` then ``finish``.
         """
         n = max_iterations or self.settings.loop.max_iterations
-        kill = self.kill_info()
+        kill = None if clear_kill else self.kill_info()
         if kill:
             self.count("kickoffs_skipped_killed")
             return Kickoff(False, reason=f"killed by {kill.get('by', '?')}; run start-loop to clear")
@@ -129,7 +131,11 @@ class LoopControl:
         ttl_ms = int(self.settings.loop.lease_ttl_s * 1000)
         if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms):
             self.count("kickoffs_skipped_overlap")
+            if clear_kill:
+                self.clear_kill()
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
+        if clear_kill:
+            self.clear_kill()
         task_ids = [f"{run_id}-iter-{i}" for i in range(n)] + [f"{run_id}-finish"]
         now = server_now_ms(self.r)
         p = self.r.pipeline(transaction=True)

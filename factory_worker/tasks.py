@@ -44,11 +44,11 @@ def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None, pro
     )
 
 
-def start_run(max_iterations: int | None = None, by: str = "beat") -> Kickoff:
+def start_run(max_iterations: int | None = None, by: str = "beat", clear_kill: bool = False) -> Kickoff:
     """Take the loop lease and send the run's chain (overlap policy SKIP). Shared by beat and start-loop."""
     f = factory()
     _notify_if_stale(f)
-    kick = f.control.start_run(max_iterations, by=by)
+    kick = f.control.start_run(max_iterations, by=by, clear_kill=clear_kill)
     if not kick.started:
         log.info("kickoff skipped: %s", kick.reason)
         return kick

@@ -1,12 +1,17 @@
---[[ begin: the agent task for a claim starts, at most once per token (a redelivered message is refused).
+--[[ begin: the agent task for a claim starts, at most once per token, and never once the loop is killed
+or the task revoked (a redelivered, duplicated, revoked or post-kill message runs nothing).
 KEYS[1] claim key   KEYS[2] inflight (zset)   KEYS[3] started (hash issue -> token whose agent started)
-ARGV[1] token   ARGV[2] lease_ms   ARGV[3] issue
+KEYS[4] revoked task ids (set)   KEYS[5] loop kill flag (hash)
+ARGV[1] token   ARGV[2] lease_ms   ARGV[3] issue   ARGV[4] agent task id
 Returns {1, expires_ms} started (lease renewed) | {2, ""} an agent already started for this token
+      | {3, "revoked"|"killed"} must not start (the caller releases the claim)
       | {0, ""} no live claim | {-1, current_token} held by another token ]]
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {0, ''} end
 if cur ~= ARGV[1] then return {-1, cur} end
 if redis.call('HGET', KEYS[3], ARGV[3]) == ARGV[1] then return {2, ''} end
+if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 1 then return {3, 'revoked'} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {3, 'killed'} end
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
