@@ -6,6 +6,7 @@ Testable without Celery: sending an agent task is a callable (:class:`Sender`) h
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -43,6 +44,7 @@ class IterationReport:
     dispatches: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     stopped: str | None = None
+    duration_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,6 +190,7 @@ def run_iteration(f: Factory, send: Sender, run_id: str, index: int, task_id: st
         f.control.end_run(run_id, "stopping", "lost the loop lease")
         return IterationReport(run_id=run_id, iteration=index, stopped="lost the loop lease"), False
     heartbeat.write(f.r, f.keys, run_id, "running", index + 1, max_it, cfg.heartbeat_ttl_s)
+    began = time.monotonic()
     try:
         report = iterate(f, send, run_id=run_id, iteration=index)
         failed = False
@@ -195,6 +198,7 @@ def run_iteration(f: Factory, send: Sender, run_id: str, index: int, task_id: st
         log.exception("iteration %d of run %s failed", index, run_id)
         report = IterationReport(run_id=run_id, iteration=index, error=f"{type(exc).__name__}: {exc}")
         failed = True
+    report.duration_s = round(time.monotonic() - began, 4)
     consecutive = f.control.record_iteration(run_id, index, report.as_dict(), failed, worker)
     if failed and consecutive >= cfg.breaker_failures:
         f.control.end_run(run_id, "stopping", f"breaker open: {consecutive} consecutive failed iterations "
