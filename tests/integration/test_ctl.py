@@ -1,0 +1,132 @@
+"""The control CLI as users run it: subprocesses, exit codes, one-line errors, --json everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from factory_worker.embedded import free_port
+from factory_worker.ledger import Ledger
+from tests.support import ROOT, ctl, factory_env, pid_alive, settings_from, stack_env, wait_until, write_issues
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(redis_url, real_redis, namespace, tmp_path):
+    write_issues(tmp_path / "issues.jsonl", [
+        {"id": "C-1", "title": "one", "state": "ready"},
+        {"id": "C-2", "title": "two", "state": "ready"},
+    ])
+    return stack_env(redis_url, namespace, tmp_path)
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["loop-status"], ["kill-loop"], ["dispatches"], ["explain", "X"],
+                                  ["retry", "X"], ["pause"], ["run-once", "--dry-run"], ["start-loop"]])
+def test_unreachable_redis_is_one_line_and_exit_2(args, tmp_path):
+    env = factory_env({"FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    line = one_line_error(ctl(env, *args))
+    assert "Redis" in line
+
+
+def test_bad_config_and_bad_arguments_are_one_line_and_exit_2(env):
+    line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
+    assert "dispatch.lease_ttl_s" in line and "FACTORY_DISPATCH__LEASE_TTL_S" in line
+    line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "loop-status"))
+    assert "agent.command" in line
+    assert "state" in one_line_error(ctl(env, "dispatches", "--state", "bogus"))
+    assert one_line_error(ctl(env, "start-loop", "--max-iterations", "0"))
+    assert one_line_error(ctl(env, "no-such-command"))
+
+
+def test_status_explain_dispatches_retry_pause(env, real_redis):
+    status = ctl(env, "loop-status", "--json")
+    assert status.returncode == 1  # nothing live yet
+    assert json.loads(status.stdout)["liveness"] == "missing"
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    claim = ledger.claim(["C-1"]).claims[0]
+    for _ in range(3):
+        ledger.fail("C-1", claim.token, "boom")
+        if ledger.explain("C-1").state == "parked":
+            break
+        real_redis.zadd(ledger.keys.backoff, {"C-1": 0})  # let the window pass
+        claim = ledger.claim(["C-1"]).claims[0]
+    explained = json.loads(ctl(env, "explain", "C-1", "--json").stdout)
+    assert explained["state"] == "parked" and explained["detail"]["last_error"] == "boom"
+    human = ctl(env, "explain", "C-1")
+    assert human.returncode == 0 and "parked after 3 attempts" in human.stdout
+    parked = json.loads(ctl(env, "dispatches", "--state", "parked", "--json").stdout)
+    assert [e["issue"] for e in parked] == ["C-1"]
+    assert ctl(env, "dispatches").returncode == 0
+    assert json.loads(ctl(env, "retry", "C-1", "--json").stdout)["was_parked"] is True
+    assert ledger.explain("C-1").state == "claimable"
+    assert ctl(env, "pause").returncode == 0
+    assert json.loads(ctl(env, "loop-status", "--json").stdout)["paused"]["by"]
+    assert json.loads(ctl(env, "run-once", "--json").stdout)["dispatched"] == 0
+    assert ctl(env, "resume").returncode == 0
+    assert json.loads(ctl(env, "loop-status", "--json").stdout)["paused"] is None
+
+
+def test_retry_of_a_done_issue_is_refused(env, real_redis):
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    claim = ledger.claim(["C-2"]).claims[0]
+    ledger.complete("C-2", claim.token)
+    line = one_line_error(ctl(env, "retry", "C-2"))
+    assert "done" in line
+
+
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    kids = [int(p) for p in out]
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
+    """`factory-worker up` with no FACTORY_REDIS_URL: embedded Redis, worker, beat; Ctrl-C stops all."""
+    work = tmp_path / "proj"
+    (work / "examples").mkdir(parents=True)
+    for name in ("issues.jsonl", "agent.py"):
+        (work / "examples" / name).write_text((ROOT / "examples" / name).read_text())
+    env = factory_env({
+        "FACTORY_LOOP__INTERVAL_S": "1", "FACTORY_LOOP__STALE_AFTER_S": "10",
+        "FACTORY_DISPATCH__BACKOFF_BASE_S": "1", "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
+        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, "examples/agent.py", "{id}"]),
+        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "3", "FACTORY_AGENT_SLEEP_S": "0.1",
+    })
+    log = open(tmp_path / "up.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "parked=1" in (tmp_path / "up.log").read_text(), 90, interval=0.5,
+                   what="the failing example issue parked")
+        text = (tmp_path / "up.log").read_text()
+        assert "embedded Redis at redis://127.0.0.1:" in text
+        assert "[worker1]" in text and "[beat]" in text and "[status] loop live" in text
+        assert "done=9" in text or "done=10" in text
+        assert (work / ".factory" / "redis").is_dir()
+        children = descendants(proc.pid)
+        assert len(children) >= 4  # redis-server, worker + its pool, beat
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 3 + 10
+        assert "embedded Redis stopped" in (tmp_path / "up.log").read_text()
+        wait_until(lambda: not any(pid_alive(p) for p in children), 5, what="every child gone")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
