@@ -38,7 +38,7 @@ class StopCheck:
 
     def __init__(self, f: Factory, task_id: str, hostname: str, local: Callable[[], str | None] | None):
         self.f, self.task_id, self.hostname, self.local = f, task_id, hostname, local
-        self._next = 0.0
+        self._next = time.monotonic() + STOP_POLL_S  # begin() just checked revoke and kill
         self._reason: str | None = None
 
     def __call__(self) -> str | None:
@@ -75,7 +75,7 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
     hostname = hostname or socket.gethostname()
     result: dict[str, Any] = {"issue": issue.id, "task_id": task_id}
     try:
-        began = f.ledger.begin(issue.id, token, task_id)
+        began = f.ledger.begin(issue.id, token, task_id, run_id, hostname, os.getpid())
     except StaleClaimError as exc:
         log.warning("agent task %s for %s does nothing: %s", task_id, issue.id, exc)
         return {**result, "outcome": "stale"}
@@ -88,18 +88,12 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
                     task_id, issue.id)
         return {**result, "outcome": "duplicate"}
     key = f.keys.agent_task(task_id)
-    p = f.r.pipeline(transaction=False)
-    p.hset(key, mapping={"issue": issue.id, "token": token, "run_id": run_id or "", "hostname": hostname,
-                         "worker_pid": os.getpid(), "state": "running"})
-    p.sadd(f.keys.agents, task_id)
-    p.execute()
     runner = runner or make_runner(f)
     try:
         res = runner.run(
             Dispatch(issue=issue, token=token, dispatch_id=task_id),
             renew=lambda: f.ledger.renew(issue.id, token),
             should_stop=StopCheck(f, task_id, hostname, local_stop),
-            on_start=lambda pid: f.r.hset(key, "pid", pid),
         )
         outcome = settle(f, issue.id, token, res.outcome, res.error)
         return {**result, "outcome": res.outcome, "settled": outcome, "exit_code": res.exit_code,

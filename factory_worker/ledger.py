@@ -173,16 +173,20 @@ class Ledger:
         res = self._s["renew"](keys=[k.claim(issue), k.inflight], args=[token, self.lease_ms, issue])
         return int(checked(res, issue, token)[1])
 
-    def begin(self, issue: str, token: str, task_id: str = "") -> str:
+    def begin(self, issue: str, token: str, task_id: str = "", run_id: str | None = None,
+              hostname: str = "", pid: int = 0) -> str:
         """Start the agent for ``token``'s claim; also renews the lease.
 
         Returns ``"started"`` (once per token), ``"duplicate"`` (an agent already started for this token),
-        ``"revoked"`` (``task_id`` was revoked) or ``"killed"`` (the loop is killed). Stale or superseded
-        token -> StaleClaimError.
+        ``"revoked"`` (``task_id`` was revoked) or ``"killed"`` (the loop is killed). When started, the
+        agent task is recorded under ``task_id`` and listed as running. Stale or superseded token ->
+        StaleClaimError.
         """
         k = self.keys
-        res = self._s["begin"](keys=[k.claim(issue), k.inflight, k.started, k.revoked, k.kill],
-                               args=[token, self.lease_ms, issue, task_id])
+        res = self._s["begin"](
+            keys=[k.claim(issue), k.inflight, k.started, k.revoked, k.kill, k.agent_task(task_id), k.agents],
+            args=[token, self.lease_ms, issue, task_id, run_id or "", hostname, pid],
+        )
         code = int(res[0])
         if code == 2:
             return "duplicate"

@@ -25,10 +25,13 @@ import json
 import logging
 import os
 import re
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -75,6 +78,35 @@ def _prctl() -> Callable[..., int] | None:
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _setpriv() -> str | None:
+    """util-linux ``setpriv`` when it supports ``--pdeathsig`` (Linux), else None.
+
+    Setting PDEATHSIG through ``setpriv`` lets Python start the agent with vfork: a ``preexec_fn`` forces a
+    full fork, which costs ~6 ms in a worker-sized process against ~1.5 ms this way.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in helptext else None
+
+
+def launch(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv to exec and the preexec_fn that make the agent die with its supervisor (PDEATHSIG)."""
+    if shutil.which(argv[0]) is None:
+        raise FileNotFoundError(2, "No such file or directory (or not executable)", argv[0])
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    return argv, _preexec()
+
+
 def _preexec() -> Callable[[], None] | None:
     """A preexec_fn setting PR_SET_PDEATHSIG(SIGKILL); closes the race where the parent died first."""
     prctl = _prctl()
@@ -100,6 +132,20 @@ def die_with_parent() -> bool:
     if os.getppid() != parent:  # parent already gone
         os.kill(os.getpid(), signal.SIGKILL)
     return True
+
+
+def _pidfd(proc: subprocess.Popen) -> int | None:
+    """A pidfd for ``proc`` (Linux >= 5.3), opened once and closed with the process object."""
+    fd = getattr(proc, "_factory_pidfd", None)
+    if fd is None and hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:
+            fd = -1
+        proc._factory_pidfd = fd  # type: ignore[attr-defined]
+        if fd >= 0:
+            weakref.finalize(proc, os.close, fd)
+    return fd if fd is not None and fd >= 0 else None
 
 
 def _exit_state(proc: subprocess.Popen) -> str:
@@ -204,9 +250,10 @@ class CommandAgent:
             )
             logf.flush()
             try:
+                exec_argv, preexec = launch(argv)
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                    close_fds=True, start_new_session=True, preexec_fn=_preexec(),
+                    exec_argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                    close_fds=True, start_new_session=True, preexec_fn=preexec,
                 )
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
@@ -261,12 +308,16 @@ class CommandAgent:
     @staticmethod
     def _wait(proc: subprocess.Popen, seconds: float) -> str:
         deadline = time.monotonic() + seconds
-        nap = 0.001  # short agents are seen exiting within a few ms; long ones cost a check per _POLL_S
+        pidfd = _pidfd(proc)
+        nap = 0.001  # without a pidfd: short agents are seen exiting within ms, long ones cost a check per _POLL_S
         while True:
             state = _exit_state(proc)
             remaining = deadline - time.monotonic()
             if state != "running" or remaining <= 0:
                 return state
+            if pidfd is not None:  # readable the moment the agent exits (it stays unreaped)
+                select.select([pidfd], [], [], remaining)
+                continue
             time.sleep(min(nap, remaining))
             nap = min(nap * 2, _POLL_S)
 
