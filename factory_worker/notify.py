@@ -28,9 +28,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import urlsplit
 
-import httpx
 
 if TYPE_CHECKING:
+    import httpx
     from .config import NotifySettings
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class _RedactUrl(logging.Filter):
 
     def __init__(self, url: str) -> None:
         super().__init__()
+        import httpx  # imported only once notifications are on: a disabled notifier costs no import
+
         try:
             self.urls = {url, str(httpx.URL(url))}
         except Exception:
@@ -218,6 +220,8 @@ class Notifier:
             return True
 
     def _run(self) -> None:
+        import httpx
+
         q = self._queue
         with httpx.Client(timeout=self.timeout_s) as client:
             while True:
@@ -240,6 +244,8 @@ class Notifier:
                 self._count("dropped")
 
     def _send(self, client: httpx.Client, payload: dict[str, Any]) -> None:
+        import httpx
+
         timeout = self.timeout_s
         if self._deadline is not None:
             timeout = max(0.05, min(timeout, self._deadline - time.monotonic()))
