@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_defaults():
     assert s.effective_broker_url == s.effective_redis_url
     assert s.dispatch.lease_ttl_s == 30.0 and s.dispatch.max_in_flight == 8
     assert s.source.kind == "file" and s.source.ready_states == ["ready"]
-    assert s.agent.command[0] == "python"
+    assert s.agent.command[0] == sys.executable  # the interpreter running factory_worker, not a PATH guess
 
 
 def test_environment_variables_are_read(monkeypatch):
