@@ -43,8 +43,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {"visibility_timeout": visibility},
         "worker_send_task_events": True,
         "task_send_sent_event": False,  # one message per dispatch, not two; Flower sees received/started
+        # Bounds a *cold* shutdown (SIGQUIT, second Ctrl-C); a warm shutdown (SIGTERM) is bounded by the
+        # agents' shutdown deadline (signals.py), since Celery waits for running tasks without a limit.
         "worker_soft_shutdown_timeout": settings.worker.soft_shutdown_s,
-        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_enable_soft_shutdown_on_idle": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,

@@ -116,7 +116,10 @@ class AgentSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """Worker-side timings: soft shutdown window and the worker liveness key."""
 
-    soft_shutdown_s: float = Field(20.0, ge=0, description="Celery worker_soft_shutdown_timeout")
+    soft_shutdown_s: float = Field(20.0, ge=0, description="warm shutdown window for running agents")
+    shutdown_margin_s: float = Field(
+        2.5, ge=0, description="agents are stopped this long before the window ends (claims released, pool stopped)"
+    )
     heartbeat_interval_s: float = Field(5.0, gt=0)
     heartbeat_ttl_s: float = Field(15.0, gt=0)
     visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis broker visibility timeout")

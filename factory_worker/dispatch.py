@@ -40,6 +40,7 @@ class StopCheck:
         self.f, self.task_id, self.hostname, self.local = f, task_id, hostname, local
         self._next = time.monotonic() + STOP_POLL_S  # begin() just checked revoke and kill
         self._reason: str | None = None
+        self._deadline: float | None = None  # local monotonic time of the worker's shutdown deadline
 
     def __call__(self) -> str | None:
         if self._reason:
@@ -49,6 +50,9 @@ class StopCheck:
             if self._reason:
                 return self._reason
         now = time.monotonic()
+        if self._deadline is not None and now >= self._deadline:
+            self._reason = "worker shutdown: soft-shutdown window elapsed"
+            return self._reason
         if now < self._next:
             return None
         self._next = now + STOP_POLL_S
@@ -62,8 +66,11 @@ class StopCheck:
             return None
         if stop:
             self._reason = f"stopped by operator ({stop})"
-        elif deadline and int(sec) * 1000 + int(usec) // 1000 >= int(deadline):
-            self._reason = "worker shutdown: soft-shutdown window elapsed"
+        elif deadline:
+            left_s = (int(deadline) - (int(sec) * 1000 + int(usec) // 1000)) / 1000
+            self._deadline = time.monotonic() + left_s  # then checked locally on every tick
+            if left_s <= 0:
+                self._reason = "worker shutdown: soft-shutdown window elapsed"
         return self._reason
 
 

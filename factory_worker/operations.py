@@ -69,11 +69,13 @@ def kill_loop(f: Factory, force: bool = False, release_agents: bool = False,
     f.control.set_kill(run_id, by)
     task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
     agent_ids = run_agent_tasks(f, run_id) if release_agents else []
-    f.control.revoke_ids(task_ids)
+    f.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
+    # Celery's revoke is broadcast to every worker and kept in memory: only the tasks not yet run need it.
+    pending = task_ids[max(0, int(run.get("iterations_done", 0)) - 1):] if run.get("status") == "running" else []
     revoked_sent, revoke_error = False, None
-    if revoke is not None and task_ids:
+    if revoke is not None and pending:
         try:
-            revoke(task_ids)
+            revoke(pending)
             revoked_sent = True
         except Exception as exc:  # noqa: BLE001 - the Redis revoke list already stops them
             revoke_error = f"{type(exc).__name__}: {exc}"

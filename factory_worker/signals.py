@@ -68,8 +68,10 @@ def publish_worker(node: str, shutting_down: bool = False) -> None:
 def write_shutdown_deadline(node: str) -> int:
     """Tell this worker's agents when the soft-shutdown window ends (ms, server clock)."""
     f = _factory()
-    window_ms = int(f.settings.worker.soft_shutdown_s * 1000)
-    deadline = server_now_ms(f.r) + max(0, window_ms - 1000)  # leave a second to release claims
+    cfg = f.settings.worker
+    window_ms = int(cfg.soft_shutdown_s * 1000)
+    # leave the margin to release claims and for Celery to stop its pool (~2 s measured)
+    deadline = server_now_ms(f.r) + max(0, window_ms - int(cfg.shutdown_margin_s * 1000))
     f.r.set(f.keys.worker_shutdown(node), deadline, px=window_ms + 60_000)
     log.warning("warm shutdown: agents still running at %d ms will be stopped and released", deadline)
     return deadline

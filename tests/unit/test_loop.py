@@ -212,3 +212,13 @@ def test_release_task_claim_by_task_id(factory):
     assert release_task_claim(factory, task_id) == issue
     assert release_task_claim(factory, task_id) is None  # the token is stale now: nothing changes
     assert factory.ledger.explain(issue).state == "claimable"
+
+
+def test_a_killed_loop_claims_nothing_even_mid_iteration(factory):
+    """kill-loop may land after an iteration passed its kill check: the claim script refuses then."""
+    factory.control.set_kill(None, "test")
+    batch = factory.ledger.claim(["I-0", "I-1"])
+    assert not batch.claims and {s.reason for s in batch.skipped} == {"killed"}
+    assert factory.ledger.counters()["skipped_killed"] == 2
+    factory.control.clear_kill()
+    assert len(factory.ledger.claim(["I-0"]).claims) == 1
