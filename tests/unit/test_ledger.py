@@ -615,3 +615,13 @@ def test_every_key_lives_under_the_namespace_hash_tag(ledger, fake_redis, keys, 
     ledger.retry("b")
     names = fake_redis.keys("*")
     assert names and all(n.startswith(keys.prefix + ":") for n in names)
+
+
+def test_a_killed_loop_claims_nothing(ledger, fake_redis, keys):
+    fake_redis.hset(keys.kill, mapping={"run_id": "r1", "by": "test"})
+    batch = ledger.claim(["a", "b", "a"])
+    assert batch.claims == []
+    assert [(s.issue, s.reason) for s in batch.skipped] == [("a", "killed"), ("b", "killed"), ("a", "killed")]
+    assert ledger.current_token("a") is None and fake_redis.hget(keys.fences, "a") is None
+    fake_redis.delete(keys.kill)
+    assert one(ledger, "a").fence == 1
