@@ -51,19 +51,22 @@ class RedisServer:
     """One redis-server process on 127.0.0.1:``port`` keeping its files in ``directory``."""
 
     def __init__(self, directory: Path, port: int | None = None, appendonly: bool = False,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, password: str | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.port = port or free_port()
         self.appendonly = appendonly
-        self.extra = extra or []
+        self.extra = (extra or []) + (["--requirepass", password] if password else [])
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, decode_responses=True,
+                           socket_timeout=5)
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         self.directory.mkdir(parents=True, exist_ok=True)
