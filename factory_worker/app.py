@@ -10,7 +10,7 @@ import logging
 import sys
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 import beat_schedule
 
@@ -33,7 +33,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "event_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_queues": [Queue(LOOP_QUEUE), Queue(AGENT_QUEUE)],
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (LOOP_QUEUE, AGENT_QUEUE)],
         "task_default_queue": LOOP_QUEUE,
         "task_routes": {"factory.agent.*": {"queue": AGENT_QUEUE}, "factory.loop.*": {"queue": LOOP_QUEUE}},
         "worker_prefetch_multiplier": 1,

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -153,8 +154,14 @@ class Settings(BaseSettings):
     @field_validator("redis_url", "broker_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+        if v is None:
+            return v
+        if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            urlsplit(v).port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad URL: {exc}") from None
         return v
 
     @property
@@ -217,4 +224,5 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable / malformed TOML
-        raise ConfigError(f"cannot read configuration: {exc}".splitlines()[0]) from None
+        where = config_file() or "settings"
+        raise ConfigError(f"cannot read configuration {where}: {exc}".splitlines()[0]) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
 from .loop import Factory, iterate
@@ -73,7 +75,10 @@ def _cell(name: str, v: Any) -> str:
     return str(v)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Settings come from FACTORY_* variables (FACTORY_REDIS_URL, FACTORY_NAMESPACE, ...) or "
+                    "factory.toml. Every command but `up` takes --json. Errors: one line on stderr, exit 2.")
+@click.version_option(__version__, prog_name="factory-worker")
 @click.option("-v", "--verbose", is_flag=True, help="log at INFO")
 def cli(verbose: bool) -> None:
     """Control a factory_worker loop (needs only Redis; the broker for revoke and start-loop)."""
@@ -94,6 +99,7 @@ def loop_status_cmd(as_json: bool) -> None:
 
     def human(d: dict[str, Any]) -> None:
         hb = d["heartbeat"] or {}
+        console.print(f"redis: {d['redis']} namespace {d['namespace']}", highlight=False)
         console.print(f"loop: [bold]{d['liveness']}[/bold]" + (f" (heartbeat {d['age_s']}s old)" if hb else ""))
         if hb:
             console.print(f"run {hb['run_id']}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
@@ -157,7 +163,7 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="gate without claiming or dispatching anything")
 @json_opt
 def run_once_cmd(dry_run: bool, as_json: bool) -> None:
-    """One iteration in this process; prints the IterationReport."""
+    """One iteration in this process; prints the IterationReport. Exit 0."""
     f = _factory()
     send = None
     if not dry_run:
@@ -180,19 +186,30 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
 @click.option("--state", type=click.Choice(STATES), default=None, help="only this state")
 @json_opt
 def dispatches_cmd(state: str | None, as_json: bool) -> None:
-    """The ledger, issue by issue."""
+    """The ledger, issue by issue. Exit 0."""
     f = _factory()
     rows = f.ledger.entries(state) if state else f.ledger.all_entries()
-    cols = ["issue", "state", "until_ms", "attempts", "fence", "completed_ms", "last_error"]
-    emit(rows, as_json, lambda d: table("dispatches", d, cols))
+    rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+
+    def human(d: list[dict[str, Any]]) -> None:
+        shown = [{**r, "since/until": _ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
+                  "last_error": (r.get("last_error") or "")[-80:] or None} for r in d]
+        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
+
+    emit(rows, as_json, human)
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key: EX-2 before EX-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
 @cli.command("explain")
 @click.argument("issue")
 @json_opt
 def explain_cmd(issue: str, as_json: bool) -> None:
-    """Why ISSUE is or is not dispatched now."""
-    e = _factory().ledger.explain(issue)
+    """Why ISSUE is or is not dispatched now. Exit 0."""
+    e = _factory().ledger.explain(_issue_arg(issue))
     emit(e.as_dict(), as_json, lambda d: click.echo(f"{d['issue']}: {d['state']}: {d['text']}"))
 
 
@@ -200,16 +217,30 @@ def explain_cmd(issue: str, as_json: bool) -> None:
 @click.argument("issue")
 @json_opt
 def retry_cmd(issue: str, as_json: bool) -> None:
-    """Give a parked or backing-off ISSUE a fresh attempt budget."""
-    data = _factory().ledger.retry(issue)
-    emit(data, as_json, lambda d: click.echo(
-        f"{issue}: {'unparked' if d['was_parked'] else 'backoff cleared'} (had {d['attempts_before']} attempts)"))
+    """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
+    data = _factory().ledger.retry(_issue_arg(issue))
+
+    def human(d: dict[str, Any]) -> None:
+        if d["was_parked"]:
+            click.echo(f"{issue}: unparked (had {d['attempts_before']} attempts); it is claimable again")
+        elif d["had_backoff"] or d["attempts_before"]:
+            click.echo(f"{issue}: backoff cleared (had {d['attempts_before']} attempts)")
+        else:
+            click.echo(f"{issue}: nothing to retry (not parked, not backing off, no failed attempts)")
+
+    emit(data, as_json, human)
+
+
+def _issue_arg(issue: str) -> str:
+    if not issue.strip():
+        raise click.BadParameter("must not be empty", param_hint="ISSUE")
+    return issue
 
 
 @cli.command("pause")
 @json_opt
 def pause_cmd(as_json: bool) -> None:
-    """Claim nothing new; running agents go on; the run stays alive."""
+    """Claim nothing new; running agents go on; the run stays alive. Exit 0."""
     from .operations import set_paused
 
     data, code = set_paused(_factory(), True)
@@ -219,7 +250,7 @@ def pause_cmd(as_json: bool) -> None:
 @cli.command("resume")
 @json_opt
 def resume_cmd(as_json: bool) -> None:
-    """Undo pause."""
+    """Undo pause. Exit 0."""
     from .operations import set_paused
 
     data, code = set_paused(_factory(), False)
@@ -241,7 +272,7 @@ def doctor_cmd(as_json: bool) -> None:
               help="serve Prometheus metrics over HTTP until interrupted")
 @json_opt
 def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
-    """Print the Prometheus metrics once, or serve them with --serve :PORT."""
+    """Print the Prometheus metrics once, or serve them with --serve :PORT. Exit 0."""
     from .metrics import parse_addr, render, serve, snapshot
 
     f = _factory()

@@ -85,12 +85,12 @@ class Keys:
 
     @property
     def kill(self) -> str:
-        """Hash {run_id, by, at, at_ms, reason}: present while the loop is killed."""
+        """Hash {run_id, by, at_ms, reason}: present while the loop is killed."""
         return self._k("loop", "kill")
 
     @property
     def paused(self) -> str:
-        """Hash {by, at}: present while the loop is paused."""
+        """Hash {by, at_ms}: present while the loop is paused."""
         return self._k("loop", "paused")
 
     @property
@@ -109,7 +109,7 @@ class Keys:
 
     # -- agents and workers ---------------------------------------------------------------------------
     def agent_task(self, task_id: str) -> str:
-        """Hash {issue, token, run_id, hostname, pid, pgid}: maps an agent task to its claim."""
+        """Hash {issue, token, run_id, state, hostname, worker_pid} (7 days): maps an agent task to its claim."""
         return self._k("agent", task_id)
 
     @property

@@ -242,7 +242,8 @@ class Ledger:
         )
         if res[0] == "done":
             raise LedgerError(f"issue {issue!r} is done; done is final and cannot be retried")
-        return {"issue": issue, "was_parked": bool(int(res[1])), "attempts_before": int(res[2])}
+        return {"issue": issue, "was_parked": bool(int(res[1])), "attempts_before": int(res[2]),
+                "had_backoff": bool(int(res[3]))}
 
     # -- reading --------------------------------------------------------------------------------------
     def explain(self, issue: str) -> Explanation:
@@ -265,7 +266,7 @@ class Ledger:
                                {"token": token, "fence": fence_of(token), "until_ms": until_ms})
         if parked:
             return Explanation(issue, "parked", f"parked after {n} attempts; last error: {error or '-'}; "
-                               "run `retry` to try again",
+                               f"run `factory-worker retry {issue}` to try again",
                                {"attempts": n, "parked_ms": _int(parked), "last_error": error})
         if until is not None and float(until) > now:
             return Explanation(issue, "backoff", f"backing off for {(float(until) - now) / 1000:.1f}s more "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Callable
 
 from . import heartbeat
@@ -32,12 +33,23 @@ def live_workers(f: Factory) -> list[dict[str, Any]]:
     return sorted(out, key=lambda w: w.get("hostname", ""))
 
 
+def _masked(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 def loop_status(f: Factory) -> tuple[dict[str, Any], int]:
     """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live."""
     live = heartbeat.check(f.r, f.keys, f.settings.loop.stale_after_s)
     run_id = live.heartbeat.run_id if live.heartbeat else f.control.current_run_id()
     run = f.control.run(run_id)
     status = {
+        "redis": _masked(f.settings.effective_redis_url),
+        "namespace": f.settings.namespace,
         "liveness": live.state,
         "live": live.live,
         "age_s": None if live.age_s is None else round(live.age_s, 3),

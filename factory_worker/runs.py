@@ -6,6 +6,7 @@ lease is a token (the run id) with a TTL, renewed by each iteration and released
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -28,7 +29,12 @@ RUN_RECORD_TTL_S = 7 * 24 * 3600
 REVOKED_TTL_S = 24 * 3600
 
 def who() -> str:
-    return f"{os.environ.get('USER', 'unknown')}@{socket.gethostname()}:{os.getpid()}"
+    """``user@host:pid`` of the operator (or process) acting."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass

@@ -73,7 +73,10 @@ def write_shutdown_deadline(node: str) -> int:
     # leave the margin to release claims and for Celery to stop its pool (~2 s measured)
     deadline = server_now_ms(f.r) + max(0, window_ms - int(cfg.shutdown_margin_s * 1000))
     f.r.set(f.keys.worker_shutdown(node), deadline, px=window_ms + 60_000)
-    log.warning("warm shutdown: agents still running at %d ms will be stopped and released", deadline)
+    running = f.r.scard(f.keys.agents)
+    level = logging.WARNING if running else logging.INFO
+    log.log(level, "warm shutdown: agents still running in %.1fs will be stopped and their claims released",
+            (deadline - server_now_ms(f.r)) / 1000)
     return deadline
 
 

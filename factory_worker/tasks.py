@@ -89,7 +89,18 @@ def iteration(self, run_id: str, index: int) -> dict[str, Any]:
                                            worker=self.request.hostname)
     if not go_on:
         self.request.chain = None  # end the chain here: nothing after this iteration is sent
-    return report.as_dict()
+    return summary(report.as_dict())
+
+
+def summary(report: dict[str, Any], keep: int = 20) -> dict[str, Any]:
+    """The report as a task result (logged by Celery, shown by Flower): the first ``keep`` skips only.
+
+    The whole report stays on the run record (``loop-status --json`` shows it as ``last_report``).
+    """
+    skipped = report.get("skipped", [])
+    if len(skipped) <= keep:
+        return report
+    return {**report, "skipped": skipped[:keep], "skipped_total": len(skipped)}
 
 
 @app.task(name="factory.loop.finish", bind=True)

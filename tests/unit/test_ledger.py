@@ -452,7 +452,7 @@ def test_retry_unparks_with_a_fresh_budget(ledger, clock):
         res = ledger.fail("a", c.token, "boom")
         set_ms(clock, res.until_ms)
     assert res.state == "parked"
-    assert ledger.retry("a") == {"issue": "a", "was_parked": True, "attempts_before": 3}
+    assert ledger.retry("a") == {"issue": "a", "was_parked": True, "attempts_before": 3, "had_backoff": False}
     assert ledger.explain("a").state == "claimable"
     c = one(ledger, "a")
     res = ledger.fail("a", c.token, "again")
@@ -464,12 +464,14 @@ def test_retry_ends_a_backoff_now(ledger):
     c = one(ledger, "a")
     ledger.fail("a", c.token, "boom")
     assert skip_of(ledger, "a").reason == "backoff"
-    assert ledger.retry("a") == {"issue": "a", "was_parked": False, "attempts_before": 1}
+    assert ledger.retry("a") == {"issue": "a", "was_parked": False, "attempts_before": 1, "had_backoff": True}
     assert one(ledger, "a").fence == 2
 
 
 def test_retry_of_an_unknown_issue_is_harmless(ledger):
-    assert ledger.retry("nope") == {"issue": "nope", "was_parked": False, "attempts_before": 0}
+    assert ledger.retry("nope") == {"issue": "nope", "was_parked": False, "attempts_before": 0,
+                                    "had_backoff": False}
+    assert ledger.counters().get("retried", 0) == 0  # retrying nothing changes nothing
     assert one(ledger, "nope").fence == 1
 
 
