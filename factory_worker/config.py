@@ -45,6 +45,15 @@ class LoopSettings(BaseModel):
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
     lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+    iteration_spacing_s: float | None = Field(
+        None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
+    )
+
+    def spacing_s(self, iterations: int) -> float:
+        """Seconds between two iterations of a run: by default a run's polls spread over one interval."""
+        if self.iteration_spacing_s is not None:
+            return self.iteration_spacing_s
+        return self.interval_s / max(1, iterations)
 
     @model_validator(mode="after")
     def _stale_after_interval(self) -> "LoopSettings":

@@ -54,7 +54,11 @@ def start_run(max_iterations: int | None = None, by: str = "beat", clear_kill: b
         return kick
     ids = kick.task_ids
     run_id = kick.run_id
-    steps = [iteration.si(run_id, i).set(task_id=ids[i], queue=LOOP_QUEUE) for i in range(len(ids) - 1)]
+    n = len(ids) - 1
+    # Short countdowns spread the run's polls over the interval (far below the visibility timeout).
+    gap = f.settings.loop.spacing_s(n)
+    steps = [iteration.si(run_id, i).set(task_id=ids[i], queue=LOOP_QUEUE, countdown=gap if i else None)
+             for i in range(n)]
     steps.append(finish.si(run_id).set(task_id=ids[-1], queue=LOOP_QUEUE))
     try:
         chain(*steps).apply_async()
