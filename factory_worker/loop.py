@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import redis
 
-from . import heartbeat
 from .config import Settings
 from .keys import Keys
 from .ledger import Claim, Ledger
@@ -186,10 +185,11 @@ def run_iteration(f: Factory, send: Sender, run_id: str, index: int, task_id: st
         return IterationReport(run_id=run_id, iteration=index, stopped=reason), False
     rec = f.control.run(run_id) or {}
     max_it = int(rec.get("max_iterations", cfg.max_iterations))
-    if not f.control.renew_lease(run_id):
-        f.control.end_run(run_id, "stopping", "lost the loop lease")
-        return IterationReport(run_id=run_id, iteration=index, stopped="lost the loop lease"), False
-    heartbeat.write(f.r, f.keys, run_id, "running", index + 1, max_it, cfg.heartbeat_ttl_s)
+    gap = cfg.spacing_s(max_it) if index + 1 < max_it else 0.0
+    reason = f.control.begin_iteration(run_id, index + 1, max_it, gap)
+    if reason:
+        f.control.end_run(run_id, "stopping", reason)
+        return IterationReport(run_id=run_id, iteration=index, stopped=reason), False
     began = time.monotonic()
     try:
         report = iterate(f, send, run_id=run_id, iteration=index)

@@ -142,6 +142,10 @@ class LoopControl:
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
         if clear_kill:
             self.clear_kill()
+        previous = self.current_run_id()
+        if previous and self.run_status(previous) == "running":  # its chain was lost: end it for the record
+            self.end_run(previous, "abandoned", "its chain was lost (a worker died or Redis failed mid-run); "
+                                                "the loop lease expired")
         task_ids = [f"{run_id}-iter-{i}" for i in range(n)] + [f"{run_id}-finish"]
         now = server_now_ms(self.r)
         p = self.r.pipeline(transaction=True)
@@ -161,9 +165,17 @@ class LoopControl:
         """The chain could not be sent: end the run and free the lease at once."""
         self.end_run(run_id, "failed", f"could not send the chain: {error}")
 
-    def renew_lease(self, run_id: str) -> bool:
-        return bool(self._s['lease_renew'](keys=[self.keys.loop_lease],
-                                args=[run_id, int(self.settings.loop.lease_ttl_s * 1000)]))
+    def begin_iteration(self, run_id: str, iteration: int, max_iterations: int, gap_s: float) -> str | None:
+        """Renew the loop lease (for the gap before the next iteration too) and write the heartbeat
+        ``running(iteration)`` in one script; returns why the run must stop instead, or None."""
+        loop = self.settings.loop
+        hb = heartbeat.make(run_id, "running", iteration, max_iterations, server_now_ms(self.r))
+        res = int(self._s["iteration_begin"](
+            keys=[self.keys.loop_lease, self.keys.run(run_id), self.keys.heartbeat],
+            args=[run_id, int((loop.lease_ttl_s + gap_s) * 1000), hb.model_dump_json(),
+                  int(loop.heartbeat_ttl_s * 1000)],
+        ))
+        return {1: None, 0: "lost the loop lease", -1: "the run has ended"}[res]
 
     def run_status(self, run_id: str) -> str | None:
         return self.r.hget(self.keys.run(run_id), "status")

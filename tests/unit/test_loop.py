@@ -222,3 +222,29 @@ def test_a_killed_loop_claims_nothing_even_mid_iteration(factory):
     assert factory.ledger.counters()["skipped_killed"] == 2
     factory.control.clear_kill()
     assert len(factory.ledger.claim(["I-0"]).claims) == 1
+
+
+def test_an_ended_run_never_flips_the_heartbeat_back_to_running(factory):
+    """kill-loop ends the run between an iteration's checks and its heartbeat: the heartbeat stays stopping."""
+    kick = factory.control.start_run(3, by="test")
+    factory.control.end_run(kick.run_id, "killed", "kill-loop")
+    assert factory.control.begin_iteration(kick.run_id, 1, 3, 0.0) == "the run has ended"
+    assert heartbeat.read(factory.r, factory.keys).status == "stopping"
+
+
+def test_a_lost_chain_is_ended_as_abandoned_by_the_next_run(factory):
+    old = factory.control.start_run(3, by="test")
+    factory.r.delete(factory.keys.loop_lease)  # the lease expired: its worker died mid-run
+    new = factory.control.start_run(3, by="beat")
+    assert new.started
+    assert factory.control.run(old.run_id)["status"] == "abandoned"
+    assert factory.control.run(new.run_id)["status"] == "running"
+    assert heartbeat.read(factory.r, factory.keys).run_id == new.run_id
+
+
+def test_the_lease_covers_the_gap_before_the_next_iteration(factory, clock):
+    kick = factory.control.start_run(3, by="test")
+    lease_s = factory.settings.loop.lease_ttl_s
+    assert factory.control.begin_iteration(kick.run_id, 1, 3, gap_s=lease_s * 2) is None
+    clock.advance(lease_s * 2.5)  # longer than a bare lease, shorter than lease + gap
+    assert factory.control.lease_holder() == kick.run_id
