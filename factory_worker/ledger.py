@@ -138,7 +138,7 @@ class Ledger:
         if not issues:
             return
         k = self.keys
-        fixed = [k.fences, k.done, k.inflight, k.backoff, k.parked, k.attempts, k.counters, k.kill]
+        fixed = [k.fences, k.done, k.inflight, k.backoff, k.parked, k.attempts, k.counters, k.kill, k.paused]
         res = self._s["claim"](
             keys=fixed + [k.claim(i) for i in issues],
             args=[self.lease_ms, self.cfg.max_in_flight, uuid.uuid4().hex, *issues],

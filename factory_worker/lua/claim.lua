@@ -2,7 +2,8 @@
 KEYS[1] fences (hash)   KEYS[2] done (hash)      KEYS[3] inflight (zset)
 KEYS[4] backoff (zset)  KEYS[5] parked (hash)    KEYS[6] attempts (hash)   KEYS[7] counters (hash)
 KEYS[8] loop kill flag (hash): while it exists nothing is claimed (atomic with the kill-loop that sets it)
-KEYS[8+i] the claim key of issue i, for i = 1..n
+KEYS[9] loop pause flag (hash): likewise while paused
+KEYS[9+i] the claim key of issue i, for i = 1..n
 ARGV[1] lease_ms   ARGV[2] max_in_flight   ARGV[3] owner (random, unique per call)   ARGV[3+i] issue id i
 Returns a flat array, ONE string per issue, in input order (one entry keeps the reply small to parse):
   "<fence>:<owner>.<i>"              claimed: the token (starts with a digit). fence comes from a per-issue
@@ -14,16 +15,19 @@ Returns a flat array, ONE string per issue, in input order (one entry keeps the 
   "backoff:<until_ms>:<attempts>"    a failed attempt's backoff window is open
   "max-in-flight:<in_flight>:<cap>"  the cluster-wide cap is reached
   "duplicate"                        the same issue appeared earlier in this batch
-  "killed"                           the loop is killed: every issue of the batch gets this
+  "killed" / "paused"                the loop is killed / paused: every issue of the batch gets this
 Time is the server's (TIME), so every worker sees one clock. An inflight entry stops counting against the
 cap only once its score (the lease end) is more than 1 ms in the past: Redis keeps a key alive through
 the millisecond it expires at, and a script's expiry clock may lag TIME by a millisecond, so the cap
 never undercounts a claim that is still live. ]]
-if redis.call('EXISTS', KEYS[8]) == 1 then
-  local out = {}
-  for i = 1, #ARGV - 3 do out[i] = 'killed' end
-  redis.call('HINCRBY', KEYS[7], 'skipped_killed', #ARGV - 3)
-  return out
+for _, fw in ipairs({{8, 'killed'}, {9, 'paused'}}) do
+  local flag, why = fw[1], fw[2]
+  if redis.call('EXISTS', KEYS[flag]) == 1 then
+    local out = {}
+    for i = 1, #ARGV - 3 do out[i] = why end
+    redis.call('HINCRBY', KEYS[7], 'skipped_' .. why, #ARGV - 3)
+    return out
+  end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,7 +40,7 @@ local out, seen = {}, {}
 local claimed, deduped, s_backoff, s_parked, s_cap = 0, 0, 0, 0, 0
 for i = 1, #ARGV - 3 do
   local issue = ARGV[3 + i]
-  local ckey = KEYS[8 + i]
+  local ckey = KEYS[9 + i]
   if seen[issue] then
     out[i] = 'duplicate'; deduped = deduped + 1
   else

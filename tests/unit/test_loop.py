@@ -248,3 +248,11 @@ def test_the_lease_covers_the_gap_before_the_next_iteration(factory, clock):
     assert factory.control.begin_iteration(kick.run_id, 1, 3, gap_s=lease_s * 2) is None
     clock.advance(lease_s * 2.5)  # longer than a bare lease, shorter than lease + gap
     assert factory.control.lease_holder() == kick.run_id
+
+
+def test_a_paused_loop_claims_nothing_even_mid_iteration(factory):
+    factory.control.set_paused(True, by="test")
+    batch = factory.ledger.claim(["I-0"])
+    assert not batch.claims and batch.skipped[0].reason == "paused"
+    factory.control.set_paused(False)
+    assert factory.ledger.claim(["I-0"]).claims
