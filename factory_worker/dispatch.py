@@ -30,7 +30,7 @@ def renew_interval(f: Factory) -> float:
 
 
 def make_runner(f: Factory) -> AgentRunner:
-    return CommandAgent(f.settings.agent, renew_interval(f))
+    return CommandAgent(f.settings.agent, renew_interval(f), f.settings.dispatch.lease_ttl_s)
 
 
 class StopCheck:

@@ -209,9 +209,11 @@ def _signal_group(pgid: int, sig: int) -> None:
 class CommandAgent:
     """Runs ``settings.command`` for a dispatch; implements :class:`~factory_worker.agents.base.AgentRunner`."""
 
-    def __init__(self, settings: AgentSettings, renew_interval_s: float) -> None:
+    def __init__(self, settings: AgentSettings, renew_interval_s: float, lease_ttl_s: float | None = None) -> None:
         self.settings = settings
         self.renew_interval_s = max(0.01, float(renew_interval_s))
+        #: the claim's lease: if no renew succeeds for this long the agent is stopped (it is no longer ours)
+        self.lease_ttl_s = float(lease_ttl_s) if lease_ttl_s else 3 * self.renew_interval_s
 
     def paths(self, dispatch: Dispatch) -> tuple[Path, Path]:
         """(log file, issue JSON file) of a dispatch: ``<log_dir>/<issue>/<dispatch>.{log,issue.json}``."""
@@ -271,6 +273,10 @@ class CommandAgent:
         outcome, error, lost = None, "", False
         tick = min(0.2, self.renew_interval_s)
         next_renew = start + self.renew_interval_s
+        # The lease was renewed just before the agent started; without a successful renew it ends here
+        # (a little early, for clock drift): past it another worker may already hold the issue.
+        safety = min(1.0, self.lease_ttl_s * 0.1)
+        lease_end = start + self.lease_ttl_s - safety
         try:
             if on_start is not None:
                 try:
@@ -290,15 +296,20 @@ class CommandAgent:
                 if now - start >= self.settings.timeout_s:
                     outcome, error = "timeout", f"agent ran longer than {self.settings.timeout_s:g}s"
                     break
+                if now >= lease_end:
+                    outcome, error = "lease-lost", "the lease could not be renewed before it expired"
+                    break
                 if now >= next_renew:
                     next_renew = now + self.renew_interval_s
                     try:
                         renew()
+                        lease_end = now + self.lease_ttl_s - safety
                     except StaleClaimError as exc:
                         outcome, error = "lease-lost", str(exc)
                         break
                     except Exception as exc:  # e.g. Redis unreachable: the lease may still be valid
                         log.warning("issue %s: renewing the claim failed (retrying): %s", issue_id, exc)
+                        next_renew = now + tick  # retry soon, not a whole interval later
         finally:
             if outcome is not None:
                 log.warning("issue %s: stopping agent group %d (%s: %s)", issue_id, proc.pid, outcome, error)

@@ -60,9 +60,10 @@ def script(tmp_path):
     return _write
 
 
-def make_agent(tmp_path: Path, argv: list[str], renew_interval_s: float = 5.0, **kw) -> CommandAgent:
+def make_agent(tmp_path: Path, argv: list[str], renew_interval_s: float = 5.0, lease_ttl_s: float | None = None,
+               **kw) -> CommandAgent:
     settings = AgentSettings(command=argv, log_dir=tmp_path / "logs", **kw)
-    return CommandAgent(settings, renew_interval_s)
+    return CommandAgent(settings, renew_interval_s, lease_ttl_s)
 
 
 def dispatch(issue_id: str = "EX-1", title: str = "a title", **extra) -> Dispatch:
@@ -215,7 +216,8 @@ def test_renew_errors_other_than_stale_are_retried(tmp_path, script):
         raise ConnectionError("redis down")
 
     path = script("import time; time.sleep(0.5)")
-    result = run(make_agent(tmp_path, [sys.executable, str(path)], renew_interval_s=0.1), renew=renew)
+    agent = make_agent(tmp_path, [sys.executable, str(path)], renew_interval_s=0.1, lease_ttl_s=30)
+    result = run(agent, renew=renew)  # the lease (30 s) outlives the blip: the agent goes on
     assert result.outcome == "ok" and len(calls) >= 3
 
 
@@ -309,3 +311,23 @@ def test_example_agent(tmp_path):
         assert result.exit_code == code
         assert issue_id in (out / f"{issue_id}.txt").read_text()
         assert issue_id in result.log_path.read_text()
+
+
+def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends(tmp_path):
+    """Redis unreachable from this worker: after one lease TTL without a renew the issue may be someone
+    else's, so the agent must not go on (no two agents on one issue)."""
+    settings = AgentSettings(command=[sys.executable, "-c", "import time; time.sleep(30)"],
+                             log_dir=str(tmp_path / "logs"), timeout_s=60, term_grace_s=1)
+    calls = []
+
+    def renew():
+        calls.append(time.monotonic())
+        raise ConnectionError("redis down")
+
+    t0 = time.monotonic()
+    result = CommandAgent(settings, 0.3, lease_ttl_s=1.0).run(
+        Dispatch(Issue(id="L-1", title="t", state="ready"), "1:x", "d-lease"), renew, lambda: None)
+    took = time.monotonic() - t0
+    assert result.outcome == "lease-lost" and "could not be renewed" in result.error
+    assert took < 1.0 + 1.5  # stopped before (a safety margin ahead of) the lease end, plus the stop
+    assert len(calls) >= 3  # failed renews are retried every tick, not once per interval
