@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import click
 import redis
+from kombu.exceptions import KombuError
 from rich.console import Console
 from rich.table import Table
 
@@ -311,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ConfigError as e:
         click.echo(f"factory-worker: {e}", err=True)
+        return 2
+    except KombuError as e:
+        click.echo(f"factory-worker: cannot reach the broker: {str(e).splitlines()[0]}", err=True)
         return 2
     except redis.ConnectionError as e:
         click.echo(f"factory-worker: cannot reach Redis: {str(e).splitlines()[0]}", err=True)

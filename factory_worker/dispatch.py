@@ -157,10 +157,17 @@ def _release_quietly(f: Factory, issue_id: str, token: str, reason: str) -> None
         pass
 
 
-def release_task_claim(f: Factory, task_id: str, reason: str = "interrupted") -> str | None:
-    """Release the claim of agent task ``task_id`` by its recorded token (used on revoke/teardown)."""
+def release_task_claim(f: Factory, task_id: str, reason: str = "interrupted",
+                       only_if_queued: bool = False) -> str | None:
+    """Release the claim of agent task ``task_id`` by its recorded token (used on revoke/teardown).
+
+    ``only_if_queued``: leave it alone when its agent is running (a discarded duplicate of a message whose
+    twin runs elsewhere must not free the running agent's claim).
+    """
     rec = f.r.hgetall(f.keys.agent_task(task_id))
     if not rec.get("issue") or not rec.get("token"):
+        return None
+    if only_if_queued and rec.get("state") == "running":
         return None
     try:
         f.ledger.release(rec["issue"], rec["token"], reason=reason)

@@ -134,9 +134,16 @@ def stop_agents(f: Factory, task_ids: list[str], grace_s: float | None = None) -
     out = []
     for t in task_ids:
         rec = records.get(t) or {}
-        forced = t in pending and release_task_claim(f, t) is not None
+        released_by = "worker"
+        if t in pending:
+            # Only a dead worker's claims are released here: a live one may be settling right now.
+            if rec.get("hostname") and f.r.exists(f.keys.worker(rec["hostname"])):
+                released_by = "pending (its worker is alive and still stopping it)"
+            else:
+                released_by = "ctl" if release_task_claim(f, t) is not None else "lease expiry"
+                f.r.srem(f.keys.agents, t)  # its worker is gone: nobody else will clean this entry
         out.append({"task_id": t, "issue": rec.get("issue"), "stopped": t not in pending,
-                    "released_by": "ctl" if forced else "worker"})
+                    "released_by": released_by})
     return out
 
 

@@ -43,6 +43,7 @@ class Kickoff:
     run_id: str | None = None
     reason: str = ""
     task_ids: list[str] = field(default_factory=list)
+    cleared_kill: dict[str, str] | None = None  # the kill record start-loop cleared (restored on failure)
 
     def as_dict(self) -> dict[str, Any]:
         return {"started": self.started, "run_id": self.run_id, "reason": self.reason, "task_ids": self.task_ids}
@@ -140,6 +141,7 @@ class LoopControl:
             if clear_kill:
                 self.clear_kill()
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
+        cleared = self.kill_info() if clear_kill else None
         if clear_kill:
             self.clear_kill()
         previous = self.current_run_id()
@@ -159,11 +161,13 @@ class LoopControl:
         p.execute()
         heartbeat.write(self.r, self.keys, run_id, "running", 0, n, self.settings.loop.heartbeat_ttl_s)
         log.info("run %s started by %s (%d iterations)", run_id, by, n)
-        return Kickoff(True, run_id=run_id, task_ids=task_ids)
+        return Kickoff(True, run_id=run_id, task_ids=task_ids, cleared_kill=cleared)
 
-    def abandon_start(self, run_id: str, error: str) -> None:
-        """The chain could not be sent: end the run and free the lease at once."""
-        self.end_run(run_id, "failed", f"could not send the chain: {error}")
+    def abandon_start(self, kick: Kickoff, error: str) -> None:
+        """The chain could not be sent: end the run, free the lease, and restore a kill start-loop cleared."""
+        if kick.cleared_kill:
+            self.r.hset(self.keys.kill, mapping=kick.cleared_kill)
+        self.end_run(str(kick.run_id), "failed", f"could not send the chain: {error}")
 
     def begin_iteration(self, run_id: str, iteration: int, max_iterations: int, gap_s: float) -> str | None:
         """Renew the loop lease (for the gap before the next iteration too) and write the heartbeat

@@ -177,7 +177,7 @@ def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     from .dispatch import release_task_claim
 
     try:
-        issue = release_task_claim(_factory(), task_id, reason="interrupted")
+        issue = release_task_claim(_factory(), task_id, reason="interrupted", only_if_queued=True)
         if issue:
             log.info("revoked agent task %s: claim on %s released", task_id, issue)
     except Exception:  # noqa: BLE001 - the lease TTL frees it anyway

@@ -63,7 +63,7 @@ def start_run(max_iterations: int | None = None, by: str = "beat", clear_kill: b
     try:
         chain(*steps).apply_async()
     except Exception as exc:
-        f.control.abandon_start(run_id, f"{type(exc).__name__}: {exc}")
+        f.control.abandon_start(kick, f"{type(exc).__name__}: {exc}")
         raise
     return kick
 

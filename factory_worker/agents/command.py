@@ -97,6 +97,16 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in helptext else None
 
 
+#: factory_worker's own settings (credentials among them) are not the agent's business.
+_SETTINGS_ENV = ("FACTORY_REDIS_URL", "FACTORY_BROKER_URL", "FACTORY_NAMESPACE", "FACTORY_CONFIG")
+
+
+def agent_env(environ: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
+    """The worker's environment minus factory_worker's settings (``FACTORY_X__Y`` and the URLs)."""
+    return {k: v for k, v in environ.items()
+            if not (k in _SETTINGS_ENV or (k.startswith("FACTORY_") and "__" in k))}
+
+
 def launch(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
     """The argv to exec and the preexec_fn that make the agent die with its supervisor (PDEATHSIG)."""
     if shutil.which(argv[0]) is None:
@@ -240,7 +250,7 @@ class CommandAgent:
             msg = f"cannot write the agent's log or issue file under {log_path.parent}: {exc.strerror or exc}"
             log.error("issue %s: %s", issue.id, msg)
             return AgentResult("failed", None, time.monotonic() - start, None, msg)
-        env = dict(os.environ)
+        env = agent_env(os.environ)
         env.update(
             FACTORY_ISSUE_ID=issue.id, FACTORY_ISSUE_JSON=str(issue_json), FACTORY_DISPATCH_TOKEN=str(dispatch.token)
         )

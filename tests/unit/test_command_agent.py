@@ -331,3 +331,15 @@ def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends
     assert result.outcome == "lease-lost" and "could not be renewed" in result.error
     assert took < 1.0 + 1.5  # stopped before (a safety margin ahead of) the lease end, plus the stop
     assert len(calls) >= 3  # failed renews are retried every tick, not once per interval
+
+
+def test_the_agent_does_not_inherit_factory_settings_or_their_credentials(tmp_path, script, monkeypatch):
+    monkeypatch.setenv("FACTORY_REDIS_URL", "redis://:s3cret@redis:6379/0")
+    monkeypatch.setenv("FACTORY_DISPATCH__LEASE_TTL_S", "30")
+    monkeypatch.setenv("FACTORY_AGENT_OUTPUT_DIR", "/tmp/out")  # the agent's own variables pass through
+    dump = tmp_path / "env.json"
+    path = script(f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))")
+    assert run(make_agent(tmp_path, [sys.executable, str(path)])).outcome == "ok"
+    env = json.loads(dump.read_text())
+    assert "FACTORY_REDIS_URL" not in env and "FACTORY_DISPATCH__LEASE_TTL_S" not in env
+    assert env["FACTORY_AGENT_OUTPUT_DIR"] == "/tmp/out" and env["FACTORY_ISSUE_ID"] == "EX-1"

@@ -247,3 +247,14 @@ def test_load_source_github_import_failure(monkeypatch):
 
 def test_issue_reexported():
     assert Issue(id="a", title="t", state="ready").labels == []
+
+
+def test_an_id_with_control_characters_is_rejected(tmp_path):
+    from factory_worker.sources import FileSource
+
+    p = tmp_path / "i.jsonl"
+    p.write_text('{"id": "A-1\\nINFO forged log line", "title": "t", "state": "ready"}\n'
+                 '{"id": "A-2", "title": "t", "state": "ready"}\n')
+    res = FileSource(p).poll()
+    assert [i.id for i in res.issues] == ["A-2"]
+    assert len(res.errors) == 1 and ":1:" in res.errors[0]
