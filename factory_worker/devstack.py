@@ -59,12 +59,18 @@ def _status_line(settings: Settings, url: str) -> str:
 
 
 def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: int) -> dict[str, list[str]]:
+    """The stack's processes by name: one loop worker (``loop``, only ``factory.loop``, 2 processes) so the
+    loop's kickoff/iteration tasks never wait behind agents, then ``workers`` agent workers (``worker1..N``,
+    only ``factory.agents``, ``concurrency`` processes each), beat and (when installed) Flower."""
+    from .app import AGENT_QUEUE, LOOP_QUEUE
+
     celery = [sys.executable, "-m", "celery", "-A", "factory_worker"]
-    cmds = {
+    cmds = {"loop": celery + ["worker", "-l", "INFO", "-n", "loop@%h", "-c", "2", "-Q", LOOP_QUEUE]}
+    cmds.update({
         f"worker{i + 1}": celery + ["worker", "-l", "INFO", "-n", f"worker{i + 1}@%h", "-c", str(concurrency),
-                                    "-Q", "factory.loop,factory.agents"]
+                                    "-Q", AGENT_QUEUE]
         for i in range(workers)
-    }
+    })
     cmds["beat"] = celery + ["beat", "-l", "INFO", "--schedule", str(STATE_DIR / "celerybeat-schedule")]
     if flower and importlib.util.find_spec("flower") is not None:
         auth = os.environ.get("FLOWER_BASIC_AUTH")

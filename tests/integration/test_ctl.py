@@ -96,7 +96,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
-    """`factory-worker up` with no FACTORY_REDIS_URL: embedded Redis, worker, beat; Ctrl-C stops all."""
+    """`factory-worker up` with no FACTORY_REDIS_URL: embedded Redis, loop worker, worker, beat; Ctrl-C stops all."""
     work = tmp_path / "proj"
     (work / "examples").mkdir(parents=True)
     for name in ("issues.jsonl", "agent.py"):
@@ -115,7 +115,7 @@ def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
                    what="the failing example issue parked")
         text = (tmp_path / "up.log").read_text()
         assert "embedded Redis at redis://127.0.0.1:" in text
-        assert "[worker1]" in text and "[beat]" in text and "[status] loop live" in text
+        assert "[loop]" in text and "[worker1]" in text and "[beat]" in text and "[status] loop live" in text
         assert "done=9" in text or "done=10" in text
         assert (work / ".factory" / "redis").is_dir()
         children = descendants(proc.pid)

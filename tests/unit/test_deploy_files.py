@@ -242,24 +242,74 @@ def test_every_workload_runs_something() -> None:
         assert len(unit_values(path, "Service", "ExecStart")) == 1, path.name
 
 
-def test_workers_consume_both_queues_and_probe_their_own_node() -> None:
+def _worker_argvs() -> list[tuple[str, list[str]]]:
+    return [(w, c) for w, a in all_commands() for c in program_calls(a) if c[0] == "celery" and c[3] == "worker"]
+
+
+def _queues(argv: list[str]) -> set[str]:
+    return set(argv[argv.index("-Q") + 1].split(","))
+
+
+def test_workers_consume_one_queue_each_and_probe_their_own_node() -> None:
     from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
 
-    worker_argvs = [(w, a) for w, a in all_commands() for c in program_calls(a)
-                    if c[0] == "celery" and c[3] == "worker"]
-    assert len(worker_argvs) >= 3  # compose, k8s, systemd
+    worker_argvs = _worker_argvs()
+    assert len(worker_argvs) >= 6  # a loop worker and agent workers in compose, k8s, systemd
     for where, argv in worker_argvs:
-        queues = argv[argv.index("-Q") + 1].split(",")
-        assert set(queues) == {LOOP_QUEUE, AGENT_QUEUE}, where
-    # Probes ping celery@$HOSTNAME: the worker keeps the default node name (no -n) there.
+        assert _queues(argv) in ({LOOP_QUEUE}, {AGENT_QUEUE}), where
+    # Probes ping celery@$HOSTNAME: the worker keeps the default node name (no -n) there (one per container).
     for where, argv in worker_argvs:
-        if ".service" not in where:
+        if where.startswith(("compose", "k8s")):
             assert "-n" not in argv and "--hostname" not in argv, where
     probes = [a for w, a in all_commands() if ("healthcheck" in w or "Probe" in w) and "inspect" in a]
-    assert len(probes) == 2
+    assert len(probes) == 4  # loop worker + agent worker, compose and k8s
     for argv in probes:
         dest = argv[argv.index("-d") + 1]
         assert dest.startswith("celery@") and "HOSTNAME" in dest
+
+
+def test_a_dedicated_loop_worker_and_agent_workers_without_the_loop_queue() -> None:
+    """The loop's kickoff/iteration tasks must never wait behind agents: in compose, k8s and systemd one
+    worker consumes only factory.loop, and no worker that consumes factory.agents consumes factory.loop."""
+    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
+
+    for kind in ("compose", "k8s", ".service"):
+        argvs = [(w, a) for w, a in _worker_argvs() if kind in w]
+        loop = [w for w, a in argvs if _queues(a) == {LOOP_QUEUE}]
+        agents = [w for w, a in argvs if AGENT_QUEUE in _queues(a)]
+        assert len(loop) == 1, (kind, loop)
+        assert agents, kind
+        for w, a in argvs:
+            assert w in loop or LOOP_QUEUE not in _queues(a), w
+    services = compose()["services"]
+    assert "-Q" in services["loop-worker"]["command"] and services["loop-worker"]["deploy"]["replicas"] >= 1
+    assert _queues(_argv(services["worker"]["command"])) == {AGENT_QUEUE}
+    by_name = {d["metadata"]["name"]: d for d in workloads()}
+    (lc,) = containers(by_name["factory-loop-worker"])
+    assert _queues(lc["command"]) == {LOOP_QUEUE} and by_name["factory-loop-worker"]["spec"]["replicas"] >= 1
+    (wc,) = containers(by_name["factory-worker"])
+    assert _queues(wc["command"]) == {AGENT_QUEUE}
+    loop_start = shlex.split(unit_values(UNIT_DIR / "factory-loop-worker.service", "Service", "ExecStart")[0])
+    assert _queues(loop_start) == {LOOP_QUEUE}
+    # Two workers on one machine need distinct node names.
+    assert loop_start[loop_start.index("-n") + 1].startswith("loop@")
+    agent_start = shlex.split(unit_values(UNIT_DIR / "factory-worker@.service", "Service", "ExecStart")[0])
+    assert _queues(agent_start) == {AGENT_QUEUE}
+
+
+def test_devstack_runs_a_loop_worker_and_agent_workers() -> None:
+    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
+    from factory_worker.devstack import stack_commands
+
+    cmds = stack_commands(Settings(), flower=False, workers=3, concurrency=4)
+    assert list(cmds) == ["loop", "worker1", "worker2", "worker3", "beat"]
+    loop = cmds["loop"]
+    assert _queues(loop) == {LOOP_QUEUE} and loop[loop.index("-c") + 1] == "2"
+    assert loop[loop.index("-n") + 1] == "loop@%h"
+    for i in (1, 2, 3):
+        argv = cmds[f"worker{i}"]
+        assert _queues(argv) == {AGENT_QUEUE} and argv[argv.index("-n") + 1] == f"worker{i}@%h"
+        assert argv[argv.index("-c") + 1] == "4"
 
 
 # -- settings ------------------------------------------------------------------------------------------------
@@ -328,16 +378,19 @@ def _window(env: dict[str, str]) -> float:
 
 
 def test_grace_periods_exceed_soft_shutdown_window() -> None:
-    svc = compose()["services"]["worker"]
-    assert _seconds(svc["stop_grace_period"]) > _window(compose_env())
-    assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
-    (worker,) = [d for d in workloads() if d["metadata"]["name"] == "factory-worker"]
-    assert worker["spec"]["replicas"] >= 2
-    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > _window(configmap_env())
-    unit = UNIT_DIR / "factory-worker@.service"
-    assert _seconds(unit_values(unit, "Service", "TimeoutStopSec")[0]) > _window(env_file(UNIT_DIR / "env.example"))
-    assert unit_values(unit, "Service", "KillSignal") == ["SIGTERM"]
-    assert unit_values(unit, "Service", "KillMode") == ["mixed"]  # SIGTERM to celery only, not to agents
+    for name in ("worker", "loop-worker"):
+        svc = compose()["services"][name]
+        assert _seconds(svc["stop_grace_period"]) > _window(compose_env()), name
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+    by_name = {d["metadata"]["name"]: d for d in workloads()}
+    assert by_name["factory-worker"]["spec"]["replicas"] >= 2
+    for name in ("factory-worker", "factory-loop-worker"):
+        assert by_name[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > _window(configmap_env())
+    for unit in (UNIT_DIR / "factory-worker@.service", UNIT_DIR / "factory-loop-worker.service"):
+        stop = _seconds(unit_values(unit, "Service", "TimeoutStopSec")[0])
+        assert stop > _window(env_file(UNIT_DIR / "env.example")), unit.name
+        assert unit_values(unit, "Service", "KillSignal") == ["SIGTERM"]
+        assert unit_values(unit, "Service", "KillMode") == ["mixed"]  # SIGTERM to celery only, not to agents
 
 
 def _runs(argv: list[str], sub: str) -> bool:
