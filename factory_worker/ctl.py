@@ -291,7 +291,8 @@ def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
 @click.option("--workers", type=click.IntRange(1, 16), default=1, help="worker processes to start")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, help="pool size of each worker")
 def up_cmd(no_flower: bool, workers: int, concurrency: int) -> None:
-    """Dev stack in one process tree: Redis (embedded when none is configured), worker(s), beat, Flower."""
+    """Dev stack in one process tree: Redis (embedded when none is configured), a loop worker, agent
+    worker(s), beat, Flower (127.0.0.1:5555). Ctrl-C stops everything; exit 0."""
     from .devstack import run_stack
 
     raise Exit(run_stack(_settings(), flower=not no_flower, workers=workers, concurrency=concurrency))
