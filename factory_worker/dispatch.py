@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -36,8 +36,8 @@ def make_runner(f: Factory) -> AgentRunner:
 class StopCheck:
     """Polls the agent's stop flag and the worker's shutdown deadline, at most every STOP_POLL_S."""
 
-    def __init__(self, f: Factory, task_id: str, hostname: str, local: Callable[[], str | None] | None):
-        self.f, self.task_id, self.hostname, self.local = f, task_id, hostname, local
+    def __init__(self, f: Factory, task_id: str, hostname: str) -> None:
+        self.f, self.task_id, self.hostname = f, task_id, hostname
         self._next = time.monotonic() + STOP_POLL_S  # begin() just checked revoke and kill
         self._reason: str | None = None
         self._deadline: float | None = None  # local monotonic time of the worker's shutdown deadline
@@ -45,10 +45,6 @@ class StopCheck:
     def __call__(self) -> str | None:
         if self._reason:
             return self._reason
-        if self.local is not None:
-            self._reason = self.local()
-            if self._reason:
-                return self._reason
         now = time.monotonic()
         if self._deadline is not None and now >= self._deadline:
             self._reason = "worker shutdown: soft-shutdown window elapsed"
@@ -75,8 +71,7 @@ class StopCheck:
 
 
 def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, run_id: str | None = None,
-            hostname: str | None = None, runner: AgentRunner | None = None,
-            local_stop: Callable[[], str | None] | None = None) -> dict[str, Any]:
+            hostname: str | None = None, runner: AgentRunner | None = None) -> dict[str, Any]:
     """Run the agent for one claim and settle it: complete, fail (backoff/park) or release."""
     issue = Issue.model_validate(issue_data)
     hostname = hostname or socket.gethostname()
@@ -100,7 +95,7 @@ def execute(f: Factory, task_id: str, issue_data: dict[str, Any], token: str, ru
         res = runner.run(
             Dispatch(issue=issue, token=token, dispatch_id=task_id),
             renew=lambda: f.ledger.renew(issue.id, token),
-            should_stop=StopCheck(f, task_id, hostname, local_stop),
+            should_stop=StopCheck(f, task_id, hostname),
         )
         outcome = settle(f, issue.id, token, res.outcome, res.error)
         return {**result, "outcome": res.outcome, "settled": outcome, "exit_code": res.exit_code,

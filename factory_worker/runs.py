@@ -93,6 +93,11 @@ class LoopControl:
     def clear_kill(self) -> bool:
         return bool(self.r.delete(self.keys.kill))
 
+    def _clear_seen_kill(self, seen: dict[str, str] | None) -> bool:
+        """Clear the kill record ``seen`` earlier, never a newer one; False when a newer kill stands."""
+        at = (seen or {}).get("at_ms", "")
+        return bool(self._s["kill_clear"](keys=[self.keys.kill], args=[at]))
+
     # -- runs -----------------------------------------------------------------------------------------
     def current_run_id(self) -> str | None:
         return self.r.get(self.keys.current_run)
@@ -127,6 +132,7 @@ class LoopControl:
         are generated up front: ``iter-0..n-1`` then ``finish``.
         """
         n = max_iterations or self.settings.loop.max_iterations
+        seen_kill = self.kill_info() if clear_kill else None
         kill = None if clear_kill else self.kill_info()
         if kill:
             self.count("kickoffs_skipped_killed")
@@ -139,11 +145,12 @@ class LoopControl:
         if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms):
             self.count("kickoffs_skipped_overlap")
             if clear_kill:
-                self.clear_kill()
+                self._clear_seen_kill(seen_kill)
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
-        cleared = self.kill_info() if clear_kill else None
-        if clear_kill:
-            self.clear_kill()
+        if clear_kill and not self._clear_seen_kill(seen_kill):
+            self._s["lease_release"](keys=[self.keys.loop_lease], args=[run_id])
+            return Kickoff(False, reason="killed again while starting; run start-loop again to clear it")
+        cleared = seen_kill
         previous = self.current_run_id()
         if previous and self.run_status(previous) == "running":  # its chain was lost: end it for the record
             self.end_run(previous, "abandoned", "its chain was lost (a worker died or Redis failed mid-run); "

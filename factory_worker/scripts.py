@@ -18,7 +18,7 @@ from redis.commands.core import Script
 
 log = logging.getLogger(__name__)
 
-NAMES = ("claim", "renew", "complete", "fail", "release", "retry", "lease_release", "run_end", "begin", "iteration_begin")
+NAMES = ("claim", "renew", "complete", "fail", "release", "retry", "lease_release", "run_end", "begin", "iteration_begin", "kill_clear")
 
 _registered: "weakref.WeakKeyDictionary[Any, dict[str, Script]]" = weakref.WeakKeyDictionary()
 

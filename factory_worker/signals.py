@@ -51,11 +51,6 @@ def _factory():
     return factory()
 
 
-def local_stop_reason() -> str | None:
-    """Checked by agents between polls of Redis: a stop requested inside this process."""
-    return None
-
-
 def publish_worker(node: str, shutting_down: bool = False) -> None:
     f = _factory()
     cfg = f.settings.worker

@@ -120,8 +120,5 @@ def finish(self, run_id: str) -> dict[str, Any]:
 def agent_run(self, issue_id: str, token: str, run_id: str | None = None,
               issue: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the agent for one claimed issue and settle the claim by its token."""
-    from .signals import local_stop_reason
-
     data = issue or {"id": issue_id, "title": "", "state": "ready"}
-    return dispatch.execute(factory(), self.request.id, data, token, run_id,
-                            hostname=self.request.hostname, local_stop=local_stop_reason)
+    return dispatch.execute(factory(), self.request.id, data, token, run_id, hostname=self.request.hostname)

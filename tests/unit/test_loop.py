@@ -256,3 +256,26 @@ def test_a_paused_loop_claims_nothing_even_mid_iteration(factory):
     assert not batch.claims and batch.skipped[0].reason == "paused"
     factory.control.set_paused(False)
     assert factory.ledger.claim(["I-0"]).claims
+
+
+def test_start_loop_clears_only_the_kill_it_saw(factory, monkeypatch):
+    factory.control.set_kill(None, "alice")
+    kick = factory.control.start_run(3, by="start-loop", clear_kill=True)
+    assert kick.started and factory.control.kill_info() is None
+    assert kick.cleared_kill["by"] == "alice"
+    factory.control.end_run(kick.run_id, "finished")
+    # bob kills between start-loop reading the flag and clearing it: bob's kill stands, nothing starts
+    factory.control.set_kill(None, "alice")
+    real_set = factory.r.set
+
+    def set_then_bob_kills(*a, **kw):
+        out = real_set(*a, **kw)
+        if a and a[0] == factory.keys.loop_lease:
+            factory.r.hset(factory.keys.kill, mapping={"by": "bob", "at_ms": "1", "run_id": "", "reason": "x"})
+        return out
+
+    monkeypatch.setattr(factory.r, "set", set_then_bob_kills)
+    kick = factory.control.start_run(3, by="start-loop", clear_kill=True)
+    assert not kick.started and "killed again" in kick.reason
+    assert factory.control.kill_info()["by"] == "bob"
+    assert factory.control.lease_holder() is None
