@@ -105,7 +105,7 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_init.connect
 def on_worker_process_init(**_: Any) -> None:
     """A pool process dies with its worker (even by SIGKILL), and so, through PDEATHSIG, do its agents."""
-    from .agents.command import die_with_parent
+    from .agents.process import die_with_parent
 
     die_with_parent()
 

@@ -7,7 +7,8 @@ Safety rules (issue text is untrusted input):
 * The dispatch token travels in the environment (``FACTORY_DISPATCH_TOKEN``), never in argv.
 
 Supervision: the agent gets its own session and process group (``pgid == pid``) and, on Linux,
-``PR_SET_PDEATHSIG(SIGKILL)``, so it dies with the thread that started it even if the worker is SIGKILLed;
+``PR_SET_PDEATHSIG(SIGKILL)`` (see :mod:`.process`), so it dies with the thread that started it even if the
+worker is SIGKILLed;
 ``run()`` must therefore be called from the thread that stays to supervise it. The supervising loop polls
 for exit without reaping (``waitid(WNOWAIT)``) so the group id cannot be recycled before the group is
 signalled, renews the claim every ``renew_interval_s``, polls ``should_stop()`` and enforces the timeout.
@@ -18,20 +19,15 @@ group: that is out of reach without cgroups).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import time
-import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -40,10 +36,10 @@ from ..config import AgentSettings
 from ..scripts import StaleClaimError
 from ..sources.base import Issue
 from .base import AgentResult, Dispatch
+from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 _PLACEHOLDER = re.compile(r"\{(id|title)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _POLL_S = 0.02  # how often the leader's exit is checked between ticks
@@ -63,40 +59,6 @@ def safe_name(text: str, limit: int = 80) -> str:
     return cleaned
 
 
-@functools.lru_cache(maxsize=None)
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, resolved in the parent so the forked child only makes the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError) as exc:
-        log.warning("prctl unavailable (%s): agents will not die with their worker", exc)
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-@functools.lru_cache(maxsize=None)
-def _setpriv() -> str | None:
-    """util-linux ``setpriv`` when it supports ``--pdeathsig`` (Linux), else None.
-
-    Setting PDEATHSIG through ``setpriv`` lets Python start the agent with vfork: a ``preexec_fn`` forces a
-    full fork, which costs ~6 ms in a worker-sized process against ~1.5 ms this way.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    path = shutil.which("setpriv")
-    if path is None:
-        return None
-    try:
-        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if "--pdeathsig" in helptext else None
-
-
 #: factory_worker's own settings (credentials among them) are not the agent's business.
 _SETTINGS_ENV = ("FACTORY_REDIS_URL", "FACTORY_BROKER_URL", "FACTORY_NAMESPACE", "FACTORY_CONFIG")
 
@@ -105,115 +67,6 @@ def agent_env(environ: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
     """The worker's environment minus factory_worker's settings (``FACTORY_X__Y`` and the URLs)."""
     return {k: v for k, v in environ.items()
             if not (k in _SETTINGS_ENV or (k.startswith("FACTORY_") and "__" in k))}
-
-
-def launch(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """The argv to exec and the preexec_fn that make the agent die with its supervisor (PDEATHSIG)."""
-    if shutil.which(argv[0]) is None:
-        raise FileNotFoundError(2, "No such file or directory (or not executable)", argv[0])
-    setpriv = _setpriv()
-    if setpriv is not None:
-        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
-    return argv, _preexec()
-
-
-def _preexec() -> Callable[[], None] | None:
-    """A preexec_fn setting PR_SET_PDEATHSIG(SIGKILL); closes the race where the parent died first."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent, sigkill = os.getpid(), int(signal.SIGKILL)
-
-    def child() -> None:
-        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: die now, as PDEATHSIG would have
-            os.kill(os.getpid(), sigkill)
-
-    return child
-
-
-def die_with_parent() -> bool:
-    """Make the calling process get SIGKILL when its parent dies (Linux); returns whether it is set."""
-    prctl = _prctl()
-    if prctl is None:
-        return False
-    parent = os.getppid()
-    prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:  # parent already gone
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
-
-
-def _pidfd(proc: subprocess.Popen) -> int | None:
-    """A pidfd for ``proc`` (Linux >= 5.3), opened once and closed with the process object."""
-    fd = getattr(proc, "_factory_pidfd", None)
-    if fd is None and hasattr(os, "pidfd_open"):
-        try:
-            fd = os.pidfd_open(proc.pid)
-        except OSError:
-            fd = -1
-        proc._factory_pidfd = fd  # type: ignore[attr-defined]
-        if fd >= 0:
-            weakref.finalize(proc, os.close, fd)
-    return fd if fd is not None and fd >= 0 else None
-
-
-def _exit_state(proc: subprocess.Popen) -> str:
-    """``running``, ``exited`` (a zombie, not reaped: its pid/pgid stay reserved) or ``lost``."""
-    if proc.returncode is not None:
-        return "exited"
-    if not hasattr(os, "waitid"):
-        return "running" if proc.poll() is None else "exited"
-    try:
-        found = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:  # reaped by someone else: the exit status is gone
-        return "lost"
-    return "running" if found is None else "exited"
-
-
-def _live_member(pgid: int) -> bool:
-    """Is any non-zombie process in group ``pgid``? (Linux /proc; elsewhere assume yes.)"""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()  # state ppid pgrp ...
-        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def group_alive(pgid: int) -> bool:
-    """Does process group ``pgid`` still have a running (non-zombie) member?"""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _live_member(pgid) if sys.platform.startswith("linux") else True
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class CommandAgent:
@@ -329,10 +182,10 @@ class CommandAgent:
     @staticmethod
     def _wait(proc: subprocess.Popen, seconds: float) -> str:
         deadline = time.monotonic() + seconds
-        pidfd = _pidfd(proc)
+        pidfd = pidfd_of(proc)
         nap = 0.001  # without a pidfd: short agents are seen exiting within ms, long ones cost a check per _POLL_S
         while True:
-            state = _exit_state(proc)
+            state = exit_state(proc)
             remaining = deadline - time.monotonic()
             if state != "running" or remaining <= 0:
                 return state
@@ -353,7 +206,7 @@ class CommandAgent:
     def stop_group(self, proc: subprocess.Popen) -> None:
         """SIGTERM the agent's group, wait ``term_grace_s`` for it to go, then SIGKILL; reap the leader."""
         pgid = proc.pid
-        _signal_group(pgid, signal.SIGTERM)  # the leader is running or a zombie: pgid cannot be reused
+        signal_group(pgid, signal.SIGTERM)  # the leader is running or a zombie: pgid cannot be reused
         deadline = time.monotonic() + self.settings.term_grace_s
         while True:
             if proc.poll() is not None and not group_alive(pgid):
@@ -362,7 +215,7 @@ class CommandAgent:
                 break
             time.sleep(_POLL_S)
         log.warning("agent group %d outlived SIGTERM by %gs: SIGKILL", pgid, self.settings.term_grace_s)
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -381,7 +234,7 @@ class CommandAgent:
             elif rc is not None and rc > 0:
                 outcome, error = "failed", f"agent exited with code {rc}"
             else:
-                outcome, error = "signalled", f"agent was killed by signal {_signal_name(-(rc or 0))}"
+                outcome, error = "signalled", f"agent was killed by signal {signal_name(-(rc or 0))}"
         if outcome in ("failed", "signalled", "timeout"):
             error = f"{error} (log: {log_path})"
         duration = time.monotonic() - start

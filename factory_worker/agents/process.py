@@ -1,0 +1,165 @@
+"""Process plumbing for agents: die-with-parent (PDEATHSIG via setpriv or prctl), exit waits, groups.
+
+Linux-first: PDEATHSIG ties an agent's life to the thread that started it; a pidfd reports its exit at
+once without reaping it, so its process group id cannot be reused before the group is signalled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import weakref
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved in the parent so the forked child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError) as exc:
+        log.warning("prctl unavailable (%s): agents will not die with their worker", exc)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _setpriv() -> str | None:
+    """util-linux ``setpriv`` when it supports ``--pdeathsig`` (Linux), else None.
+
+    Setting PDEATHSIG through ``setpriv`` lets Python start the agent with vfork: a ``preexec_fn`` forces a
+    full fork, which costs ~6 ms in a worker-sized process against ~1.5 ms this way.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in helptext else None
+
+
+def launch(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv to exec and the preexec_fn that make the agent die with its supervisor (PDEATHSIG)."""
+    if shutil.which(argv[0]) is None:
+        raise FileNotFoundError(2, "No such file or directory (or not executable)", argv[0])
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    return argv, _preexec()
+
+
+def _preexec() -> Callable[[], None] | None:
+    """A preexec_fn setting PR_SET_PDEATHSIG(SIGKILL); closes the race where the parent died first."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent, sigkill = os.getpid(), int(signal.SIGKILL)
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: die now, as PDEATHSIG would have
+            os.kill(os.getpid(), sigkill)
+
+    return child
+
+
+def die_with_parent() -> bool:
+    """Make the calling process get SIGKILL when its parent dies (Linux); returns whether it is set."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    parent = os.getppid()
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # parent already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def pidfd_of(proc: subprocess.Popen) -> int | None:
+    """A pidfd for ``proc`` (Linux >= 5.3), opened once and closed with the process object."""
+    fd = getattr(proc, "_factory_pidfd", None)
+    if fd is None and hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:
+            fd = -1
+        proc._factory_pidfd = fd  # type: ignore[attr-defined]
+        if fd >= 0:
+            weakref.finalize(proc, os.close, fd)
+    return fd if fd is not None and fd >= 0 else None
+
+
+def exit_state(proc: subprocess.Popen) -> str:
+    """``running``, ``exited`` (a zombie, not reaped: its pid/pgid stay reserved) or ``lost``."""
+    if proc.returncode is not None:
+        return "exited"
+    if not hasattr(os, "waitid"):
+        return "running" if proc.poll() is None else "exited"
+    try:
+        found = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped by someone else: the exit status is gone
+        return "lost"
+    return "running" if found is None else "exited"
+
+
+def live_member(pgid: int) -> bool:
+    """Is any non-zombie process in group ``pgid``? (Linux /proc; elsewhere assume yes.)"""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()  # state ppid pgrp ...
+        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """Does process group ``pgid`` still have a running (non-zombie) member?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return live_member(pgid) if sys.platform.startswith("linux") else True
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
