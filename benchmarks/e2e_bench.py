@@ -27,35 +27,24 @@ This is a script that prints figures, not a test: nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse, urlunparse
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _harness import (PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv, drop_namespace, emit,
+                      issue_line, make_parser, make_say, percentile, run_session, wait_count, wait_for, worker_argv)
+from _harness import factory_env as harness_factory_env
 
-import redis  # noqa: E402
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
 
 from factory_worker.config import DispatchSettings  # noqa: E402
-from factory_worker.embedded import RedisServer  # noqa: E402
 from factory_worker.keys import Keys  # noqa: E402
 from factory_worker.ledger import Ledger  # noqa: E402
 
-PY = sys.executable
-FACTORY_QUEUES = "factory.loop,factory.agents"
 POLL_S = 0.02
 
 PLAIN_APP = '''
@@ -93,100 +82,7 @@ with open(os.environ["BENCH_LATENCY_OUT"], "a") as fh:
 '''
 
 
-def say(msg: str) -> None:
-    print(f"[e2e_bench] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Proc:
-    """A subprocess in its own session (pgid == pid) logging to a file; stop() kills the whole group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path,
-                 ready_needle: str) -> None:
-        self.name, self.needle = name, ready_needle
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        return self.needle in self.log()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever is left of the group (pool processes, agents): SIGKILL
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-
-class Group:
-    """Processes started together, stopped together (SIGTERM all, then wait, then SIGKILL each group)."""
-
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
-
-    def add(self, p: Proc) -> Proc:
-        self.procs.append(p)
-        return p
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        for p in self.procs:
-            wait_for(p.ready, timeout, f"{p.name} to be ready")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.stop()
-        self.procs.clear()
-
-    def tails(self, n: int = 2000) -> str:
-        return "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log()[-n:]}" for p in self.procs)
-
-
-def base_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FACTORY_", "BENCH_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+say = make_say("e2e_bench")
 
 
 def with_db(url: str, db: int) -> str:
@@ -199,53 +95,29 @@ def url_db(url: str) -> int:
     return int(path) if path.isdigit() else 0
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 # -- factory ---------------------------------------------------------------------------------------------
 def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], interval_s: float,
                 max_iterations: int, max_in_flight: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        "FACTORY_REDIS_URL": redis_url,
-        "FACTORY_NAMESPACE": namespace,
+    return harness_factory_env(redis_url, namespace, work, agent, {
         "FACTORY_LOOP__INTERVAL_S": str(interval_s),
         "FACTORY_LOOP__STALE_AFTER_S": str(max(5.0, interval_s * 5)),
         "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
         "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(max_in_flight),
         "FACTORY_DISPATCH__LEASE_TTL_S": "30",
         "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
-        "FACTORY_SOURCE__KIND": "file",
-        "FACTORY_SOURCE__PATH": str(work / "issues.jsonl"),
-        "FACTORY_AGENT__COMMAND": json.dumps(agent),
-        "FACTORY_AGENT__LOG_DIR": str(work / "agent-logs"),
         "FACTORY_AGENT__TERM_GRACE_S": "1",
         "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    env.update(extra or {})
-    return base_env(env)
+        **(extra or {}),
+    })
 
 
 def start_factory(group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int,
                   beat: bool = True) -> None:
     for i in range(workers):
         name = f"fw{i + 1}"
-        argv = [PY, "-m", "celery", "-A", "factory_worker", "worker", "-l", "INFO", "-n", f"{name}@%h",
-                "-Q", FACTORY_QUEUES, "-c", str(concurrency), "-P", "prefork", "--without-mingle",
-                "--without-gossip"]
-        group.add(Proc(name, argv, env, work, ROOT, "ready."))
+        group.add(Proc(name, worker_argv(name, concurrency), env, work, "ready."))
     if beat:
-        argv = [PY, "-m", "celery", "-A", "factory_worker", "beat", "-l", "INFO",
-                "--schedule", str(work / "beat-schedule")]
-        group.add(Proc("beat", argv, env, work, ROOT, "beat: Starting"))
+        group.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
     group.wait_ready()
 
 
@@ -254,10 +126,6 @@ def set_paused(r: redis.Redis, keys: Keys, paused: bool) -> None:
         r.hset(keys.paused, mapping={"by": "e2e_bench", "at_ms": int(time.time() * 1000)})
     else:
         r.delete(keys.paused)
-
-
-def issue_line(issue_id: str) -> str:
-    return json.dumps({"id": issue_id, "title": f"bench {issue_id}", "state": "ready"}) + "\n"
 
 
 def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float) -> dict:
@@ -285,22 +153,22 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
         set_paused(r, keys, False)
         sender.send_task("factory.loop.kickoff", kwargs={"by": "e2e_bench"}, queue="factory.loop")
         first_done = None
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def done_count() -> int:
+            nonlocal first_done
             done = ledger.gauges()["done"]
             if done and first_done is None:
                 first_done = time.perf_counter() - t0
-            if done >= n:
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"factory: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}")
-            time.sleep(POLL_S)
+            return done
+
+        wait_count(done_count, n, timeout, lambda done: f"factory: only {done}/{n} done after {timeout:.0f}s\n"
+                                                       f"{group.tails()}", POLL_S)
         elapsed = time.perf_counter() - t0
         counters = r.hgetall(keys.counters)
         sender.close()
     finally:
         group.stop()
-        _drop_namespace(r, keys)
+        drop_namespace(r, keys)
         r.close()
     return {
         "elapsed_s": elapsed,
@@ -308,15 +176,6 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
         "first_done_s": first_done,
         "counters": {k: int(v) for k, v in counters.items() if v.lstrip("-").isdigit()},
     }
-
-
-def _drop_namespace(r: redis.Redis, keys: Keys) -> None:
-    try:
-        batch = list(r.scan_iter(match=keys.prefix.replace("{", "\\{").replace("}", "\\}") + ":*", count=1000))
-        for i in range(0, len(batch), 500):
-            r.delete(*batch[i:i + 500])
-    except redis.RedisError:
-        pass
 
 
 # -- plain Celery -------------------------------------------------------------------------------------------
@@ -336,9 +195,8 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
         say(f"plain celery: starting {workers} workers -c {concurrency} (broker {broker}, queue {queue})")
         for i in range(workers):
             name = f"pw{i + 1}"
-            argv = [PY, "-m", "celery", "-A", "bench_plain_app", "worker", "-l", "INFO", "-n", f"{name}@%h",
-                    "-Q", queue, "-c", str(concurrency), "-P", "prefork", "--without-mingle", "--without-gossip"]
-            group.add(Proc(name, argv, env, work, work, "ready."))
+            argv = worker_argv(name, concurrency, app="bench_plain_app", queues=queue)
+            group.add(Proc(name, argv, env, work, "ready.", cwd=work))
         group.wait_ready()
         from celery import Celery
 
@@ -348,14 +206,8 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
         t0 = time.perf_counter()
         for _i in range(n):
             sender.send_task("bench.plain.run_true", queue=queue)
-        deadline = time.monotonic() + timeout
-        while True:
-            done = int(r.get(counter) or 0)
-            if done >= n:
-                break
-            if time.monotonic() > deadline:
-                raise BenchError(f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}")
-            time.sleep(POLL_S)
+        wait_count(lambda: int(r.get(counter) or 0), n, timeout,
+                   lambda done: f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}", POLL_S)
         elapsed = time.perf_counter() - t0
         sender.close()
     finally:
@@ -422,7 +274,7 @@ def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurren
         started = starts()
     finally:
         group.stop()
-        _drop_namespace(r, keys)
+        drop_namespace(r, keys)
         r.close()
     lat = [started[i] - ready_at[i] for i in ready_at if i in started]
     return {
@@ -438,9 +290,7 @@ def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurren
 
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=textwrap.dedent(__doc__.split("\n\n", 1)[1]))
+    ap = make_parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--n", type=int, default=200, help="issues (phase a) and tasks (phase b); default 200")
     ap.add_argument("--latency-n", type=int, default=30, help="issues appended in phase c; default 30")
@@ -456,25 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds; default 120")
     ap.add_argument("--skip", choices=("factory", "plain", "latency"), action="append", default=[],
                     help="skip a phase (repeatable)")
-    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) and print its path")
+    add_keep_tmp(ap)
     args = ap.parse_args(argv)
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="factory-e2e-bench-"))
-    server: RedisServer | None = None
     results: dict = {}
-    t_start = time.perf_counter()
-    try:
-        if args.redis_url:
-            redis_url = args.redis_url
-        else:
-            server = RedisServer(tmp / "redis")
-            server.start()
-            redis_url = server.url
-            say(f"redis-server on {redis_url}")
+
+    def phases(tmp: Path, redis_url: str) -> None:
         if "factory" not in args.skip:
             results["factory"] = bench_factory(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
         if "plain" not in args.skip:
@@ -483,19 +320,11 @@ def main(argv: list[str] | None = None) -> int:
             results["latency"] = bench_latency(redis_url, tmp, args.latency_n, args.workers, args.concurrency,
                                                args.latency_max_iterations, args.latency_gap[0],
                                                args.latency_gap[1], args.seed, args.timeout)
-    except BenchError as exc:
-        print(f"e2e_bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("e2e_bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if server is not None:
-            server.stop()
-        if args.keep_tmp:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    t_start = time.perf_counter()
+    code = run_session("e2e_bench", "factory-e2e-bench-", args.keep_tmp, phases, args.redis_url)
+    if code:
+        return code
 
     f, p, lat = results.get("factory"), results.get("plain"), results.get("latency")
     summary: dict = {
@@ -519,29 +348,29 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
-          f"(wall {summary['wall_s']} s)")
-    if f:
-        c = f["counters"]
-        print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
-              f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
-              f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
-    if p:
-        print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
-              f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
-    if f and p:
-        ratio = summary["ratio"]
-        verdict = "meets" if ratio >= 0.7 else "below"
-        print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
-    if lat:
-        print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
-              f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
-        print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
-              f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
-    return 0
+
+    def human() -> None:
+        print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
+              f"(wall {summary['wall_s']} s)")
+        if f:
+            c = f["counters"]
+            print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
+                  f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
+                  f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
+        if p:
+            print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
+                  f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
+        if f and p:
+            ratio = summary["ratio"]
+            verdict = "meets" if ratio >= 0.7 else "below"
+            print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
+        if lat:
+            print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
+                  f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
+            print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
+                  f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
+
+    return emit(summary, args.json, human)
 
 
 if __name__ == "__main__":

@@ -36,37 +36,30 @@ This is a script that prints figures, not a test: nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _harness import (PY, ROOT, BenchError, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit,
+                      make_parser, make_say, run_session, stats, wait_for, worker_argv)
+from _harness import factory_env as harness_factory_env
+from _harness import issue_line as harness_issue_line
 
-import redis  # noqa: E402
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
 
 from factory_worker.config import load_settings  # noqa: E402
-from factory_worker.embedded import RedisServer  # noqa: E402
 from factory_worker.keys import Keys  # noqa: E402
 from factory_worker.ledger import Ledger  # noqa: E402
 
-PY = sys.executable
-FACTORY_QUEUES = "factory.loop,factory.agents"
 KILL_TARGET_S = 1.0
 
 #: The phase (a) source: the file source plus a fixed cost per poll, so each iteration takes a while.
@@ -103,22 +96,7 @@ _LOG_END = re.compile(_LOG_TS + r"(?:Task (factory\.loop\.\w+)\[([^\]]+)\] (succ
                       r"|Discarding revoked task: (factory\.loop\.\w+)\[([^\]]+)\])", re.M)
 
 
-def say(msg: str) -> None:
-    print(f"[kill_bench] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+say = make_say("kill_bench")
 
 
 def pid_alive(pid: int) -> bool:
@@ -140,101 +118,21 @@ def _cell(v: object) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"median": None, "min": None, "max": None}
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3)}
-
-
-# -- processes -----------------------------------------------------------------------------------------
-class Proc:
-    """A subprocess in its own session (pgid == pid) logging to a file; stop() kills the whole group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, ready_needle: str) -> None:
-        self.name, self.needle = name, ready_needle
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-        return self.needle in self.log()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever is left of the group (pool processes, agents): SIGKILL
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-
-def worker_argv(name: str, concurrency: int) -> list[str]:
-    return [PY, "-m", "celery", "-A", "factory_worker", "worker", "-l", "INFO", "-n", f"{name}@%h",
-            "-Q", FACTORY_QUEUES, "-c", str(concurrency), "-P", "prefork", "--without-mingle", "--without-gossip"]
-
-
-def beat_argv(work: Path) -> list[str]:
-    return [PY, "-m", "celery", "-A", "factory_worker", "beat", "-l", "INFO", "--schedule", str(work / "beat-schedule")]
-
-
-def base_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FACTORY_", "KILL_BENCH_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
+# -- environment and ctl ---------------------------------------------------------------------------------
 def factory_env(redis_url: str, namespace: str, work: Path, extra: dict[str, str]) -> dict[str, str]:
     agent = work / "agent.py"
     agent.write_text(AGENT)
     (work / "pids").mkdir(exist_ok=True)
     (work / "issues.jsonl").touch()
-    env = {
-        "FACTORY_REDIS_URL": redis_url,
-        "FACTORY_NAMESPACE": namespace,
+    return harness_factory_env(redis_url, namespace, work, [PY, "-S", str(agent), "{id}"], {
         "FACTORY_LOOP__INTERVAL_S": "1",
         "FACTORY_LOOP__STALE_AFTER_S": "10",
         "FACTORY_LOOP__MAX_ITERATIONS": "3",
         "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
         "FACTORY_DISPATCH__LEASE_TTL_S": "10",
-        "FACTORY_SOURCE__KIND": "file",
-        "FACTORY_SOURCE__PATH": str(work / "issues.jsonl"),
-        "FACTORY_AGENT__COMMAND": json.dumps([PY, "-S", str(agent), "{id}"]),
-        "FACTORY_AGENT__LOG_DIR": str(work / "agent-logs"),
         "KILL_BENCH_PIDS": str(work / "pids"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(work), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    }
-    env.update(extra)
-    return base_env(env)
+        **extra,
+    }, path=(work,))
 
 
 def ctl(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float, float]:
@@ -257,16 +155,7 @@ def ctl_json(env: dict[str, str], *args: str, ok: tuple[int, ...] = (0,)) -> tup
 
 
 def issue_line(issue_id: str) -> str:
-    return json.dumps({"id": issue_id, "title": f"kill bench {issue_id}", "state": "ready"}) + "\n"
-
-
-def drop_namespace(r: redis.Redis, keys: Keys) -> None:
-    try:
-        batch = list(r.scan_iter(match=keys.prefix.replace("{", "\\{").replace("}", "\\}") + ":*", count=1000))
-        for i in range(0, len(batch), 500):
-            r.delete(*batch[i:i + 500])
-    except redis.RedisError:
-        pass
+    return harness_issue_line(issue_id, "kill bench")
 
 
 # -- task events -----------------------------------------------------------------------------------------
@@ -362,20 +251,18 @@ def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, 
     r.hset(keys.kill, mapping={"run_id": "", "by": "kill_bench", "at_ms": int(time.time() * 1000),
                                "reason": "kill_bench set-up"})
     tap = EventTap(redis_url).start()
-    procs: list[Proc] = []
+    procs = Group()
     rows: list[dict[str, Any]] = []
     try:
         say(f"kill: starting 1 worker -c 4 + beat (namespace {namespace}, {max_iterations} iterations/run, "
             f"{iteration_cost_s:g} s per iteration, agent {agent_sleep_s:g} s)")
-        procs.append(Proc("w1", worker_argv("w1", 4), env, work, "ready."))
-        procs.append(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
-        for p in procs:
-            wait_for(p.ready, 60, f"{p.name} to be ready")
+        worker = procs.add(Proc("w1", worker_argv("w1", 4), env, work, "ready."))
+        procs.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
+        procs.wait_ready(60)
         try:
             wait_for(tap.seen_worker, 10, "the first Celery event")
         except BenchError:
             say(f"kill: no Celery event seen ({tap.error or 'receiver silent'}): falling back to the worker log")
-        worker = procs[0]
         for trial in range(trials):
             with open(work / "issues.jsonl", "a") as fh:
                 fh.write("".join(issue_line(f"K-{trial:02d}-{n}") for n in range(issues_per_trial)))
@@ -439,10 +326,7 @@ def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, 
                 f"status {row['run_status']}, via {row['source']})")
         counters = r.hgetall(keys.counters)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.stop()
+        procs.stop()
         tap.stop()
         drop_namespace(r, keys)
         r.close()
@@ -547,9 +431,7 @@ def bench_term(redis_url: str, tmp: Path, trials: int, soft_shutdown_s: float, c
 
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=textwrap.dedent(__doc__.split("\n\n", 1)[1]))
+    ap = make_parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--trials", type=int, default=10, help="kill-loop trials (phase a); default 10")
     ap.add_argument("--iteration-cost-s", type=float, default=0.1,
@@ -564,40 +446,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="FACTORY_WORKER__SOFT_SHUTDOWN_S in phase b; default 5")
     ap.add_argument("--term-concurrency", type=int, default=1, help="-c of the phase b worker; default 1")
     ap.add_argument("--skip", choices=("kill", "term"), action="append", default=[], help="skip a phase (repeatable)")
-    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs) and print its path")
+    add_keep_tmp(ap)
     args = ap.parse_args(argv)
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    tmp = Path(tempfile.mkdtemp(prefix="factory-kill-bench-"))
-    server: RedisServer | None = None
     results: dict = {}
-    t_start = time.perf_counter()
-    try:
-        server = RedisServer(tmp / "redis")
-        server.start()
-        say(f"redis-server on {server.url}")
+
+    def phases(tmp: Path, redis_url: str) -> None:
         if "kill" not in args.skip:
-            results["kill"] = bench_kill(server.url, tmp, args.trials, args.iteration_cost_s, args.agent_sleep_s,
+            results["kill"] = bench_kill(redis_url, tmp, args.trials, args.iteration_cost_s, args.agent_sleep_s,
                                          args.issues_per_trial, args.settle_s, args.max_iterations)
         if "term" not in args.skip:
-            results["term"] = bench_term(server.url, tmp, args.term_trials, args.soft_shutdown_s,
+            results["term"] = bench_term(redis_url, tmp, args.term_trials, args.soft_shutdown_s,
                                          args.term_concurrency)
-    except BenchError as exc:
-        print(f"kill_bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kill_bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if server is not None:
-            server.stop()
-        if args.keep_tmp:
-            say(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    t_start = time.perf_counter()
+    code = run_session("kill_bench", "factory-kill-bench-", args.keep_tmp, phases)
+    if code:
+        return code
 
     k, t = results.get("kill"), results.get("term")
     summary: dict = {
@@ -625,41 +490,41 @@ def main(argv: list[str] | None = None) -> int:
         "details": results,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"kill/teardown benchmark: one redis-server, wall {summary['wall_s']} s")
-    if k:
-        print(f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
-              f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):")
-        print(f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
-              f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)")
-        print(f"      after kill-loop started       {fmt(k['kill_effect_from_start_s'])}")
-        print(f"      after kill-loop set the flag  {fmt(k['kill_effect_from_flag_s'])}   (signed)")
-        print(f"      kill-loop command duration    {fmt(k['kill_cmd_s'])}")
-        cols = [("trial", "trial", 5), ("effect_s", "kill_effect_s", 8), ("signed_s", "kill_effect_signed_s", 8),
-                ("start_s", "kill_effect_from_start_s", 7), ("flag_s", "kill_effect_from_flag_s", 7),
-                ("cmd_s", "kill_cmd_s", 6), ("ends>t0", "loop_task_ends_after_kill", 7),
-                ("revoked", "revoked_events", 7), ("iters", "iterations_done_final", 5),
-                ("status", "run_status", 7), ("via", "source", 6)]
-        print("      " + " ".join(f"{h:>{w}}" for h, _, w in cols))
-        for x in k["trials"]:
-            print("      " + " ".join(f"{_cell(x[key]):>{w}}" for _, key, w in cols))
-    if t:
-        n = len(t["trials"])
-        print(f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, "
-              f"{n} trials:")
-        print(f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
-              f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)")
-        print(f"      SIGTERM -> agent gone         {fmt(t['agent_gone_s'])}")
-        print(f"      agent gone -> worker exit     {fmt(t['exit_after_agent_gone_s'])}")
-        print(f"      agents gone at worker exit {t['agents_gone']}/{n}, claims released {t['claims_released']}/{n}, "
-              f"attempts counted {t['attempts_counted']}/{n}")
-        for x in t["trials"]:
-            print(f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, agent "
-                  f"gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
-                  f"worker key left {x['worker_key_left']}")
-    return 0
+
+    def human() -> None:
+        print(f"kill/teardown benchmark: one redis-server, wall {summary['wall_s']} s")
+        if k:
+            print(f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
+                  f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):")
+            print(f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
+                  f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)")
+            print(f"      after kill-loop started       {fmt(k['kill_effect_from_start_s'])}")
+            print(f"      after kill-loop set the flag  {fmt(k['kill_effect_from_flag_s'])}   (signed)")
+            print(f"      kill-loop command duration    {fmt(k['kill_cmd_s'])}")
+            cols = [("trial", "trial", 5), ("effect_s", "kill_effect_s", 8), ("signed_s", "kill_effect_signed_s", 8),
+                    ("start_s", "kill_effect_from_start_s", 7), ("flag_s", "kill_effect_from_flag_s", 7),
+                    ("cmd_s", "kill_cmd_s", 6), ("ends>t0", "loop_task_ends_after_kill", 7),
+                    ("revoked", "revoked_events", 7), ("iters", "iterations_done_final", 5),
+                    ("status", "run_status", 7), ("via", "source", 6)]
+            print("      " + " ".join(f"{h:>{w}}" for h, _, w in cols))
+            for x in k["trials"]:
+                print("      " + " ".join(f"{_cell(x[key]):>{w}}" for _, key, w in cols))
+        if t:
+            n = len(t["trials"])
+            print(f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, "
+                  f"{n} trials:")
+            print(f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
+                  f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)")
+            print(f"      SIGTERM -> agent gone         {fmt(t['agent_gone_s'])}")
+            print(f"      agent gone -> worker exit     {fmt(t['exit_after_agent_gone_s'])}")
+            print(f"      agents gone at worker exit {t['agents_gone']}/{n}, "
+                  f"claims released {t['claims_released']}/{n}, attempts counted {t['attempts_counted']}/{n}")
+            for x in t["trials"]:
+                print(f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, "
+                      f"agent gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
+                      f"worker key left {x['worker_key_left']}")
+
+    return emit(summary, args.json, human)
 
 
 if __name__ == "__main__":

@@ -23,24 +23,18 @@ flushes a database it did not start), so point it at an otherwise idle Redis for
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
-import redis
+from _harness import emit, make_parser, session, unlink_matching
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
-    sys.path.insert(0, str(ROOT))
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
 
 from factory_worker.config import load_settings  # noqa: E402
-from factory_worker.embedded import RedisServer  # noqa: E402
 from factory_worker.keys import Keys  # noqa: E402
 from factory_worker.ledger import Ledger  # noqa: E402
 
@@ -70,14 +64,7 @@ class Bench:
             self.r.flushall()
         else:
             for pattern in (self.keys.pattern(), self.prefix + ":*"):
-                batch = []
-                for key in self.r.scan_iter(match=pattern, count=1000):
-                    batch.append(key)
-                    if len(batch) >= 1000:
-                        self.r.unlink(*batch)
-                        batch = []
-                if batch:
-                    self.r.unlink(*batch)
+                unlink_matching(self.r, pattern)
         self.r.ping()
 
     def best(self, phase: Callable[[], int], repeat: int) -> tuple[float, int]:
@@ -163,55 +150,49 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    server: RedisServer | None = None
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if args.redis_url:
-        client = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_timeout=60)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="ledger-bench-")
-        server = RedisServer(Path(tmp.name)).start()
-        client = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True, socket_timeout=60)
-    try:
-        bench = Bench(client, owns_server=server is not None, n=args.n, batch=args.batch)
-        bench.warm_up()
-        batched, n_batched = bench.best(bench.batched, args.repeat)
-        per_item, n_per_item = bench.best(bench.per_item, args.repeat)
-        raw, n_raw = bench.best(bench.raw, args.repeat)
-        for name, count in (("batched", n_batched), ("per-item", n_per_item), ("raw", n_raw)):
-            if count != args.n:
-                raise RuntimeError(f"{name} phase gated {count} of {args.n} issues (database not empty?)")
-        mem = bench.done_memory(args.done_n, args.threads) if args.done_n > 0 else {}
-        info = client.info("server")
-        result: dict[str, Any] = {
-            "n": args.n,
-            "batch": args.batch,
-            "repeat": args.repeat,
-            "batched_claims_per_s": round(batched),
-            "per_item_claims_per_s": round(per_item),
-            "raw_ceiling_ops_per_s": round(raw),
-            "speedup_vs_per_item": round(batched / per_item, 2),
-            "fraction_of_ceiling": round(batched / raw, 3),
-            **mem,
-            "redis_version": info.get("redis_version"),
-            "redis_url": args.redis_url or f"embedded ({server.url if server else ''})",
-            "python": platform.python_version(),
-            "hiredis": _has_hiredis(),
-            "targets": TARGETS,
-        }
-        result["targets_met"] = {
-            "speedup_vs_per_item": result["speedup_vs_per_item"] >= TARGETS["speedup_vs_per_item"],
-            "fraction_of_ceiling": result["fraction_of_ceiling"] >= TARGETS["fraction_of_ceiling"],
-        }
-        if mem:
-            result["targets_met"]["done_marker_bytes_per_issue"] = (
-                mem["done_marker_bytes_per_issue"] <= TARGETS["done_marker_bytes_per_issue"])
-        return result
-    finally:
-        client.close()
-        if server is not None:
-            server.stop()
-        if tmp is not None:
-            tmp.cleanup()
+    with session("ledger-bench-", redis_url=args.redis_url) as (_tmp, redis_url):
+        client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=60)
+        try:
+            return measure(args, client, redis_url)
+        finally:
+            client.close()
+
+
+def measure(args: argparse.Namespace, client: redis.Redis, redis_url: str) -> dict[str, Any]:
+    bench = Bench(client, owns_server=not args.redis_url, n=args.n, batch=args.batch)
+    bench.warm_up()
+    batched, n_batched = bench.best(bench.batched, args.repeat)
+    per_item, n_per_item = bench.best(bench.per_item, args.repeat)
+    raw, n_raw = bench.best(bench.raw, args.repeat)
+    for name, count in (("batched", n_batched), ("per-item", n_per_item), ("raw", n_raw)):
+        if count != args.n:
+            raise RuntimeError(f"{name} phase gated {count} of {args.n} issues (database not empty?)")
+    mem = bench.done_memory(args.done_n, args.threads) if args.done_n > 0 else {}
+    info = client.info("server")
+    result: dict[str, Any] = {
+        "n": args.n,
+        "batch": args.batch,
+        "repeat": args.repeat,
+        "batched_claims_per_s": round(batched),
+        "per_item_claims_per_s": round(per_item),
+        "raw_ceiling_ops_per_s": round(raw),
+        "speedup_vs_per_item": round(batched / per_item, 2),
+        "fraction_of_ceiling": round(batched / raw, 3),
+        **mem,
+        "redis_version": info.get("redis_version"),
+        "redis_url": args.redis_url or f"embedded ({redis_url})",
+        "python": platform.python_version(),
+        "hiredis": _has_hiredis(),
+        "targets": TARGETS,
+    }
+    result["targets_met"] = {
+        "speedup_vs_per_item": result["speedup_vs_per_item"] >= TARGETS["speedup_vs_per_item"],
+        "fraction_of_ceiling": result["fraction_of_ceiling"] >= TARGETS["fraction_of_ceiling"],
+    }
+    if mem:
+        result["targets_met"]["done_marker_bytes_per_issue"] = (
+            mem["done_marker_bytes_per_issue"] <= TARGETS["done_marker_bytes_per_issue"])
+    return result
 
 
 def _has_hiredis() -> bool:
@@ -258,8 +239,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = make_parser(__doc__, epilog=False)
     ap.add_argument("--redis-url", help="an idle Redis to use (default: start a redis-server in a temp dir)")
     ap.add_argument("--n", type=int, default=10_000, help="candidate issues per phase (default 10000)")
     ap.add_argument("--batch", type=int, default=1000, help="issues per Ledger.claim / pipeline (default 1000)")
@@ -276,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except (redis.RedisError, RuntimeError, OSError) as exc:
         print(f"ledger_bench: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    print(json.dumps(res) if args.json else table(res))
-    return 0
+    return emit(res, args.json, lambda: print(table(res)))
 
 
 if __name__ == "__main__":
