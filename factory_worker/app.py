@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 
 import beat_schedule
 
+from .compat import patch_kombu_restore_unacked
 from .config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
+    patch_kombu_restore_unacked()
     if settings is None:
         try:
             settings = load_settings()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RUN_RECORD_TTL_S = 7 * 24 * 3600
 REVOKED_TTL_S = 24 * 3600
 
+
 def who() -> str:
     """``user@host:pid`` of the operator (or process) acting."""
     try:
@@ -132,9 +133,8 @@ class LoopControl:
         are generated up front: ``iter-0..n-1`` then ``finish``.
         """
         n = max_iterations or self.settings.loop.max_iterations
-        seen_kill = self.kill_info() if clear_kill else None
-        kill = None if clear_kill else self.kill_info()
-        if kill:
+        kill = self.kill_info()
+        if kill and not clear_kill:
             self.count("kickoffs_skipped_killed")
             return Kickoff(False, reason=f"killed by {kill.get('by', '?')}; run start-loop to clear")
         if self.pause_info():
@@ -145,12 +145,11 @@ class LoopControl:
         if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms):
             self.count("kickoffs_skipped_overlap")
             if clear_kill:
-                self._clear_seen_kill(seen_kill)
+                self._clear_seen_kill(kill)
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
-        if clear_kill and not self._clear_seen_kill(seen_kill):
+        if clear_kill and not self._clear_seen_kill(kill):
             self._s["lease_release"](keys=[self.keys.loop_lease], args=[run_id])
             return Kickoff(False, reason="killed again while starting; run start-loop again to clear it")
-        cleared = seen_kill
         previous = self.current_run_id()
         if previous and self.run_status(previous) == "running":  # its chain was lost: end it for the record
             self.end_run(previous, "abandoned", "its chain was lost (a worker died or Redis failed mid-run); "
@@ -168,7 +167,7 @@ class LoopControl:
         p.execute()
         heartbeat.write(self.r, self.keys, run_id, "running", 0, n, self.settings.loop.heartbeat_ttl_s)
         log.info("run %s started by %s (%d iterations)", run_id, by, n)
-        return Kickoff(True, run_id=run_id, task_ids=task_ids, cleared_kill=cleared)
+        return Kickoff(True, run_id=run_id, task_ids=task_ids, cleared_kill=kill if clear_kill else None)
 
     def abandon_start(self, kick: Kickoff, error: str) -> None:
         """The chain could not be sent: end the run, free the lease, and restore a kill start-loop cleared."""
