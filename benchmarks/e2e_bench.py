@@ -35,8 +35,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from _harness import (PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv, drop_namespace, emit,
-                      issue_line, make_parser, make_say, percentile, run_session, wait_count, wait_for, worker_argv)
+from _harness import (FACTORY_QUEUES, PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv,
+                      drop_namespace, emit, issue_line, make_parser, make_say, percentile, run_session, wait_count, wait_for, worker_argv)
 from _harness import factory_env as harness_factory_env
 
 import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
@@ -111,11 +111,19 @@ def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], in
     })
 
 
+#: --loop-worker: a dedicated loop worker (-Q factory.loop -c 1) beside agent-only workers, as deployed
+LOOP_WORKER = False
+
+
 def start_factory(group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int,
                   beat: bool = True) -> None:
+    agent_queues = FACTORY_QUEUES
+    if LOOP_WORKER:
+        group.add(Proc("fl", worker_argv("fl", 1, queues="factory.loop"), env, work, "ready."))
+        agent_queues = "factory.agents"
     for i in range(workers):
         name = f"fw{i + 1}"
-        group.add(Proc(name, worker_argv(name, concurrency), env, work, "ready."))
+        group.add(Proc(name, worker_argv(name, concurrency, queues=agent_queues), env, work, "ready."))
     if beat:
         group.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
     group.wait_ready()
@@ -299,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-gap", type=float, nargs=2, default=(0.1, 0.9), metavar=("MIN", "MAX"),
                     help="random pause between two appends in phase c, seconds; default 0.1 0.9")
     ap.add_argument("--workers", type=int, default=2, help="workers per phase; default 2")
+    ap.add_argument("--loop-worker", action="store_true",
+                    help="factory phases: add a dedicated loop worker (-Q factory.loop -c 1), agent workers "
+                         "consume factory.agents only (the deployed layout)")
     ap.add_argument("--concurrency", "-c", type=int, default=4, help="-c of each worker; default 4")
     ap.add_argument("--redis-url", help="use this Redis (db N for factory, db N+1 for plain Celery) instead of "
                                         "starting one; factory's queue names are fixed, so not a production Redis")
@@ -308,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip a phase (repeatable)")
     add_keep_tmp(ap)
     args = ap.parse_args(argv)
+    global LOOP_WORKER
+    LOOP_WORKER = args.loop_worker
 
     results: dict = {}
 
