@@ -36,7 +36,8 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 from _harness import (FACTORY_QUEUES, PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv,
-                      drop_namespace, emit, issue_line, make_parser, make_say, percentile, run_session, wait_count, wait_for, worker_argv)
+                      drop_namespace, emit, issue_line, make_parser, make_say, percentile, run_session, wait_count,
+                      wait_for, worker_argv)
 from _harness import factory_env as harness_factory_env
 
 import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
