@@ -145,11 +145,13 @@ def _settle_once(f: Factory, issue_id: str, token: str, outcome: str, error: str
         return "stale"
 
 
-def _release_quietly(f: Factory, issue_id: str, token: str, reason: str) -> None:
+def _release_quietly(f: Factory, issue_id: str, token: str, reason: str) -> bool:
+    """Release by token; False (and nothing changed) when the token no longer holds the claim."""
     try:
         f.ledger.release(issue_id, token, reason=reason)
+        return True
     except StaleClaimError:
-        pass
+        return False
 
 
 def release_task_claim(f: Factory, task_id: str, reason: str = "interrupted",
@@ -164,8 +166,4 @@ def release_task_claim(f: Factory, task_id: str, reason: str = "interrupted",
         return None
     if only_if_queued and rec.get("state") == "running":
         return None
-    try:
-        f.ledger.release(rec["issue"], rec["token"], reason=reason)
-    except StaleClaimError:
-        return None
-    return rec["issue"]
+    return rec["issue"] if _release_quietly(f, rec["issue"], rec["token"], reason) else None

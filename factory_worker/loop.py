@@ -84,7 +84,7 @@ class Factory:
         return self._source
 
 
-def new_agent_task_id(issue: str) -> str:
+def new_agent_task_id() -> str:
     return f"agent-{uuid.uuid4().hex}"
 
 
@@ -108,7 +108,7 @@ def iterate(f: Factory, send: Sender | None, run_id: str | None = None, dry_run:
     batch = f.ledger.claim(list(issues))
     report.skipped.extend({"issue": s.issue, "reason": s.reason} for s in batch.skipped)
     sent = 0
-    task_ids = [new_agent_task_id(c.issue) for c in batch.claims]
+    task_ids = [new_agent_task_id() for _ in batch.claims]
     try:
         if batch.claims:
             _remember_agent_tasks(f, zip(task_ids, batch.claims), run_id)
@@ -158,14 +158,14 @@ def _remember_agent_tasks(f: Factory, pairs: Iterable[tuple[str, Claim]], run_id
     p.execute()
 
 
-def stop_reason(f: Factory, run_id: str, task_id: str | None) -> str | None:
-    """Why this run must not do anything more (checked first by every iteration), or None."""
+def stop_reason(f: Factory, run: dict[str, Any], task_id: str | None) -> str | None:
+    """Why this run (its record, ``run``) must not do anything more (checked first by every iteration)."""
     kill = f.control.kill_info()
     if kill:
         return f"killed by {kill.get('by', '?')}"
     if f.control.is_revoked(task_id):
         return "revoked"
-    status = f.control.run_status(run_id)
+    status = run.get("status")
     if status != "running":
         return f"run is {status or 'unknown'}"
     return None
@@ -179,11 +179,11 @@ def run_iteration(f: Factory, send: Sender, run_id: str, index: int, task_id: st
     failures end the run (status ``stopping``).
     """
     cfg = f.settings.loop
-    reason = stop_reason(f, run_id, task_id)
+    rec = f.control.run(run_id) or {}
+    reason = stop_reason(f, rec, task_id)
     if reason:
         f.control.end_run(run_id, "killed" if reason.startswith(("killed", "revoked")) else "stopping", reason)
         return IterationReport(run_id=run_id, iteration=index, stopped=reason), False
-    rec = f.control.run(run_id) or {}
     max_it = int(rec.get("max_iterations", cfg.max_iterations))
     gap = cfg.spacing_s(max_it) if index + 1 < max_it else 0.0
     reason = f.control.begin_iteration(run_id, index + 1, max_it, gap)
