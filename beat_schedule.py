@@ -17,6 +17,7 @@ def build(settings: Any) -> dict[str, dict[str, Any]]:
             "schedule": interval,
             "kwargs": {"by": "beat"},
             # A kickoff older than one interval is useless: the next one is already due.
-            "options": {"queue": "factory.loop", "expires": max(1.0, interval)},
+            # (its queue comes from the app's task_routes, like every task's)
+            "options": {"expires": max(1.0, interval)},
         }
     }

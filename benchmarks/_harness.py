@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 import redis  # noqa: E402
 
 from factory_worker.embedded import RedisServer  # noqa: E402
+from harness import pid_alive, wait_until  # noqa: E402,F401  (shared with the test suite)
 
 PY = sys.executable
-FACTORY_QUEUES = "factory.loop,factory.agents"
 #: Variables of the caller's environment that never reach a benchmark's subprocesses.
 STRIPPED_ENV_PREFIXES = ("FACTORY_", "BENCH_", "KILL_BENCH_")
 
@@ -64,13 +64,7 @@ class BenchError(RuntimeError):
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``pred`` every ``interval`` s until it returns something true (returned); BenchError on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return wait_until(pred, timeout, what, interval, error=BenchError)
 
 
 def wait_count(count: Callable[[], int], n: int, timeout: float, failure: Callable[[int], str],
@@ -162,7 +156,14 @@ class Group:
         return "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log()[-n:]}" for p in self.procs)
 
 
-def worker_argv(name: str, concurrency: int, app: str = "factory_worker", queues: str = FACTORY_QUEUES) -> list[str]:
+def factory_queues(env: dict[str, str], which: str = "loop,agents") -> str:
+    """The queues of the namespace in ``env`` (queue names are ``<namespace>.loop`` / ``<namespace>.agents``)."""
+    ns = env.get("FACTORY_NAMESPACE", "factory")
+    return ",".join(f"{ns}.{q}" for q in which.split(","))
+
+
+def worker_argv(name: str, concurrency: int, app: str = "factory_worker", queues: str = "factory.loop,factory.agents"
+                ) -> list[str]:
     """``celery -A app worker`` (prefork, no mingle/gossip) consuming ``queues``; ready when "ready." is logged."""
     return [PY, "-m", "celery", "-A", app, "worker", "-l", "INFO", "-n", f"{name}@%h",
             "-Q", queues, "-c", str(concurrency), "-P", "prefork", "--without-mingle", "--without-gossip"]

@@ -35,8 +35,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from _harness import (FACTORY_QUEUES, PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv,
-                      drop_namespace, emit, issue_line, make_parser, make_say, percentile, run_session, wait_count,
+from _harness import (PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv,
+                      drop_namespace, emit, factory_queues, issue_line, make_parser, make_say, percentile, run_session, wait_count,
                       wait_for, worker_argv)
 from _harness import factory_env as harness_factory_env
 
@@ -118,10 +118,10 @@ LOOP_WORKER = False
 
 def start_factory(group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int,
                   beat: bool = True) -> None:
-    agent_queues = FACTORY_QUEUES
+    agent_queues = factory_queues(env)
     if LOOP_WORKER:
-        group.add(Proc("fl", worker_argv("fl", 1, queues="factory.loop"), env, work, "ready."))
-        agent_queues = "factory.agents"
+        group.add(Proc("fl", worker_argv("fl", 1, queues=factory_queues(env, "loop")), env, work, "ready."))
+        agent_queues = factory_queues(env, "agents")
     for i in range(workers):
         name = f"fw{i + 1}"
         group.add(Proc(name, worker_argv(name, concurrency, queues=agent_queues), env, work, "ready."))
@@ -160,7 +160,7 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
         say(f"factory: go ({n} issues)")
         t0 = time.perf_counter()
         set_paused(r, keys, False)
-        sender.send_task("factory.loop.kickoff", kwargs={"by": "e2e_bench"}, queue="factory.loop")
+        sender.send_task("factory.loop.kickoff", kwargs={"by": "e2e_bench"}, queue=factory_queues(env, "loop"))
         first_done = None
 
         def done_count() -> int:

@@ -49,12 +49,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import (PY, ROOT, BenchError, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit,
+from _harness import (PY, BenchError, factory_queues, pid_alive, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit,
                       make_parser, make_say, run_session, stats, wait_for, worker_argv)
 from _harness import factory_env as harness_factory_env
 from _harness import issue_line as harness_issue_line
 
 import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+
+from harness import run_ctl  # noqa: E402
 
 from factory_worker.config import load_settings  # noqa: E402
 from factory_worker.keys import Keys  # noqa: E402
@@ -99,15 +101,6 @@ _LOG_END = re.compile(_LOG_TS + r"(?:Task (factory\.loop\.\w+)\[([^\]]+)\] (succ
 say = make_say("kill_bench")
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def fmt(st: dict[str, float | None]) -> str:
     if st["median"] is None:
         return "no samples"
@@ -138,8 +131,7 @@ def factory_env(redis_url: str, namespace: str, work: Path, extra: dict[str, str
 def ctl(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float, float]:
     """``python -m factory_worker.ctl ARGS``: (result, wall-clock start, wall-clock end)."""
     t_start = time.time()
-    res = subprocess.run([PY, "-m", "factory_worker.ctl", *args], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=timeout)
+    res = run_ctl(env, *args, timeout=timeout)
     return res, t_start, time.time()
 
 
@@ -256,7 +248,7 @@ def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, 
     try:
         say(f"kill: starting 1 worker -c 4 + beat (namespace {namespace}, {max_iterations} iterations/run, "
             f"{iteration_cost_s:g} s per iteration, agent {agent_sleep_s:g} s)")
-        worker = procs.add(Proc("w1", worker_argv("w1", 4), env, work, "ready."))
+        worker = procs.add(Proc("w1", worker_argv("w1", 4, queues=factory_queues(env)), env, work, "ready."))
         procs.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
         procs.wait_ready(60)
         try:
@@ -365,7 +357,7 @@ def bench_term(redis_url: str, tmp: Path, trials: int, soft_shutdown_s: float, c
             (work / "issues.jsonl").write_text(issue_line(issue))
             settings = load_settings(redis_url=redis_url, namespace=namespace)
             ledger = Ledger.from_settings(settings, r)
-            worker = Proc("w1", worker_argv("w1", concurrency), env, work, "ready.")
+            worker = Proc("w1", worker_argv("w1", concurrency, queues=factory_queues(env)), env, work, "ready.")
             try:
                 wait_for(worker.ready, 60, "the worker to be ready")
                 report, _, _, _ = ctl_json(env, "run-once")

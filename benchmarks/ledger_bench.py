@@ -66,6 +66,8 @@ class Bench:
             for pattern in (self.keys.pattern(), self.prefix + ":*"):
                 unlink_matching(self.r, pattern)
         self.r.ping()
+        # an emptied ledger is a new ledger: a fresh Ledger (its guard would rightly refuse the old one's loss)
+        self.ledger = Ledger(self.r, self.keys, self.dispatch)
 
     def best(self, phase: Callable[[], int], repeat: int) -> tuple[float, int]:
         """Run ``phase`` ``repeat`` times on an empty database; the fastest run's ops/s and its count."""

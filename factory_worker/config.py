@@ -45,6 +45,7 @@ class LoopSettings(BaseModel):
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
     lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+    run_retention_s: float = Field(3600.0, ge=60, description="how long a run record is kept after its start")
     iteration_spacing_s: float | None = Field(
         None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
     )
@@ -67,6 +68,9 @@ class DispatchSettings(BaseModel):
 
     max_in_flight: int = Field(8, ge=1, description="cluster-wide cap on claimed issues")
     lease_ttl_s: float = Field(30.0, gt=0, description="claim lease, renewed while the agent runs")
+    queue_lease_s: float | None = Field(
+        None, gt=0, description="lease of a claim whose agent message waits in the broker (until begin); "
+                                "default: the broker visibility timeout + 60 s")
     max_attempts: int = Field(3, ge=1, description="failed attempts before an issue is parked")
     backoff_base_s: float = Field(5.0, ge=0, description="first backoff window")
     backoff_max_s: float = Field(300.0, ge=0, description="largest backoff window")
@@ -173,6 +177,28 @@ class Settings(BaseSettings):
             raise ValueError(f"bad URL: {exc}") from None
         return v
 
+    @model_validator(mode="after")
+    def _agent_dies_before_its_lease(self) -> "Settings":
+        """Without a renew an agent is stopped at lease - margin - term_grace after the last renew sent, so
+        it is gone (SIGKILL included) before its claim can expire; that must leave more than one renew
+        interval (lease / 3), or every agent would be stopped before its first renew."""
+        from .agents.lease import margin_s, stop_lead_s
+
+        lease, grace = self.dispatch.lease_ttl_s, self.agent.term_grace_s
+        if stop_lead_s(lease, grace) <= lease / 3:
+            need = (grace + margin_s(lease)) * 1.5
+            raise ValueError(
+                f"dispatch.lease_ttl_s (FACTORY_DISPATCH__LEASE_TTL_S={lease:g}) is too short for agent.term_grace_s "
+                f"(FACTORY_AGENT__TERM_GRACE_S={grace:g}): an agent without renewals must be stopped and killed "
+                f"before its lease ends; raise the lease above {need:g}s or lower the grace")
+        return self
+
+    @model_validator(mode="after")
+    def _queue_lease_default(self) -> "Settings":
+        if self.dispatch.queue_lease_s is None:  # outlive a message the broker may redeliver after this
+            self.dispatch.queue_lease_s = self.worker.visibility_timeout_s + 60.0
+        return self
+
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
@@ -223,6 +249,8 @@ def format_validation_error(exc: ValidationError) -> str:
     if first.get("type") == "extra_forbidden":
         msg = "unknown setting"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if not loc:  # a rule across settings: its message names the fields and their variables itself
+        return f"invalid settings: {msg}{more}"
     return f"invalid setting {field} ({_env_name(loc)}): {msg}{more}"
 
 

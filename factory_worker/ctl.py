@@ -17,12 +17,14 @@ import click
 import redis
 from kombu.exceptions import KombuError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
-from .loop import Factory, iterate
+from .context import Context
+from .loop import iterate
 from .sources.base import SourceError
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,20 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _factory() -> Factory:
-    f = Factory(_settings())
-    f.r.ping()  # fail fast (exit 2) when Redis is unreachable
-    return f
+def _context() -> Context:
+    ctx = Context(_settings())
+    ctx.redis.ping()  # fail fast (exit 2) when Redis is unreachable
+    return ctx
+
+
+def _tasks(ctx: Context) -> Any:
+    """The Celery tasks module, bound to the configured app and to ``ctx`` (for commands that send)."""
+    from . import app as _app  # noqa: F401  (configures the Celery app the shared tasks bind to)
+    from . import tasks
+    from .context import set_current
+
+    set_current(ctx)
+    return tasks
 
 
 def _ts(ms: Any) -> str:
@@ -69,11 +81,12 @@ def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _cell(name: str, v: Any) -> str:
+    """A table cell; issue ids, titles and errors are untrusted, so rich markup in them is escaped."""
     if v is None:
         return "-"
     if name.endswith("_ms"):
         return _ts(v)
-    return str(v)
+    return escape(str(v))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
@@ -90,18 +103,59 @@ def cli(verbose: bool) -> None:
 json_opt = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
+@cli.command("audit")
+@json_opt
+def audit_cmd(as_json: bool) -> None:
+    """Check the ledger's invariants; print every violation. Exit 0 clean, 1 violations, 2 error."""
+    from .audit import audit
+
+    ctx = _context()
+    data = audit(ctx.redis, ctx.keys)
+
+    def human(d: dict[str, Any]) -> None:
+        for v in d["violations"]:
+            click.echo(f"VIOLATION {v['check']}: {v['subject']}: {v['detail']}")
+        click.echo(f"audit: {'clean' if d['clean'] else str(len(d['violations'])) + ' violation(s)'} "
+                   f"(namespace {d['namespace']})")
+
+    emit(data, as_json, human, 0 if data["clean"] else 1)
+
+
+@cli.group("ledger")
+def ledger_group() -> None:
+    """The ledger's identity (the ledger-loss guard)."""
+
+
+@ledger_group.command("accept")
+@json_opt
+def ledger_accept_cmd(as_json: bool) -> None:
+    """Adopt the current ledger after a loss: safe mode ends (done issues it lost may run again). Exit 0."""
+    from . import guard
+
+    ctx = _context()
+    data = guard.accept(ctx.redis, ctx.keys)
+    emit(data, as_json, lambda d: click.echo(
+        f"accepted ledger generation {d['generation']}" + (f" in place of {', '.join(d['superseded'])}"
+                                                           if d["superseded"] else " (nothing was lost)")))
+
+
 @cli.command("loop-status")
 @json_opt
 def loop_status_cmd(as_json: bool) -> None:
     """Heartbeat, liveness, run and counters. Exit 0 live, 1 not live, 2 error."""
     from .operations import loop_status
 
-    data, code = loop_status(_factory())
+    data, code = loop_status(_context())
 
     def human(d: dict[str, Any]) -> None:
         hb = d["heartbeat"] or {}
         console.print(f"redis: {d['redis']} namespace {d['namespace']}", highlight=False)
         console.print(f"loop: [bold]{d['liveness']}[/bold]" + (f" (heartbeat {d['age_s']}s old)" if hb else ""))
+        if d["ledger_lost"]:
+            gens = ", ".join(sorted(d["ledger_guard"]["lost"]))
+            console.print(f"[red]ledger lost[/red]: processes worked in generation {gens}, Redis holds "
+                          f"{d['ledger_guard']['generation'] or 'none'}; safe mode (nothing is claimed or "
+                          "started): check Redis, then `factory-worker ledger accept`", highlight=False)
         if hb:
             console.print(f"run {hb['run_id']}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
                           f" on {hb['hostname']} pid {hb['pid']}")
@@ -126,7 +180,7 @@ def kill_loop_cmd(force: bool, release_agents: bool, as_json: bool) -> None:
     """Kill the live run and keep the loop stopped until start-loop. Exit 0 killed, 1 refused, 2 error."""
     from .operations import kill_loop
 
-    data, code = kill_loop(_factory(), force=force, release_agents=release_agents, revoke=_revoke)
+    data, code = kill_loop(_context(), force=force, release_agents=release_agents, revoke=_revoke)
 
     def human(d: dict[str, Any]) -> None:
         if d.get("refused"):
@@ -153,9 +207,10 @@ def _revoke(task_ids: list[str]) -> None:
 def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     """Clear a kill and start a run now (overlap policy applies). Exit 0 started, 1 skipped."""
     from .operations import start_loop
-    from .tasks import start_run
 
-    data, code = start_loop(_factory(), lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
+    ctx = _context()
+    start_run = _tasks(ctx).start_run
+    data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
     emit(data, as_json, lambda d: click.echo(
         f"started run {d['run_id']}" if d["started"] else f"skipped: {d['reason']}"), code)
 
@@ -165,13 +220,9 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
 @json_opt
 def run_once_cmd(dry_run: bool, as_json: bool) -> None:
     """One iteration in this process; prints the IterationReport. Exit 0."""
-    f = _factory()
-    send = None
-    if not dry_run:
-        from .tasks import send_agent
-
-        send = send_agent
-    report = iterate(f, send, dry_run=dry_run).as_dict()
+    ctx = _context()
+    send = None if dry_run else _tasks(ctx).send_agent
+    report = iterate(ctx, send, dry_run=dry_run).as_dict()
 
     def human(d: dict[str, Any]) -> None:
         click.echo(f"pulled {d['pulled']}, dispatched {d['dispatched']}{' (dry run)' if d['dry_run'] else ''}")
@@ -188,8 +239,8 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
 @json_opt
 def dispatches_cmd(state: str | None, as_json: bool) -> None:
     """The ledger, issue by issue. Exit 0."""
-    f = _factory()
-    rows = f.ledger.entries(state) if state else f.ledger.all_entries()
+    ctx = _context()
+    rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
 
     def human(d: list[dict[str, Any]]) -> None:
@@ -210,7 +261,9 @@ def _natural(text: str) -> list[Any]:
 @json_opt
 def explain_cmd(issue: str, as_json: bool) -> None:
     """Why ISSUE is or is not dispatched now. Exit 0."""
-    e = _factory().ledger.explain(_issue_arg(issue))
+    from .operations import explain
+
+    e = explain(_context(), _issue_arg(issue))
     emit(e.as_dict(), as_json, lambda d: click.echo(f"{d['issue']}: {d['state']}: {d['text']}"))
 
 
@@ -219,7 +272,7 @@ def explain_cmd(issue: str, as_json: bool) -> None:
 @json_opt
 def retry_cmd(issue: str, as_json: bool) -> None:
     """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
-    data = _factory().ledger.retry(_issue_arg(issue))
+    data = _context().ledger.retry(_issue_arg(issue))
 
     def human(d: dict[str, Any]) -> None:
         if d["was_parked"]:
@@ -244,7 +297,7 @@ def pause_cmd(as_json: bool) -> None:
     """Claim nothing new; running agents go on; the run stays alive. Exit 0."""
     from .operations import set_paused
 
-    data, code = set_paused(_factory(), True)
+    data, code = set_paused(_context(), True)
     emit(data, as_json, lambda d: click.echo("paused" if d["changed"] else "already paused"), code)
 
 
@@ -254,7 +307,7 @@ def resume_cmd(as_json: bool) -> None:
     """Undo pause. Exit 0."""
     from .operations import set_paused
 
-    data, code = set_paused(_factory(), False)
+    data, code = set_paused(_context(), False)
     emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
 
 
@@ -276,13 +329,13 @@ def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
     """Print the Prometheus metrics once, or serve them with --serve :PORT. Exit 0."""
     from .metrics import parse_addr, render, serve, snapshot
 
-    f = _factory()
+    ctx = _context()
     if serve_addr:
         host, port = parse_addr(serve_addr)
-        raise Exit(serve(f, host, port))
+        raise Exit(serve(ctx, host, port))
     if as_json:
-        emit(snapshot(f), True, lambda d: None)
-    click.echo(render(f), nl=False)
+        emit(snapshot(ctx), True, lambda d: None)
+    click.echo(render(ctx), nl=False)
     raise Exit(0)
 
 

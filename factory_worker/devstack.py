@@ -46,11 +46,11 @@ def _spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[
 
 
 def _status_line(settings: Settings, url: str) -> str:
-    from .loop import Factory
+    from .context import Context
     from .operations import loop_status
 
-    f = Factory(settings.model_copy(update={"redis_url": url}))
-    data, _ = loop_status(f)
+    ctx = Context(settings.model_copy(update={"redis_url": url}))
+    data, _ = loop_status(ctx)
     hb = data["heartbeat"] or {}
     g = data["ledger"]
     run = f" run {hb.get('run_id')} {hb.get('status')} {hb.get('iteration')}/{hb.get('max_iterations')}" if hb else ""
@@ -59,16 +59,16 @@ def _status_line(settings: Settings, url: str) -> str:
 
 
 def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: int) -> dict[str, list[str]]:
-    """The stack's processes by name: one loop worker (``loop``, only ``factory.loop``, 2 processes) so the
+    """The stack's processes by name: one loop worker (``loop``, only ``<ns>.loop``, 2 processes) so the
     loop's kickoff/iteration tasks never wait behind agents, then ``workers`` agent workers (``worker1..N``,
-    only ``factory.agents``, ``concurrency`` processes each), beat and (when installed) Flower."""
-    from .app import AGENT_QUEUE, LOOP_QUEUE
+    only ``<ns>.agents``, ``concurrency`` processes each), beat and (when installed) Flower."""
+    from .app import agent_queue, loop_queue
 
     celery = [sys.executable, "-m", "celery", "-A", "factory_worker"]
-    cmds = {"loop": celery + ["worker", "-l", "INFO", "-n", "loop@%h", "-c", "2", "-Q", LOOP_QUEUE]}
+    cmds = {"loop": celery + ["worker", "-l", "INFO", "-n", "loop@%h", "-c", "2", "-Q", loop_queue(settings.namespace)]}
     cmds.update({
         f"worker{i + 1}": celery + ["worker", "-l", "INFO", "-n", f"worker{i + 1}@%h", "-c", str(concurrency),
-                                    "-Q", AGENT_QUEUE]
+                                    "-Q", agent_queue(settings.namespace)]
         for i in range(workers)
     })
     cmds["beat"] = celery + ["beat", "-l", "INFO", "--schedule", str(STATE_DIR / "celerybeat-schedule")]

@@ -5,17 +5,13 @@ exit 1) or ``info`` (a note: exit 0). The message is one line: what is wrong and
 unreachable Redis is not a finding: :func:`run_doctor` raises :class:`redis.ConnectionError` and the CLI
 prints one line and exits 2.
 
-Beats announce themselves with :func:`publish_beat` (a ``{ns}:beat:<host>/<pid>`` key with expiry), so the
-doctor can tell when more than one ``celery beat`` is running.
+Beats announce themselves (:mod:`factory_worker.presence`), so the doctor can tell when more than one
+``celery beat`` is running.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,9 +20,11 @@ from typing import Any
 import redis
 
 from .config import Settings
-from .loop import Factory
+from .context import Context
 from .redis_client import client as make_client
-from .redis_client import server_now_ms
+from .redis_client import mask_url
+from . import guard
+from .presence import beat_seen
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +38,10 @@ BROKER_TIMEOUT_S = 3.0
 
 
 @dataclass
-class Ctx:
+class Checkup:
     settings: Settings
     r: redis.Redis
-    f: Factory
+    ctx: Context
     clock: Callable[[], float]
     check_broker: bool
 
@@ -53,50 +51,8 @@ def _finding(check: str, severity: str, message: str) -> Finding:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-# -- beat presence -------------------------------------------------------------------------------------
-def beat_ttl_s(settings: Settings) -> float:
-    return max(30.0, 3 * settings.loop.interval_s)
-
-
-def beat_node(hostname: str | None = None, pid: int | None = None) -> str:
-    return f"{hostname or socket.gethostname()}/{pid or os.getpid()}"
-
-
-def publish_beat(f: Factory, hostname: str | None = None, pid: int | None = None,
-                 ttl_s: float | None = None) -> str:
-    """Announce a live beat (call it at beat start and on every tick/kickoff); returns the key.
-
-    The value carries both the host clock and the Redis clock, so the doctor can see a skewed beat host.
-    """
-    node = beat_node(hostname, pid)
-    key = f.keys.beat(node)
-    value = {"node": node, "hostname": hostname or socket.gethostname(), "pid": pid or os.getpid(),
-             "host_ms": int(time.time() * 1000), "updated_ms": server_now_ms(f.r)}
-    f.r.set(key, json.dumps(value), px=max(1, int((ttl_s or beat_ttl_s(f.settings)) * 1000)))
-    return key
-
-
-def clear_beat(f: Factory, hostname: str | None = None, pid: int | None = None) -> None:
-    """Remove this beat's presence key (on clean shutdown)."""
-    f.r.delete(f.keys.beat(beat_node(hostname, pid)))
-
-
-def beat_seen(f: Factory) -> list[dict[str, Any]]:
-    """The beats whose presence key is live, sorted by node."""
-    out = []
-    for key in f.r.scan_iter(match=f.keys.beat("*"), count=500):
-        raw = f.r.get(key)
-        try:
-            rec = json.loads(raw) if raw else None
-        except ValueError:
-            rec = None
-        if isinstance(rec, dict):
-            out.append(rec)
-    return sorted(out, key=lambda b: str(b.get("node", "")))
+    """``url`` with its password replaced by ``***`` (every URL form: see ``redis_client.mask_url``)."""
+    return mask_url(url)
 
 
 # -- checks --------------------------------------------------------------------------------------------
@@ -121,7 +77,7 @@ def _info(r: redis.Redis, section: str) -> dict[str, Any]:
         return {}
 
 
-def check_eviction(c: Ctx) -> Iterator[Finding]:
+def check_eviction(c: Checkup) -> Iterator[Finding]:
     try:
         policy = _config_get(c.r, "maxmemory-policy")
     except _NoConfig as exc:
@@ -140,7 +96,7 @@ def check_eviction(c: Ctx) -> Iterator[Finding]:
                        "TTLs and may be evicted early (double dispatch); set maxmemory-policy noeviction")
 
 
-def check_persistence(c: Ctx) -> Iterator[Finding]:
+def check_persistence(c: Checkup) -> Iterator[Finding]:
     try:
         aof = _config_get(c.r, "appendonly")
         save = _config_get(c.r, "save")
@@ -160,7 +116,7 @@ def check_persistence(c: Ctx) -> Iterator[Finding]:
                        "since the last snapshot; appendonly yes (appendfsync everysec) is recommended")
 
 
-def check_visibility(c: Ctx) -> Iterator[Finding]:
+def check_visibility(c: Checkup) -> Iterator[Finding]:
     s = c.settings
     need = s.agent.timeout_s + s.worker.soft_shutdown_s
     vt = s.worker.visibility_timeout_s
@@ -171,8 +127,8 @@ def check_visibility(c: Ctx) -> Iterator[Finding]:
                        f" >= {need:g}")
 
 
-def check_beats(c: Ctx) -> Iterator[Finding]:
-    beats = beat_seen(c.f)
+def check_beats(c: Checkup) -> Iterator[Finding]:
+    beats = beat_seen(c.ctx)
     if len(beats) > 1:
         nodes = ", ".join(str(b.get("node")) for b in beats)
         yield _finding("beat", "warn", f"{len(beats)} beats are live ({nodes}): run exactly one "
@@ -187,7 +143,7 @@ def check_beats(c: Ctx) -> Iterator[Finding]:
                            "Redis clock: run NTP (chrony/systemd-timesyncd) on that host")
 
 
-def check_clock(c: Ctx) -> Iterator[Finding]:
+def check_clock(c: Checkup) -> Iterator[Finding]:
     t0 = c.clock()
     sec, usec = c.r.time()
     t1 = c.clock()
@@ -197,7 +153,7 @@ def check_clock(c: Ctx) -> Iterator[Finding]:
                        "(chrony/systemd-timesyncd); leases use Redis time but logs and agents use local time")
 
 
-def check_broker(c: Ctx) -> Iterator[Finding]:
+def check_broker(c: Checkup) -> Iterator[Finding]:
     if not c.check_broker:
         return
     from kombu import Connection
@@ -213,7 +169,7 @@ def check_broker(c: Ctx) -> Iterator[Finding]:
                        "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis")
 
 
-def check_leases(c: Ctx) -> Iterator[Finding]:
+def check_leases(c: Checkup) -> Iterator[Finding]:
     s = c.settings
     lease = s.dispatch.lease_ttl_s
     if lease < MIN_LEASE_S:
@@ -232,9 +188,18 @@ def check_leases(c: Ctx) -> Iterator[Finding]:
                        "FACTORY_LOOP__HEARTBEAT_TTL_S above FACTORY_LOOP__STALE_AFTER_S")
 
 
-CHECKS: tuple[tuple[str, Callable[[Ctx], Iterator[Finding]]], ...] = (
+def check_ledger(c: Checkup) -> Iterator[Finding]:
+    lost = guard.status(c.r, c.ctx.keys)["lost"]
+    if lost:
+        yield _finding("ledger-lost", "error", f"ledger lost: processes worked in generation "
+                       f"{', '.join(sorted(lost))}, which Redis no longer holds (emptied, evicted or a stale "
+                       "replica); they claim and start nothing: find the cause, then `factory-worker ledger accept`")
+
+
+CHECKS: tuple[tuple[str, Callable[[Checkup], Iterator[Finding]]], ...] = (
     ("eviction", check_eviction), ("persistence", check_persistence), ("visibility-timeout", check_visibility),
     ("beat", check_beats), ("clock-skew", check_clock), ("broker", check_broker), ("leases", check_leases),
+    ("ledger-lost", check_ledger),
 )
 
 
@@ -243,10 +208,10 @@ def run_doctor(settings: Settings, *, client: redis.Redis | None = None, clock: 
     """Run every check; returns (report, exit code 0 no problems / 1 problems). Redis down -> ConnectionError."""
     r = client or make_client(settings)
     r.ping()  # unreachable or wrong password: redis.ConnectionError / AuthenticationError -> exit 2
-    ctx = Ctx(settings, r, Factory(settings, r=r), clock, check_broker)
+    checkup = Checkup(settings, r, Context(settings, redis_client=r), clock, check_broker)
     findings: list[Finding] = []
     for _name, check in CHECKS:
-        findings.extend(check(ctx))
+        findings.extend(check(checkup))
     server = _info(r, "server")
     problems = [x for x in findings if x["severity"] in PROBLEMS]
     data = {

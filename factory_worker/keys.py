@@ -15,6 +15,25 @@ class Keys:
 
     namespace: str = "factory"
 
+    # -- lifetimes and limits of what the keys hold (used by the code that writes them) ------------------
+    #: ``agent(task_id)`` records are kept this long (``run(run_id)`` records: ``loop.run_retention_s``).
+    AGENT_TASK_TTL_S = 7 * 24 * 3600
+    #: ``revoked`` task ids are kept this long (past any run's life).
+    REVOKED_TTL_S = 24 * 3600
+    #: ``agent_stop(task_id)`` flags and ``notified(...)`` marks expire after these.
+    AGENT_STOP_TTL_S = 3600
+    NOTIFIED_TTL_S = 24 * 3600
+    #: The backlog keeps at most this many waiting issues (a freed slot needs only the next one).
+    BACKLOG_MAX = 256
+    #: ``errors`` and a run's ``last_error`` keep this many characters.
+    ERROR_MAX_CHARS = 500
+
+    @staticmethod
+    def live_from(now_ms: int) -> int:
+        """Lowest ``inflight`` score still live at ``now_ms`` (as ``claim.lua`` counts): Redis keeps a key
+        alive through the millisecond it expires at and a script's expiry clock may lag TIME by 1 ms."""
+        return now_ms - 1
+
     @property
     def prefix(self) -> str:
         return "{%s}" % self.namespace
@@ -109,7 +128,8 @@ class Keys:
 
     # -- agents and workers ---------------------------------------------------------------------------
     def agent_task(self, task_id: str) -> str:
-        """Hash {issue, token, run_id, state, hostname, worker_pid} (7 days): maps an agent task to its claim."""
+        """Hash {issue, token, run_id, state (queued|running), hostname, worker_pid} (AGENT_TASK_TTL_S): maps an
+        agent task to its claim. The loop writes it when it sends the task; ``begin.lua`` marks it running."""
         return self._k("agent", task_id)
 
     @property
@@ -120,6 +140,34 @@ class Keys:
     def agent_stop(self, task_id: str) -> str:
         """String flag: the agent of this task must stop and release its claim as interrupted."""
         return self._k("agent", task_id, "stop")
+
+    @property
+    def ledger(self) -> str:
+        """Hash {generation, created_ms}: the ledger's identity, created once; a process that worked in one
+        generation refuses to claim or start in another (``guard.py``)."""
+        return self._k("ledger")
+
+    @property
+    def ledger_lost(self) -> str:
+        """Hash generation -> JSON {by, at_ms}: processes that found their ledger gone report it here."""
+        return self._k("ledger", "lost")
+
+    @property
+    def ledger_superseded(self) -> str:
+        """Set of generations an operator accepted the current ledger for (``factory-worker ledger accept``)."""
+        return self._k("ledger", "superseded")
+
+    @property
+    def backlog(self) -> str:
+        """List of issue JSON: the last poll's ready issues that wait for room, in source order (replaced
+        by every poll, at most BACKLOG_MAX, expires); a freed slot takes the next one (``loop.refill``)."""
+        return self._k("backlog")
+
+    @property
+    def slots(self) -> str:
+        """Hash worker node -> ``<agent slots>:<expires_ms>``: the fleet's advertised agent capacity (a dead
+        worker's entry stops counting at its expiry and is pruned by the gate)."""
+        return self._k("slots")
 
     def worker(self, hostname: str) -> str:
         """String (JSON) with expiry: a worker's liveness heartbeat."""

@@ -1,8 +1,10 @@
 """The dispatch ledger: fenced claims with leases, backoff, parking, done markers, explain.
 
-Every write is one Lua script (see ``lua/``): ``claim`` gates a whole batch in one round trip; ``renew``,
-``complete``, ``fail`` and ``release`` are compare-and-set on the claim's token, so a stale holder gets a
-:class:`~factory_worker.scripts.StaleClaimError` and changes nothing. Time is Redis server time.
+Every write is one Lua script (see ``lua/``): ``claim`` gates a whole batch in one round trip and is the
+only place that decides whether an issue may be dispatched (dry runs and :meth:`Ledger.explain` run it in
+its read-only mode); ``renew``, ``complete``, ``fail`` and ``release`` are compare-and-set on the claim's
+token, so a stale holder gets a :class:`~factory_worker.scripts.StaleClaimError` and changes nothing.
+Time is Redis server time.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ import redis
 from .config import DispatchSettings, Settings
 from .keys import Keys
 from .redis_client import server_now_ms
+from .guard import LedgerGuard, LedgerLostError
 from .scripts import LedgerError, StaleClaimError, checked, scripts_for
+from .states import Begin, Gate, LedgerState
 
 __all__ = [
-    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "Skip", "StaleClaimError",
+    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError", "Skip",
+    "StaleClaimError",
     "STATES", "fence_of",
 ]
 
 log = logging.getLogger(__name__)
 
-STATES = ("in-flight", "backoff", "parked", "done")
+STATES = tuple(s.value for s in LedgerState)
 #: Issues per claim script call; a larger batch is split (each call is still one round trip).
 MAX_BATCH = 1000
-ERROR_MAX_CHARS = 500
 
 
 def fence_of(token: str) -> int:
@@ -57,8 +61,12 @@ class Skip:
 
 @dataclass
 class ClaimBatch:
+    """The gate's answer for a batch. In a dry run ``claims`` are what would be claimed (token ``""``)."""
+
     claims: list[Claim] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    dry_run: bool = False
+    fleet_slots: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class FailResult:
 @dataclass(frozen=True)
 class Explanation:
     issue: str
-    state: str  # done | in-flight | parked | backoff | max-in-flight | claimable
+    state: str  # a Gate word: done | in-flight | parked | backoff | max-in-flight | killed | paused | claimable
     text: str
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -85,15 +93,6 @@ def _int(v: Any, default: int = 0) -> int:
         return int(float(v))
     except (TypeError, ValueError):
         return default
-
-
-def _inflight_min(now_ms: int) -> int:
-    """Lowest ``inflight`` score still counted as live at ``now_ms``, exactly as ``claim.lua`` counts it.
-
-    Redis keeps a key alive through the millisecond it expires at (and a script's expiry clock may lag
-    TIME by 1 ms), so a lease ending at ``now - 1`` may still be live: it keeps counting.
-    """
-    return now_ms - 1
 
 
 class Ledger:
@@ -111,6 +110,7 @@ class Ledger:
         self.cfg = dispatch
         self.rng = rng
         self._s = scripts_for(client)
+        self.guard = LedgerGuard(client, keys)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "Ledger":
@@ -120,15 +120,26 @@ class Ledger:
 
     @property
     def lease_ms(self) -> int:
+        """The running lease (from ``begin``, renewed while the agent runs)."""
         return max(1, int(self.cfg.lease_ttl_s * 1000))
+
+    @property
+    def queue_lease_ms(self) -> int:
+        """The lease of a claim whose agent message waits in the broker (until ``begin``)."""
+        return max(1, int((self.cfg.queue_lease_s or self.cfg.lease_ttl_s) * 1000))
 
     def now_ms(self) -> int:
         return server_now_ms(self.r)
 
     # -- claims ---------------------------------------------------------------------------------------
-    def claim(self, issues: Sequence[str]) -> ClaimBatch:
-        """Gate ``issues`` and claim every claimable one; one script call (round trip) per batch."""
-        out = ClaimBatch()
+    def claim(self, issues: Sequence[str], dry_run: bool = False, fleet_slots: bool = False) -> ClaimBatch:
+        """Gate ``issues`` and claim every claimable one; one script call (round trip) per batch.
+
+        ``dry_run``: the same decisions, nothing written (``claims`` are what would be claimed).
+        ``fleet_slots``: also bound the in-flight count by the live workers' agent slots (the loop always
+        does; a bare ledger, e.g. in tests and benchmarks of the protocol, may not).
+        """
+        out = ClaimBatch(dry_run=dry_run, fleet_slots=fleet_slots)
         items = [str(i) for i in issues]
         for start in range(0, len(items), MAX_BATCH):
             self._claim_chunk(items[start : start + MAX_BATCH], out)
@@ -137,96 +148,90 @@ class Ledger:
     def _claim_chunk(self, issues: list[str], out: ClaimBatch) -> None:
         if not issues:
             return
-        k = self.keys
-        fixed = [k.fences, k.done, k.inflight, k.backoff, k.parked, k.attempts, k.counters, k.kill, k.paused]
-        res = self._s["claim"](
-            keys=fixed + [k.claim(i) for i in issues],
-            args=[self.lease_ms, self.cfg.max_in_flight, uuid.uuid4().hex, *issues],
-        )
+        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
+            generation = self.guard.peek() if out.dry_run else self.guard.generation
+            reply = self._s["claim"](self.keys, issues, generation=generation,
+                                     queue_lease_ms=self.queue_lease_ms, max_in_flight=self.cfg.max_in_flight,
+                                     owner=uuid.uuid4().hex, mode="dry" if out.dry_run else "claim",
+                                     use_slots="1" if out.fleet_slots else "0")
+            if reply.status != "ledger-lost":
+                break
+            self.guard.lost(reply.values[0])  # raises LedgerLostError unless the new ledger was accepted
+        else:
+            raise LedgerLostError(self.guard.generation, reply.values[0])
         claims, skipped = out.claims, out.skipped
-        for issue, entry in zip(issues, res):
+        for issue, entry in zip(issues, reply.values):
             if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
                 claims.append(Claim(issue, entry, int(entry.partition(":")[0])))
+                continue
+            code, _, rest = entry.partition(":")
+            if code == Gate.CLAIMABLE:
+                claims.append(Claim(issue, "", _int(rest)))
             else:
-                code, _, rest = entry.partition(":")
                 skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
 
     @staticmethod
     def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
         a = parts[0]
         b = parts[1] if len(parts) > 1 else ""
-        if code == "done":
+        if code == Gate.DONE:
             return {"fence": _int(a), "completed_ms": _int(b)}
-        if code == "in-flight":
+        if code == Gate.IN_FLIGHT:
             return {"lease_left_ms": _int(a)}
-        if code == "backoff":
+        if code == Gate.BACKOFF:
             return {"until_ms": _int(a), "attempts": _int(b)}
-        if code == "parked":
+        if code == Gate.PARKED:
             return {"parked_ms": _int(a), "attempts": _int(b)}
-        if code == "max-in-flight":
+        if code == Gate.MAX_IN_FLIGHT:
             return {"in_flight": _int(a), "cap": _int(b)}
+        if code == Gate.NO_FREE_SLOT:
+            return {"in_flight": _int(a), "slots": _int(b)}
         return {}
 
     def renew(self, issue: str, token: str) -> int:
         """Extend the lease of ``token``'s claim; returns the new expiry (ms). Stale -> StaleClaimError."""
-        k = self.keys
-        res = self._s["renew"](keys=[k.claim(issue), k.inflight], args=[token, self.lease_ms, issue])
-        return int(checked(res, issue, token)[1])
+        reply = self._s["renew"](self.keys, token=token, lease_ms=self.lease_ms, issue=issue)
+        return int(checked(reply, issue, token).values[0])
 
-    def begin(self, issue: str, token: str, task_id: str = "", run_id: str | None = None,
-              hostname: str = "", pid: int = 0) -> str:
+    def begin(self, issue: str, token: str, task_id: str = "", hostname: str = "", pid: int = 0) -> Begin:
         """Start the agent for ``token``'s claim; also renews the lease.
 
-        Returns ``"started"`` (once per token), ``"duplicate"`` (an agent already started for this token),
-        ``"revoked"`` (``task_id`` was revoked) or ``"killed"`` (the loop is killed). When started, the
-        agent task is recorded under ``task_id`` and listed as running. Stale or superseded token ->
-        StaleClaimError.
+        Returns ``started`` (once per token), ``duplicate`` (an agent already started for this token),
+        ``revoked`` (``task_id`` was revoked) or ``killed`` (the loop is killed). When started, the agent
+        task's record (written by the loop when it sent the task) becomes ``running`` and the task is listed
+        as running. Stale or superseded token -> StaleClaimError.
         """
-        k = self.keys
-        res = self._s["begin"](
-            keys=[k.claim(issue), k.inflight, k.started, k.revoked, k.kill, k.agent_task(task_id), k.agents],
-            args=[token, self.lease_ms, issue, task_id, run_id or "", hostname, pid],
-        )
-        code = int(res[0])
-        if code == 2:
-            return "duplicate"
-        if code == 3:
-            return str(res[1])
-        checked(res, issue, token)
-        return "started"
+        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
+            reply = self._s["begin"](self.keys, generation=self.guard.generation, token=token, lease_ms=self.lease_ms,
+                                     issue=issue, task_id=task_id, hostname=hostname, worker_pid=pid)
+            if reply.status != "ledger-lost":
+                break
+            self.guard.lost(reply.values[0])
+        else:
+            raise LedgerLostError(self.guard.generation, reply.values[0])
+        checked(reply, issue, token)
+        return Begin.STARTED if reply.status == "ok" else Begin(reply.status)
 
     def complete(self, issue: str, token: str) -> None:
         """Mark ``issue`` done for good (the holder only)."""
-        k = self.keys
-        res = self._s["complete"](
-            keys=[k.claim(issue), k.inflight, k.fences, k.done, k.backoff, k.attempts, k.errors, k.counters,
-                  k.started],
-            args=[token, issue],
-        )
-        checked(res, issue, token)
+        checked(self._s["complete"](self.keys, token=token, issue=issue), issue, token)
         log.info("issue %s done (fence %s)", issue, fence_of(token))
 
     def fail(self, issue: str, token: str, error: str = "") -> FailResult:
         """Count a failed attempt: a backoff window, or parked after ``max_attempts``."""
-        k = self.keys
         cfg = self.cfg
-        res = self._s["fail"](
-            keys=[k.claim(issue), k.inflight, k.backoff, k.parked, k.attempts, k.errors, k.counters, k.started],
-            args=[
-                token, issue, int(cfg.backoff_base_s * 1000), int(cfg.backoff_max_s * 1000), cfg.max_attempts,
-                repr(cfg.backoff_jitter * self.rng()), (error or "failed")[:ERROR_MAX_CHARS],
-            ],
+        reply = self._s["fail"](
+            self.keys, token=token, issue=issue, backoff_base_ms=int(cfg.backoff_base_s * 1000),
+            backoff_max_ms=int(cfg.backoff_max_s * 1000), max_attempts=cfg.max_attempts,
+            jitter=repr(cfg.backoff_jitter * self.rng()), error=(error or "failed")[:Keys.ERROR_MAX_CHARS],
         )
-        _, state, at, attempts = checked(res, issue, token)
+        state, at, attempts = checked(reply, issue, token).values
         log.info("issue %s failed attempt %s -> %s", issue, attempts, state)
         return FailResult(issue, state, int(attempts), int(at))
 
     def release(self, issue: str, token: str, reason: str = "interrupted") -> None:
         """Free the claim without counting an attempt (no backoff penalty)."""
-        k = self.keys
-        res = self._s["release"](keys=[k.claim(issue), k.inflight, k.counters, k.started],
-                                 args=[token, issue, reason])
-        checked(res, issue, token)
+        checked(self._s["release"](self.keys, token=token, issue=issue, reason=reason), issue, token)
         log.info("issue %s released (%s)", issue, reason)
 
     def current_token(self, issue: str) -> str | None:
@@ -236,55 +241,55 @@ class Ledger:
     # -- operator actions -----------------------------------------------------------------------------
     def retry(self, issue: str) -> dict[str, Any]:
         """Unpark ``issue`` / end its backoff with a fresh attempt budget. Done issues are refused."""
-        k = self.keys
-        res = self._s["retry"](
-            keys=[k.done, k.parked, k.backoff, k.attempts, k.errors, k.counters], args=[issue]
-        )
-        if res[0] == "done":
+        reply = self._s["retry"](self.keys, issue=issue)
+        if reply.status == "done":
             raise LedgerError(f"issue {issue!r} is done; done is final and cannot be retried")
-        return {"issue": issue, "was_parked": bool(int(res[1])), "attempts_before": int(res[2]),
-                "had_backoff": bool(int(res[3]))}
+        was_parked, attempts, had_backoff = reply.values
+        return {"issue": issue, "was_parked": bool(int(was_parked)), "attempts_before": int(attempts),
+                "had_backoff": bool(int(had_backoff))}
 
     # -- reading --------------------------------------------------------------------------------------
     def explain(self, issue: str) -> Explanation:
-        """Why ``issue`` is or is not claimable now, from one atomic snapshot."""
+        """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
+        the fleet's slots as the loop counts them), with the details (holder, last error) read beside it."""
+        batch = self.claim([issue], dry_run=True, fleet_slots=True)
         k = self.keys
-        p = self.r.pipeline(transaction=True)
-        p.time().hget(k.done, issue).get(k.claim(issue)).pttl(k.claim(issue)).hget(k.parked, issue)
-        p.zscore(k.backoff, issue).hget(k.attempts, issue).hget(k.errors, issue)
-        (sec, usec), done, token, pttl, parked, until, attempts, error = p.execute()
-        now = int(sec) * 1000 + int(usec) // 1000
+        token, attempts, error = self.r.get(k.claim(issue)), self.r.hget(k.attempts, issue), self.r.hget(k.errors, issue)
         n = _int(attempts)
-        if done:
-            fence, _, at = done.partition(":")
-            return Explanation(issue, "done", f"done (fence {fence}); never dispatched again",
-                               {"fence": _int(fence), "completed_ms": _int(at)})
-        if token:
-            until_ms = now + max(_int(pttl), 0)
-            return Explanation(issue, "in-flight", f"held by token {token} (fence {fence_of(token)}) "
-                               f"for {max(_int(pttl), 0) / 1000:.1f}s more",
-                               {"token": token, "fence": fence_of(token), "until_ms": until_ms})
-        if parked:
-            return Explanation(issue, "parked", f"parked after {n} attempts; last error: {error or '-'}; "
+        if batch.claims:
+            return Explanation(issue, Gate.CLAIMABLE, f"claimable now ({n} failed attempts so far)", {"attempts": n})
+        skip = batch.skipped[0]
+        d = dict(skip.detail)
+        if skip.reason == Gate.DONE:
+            return Explanation(issue, Gate.DONE, f"done (fence {d['fence']}); never dispatched again", d)
+        if skip.reason == Gate.IN_FLIGHT:
+            left = max(d["lease_left_ms"], 0)
+            fence = fence_of(token) if token else None
+            return Explanation(issue, Gate.IN_FLIGHT, f"held by token {token} (fence {fence}) for {left / 1000:.1f}s more",
+                               {"token": token, "fence": fence, "until_ms": self.now_ms() + left})
+        if skip.reason == Gate.PARKED:
+            return Explanation(issue, Gate.PARKED, f"parked after {n} attempts; last error: {error or '-'}; "
                                f"run `factory-worker retry {issue}` to try again",
-                               {"attempts": n, "parked_ms": _int(parked), "last_error": error})
-        if until is not None and float(until) > now:
-            return Explanation(issue, "backoff", f"backing off for {(float(until) - now) / 1000:.1f}s more "
-                               f"after attempt {n}; last error: {error or '-'}",
-                               {"attempts": n, "until_ms": int(float(until)), "last_error": error})
-        in_flight = self.r.zcount(k.inflight, _inflight_min(now), "+inf")
-        if in_flight >= self.cfg.max_in_flight:
-            return Explanation(issue, "max-in-flight", f"claimable, but the in-flight cap is reached "
-                               f"({in_flight}/{self.cfg.max_in_flight})",
-                               {"in_flight": in_flight, "cap": self.cfg.max_in_flight, "attempts": n})
-        return Explanation(issue, "claimable", f"claimable now ({n} failed attempts so far)", {"attempts": n})
+                               {"attempts": n, "parked_ms": d["parked_ms"], "last_error": error})
+        if skip.reason == Gate.BACKOFF:
+            left = (d["until_ms"] - self.now_ms()) / 1000
+            return Explanation(issue, Gate.BACKOFF, f"backing off for {max(left, 0):.1f}s more after attempt {n}; "
+                               f"last error: {error or '-'}",
+                               {"attempts": n, "until_ms": d["until_ms"], "last_error": error})
+        if skip.reason == Gate.MAX_IN_FLIGHT:
+            return Explanation(issue, Gate.MAX_IN_FLIGHT, f"claimable, but the in-flight cap is reached "
+                               f"({d['in_flight']}/{d['cap']})", {**d, "attempts": n})
+        if skip.reason == Gate.NO_FREE_SLOT:
+            return Explanation(issue, Gate.NO_FREE_SLOT, f"claimable, but no free agent slot ({d['in_flight']} in "
+                               f"flight, {d['slots']} slots on live agent workers)", {**d, "attempts": n})
+        return Explanation(issue, skip.reason, f"not dispatched: the loop is {skip.reason}", {"attempts": n})
 
     def entries(self, state: str) -> list[dict[str, Any]]:
         """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
         k = self.keys
         now = self.now_ms()
         if state == "in-flight":
-            rows = self.r.zrangebyscore(k.inflight, _inflight_min(now), "+inf", withscores=True)
+            rows = self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True)
             return [{"issue": i, "state": state, "until_ms": int(s), "token": self.current_token(i)}
                     for i, s in rows]
         if state == "backoff":
@@ -317,7 +322,7 @@ class Ledger:
         k = self.keys
         now = self.now_ms()
         p = self.r.pipeline(transaction=False)
-        p.zcount(k.inflight, _inflight_min(now), "+inf").zcount(k.backoff, f"({now}", "+inf")
+        p.zcount(k.inflight, Keys.live_from(now), "+inf").zcount(k.backoff, f"({now}", "+inf")
         p.hlen(k.parked).hlen(k.done)
         inflight, backoff, parked, done = p.execute()
         return {"in_flight": inflight, "backoff": backoff, "parked": parked, "done": done}

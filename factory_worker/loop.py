@@ -9,27 +9,23 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
-import redis
-
-from .config import Settings
-from .keys import Keys
-from .ledger import Claim, Ledger
-from .redis_client import client as make_client
-from .runs import LoopControl
-from .sources import IssueSource, load_source
+from . import heartbeat
+from .context import Context
+from .control import Kickoff
+from .guard import LedgerLostError
+from .ledger import Claim
+from .presence import forget_dead_agents
+from .states import Gate, RunStatus
 from .sources.base import Issue
-
-if TYPE_CHECKING:
-    from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
 #: Sends one ``factory.agent.run`` task: (task_id, issue, claim, run_id) -> None; raises on failure.
 Sender = Callable[[str, Issue, Claim, str | None], None]
-AGENT_TASK_TTL_S = 7 * 24 * 3600
+#: Sends a started run's tasks: (kickoff, seconds between iterations) -> None; raises on failure.
+RunSender = Callable[[Kickoff, float], None]
 
 
 @dataclass
@@ -49,165 +45,223 @@ class IterationReport:
         return asdict(self)
 
 
-class Factory:
-    """Everything an iteration or an agent task needs, built from settings (lazily)."""
-
-    def __init__(self, settings: Settings, r: redis.Redis | None = None,
-                 source: IssueSource | None = None) -> None:
-        self.settings = settings
-        self.keys = Keys(settings.namespace)
-        self._r = r
-        self._source = source
-
-    @cached_property
-    def r(self) -> redis.Redis:
-        return self._r or make_client(self.settings)
-
-    @cached_property
-    def ledger(self) -> Ledger:
-        return Ledger(self.r, self.keys, self.settings.dispatch)
-
-    @cached_property
-    def control(self) -> LoopControl:
-        return LoopControl(self.r, self.settings)
-
-    @cached_property
-    def notifier(self) -> "Notifier":
-        from .notify import Notifier
-
-        return Notifier.from_settings(self.settings.notify)
-
-    @property
-    def source(self) -> IssueSource:
-        if self._source is None:
-            self._source = load_source(self.settings.source)
-        return self._source
-
-
 def new_agent_task_id() -> str:
     return f"agent-{uuid.uuid4().hex}"
 
 
-def iterate(f: Factory, send: Sender | None, run_id: str | None = None, dry_run: bool = False,
+def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_run: bool = False,
             iteration: int | None = None) -> IterationReport:
     """One poll -> gate -> dispatch pass. Raises if the source is down or sending fails.
 
     Sending failures release every claim not yet sent (reason ``send-failed``) before re-raising, so
-    nothing is left held. A dry run reads the ledger (``explain``) and writes nothing.
+    nothing is left held. A dry run asks the gate in its read-only mode and writes nothing.
     """
     report = IterationReport(dry_run=dry_run, run_id=run_id, iteration=iteration)
-    if f.control.pause_info():
+    if ctx.control.pause_info():
         report.stopped = "paused"
         return report
-    polled = f.source.poll()
+    polled = ctx.source.poll()
     report.skipped.extend({"issue": e.split(":", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
     issues = {i.id: i for i in polled.issues}
     report.pulled = len(issues)
-    if dry_run:
-        return _dry_gate(f, issues, report)
-    batch = f.ledger.claim(list(issues))
-    report.skipped.extend({"issue": s.issue, "reason": s.reason} for s in batch.skipped)
-    sent = 0
-    task_ids = [new_agent_task_id() for _ in batch.claims]
     try:
-        if batch.claims:
-            _remember_agent_tasks(f, zip(task_ids, batch.claims), run_id)
-        for task_id, claim in zip(task_ids, batch.claims):
+        batch = ctx.ledger.claim(list(issues), dry_run=dry_run, fleet_slots=True)
+    except LedgerLostError as exc:  # safe mode: claim nothing, tell the team once, keep the loop alive
+        report.stopped = "ledger lost"
+        report.error = str(exc)
+        if ctx.redis.set(ctx.keys.notified("ledger-lost", exc.remembered), 1, nx=True, ex=ctx.keys.NOTIFIED_TTL_S):
+            ctx.notifier.send_event("ledger-lost", remembered=exc.remembered, current=exc.current)
+        return report
+    report.skipped.extend({"issue": s.issue, "reason": s.reason} for s in batch.skipped)
+    if dry_run:  # the gate's own decisions, nothing written
+        report.dispatches = [{"issue": c.issue, "task_id": None, "fence": c.fence} for c in batch.claims]
+        report.dispatched = len(batch.claims)
+        return report
+    _remember_backlog(ctx, issues, batch.skipped)
+    try:
+        report.dispatches = dispatch_claims(ctx, send, batch.claims, issues, run_id)
+    finally:
+        report.dispatched = len(report.dispatches)
+    try:
+        forget_dead_agents(ctx)
+    except Exception:  # noqa: BLE001 - housekeeping: the next iteration tries again
+        log.warning("could not sweep the agents of dead workers", exc_info=True)
+    return report
+
+
+def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issues: dict[str, Issue],
+                    run_id: str | None, counter: str = "dispatched") -> list[dict[str, Any]]:
+    """Send one agent task per claim; returns what was sent. If sending fails, every claim not yet sent is
+    released (reason ``send-failed``) before re-raising, so nothing is left held.
+
+    ``counter`` (and ``dispatched``) are counted with the task records, in the same round trip; what could
+    not be sent is taken off again."""
+    sent: list[dict[str, Any]] = []
+    task_ids = [new_agent_task_id() for _ in claims]
+    counts = {"dispatched": len(claims), counter: len(claims)}
+    try:
+        if claims:
+            _remember_agent_tasks(ctx, zip(task_ids, claims), run_id, counts)
+        for task_id, claim in zip(task_ids, claims):
             assert send is not None
             send(task_id, issues[claim.issue], claim, run_id)
-            sent += 1
-            report.dispatches.append({"issue": claim.issue, "task_id": task_id, "fence": claim.fence})
-            f.notifier.send_event("dispatched", issue_id=claim.issue, title=issues[claim.issue].title,
-                                  run_id=run_id)
+            sent.append({"issue": claim.issue, "task_id": task_id, "fence": claim.fence})
+            ctx.notifier.send_event("dispatched", issue_id=claim.issue, title=issues[claim.issue].title,
+                                    run_id=run_id)
     except Exception:
-        for claim in batch.claims[sent:]:
+        for claim in claims[len(sent):]:
             try:
-                f.ledger.release(claim.issue, claim.token, reason="send-failed")
+                ctx.ledger.release(claim.issue, claim.token, reason="send-failed")
             except Exception:  # noqa: BLE001 - best effort, the lease TTL frees it anyway
                 log.exception("could not release unsent claim on %s", claim.issue)
         raise
     finally:
-        report.dispatched = sent
-    if sent:
-        f.control.count("dispatched", sent)
-    return report
+        if len(sent) < len(claims):
+            for name in counts:
+                ctx.control.count(name, len(sent) - len(claims))
+    return sent
 
 
-def _dry_gate(f: Factory, issues: dict[str, Issue], report: IterationReport) -> IterationReport:
-    cap_left = f.settings.dispatch.max_in_flight - f.ledger.gauges()["in_flight"]
-    for issue_id in issues:
-        why = f.ledger.explain(issue_id)
-        if why.state == "claimable" and cap_left > 0:
-            cap_left -= 1
-            report.dispatches.append({"issue": issue_id, "task_id": None, "fence": None})
-        else:
-            reason = "max-in-flight" if why.state == "claimable" else why.state
-            report.skipped.append({"issue": issue_id, "reason": reason})
-    report.dispatched = len(report.dispatches)
-    return report
+#: Skip reasons that mean "ready, waiting for room": such issues go to the backlog a freed slot refills from.
+WAITING = (Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT)
 
 
-def _remember_agent_tasks(f: Factory, pairs: Iterable[tuple[str, Claim]], run_id: str | None) -> None:
-    """Map each agent task id to its claim (one round trip), so a revoke or teardown can release by token."""
-    p = f.r.pipeline(transaction=False)
-    for task_id, claim in pairs:
-        key = f.keys.agent_task(task_id)
-        p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
-                             "state": "queued"})
-        p.expire(key, AGENT_TASK_TTL_S)
+def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[Any]) -> None:
+    """Replace the backlog with this poll's ready issues that wait for room (source order, at most
+    ``Keys.BACKLOG_MAX``; it expires after two intervals, so a stopped loop leaves nothing behind)."""
+    waiting = [issues[s.issue].model_dump_json() for s in skipped if s.reason in WAITING][: ctx.keys.BACKLOG_MAX]
+    ttl_ms = int(max(60.0, 2 * ctx.settings.loop.interval_s) * 1000)
+    p = ctx.redis.pipeline(transaction=True)
+    p.delete(ctx.keys.backlog)
+    if waiting:
+        p.rpush(ctx.keys.backlog, *waiting).pexpire(ctx.keys.backlog, ttl_ms)
     p.execute()
 
 
-def stop_reason(f: Factory, run: dict[str, Any], task_id: str | None) -> str | None:
-    """Why this run (its record, ``run``) must not do anything more (checked first by every iteration)."""
-    kill = f.control.kill_info()
-    if kill:
-        return f"killed by {kill.get('by', '?')}"
-    if f.control.is_revoked(task_id):
-        return "revoked"
-    status = run.get("status")
-    if status != "running":
-        return f"run is {status or 'unknown'}"
+_POP = object()
+
+
+def refill(ctx: Context, send: Sender, run_id: str | None = None, tries: int = 5, popped: Any = _POP
+           ) -> str | None:
+    """A slot just freed: gate the next backlog issue through the same gate and cap, and send its agent
+    at once (the beat-driven poll stays the safety net). Returns the issue dispatched, if any.
+
+    An issue the gate skips for good (done, in flight, backing off, parked) is dropped and the next one
+    tried; one that must still wait for room (or a killed / paused loop) is put back, and refill stops.
+    ``popped``: the first backlog entry, already popped by the caller (in a round trip it made anyway).
+    """
+    for _ in range(tries):
+        raw, popped = (ctx.redis.lpop(ctx.keys.backlog) if popped is _POP else popped), _POP
+        if raw is None:
+            return None
+        issue = Issue.model_validate_json(raw)
+        batch = ctx.ledger.claim([issue.id], fleet_slots=True)
+        if batch.claims:
+            dispatch_claims(ctx, send, batch.claims, {issue.id: issue}, run_id, counter="refilled")
+            return issue.id
+        if batch.skipped[0].reason in (*WAITING, Gate.KILLED, Gate.PAUSED):
+            ctx.redis.lpush(ctx.keys.backlog, raw)
+            return None
     return None
 
 
-def run_iteration(f: Factory, send: Sender, run_id: str, index: int, task_id: str | None = None,
+def _remember_agent_tasks(ctx: Context, pairs: Iterable[tuple[str, Claim]], run_id: str | None,
+                          counts: dict[str, int]) -> None:
+    """Map each agent task id to its claim, so a revoke or teardown can release by token, and add
+    ``counts`` to the counters: one round trip."""
+    p = ctx.redis.pipeline(transaction=False)
+    for name, n in counts.items():
+        p.hincrby(ctx.keys.counters, name, n)
+    for task_id, claim in pairs:
+        key = ctx.keys.agent_task(task_id)
+        p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
+                             "state": "queued"})
+        p.expire(key, ctx.keys.AGENT_TASK_TTL_S)
+    p.execute()
+
+
+def stop_reason(ctx: Context, run: dict[str, Any], task_id: str | None) -> tuple[RunStatus, str] | None:
+    """Why this run (its record, ``run``) must not do anything more, and the status that ends it
+    (checked first by every iteration)."""
+    kill = ctx.control.kill_info()
+    if kill:
+        return RunStatus.KILLED, f"killed by {kill.get('by', '?')}"
+    if ctx.control.is_revoked(task_id):
+        return RunStatus.KILLED, "revoked"
+    status = run.get("status")
+    if status != RunStatus.RUNNING:
+        return RunStatus.STOPPING, f"run is {status or 'unknown'}"
+    return None
+
+
+def run_iteration(ctx: Context, send: Sender, run_id: str, index: int, task_id: str | None = None,
                   worker: str | None = None) -> tuple[IterationReport, bool]:
     """One iteration of run ``run_id``; returns (report, whether the chain should go on).
 
     A failing iteration is recorded and the run goes on, until ``loop.breaker_failures`` consecutive
     failures end the run (status ``stopping``).
     """
-    cfg = f.settings.loop
-    rec = f.control.run(run_id) or {}
-    reason = stop_reason(f, rec, task_id)
-    if reason:
-        f.control.end_run(run_id, "killed" if reason.startswith(("killed", "revoked")) else "stopping", reason)
-        return IterationReport(run_id=run_id, iteration=index, stopped=reason), False
+    cfg = ctx.settings.loop
+    rec = ctx.control.run(run_id) or {}
+    stop = stop_reason(ctx, rec, task_id)
+    if stop:
+        ctx.control.end_run(run_id, *stop)
+        return IterationReport(run_id=run_id, iteration=index, stopped=stop[1]), False
     max_it = int(rec.get("max_iterations", cfg.max_iterations))
     gap = cfg.spacing_s(max_it) if index + 1 < max_it else 0.0
-    reason = f.control.begin_iteration(run_id, index + 1, max_it, gap)
+    reason = ctx.control.begin_iteration(run_id, index + 1, max_it, gap)
     if reason:
-        f.control.end_run(run_id, "stopping", reason)
+        ctx.control.end_run(run_id, RunStatus.STOPPING, reason)
         return IterationReport(run_id=run_id, iteration=index, stopped=reason), False
     began = time.monotonic()
     try:
-        report = iterate(f, send, run_id=run_id, iteration=index)
+        report = iterate(ctx, send, run_id=run_id, iteration=index)
         failed = False
     except Exception as exc:  # noqa: BLE001 - recorded on the run; the breaker decides
         log.exception("iteration %d of run %s failed", index, run_id)
         report = IterationReport(run_id=run_id, iteration=index, error=f"{type(exc).__name__}: {exc}")
         failed = True
     report.duration_s = round(time.monotonic() - began, 4)
-    consecutive = f.control.record_iteration(run_id, index, report.as_dict(), failed, worker)
+    consecutive = ctx.control.record_iteration(run_id, index, report.as_dict(), failed, worker)
     if failed and consecutive >= cfg.breaker_failures:
-        f.control.end_run(run_id, "stopping", f"breaker open: {consecutive} consecutive failed iterations "
-                                              f"(last: {report.error})")
+        ctx.control.end_run(run_id, RunStatus.STOPPING, f"breaker open: {consecutive} consecutive failed "
+                                                        f"iterations (last: {report.error})")
         report.stopped = "breaker open"
         return report, False
     return report, True
 
 
-def finish_run(f: Factory, run_id: str) -> bool:
+def finish_run(ctx: Context, run_id: str) -> bool:
     """The chain's last task: end the run as finished (heartbeat idle, lease released)."""
-    return f.control.end_run(run_id, "finished")
+    return ctx.control.end_run(run_id, RunStatus.FINISHED)
+
+
+def start_run(ctx: Context, send_run: RunSender, max_iterations: int | None = None, by: str = "beat",
+              clear_kill: bool = False) -> Kickoff:
+    """Take the loop lease and send the run's tasks (overlap policy SKIP). Shared by beat and start-loop.
+
+    Iterations after the first are spaced ``loop.spacing_s`` apart (short countdowns, far below the
+    visibility timeout), so a run's polls spread over the interval. If sending fails the run is ended.
+    """
+    _notify_if_stale(ctx)
+    kick = ctx.control.start_run(max_iterations, by=by, clear_kill=clear_kill)
+    if not kick.started:
+        log.info("kickoff skipped: %s", kick.reason)
+        return kick
+    try:
+        send_run(kick, ctx.settings.loop.spacing_s(len(kick.task_ids) - 1))
+    except Exception as exc:
+        ctx.control.abandon_start(kick, f"{type(exc).__name__}: {exc}")
+        raise
+    return kick
+
+
+def _notify_if_stale(ctx: Context) -> None:
+    """Tell the team, once per run, that the loop's heartbeat went stale."""
+    if not ctx.notifier.enabled:
+        return
+    live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
+    hb = live.heartbeat
+    if live.state == "stale" and hb and ctx.redis.set(ctx.keys.notified("stale", hb.run_id), 1, nx=True,
+                                                      ex=ctx.keys.NOTIFIED_TTL_S):
+        ctx.notifier.send_event("stale", age_s=live.age_s, run_id=hb.run_id, hostname=hb.hostname)

@@ -21,38 +21,38 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .loop import Factory
+from .context import Context
 
 log = logging.getLogger(__name__)
 
 #: Counter names in the shared counters hash that describe the loop rather than the ledger.
 LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched")
 LIVENESS_STATES = ("live", "stale", "stopping", "missing")
-ISSUE_STATES = {"in_flight": "in_flight", "backoff": "backoff", "parked": "parked", "done": "done"}
 
 
 def _is_loop_counter(name: str) -> bool:
     return name.startswith(LOOP_COUNTER_PREFIXES)
 
 
-def snapshot(f: Factory) -> dict[str, Any]:
+def snapshot(ctx: Context) -> dict[str, Any]:
     """Everything the metrics show, as plain data (what ``metrics --json`` prints)."""
     from .operations import loop_status
 
-    status, _ = loop_status(f)
+    status, _ = loop_status(ctx)
     counters = status["counters"]
     report = (status.get("run") or {}).get("last_report")
     duration = report.get("duration_s") if isinstance(report, dict) else None
     return {
         "ledger_events": {k: v for k, v in sorted(counters.items()) if not _is_loop_counter(k)},
         "loop_counters": {k: v for k, v in sorted(counters.items()) if _is_loop_counter(k)},
-        "issues": {ISSUE_STATES[k]: v for k, v in status["ledger"].items() if k in ISSUE_STATES},
+        "issues": dict(status["ledger"]),
         "liveness": status["liveness"],
         "live": bool(status["live"]),
         "heartbeat_age_s": status["age_s"],
         "iteration_duration_s": float(duration) if isinstance(duration, (int, float)) else None,
         "workers_live": len(status["workers"]),
         "killed": bool(status["killed"]),
+        "ledger_lost": bool(status["ledger_lost"]),
         "paused": bool(status["paused"]),
     }
 
@@ -60,8 +60,8 @@ def snapshot(f: Factory) -> dict[str, Any]:
 class FactoryCollector(Collector):
     """Reads Redis on every ``collect()``; nothing is cached between scrapes."""
 
-    def __init__(self, f: Factory) -> None:
-        self.f = f
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
 
     def describe(self) -> list[Metric]:
         return []  # metrics depend on Redis contents; do not collect at registration
@@ -69,7 +69,7 @@ class FactoryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("factory_redis_up", "1 when the last scrape could read Redis")
         try:
-            snap = snapshot(self.f)
+            snap = snapshot(self.ctx)
         except redis.RedisError as exc:
             log.warning("scrape could not read Redis: %s", str(exc).splitlines()[0] if str(exc) else exc)
             up.add_metric([], 0)
@@ -110,17 +110,19 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("factory_workers_live", "Workers with a live heartbeat key", value=snap["workers_live"])
     yield GaugeMetricFamily("factory_loop_killed", "1 while the loop is killed", value=int(snap["killed"]))
     yield GaugeMetricFamily("factory_loop_paused", "1 while the loop is paused", value=int(snap["paused"]))
+    yield GaugeMetricFamily("factory_ledger_lost", "1 while a process reports its ledger lost (safe mode)",
+                            value=int(snap.get("ledger_lost", False)))
 
 
-def registry_for(f: Factory) -> CollectorRegistry:
+def registry_for(ctx: Context) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(FactoryCollector(f))
+    reg.register(FactoryCollector(ctx))
     return reg
 
 
-def render(f: Factory) -> str:
+def render(ctx: Context) -> str:
     """The metrics in the Prometheus text exposition format."""
-    return generate_latest(registry_for(f)).decode("utf-8")
+    return generate_latest(registry_for(ctx)).decode("utf-8")
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -140,9 +142,9 @@ class _Stop:
     requested = False
 
 
-def serve(f: Factory, host: str, port: int, poll_s: float = 0.2) -> int:
+def serve(ctx: Context, host: str, port: int, poll_s: float = 0.2) -> int:
     """Serve ``/metrics`` on ``host:port`` until SIGINT/SIGTERM; returns 0."""
-    server, thread = start_http_server(port, addr=host, registry=registry_for(f))
+    server, thread = start_http_server(port, addr=host, registry=registry_for(ctx))
     stop = _Stop()
 
     def _on_signal(signum: int, _frame: Any) -> None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("dispatched", "done", "parked", "stale", "killed")
+EVENTS = ("dispatched", "done", "parked", "stale", "killed", "ledger-lost")
 QUEUE_SIZE = 256
 _STOP = object()
 
@@ -86,7 +86,14 @@ def format_killed(run_id: str | None = None, by: str | None = None) -> str:
     return f":octagonal_sign: factory loop{run} killed{who}"
 
 
+def format_ledger_lost(remembered: str = "", current: str | None = None) -> str:
+    now = f"generation {_clean(current, 64)}" if current else "an empty ledger"
+    return (f":rotating_light: factory ledger lost: worked in generation {_clean(remembered, 64)}, Redis now holds "
+            f"{now}; nothing is claimed or started until `factory-worker ledger accept`")
+
+
 FORMATTERS: dict[str, Callable[..., str]] = {
+    "ledger-lost": format_ledger_lost,
     "dispatched": format_dispatched,
     "done": format_done,
     "parked": format_parked,

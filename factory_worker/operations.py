@@ -5,16 +5,19 @@ Each returns a plain dict (what ``--json`` prints) and an exit code, so the CLI 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import replace
 from typing import Any, Callable
 
-from . import heartbeat
-from .dispatch import release_task_claim
-from .loop import Factory
-from .runs import who
+from . import guard, heartbeat
+from .agent_task import release_task_claim
+from .context import Context
+from .presence import fleet_slots, live_workers
+from .redis_client import mask_url
+from .control import who
+from .ledger import Explanation
+from .states import Gate, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -22,68 +25,71 @@ log = logging.getLogger(__name__)
 Revoker = Callable[[list[str]], None]
 
 
-def live_workers(f: Factory) -> list[dict[str, Any]]:
-    out = []
-    for key in f.r.scan_iter(match=f.keys.worker_pattern(), count=500):
-        raw = f.r.get(key)
-        try:
-            out.append(json.loads(raw)) if raw else None
-        except ValueError:
-            continue
-    return sorted(out, key=lambda w: w.get("hostname", ""))
-
-
-def _masked(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
-def loop_status(f: Factory) -> tuple[dict[str, Any], int]:
-    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live."""
-    live = heartbeat.check(f.r, f.keys, f.settings.loop.stale_after_s)
-    run_id = live.heartbeat.run_id if live.heartbeat else f.control.current_run_id()
-    run = f.control.run(run_id)
+def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
+    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost."""
+    live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
+    run_id = live.heartbeat.run_id if live.heartbeat else ctx.control.current_run_id()
+    run = ctx.control.run(run_id)
     status = {
-        "redis": _masked(f.settings.effective_redis_url),
-        "namespace": f.settings.namespace,
+        "redis": mask_url(ctx.settings.effective_redis_url),
+        "namespace": ctx.settings.namespace,
         "liveness": live.state,
         "live": live.live,
         "age_s": None if live.age_s is None else round(live.age_s, 3),
         "heartbeat": live.heartbeat.model_dump() if live.heartbeat else None,
         "run": run,
-        "lease_holder": f.control.lease_holder(),
-        "killed": f.control.kill_info(),
-        "paused": f.control.pause_info(),
-        "counters": f.ledger.counters(),
-        "ledger": f.ledger.gauges(),
-        "workers": live_workers(f),
+        "lease_holder": ctx.control.lease_holder(),
+        "killed": ctx.control.kill_info(),
+        "paused": ctx.control.pause_info(),
+        "counters": ctx.ledger.counters(),
+        "ledger": ctx.ledger.gauges(),
+        "workers": live_workers(ctx),
+        "agent_slots": fleet_slots(ctx),
         "last_iteration_worker": (run or {}).get("last_worker"),
+        "ledger_guard": guard.status(ctx.redis, ctx.keys),
     }
-    return status, 0 if live.live else 1
+    status["ledger_lost"] = status["ledger_guard"]["ledger_lost"]
+    return status, 0 if live.live and not status["ledger_lost"] else 1
 
 
-def kill_loop(f: Factory, force: bool = False, release_agents: bool = False,
+def explain(ctx: Context, issue_id: str) -> Explanation:
+    """The gate's answer for ``issue_id``; when the gate would dispatch it, also whether the source has it
+    and whether it is ready there (the CLI needs only Redis: an unreachable source is noted, not fatal)."""
+    e = ctx.ledger.explain(issue_id)
+    if e.state not in (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT):
+        return e
+    try:
+        issue = ctx.source.get(issue_id)
+    except Exception as exc:  # noqa: BLE001 - the source may be down: say so and answer from the ledger
+        return replace(e, detail={**e.detail, "source_error": f"{type(exc).__name__}: {exc}"})
+    if issue is None:
+        return Explanation(issue_id, Gate.NOT_IN_SOURCE, "not in the source: never dispatched unless it appears "
+                           f"there in a ready state (the ledger alone says: {e.state})", e.detail)
+    ready = ctx.settings.source.ready_states
+    if issue.state not in ready:
+        return Explanation(issue_id, Gate.NOT_READY, f"its state in the source is {issue.state!r}, not one of "
+                           f"{', '.join(ready)} (the ledger alone says: {e.state})", e.detail)
+    return e
+
+
+def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
               revoke: Revoker | None = None, grace_s: float | None = None) -> tuple[dict[str, Any], int]:
     """Kill the live run and keep the loop stopped. Exit 1 (refused) when nothing is live, unless forced."""
-    live = heartbeat.check(f.r, f.keys, f.settings.loop.stale_after_s)
+    live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
     if not live.live and not force:
         why = {"missing": "no heartbeat (missing, malformed or expired)", "stale": f"heartbeat is stale "
                f"({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
                "stopping": "the run is already stopping"}.get(live.state, live.state)
         return {"killed": None, "refused": f"no live run: {why}; use --force to kill anyway"}, 1
-    run_id = (live.heartbeat.run_id if live.heartbeat else None) or f.control.current_run_id()
-    run = f.control.run(run_id) or {}
+    run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
+    run = ctx.control.run(run_id) or {}
     by = who()
-    f.control.set_kill(run_id, by)
+    ctx.control.set_kill(run_id, by)
     task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
-    agent_ids = run_agent_tasks(f, run_id) if release_agents else []
-    f.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
+    agent_ids = run_agent_tasks(ctx, run_id) if release_agents else []
+    ctx.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
     # Celery's revoke is broadcast to every worker and kept in memory: only the tasks not yet run need it.
-    pending = task_ids[max(0, int(run.get("iterations_done", 0)) - 1):] if run.get("status") == "running" else []
+    pending = task_ids[max(0, int(run.get("iterations_done", 0)) - 1):] if run.get("status") == RunStatus.RUNNING else []
     revoked_sent, revoke_error = False, None
     if revoke is not None and pending:
         try:
@@ -93,10 +99,10 @@ def kill_loop(f: Factory, force: bool = False, release_agents: bool = False,
             revoke_error = f"{type(exc).__name__}: {exc}"
             log.warning("celery revoke failed (the Redis revoke list still applies): %s", revoke_error)
     if run_id:
-        f.control.end_run(run_id, "killed", f"kill-loop by {by}")
-    released = stop_agents(f, agent_ids, grace_s) if release_agents else []
-    f.notifier.send_event("killed", run_id=run_id, by=by)
-    f.notifier.close()
+        ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}")
+    released = stop_agents(ctx, agent_ids, grace_s) if release_agents else []
+    ctx.notifier.send_event("killed", run_id=run_id, by=by)
+    ctx.notifier.close()
     out = {"killed": run_id, "revoked": task_ids, "released_agents": released, "by": by,
            "celery_revoke_sent": revoked_sent}
     if revoke_error:
@@ -104,31 +110,31 @@ def kill_loop(f: Factory, force: bool = False, release_agents: bool = False,
     return out, 0
 
 
-def run_agent_tasks(f: Factory, run_id: str | None) -> list[str]:
+def run_agent_tasks(ctx: Context, run_id: str | None) -> list[str]:
     """Agent task ids of ``run_id`` that are running now (all runs when ``run_id`` is None)."""
     ids = []
-    for task_id in f.r.smembers(f.keys.agents):
-        rec_run = f.r.hget(f.keys.agent_task(task_id), "run_id")
+    for task_id in ctx.redis.smembers(ctx.keys.agents):
+        rec_run = ctx.redis.hget(ctx.keys.agent_task(task_id), "run_id")
         if run_id is None or rec_run == run_id:
             ids.append(task_id)
     return sorted(ids)
 
 
-def stop_agents(f: Factory, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:
+def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:
     """Ask the agents' workers to stop them (SIGTERM, then SIGKILL after the agent grace) and release
     their claims as interrupted; whatever is still held after the grace is released here by token."""
     if not task_ids:
         return []
-    grace = grace_s if grace_s is not None else f.settings.agent.term_grace_s + 2.0
-    records = {t: f.r.hgetall(f.keys.agent_task(t)) for t in task_ids}
-    p = f.r.pipeline(transaction=False)
+    grace = grace_s if grace_s is not None else ctx.settings.agent.term_grace_s + 2.0
+    records = {t: ctx.redis.hgetall(ctx.keys.agent_task(t)) for t in task_ids}
+    p = ctx.redis.pipeline(transaction=False)
     for t in task_ids:
-        p.set(f.keys.agent_stop(t), who(), ex=3600)
+        p.set(ctx.keys.agent_stop(t), who(), ex=ctx.keys.AGENT_STOP_TTL_S)
     p.execute()
     deadline = time.monotonic() + grace
     pending = set(task_ids)
     while pending and time.monotonic() < deadline:
-        pending = {t for t in pending if f.r.sismember(f.keys.agents, t)}
+        pending = {t for t in pending if ctx.redis.sismember(ctx.keys.agents, t)}
         if pending:
             time.sleep(0.1)
     out = []
@@ -137,25 +143,25 @@ def stop_agents(f: Factory, task_ids: list[str], grace_s: float | None = None) -
         released_by = "worker"
         if t in pending:
             # Only a dead worker's claims are released here: a live one may be settling right now.
-            if rec.get("hostname") and f.r.exists(f.keys.worker(rec["hostname"])):
+            if rec.get("hostname") and ctx.redis.exists(ctx.keys.worker(rec["hostname"])):
                 released_by = "pending (its worker is alive and still stopping it)"
             else:
-                released_by = "ctl" if release_task_claim(f, t) is not None else "lease expiry"
-                f.r.srem(f.keys.agents, t)  # its worker is gone: nobody else will clean this entry
+                released_by = "ctl" if release_task_claim(ctx, t) is not None else "lease expiry"
+                ctx.redis.srem(ctx.keys.agents, t)  # its worker is gone: nobody else will clean this entry
         out.append({"task_id": t, "issue": rec.get("issue"), "stopped": t not in pending,
                     "released_by": released_by})
     return out
 
 
-def start_loop(f: Factory, start: Callable[[int | None, str], Any], max_iterations: int | None = None
+def start_loop(ctx: Context, start: Callable[[int | None, str], Any], max_iterations: int | None = None
                ) -> tuple[dict[str, Any], int]:
     """Clear a kill and start a run now (overlap policy applies): exit 0 started, 1 skipped."""
-    cleared = f.control.kill_info() is not None
+    cleared = ctx.control.kill_info() is not None
     kick = start(max_iterations, f"start-loop {who()}")  # clears the kill once it holds the loop lease
     out = {"cleared_kill": cleared, **kick.as_dict()}
     return out, 0 if kick.started else 1
 
 
-def set_paused(f: Factory, paused: bool) -> tuple[dict[str, Any], int]:
-    changed = f.control.set_paused(paused, who())
+def set_paused(ctx: Context, paused: bool) -> tuple[dict[str, Any], int]:
+    changed = ctx.control.set_paused(paused, who())
     return {"paused": paused, "changed": changed}, 0

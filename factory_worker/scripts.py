@@ -1,30 +1,49 @@
-"""The Lua scripts, loaded from ``lua/*.lua`` and registered once per Redis client.
+"""The Lua scripts: found by glob in ``lua/``, each declared once, registered once per Redis client.
 
-Each script file opens with its contract (KEYS, ARGV, returns). Compare-and-set scripts share one return
-convention, turned into typed exceptions here: ``{1, ...}`` ok, ``{0, ""}`` no live claim (expired or
-released), ``{-1, current}`` the claim is held by another token.
+Every script file opens with its contract, which is also its machine-readable declaration::
+
+    KEYS: claim(issue) inflight counters started      -- names of Keys members, in order
+    ARGV: token issue reason                          -- argument names, in order
+    REPLIES: ok gone held                             -- the status words it may answer with
+
+A member with a parameter (``claim(issue)``) is built from the argument of that name; a trailing ``*``
+(``claim(issue)*`` / ``issue*``) marks a variadic tail, one key / argument per item. This module prepends
+to each script a header generated from that declaration (``local K = {claim = KEYS[1], ...}``,
+``local A = {...}``) and the shared prelude ``lua/_prelude.lua`` (server time, the holder check, the end of
+a claim). So the key order is written once, and Lua and Python both use it by name.
+
+One reply convention: a script answers a flat array whose first element is a status word. ``gone`` (no
+live claim) and ``held`` (another token holds it; the second element is that token) become
+:class:`StaleClaimError`; a word the script did not declare raises :class:`ScriptReplyError`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import redis
 from redis.commands.core import Script
 
+from .keys import Keys
+
 log = logging.getLogger(__name__)
 
-NAMES = ("claim", "renew", "complete", "fail", "release", "retry", "lease_release", "run_end", "begin", "iteration_begin", "kill_clear")
-
-_registered: "weakref.WeakKeyDictionary[Any, dict[str, Script]]" = weakref.WeakKeyDictionary()
+_DECL = re.compile(r"^(KEYS|ARGV|REPLIES):(.*)$", re.MULTILINE)
+_SPEC = re.compile(r"^([a-z_]+)(?:\(([a-z_]+)\))?(\*?)$")
 
 
 class LedgerError(Exception):
     """Base class of ledger errors."""
+
+
+class ScriptReplyError(LedgerError):
+    """A script answered with a status word its contract does not declare (a bug, never a stale claim)."""
 
 
 class StaleClaimError(LedgerError):
@@ -44,28 +63,135 @@ class StaleClaimError(LedgerError):
         return self.current is None
 
 
+@dataclass(frozen=True)
+class KeySpec:
+    member: str  # a Keys property or method
+    param: str | None  # the argument a method takes (``claim(issue)``)
+
+    def build(self, keys: Keys, value: Any = None) -> str:
+        attr = getattr(keys, self.member)
+        return attr(str(value)) if self.param else attr
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A script's declaration, parsed from its header."""
+
+    name: str
+    keys: tuple[KeySpec, ...]
+    each_key: KeySpec | None
+    args: tuple[str, ...]
+    each_arg: str | None
+    replies: frozenset[str]
+
+    def lua_header(self) -> str:
+        """``K`` and ``A``: the keys and arguments by name (variadic tails start at ``K_N + 1``/``A_N + 1``)."""
+        k = ", ".join(f"{s.member} = KEYS[{i}]" for i, s in enumerate(self.keys, 1))
+        a = ", ".join(f"{n} = ARGV[{i}]" for i, n in enumerate(self.args, 1))
+        return f"local K = {{{k}}}\nlocal A = {{{a}}}\nlocal K_N, A_N = {len(self.keys)}, {len(self.args)}\n"
+
+
+def _parse(name: str, text: str) -> Contract:
+    decl = {kind: body.split() for kind, body in _DECL.findall(text)}
+    missing = {"KEYS", "ARGV", "REPLIES"} - set(decl)
+    if missing:
+        raise ValueError(f"lua/{name}.lua: contract lacks {', '.join(sorted(missing))}")
+    keys: list[KeySpec] = []
+    each_key = None
+    for raw in decl["KEYS"]:
+        m = _SPEC.match(raw)
+        if not m or not hasattr(Keys, m.group(1)):
+            raise ValueError(f"lua/{name}.lua: KEYS entry {raw!r} is not a Keys member")
+        spec = KeySpec(m.group(1), m.group(2))
+        if m.group(3):
+            each_key = spec
+        else:
+            keys.append(spec)
+    args = [a for a in decl["ARGV"] if not a.endswith("*")]
+    tail = [a[:-1] for a in decl["ARGV"] if a.endswith("*")]
+    return Contract(name, tuple(keys), each_key, tuple(args), tail[0] if tail else None, frozenset(decl["REPLIES"]))
+
+
+def _lua_dir() -> Any:
+    return resources.files("factory_worker").joinpath("lua")
+
+
 @lru_cache(maxsize=None)
+def _catalogue() -> dict[str, tuple[Contract, str]]:
+    prelude = _lua_dir().joinpath("_prelude.lua").read_text()
+    out = {}
+    for entry in sorted(_lua_dir().iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".lua") or entry.name.startswith("_"):
+            continue
+        name = entry.name[:-4]
+        text = entry.read_text()
+        contract = _parse(name, text)
+        out[name] = (contract, contract.lua_header() + prelude + text)
+    return out
+
+
+#: Every script's name (one per ``lua/*.lua`` file, the prelude aside).
+NAMES = tuple(_catalogue())
+
+
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return resources.files("factory_worker").joinpath("lua", f"{name}.lua").read_text()
+    """The full text sent to Redis for ``name``: generated header + prelude + ``lua/<name>.lua``."""
+    return _catalogue()[name][1]
 
 
-def scripts_for(client: redis.Redis) -> dict[str, Script]:
+def contract(name: str) -> Contract:
+    return _catalogue()[name][0]
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: str
+    values: list[Any]
+
+
+class BoundScript:
+    """One script registered on one client; call it with keyword arguments named as in its contract."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self.contract = contract(name)
+        self._script: Script = client.register_script(source(name))
+
+    @property
+    def sha(self) -> str:
+        return self._script.sha
+
+    def __call__(self, keys: Keys, items: Iterable[Any] = (), **args: Any) -> Reply:
+        c = self.contract
+        items = list(items)
+        klist = [s.build(keys, args.get(s.param)) for s in c.keys]
+        if c.each_key is not None:
+            klist += [c.each_key.build(keys, item) for item in items]
+        alist = [args[a] for a in c.args] + (items if c.each_arg else [])
+        raw = self._script(keys=klist, args=alist)
+        status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+        if status not in c.replies:
+            raise ScriptReplyError(f"lua/{c.name}.lua answered {status!r}, which its contract does not declare")
+        return Reply(status, list(raw[1:]))
+
+
+_registered: "weakref.WeakKeyDictionary[Any, dict[str, BoundScript]]" = weakref.WeakKeyDictionary()
+
+
+def scripts_for(client: redis.Redis) -> Mapping[str, BoundScript]:
     """The registered scripts of ``client``; registered on first use, once per client."""
     try:
         return _registered[client]
     except KeyError:
-        regs = {name: client.register_script(source(name)) for name in NAMES}
+        regs = {name: BoundScript(client, name) for name in NAMES}
         _registered[client] = regs
         return regs
 
 
-def checked(result: list[Any], issue: str, token: str) -> list[Any]:
-    """Raise :class:`StaleClaimError` unless a compare-and-set script returned success."""
-    status = int(result[0])
-    if status == 1:
-        return result
-    current = result[1] if status == -1 else None
-    if isinstance(current, bytes):
-        current = current.decode()
-    raise StaleClaimError(issue, token, current)
+def checked(reply: Reply, issue: str, token: str) -> Reply:
+    """``reply`` unless it says the token does not hold the claim (then :class:`StaleClaimError`)."""
+    if reply.status == "gone":
+        raise StaleClaimError(issue, token, None)
+    if reply.status == "held":
+        cur = reply.values[0]
+        raise StaleClaimError(issue, token, cur.decode() if isinstance(cur, bytes) else cur)
+    return reply

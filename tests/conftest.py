@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-import types
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import redis
+import time_machine
 
 from factory_worker.config import Settings, load_settings
 from factory_worker.embedded import RedisServer
@@ -47,37 +47,40 @@ def real_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 class FakeClock:
-    """Drives fakeredis' notion of time (key expiry, TIME) so tests can jump forward."""
+    """The wall clock, stopped and moved by hand (``time-machine``, a public API): fakeredis' TIME and key
+    expiry follow it, so tests jump past leases and backoff windows. ``time.monotonic`` is left alone."""
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
+        self._travel = time_machine.travel(start, tick=False)
+        self._at = self._travel.start()
+
+    @property
+    def now(self) -> float:
+        return time.time()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._at.move_to(value)
 
     def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+        return time.time()
 
     def sleep(self, s: float) -> None:
-        self.now += s
+        self._at.shift(s)
 
     def advance(self, s: float) -> None:
-        self.now += s
+        self._at.shift(s)
+
+    def stop(self) -> None:
+        self._travel.stop()
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """A controllable clock for fakeredis (server TIME and expiries follow it)."""
-    import fakeredis._helpers as helpers
-    import fakeredis._socket._base as base
-    import fakeredis.commands_mixins.server_mixin as server_mixin
-
+def clock() -> Iterator[FakeClock]:
+    """A controllable wall clock for fakeredis (server TIME and expiries follow it)."""
     fake = FakeClock()
-    shim = types.SimpleNamespace(time=fake.time, monotonic=time.monotonic, sleep=time.sleep,
-                                 perf_counter=time.perf_counter)
-    for mod in (base, server_mixin, helpers):
-        monkeypatch.setattr(mod, "time", shim)
-    return fake
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture
@@ -85,6 +88,12 @@ def fake_redis(clock: FakeClock) -> redis.Redis:
     import fakeredis
 
     return fakeredis.FakeRedis(decode_responses=True, server=fakeredis.FakeServer())
+
+
+def roomy_fleet(r: redis.Redis, keys: Keys, slots: int = 1000) -> None:
+    """Advertise a live agent worker with ``slots`` slots that never expires (for tests of the gate's other
+    rules: a clock moved hours ahead must not make the fleet vanish)."""
+    r.hset(keys.slots, "agents@test", f"{slots}:{2**53}")
 
 
 @pytest.fixture

@@ -7,24 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 from factory_worker.config import Settings, load_settings
+from harness import ROOT, pid_alive, wait_until  # noqa: F401  (re-exported for the tests)
+from harness import run_ctl as ctl  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
@@ -44,7 +33,8 @@ class CeleryProc:
         self.log_path = log_dir / f"{name}.log"
         argv = [sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
         if kind == "worker":
-            argv += ["-n", f"{name}@%h", "-Q", "factory.loop,factory.agents", "--without-mingle",
+            ns = env.get("FACTORY_NAMESPACE", "factory")
+            argv += ["-n", f"{name}@%h", "-Q", f"{ns}.loop,{ns}.agents", "--without-mingle",
                      "--without-gossip", "-P", "prefork"]
         else:
             argv += ["--schedule", str(log_dir / f"{name}-schedule")]
@@ -115,15 +105,6 @@ sys.exit(code)
 '''
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
 def write_issues(path: Path, issues: list[dict]) -> None:
     path.write_text("".join(json.dumps(i) + "\n" for i in issues))
 
@@ -156,6 +137,7 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
         "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, str(agent), "{id}", "{title}"]),
         "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
         "FACTORY_WORKER__SOFT_SHUTDOWN_S": "5",
+        "FACTORY_AGENT__TERM_GRACE_S": "1",  # short leases (a few s) leave room for a 1 s grace only
         "AGENT_OUT": str(out),
     }
     env.update(extra)
@@ -168,8 +150,31 @@ def settings_from(env: dict[str, str]) -> Settings:
         return load_settings()
 
 
+def write(path, issues):
+    path.write_text("".join(json.dumps(i) + "\n" for i in issues))
 
-def ctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m factory_worker.ctl ARGS`` with ``env``."""
-    return subprocess.run([sys.executable, "-m", "factory_worker.ctl", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+
+class Recorder:
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.sent: list[tuple] = []
+        self.fail_after = fail_after
+
+    def __call__(self, task_id, issue, claim, run_id):
+        if self.fail_after is not None and len(self.sent) >= self.fail_after:
+            raise ConnectionError("broker down")
+        self.sent.append((task_id, issue.id, claim.token, run_id))
+
+
+def assert_audit_clean(redis_url: str, namespace: str) -> None:
+    """The ledger's invariants hold (``factory-worker audit``): every chaos test ends with this."""
+    import redis as _redis
+
+    from factory_worker.audit import audit
+    from factory_worker.keys import Keys
+
+    client = _redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        result = audit(client, Keys(namespace))
+    finally:
+        client.close()
+    assert result["clean"], f"ledger invariants violated: {result['violations']}"

@@ -8,13 +8,9 @@ from typing import Callable, Protocol
 
 from ..sources.base import Issue
 
-#: Outcomes: ok (exit 0) | failed (non-zero exit) | timeout | signalled | lease-lost | interrupted
-OUTCOMES = ("ok", "failed", "timeout", "signalled", "lease-lost", "interrupted")
-
-
 @dataclass(frozen=True)
 class AgentResult:
-    outcome: str
+    outcome: str  # an Outcome word (factory_worker.states)
     exit_code: int | None
     duration_s: float
     log_path: Path | None

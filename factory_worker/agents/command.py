@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import AgentSettings
-from ..scripts import StaleClaimError
 from ..sources.base import Issue
 from .base import AgentResult, Dispatch
+from .lease import LeaseKeeper
 from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,9 @@ class CommandAgent:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             issue_json.write_text(json.dumps(issue.as_json_dict(), ensure_ascii=False, indent=2) + "\n")
             logf = open(log_path, "ab")
-        except OSError as exc:
-            msg = f"cannot write the agent's log or issue file under {log_path.parent}: {exc.strerror or exc}"
+        except Exception as exc:  # noqa: BLE001 - disk full, bad path, unserializable data: a failed attempt
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            msg = f"cannot write the agent's log or issue file under {log_path.parent}: {why}"
             log.error("issue %s: %s", issue.id, msg)
             return AgentResult("failed", None, time.monotonic() - start, None, msg)
         env = agent_env(os.environ)
@@ -132,14 +133,13 @@ class CommandAgent:
 
     # -- supervision -----------------------------------------------------------------------------
     def _supervise(self, proc, start, renew, should_stop, on_start, issue_id):
-        """Wait for the agent, renewing and checking; returns (outcome or None, error, status_lost)."""
+        """Wait for the agent while a :class:`LeaseKeeper` renews and reads the stop flags; stop the group
+        in time if the claim is lost, a stop is asked, it times out, or renewals stopped succeeding.
+        Returns (outcome or None, error, status_lost)."""
         outcome, error, lost = None, "", False
-        tick = min(0.2, self.renew_interval_s)
-        next_renew = start + self.renew_interval_s
-        # The lease was renewed just before the agent started; without a successful renew it ends here
-        # (a little early, for clock drift): past it another worker may already hold the issue.
-        safety = min(1.0, self.lease_ttl_s * 0.1)
-        lease_end = start + self.lease_ttl_s - safety
+        tick = min(0.05, self.renew_interval_s)
+        keeper = LeaseKeeper(renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s,
+                             issue_id, start).start()
         try:
             if on_start is not None:
                 try:
@@ -151,29 +151,20 @@ class CommandAgent:
                 if state != "running":
                     lost = state == "lost"
                     break
-                reason = self._should_stop(should_stop, issue_id)
-                if reason is not None:
-                    outcome, error = "interrupted", str(reason)
-                    break
                 now = time.monotonic()
-                if now - start >= self.settings.timeout_s:
+                if keeper.lost is not None:
+                    outcome, error = "lease-lost", keeper.lost
+                elif keeper.stop_reason is not None:
+                    outcome, error = "interrupted", keeper.stop_reason
+                elif now - start >= self.settings.timeout_s:
                     outcome, error = "timeout", f"agent ran longer than {self.settings.timeout_s:g}s"
+                elif now >= keeper.stop_at:
+                    outcome, error = "lease-lost", (f"the lease could not be renewed for "
+                                                    f"{now - keeper.last_renew_sent:.1f}s: stopped before it expires")
+                if outcome is not None:
                     break
-                if now >= lease_end:
-                    outcome, error = "lease-lost", "the lease could not be renewed before it expired"
-                    break
-                if now >= next_renew:
-                    next_renew = now + self.renew_interval_s
-                    try:
-                        renew()
-                        lease_end = now + self.lease_ttl_s - safety
-                    except StaleClaimError as exc:
-                        outcome, error = "lease-lost", str(exc)
-                        break
-                    except Exception as exc:  # e.g. Redis unreachable: the lease may still be valid
-                        log.warning("issue %s: renewing the claim failed (retrying): %s", issue_id, exc)
-                        next_renew = now + tick  # retry soon, not a whole interval later
         finally:
+            keeper.close()
             if outcome is not None:
                 log.warning("issue %s: stopping agent group %d (%s: %s)", issue_id, proc.pid, outcome, error)
             self.stop_group(proc)

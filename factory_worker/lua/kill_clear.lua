@@ -1,9 +1,11 @@
 --[[ kill_clear: start-loop clears the kill it saw, and only that one (compare-and-delete).
-KEYS[1] loop kill flag (hash {run_id, by, at_ms, reason})
-ARGV[1] at_ms of the kill the caller saw ("" when it saw none)
-Returns 1 cleared (or there was none and none was expected) | 0 a different kill is in place now: keep it ]]
-local at = redis.call('HGET', KEYS[1], 'at_ms')
-if not at then return 1 end
-if at ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
+KEYS: kill
+ARGV: at_ms
+REPLIES: ok kept
+at_ms is that of the kill the caller saw ("" when it saw none); the kill flag is a hash {run_id, by, at_ms, reason}.
+Returns {'ok'} cleared (or there was none and none was expected) | {'kept'} a different kill is in place now ]]
+local at = redis.call('HGET', K.kill, 'at_ms')
+if not at then return {'ok'} end
+if at ~= A.at_ms then return {'kept'} end
+redis.call('DEL', K.kill)
+return {'ok'}

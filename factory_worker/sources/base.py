@@ -5,20 +5,63 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Limits on an issue (untrusted input): nesting of any field, the title, the body, the whole item.
+MAX_DEPTH = 32
+MAX_TITLE_CHARS = 1_000
+MAX_BODY_CHARS = 256 * 1024
+MAX_ITEM_CHARS = 1024 * 1024
+
+
+def _check_tree(value: Any, depth: int = 0) -> int:
+    """Walk ``value`` (iteratively bounded by MAX_DEPTH); returns its size in characters, or raises
+    ValueError for a depth bomb or a string that is not valid Unicode (a lone surrogate)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_check_tree(k, depth + 1) + _check_tree(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_check_tree(v, depth + 1) for v in value)
+    return 8
 
 
 class Issue(BaseModel):
-    """A work item. ``id``, ``title`` and ``state`` are required; text fields are untrusted input."""
+    """A work item. ``id``, ``title`` and ``state`` are required; text fields are untrusted input.
+
+    Whatever validates can be handed to an agent: it is valid Unicode, at most MAX_DEPTH deep and
+    MAX_ITEM_CHARS large, so it serializes to JSON for the broker and the agent's issue file."""
 
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")  # no control characters
-    title: str
-    state: str
-    body: str = ""
-    labels: list[str] = Field(default_factory=list)
+    id: str = Field(min_length=1, max_length=256)
+    title: str = Field(max_length=MAX_TITLE_CHARS)
+    state: str = Field(max_length=256)
+    body: str = Field("", max_length=MAX_BODY_CHARS)
+    labels: list[str] = Field(default_factory=list, max_length=256)
     updated_at: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("must not contain control characters")
+        if v.startswith("-"):
+            raise ValueError("must not start with '-' (alone in an agent's argv it would read as an option)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _untrusted(cls, data: Any) -> Any:
+        if isinstance(data, dict) and _check_tree(data) > MAX_ITEM_CHARS:
+            raise ValueError(f"larger than {MAX_ITEM_CHARS} characters")
+        return data
 
     def as_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -69,6 +69,8 @@ def _validate(obj: Any, where: str, out: _Parsed) -> None:
         out.issues.append((Issue.model_validate(obj), where))
     except ValidationError as exc:
         out.errors.append(f"{where}: {_one_line(_reason(exc))}")
+    except Exception as exc:  # noqa: BLE001 - one poisoned item never stalls the others
+        out.errors.append(f"{where}: rejected: {type(exc).__name__}: {_one_line(str(exc))}")
 
 
 def _parse_jsonl(path: Path, data: bytes, out: _Parsed) -> None:
@@ -83,6 +85,9 @@ def _parse_jsonl(path: Path, data: bytes, out: _Parsed) -> None:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             out.errors.append(f"{where}: invalid JSON: {_one_line(str(exc))}")
             continue
+        except RecursionError:
+            out.errors.append(f"{where}: invalid JSON: nested too deeply")
+            continue
         _validate(obj, where, out)
 
 
@@ -94,6 +99,9 @@ def _parse_json(path: Path, data: bytes, out: _Parsed) -> None:
         return
     except ValueError as exc:
         out.errors.append(f"{path}: invalid JSON: {_one_line(str(exc))}")
+        return
+    except RecursionError:
+        out.errors.append(f"{path}: invalid JSON: nested too deeply")
         return
     if isinstance(doc, dict) and isinstance(doc.get("issues"), list):
         doc = doc["issues"]

@@ -13,10 +13,18 @@ import pytest
 from factory_worker import heartbeat
 from factory_worker.embedded import RedisServer
 from factory_worker.ledger import Ledger, StaleClaimError
-from factory_worker.loop import Factory
+from factory_worker.context import Context
 from tests.support import (
-    CeleryProc, ctl, pid_alive, read_events, settings_from, stack_env, wait_until, write_issues,
+    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, wait_until, write_issues,
 )
+
+
+@pytest.fixture(autouse=True)
+def _ends_with_an_audit(redis_url, namespace, procs):
+    """Every test here ends with the ledger's invariants checked, its workers still up."""
+    yield
+    assert_audit_clean(redis_url, namespace)
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(180)]
 
@@ -47,15 +55,15 @@ def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(redis_url,
     wait_until(lambda: not pid_alive(first["pid"]), 1.0, interval=0.02, what="agent gone with its worker")
     assert time.monotonic() - t0 <= 1.0
 
-    f = Factory(settings_from(env), real_redis)
-    assert f.ledger.explain("K-1").state == "in-flight"  # the dead holder's lease runs out, no sooner
-    wait_until(lambda: f.ledger.explain("K-1").state == "claimable", 6, what="lease expiry")
+    ctx = Context(settings_from(env), real_redis)
+    assert ctx.ledger.explain("K-1").state == "in-flight"  # the dead holder's lease runs out, no sooner
+    wait_until(lambda: ctx.ledger.explain("K-1").state == "claimable", 6, what="lease expiry")
     assert ctl(env, "run-once", "--json").returncode == 0
-    wait_until(lambda: f.ledger.explain("K-1").state == "done", 20, what="K-1 done by w2")
+    wait_until(lambda: ctx.ledger.explain("K-1").state == "done", 20, what="K-1 done by w2")
     assert ok_ends(tmp_path)["K-1"] == 1
     assert len(starts(tmp_path, "K-1")) == 2
     with pytest.raises(StaleClaimError):
-        f.ledger.complete("K-1", first["token"])
+        ctx.ledger.complete("K-1", first["token"])
 
 
 def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_url, real_redis, namespace,
@@ -71,7 +79,7 @@ def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_ur
     procs.append(beat)
     beat.wait_ready()
     first = wait_until(lambda: len(starts(tmp_path)) >= 2 and starts(tmp_path), 30, what="both slow agents")
-    f = Factory(settings_from(env), real_redis)
+    ctx = Context(settings_from(env), real_redis)
     tokens = {e["issue"]: e["token"] for e in first}
     w2 = CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "3"])
     procs.append(w2)
@@ -84,16 +92,16 @@ def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_ur
     assert took <= 3 + 3, f"warm shutdown took {took:.1f}s"
     for e in first:
         assert not pid_alive(e["pid"])
-    counters = f.ledger.counters()
+    counters = ctx.ledger.counters()
     assert counters.get("released_interrupted", 0) >= 2
     for issue, token in tokens.items():
-        assert real_redis.get(f.keys.claim(issue)) != token  # nothing left owned by w1
-        assert f.ledger.explain(issue).detail.get("attempts", 0) == 0  # interrupted, not failed
-    assert real_redis.get(f.keys.worker("w1@" + os.uname().nodename)) is None
+        assert real_redis.get(ctx.keys.claim(issue)) != token  # nothing left owned by w1
+        assert ctx.ledger.explain(issue).detail.get("attempts", 0) == 0  # interrupted, not failed
+    assert real_redis.get(ctx.keys.worker("w1@" + os.uname().nodename)) is None
     # the loop continues on w2: both issues get done there
-    wait_until(lambda: all(f.ledger.explain(i["id"]).state == "done" for i in issues), 40, what="done on w2")
+    wait_until(lambda: all(ctx.ledger.explain(i["id"]).state == "done" for i in issues), 40, what="done on w2")
     assert all(n == 1 for n in ok_ends(tmp_path).values())
-    run = f.control.run(f.control.current_run_id())
+    run = ctx.control.run(ctx.control.current_run_id())
     assert run["last_worker"].startswith("w2@")
 
 
@@ -105,8 +113,8 @@ def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redi
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
     for p in procs:
         p.wait_ready()
-    f = Factory(settings_from(env), real_redis)
-    wait_until(lambda: f.ledger.gauges()["done"] == 4, 30, what="first issues done")
+    ctx = Context(settings_from(env), real_redis)
+    wait_until(lambda: ctx.ledger.gauges()["done"] == 4, 30, what="first issues done")
     assert ctl(env, "loop-status").returncode == 0
 
     res = ctl(env, "kill-loop", "--json")
@@ -129,25 +137,25 @@ def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redi
 
     started = ctl(env, "start-loop", "--json")
     assert started.returncode == 0, started.stdout + started.stderr
-    wait_until(lambda: f.ledger.gauges()["done"] == 7, 30, what="dispatching resumed")
+    wait_until(lambda: ctx.ledger.gauges()["done"] == 7, 30, what="dispatching resumed")
 
 
 def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis, namespace, tmp_path):
     env = stack_env(redis_url, namespace, tmp_path)
-    f = Factory(settings_from(env), real_redis)
+    ctx = Context(settings_from(env), real_redis)
     now = int(real_redis.time()[0]) * 1000
     stale = heartbeat.make("old-run", "running", 1, 3, now - 60_000)
-    real_redis.set(f.keys.heartbeat, stale.model_dump_json())
+    real_redis.set(ctx.keys.heartbeat, stale.model_dump_json())
     res = ctl(env, "kill-loop")
     assert res.returncode == 1 and "stale" in res.stderr
-    assert not real_redis.exists(f.keys.kill)
-    real_redis.set(f.keys.heartbeat, '{"run_id": 5, "status": "running"')
+    assert not real_redis.exists(ctx.keys.kill)
+    real_redis.set(ctx.keys.heartbeat, '{"run_id": 5, "status": "running"')
     status = ctl(env, "loop-status", "--json")
     assert status.returncode == 1
     assert json.loads(status.stdout)["liveness"] == "missing"
     assert ctl(env, "kill-loop").returncode == 1
     forced = ctl(env, "kill-loop", "--force", "--json")
-    assert forced.returncode == 0 and real_redis.exists(f.keys.kill)
+    assert forced.returncode == 0 and real_redis.exists(ctx.keys.kill)
 
 
 def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, real_redis, namespace,
@@ -161,7 +169,7 @@ def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, 
     for p in procs:
         p.wait_ready()
     running = wait_until(lambda: len(starts(tmp_path)) >= 3 and starts(tmp_path), 30, what="3 agents running")
-    f = Factory(settings_from(env), real_redis)
+    ctx = Context(settings_from(env), real_redis)
     t0 = time.monotonic()
     res = ctl(env, "kill-loop", "--release-agents", "--json")
     assert res.returncode == 0, res.stderr
@@ -170,10 +178,10 @@ def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, 
     wait_until(lambda: not any(pid_alive(e["pid"]) for e in running), 2 + 2, what="agents gone")
     assert time.monotonic() - t0 <= 2 + 2 + 1
     for i in issues:
-        assert f.ledger.current_token(i["id"]) is None
-        assert f.ledger.explain(i["id"]).detail.get("attempts") == 0
-    assert f.ledger.gauges()["in_flight"] == 0
-    assert f.ledger.counters().get("released_interrupted", 0) == 3
+        assert ctx.ledger.current_token(i["id"]) is None
+        assert ctx.ledger.explain(i["id"]).detail.get("attempts") == 0
+    assert ctx.ledger.gauges()["in_flight"] == 0
+    assert ctx.ledger.counters().get("released_interrupted", 0) == 3
 
 
 def test_redis_restart_mid_run_every_issue_done_once(tmp_path, namespace, procs):

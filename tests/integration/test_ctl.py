@@ -11,6 +11,9 @@ import time
 
 import pytest
 
+from factory_worker.keys import Keys
+from tests.conftest import roomy_fleet
+
 from factory_worker.embedded import free_port
 from factory_worker.ledger import Ledger
 from tests.support import ROOT, ctl, factory_env, pid_alive, settings_from, stack_env, wait_until, write_issues
@@ -24,6 +27,7 @@ def env(redis_url, real_redis, namespace, tmp_path):
         {"id": "C-1", "title": "one", "state": "ready"},
         {"id": "C-2", "title": "two", "state": "ready"},
     ])
+    roomy_fleet(real_redis, Keys(namespace))  # explain answers for a fleet with room (no worker runs here)
     return stack_env(redis_url, namespace, tmp_path)
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.doctor import beat_seen, clear_beat, format_report, publish_beat, run_doctor
+from factory_worker.doctor import format_report, run_doctor
+from factory_worker.presence import beat_seen, clear_beat, publish_beat
 from factory_worker.embedded import RedisServer, free_port
-from factory_worker.loop import Factory
+from factory_worker.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +77,31 @@ def test_good_config_cli_exits_0(start_redis, namespace) -> None:
 def test_eviction_policy_that_drops_ledger_keys(start_redis, make_settings, policy, severity) -> None:
     server = start_redis(appendonly=True, extra=["--maxmemory-policy", policy, "--maxmemory", "100mb"])
     data, code = run_doctor(make_settings(redis_url=server.url))
-    (f,) = by_check(data, "eviction")
-    assert code == 1 and f["severity"] == severity
-    assert policy in f["message"] and "noeviction" in f["message"]
+    (ctx,) = by_check(data, "eviction")
+    assert code == 1 and ctx["severity"] == severity
+    assert policy in ctx["message"] and "noeviction" in ctx["message"]
 
 
 def test_no_persistence(start_redis, make_settings) -> None:
     server = start_redis(appendonly=False)  # RedisServer also passes --save ""
     data, code = run_doctor(make_settings(redis_url=server.url))
-    (f,) = by_check(data, "persistence")
-    assert code == 1 and f["severity"] == "warn" and "appendonly yes" in f["message"]
+    (ctx,) = by_check(data, "persistence")
+    assert code == 1 and ctx["severity"] == "warn" and "appendonly yes" in ctx["message"]
 
 
 def test_rdb_only_is_a_note(start_redis, make_settings) -> None:
     server = start_redis(appendonly=False, extra=["--save", "60 1"])
     data, code = run_doctor(make_settings(redis_url=server.url))
-    (f,) = by_check(data, "persistence")
-    assert code == 0 and f["severity"] == "info" and "RDB" in f["message"]
+    (ctx,) = by_check(data, "persistence")
+    assert code == 0 and ctx["severity"] == "info" and "RDB" in ctx["message"]
 
 
 def test_config_disabled_is_unknown_not_a_crash(start_redis, make_settings) -> None:
     server = start_redis(appendonly=False, extra=["--rename-command", "CONFIG", ""])
     data, code = run_doctor(make_settings(redis_url=server.url))
     assert by_check(data, "eviction") == []  # read from INFO instead: noeviction
-    (f,) = by_check(data, "persistence")
-    assert f["severity"] == "info" and "unknown" in f["message"] and code == 0
+    (ctx,) = by_check(data, "persistence")
+    assert ctx["severity"] == "info" and "unknown" in ctx["message"] and code == 0
     server2 = start_redis(extra=["--rename-command", "CONFIG", "", "--rename-command", "INFO", ""])
     data, code = run_doctor(make_settings(redis_url=server2.url))
     assert [x["severity"] for x in by_check(data, "eviction")] == ["info"]
@@ -112,35 +113,35 @@ def test_visibility_timeout_shorter_than_agent_timeout(start_redis, make_setting
     s = make_settings(redis_url=server.url, worker={"visibility_timeout_s": 60, "soft_shutdown_s": 20},
                       agent={"command": ["true"], "log_dir": str(tmp_path), "timeout_s": 600})
     data, code = run_doctor(s)
-    (f,) = by_check(data, "visibility-timeout")
-    assert code == 1 and "FACTORY_WORKER__VISIBILITY_TIMEOUT_S" in f["message"] and "620" in f["message"]
+    (ctx,) = by_check(data, "visibility-timeout")
+    assert code == 1 and "FACTORY_WORKER__VISIBILITY_TIMEOUT_S" in ctx["message"] and "620" in ctx["message"]
 
 
 def test_two_beats_are_reported(start_redis, make_settings) -> None:
     server = good(start_redis)
     s = make_settings(redis_url=server.url)
-    f = Factory(s)
-    publish_beat(f, "host-a", 101)
+    ctx = Context(s)
+    publish_beat(ctx, "host-a", 101)
     data, code = run_doctor(s)
     assert code == 0 and by_check(data, "beat") == []
-    publish_beat(f, "host-b", 202)
-    assert [b["node"] for b in beat_seen(f)] == ["host-a/101", "host-b/202"]
+    publish_beat(ctx, "host-b", 202)
+    assert [b["node"] for b in beat_seen(ctx)] == ["host-a/101", "host-b/202"]
     data, code = run_doctor(s)
     (finding,) = by_check(data, "beat")
     assert code == 1 and "2 beats" in finding["message"] and "host-b/202" in finding["message"]
-    clear_beat(f, "host-b", 202)
+    clear_beat(ctx, "host-b", 202)
     assert run_doctor(s)[1] == 0
-    assert f.r.pttl(f.keys.beat("host-a/101")) > 0  # presence expires by itself
+    assert ctx.redis.pttl(ctx.keys.beat("host-a/101")) > 0  # presence expires by itself
 
 
 def test_beat_host_clock_skew(start_redis, make_settings) -> None:
     server = good(start_redis)
     s = make_settings(redis_url=server.url)
-    f = Factory(s)
-    key = publish_beat(f, "skewed", 7)
-    rec = json.loads(f.r.get(key))
+    ctx = Context(s)
+    key = publish_beat(ctx, "skewed", 7)
+    rec = json.loads(ctx.redis.get(key))
     rec["host_ms"] = rec["updated_ms"] + 5000
-    f.r.set(key, json.dumps(rec), px=30_000)
+    ctx.redis.set(key, json.dumps(rec), px=30_000)
     data, code = run_doctor(s)
     (finding,) = by_check(data, "clock-skew")
     assert code == 1 and "skewed/7" in finding["message"] and "+5.0s" in finding["message"]
@@ -169,6 +170,7 @@ def test_unreachable_broker(start_redis, make_settings) -> None:
 def test_lease_and_heartbeat_sanity(start_redis, make_settings) -> None:
     server = good(start_redis)
     s = make_settings(redis_url=server.url, dispatch={"lease_ttl_s": 1},
+                      agent={"term_grace_s": 0.2, "command": ["true"]},  # settings load; the doctor still warns
                       worker={"heartbeat_interval_s": 5, "heartbeat_ttl_s": 5},
                       loop={"interval_s": 10, "stale_after_s": 60, "heartbeat_ttl_s": 30})
     data, code = run_doctor(s)

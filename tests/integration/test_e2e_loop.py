@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+from factory_worker.app import agent_queue
+from factory_worker.keys import Keys
 from factory_worker.ledger import Ledger
-from factory_worker.loop import Factory
-from factory_worker.runs import LoopControl
+from tests.conftest import roomy_fleet
+from factory_worker.context import Context
+from factory_worker.control import LoopControl
 from tests.support import CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -70,12 +71,12 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
     assert len([e for e in by_issue["I-59"] if e["event"] == "start"]) == 3
     assert ledger.explain("I-59").state == "parked"
     # runs never overlapped, though two beats kicked off
-    f = Factory(settings, real_redis)
+    ctx = Context(settings, real_redis)
     runs = []
-    for key in real_redis.scan_iter(match=f.keys.run("*")):
+    for key in real_redis.scan_iter(match=ctx.keys.run("*")):
         if key.endswith(":current"):
             continue
-        rec = f.control.run(key.rsplit(":", 1)[1])
+        rec = ctx.control.run(key.rsplit(":", 1)[1])
         if rec and "started_ms" in rec:
             runs.append((rec["started_ms"], rec.get("finished_ms") or 10**15, rec["status"]))
     runs.sort()
@@ -84,7 +85,7 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
         assert s2 >= e1, "two runs were live at once"
     # nothing is left owned
     assert ledger.gauges()["in_flight"] == 0
-    assert not real_redis.keys(f.keys.claim("*"))
+    assert not real_redis.keys(ctx.keys.claim("*"))
 
 
 def test_two_kickoffs_at_the_same_moment_start_one_run(real_redis, make_settings, redis_url):
@@ -117,6 +118,7 @@ def Keys_for(settings):
 def test_dry_run_dispatches_nothing_and_writes_nothing(redis_url, real_redis, namespace, tmp_path):
     write_issues(tmp_path / "issues.jsonl", [{"id": f"D-{n}", "title": "t", "state": "ready"} for n in range(5)])
     env = stack_env(redis_url, namespace, tmp_path)
+    roomy_fleet(real_redis, Keys(namespace))  # a live agent worker with room (none runs in this test)
     before = {k: real_redis.dump(k) for k in real_redis.keys("*")}
     res = ctl(env, "run-once", "--dry-run", "--json")
     assert res.returncode == 0, res.stderr
@@ -124,7 +126,7 @@ def test_dry_run_dispatches_nothing_and_writes_nothing(redis_url, real_redis, na
     assert report["dry_run"] is True and report["pulled"] == 5 and report["dispatched"] == 5
     after = {k: real_redis.dump(k) for k in real_redis.keys("*")}
     assert after == before
-    assert real_redis.llen("factory.agents") == 0
+    assert real_redis.llen(agent_queue(namespace)) == 0
 
 
 def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, namespace, tmp_path, procs):
@@ -140,7 +142,7 @@ def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, na
     sender = Celery(broker=redis_url)
     sender.conf.task_serializer = "json"
     msg = dict(args=["R-1", claim.token, None], kwargs={"issue": {"id": "R-1", "title": "t", "state": "ready"}},
-               queue="factory.agents")
+               queue=agent_queue(namespace))
     sender.send_task("factory.agent.run", task_id="dup-1", **msg)
     sender.send_task("factory.agent.run", task_id="dup-1", **msg)  # the same message, delivered again
     wait_until(lambda: ledger.explain("R-1").state == "done", 30, what="R-1 done")
@@ -165,3 +167,23 @@ def test_hostile_title_reaches_the_agent_as_plain_text(redis_url, real_redis, na
     start = next(e for e in read_events(tmp_path / "out") if e["event"] == "start")
     assert start["argv"] == ["X-1", title]
     assert not list(tmp_path.glob("pwned*"))
+
+
+def test_flower_sees_failed_agents_as_failure_and_done_ones_as_success(redis_url, real_redis, namespace, tmp_path,
+                                                                         procs):
+    """The agent task's Celery state tells the truth (issue 8): failed -> FAILURE with the reason, done -> SUCCESS."""
+    write_issues(tmp_path / "issues.jsonl", [{"id": "F-ok", "title": "t", "state": "ready"},
+                                             {"id": "F-bad", "title": "t", "state": "ready", "labels": ["always-fails"]}])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__BACKOFF_BASE_S="30",
+                    FACTORY_DISPATCH__BACKOFF_MAX_S="30")
+    w = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
+    procs.append(w)
+    w.wait_ready()
+    assert ctl(env, "run-once", "--json").returncode == 0
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    wait_until(lambda: ledger.explain("F-ok").state == "done" and ledger.explain("F-bad").state == "backoff", 30,
+               what="one done, one backing off")
+    wait_until(lambda: "raised expected: AgentFailed" in w.log(), 10, what="the failed task's FAILURE")
+    log = w.log()
+    assert "issue F-bad: failed -> backoff" in log
+    assert log.count("raised expected: AgentFailed") == 1  # the done one succeeded

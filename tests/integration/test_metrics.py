@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from factory_worker import heartbeat
 from factory_worker.embedded import free_port
-from factory_worker.loop import Factory
+from factory_worker.context import Context
 from factory_worker.metrics import parse_addr, render, snapshot
 
 log = logging.getLogger(__name__)
@@ -39,33 +39,33 @@ def val(sm: Samples, metric: str, /, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def factory(real_redis, redis_url, make_settings) -> Factory:
-    return Factory(make_settings(redis_url=redis_url, dispatch={"lease_ttl_s": 30, "backoff_base_s": 60,
+def factory(real_redis, redis_url, make_settings) -> Context:
+    return Context(make_settings(redis_url=redis_url, dispatch={"lease_ttl_s": 30, "backoff_base_s": 60,
                                                                 "backoff_max_s": 60}))
 
 
-def do_work(f: Factory, issues: list[str], fail: list[str] = ()) -> None:
-    batch = f.ledger.claim(issues)
+def do_work(ctx: Context, issues: list[str], fail: list[str] = ()) -> None:
+    batch = ctx.ledger.claim(issues)
     assert len(batch.claims) == len(issues)
     for c in batch.claims:
         if c.issue in fail:
-            f.ledger.fail(c.issue, c.token, "boom")
+            ctx.ledger.fail(c.issue, c.token, "boom")
         else:
-            f.ledger.complete(c.issue, c.token)
+            ctx.ledger.complete(c.issue, c.token)
 
 
-def a_run(f: Factory) -> str:
+def a_run(ctx: Context) -> str:
     """A run with one recorded iteration (whose report carries duration_s) and a live heartbeat + worker."""
-    kick = f.control.start_run(3, by="test")
+    kick = ctx.control.start_run(3, by="test")
     assert kick.started
-    f.control.record_iteration(kick.run_id, 0, {"pulled": 4, "dispatched": 4, "duration_s": 1.5}, False, "w1@h")
-    heartbeat.write(f.r, f.keys, kick.run_id, "running", 1, 3, 60)
-    f.r.set(f.keys.worker("w1@h"), json.dumps({"hostname": "w1@h", "updated_ms": 1}), px=60_000)
+    ctx.control.record_iteration(kick.run_id, 0, {"pulled": 4, "dispatched": 4, "duration_s": 1.5}, False, "w1@h")
+    heartbeat.write(ctx.redis, ctx.keys, kick.run_id, "running", 1, 3, 60)
+    ctx.redis.set(ctx.keys.worker("w1@h"), json.dumps({"hostname": "w1@h", "updated_ms": 1}), px=60_000)
     return kick.run_id
 
 
 @pytest.fixture
-def exporter(factory: Factory) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def exporter(factory: Context) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     exe = Path(sys.executable).parent / "factory-worker"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "factory_worker.ctl"]
@@ -96,7 +96,7 @@ def scrape(url: str) -> Samples:
     return samples(resp.text)
 
 
-def test_serve_scrape_move_and_stop(factory: Factory, exporter) -> None:
+def test_serve_scrape_move_and_stop(factory: Context, exporter) -> None:
     proc, url = exporter
     do_work(factory, ["A", "B", "C"], fail=["C"])
     a_run(factory)
@@ -141,7 +141,7 @@ def test_sigint_also_exits_0(exporter) -> None:
     assert proc.wait(timeout=5) == 0
 
 
-def test_render_and_snapshot_in_process(factory: Factory) -> None:
+def test_render_and_snapshot_in_process(factory: Context) -> None:
     do_work(factory, ["X"])
     snap = snapshot(factory)
     assert snap["ledger_events"]["completed"] == 1 and snap["issues"]["done"] == 1
@@ -155,12 +155,12 @@ def test_render_and_snapshot_in_process(factory: Factory) -> None:
 
 
 def test_scrape_while_redis_is_down_reports_redis_up_0(make_settings) -> None:
-    f = Factory(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
-    sm = samples(render(f))
+    ctx = Context(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    sm = samples(render(ctx))
     assert val(sm, "factory_redis_up") == 0 and len(sm) == 1
 
 
-def test_metrics_cli_once_and_json(factory: Factory) -> None:
+def test_metrics_cli_once_and_json(factory: Context) -> None:
     do_work(factory, ["Y"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
     env.update(FACTORY_REDIS_URL=factory.settings.effective_redis_url, FACTORY_NAMESPACE=factory.settings.namespace)
@@ -184,7 +184,7 @@ def test_parse_addr_rejects(addr: str) -> None:
         parse_addr(addr)
 
 
-def test_bad_serve_address_exits_2(factory: Factory) -> None:
+def test_bad_serve_address_exits_2(factory: Context) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
     env.update(FACTORY_REDIS_URL=factory.settings.effective_redis_url)
     proc = subprocess.run([sys.executable, "-m", "factory_worker.ctl", "metrics", "--serve", ":nope"], check=False,

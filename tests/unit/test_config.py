@@ -248,3 +248,12 @@ def test_config_error_has_no_traceback_chain():
     with pytest.raises(ConfigError) as exc:
         load_settings(dispatch={"lease_ttl_s": 0})
     assert exc.value.__cause__ is None and exc.value.__suppress_context__
+
+
+def test_a_lease_too_short_for_the_agents_term_grace_is_rejected_naming_both_fields():
+    """Issue 9: an agent without renewals must be gone (SIGKILL included) before its lease can end."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(dispatch={"lease_ttl_s": 3}, agent={"term_grace_s": 5})
+    msg = str(err.value)
+    assert "\n" not in msg and "FACTORY_DISPATCH__LEASE_TTL_S" in msg and "FACTORY_AGENT__TERM_GRACE_S" in msg
+    assert load_settings(dispatch={"lease_ttl_s": 3}, agent={"term_grace_s": 1}).dispatch.lease_ttl_s == 3

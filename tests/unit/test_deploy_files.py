@@ -211,10 +211,16 @@ def check_factory_worker(argv: list[str], where: str) -> str:
     return name
 
 
+from factory_worker.app import agent_queue, loop_queue  # noqa: E402
+
+#: the queues of the default namespace, which every deploy file uses
+LOOP_QUEUE, AGENT_QUEUE = loop_queue("factory"), agent_queue("factory")
+
+
 def test_factory_worker_app_imports() -> None:
     from celery.app.utils import find_app
 
-    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE, app
+    from factory_worker.app import app
 
     assert find_app("factory_worker") is app and app.main == "factory_worker"  # what `-A factory_worker` finds
     assert {LOOP_QUEUE, AGENT_QUEUE} == {"factory.loop", "factory.agents"}
@@ -251,7 +257,6 @@ def _queues(argv: list[str]) -> set[str]:
 
 
 def test_workers_consume_one_queue_each_and_probe_their_own_node() -> None:
-    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
 
     worker_argvs = _worker_argvs()
     assert len(worker_argvs) >= 6  # a loop worker and agent workers in compose, k8s, systemd
@@ -271,7 +276,6 @@ def test_workers_consume_one_queue_each_and_probe_their_own_node() -> None:
 def test_a_dedicated_loop_worker_and_agent_workers_without_the_loop_queue() -> None:
     """The loop's kickoff/iteration tasks must never wait behind agents: in compose, k8s and systemd one
     worker consumes only factory.loop, and no worker that consumes factory.agents consumes factory.loop."""
-    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
 
     for kind in ("compose", "k8s", ".service"):
         argvs = [(w, a) for w, a in _worker_argvs() if kind in w]
@@ -298,7 +302,6 @@ def test_a_dedicated_loop_worker_and_agent_workers_without_the_loop_queue() -> N
 
 
 def test_devstack_runs_a_loop_worker_and_agent_workers() -> None:
-    from factory_worker.app import AGENT_QUEUE, LOOP_QUEUE
     from factory_worker.devstack import stack_commands
 
     cmds = stack_commands(Settings(), flower=False, workers=3, concurrency=4)

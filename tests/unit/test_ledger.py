@@ -6,6 +6,9 @@ import random
 
 import pytest
 
+from tests.conftest import roomy_fleet
+
+from factory_worker.config import load_settings
 from factory_worker.ledger import MAX_BATCH, STATES, Claim, Ledger, LedgerError, StaleClaimError, fence_of
 
 LEASE_S = 30.0
@@ -16,7 +19,8 @@ def dispatch(make_settings):
     """Dispatch settings for the ledger tests: 30 s lease, cap 4, 3 attempts, backoff 5 s .. 300 s, jitter 0.1."""
 
     def _make(**over):
-        cfg = {"lease_ttl_s": LEASE_S, "max_in_flight": 4, "max_attempts": 3, "backoff_base_s": 5.0,
+        # queue lease = running lease: these tests are about a claim's lease, queued or running
+        cfg = {"lease_ttl_s": LEASE_S, "queue_lease_s": LEASE_S, "max_in_flight": 4, "max_attempts": 3, "backoff_base_s": 5.0,
                "backoff_max_s": 300.0, "backoff_jitter": 0.1}
         cfg.update(over)
         return make_settings(dispatch=cfg).dispatch
@@ -26,7 +30,8 @@ def dispatch(make_settings):
 
 @pytest.fixture
 def ledger(fake_redis, keys, dispatch) -> Ledger:
-    """A ledger whose jitter is always 0 (deterministic backoff windows)."""
+    """A ledger whose jitter is always 0 (deterministic backoff windows), with a roomy agent fleet."""
+    roomy_fleet(fake_redis, keys)
     return Ledger(fake_redis, keys, dispatch(), rng=lambda: 0.0)
 
 
@@ -502,6 +507,7 @@ def test_release_keeps_earlier_attempts(ledger, clock):
 
 # -- explain ---------------------------------------------------------------------------------------------
 def test_explain_every_state(fake_redis, keys, dispatch, clock):
+    roomy_fleet(fake_redis, keys)
     ledger = Ledger(fake_redis, keys, dispatch(max_in_flight=2, max_attempts=2), rng=lambda: 0.0)
     e = ledger.explain("fresh")
     assert (e.state, e.detail) == ("claimable", {"attempts": 0})
@@ -627,3 +633,40 @@ def test_a_killed_loop_claims_nothing(ledger, fake_redis, keys):
     assert ledger.current_token("a") is None and fake_redis.hget(keys.fences, "a") is None
     fake_redis.delete(keys.kill)
     assert one(ledger, "a").fence == 1
+
+
+# -- capacity: queue lease and fleet slots (issue 8) -------------------------------------------------------
+def test_a_queued_claim_holds_the_queue_lease_and_begin_switches_to_the_running_lease(fake_redis, keys, dispatch,
+                                                                                       clock):
+    ledger = Ledger(fake_redis, keys, dispatch(queue_lease_s=600), rng=lambda: 0.0)
+    c = one(ledger, "a")
+    assert 599_000 < fake_redis.pttl(keys.claim("a")) <= 600_000  # waiting in the broker: not the 30 s lease
+    clock.advance(LEASE_S + 5)  # a running lease would have expired by now; the queued claim still holds
+    assert ledger.claim(["a"]).skipped[0].reason == "in-flight"
+    assert ledger.begin("a", c.token, "agent-1") == "started"
+    assert 0 < fake_redis.pttl(keys.claim("a")) <= LEASE_S * 1000  # now the running lease, renewed while it runs
+    clock.advance(LEASE_S + 1)
+    assert [x.issue for x in ledger.claim(["a"]).claims] == ["a"]  # a dead agent's claim frees after the lease
+
+
+def test_the_gate_claims_no_more_than_the_live_fleets_agent_slots(fake_redis, keys, dispatch, clock):
+    from factory_worker.context import Context
+    from factory_worker.presence import publish_slots
+
+    ctx = Context(load_settings(namespace=keys.namespace), fake_redis)
+    ledger = Ledger(fake_redis, keys, dispatch(max_in_flight=100), rng=lambda: 0.0)
+    batch = ledger.claim(["a", "b"], fleet_slots=True)
+    assert not batch.claims and [s.reason for s in batch.skipped] == ["no-free-slot"] * 2  # no live worker
+    assert ledger.explain("a").state == "no-free-slot" and "no free agent slot" in ledger.explain("a").text
+    publish_slots(ctx, "w1@h", 2)
+    publish_slots(ctx, "w2@h", 1)
+    batch = ledger.claim(["a", "b", "c", "d"], fleet_slots=True)
+    assert [c.issue for c in batch.claims] == ["a", "b", "c"]
+    assert batch.skipped[0].reason == "no-free-slot" and batch.skipped[0].detail == {"in_flight": 3, "slots": 3}
+    assert ledger.counters()["skipped_no_slot"] == 3  # 2 with no worker + 1 now (dry runs count nothing)
+    ledger.complete("a", batch.claims[0].token)  # a slot frees
+    assert [c.issue for c in ledger.claim(["d"], fleet_slots=True).claims] == ["d"]
+    clock.advance(ctx.settings.worker.heartbeat_ttl_s + 1)  # both workers stopped publishing: their slots go
+    assert ledger.claim(["e"], fleet_slots=True).skipped[0].reason == "no-free-slot"
+    assert fake_redis.hlen(keys.slots) == 0  # pruned by the gate
+    assert [c.issue for c in ledger.claim(["e"]).claims] == ["e"]  # a bare ledger call ignores the fleet

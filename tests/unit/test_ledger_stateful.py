@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 
 import pytest
+
+from tests.conftest import roomy_fleet
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -57,6 +59,22 @@ def snapshot(r, keys) -> dict:
     return out
 
 
+def decisions(issues: list[str], batch) -> list[str]:
+    """The gate's decision per input issue, in input order: "ok" (claimed) or the skip reason."""
+    claimed = {c.issue for c in batch.claims}
+    skipped = iter(batch.skipped)
+    got, ok = [], set()
+    for issue in issues:
+        if issue in claimed and issue not in ok:
+            got.append("ok")
+            ok.add(issue)
+        else:
+            s = next(skipped)
+            assert s.issue == issue
+            got.append(s.reason)
+    return got
+
+
 class LedgerMachine(RuleBasedStateMachine):
     # set by the test function from its fixtures (fakeredis client, fake clock, keys, dispatch settings)
     r = clock = keys = dispatch = None
@@ -64,6 +82,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @initialize()
     def reset(self) -> None:
         self.r.flushall()
+        roomy_fleet(self.r, self.keys)
         self.ms = START_MS
         self._set_clock()
         self.jitter = 0.0
@@ -136,17 +155,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def claim(self, issues: list[str]) -> None:
         expected = self._expected(issues)
         batch = self.ledger.claim(issues)
-        claimed = {c.issue: c for c in batch.claims}
-        skipped = iter(batch.skipped)
-        got, ok = [], set()
-        for issue in issues:
-            if issue in claimed and issue not in ok:
-                got.append("ok")
-                ok.add(issue)
-            else:
-                s = next(skipped)
-                assert s.issue == issue
-                got.append(s.reason)
+        got = decisions(issues, batch)
         assert got == expected, (issues, got, expected)
         for c in batch.claims:
             # fences per issue strictly increase (across expiry, release, fail and retry)
@@ -272,6 +281,17 @@ class LedgerMachine(RuleBasedStateMachine):
         self.attempts.pop(issue, None)
         self.backoff.pop(issue, None)
 
+    @rule(issues=st.lists(st.sampled_from(ISSUES), min_size=1, max_size=5))
+    def dry_claim(self, issues: list[str]) -> None:
+        """The gate's read-only mode takes the real claim's decisions, fences included, and writes nothing."""
+        before = snapshot(self.r, self.keys)
+        batch = self.ledger.claim(issues, dry_run=True)
+        assert snapshot(self.r, self.keys) == before
+        got = decisions(issues, batch)
+        assert got == self._expected(issues), (issues, got)
+        for c in batch.claims:
+            assert c.fence == self.fences.get(c.issue, 0) + 1 and c.token == ""
+
     @rule(issue=st.sampled_from(ISSUES))
     def explain(self, issue: str) -> None:
         state = self.ledger.explain(issue).state
@@ -300,7 +320,7 @@ class LedgerMachine(RuleBasedStateMachine):
 def test_claim_protocol_state_machine(fake_redis, clock, keys, make_settings):
     LedgerMachine.r, LedgerMachine.clock, LedgerMachine.keys = fake_redis, clock, keys
     LedgerMachine.dispatch = make_settings(dispatch={
-        "max_in_flight": CAP, "lease_ttl_s": LEASE_MS / 1000, "max_attempts": MAX_ATTEMPTS,
+        "max_in_flight": CAP, "lease_ttl_s": LEASE_MS / 1000, "queue_lease_s": LEASE_MS / 1000, "max_attempts": MAX_ATTEMPTS,
         "backoff_base_s": BASE_MS / 1000, "backoff_max_s": MAX_MS / 1000, "backoff_jitter": JITTER,
     }).dispatch
     run_state_machine_as_test(

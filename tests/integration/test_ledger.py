@@ -26,7 +26,7 @@ def _racer(url: str, namespace: str, issues: list[str], batch: int, seed: int, b
     try:
         client = redis.Redis.from_url(url, decode_responses=True)
         ledger = Ledger(client, Keys(namespace), load_settings(dispatch={"max_in_flight": 100_000,
-                                                                          "lease_ttl_s": 120}).dispatch)
+                                                                          "lease_ttl_s": 120, "queue_lease_s": 120}).dispatch)
         order = list(issues)
         if seed % 2:  # half walk the issues in input order (head-to-head), half in their own order
             random.Random(seed).shuffle(order)
@@ -91,7 +91,8 @@ def test_multi_process_race_has_exactly_one_winner_per_issue(real_redis, redis_s
 
 # -- leases in real time ---------------------------------------------------------------------------------
 def short_lease(make_settings, **over):
-    return make_settings(dispatch={"lease_ttl_s": 0.3, "max_in_flight": 10, **over}).dispatch
+    return make_settings(dispatch={"lease_ttl_s": 0.3, "queue_lease_s": 0.3, "max_in_flight": 10, **over},
+                         agent={"term_grace_s": 0, "command": ["true"]}).dispatch
 
 
 def durable_state(r, keys) -> dict:

@@ -1,7 +1,8 @@
-"""Runs and loop control: the loop lease (overlap SKIP), run records, kill / pause flags, revoked ids.
+"""Loop control: the loop lease (overlap SKIP), run records, kill / pause flags, revoked task ids.
 
-A run is started by :func:`start_run` (the kickoff) and ended exactly once by :func:`end_run`. The loop
-lease is a token (the run id) with a TTL, renewed by each iteration and released by run id only.
+A run is started by :meth:`LoopControl.start_run` (the kickoff) and ended exactly once by
+:meth:`LoopControl.end_run`. The loop lease is a token (the run id) with a TTL, renewed by each iteration
+and released by run id only.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from typing import Any
 import redis
 
 from . import heartbeat
-from .config import Settings
+from .config import MAX_ITERATIONS_CEILING, Settings
 from .keys import Keys
 from .redis_client import server_now_ms
 from .scripts import scripts_for
+from .states import RunStatus
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD_TTL_S = 7 * 24 * 3600
-REVOKED_TTL_S = 24 * 3600
 
 
 def who() -> str:
@@ -48,6 +48,23 @@ class Kickoff:
 
     def as_dict(self) -> dict[str, Any]:
         return {"started": self.started, "run_id": self.run_id, "reason": self.reason, "task_ids": self.task_ids}
+
+
+#: How many skipped issues a stored report keeps as examples (per-issue detail stays in the ledger).
+REPORT_EXAMPLES = 5
+
+
+def bounded_report(report: dict[str, Any], examples: int = REPORT_EXAMPLES) -> dict[str, Any]:
+    """``report`` with its per-issue lists cut to a few examples, and skips counted by reason."""
+    skipped = report.get("skipped") or []
+    by_reason: dict[str, int] = {}
+    for s in skipped:
+        reason = str(s.get("reason", "?")).split(":", 1)[0]
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    dispatches = report.get("dispatches") or []
+    return {**report, "skipped": skipped[:examples], "skipped_total": len(skipped),
+            "skipped_by_reason": by_reason, "dispatches": dispatches[:examples],
+            "dispatches_total": len(dispatches)}
 
 
 class LoopControl:
@@ -84,20 +101,17 @@ class LoopControl:
     def revoke_ids(self, task_ids: list[str]) -> None:
         if task_ids:
             p = self.r.pipeline(transaction=True)
-            p.sadd(self.keys.revoked, *task_ids).expire(self.keys.revoked, REVOKED_TTL_S)
+            p.sadd(self.keys.revoked, *task_ids).expire(self.keys.revoked, self.keys.REVOKED_TTL_S)
             p.execute()
 
     def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> None:
         now = server_now_ms(self.r)
         self.r.hset(self.keys.kill, mapping={"run_id": run_id or "", "by": by, "at_ms": now, "reason": reason})
 
-    def clear_kill(self) -> bool:
-        return bool(self.r.delete(self.keys.kill))
-
     def _clear_seen_kill(self, seen: dict[str, str] | None) -> bool:
         """Clear the kill record ``seen`` earlier, never a newer one; False when a newer kill stands."""
         at = (seen or {}).get("at_ms", "")
-        return bool(self._s["kill_clear"](keys=[self.keys.kill], args=[at]))
+        return self._s["kill_clear"](self.keys, at_ms=at).status == "ok"
 
     # -- runs -----------------------------------------------------------------------------------------
     def current_run_id(self) -> str | None:
@@ -130,9 +144,10 @@ class LoopControl:
 
         ``clear_kill`` (start-loop) takes the lease *before* clearing the kill flag, so a beat kickoff in
         between still sees the kill and cannot take the run from the operator. Task ids of the whole chain
-        are generated up front: ``iter-0..n-1`` then ``finish``.
+        are generated up front: ``iter-0..n-1`` then ``finish``. ``max_iterations`` comes from a message,
+        so it is clamped to ``1..MAX_ITERATIONS_CEILING`` whatever sent it.
         """
-        n = max_iterations or self.settings.loop.max_iterations
+        n = min(max(1, int(max_iterations or self.settings.loop.max_iterations)), MAX_ITERATIONS_CEILING)
         kill = self.kill_info()
         if kill and not clear_kill:
             self.count("kickoffs_skipped_killed")
@@ -148,20 +163,20 @@ class LoopControl:
                 self._clear_seen_kill(kill)
             return Kickoff(False, run_id=self.lease_holder(), reason="a run is live (overlap policy SKIP)")
         if clear_kill and not self._clear_seen_kill(kill):
-            self._s["lease_release"](keys=[self.keys.loop_lease], args=[run_id])
+            self._s["lease_release"](self.keys, run_id=run_id)
             return Kickoff(False, reason="killed again while starting; run start-loop again to clear it")
         previous = self.current_run_id()
-        if previous and self.run_status(previous) == "running":  # its chain was lost: end it for the record
-            self.end_run(previous, "abandoned", "its chain was lost (a worker died or Redis failed mid-run); "
+        if previous and self.run_status(previous) == RunStatus.RUNNING:  # its chain was lost: end it
+            self.end_run(previous, RunStatus.ABANDONED, "its chain was lost (a worker died or Redis failed mid-run); "
                                                 "the loop lease expired")
         task_ids = [f"{run_id}-iter-{i}" for i in range(n)] + [f"{run_id}-finish"]
         now = server_now_ms(self.r)
         p = self.r.pipeline(transaction=True)
         p.hset(self.keys.run(run_id), mapping={
-            "run_id": run_id, "status": "running", "started_ms": now, "max_iterations": n, "by": by,
+            "run_id": run_id, "status": RunStatus.RUNNING, "started_ms": now, "max_iterations": n, "by": by,
             "task_ids": json.dumps(task_ids), "iterations_done": 0, "failures": 0, "consecutive_failures": 0,
         })
-        p.expire(self.keys.run(run_id), RUN_RECORD_TTL_S)
+        p.expire(self.keys.run(run_id), int(self.settings.loop.run_retention_s))
         p.set(self.keys.current_run, run_id)
         p.hincrby(self.keys.counters, "runs_started", 1)
         p.execute()
@@ -173,33 +188,33 @@ class LoopControl:
         """The chain could not be sent: end the run, free the lease, and restore a kill start-loop cleared."""
         if kick.cleared_kill:
             self.r.hset(self.keys.kill, mapping=kick.cleared_kill)
-        self.end_run(str(kick.run_id), "failed", f"could not send the chain: {error}")
+        self.end_run(str(kick.run_id), RunStatus.FAILED, f"could not send the chain: {error}")
 
     def begin_iteration(self, run_id: str, iteration: int, max_iterations: int, gap_s: float) -> str | None:
         """Renew the loop lease (for the gap before the next iteration too) and write the heartbeat
         ``running(iteration)`` in one script; returns why the run must stop instead, or None."""
         loop = self.settings.loop
         hb = heartbeat.make(run_id, "running", iteration, max_iterations, server_now_ms(self.r))
-        res = int(self._s["iteration_begin"](
-            keys=[self.keys.loop_lease, self.keys.run(run_id), self.keys.heartbeat],
-            args=[run_id, int((loop.lease_ttl_s + gap_s) * 1000), hb.model_dump_json(),
-                  int(loop.heartbeat_ttl_s * 1000)],
-        ))
-        return {1: None, 0: "lost the loop lease", -1: "the run has ended"}[res]
+        reply = self._s["iteration_begin"](
+            self.keys, run_id=run_id, lease_ms=int((loop.lease_ttl_s + gap_s) * 1000),
+            heartbeat_json=hb.model_dump_json(), heartbeat_ms=int(loop.heartbeat_ttl_s * 1000),
+        )
+        return {"ok": None, "lost-lease": "lost the loop lease", "ended": "the run has ended"}[reply.status]
 
     def run_status(self, run_id: str) -> str | None:
         return self.r.hget(self.keys.run(run_id), "status")
 
     def record_iteration(self, run_id: str, index: int, report: dict[str, Any], failed: bool,
                          worker: str | None = None) -> int:
-        """Store an iteration's outcome on the run; returns the consecutive failure count."""
+        """Store an iteration's outcome on the run (:func:`bounded_report`: a size that does not grow with
+        the backlog); returns the consecutive failure count."""
         key = self.keys.run(run_id)
         p = self.r.pipeline(transaction=True)
-        p.hset(key, mapping={"iterations_done": index + 1, "last_report": json.dumps(report),
+        p.hset(key, mapping={"iterations_done": index + 1, "last_report": json.dumps(bounded_report(report)),
                              "last_worker": worker or socket.gethostname()})
         if failed:
             p.hincrby(key, "failures", 1).hincrby(key, "consecutive_failures", 1)
-            p.hset(key, "last_error", str(report.get("error", ""))[:500])
+            p.hset(key, "last_error", str(report.get("error", ""))[:self.keys.ERROR_MAX_CHARS])
             p.hincrby(self.keys.counters, "iterations_failed", 1)
         else:
             p.hset(key, "consecutive_failures", 0)
@@ -207,18 +222,18 @@ class LoopControl:
         p.hget(key, "consecutive_failures")
         return int(p.execute()[-1] or 0)
 
-    def end_run(self, run_id: str, status: str, reason: str = "") -> bool:
+    def end_run(self, run_id: str, status: RunStatus, reason: str = "") -> bool:
         """End ``run_id`` once: status, heartbeat (idle, or stopping), lease released by run id."""
         now = server_now_ms(self.r)
-        ended = bool(self._s['run_end'](keys=[self.keys.run(run_id)], args=[status, reason, now]))
+        ended = self._s["run_end"](self.keys, run_id=run_id, status=status, reason=reason, now_ms=now).status == "ok"
         rec = self.run(run_id) or {}
-        hb_status = "idle" if status == "finished" else "stopping"
+        hb_status = "idle" if status == RunStatus.FINISHED else "stopping"
         ttl = self.settings.loop.heartbeat_ttl_s if hb_status == "idle" else self.settings.loop.stale_after_s
         current = heartbeat.read(self.r, self.keys)
         if current is None or current.run_id == run_id:
             heartbeat.write(self.r, self.keys, run_id, hb_status, int(rec.get("iterations_done", 0)),
                             int(rec.get("max_iterations", 0)), ttl)
-        self._s['lease_release'](keys=[self.keys.loop_lease], args=[run_id])
+        self._s["lease_release"](self.keys, run_id=run_id)
         if ended:
             self.count(f"runs_{status}")
             log.info("run %s ended: %s %s", run_id, status, reason)

@@ -1,0 +1,89 @@
+"""Keeping a running agent's claim: renewals and stop-flag reads off the supervising thread.
+
+The supervisor (the thread that forked the agent: PDEATHSIG is tied to it) must never wait on Redis: a
+renew or a flag read can block for a whole socket timeout while Redis is unreachable, and by then another
+worker may hold the issue. So :class:`LeaseKeeper` runs them in its own thread and only publishes facts —
+when the last successful renew was *sent*, whether the claim was lost, whether a stop was asked — and the
+supervisor enforces the deadline locally: the agent's whole group is stopped from
+``last_renew_sent + lease - margin - term_grace`` (SIGTERM, then SIGKILL after ``term_grace``), so it is gone
+before the claim can expire (``margin`` covers clock drift and the kill itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..scripts import StaleClaimError
+
+log = logging.getLogger(__name__)
+
+
+def margin_s(lease_ttl_s: float) -> float:
+    """Safety margin before a lease's end: a tenth of the lease, at most 1 s."""
+    return min(1.0, 0.1 * lease_ttl_s)
+
+
+def stop_lead_s(lease_ttl_s: float, term_grace_s: float) -> float:
+    """How long after a successful renew was sent the agent may run on without another one."""
+    return lease_ttl_s - margin_s(lease_ttl_s) - term_grace_s
+
+
+class LeaseKeeper:
+    """Renews every ``renew_interval_s`` and polls ``should_stop`` every ``tick_s``, in a daemon thread."""
+
+    def __init__(self, renew: Callable[[], object], should_stop: Callable[[], str | None], renew_interval_s: float,
+                 lease_ttl_s: float, term_grace_s: float, issue_id: str, started: float,
+                 tick_s: float = 0.05) -> None:
+        self._renew, self._should_stop = renew, should_stop
+        self.renew_interval_s, self.lease_ttl_s, self.term_grace_s = renew_interval_s, lease_ttl_s, term_grace_s
+        self.issue_id, self.tick_s = issue_id, tick_s
+        self.last_renew_sent = started  # begin renewed the lease just before the agent started
+        self.lost: str | None = None
+        self.stop_reason: str | None = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{issue_id}"[:60], daemon=True)
+
+    def start(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; never waits on a Redis call that hangs (the thread is a daemon)."""
+        self._closing.set()
+        self._thread.join(timeout=self.tick_s)
+
+    @property
+    def stop_at(self) -> float:
+        """Monotonic time to start stopping the agent if no renew succeeds before it. Settings validation
+        keeps the lead above one renew interval (``config``); a bare pair that leaves no room still gets two
+        renew intervals, so an agent is never stopped before its first renew could happen."""
+        lead = max(stop_lead_s(self.lease_ttl_s, self.term_grace_s), 2 * self.renew_interval_s)
+        return self.last_renew_sent + lead
+
+    def _run(self) -> None:
+        next_renew = self.last_renew_sent + self.renew_interval_s
+        while not self._closing.wait(self.tick_s):
+            try:
+                reason = self._should_stop()
+            except Exception:  # noqa: BLE001 - a Redis blip: the lease decides
+                log.warning("issue %s: reading the stop flags failed; carrying on", self.issue_id, exc_info=True)
+                reason = None
+            if reason is not None and self.stop_reason is None:
+                self.stop_reason = str(reason)
+            now = time.monotonic()
+            if now < next_renew:
+                continue
+            try:
+                self._renew()
+            except StaleClaimError as exc:
+                self.lost = str(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis unreachable: the lease may still be valid
+                log.warning("issue %s: renewing the claim failed (retrying): %s", self.issue_id, exc)
+                next_renew = time.monotonic() + self.tick_s
+                continue
+            self.last_renew_sent = now
+            next_renew = now + self.renew_interval_s

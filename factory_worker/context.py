@@ -1,0 +1,101 @@
+"""The wiring every task, iteration and CLI command shares: settings, Redis, ledger, loop control, source.
+
+Celery-free. :class:`Context` builds each part lazily from :class:`~factory_worker.config.Settings`;
+:func:`current` is the one per process (one Redis pool), used by the Celery tasks, the worker bootstep and
+the beat scheduler. Settings are never stored in the Celery app's config (its repr would carry secrets
+into ``celery inspect conf`` and Flower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import redis
+
+from .config import Settings, load_settings
+from .keys import Keys
+from .redis_client import client as make_client
+
+if TYPE_CHECKING:
+    from .control import LoopControl
+    from .ledger import Ledger
+    from .notify import Notifier
+    from .sources import IssueSource
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """Everything an iteration, an agent task or a CLI command needs, built from settings (lazily)."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis | None = None,
+                 source: "IssueSource | None" = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._redis = redis_client
+        self._source = source
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return self._redis or make_client(self.settings)
+
+    @cached_property
+    def ledger(self) -> "Ledger":
+        from .ledger import Ledger
+
+        return Ledger(self.redis, self.keys, self.settings.dispatch)
+
+    @cached_property
+    def control(self) -> "LoopControl":
+        from .control import LoopControl
+
+        return LoopControl(self.redis, self.settings)
+
+    @cached_property
+    def notifier(self) -> "Notifier":
+        from .notify import Notifier
+
+        return Notifier.from_settings(self.settings.notify)
+
+    @property
+    def source(self) -> "IssueSource":
+        if self._source is None:
+            from .sources import load_source
+
+            self._source = load_source(self.settings.source)
+        return self._source
+
+
+_current: Context | None = None
+_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a Celery pool process) builds its own context: the parent's Redis pool and locks may
+    have been held by one of the parent's threads (the worker's presence thread) at the moment of the fork,
+    and would deadlock the child on first use."""
+    global _current, _lock
+    _current, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def current() -> Context:
+    """The process-wide context (settings loaded once; raises ConfigError on a bad setting)."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Context(load_settings())
+        return _current
+
+
+def set_current(ctx: Context | None) -> None:
+    """Install ``ctx`` as the process-wide context (tests, ``run-once``); None forgets it."""
+    global _current
+    with _lock:
+        _current = ctx

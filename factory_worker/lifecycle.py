@@ -1,0 +1,180 @@
+"""Celery's side of a worker's and a beat's life: a bootstep, a beat scheduler, and signal receivers.
+
+Signal receivers only set flags or release by token; the threads here do the acting.
+
+- :class:`WorkerPresence`, a worker bootstep, runs one thread from worker start to shutdown that publishes the
+  worker's presence and, once a warm shutdown was requested, writes its shutdown deadline once (see
+  :mod:`factory_worker.presence`). ``worker_shutting_down`` runs inside Celery's signal handler, so it only
+  sets :attr:`WorkerPresence.shutdown_requested`. Agents running here poll the deadline and, past it, are
+  terminated and their claims released as interrupted.
+- :class:`BeatScheduler`, Celery's ``PersistentScheduler`` that also keeps the beat's presence key fresh on
+  its ticks (as redbeat keeps its lock from its scheduler), so ``doctor`` can see two live beats.
+- ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
+  task-id -> (issue, token) mapping in Redis, never a thread-local token.
+- ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
+  never outlives the worker that started it, even when the worker is SIGKILLed.
+
+All of them take their context from :func:`factory_worker.context.current` and survive a Redis blip: the
+presence keys' expiry tells the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from celery import bootsteps, signals
+from celery.beat import PersistentScheduler
+
+from .context import current
+from .presence import (beat_ttl_s, clear_beat, clear_slots, publish_beat, publish_slots, publish_worker,
+                       write_shutdown_deadline)
+
+log = logging.getLogger(__name__)
+
+
+def agent_slots(worker: Any) -> int:
+    """How many agents ``worker`` can run at once: its concurrency if it consumes the agent queue (one
+    process kept for the loop's short tasks when it consumes the loop queue too), else 0."""
+    from .app import agent_queue, loop_queue
+
+    ns = current().settings.namespace
+    try:
+        consumed = set(worker.app.amqp.queues.consume_from)
+    except Exception:  # noqa: BLE001 - no queue selection: it consumes every declared queue
+        consumed = {agent_queue(ns), loop_queue(ns)}
+    if agent_queue(ns) not in consumed:
+        return 0
+    c = int(getattr(worker, "concurrency", None) or 1)
+    return max(1, c - 1) if loop_queue(ns) in consumed else c
+
+
+class WorkerPresence(bootsteps.StartStopStep):
+    """Worker bootstep: a liveness thread from start to stop; the shutdown deadline once asked to stop.
+
+    It starts after the pool (``requires``), so the pool's processes are forked before the thread runs; a
+    process forked later (a replaced child) builds its own context (``context._forget_in_child``)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    #: set from Celery's signal handler (``worker_shutting_down``): a plain bool, nothing else
+    shutdown_requested = False
+    #: the step of this process's worker, closed by ``worker_shutdown``
+    running: "WorkerPresence | None" = None
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.node = getattr(parent, "hostname", None) or socket.gethostname()
+        self.started_ms = int(time.time() * 1000)
+        self.closing = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.slots = 0
+
+    def start(self, parent: Any) -> None:
+        WorkerPresence.running = self
+        self.slots = agent_slots(parent)
+        self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> None:
+        """End the thread and remove this worker's keys (from ``worker_shutdown``: after the pool stopped).
+
+        Not a bootstep ``stop``: the worker blueprint may stop this step before the pool has waited for its
+        running agents, and the thread must live on to write the shutdown deadline they poll.
+        """
+        self.closing.set()
+        if self.thread is not None:
+            self.thread.join(timeout=2)
+        try:
+            ctx = current()
+            ctx.redis.delete(ctx.keys.worker(self.node), ctx.keys.worker_shutdown(self.node))
+            clear_slots(ctx, self.node)
+        except Exception:  # noqa: BLE001 - the keys expire anyway
+            log.warning("could not remove worker keys", exc_info=True)
+
+    def _run(self) -> None:
+        ctx = current()
+        interval = ctx.settings.worker.heartbeat_interval_s
+        next_beat, deadline_written = 0.0, False
+        while not self.closing.is_set():
+            try:
+                if WorkerPresence.shutdown_requested and not deadline_written:
+                    write_shutdown_deadline(ctx, self.node)
+                    deadline_written, next_beat = True, 0.0
+                if time.monotonic() >= next_beat:
+                    publish_worker(ctx, self.node, self.started_ms, WorkerPresence.shutdown_requested)
+                    # a worker shutting down starts nothing new: its slots leave the fleet at once
+                    publish_slots(ctx, self.node, 0 if WorkerPresence.shutdown_requested else self.slots)
+                    next_beat = time.monotonic() + interval
+            except Exception:  # noqa: BLE001 - Redis down: keep trying, the key's TTL tells the truth
+                log.warning("worker presence: Redis write failed", exc_info=True)
+                next_beat = time.monotonic() + min(interval, 1.0)
+            self.closing.wait(0.1)
+
+
+class BeatScheduler(PersistentScheduler):
+    """Celery's persistent scheduler that also keeps this beat's presence key fresh (every TTL/3)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._next_presence = 0.0
+        super().__init__(*args, **kwargs)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        delay = super().tick(*args, **kwargs)
+        now = time.monotonic()
+        if now >= self._next_presence:
+            try:
+                ctx = current()
+                publish_beat(ctx)
+                every = beat_ttl_s(ctx) / 3
+            except Exception:  # noqa: BLE001 - Redis down: the key's TTL tells the truth
+                log.warning("beat presence: Redis write failed", exc_info=True)
+                every = 1.0
+            self._next_presence = now + every
+        return min(delay, max(0.1, self._next_presence - now))
+
+    def close(self) -> None:
+        try:
+            clear_beat(current())
+        except Exception:  # noqa: BLE001
+            pass
+        super().close()
+
+
+@signals.worker_process_init.connect
+def on_worker_process_init(**_: Any) -> None:
+    """A pool process dies with its worker (even by SIGKILL), and so, through PDEATHSIG, do its agents."""
+    from .agents.process import die_with_parent
+
+    die_with_parent()
+
+
+@signals.worker_shutting_down.connect
+def on_worker_shutting_down(sig: Any = None, how: Any = None, exitcode: Any = None, **_: Any) -> None:
+    WorkerPresence.shutdown_requested = True  # flag only: we are inside a signal handler
+
+
+@signals.worker_shutdown.connect
+def on_worker_shutdown(**_: Any) -> None:
+    if WorkerPresence.running is not None:
+        WorkerPresence.running.finish()
+
+
+@signals.task_revoked.connect
+def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """A revoked agent task (queued or terminated) frees its claim by token, without a backoff."""
+    task = getattr(request, "task", None) or getattr(request, "name", None)
+    task_id = getattr(request, "id", None)
+    if task != "factory.agent.run" or not task_id:
+        return
+    from .agent_task import release_task_claim
+
+    try:
+        issue = release_task_claim(current(), task_id, reason="interrupted", only_if_queued=True)
+        if issue:
+            log.info("revoked agent task %s: claim on %s released", task_id, issue)
+    except Exception:  # noqa: BLE001 - the lease TTL frees it anyway
+        log.warning("could not release the claim of revoked task %s", task_id, exc_info=True)

@@ -1,0 +1,40 @@
+-- Shared by every script: scripts.py prepends it, after the generated K (keys) and A (args) tables.
+
+-- The ledger-loss guard: nil when the ledger's generation is `generation`, else the reply
+-- {'ledger-lost', current_generation_or_empty}: this ledger is not the one the caller worked in (emptied,
+-- evicted, failed over to a stale replica...), so nothing may be claimed or started (see guard.py).
+local function ledger_lost(generation)
+  local current = redis.call('HGET', K.ledger, 'generation') or ''
+  if current ~= generation then return {'ledger-lost', current} end
+  return nil
+end
+
+-- Redis server time in ms: the one clock every worker shares.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The holder check of every compare-and-set on a claim: nil when `token` holds K.claim, else the reply
+-- to return: {'gone'} (no live claim: expired or finished) or {'held', current_token}.
+local function not_holder(token)
+  local cur = redis.call('GET', K.claim)
+  if not cur then return {'gone'} end
+  if cur ~= token then return {'held', cur} end
+  return nil
+end
+
+-- The end of a claim (complete, fail, release): its key, its in-flight entry and its started mark go.
+local function end_claim(issue)
+  redis.call('DEL', K.claim)
+  redis.call('ZREM', K.inflight, issue)
+  redis.call('HDEL', K.started, issue)
+end
+
+-- Extend a held claim's lease to now + lease_ms (key expiry and in-flight score); returns the new end.
+local function extend_lease(issue, lease_ms)
+  local lease_end = now_ms() + lease_ms
+  redis.call('PEXPIRE', K.claim, lease_ms)
+  redis.call('ZADD', K.inflight, lease_end, issue)
+  return lease_end
+end

@@ -1,0 +1,153 @@
+"""Who is alive: worker and beat presence keys, written and read here only (Celery-free).
+
+``{ns}:worker:<node>`` and ``{ns}:beat:<host>/<pid>`` are JSON with an expiry: a process that dies
+vanishes after the TTL. ``{ns}:shutdown:<node>`` is a warm-shutting-down worker's deadline for its agents.
+Written by :mod:`factory_worker.lifecycle` (a worker bootstep and the beat scheduler); read by
+``loop-status``, ``doctor`` and ``metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+
+from .context import Context
+from .redis_client import server_now_ms
+
+log = logging.getLogger(__name__)
+
+
+# -- workers -------------------------------------------------------------------------------------------
+def publish_worker(ctx: Context, node: str, started_ms: int, shutting_down: bool = False) -> None:
+    cfg = ctx.settings.worker
+    ctx.redis.set(ctx.keys.worker(node), json.dumps({
+        "hostname": node, "host": socket.gethostname(), "pid": os.getpid(), "started_ms": started_ms,
+        "updated_ms": server_now_ms(ctx.redis), "shutting_down": shutting_down,
+    }), px=int(cfg.heartbeat_ttl_s * 1000))
+
+
+def write_shutdown_deadline(ctx: Context, node: str) -> int:
+    """Tell this worker's agents when the soft-shutdown window ends (ms, server clock)."""
+    cfg = ctx.settings.worker
+    window_ms = int(cfg.soft_shutdown_s * 1000)
+    # leave the margin to release claims and for Celery to stop its pool (~2 s measured)
+    deadline = server_now_ms(ctx.redis) + max(0, window_ms - int(cfg.shutdown_margin_s * 1000))
+    ctx.redis.set(ctx.keys.worker_shutdown(node), deadline, px=window_ms + 60_000)
+    running = ctx.redis.scard(ctx.keys.agents)
+    level = logging.WARNING if running else logging.INFO
+    log.log(level, "warm shutdown: agents still running in %.1fs will be stopped and their claims released",
+            (deadline - server_now_ms(ctx.redis)) / 1000)
+    return deadline
+
+
+def publish_slots(ctx: Context, node: str, slots: int) -> None:
+    """Advertise ``slots`` free-or-busy agent slots of ``node`` until its presence TTL (the gate sums the
+    live entries and subtracts the in-flight claims; see ``claim.lua``)."""
+    expires = server_now_ms(ctx.redis) + int(ctx.settings.worker.heartbeat_ttl_s * 1000)
+    ctx.redis.hset(ctx.keys.slots, node, f"{max(0, int(slots))}:{expires}")
+
+
+def clear_slots(ctx: Context, node: str) -> None:
+    ctx.redis.hdel(ctx.keys.slots, node)
+
+
+def fleet_slots(ctx: Context) -> int:
+    """The agent slots of the live workers now (what the gate counts)."""
+    now = server_now_ms(ctx.redis)
+    total = 0
+    for value in ctx.redis.hvals(ctx.keys.slots):
+        n, _, expires = value.partition(":")
+        if n.isdigit() and expires.isdigit() and int(expires) > now:
+            total += int(n)
+    return total
+
+
+def live_workers(ctx: Context) -> list[dict[str, Any]]:
+    """The workers whose presence key is live, sorted by node name."""
+    return sorted(_scan_json(ctx, ctx.keys.worker_pattern()), key=lambda w: str(w.get("hostname", "")))
+
+
+# -- beat ----------------------------------------------------------------------------------------------
+def beat_ttl_s(ctx: Context) -> float:
+    return max(30.0, 3 * ctx.settings.loop.interval_s)
+
+
+def beat_node(hostname: str | None = None, pid: int | None = None) -> str:
+    return f"{hostname or socket.gethostname()}/{pid or os.getpid()}"
+
+
+def publish_beat(ctx: Context, hostname: str | None = None, pid: int | None = None,
+                 ttl_s: float | None = None) -> str:
+    """Announce a live beat; returns the key. The value carries the host clock and the Redis clock, so
+    ``doctor`` can see a skewed beat host."""
+    node = beat_node(hostname, pid)
+    key = ctx.keys.beat(node)
+    value = {"node": node, "hostname": hostname or socket.gethostname(), "pid": pid or os.getpid(),
+             "host_ms": int(time.time() * 1000), "updated_ms": server_now_ms(ctx.redis)}
+    ctx.redis.set(key, json.dumps(value), px=max(1, int((ttl_s or beat_ttl_s(ctx)) * 1000)))
+    return key
+
+
+def clear_beat(ctx: Context, hostname: str | None = None, pid: int | None = None) -> None:
+    """Remove this beat's presence key (on clean shutdown)."""
+    ctx.redis.delete(ctx.keys.beat(beat_node(hostname, pid)))
+
+
+def beat_seen(ctx: Context) -> list[dict[str, Any]]:
+    """The beats whose presence key is live, sorted by node."""
+    return sorted(_scan_json(ctx, ctx.keys.beat("*")), key=lambda b: str(b.get("node", "")))
+
+
+def _forget_started(ctx: Context, issue: str, token: str) -> None:
+    """Remove the started mark of a dead holder's token, only if it is still that token (WATCH: a new
+    holder's mark is never touched; on a race the next sweep tries again)."""
+    with ctx.redis.pipeline() as p:
+        try:
+            p.watch(ctx.keys.started)
+            if p.hget(ctx.keys.started, issue) == token:
+                p.multi()
+                p.hdel(ctx.keys.started, issue)
+                p.execute()
+        except redis.WatchError:
+            pass
+
+
+def forget_dead_agents(ctx: Context) -> list[str]:
+    """Drop from the running-agents set the tasks of workers that died (SIGKILL, OOM) once their claims are
+    gone too (expired or re-claimed): nothing else would ever remove them. Returns the task ids dropped."""
+    dropped = []
+    for task_id in ctx.redis.smembers(ctx.keys.agents):
+        rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
+        host = rec.get("hostname")
+        if host and ctx.redis.exists(ctx.keys.worker(host)):
+            continue  # its worker is alive: it cleans up itself
+        if rec.get("issue") and rec.get("token") and ctx.ledger.current_token(rec["issue"]) == rec["token"]:
+            continue  # still held: its lease has not run out yet
+        if rec.get("issue") and rec.get("token"):
+            _forget_started(ctx, rec["issue"], rec["token"])
+        p = ctx.redis.pipeline(transaction=False)
+        p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id))
+        p.execute()
+        dropped.append(task_id)
+    if dropped:
+        log.info("forgot %d agent task(s) of dead workers: %s", len(dropped), ", ".join(sorted(dropped)))
+    return dropped
+
+
+def _scan_json(ctx: Context, pattern: str) -> list[dict[str, Any]]:
+    out = []
+    for key in ctx.redis.scan_iter(match=pattern, count=500):
+        raw = ctx.redis.get(key)
+        try:
+            rec = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

@@ -1,0 +1,74 @@
+"""Capacity-true dispatch (issue 8) with a real redis-server, a real worker and a real beat."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from factory_worker.app import agent_queue
+from factory_worker.ledger import Ledger
+from tests.support import assert_audit_clean, CeleryProc, read_events, settings_from, stack_env, wait_until, write_issues
+
+@pytest.fixture(autouse=True)
+def _ends_with_an_audit(redis_url, namespace, procs):
+    """Every test here ends with the ledger's invariants checked, its workers still up."""
+    yield
+    assert_audit_clean(redis_url, namespace)
+
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def test_a_cap_far_above_the_fleet_drains_without_no_op_tasks_or_a_flooded_queue(redis_url, real_redis, namespace,
+                                                                                   tmp_path, procs):
+    n, concurrency = 300, 4
+    slots = concurrency - 1  # a worker on both queues keeps one process for the loop
+    write_issues(tmp_path / "issues.jsonl", [{"id": f"Q-{i}", "title": "t", "state": "ready"} for i in range(n)])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__MAX_IN_FLIGHT="5000",
+                    FACTORY_DISPATCH__LEASE_TTL_S="2", AGENT_SLEEP="0")
+    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", str(concurrency)])
+    procs.append(worker)
+    worker.wait_ready()
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    queue, longest, stop = agent_queue(namespace), [0], threading.Event()
+
+    def watch_queue() -> None:
+        while not stop.is_set():
+            longest[0] = max(longest[0], real_redis.llen(queue))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_queue, daemon=True)
+    watcher.start()
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    try:
+        wait_until(lambda: ledger.gauges()["done"] == n, 150, interval=0.5, what=f"{n} issues done")
+    finally:
+        stop.set()
+        watcher.join(2)
+    starts = Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "start")
+    assert len(starts) == n and set(starts.values()) == {1}  # each agent ran once
+    log = worker.log()
+    assert log.count("does nothing") == 0, "agent tasks that did nothing (a claim expired in the queue)"
+    assert longest[0] <= 2 * slots, f"the agent queue reached {longest[0]} messages for {slots} slots"
+    counters = ledger.counters()
+    assert counters["refilled"] > 0  # freed slots were refilled between polls
+    assert counters["claimed"] == n
+
+
+def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, namespace, tmp_path, procs):
+    write_issues(tmp_path / "issues.jsonl", [{"id": "S-1", "title": "t", "state": "ready"}])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
+                    FACTORY_WORKER__HEARTBEAT_TTL_S="2")
+    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
+    procs.append(worker)
+    worker.wait_ready()
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    wait_until(lambda: real_redis.hlen(ledger.keys.slots) == 1, 10, what="slots advertised")
+    assert ledger.explain("S-1").state == "claimable"
+    worker.signal(9)  # SIGKILL: no goodbye; its slots expire with its presence
+    worker.proc.wait(10)
+    wait_until(lambda: ledger.explain("S-1").state == "no-free-slot", 10, what="the dead worker's slots gone")
+    assert "no free agent slot" in ledger.explain("S-1").text
