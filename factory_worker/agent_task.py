@@ -96,9 +96,9 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         log.warning("agent task %s for %s does nothing: %s", task_id, issue_id, exc)
         ctx.control.count("agent_tasks_noop")  # must be rare: a claim released or taken over while queued
         return {**result, "outcome": Settled.STALE}
-    if began in (Begin.REVOKED, Begin.KILLED):
+    if began in (Begin.REVOKED, Begin.KILLED, Begin.UNACKED):
         log.warning("agent task %s for %s does nothing: %s; claim released", task_id, issue_id, began)
-        _release_quietly(ctx, issue_id, token, Outcome.INTERRUPTED)
+        _release_quietly(ctx, issue_id, token, began if began == Begin.UNACKED else Outcome.INTERRUPTED)
         return {**result, "outcome": began}
     if began == Begin.DUPLICATE:
         log.warning("agent task %s for %s does nothing: an agent already started for this claim",

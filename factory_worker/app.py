@@ -21,7 +21,7 @@ import beat_schedule
 from .config import ConfigError, Settings, load_settings
 from . import tasks  # noqa: F401  (registers the shared tasks)
 from .lifecycle import WorkerPresence
-from .transport import transport_for
+from .transport import broker_options, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     """The Celery settings for ``settings``; the one place a task's queue is chosen (``task_routes``)."""
     visibility = settings.worker.visibility_timeout_s
     loop_q, agent_q = loop_queue(settings.namespace), agent_queue(settings.namespace)
-    broker = settings.effective_broker_url
+    broker, transport_options = broker_options(settings.effective_broker_url)
     return {
         "broker_url": broker,
         "broker_transport": transport_for(broker),
@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # The ledger, not the broker, decides re-dispatch: a lost agent message is re-claimed after the
         # lease TTL; a redelivered one finds its token stale and does nothing.
         "task_acks_late": False,
-        "broker_transport_options": {"visibility_timeout": visibility},
+        "broker_transport_options": {"visibility_timeout": visibility, **transport_options},
         "worker_send_task_events": True,
         "task_send_sent_event": False,  # one message per dispatch, not two; Flower sees received/started
         # Bounds a *cold* shutdown (SIGQUIT, second Ctrl-C); a warm shutdown (SIGTERM) is bounded by the

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -24,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from . import urls
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class DispatchSettings(BaseModel):
     backoff_base_s: float = Field(5.0, ge=0, description="first backoff window")
     backoff_max_s: float = Field(300.0, ge=0, description="largest backoff window")
     backoff_jitter: float = Field(0.1, ge=0, le=1, description="up to this fraction is added to a window")
+    min_replica_acks: int = Field(0, ge=0, description="replicas that must acknowledge a claim, a begin and a "
+                                  "settle (Redis WAIT) before it counts; 0: do not wait")
+    replica_ack_timeout_s: float = Field(1.0, gt=0, description="how long one WAIT for replica acks may block")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "DispatchSettings":
@@ -169,13 +173,7 @@ class Settings(BaseSettings):
     def _url(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        try:
-            urlsplit(v).port  # noqa: B018 - raises on a bad port
-        except ValueError as exc:
-            raise ValueError(f"bad URL: {exc}") from None
-        return v
+        return urls.validate(v)
 
     @model_validator(mode="after")
     def _agent_dies_before_its_lease(self) -> "Settings":

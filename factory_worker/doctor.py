@@ -22,7 +22,7 @@ import redis
 from .config import Settings
 from .context import Context
 from .redis_client import client as make_client
-from .redis_client import mask_url
+from .urls import mask_url
 from . import guard
 from .presence import beat_seen
 
@@ -48,11 +48,6 @@ class Checkup:
 
 def _finding(check: str, severity: str, message: str) -> Finding:
     return {"check": check, "severity": severity, "message": message}
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (every URL form: see ``redis_client.mask_url``)."""
-    return mask_url(url)
 
 
 # -- checks --------------------------------------------------------------------------------------------
@@ -158,14 +153,17 @@ def check_broker(c: Checkup) -> Iterator[Finding]:
         return
     from kombu import Connection
 
+    from .transport import broker_options
+
     url = c.settings.effective_broker_url
+    kombu_url, options = broker_options(url)
     try:
-        with Connection(url, connect_timeout=BROKER_TIMEOUT_S) as conn:
+        with Connection(kombu_url, connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2,
                                    timeout=BROKER_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-        yield _finding("broker", "error", f"broker {redact(url)} unreachable ({detail}); set "
+        yield _finding("broker", "error", f"broker {mask_url(url)} unreachable ({detail}); set "
                        "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis")
 
 
@@ -215,8 +213,8 @@ def run_doctor(settings: Settings, *, client: redis.Redis | None = None, clock: 
     server = _info(r, "server")
     problems = [x for x in findings if x["severity"] in PROBLEMS]
     data = {
-        "redis_url": redact(settings.effective_redis_url),
-        "broker_url": redact(settings.effective_broker_url),
+        "redis_url": mask_url(settings.effective_redis_url),
+        "broker_url": mask_url(settings.effective_broker_url),
         "redis_version": server.get("redis_version"),
         "namespace": settings.namespace,
         "checks": [name for name, _ in CHECKS],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -21,11 +22,12 @@ from .config import DispatchSettings, Settings
 from .keys import Keys
 from .redis_client import server_now_ms
 from .guard import LedgerGuard, LedgerLostError
-from .scripts import LedgerError, StaleClaimError, checked, scripts_for
+from .scripts import LedgerError, ReplicaAckError, Reply, StaleClaimError, checked, scripts_for
 from .states import Begin, Gate, LedgerState
 
 __all__ = [
-    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError", "Skip",
+    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError",
+    "ReplicaAckError", "Skip",
     "StaleClaimError",
     "STATES", "fence_of",
 ]
@@ -150,10 +152,10 @@ class Ledger:
             return
         for _ in range(2):  # a second try only after adopting a ledger an operator accepted
             generation = self.guard.peek() if out.dry_run else self.guard.generation
-            reply = self._s["claim"](self.keys, issues, generation=generation,
-                                     queue_lease_ms=self.queue_lease_ms, max_in_flight=self.cfg.max_in_flight,
-                                     owner=uuid.uuid4().hex, mode="dry" if out.dry_run else "claim",
-                                     use_slots="1" if out.fleet_slots else "0")
+            reply, acked = self._write("claim", issues, acks=not out.dry_run, generation=generation,
+                                       queue_lease_ms=self.queue_lease_ms, max_in_flight=self.cfg.max_in_flight,
+                                       owner=uuid.uuid4().hex, mode="dry" if out.dry_run else "claim",
+                                       use_slots="1" if out.fleet_slots else "0")
             if reply.status != "ledger-lost":
                 break
             self.guard.lost(reply.values[0])  # raises LedgerLostError unless the new ledger was accepted
@@ -162,13 +164,70 @@ class Ledger:
         claims, skipped = out.claims, out.skipped
         for issue, entry in zip(issues, reply.values):
             if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
-                claims.append(Claim(issue, entry, int(entry.partition(":")[0])))
+                if acked:
+                    claims.append(Claim(issue, entry, int(entry.partition(":")[0])))
+                else:
+                    skipped.append(self._unacked(issue, entry))
                 continue
             code, _, rest = entry.partition(":")
             if code == Gate.CLAIMABLE:
                 claims.append(Claim(issue, "", _int(rest)))
             else:
                 skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
+
+    def _unacked(self, issue: str, token: str) -> Skip:
+        """A claim too few replicas acknowledged: a failover could lose it, so it is released unused (no
+        attempt counted) and the issue waits for the next pass."""
+        try:  # not waiting for acks again: with a replica down that would stall the loop for every claim
+            self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED)
+        except redis.RedisError:
+            log.warning("could not release unacknowledged claim %s on %s; its lease ends it", token, issue)
+        self.r.hincrby(self.keys.counters, "claims_unacked", 1)
+        return Skip(issue, Gate.UNACKED, {"token": token, "min_replica_acks": self.cfg.min_replica_acks})
+
+    # -- replica acknowledgements ----------------------------------------------------------------------
+    def _write(self, name: str, items: Sequence[str] = (), acks: bool = True, touch: bool = False,
+               **args: Any) -> tuple[Reply, bool]:
+        """Run script ``name``; with ``min_replica_acks`` (and ``acks``) in one pipeline with ``WAIT`` on the
+        same connection, so the wait covers this write. Returns (reply, acknowledged). ``touch`` adds a write
+        that always replicates (a counter), for a retry whose script may write nothing."""
+        script, n = self._s[name], self.cfg.min_replica_acks
+        if not n or not acks:
+            return script(self.keys, items, **args), True
+        pipe = self.r.pipeline(transaction=False)
+        script.queue(pipe, self.keys, items, **args)
+        if touch:
+            pipe.hincrby(self.keys.counters, "replica_ack_retries", 1)
+        pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
+        raw, *_, got = pipe.execute()
+        return script.parse(raw), int(got) >= n
+
+    def _settle(self, name: str, issue: str, token: str, **args: Any) -> Reply:
+        """A settle (complete, fail, release) by token, acknowledged by ``min_replica_acks`` replicas.
+
+        Unacknowledged, it is sent again until acknowledged or one lease has passed (then
+        :class:`ReplicaAckError`): after a failover that lost the first write the claim is still ours on the
+        new primary and the repeat applies it; when the first write did survive, the repeat finds the claim
+        gone, and the first reply stands. Connection errors in between (the failover itself) are waited out.
+        """
+        reply, acked = self._write(name, token=token, issue=issue, **args)
+        checked(reply, issue, token)
+        deadline = time.monotonic() + self.cfg.lease_ttl_s
+        while not acked:
+            if time.monotonic() > deadline:
+                raise ReplicaAckError(f"{name} of {issue} by {token}: fewer than {self.cfg.min_replica_acks} "
+                                      f"replica(s) acknowledged it within {self.cfg.lease_ttl_s:g}s")
+            try:
+                again, acked = self._write(name, touch=True, token=token, issue=issue, **args)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable while confirming %s of %s (%s); retrying", name, issue, exc)
+                time.sleep(0.2)
+                continue
+            if again.status == "ok":
+                reply = again  # the first write was lost with a failed primary: this one counts
+            elif again.status == "held":
+                checked(again, issue, token)  # lost, and the issue was claimed again meanwhile
+        return reply
 
     @staticmethod
     def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
@@ -202,36 +261,40 @@ class Ledger:
         as running. Stale or superseded token -> StaleClaimError.
         """
         for _ in range(2):  # a second try only after adopting a ledger an operator accepted
-            reply = self._s["begin"](self.keys, generation=self.guard.generation, token=token, lease_ms=self.lease_ms,
-                                     issue=issue, task_id=task_id, hostname=hostname, worker_pid=pid)
+            reply, acked = self._write("begin", generation=self.guard.generation, token=token, lease_ms=self.lease_ms,
+                                       issue=issue, task_id=task_id, hostname=hostname, worker_pid=pid)
             if reply.status != "ledger-lost":
                 break
             self.guard.lost(reply.values[0])
         else:
             raise LedgerLostError(self.guard.generation, reply.values[0])
         checked(reply, issue, token)
+        if reply.status == "ok" and not acked:
+            log.warning("begin of %s by %s not acknowledged by %d replica(s): not starting it", issue, token,
+                        self.cfg.min_replica_acks)
+            return Begin.UNACKED
         return Begin.STARTED if reply.status == "ok" else Begin(reply.status)
 
     def complete(self, issue: str, token: str) -> None:
         """Mark ``issue`` done for good (the holder only)."""
-        checked(self._s["complete"](self.keys, token=token, issue=issue), issue, token)
+        self._settle("complete", issue, token)
         log.info("issue %s done (fence %s)", issue, fence_of(token))
 
     def fail(self, issue: str, token: str, error: str = "") -> FailResult:
         """Count a failed attempt: a backoff window, or parked after ``max_attempts``."""
         cfg = self.cfg
-        reply = self._s["fail"](
-            self.keys, token=token, issue=issue, backoff_base_ms=int(cfg.backoff_base_s * 1000),
+        reply = self._settle(
+            "fail", issue, token, backoff_base_ms=int(cfg.backoff_base_s * 1000),
             backoff_max_ms=int(cfg.backoff_max_s * 1000), max_attempts=cfg.max_attempts,
             jitter=repr(cfg.backoff_jitter * self.rng()), error=(error or "failed")[:Keys.ERROR_MAX_CHARS],
         )
-        state, at, attempts = checked(reply, issue, token).values
+        state, at, attempts = reply.values
         log.info("issue %s failed attempt %s -> %s", issue, attempts, state)
         return FailResult(issue, state, int(attempts), int(at))
 
     def release(self, issue: str, token: str, reason: str = "interrupted") -> None:
         """Free the claim without counting an attempt (no backoff penalty)."""
-        checked(self._s["release"](self.keys, token=token, issue=issue, reason=reason), issue, token)
+        self._settle("release", issue, token, reason=reason)
         log.info("issue %s released (%s)", issue, reason)
 
     def current_token(self, issue: str) -> str | None:

@@ -14,7 +14,7 @@ from . import guard, heartbeat
 from .agent_task import release_task_claim
 from .context import Context
 from .presence import fleet_slots, live_workers
-from .redis_client import mask_url
+from .urls import mask_url
 from .control import who
 from .ledger import Explanation
 from .states import Gate, RunStatus

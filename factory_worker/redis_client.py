@@ -1,33 +1,18 @@
-"""One way to get a Redis client from settings: redis://, rediss://, unix://, with password in the URL."""
+"""One way to get a Redis client from settings: redis://, rediss://, unix:// or sentinel:// (see
+:mod:`factory_worker.urls`), with the password in the URL."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
-
 import redis
+from redis.sentinel import Sentinel
 
 from .config import Settings
+from .urls import mask_url, parse_sentinel_url
+
+__all__ = ["SOCKET_TIMEOUT_S", "client", "client_from_url", "mask_url", "server_now_ms"]
 
 #: Socket timeouts keep the CLI and the loop from hanging on a dead server.
 SOCKET_TIMEOUT_S = 5.0
-
-
-def mask_url(url: str) -> str:
-    """``url`` with every password replaced by ``***``: the userinfo form (``redis://:pw@h``,
-    ``redis://user:pw@h``) and the query form (``redis://h?password=pw``, ``unix:///s.sock?password=pw``).
-    The one masking used wherever a URL is shown (loop-status, doctor, up, metrics)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _pw = userinfo.partition(":")
-        netloc = f"{user}{':***' if sep else ''}@{hostport}" if sep else netloc
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() == "password" for k, _ in query):
-        masked = "&".join(f"{k}={'***' if k.lower() == 'password' else v}" for k, v in query)
-    else:
-        masked = parts.query
-    return urlunsplit(parts._replace(netloc=netloc, query=masked))
 
 
 def client_from_url(url: str, **kwargs: object) -> redis.Redis:
@@ -40,7 +25,22 @@ def client_from_url(url: str, **kwargs: object) -> redis.Redis:
         "retry_on_timeout": False,
     }
     opts.update(kwargs)
+    if url.startswith("sentinel://"):
+        return _sentinel_client(url, opts)
     return redis.Redis.from_url(url, **opts)
+
+
+def _sentinel_client(url: str, opts: dict[str, object]) -> redis.Redis:
+    """A client of the master that the sentinels name; after a failover its connections fail once and
+    reconnect to the new master (redis-py's ``SentinelConnectionPool`` asks the sentinels again)."""
+    target = parse_sentinel_url(url)
+    sentinel_kwargs: dict[str, object] = {"socket_timeout": opts["socket_timeout"],
+                                          "socket_connect_timeout": opts["socket_connect_timeout"]}
+    if target.sentinel_password is not None:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinels = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs)
+    return sentinels.master_for(target.master, redis_class=redis.Redis, db=target.db, username=target.username,
+                                password=target.password, **opts)
 
 
 def client(settings: Settings, **kwargs: object) -> redis.Redis:

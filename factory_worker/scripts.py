@@ -46,6 +46,10 @@ class ScriptReplyError(LedgerError):
     """A script answered with a status word its contract does not declare (a bug, never a stale claim)."""
 
 
+class ReplicaAckError(LedgerError):
+    """Too few replicas acknowledged a settle (``dispatch.min_replica_acks``) within the retries' window."""
+
+
 class StaleClaimError(LedgerError):
     """A write by a token that no longer holds the claim: nothing was changed.
 
@@ -161,13 +165,27 @@ class BoundScript:
         return self._script.sha
 
     def __call__(self, keys: Keys, items: Iterable[Any] = (), **args: Any) -> Reply:
+        klist, alist = self.keys_args(keys, items, **args)
+        return self.parse(self._script(keys=klist, args=alist))
+
+    def keys_args(self, keys: Keys, items: Iterable[Any] = (), **args: Any) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV for one call, in the contract's order."""
         c = self.contract
         items = list(items)
         klist = [s.build(keys, args.get(s.param)) for s in c.keys]
         if c.each_key is not None:
             klist += [c.each_key.build(keys, item) for item in items]
         alist = [args[a] for a in c.args] + (items if c.each_arg else [])
-        raw = self._script(keys=klist, args=alist)
+        return klist, alist
+
+    def queue(self, pipe: Any, keys: Keys, items: Iterable[Any] = (), **args: Any) -> None:
+        """Add one call to a pipeline ``pipe`` (its raw reply goes through :meth:`parse`)."""
+        klist, alist = self.keys_args(keys, items, **args)
+        self._script(keys=klist, args=alist, client=pipe)
+
+    def parse(self, raw: Any) -> Reply:
+        """The typed reply; ScriptReplyError on a status word the contract does not declare."""
+        c = self.contract
         status = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         if status not in c.replies:
             raise ScriptReplyError(f"lua/{c.name}.lua answered {status!r}, which its contract does not declare")

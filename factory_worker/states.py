@@ -31,6 +31,7 @@ class Gate(StrEnum):
     DUPLICATE = "duplicate"
     KILLED = "killed"
     PAUSED = "paused"
+    UNACKED = "unacked"  # claimed, but too few replicas acknowledged the claim in time: released, not used
     NOT_IN_SOURCE = "not-in-source"  # explain only: the source does not have it
     NOT_READY = "not-ready"  # explain only: the source has it, in a state that is not ready
 
@@ -75,3 +76,4 @@ class Begin(StrEnum):
     DUPLICATE = "duplicate"
     REVOKED = "revoked"
     KILLED = "killed"
+    UNACKED = "unacked"  # started, but too few replicas acknowledged it (min_replica_acks): do not run

@@ -25,12 +25,14 @@ from urllib.parse import urlsplit
 import kombu
 from kombu.transport import redis as kredis
 
+from .urls import parse_sentinel_url
+
 log = logging.getLogger(__name__)
 
 #: Newest kombu (major, minor) this work-around was checked against.
 TESTED_UP_TO = (5, 7)
-#: Broker URL schemes served by :class:`Transport`.
-SCHEMES = ("redis",)
+#: Broker URL schemes served by this module's transports.
+SCHEMES = ("redis", "sentinel")
 
 
 class QoS(kredis.QoS):
@@ -52,9 +54,28 @@ class Transport(kredis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(kredis.SentinelChannel):
+    QoS = QoS
+
+
+class SentinelTransport(kredis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+def broker_options(broker_url: str) -> tuple[str, dict[str, object]]:
+    """kombu's broker URL and extra transport options for ``broker_url``: a factory_worker
+    ``sentinel://hosts/<master>/<db>`` URL becomes kombu's ``sentinel://h1:p1/db;sentinel://h2:p2/db`` with
+    the master's name (and the sentinels' password) as transport options; any other URL is kept."""
+    if not broker_url.startswith("sentinel://"):
+        return broker_url, {}
+    target = parse_sentinel_url(broker_url)
+    return target.kombu_url(), target.transport_options()
+
+
 def transport_for(broker_url: str, version: tuple[int, ...] | None = None) -> str | None:
     """The ``broker_transport`` setting for ``broker_url``: this module's transport, or None (stock)."""
-    if urlsplit(broker_url).scheme not in SCHEMES:
+    scheme = urlsplit(broker_url).scheme
+    if scheme not in SCHEMES:
         return None
     v = tuple(version or kombu.VERSION[:2])
     if v[:2] > TESTED_UP_TO:
@@ -62,4 +83,4 @@ def transport_for(broker_url: str, version: tuple[int, ...] | None = None) -> st
                     "own Redis transport (see factory_worker/transport.py)", ".".join(map(str, v)),
                     ".".join(map(str, TESTED_UP_TO)))
         return None
-    return f"{__name__}:Transport"
+    return f"{__name__}:{'SentinelTransport' if scheme == 'sentinel' else 'Transport'}"

@@ -15,7 +15,6 @@ from harness import ROOT, pid_alive, wait_until  # noqa: F401  (re-exported for 
 from harness import run_ctl as ctl  # noqa: F401
 
 
-
 def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
     env.update(settings_env)
@@ -148,10 +147,6 @@ def settings_from(env: dict[str, str]) -> Settings:
     fields = {k: v for k, v in env.items() if k.startswith("FACTORY_")}
     with mock.patch.dict(os.environ, fields, clear=False):
         return load_settings()
-
-
-def write(path, issues):
-    path.write_text("".join(json.dumps(i) + "\n" for i in issues))
 
 
 class Recorder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import write
+from tests.support import write_issues
 
 from factory_worker.context import Context
 from factory_worker.presence import publish_slots
@@ -14,7 +14,7 @@ from factory_worker.sources import FileSource
 @pytest.fixture
 def issues_file(tmp_path):
     p = tmp_path / "issues.jsonl"
-    write(p, [{"id": f"I-{n}", "title": f"t{n}", "state": "ready"} for n in range(5)]
+    write_issues(p, [{"id": f"I-{n}", "title": f"t{n}", "state": "ready"} for n in range(5)]
           + [{"id": "B-1", "title": "b", "state": "blocked"}])
     return p
 

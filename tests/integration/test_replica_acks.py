@@ -1,0 +1,110 @@
+"""``dispatch.min_replica_acks`` on a real primary + replica: claims, begins and settles wait for the
+replica (Redis WAIT); an unacknowledged claim is released unused, an unacknowledged begin starts nothing,
+an unacknowledged settle is sent again until acknowledged."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from factory_worker.config import load_settings
+from factory_worker.embedded import RedisServer
+from factory_worker.keys import Keys
+from factory_worker.ledger import Ledger, ReplicaAckError
+from factory_worker.states import Begin, Gate
+from harness import wait_until
+from tests.sentinel import replica_acks
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    primary = RedisServer(tmp_path / "primary", extra=["--repl-diskless-sync-delay", "0"]).start()
+    replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    try:
+        replica.start()
+        wait_until(lambda: replica_acks(primary.client()), 15, what="replica acknowledging")
+        yield primary, replica
+    finally:
+        if replica.proc is not None and replica.proc.poll() is None:
+            replica.proc.send_signal(signal.SIGCONT)
+        replica.stop()
+        primary.stop()
+
+
+def _ledger(primary: RedisServer, lease_s: float = 10.0) -> Ledger:
+    d = load_settings(dispatch={"min_replica_acks": 1, "replica_ack_timeout_s": 0.2, "lease_ttl_s": lease_s,
+                                "queue_lease_s": 30}).dispatch
+    return Ledger(primary.client(), Keys("acks"), d)
+
+
+def test_acknowledged_claim_begin_and_settle_reach_the_replica(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    batch = ledger.claim(["A", "B"])
+    assert [c.issue for c in batch.claims] == ["A", "B"]
+    # WAIT returned: the replica holds the claims at once, without any polling
+    assert replica.client().get(Keys("acks").claim("A")) == batch.claims[0].token
+    assert ledger.begin("A", batch.claims[0].token, "t-1") == Begin.STARTED
+    ledger.complete("A", batch.claims[0].token)
+    assert replica.client().hget(Keys("acks").done, "A") is not None
+
+
+def test_claim_without_replica_ack_is_released_unused(pair):
+    primary, replica = pair
+    replica.proc.send_signal(signal.SIGSTOP)  # the replica stops acknowledging
+    ledger = _ledger(primary)
+    batch = ledger.claim(["A", "B"])
+    assert batch.claims == []
+    assert {s.issue: s.reason for s in batch.skipped} == {"A": Gate.UNACKED, "B": Gate.UNACKED}
+    k = Keys("acks")
+    r = primary.client()
+    assert r.get(k.claim("A")) is None and r.zcard(k.inflight) == 0  # nothing left owned
+    assert r.hget(k.attempts, "A") is None  # no attempt counted
+    assert int(r.hget(k.counters, "claims_unacked")) == 2
+    replica.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: [c.issue for c in ledger.claim(["A"]).claims] == ["A"], 10, what="claim acknowledged")
+
+
+def test_begin_without_replica_ack_does_not_start(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    claim = ledger.claim(["A"]).claims[0]
+    replica.proc.send_signal(signal.SIGSTOP)
+    assert ledger.begin("A", claim.token, "t-1") == Begin.UNACKED
+
+
+def test_settle_is_repeated_until_the_replica_acknowledges(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    claim = ledger.claim(["A"]).claims[0]
+    assert ledger.begin("A", claim.token, "t-1") == Begin.STARTED
+    replica.proc.send_signal(signal.SIGSTOP)
+    resume = threading.Timer(1.0, lambda: replica.proc.send_signal(signal.SIGCONT))
+    resume.start()
+    t0 = time.monotonic()
+    ledger.complete("A", claim.token)  # blocks until the replica is back, then returns normally
+    waited = time.monotonic() - t0
+    resume.join()
+    assert waited >= 0.9
+    assert replica.client().hget(Keys("acks").done, "A") is not None
+    assert int(primary.client().hget(Keys("acks").counters, "replica_ack_retries")) >= 1
+
+
+def test_settle_never_acknowledged_raises_after_one_lease(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    ledger.cfg.lease_ttl_s = 1.0  # the retries' window is one lease (agents need longer; the ledger does not)
+    batch = ledger.claim(["A"])
+    assert batch.claims, batch.skipped
+    claim = batch.claims[0]
+    replica.proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(ReplicaAckError, match="fewer than 1 replica"):
+        ledger.fail("A", claim.token, "boom")
+    assert 1.0 <= time.monotonic() - t0 < 5.0
