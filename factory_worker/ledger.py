@@ -22,12 +22,11 @@ from .config import DispatchSettings, Settings
 from .keys import Keys
 from .redis_client import server_now_ms
 from .guard import LedgerGuard, LedgerLostError
-from .scripts import LedgerError, ReplicaAckError, Reply, StaleClaimError, checked, scripts_for
+from .scripts import LedgerError, Reply, StaleClaimError, checked, scripts_for
 from .states import Begin, Gate, LedgerState
 
 __all__ = [
-    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError",
-    "ReplicaAckError", "Skip",
+    "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError", "Skip",
     "StaleClaimError",
     "STATES", "fence_of",
 ]
@@ -182,7 +181,7 @@ class Ledger:
             self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED)
         except redis.RedisError:
             log.warning("could not release unacknowledged claim %s on %s; its lease ends it", token, issue)
-        self.r.hincrby(self.keys.counters, "claims_unacked", 1)
+        self._count_quietly("claims_unacked")
         return Skip(issue, Gate.UNACKED, {"token": token, "min_replica_acks": self.cfg.min_replica_acks})
 
     # -- replica acknowledgements ----------------------------------------------------------------------
@@ -205,18 +204,22 @@ class Ledger:
     def _settle(self, name: str, issue: str, token: str, **args: Any) -> Reply:
         """A settle (complete, fail, release) by token, acknowledged by ``min_replica_acks`` replicas.
 
-        Unacknowledged, it is sent again until acknowledged or one lease has passed (then
-        :class:`ReplicaAckError`): after a failover that lost the first write the claim is still ours on the
-        new primary and the repeat applies it; when the first write did survive, the repeat finds the claim
-        gone, and the first reply stands. Connection errors in between (the failover itself) are waited out.
+        Unacknowledged, it is sent again until acknowledged or one lease has passed: after a failover that
+        lost the first write the claim is still ours on the new primary and the repeat applies it; when the
+        first write did survive, the repeat finds the claim gone and the first reply stands. Connection
+        errors in between (the failover itself) are waited out. After one lease it is logged and counted
+        (``settles_unacked``) and the reply stands: the write is on the primary, and only a second failover
+        before a replica catches up could still lose it.
         """
         reply, acked = self._write(name, token=token, issue=issue, **args)
         checked(reply, issue, token)
         deadline = time.monotonic() + self.cfg.lease_ttl_s
         while not acked:
             if time.monotonic() > deadline:
-                raise ReplicaAckError(f"{name} of {issue} by {token}: fewer than {self.cfg.min_replica_acks} "
-                                      f"replica(s) acknowledged it within {self.cfg.lease_ttl_s:g}s")
+                log.error("%s of %s by %s: fewer than %d replica(s) acknowledged it within %gs", name, issue,
+                          token, self.cfg.min_replica_acks, self.cfg.lease_ttl_s)
+                self._count_quietly("settles_unacked")
+                break
             try:
                 again, acked = self._write(name, touch=True, token=token, issue=issue, **args)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -228,6 +231,12 @@ class Ledger:
             elif again.status == "held":
                 checked(again, issue, token)  # lost, and the issue was claimed again meanwhile
         return reply
+
+    def _count_quietly(self, counter: str) -> None:
+        try:
+            self.r.hincrby(self.keys.counters, counter, 1)
+        except redis.RedisError:
+            log.warning("could not count %s", counter)
 
     @staticmethod
     def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:

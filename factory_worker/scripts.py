@@ -46,10 +46,6 @@ class ScriptReplyError(LedgerError):
     """A script answered with a status word its contract does not declare (a bug, never a stale claim)."""
 
 
-class ReplicaAckError(LedgerError):
-    """Too few replicas acknowledged a settle (``dispatch.min_replica_acks``) within the retries' window."""
-
-
 class StaleClaimError(LedgerError):
     """A write by a token that no longer holds the claim: nothing was changed.
 

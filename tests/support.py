@@ -162,12 +162,11 @@ class Recorder:
 
 def assert_audit_clean(redis_url: str, namespace: str) -> None:
     """The ledger's invariants hold (``factory-worker audit``): every chaos test ends with this."""
-    import redis as _redis
-
     from factory_worker.audit import audit
     from factory_worker.keys import Keys
+    from factory_worker.redis_client import client_from_url
 
-    client = _redis.Redis.from_url(redis_url, decode_responses=True)
+    client = client_from_url(redis_url)
     try:
         result = audit(client, Keys(namespace))
     finally:

@@ -14,7 +14,7 @@ import pytest
 from factory_worker.config import load_settings
 from factory_worker.embedded import RedisServer
 from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger, ReplicaAckError
+from factory_worker.ledger import Ledger
 from factory_worker.states import Begin, Gate
 from harness import wait_until
 from tests.sentinel import replica_acks
@@ -96,7 +96,7 @@ def test_settle_is_repeated_until_the_replica_acknowledges(pair):
     assert int(primary.client().hget(Keys("acks").counters, "replica_ack_retries")) >= 1
 
 
-def test_settle_never_acknowledged_raises_after_one_lease(pair):
+def test_settle_never_acknowledged_is_counted_after_one_lease_and_stands(pair):
     primary, replica = pair
     ledger = _ledger(primary)
     ledger.cfg.lease_ttl_s = 1.0  # the retries' window is one lease (agents need longer; the ledger does not)
@@ -105,6 +105,8 @@ def test_settle_never_acknowledged_raises_after_one_lease(pair):
     claim = batch.claims[0]
     replica.proc.send_signal(signal.SIGSTOP)
     t0 = time.monotonic()
-    with pytest.raises(ReplicaAckError, match="fewer than 1 replica"):
-        ledger.fail("A", claim.token, "boom")
+    assert ledger.fail("A", claim.token, "boom").state == "backoff"
     assert 1.0 <= time.monotonic() - t0 < 5.0
+    r = primary.client()
+    assert int(r.hget(Keys("acks").counters, "settles_unacked")) == 1
+    assert r.get(Keys("acks").claim("A")) is None and r.hget(Keys("acks").attempts, "A") == "1"
