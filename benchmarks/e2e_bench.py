@@ -27,6 +27,7 @@ This is a script that prints figures, not a test: nothing is asserted.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -233,6 +234,45 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
 
 
 # -- latency ---------------------------------------------------------------------------------------------
+def append_at_random(source: Path, count: int, rng: random.Random, gap_min: float, gap_max: float
+                     ) -> dict[str, float]:
+    """Append ``count`` issues to ``source``, one whole line at a time after a random pause: issue -> append time."""
+    ready_at: dict[str, float] = {}
+    fd = os.open(source, os.O_WRONLY | os.O_APPEND)
+    try:
+        for i in range(count):
+            time.sleep(rng.uniform(gap_min, gap_max))
+            iid = f"L-{i:04d}"
+            os.write(fd, issue_line(iid).encode())  # one write of a whole line: never a torn line
+            ready_at[iid] = time.time()
+    finally:
+        os.close(fd)
+    return ready_at
+
+
+def agent_starts(out: Path) -> dict[str, float]:
+    """issue -> the first start time its latency agent recorded in ``out``."""
+    found: dict[str, float] = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            t, _, iid = line.partition(" ")
+            if iid and iid not in found:
+                found[iid] = float(t)
+    return found
+
+
+def latency_stats(lat: list[float], count: int) -> dict:
+    return {
+        "samples": len(lat),
+        "missing": count - len(lat),
+        "p50_s": percentile(lat, 50),
+        "p99_s": percentile(lat, 99),
+        "min_s": min(lat) if lat else float("nan"),
+        "max_s": max(lat) if lat else float("nan"),
+        "mean_s": sum(lat) / len(lat) if lat else float("nan"),
+    }
+
+
 def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurrency: int, max_iterations: int,
                   gap_min: float, gap_max: float, seed: int | None, timeout: float) -> dict:
     work = tmp / "latency"
@@ -249,7 +289,6 @@ def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurren
                       max_iterations=max_iterations, max_in_flight=64,
                       extra={"BENCH_LATENCY_OUT": str(out)})
     rng = random.Random(seed)
-    ready_at: dict[str, float] = {}
     group = Group()
     try:
         say(f"latency: starting {workers} workers -c {concurrency} + beat (interval 1 s, "
@@ -257,48 +296,21 @@ def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurren
         start_factory(group, env, work, workers, concurrency)
         time.sleep(rng.uniform(0, 1.0))
         say(f"latency: appending {count} issues at random moments")
-        fd = os.open(source, os.O_WRONLY | os.O_APPEND)
+        ready_at = append_at_random(source, count, rng, gap_min, gap_max)
         try:
-            for i in range(count):
-                time.sleep(rng.uniform(gap_min, gap_max))
-                iid = f"L-{i:04d}"
-                os.write(fd, issue_line(iid).encode())  # one write of a whole line: never a torn line
-                ready_at[iid] = time.time()
-        finally:
-            os.close(fd)
-
-        def starts() -> dict[str, float]:
-            found: dict[str, float] = {}
-            if out.exists():
-                for line in out.read_text().splitlines():
-                    t, _, iid = line.partition(" ")
-                    if iid and iid not in found:
-                        found[iid] = float(t)
-            return found
-
-        try:
-            wait_for(lambda: len(starts()) >= count, timeout, "every latency issue's agent to start", 0.1)
+            wait_for(lambda: len(agent_starts(out)) >= count, timeout, "every latency issue's agent to start", 0.1)
         except BenchError:
             pass  # reported as missing
-        started = starts()
+        started = agent_starts(out)
     finally:
         group.stop()
         drop_namespace(r, keys)
         r.close()
-    lat = [started[i] - ready_at[i] for i in ready_at if i in started]
-    return {
-        "samples": len(lat),
-        "missing": count - len(lat),
-        "p50_s": percentile(lat, 50),
-        "p99_s": percentile(lat, 99),
-        "min_s": min(lat) if lat else float("nan"),
-        "max_s": max(lat) if lat else float("nan"),
-        "mean_s": sum(lat) / len(lat) if lat else float("nan"),
-    }
+    return latency_stats([started[i] - ready_at[i] for i in ready_at if i in started], count)
 
 
 # -- main ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = make_parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--n", type=int, default=200, help="issues (phase a) and tasks (phase b); default 200")
@@ -319,29 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", choices=("factory", "plain", "latency"), action="append", default=[],
                     help="skip a phase (repeatable)")
     add_keep_tmp(ap)
-    args = ap.parse_args(argv)
-    global LOOP_WORKER
-    LOOP_WORKER = args.loop_worker
+    return ap.parse_args(argv)
 
-    results: dict = {}
 
-    def phases(tmp: Path, redis_url: str) -> None:
-        if "factory" not in args.skip:
-            results["factory"] = bench_factory(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
-        if "plain" not in args.skip:
-            results["plain"] = bench_plain(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
-        if "latency" not in args.skip:
-            results["latency"] = bench_latency(redis_url, tmp, args.latency_n, args.workers, args.concurrency,
-                                               args.latency_max_iterations, args.latency_gap[0],
-                                               args.latency_gap[1], args.seed, args.timeout)
-
-    t_start = time.perf_counter()
-    code = run_session("e2e_bench", "factory-e2e-bench-", args.keep_tmp, phases, args.redis_url)
-    if code:
-        return code
-
+def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dict:
     f, p, lat = results.get("factory"), results.get("plain"), results.get("latency")
-    summary: dict = {
+    return {
         "n": args.n,
         "workers": args.workers,
         "concurrency": args.concurrency,
@@ -363,28 +358,53 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
-    def human() -> None:
-        print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
-              f"(wall {summary['wall_s']} s)")
-        if f:
-            c = f["counters"]
-            print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
-                  f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
-                  f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
-        if p:
-            print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
-                  f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
-        if f and p:
-            ratio = summary["ratio"]
-            verdict = "meets" if ratio >= 0.7 else "below"
-            print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
-        if lat:
-            print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
-                  f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
-            print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
-                  f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
 
-    return emit(summary, args.json, human)
+def print_human(args: argparse.Namespace, results: dict, summary: dict) -> None:
+    f, p, lat = results.get("factory"), results.get("plain"), results.get("latency")
+    print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
+          f"(wall {summary['wall_s']} s)")
+    if f:
+        c = f["counters"]
+        print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
+              f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
+              f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
+    if p:
+        print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
+              f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
+    if f and p:
+        ratio = summary["ratio"]
+        verdict = "meets" if ratio >= 0.7 else "below"
+        print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
+    if lat:
+        print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
+              f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
+        print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
+              f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    global LOOP_WORKER
+    LOOP_WORKER = args.loop_worker
+
+    results: dict = {}
+
+    def phases(tmp: Path, redis_url: str) -> None:
+        if "factory" not in args.skip:
+            results["factory"] = bench_factory(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
+        if "plain" not in args.skip:
+            results["plain"] = bench_plain(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
+        if "latency" not in args.skip:
+            results["latency"] = bench_latency(redis_url, tmp, args.latency_n, args.workers, args.concurrency,
+                                               args.latency_max_iterations, args.latency_gap[0],
+                                               args.latency_gap[1], args.seed, args.timeout)
+
+    t_start = time.perf_counter()
+    code = run_session("e2e_bench", "factory-e2e-bench-", args.keep_tmp, phases, args.redis_url)
+    if code:
+        return code
+    summary = make_summary(args, results, t_start)
+    return emit(summary, args.json, lambda: print_human(args, results, summary))
 
 
 if __name__ == "__main__":

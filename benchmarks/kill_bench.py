@@ -36,6 +36,7 @@ This is a script that prints figures, not a test: nothing is asserted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,134 @@ def log_loop_ends(log_text: str, run_id: str) -> list[dict[str, Any]]:
 
 
 # -- (a) kill-loop -----------------------------------------------------------------------------------------
+@dataclass
+class KillRig:
+    """Phase (a)'s fixed parts, shared by its trials: the namespace's keys, Redis, the env, the worker."""
+
+    work: Path
+    keys: Keys
+    r: redis.Redis
+    env: dict[str, str]
+    tap: EventTap
+    worker: Proc
+
+
+def start_kill_stack(procs: Group, env: dict[str, str], work: Path, tap: EventTap) -> Proc:
+    """1 worker -c 4 + beat, ready; then the first Celery event (or a note that the log is the fallback)."""
+    worker = procs.add(Proc("w1", worker_argv("w1", 4, queues=factory_queues(env)), env, work, "ready."))
+    procs.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
+    procs.wait_ready(60)
+    try:
+        wait_for(tap.seen_worker, 10, "the first Celery event")
+    except BenchError:
+        say(f"kill: no Celery event seen ({tap.error or 'receiver silent'}): falling back to the worker log")
+    return worker
+
+
+def start_trial_run(rig: KillRig, trial: int, issues_per_trial: int) -> tuple[str, float, float]:
+    """Append the trial's issues and ``ctl start-loop``: (run id, command start, command end)."""
+    with open(rig.work / "issues.jsonl", "a") as fh:
+        fh.write("".join(issue_line(f"K-{trial:02d}-{n}") for n in range(issues_per_trial)))
+    started, s0, s1, _ = ctl_json(rig.env, "start-loop")
+    if not started.get("started"):
+        raise BenchError(f"start-loop did not start a run: {started}")
+    return started["run_id"], s0, s1
+
+
+def wait_run_live(rig: KillRig, run_id: str) -> dict:
+    """Until the run is ``running`` with 2 iterations done, in Redis and then in ``ctl loop-status``: the status."""
+
+    def run_live() -> bool:
+        raw = rig.r.hmget(rig.keys.run(run_id), "status", "iterations_done")
+        return raw[0] == "running" and int(raw[1] or 0) >= 2
+
+    wait_for(run_live, 30, f"run {run_id} to reach 2 iterations", 0.02)
+
+    def status_live() -> dict | None:
+        res, _, _ = ctl(rig.env, "loop-status", "--json")
+        if res.returncode != 0:
+            return None
+        st = json.loads(res.stdout)
+        run = st.get("run") or {}
+        ok = (run.get("run_id") == run_id and run.get("status") == "running"
+              and run.get("iterations_done", 0) >= 2)
+        return st if ok else None
+
+    return wait_for(status_live, 30, f"loop-status to report run {run_id} live", 0.05)
+
+
+def kill_run(rig: KillRig, run_id: str) -> tuple[float, float, float | None]:
+    """``ctl kill-loop``: (command start, command end = t0, when the kill flag was set per Redis or None)."""
+    killed, t_start, t0, code = ctl_json(rig.env, "kill-loop", ok=(0, 1))
+    if code != 0 or killed.get("killed") != run_id:
+        raise BenchError(f"kill-loop did not kill run {run_id} (exit {code}): {killed}")
+    kill_flag = rig.r.hgetall(rig.keys.kill)  # at_ms: when kill-loop set the flag (Redis clock, same host)
+    flag_t = int(kill_flag["at_ms"]) / 1000 if kill_flag.get("at_ms") else None
+    return t_start, t0, flag_t
+
+
+def kill_row(rig: KillRig, trial: int, run_id: str, status: dict, start_cmd: tuple[float, float],
+             t_start: float, t0: float, flag_t: float | None) -> dict[str, Any]:
+    """One trial's figures, from the run's loop task ends (events, else the worker log) and its record."""
+    s0, s1 = start_cmd
+    ev = rig.tap.loop_ends(run_id)
+    lg = log_loop_ends(rig.worker.log(), run_id)
+    source, ends = ("events", ev) if ev else ("log", lg)
+    last = max((e["timestamp"] for e in ends), default=None)
+    rec = rig.r.hgetall(rig.keys.run(run_id))
+    after = [e for e in ends if e["timestamp"] > t0]
+    return {
+        "trial": trial,
+        "run_id": run_id,
+        "source": source if ends else None,
+        "kill_effect_s": None if last is None else round(max(0.0, last - t0), 4),
+        "kill_effect_signed_s": None if last is None else round(last - t0, 4),
+        "kill_effect_from_start_s": None if last is None else round(last - t_start, 4),
+        "kill_effect_from_flag_s": None if last is None or flag_t is None else round(last - flag_t, 4),
+        "kill_flag_set_after_start_s": None if flag_t is None else round(flag_t - t_start, 4),
+        "kill_cmd_s": round(t0 - t_start, 4),
+        "start_loop_cmd_s": round(s1 - s0, 4),
+        "log_last_minus_t0_s": (round(max(e["timestamp"] for e in lg) - t0, 3) if lg else None),
+        "loop_task_ends": len(ends),
+        "loop_task_ends_after_kill": len(after),
+        "revoked_events": sum(1 for e in ends if e["type"] in ("task-revoked", "revoked")),
+        "iterations_at_status": (status.get("run") or {}).get("iterations_done"),
+        "iterations_done_final": int(rec.get("iterations_done", 0)),
+        "run_status": rec.get("status"),
+        "agent_tasks_received_after_kill": rig.tap.agents_received_after(t0),
+    }
+
+
+def kill_trial(rig: KillRig, trial: int, trials: int, issues_per_trial: int, settle_s: float) -> dict[str, Any]:
+    """Start a run, wait until it is live, kill it, collect its loop task ends for ``settle_s``: the trial's row."""
+    run_id, s0, s1 = start_trial_run(rig, trial, issues_per_trial)
+    status = wait_run_live(rig, run_id)
+    t_start, t0, flag_t = kill_run(rig, run_id)
+    time.sleep(settle_s)  # collect whatever the run still does after the kill
+    row = kill_row(rig, trial, run_id, status, (s0, s1), t_start, t0, flag_t)
+    say(f"kill trial {trial + 1}/{trials}: run {run_id} effect {row['kill_effect_signed_s']} s after "
+        f"kill-loop returned ({row['kill_cmd_s']:.3f} s command, {row['loop_task_ends_after_kill']} loop task "
+        f"end(s) after it, status {row['run_status']}, via {row['source']})")
+    return row
+
+
+def kill_summary(rows: list[dict[str, Any]], receiver_error: str | None, counters: dict[str, str]) -> dict:
+    effects = [x["kill_effect_s"] for x in rows if x["kill_effect_s"] is not None]
+    return {
+        "trials": rows,
+        "kill_effect_s": stats(effects),
+        "kill_effect_from_start_s": stats([x["kill_effect_from_start_s"] for x in rows
+                                           if x["kill_effect_from_start_s"] is not None]),
+        "kill_effect_from_flag_s": stats([x["kill_effect_from_flag_s"] for x in rows
+                                          if x["kill_effect_from_flag_s"] is not None]),
+        "kill_cmd_s": stats([x["kill_cmd_s"] for x in rows]),
+        "within_target": sum(1 for e in effects if e <= KILL_TARGET_S),
+        "measured": len(effects),
+        "event_receiver_error": receiver_error,
+        "counters": {k: int(v) for k, v in counters.items() if v.lstrip("-").isdigit()},
+    }
+
+
 def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, agent_sleep_s: float,
                issues_per_trial: int, settle_s: float, max_iterations: int) -> dict:
     work = tmp / "kill"
@@ -248,165 +378,100 @@ def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, 
     try:
         say(f"kill: starting 1 worker -c 4 + beat (namespace {namespace}, {max_iterations} iterations/run, "
             f"{iteration_cost_s:g} s per iteration, agent {agent_sleep_s:g} s)")
-        worker = procs.add(Proc("w1", worker_argv("w1", 4, queues=factory_queues(env)), env, work, "ready."))
-        procs.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
-        procs.wait_ready(60)
-        try:
-            wait_for(tap.seen_worker, 10, "the first Celery event")
-        except BenchError:
-            say(f"kill: no Celery event seen ({tap.error or 'receiver silent'}): falling back to the worker log")
+        rig = KillRig(work, keys, r, env, tap, start_kill_stack(procs, env, work, tap))
         for trial in range(trials):
-            with open(work / "issues.jsonl", "a") as fh:
-                fh.write("".join(issue_line(f"K-{trial:02d}-{n}") for n in range(issues_per_trial)))
-            started, s0, s1, _ = ctl_json(env, "start-loop")
-            if not started.get("started"):
-                raise BenchError(f"start-loop did not start a run: {started}")
-            run_id = started["run_id"]
-
-            def run_live() -> bool:
-                raw = r.hmget(keys.run(run_id), "status", "iterations_done")
-                return raw[0] == "running" and int(raw[1] or 0) >= 2
-
-            wait_for(run_live, 30, f"run {run_id} to reach 2 iterations", 0.02)
-
-            def status_live() -> dict | None:
-                res, _, _ = ctl(env, "loop-status", "--json")
-                if res.returncode != 0:
-                    return None
-                st = json.loads(res.stdout)
-                run = st.get("run") or {}
-                ok = (run.get("run_id") == run_id and run.get("status") == "running"
-                      and run.get("iterations_done", 0) >= 2)
-                return st if ok else None
-
-            status = wait_for(status_live, 30, f"loop-status to report run {run_id} live", 0.05)
-            killed, t_start, t0, code = ctl_json(env, "kill-loop", ok=(0, 1))
-            if code != 0 or killed.get("killed") != run_id:
-                raise BenchError(f"kill-loop did not kill run {run_id} (exit {code}): {killed}")
-            kill_flag = r.hgetall(keys.kill)  # at_ms: when kill-loop set the flag (Redis clock, same host)
-            flag_t = int(kill_flag["at_ms"]) / 1000 if kill_flag.get("at_ms") else None
-            time.sleep(settle_s)  # collect whatever the run still does after the kill
-            ev = tap.loop_ends(run_id)
-            lg = log_loop_ends(worker.log(), run_id)
-            source, ends = ("events", ev) if ev else ("log", lg)
-            last = max((e["timestamp"] for e in ends), default=None)
-            rec = r.hgetall(keys.run(run_id))
-            after = [e for e in ends if e["timestamp"] > t0]
-            row = {
-                "trial": trial,
-                "run_id": run_id,
-                "source": source if ends else None,
-                "kill_effect_s": None if last is None else round(max(0.0, last - t0), 4),
-                "kill_effect_signed_s": None if last is None else round(last - t0, 4),
-                "kill_effect_from_start_s": None if last is None else round(last - t_start, 4),
-                "kill_effect_from_flag_s": None if last is None or flag_t is None else round(last - flag_t, 4),
-                "kill_flag_set_after_start_s": None if flag_t is None else round(flag_t - t_start, 4),
-                "kill_cmd_s": round(t0 - t_start, 4),
-                "start_loop_cmd_s": round(s1 - s0, 4),
-                "log_last_minus_t0_s": (round(max(e["timestamp"] for e in lg) - t0, 3) if lg else None),
-                "loop_task_ends": len(ends),
-                "loop_task_ends_after_kill": len(after),
-                "revoked_events": sum(1 for e in ends if e["type"] in ("task-revoked", "revoked")),
-                "iterations_at_status": (status.get("run") or {}).get("iterations_done"),
-                "iterations_done_final": int(rec.get("iterations_done", 0)),
-                "run_status": rec.get("status"),
-                "agent_tasks_received_after_kill": tap.agents_received_after(t0),
-            }
-            rows.append(row)
-            say(f"kill trial {trial + 1}/{trials}: run {run_id} effect {row['kill_effect_signed_s']} s after "
-                f"kill-loop returned ({row['kill_cmd_s']:.3f} s command, {len(after)} loop task end(s) after it, "
-                f"status {row['run_status']}, via {row['source']})")
+            rows.append(kill_trial(rig, trial, trials, issues_per_trial, settle_s))
         counters = r.hgetall(keys.counters)
     finally:
         procs.stop()
         tap.stop()
         drop_namespace(r, keys)
         r.close()
-    effects = [x["kill_effect_s"] for x in rows if x["kill_effect_s"] is not None]
-    return {
-        "trials": rows,
-        "kill_effect_s": stats(effects),
-        "kill_effect_from_start_s": stats([x["kill_effect_from_start_s"] for x in rows
-                                           if x["kill_effect_from_start_s"] is not None]),
-        "kill_effect_from_flag_s": stats([x["kill_effect_from_flag_s"] for x in rows
-                                          if x["kill_effect_from_flag_s"] is not None]),
-        "kill_cmd_s": stats([x["kill_cmd_s"] for x in rows]),
-        "within_target": sum(1 for e in effects if e <= KILL_TARGET_S),
-        "measured": len(effects),
-        "event_receiver_error": tap.error,
-        "counters": {k: int(v) for k, v in counters.items() if v.lstrip("-").isdigit()},
-    }
+    return kill_summary(rows, tap.error, counters)
 
 
 # -- (b) SIGTERM teardown -------------------------------------------------------------------------------------
-def bench_term(redis_url: str, tmp: Path, trials: int, soft_shutdown_s: float, concurrency: int) -> dict:
-    rows: list[dict[str, Any]] = []
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+def start_agent(worker: Proc, env: dict[str, str], work: Path, issue: str) -> int:
+    """Worker ready, ``ctl run-once`` dispatches ``issue``, its agent has started (and ran 0.2 s): the agent pid."""
+    wait_for(worker.ready, 60, "the worker to be ready")
+    report, _, _, _ = ctl_json(env, "run-once")
+    if report.get("dispatched") != 1:
+        raise BenchError(f"run-once did not dispatch {issue}: {report}")
+    pid_file = work / "pids" / f"{issue}.pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the agent to start", 0.02)
+    agent_pid = int(pid_file.read_text())
+    time.sleep(0.2)  # the agent is running, its supervisor is in its loop
+    return agent_pid
+
+
+def sigterm_until_exit(worker: Proc, agent_pid: int, soft_shutdown_s: float
+                       ) -> tuple[float | None, float | None, bool]:
+    """SIGTERM the worker's main process and watch it exit: (teardown s or None, agent gone s or None,
+    agent alive when the worker exited)."""
+    t0 = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    agent_gone_s = None
+    deadline = t0 + soft_shutdown_s + 60
+    while worker.proc.poll() is None and time.monotonic() < deadline:
+        if agent_gone_s is None and not pid_alive(agent_pid):
+            agent_gone_s = time.monotonic() - t0
+        time.sleep(0.01)
+    exited = worker.proc.poll() is not None
+    teardown = time.monotonic() - t0 if exited else None
+    agent_alive_at_exit = pid_alive(agent_pid)
+    if agent_gone_s is None and not agent_alive_at_exit:
+        agent_gone_s = time.monotonic() - t0
+    return teardown, agent_gone_s, agent_alive_at_exit
+
+
+def term_trial(redis_url: str, r: redis.Redis, tmp: Path, trial: int, trials: int, soft_shutdown_s: float,
+               concurrency: int) -> dict[str, Any]:
+    """One SIGTERM trial in a fresh namespace: its row."""
+    work = tmp / f"term-{trial}"
+    work.mkdir()
+    namespace = "termbench" + uuid.uuid4().hex[:8]
+    keys = Keys(namespace)
+    issue = f"T-{trial}"
+    env = factory_env(redis_url, namespace, work, {
+        "FACTORY_WORKER__SOFT_SHUTDOWN_S": str(soft_shutdown_s),
+        "FACTORY_DISPATCH__LEASE_TTL_S": "30",
+        "KILL_BENCH_AGENT_SLEEP_S": "60",
+    })
+    (work / "issues.jsonl").write_text(issue_line(issue))
+    settings = load_settings(redis_url=redis_url, namespace=namespace)
+    ledger = Ledger.from_settings(settings, r)
+    worker = Proc("w1", worker_argv("w1", concurrency, queues=factory_queues(env)), env, work, "ready.")
     try:
-        for trial in range(trials):
-            work = tmp / f"term-{trial}"
-            work.mkdir()
-            namespace = "termbench" + uuid.uuid4().hex[:8]
-            keys = Keys(namespace)
-            issue = f"T-{trial}"
-            env = factory_env(redis_url, namespace, work, {
-                "FACTORY_WORKER__SOFT_SHUTDOWN_S": str(soft_shutdown_s),
-                "FACTORY_DISPATCH__LEASE_TTL_S": "30",
-                "KILL_BENCH_AGENT_SLEEP_S": "60",
-            })
-            (work / "issues.jsonl").write_text(issue_line(issue))
-            settings = load_settings(redis_url=redis_url, namespace=namespace)
-            ledger = Ledger.from_settings(settings, r)
-            worker = Proc("w1", worker_argv("w1", concurrency, queues=factory_queues(env)), env, work, "ready.")
-            try:
-                wait_for(worker.ready, 60, "the worker to be ready")
-                report, _, _, _ = ctl_json(env, "run-once")
-                if report.get("dispatched") != 1:
-                    raise BenchError(f"run-once did not dispatch {issue}: {report}")
-                pid_file = work / "pids" / f"{issue}.pid"
-                wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the agent to start", 0.02)
-                agent_pid = int(pid_file.read_text())
-                time.sleep(0.2)  # the agent is running, its supervisor is in its loop
-                state_before = ledger.explain(issue).state
-                t0 = time.monotonic()
-                os.kill(worker.pid, signal.SIGTERM)
-                agent_gone_s = None
-                deadline = t0 + soft_shutdown_s + 60
-                while worker.proc.poll() is None and time.monotonic() < deadline:
-                    if agent_gone_s is None and not pid_alive(agent_pid):
-                        agent_gone_s = time.monotonic() - t0
-                    time.sleep(0.01)
-                exited = worker.proc.poll() is not None
-                teardown = time.monotonic() - t0 if exited else None
-                agent_alive_at_exit = pid_alive(agent_pid)
-                if agent_gone_s is None and not agent_alive_at_exit:
-                    agent_gone_s = time.monotonic() - t0
-                expl = ledger.explain(issue)
-                counters = ledger.counters()
-                row = {
-                    "trial": trial,
-                    "teardown_s": None if teardown is None else round(teardown, 3),
-                    "worker_exit_code": worker.proc.returncode,
-                    "agent_gone_s": None if agent_gone_s is None else round(agent_gone_s, 3),
-                    "exit_after_agent_gone_s": (round(teardown - agent_gone_s, 3)
-                                                if teardown is not None and agent_gone_s is not None else None),
-                    "agent_alive_at_worker_exit": agent_alive_at_exit,
-                    "claim_state_before": state_before,
-                    "claim_state_after": expl.state,
-                    "claim_released": expl.state != "in-flight",
-                    "attempts_after": int(expl.detail.get("attempts") or 0),
-                    "released_interrupted": int(counters.get("released_interrupted", 0)),
-                    "worker_key_left": bool(r.exists(keys.worker(f"w1@{os.uname().nodename}"))),
-                }
-                rows.append(row)
-                say(f"term trial {trial + 1}/{trials}: worker exited {row['teardown_s']} s after SIGTERM "
-                    f"(code {row['worker_exit_code']}), agent gone after {row['agent_gone_s']} s, claim "
-                    f"{state_before} -> {expl.state}")
-            finally:
-                worker.stop()
-                drop_namespace(r, keys)
+        agent_pid = start_agent(worker, env, work, issue)
+        state_before = ledger.explain(issue).state
+        teardown, agent_gone_s, agent_alive_at_exit = sigterm_until_exit(worker, agent_pid, soft_shutdown_s)
+        expl = ledger.explain(issue)
+        counters = ledger.counters()
+        row = {
+            "trial": trial,
+            "teardown_s": None if teardown is None else round(teardown, 3),
+            "worker_exit_code": worker.proc.returncode,
+            "agent_gone_s": None if agent_gone_s is None else round(agent_gone_s, 3),
+            "exit_after_agent_gone_s": (round(teardown - agent_gone_s, 3)
+                                        if teardown is not None and agent_gone_s is not None else None),
+            "agent_alive_at_worker_exit": agent_alive_at_exit,
+            "claim_state_before": state_before,
+            "claim_state_after": expl.state,
+            "claim_released": expl.state != "in-flight",
+            "attempts_after": int(expl.detail.get("attempts") or 0),
+            "released_interrupted": int(counters.get("released_interrupted", 0)),
+            "worker_key_left": bool(r.exists(keys.worker(f"w1@{os.uname().nodename}"))),
+        }
+        say(f"term trial {trial + 1}/{trials}: worker exited {row['teardown_s']} s after SIGTERM "
+            f"(code {row['worker_exit_code']}), agent gone after {row['agent_gone_s']} s, claim "
+            f"{state_before} -> {expl.state}")
+        return row
     finally:
-        r.close()
+        worker.stop()
+        drop_namespace(r, keys)
+
+
+def term_summary(rows: list[dict[str, Any]], soft_shutdown_s: float) -> dict:
     teardowns = [x["teardown_s"] for x in rows if x["teardown_s"] is not None]
     return {
         "trials": rows,
@@ -421,8 +486,19 @@ def bench_term(redis_url: str, tmp: Path, trials: int, soft_shutdown_s: float, c
     }
 
 
+def bench_term(redis_url: str, tmp: Path, trials: int, soft_shutdown_s: float, concurrency: int) -> dict:
+    rows: list[dict[str, Any]] = []
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for trial in range(trials):
+            rows.append(term_trial(redis_url, r, tmp, trial, trials, soft_shutdown_s, concurrency))
+    finally:
+        r.close()
+    return term_summary(rows, soft_shutdown_s)
+
+
 # -- main ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = make_parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--trials", type=int, default=10, help="kill-loop trials (phase a); default 10")
@@ -439,25 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--term-concurrency", type=int, default=1, help="-c of the phase b worker; default 1")
     ap.add_argument("--skip", choices=("kill", "term"), action="append", default=[], help="skip a phase (repeatable)")
     add_keep_tmp(ap)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    results: dict = {}
 
-    def phases(tmp: Path, redis_url: str) -> None:
-        if "kill" not in args.skip:
-            results["kill"] = bench_kill(redis_url, tmp, args.trials, args.iteration_cost_s, args.agent_sleep_s,
-                                         args.issues_per_trial, args.settle_s, args.max_iterations)
-        if "term" not in args.skip:
-            results["term"] = bench_term(redis_url, tmp, args.term_trials, args.soft_shutdown_s,
-                                         args.term_concurrency)
-
-    t_start = time.perf_counter()
-    code = run_session("kill_bench", "factory-kill-bench-", args.keep_tmp, phases)
-    if code:
-        return code
-
+def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dict:
     k, t = results.get("kill"), results.get("term")
-    summary: dict = {
+    return {
         "trials": args.trials if k else 0,
         "loop_interval_s": 1.0,
         "max_iterations": args.max_iterations,
@@ -483,40 +546,68 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
-    def human() -> None:
-        print(f"kill/teardown benchmark: one redis-server, wall {summary['wall_s']} s")
-        if k:
-            print(f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
-                  f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):")
-            print(f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
-                  f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)")
-            print(f"      after kill-loop started       {fmt(k['kill_effect_from_start_s'])}")
-            print(f"      after kill-loop set the flag  {fmt(k['kill_effect_from_flag_s'])}   (signed)")
-            print(f"      kill-loop command duration    {fmt(k['kill_cmd_s'])}")
-            cols = [("trial", "trial", 5), ("effect_s", "kill_effect_s", 8), ("signed_s", "kill_effect_signed_s", 8),
-                    ("start_s", "kill_effect_from_start_s", 7), ("flag_s", "kill_effect_from_flag_s", 7),
-                    ("cmd_s", "kill_cmd_s", 6), ("ends>t0", "loop_task_ends_after_kill", 7),
-                    ("revoked", "revoked_events", 7), ("iters", "iterations_done_final", 5),
-                    ("status", "run_status", 7), ("via", "source", 6)]
-            print("      " + " ".join(f"{h:>{w}}" for h, _, w in cols))
-            for x in k["trials"]:
-                print("      " + " ".join(f"{_cell(x[key]):>{w}}" for _, key, w in cols))
-        if t:
-            n = len(t["trials"])
-            print(f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, "
-                  f"{n} trials:")
-            print(f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
-                  f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)")
-            print(f"      SIGTERM -> agent gone         {fmt(t['agent_gone_s'])}")
-            print(f"      agent gone -> worker exit     {fmt(t['exit_after_agent_gone_s'])}")
-            print(f"      agents gone at worker exit {t['agents_gone']}/{n}, "
-                  f"claims released {t['claims_released']}/{n}, attempts counted {t['attempts_counted']}/{n}")
-            for x in t["trials"]:
-                print(f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, "
-                      f"agent gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
-                      f"worker key left {x['worker_key_left']}")
 
-    return emit(summary, args.json, human)
+def print_kill(args: argparse.Namespace, k: dict) -> None:
+    print(f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
+          f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):")
+    print(f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
+          f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)")
+    print(f"      after kill-loop started       {fmt(k['kill_effect_from_start_s'])}")
+    print(f"      after kill-loop set the flag  {fmt(k['kill_effect_from_flag_s'])}   (signed)")
+    print(f"      kill-loop command duration    {fmt(k['kill_cmd_s'])}")
+    cols = [("trial", "trial", 5), ("effect_s", "kill_effect_s", 8), ("signed_s", "kill_effect_signed_s", 8),
+            ("start_s", "kill_effect_from_start_s", 7), ("flag_s", "kill_effect_from_flag_s", 7),
+            ("cmd_s", "kill_cmd_s", 6), ("ends>t0", "loop_task_ends_after_kill", 7),
+            ("revoked", "revoked_events", 7), ("iters", "iterations_done_final", 5),
+            ("status", "run_status", 7), ("via", "source", 6)]
+    print("      " + " ".join(f"{h:>{w}}" for h, _, w in cols))
+    for x in k["trials"]:
+        print("      " + " ".join(f"{_cell(x[key]):>{w}}" for _, key, w in cols))
+
+
+def print_term(args: argparse.Namespace, t: dict) -> None:
+    n = len(t["trials"])
+    print(f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, "
+          f"{n} trials:")
+    print(f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
+          f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)")
+    print(f"      SIGTERM -> agent gone         {fmt(t['agent_gone_s'])}")
+    print(f"      agent gone -> worker exit     {fmt(t['exit_after_agent_gone_s'])}")
+    print(f"      agents gone at worker exit {t['agents_gone']}/{n}, "
+          f"claims released {t['claims_released']}/{n}, attempts counted {t['attempts_counted']}/{n}")
+    for x in t["trials"]:
+        print(f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, "
+              f"agent gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
+              f"worker key left {x['worker_key_left']}")
+
+
+def print_human(args: argparse.Namespace, summary: dict) -> None:
+    k, t = summary["details"].get("kill"), summary["details"].get("term")
+    print(f"kill/teardown benchmark: one redis-server, wall {summary['wall_s']} s")
+    if k:
+        print_kill(args, k)
+    if t:
+        print_term(args, t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results: dict = {}
+
+    def phases(tmp: Path, redis_url: str) -> None:
+        if "kill" not in args.skip:
+            results["kill"] = bench_kill(redis_url, tmp, args.trials, args.iteration_cost_s, args.agent_sleep_s,
+                                         args.issues_per_trial, args.settle_s, args.max_iterations)
+        if "term" not in args.skip:
+            results["term"] = bench_term(redis_url, tmp, args.term_trials, args.soft_shutdown_s,
+                                         args.term_concurrency)
+
+    t_start = time.perf_counter()
+    code = run_session("kill_bench", "factory-kill-bench-", args.keep_tmp, phases)
+    if code:
+        return code
+    summary = make_summary(args, results, t_start)
+    return emit(summary, args.json, lambda: print_human(args, summary))
 
 
 if __name__ == "__main__":

@@ -19,35 +19,34 @@ from tests.support import CeleryProc, ctl, read_events, settings_from, stack_env
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
-def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real_redis, namespace, tmp_path, procs):
+def _sixty_issues() -> list[dict]:
+    """I-00..I-59: every 7th (from I-03) fails once, I-59 always fails, the rest succeed."""
     issues = []
     for n in range(60):
         labels = ["fails-once"] if n % 7 == 3 else []
         if n == 59:
             labels = ["always-fails"]
         issues.append({"id": f"I-{n:02d}", "title": f"issue {n}", "state": "ready", "labels": labels})
-    write_issues(tmp_path / "issues.jsonl", issues)
-    env = stack_env(redis_url, namespace, tmp_path)
+    return issues
+
+
+def _start_two_workers_two_beats(env, tmp_path, procs) -> None:
     for name in ("w1", "w2"):
         procs.append(CeleryProc("worker", env, tmp_path, name, extra=["-c", "4"]))
     for name in ("beat1", "beat2"):  # two beats firing at once must still start one run at a time
         procs.append(CeleryProc("beat", env, tmp_path, name))
     for p in procs:
         p.wait_ready()
-    settings = settings_from(env)
-    ledger = Ledger.from_settings(settings, real_redis)
-    wait_until(lambda: ledger.gauges()["done"] == 59 and ledger.gauges()["parked"] == 1, 120,
-               interval=0.5, what="59 done + 1 parked")
 
-    events = read_events(tmp_path / "out")
+
+def _events_by_issue(out) -> dict[str, list[dict]]:
     by_issue: dict[str, list[dict]] = defaultdict(list)
-    for e in events:
+    for e in read_events(out):
         by_issue[e["issue"]].append(e)
-    # every issue done exactly once
-    for n in range(59):
-        ends_ok = [e for e in by_issue[f"I-{n:02d}"] if e["event"] == "end" and e["code"] == 0]
-        assert len(ends_ok) == 1, (n, by_issue[f"I-{n:02d}"])
-    # no two runs of one issue overlap in time
+    return by_issue
+
+
+def _assert_no_overlapping_agent_runs(by_issue: dict[str, list[dict]]) -> None:
     for issue, evs in by_issue.items():
         spans = []
         starts = {e["pid"]: e["t"] for e in evs if e["event"] == "start"}
@@ -58,7 +57,9 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
         spans.sort()
         for (s1, e1), (s2, _) in zip(spans, spans[1:]):
             assert s2 >= e1, f"{issue}: overlapping agent runs"
-    # a failed issue is not retried before its backoff window (base 1 s, no jitter)
+
+
+def _assert_backoff_respected(by_issue: dict[str, list[dict]]) -> None:
     for n in range(59):
         if n % 7 != 3:
             continue
@@ -67,11 +68,9 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
         assert first_end["code"] == 1
         second_start = [e for e in evs if e["event"] == "start"][1]
         assert second_start["t"] - first_end["t"] >= 1.0, (n, second_start["t"] - first_end["t"])
-    # the always-failing issue is parked after max_attempts
-    assert len([e for e in by_issue["I-59"] if e["event"] == "start"]) == 3
-    assert ledger.explain("I-59").state == "parked"
-    # runs never overlapped, though two beats kicked off
-    ctx = Context(settings, real_redis)
+
+
+def _assert_runs_never_overlapped(ctx: Context, real_redis) -> None:
     runs = []
     for key in real_redis.scan_iter(match=ctx.keys.run("*")):
         if key.endswith(":current"):
@@ -83,6 +82,32 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
     assert len(runs) >= 2
     for (s1, e1, _), (s2, _, _) in zip(runs, runs[1:]):
         assert s2 >= e1, "two runs were live at once"
+
+
+def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real_redis, namespace, tmp_path, procs):
+    write_issues(tmp_path / "issues.jsonl", _sixty_issues())
+    env = stack_env(redis_url, namespace, tmp_path)
+    _start_two_workers_two_beats(env, tmp_path, procs)
+    settings = settings_from(env)
+    ledger = Ledger.from_settings(settings, real_redis)
+    wait_until(lambda: ledger.gauges()["done"] == 59 and ledger.gauges()["parked"] == 1, 120,
+               interval=0.5, what="59 done + 1 parked")
+
+    by_issue = _events_by_issue(tmp_path / "out")
+    # every issue done exactly once
+    for n in range(59):
+        ends_ok = [e for e in by_issue[f"I-{n:02d}"] if e["event"] == "end" and e["code"] == 0]
+        assert len(ends_ok) == 1, (n, by_issue[f"I-{n:02d}"])
+    # no two runs of one issue overlap in time
+    _assert_no_overlapping_agent_runs(by_issue)
+    # a failed issue is not retried before its backoff window (base 1 s, no jitter)
+    _assert_backoff_respected(by_issue)
+    # the always-failing issue is parked after max_attempts
+    assert len([e for e in by_issue["I-59"] if e["event"] == "start"]) == 3
+    assert ledger.explain("I-59").state == "parked"
+    # runs never overlapped, though two beats kicked off
+    ctx = Context(settings, real_redis)
+    _assert_runs_never_overlapped(ctx, real_redis)
     # nothing is left owned
     assert ledger.gauges()["in_flight"] == 0
     assert not real_redis.keys(ctx.keys.claim("*"))
