@@ -194,10 +194,29 @@ def check_ledger(c: Checkup) -> Iterator[Finding]:
                        "replica); they claim and start nothing: find the cause, then `factory-worker ledger accept`")
 
 
+def check_replicas(c: Checkup) -> Iterator[Finding]:
+    """Replicas against ``dispatch.min_replica_acks``: with fewer connected replicas than that, no claim can
+    be acknowledged, so nothing is dispatched; with none at all, a failover has nothing to promote."""
+    info = _info(c.r, "replication")
+    if info.get("role") not in (None, "master"):
+        yield _finding("replicas", "error", f"the ledger's Redis is a {info.get('role')}, not the primary: point "
+                       "FACTORY_REDIS_URL at the primary, or use sentinel://")
+        return
+    connected = int(info.get("connected_slaves", 0) or 0)
+    acks = c.settings.dispatch.min_replica_acks
+    if acks > connected:
+        yield _finding("replicas", "error", f"dispatch.min_replica_acks is {acks} but the primary has {connected} "
+                       "connected replica(s): no claim can be acknowledged, nothing is dispatched; add replicas or "
+                       "lower FACTORY_DISPATCH__MIN_REPLICA_ACKS")
+    elif connected and not acks:
+        yield _finding("replicas", "info", f"{connected} replica(s), but dispatch.min_replica_acks is 0: a failover "
+                       "can lose the last claims and done markers; set FACTORY_DISPATCH__MIN_REPLICA_ACKS=1")
+
+
 CHECKS: tuple[tuple[str, Callable[[Checkup], Iterator[Finding]]], ...] = (
     ("eviction", check_eviction), ("persistence", check_persistence), ("visibility-timeout", check_visibility),
     ("beat", check_beats), ("clock-skew", check_clock), ("broker", check_broker), ("leases", check_leases),
-    ("ledger-lost", check_ledger),
+    ("ledger-lost", check_ledger), ("replicas", check_replicas),
 )
 
 

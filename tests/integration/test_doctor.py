@@ -208,3 +208,24 @@ def test_run_doctor_raises_connection_error_when_redis_is_down(make_settings) ->
 
     with pytest.raises(redis.ConnectionError):
         run_doctor(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+
+
+def test_replica_acks_without_enough_replicas_is_an_error(start_redis, make_settings) -> None:
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, dispatch={"min_replica_acks": 1}))
+    (finding,) = by_check(data, "replicas")
+    assert code == 1 and finding["severity"] == "error" and "0 connected replica" in finding["message"]
+
+
+def test_a_replica_as_the_ledger_is_an_error_and_a_replica_without_acks_a_note(start_redis, make_settings) -> None:
+    primary = good(start_redis)
+    replica = start_redis(appendonly=True, extra=["--maxmemory-policy", "noeviction", "--replicaof", "127.0.0.1",
+                                                  str(primary.port)])
+    wait = time.monotonic() + 15
+    while primary.client().info("replication")["connected_slaves"] < 1 and time.monotonic() < wait:
+        time.sleep(0.1)
+    data, code = run_doctor(make_settings(redis_url=primary.url), check_broker=False)
+    (finding,) = by_check(data, "replicas")
+    assert code == 0 and finding["severity"] == "info" and "MIN_REPLICA_ACKS=1" in finding["message"]
+    data, code = run_doctor(make_settings(redis_url=replica.url), check_broker=False)
+    assert code == 1 and "not the primary" in by_check(data, "replicas")[0]["message"]
