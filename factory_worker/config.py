@@ -46,7 +46,7 @@ class LoopSettings(BaseModel):
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
     lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
-    run_retention_s: float = Field(3600.0, ge=60, description="how long a run record is kept after its start")
+    run_retention_s: float = Field(3600.0, ge=10, description="how long a run record is kept after its start")
     iteration_spacing_s: float | None = Field(
         None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
     )

@@ -41,6 +41,17 @@ class Keys:
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
+    # -- broker queues (kombu's lists in the broker's Redis, named here so every side agrees) -----------
+    @property
+    def loop_queue(self) -> str:
+        """The Celery queue of the loop's tasks (kickoff, iteration, finish): ``<namespace>.loop``."""
+        return f"{self.namespace}.loop"
+
+    @property
+    def agent_queue(self) -> str:
+        """The Celery queue of agent tasks: ``<namespace>.agents``."""
+        return f"{self.namespace}.agents"
+
     # -- dispatch ledger ------------------------------------------------------------------------------
     def claim(self, issue: str) -> str:
         """String: the owner token of a live claim, with the lease as its PX expiry."""
@@ -131,6 +142,13 @@ class Keys:
         """Hash {issue, token, run_id, state (queued|running), hostname, worker_pid} (AGENT_TASK_TTL_S): maps an
         agent task to its claim. The loop writes it when it sends the task; ``begin.lua`` marks it running."""
         return self._k("agent", task_id)
+
+    @property
+    def queued(self) -> str:
+        """Zset agent task id -> sent at (ms, the sender's clock): tasks sent whose agent has not started; the
+        sender adds, ``begin.lua`` removes, and the loop's sweep releases the claims of those whose broker
+        message is gone (``sweep.release_lost_messages``)."""
+        return self._k("queued")
 
     @property
     def agents(self) -> str:

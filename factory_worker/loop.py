@@ -16,7 +16,7 @@ from .context import Context
 from .control import Kickoff
 from .guard import LedgerLostError
 from .ledger import Claim
-from .presence import forget_dead_agents
+from .sweep import forget_dead_agents, release_lost_messages
 from .states import Gate, RunStatus
 from .sources.base import Issue
 
@@ -82,11 +82,18 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
         report.dispatches = dispatch_claims(ctx, send, batch.claims, issues, run_id)
     finally:
         report.dispatched = len(report.dispatches)
+    _sweep(ctx)
+    return report
+
+
+def _sweep(ctx: Context) -> None:
+    """Housekeeping after dispatching (``sweep.py``); a failure waits for the next iteration."""
     try:
         forget_dead_agents(ctx)
+        if ctx.broker_redis is not None:
+            release_lost_messages(ctx, ctx.broker_redis, ctx.keys.agent_queue)
     except Exception:  # noqa: BLE001 - housekeeping: the next iteration tries again
-        log.warning("could not sweep the agents of dead workers", exc_info=True)
-    return report
+        log.warning("could not sweep what dead workers and lost messages left", exc_info=True)
 
 
 def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issues: dict[str, Issue],
@@ -109,8 +116,9 @@ def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issu
             ctx.notifier.send_event("dispatched", issue_id=claim.issue, title=issues[claim.issue].title,
                                     run_id=run_id)
     except Exception:
-        for claim in claims[len(sent):]:
+        for task_id, claim in list(zip(task_ids, claims))[len(sent):]:
             try:
+                ctx.redis.zrem(ctx.keys.queued, task_id)
                 ctx.ledger.release(claim.issue, claim.token, reason="send-failed")
             except Exception:  # noqa: BLE001 - best effort, the lease TTL frees it anyway
                 log.exception("could not release unsent claim on %s", claim.issue)
@@ -172,11 +180,13 @@ def _remember_agent_tasks(ctx: Context, pairs: Iterable[tuple[str, Claim]], run_
     p = ctx.redis.pipeline(transaction=False)
     for name, n in counts.items():
         p.hincrby(ctx.keys.counters, name, n)
+    sent_ms = int(time.time() * 1000)
     for task_id, claim in pairs:
         key = ctx.keys.agent_task(task_id)
         p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
                              "state": "queued"})
         p.expire(key, ctx.keys.AGENT_TASK_TTL_S)
+        p.zadd(ctx.keys.queued, {task_id: sent_ms})
     p.execute()
 
 
