@@ -97,6 +97,9 @@ class SourceSettings(BaseModel):
     github_labels: list[str] = Field(default_factory=list)
     github_api_url: str = "https://api.github.com"
     github_token_env: str = Field("GITHUB_TOKEN", description="name of the env var holding the token")
+    working_label: str = Field("factory:working", min_length=1, description="write-back: an agent works it")
+    done_label: str = Field("factory:done", min_length=1, description="write-back: done (never ready again)")
+    parked_label: str = Field("factory:parked", min_length=1, description="write-back: parked (not ready)")
 
     @field_validator("kind")
     @classmethod
@@ -151,6 +154,21 @@ class NotifySettings(BaseModel):
     events: list[str] = Field(default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed"])
 
 
+class TrackerSettings(BaseModel):
+    """Write-back to the issue tracker through the outbox (``outbox.py``): labels and a comment per event."""
+
+    write_back: bool = Field(False, description="report dispatched/done/backoff/parked/released/retried to the "
+                                                "tracker (GitHub source)")
+    comments: bool = Field(True, description="also post a comment per event (labels are always set)")
+    max_attempts: int = Field(8, ge=1, description="delivery attempts of one event before it is parked")
+    backoff_base_s: float = Field(2.0, ge=0, description="first wait after a failed delivery")
+    backoff_max_s: float = Field(300.0, ge=0, description="longest wait between deliveries")
+    poll_s: float = Field(1.0, gt=0, description="how often each worker's sender looks for events")
+    takeover_s: float = Field(30.0, gt=0, description="an event pending this long with another worker's sender "
+                                                      "is taken over (that worker presumed dead)")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one tracker request")
+
+
 class Settings(BaseSettings):
     """All of factory_worker's settings."""
 
@@ -167,6 +185,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = Field(default_factory=AgentSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    tracker: TrackerSettings = Field(default_factory=TrackerSettings)
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -189,6 +208,13 @@ class Settings(BaseSettings):
                 f"dispatch.lease_ttl_s (FACTORY_DISPATCH__LEASE_TTL_S={lease:g}) is too short for agent.term_grace_s "
                 f"(FACTORY_AGENT__TERM_GRACE_S={grace:g}): an agent without renewals must be stopped and killed "
                 f"before its lease ends; raise the lease above {need:g}s or lower the grace")
+        return self
+
+    @model_validator(mode="after")
+    def _write_back_needs_a_tracker(self) -> "Settings":
+        if self.tracker.write_back and self.source.kind != "github":
+            raise ValueError(f"tracker.write_back (FACTORY_TRACKER__WRITE_BACK) needs a tracker source, but "
+                             f"source.kind (FACTORY_SOURCE__KIND) is {self.source.kind!r}; use github")
         return self
 
     @model_validator(mode="after")

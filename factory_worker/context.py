@@ -59,7 +59,7 @@ class Context:
     def ledger(self) -> "Ledger":
         from .ledger import Ledger
 
-        return Ledger(self.redis, self.keys, self.settings.dispatch)
+        return Ledger(self.redis, self.keys, self.settings.dispatch, outbox=self.settings.tracker.write_back)
 
     @cached_property
     def control(self) -> "LoopControl":

@@ -143,6 +143,23 @@ class Keys:
         agent task to its claim. The loop writes it when it sends the task; ``begin.lua`` marks it running."""
         return self._k("agent", task_id)
 
+    # -- tracker outbox ---------------------------------------------------------------------------------
+    @property
+    def outbox(self) -> str:
+        """Stream of tracker events (dispatched, done, backoff, parked, released, retried), each written by
+        the script of the ledger transition it reports; consumer group ``writers`` (``outbox.py``)."""
+        return self._k("outbox")
+
+    @property
+    def outbox_retry(self) -> str:
+        """Hash entry id -> ``<attempts>:<not_before_ms>:<last error>``: delivery attempts of an event."""
+        return self._k("outbox", "retry")
+
+    @property
+    def outbox_parked(self) -> str:
+        """Hash entry id -> JSON {event fields, attempts, error}: events given up after their attempts."""
+        return self._k("outbox", "parked")
+
     @property
     def queued(self) -> str:
         """Zset agent task id -> sent at (ms, the sender's clock): tasks sent whose agent has not started; the

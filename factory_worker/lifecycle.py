@@ -21,6 +21,7 @@ presence keys' expiry tells the truth.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -71,6 +72,7 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.started_ms = int(time.time() * 1000)
         self.closing = threading.Event()
         self.thread: threading.Thread | None = None
+        self.outbox_thread: threading.Thread | None = None
         self.slots = 0
 
     def start(self, parent: Any) -> None:
@@ -78,6 +80,13 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.slots = agent_slots(parent)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
         self.thread.start()
+        ctx = current()
+        if ctx.settings.tracker.write_back:  # this worker also delivers the tracker outbox
+            from .outbox import run_sender
+
+            self.outbox_thread = threading.Thread(target=run_sender, name="factory-outbox", daemon=True,
+                                                  args=(ctx, f"{self.node}/{os.getpid()}", self.closing))
+            self.outbox_thread.start()
 
     def finish(self) -> None:
         """End the thread and remove this worker's keys (from ``worker_shutdown``: after the pool stopped).
@@ -86,8 +95,9 @@ class WorkerPresence(bootsteps.StartStopStep):
         running agents, and the thread must live on to write the shutdown deadline they poll.
         """
         self.closing.set()
-        if self.thread is not None:
-            self.thread.join(timeout=2)
+        for thread in (self.thread, self.outbox_thread):
+            if thread is not None:
+                thread.join(timeout=2)
         try:
             ctx = current()
             ctx.redis.delete(ctx.keys.worker(self.node), ctx.keys.worker_shutdown(self.node))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from . import guard, heartbeat
 from .agent_task import release_task_claim
 from .context import Context
+from .outbox import backlog as outbox_backlog
 from .presence import fleet_slots, live_workers
 from .urls import mask_url
 from .control import who
@@ -47,6 +48,7 @@ def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
         "agent_slots": fleet_slots(ctx),
         "last_iteration_worker": (run or {}).get("last_worker"),
         "ledger_guard": guard.status(ctx.redis, ctx.keys),
+        "outbox": outbox_backlog(ctx.redis, ctx.keys) if ctx.settings.tracker.write_back else None,
     }
     status["ledger_lost"] = status["ledger_guard"]["ledger_lost"]
     return status, 0 if live.live and not status["ledger_lost"] else 1
