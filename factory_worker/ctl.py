@@ -233,6 +233,9 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
             table("dispatched" + (" (would)" if d["dry_run"] else ""), d["dispatches"], ["issue", "task_id", "fence"])
         if d["skipped"]:
             table("skipped", d["skipped"], ["issue", "reason"])
+        if d["ruled_out"]:
+            table("left out by the eligibility rules (source.*)",
+                  [{"issues": n, "reason": r} for r, n in d["ruled_out"].items()], ["issues", "reason"])
 
     emit(report, as_json, human)
 

@@ -1,4 +1,4 @@
-"""The iteration: poll -> gate -> dispatch -> report, and the run around it (kill checks, breaker).
+"""The iteration: poll -> rules -> gate -> dispatch -> report, and the run around it (kill checks, breaker).
 
 Testable without Celery: sending an agent task is a callable (:class:`Sender`) handed in by the caller.
 """
@@ -19,6 +19,7 @@ from .ledger import Claim
 from .sweep import forget_dead_agents, release_lost_messages
 from .states import Gate, RunStatus
 from .sources.base import Issue
+from .sources.rules import Rules
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class IterationReport:
     pulled: int = 0
     dispatched: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    #: polled issues the eligibility rules left out, counted by reason, and a few of them as examples
+    ruled_out: dict[str, int] = field(default_factory=dict)
+    ruled_out_examples: list[dict[str, str]] = field(default_factory=list)
     dry_run: bool = False
     run_id: str | None = None
     iteration: int | None = None
@@ -51,7 +55,10 @@ def new_agent_task_id() -> str:
 
 def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_run: bool = False,
             iteration: int | None = None) -> IterationReport:
-    """One poll -> gate -> dispatch pass. Raises if the source is down or sending fails.
+    """One poll -> rules -> gate -> dispatch pass. Raises if the source is down or sending fails.
+
+    The eligibility rules (``sources/rules.py``) leave out what is out of scope or carries the factory's
+    done/parked label; those are only counted by reason (``ruled_out``), never listed one by one.
 
     Sending failures release every claim not yet sent (reason ``send-failed``) before re-raising, so
     nothing is left held. A dry run asks the gate in its read-only mode and writes nothing.
@@ -62,7 +69,9 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
         return report
     polled = ctx.source.poll()
     report.skipped.extend({"issue": e.split(":", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
-    issues = {i.id: i for i in polled.issues}
+    screened = Rules.from_settings(ctx.settings.source).screen(polled.issues)
+    report.ruled_out, report.ruled_out_examples = screened.ruled_out, screened.examples
+    issues = {i.id: i for i in screened.issues}
     report.pulled = len(issues)
     try:
         batch = ctx.ledger.claim(list(issues), dry_run=dry_run, fleet_slots=True)
