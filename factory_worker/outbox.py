@@ -100,7 +100,13 @@ class OutboxSender:
     def _entries(self) -> list[tuple[str, dict[str, str] | None]]:
         out: list[tuple[str, dict[str, str] | None]] = []
         for start in ("0", ">"):  # this consumer's pending (retries), then new entries
-            for _stream, rows in self.r.xreadgroup(GROUP, self.consumer, {self.keys.outbox: start}, count=BATCH) or []:
+            try:
+                read = self.r.xreadgroup(GROUP, self.consumer, {self.keys.outbox: start}, count=BATCH) or []
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # the stream is gone (ledger lost, emptied Redis): make it again
+                    self._group_ready = False
+                raise
+            for _stream, rows in read:
                 out.extend(rows)
             if start == "0":  # between the two: what a dead consumer left pending
                 idle_ms = int(self.cfg.takeover_s * 1000)

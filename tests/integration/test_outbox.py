@@ -176,3 +176,15 @@ def test_a_dead_senders_pending_event_is_taken_over(real_redis, ledger, settings
     time.sleep(settings.tracker.takeover_s + 0.1)
     assert sender(real_redis, settings, consumer="alive").drain().delivered == 1
     assert len(gh.issues[1].comments) == 1 and real_redis.xlen(ledger.keys.outbox) == 0
+
+
+def test_a_lost_stream_and_group_are_made_again(real_redis, ledger, settings, gh):
+    gh.add(1, "one")
+    s = sender(real_redis, settings)
+    s.drain()
+    real_redis.delete(ledger.keys.outbox)  # an emptied Redis takes the consumer group with it
+    with pytest.raises(Exception, match="NOGROUP"):
+        s.drain()
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    assert s.drain().delivered == 1

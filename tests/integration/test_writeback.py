@@ -15,7 +15,7 @@ import pytest
 from factory_worker.ledger import Ledger
 from factory_worker.outbox import backlog
 from tests.fake_github import FakeGitHub
-from tests.support import CeleryProc, assert_audit_clean, settings_from, stack_env, wait_until
+from tests.support import CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
@@ -90,3 +90,28 @@ def test_a_sender_killed_between_post_and_ack_posts_each_comment_once(redis_url,
     assert not twice, f"comments posted twice: {twice}"
     assert all("factory:done" in i.labels and "factory:working" not in i.labels for i in gh.issues.values())
     assert_audit_clean(redis_url, namespace)
+
+
+def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_redis, namespace, tmp_path, procs,
+                                                                 gh):
+    """The tracker is the second record of done: after the ledger is lost and accepted, issues labelled
+    done are not ready, so none runs again."""
+    for n in (1, 2, 3):
+        gh.add(n, f"issue {n}")
+    env = _env(redis_url, namespace, tmp_path, gh)
+    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
+    procs.append(worker)
+    worker.wait_ready()
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    wait_until(lambda: _settled(ledger, 3), 60, what="every issue done and reported")
+    real_redis.flushall()  # the ledger is lost (restart without persistence, failover to a stale replica...)
+    time.sleep(3)  # the loop polls: the done issues carry the done label, so nothing is even a candidate
+    gh.add(4, "new work")  # a candidate: claiming it reveals the loss (safe mode) until an operator accepts
+    wait_until(lambda: json.loads(ctl(env, "loop-status", "--json").stdout)["ledger_lost"], 30,
+               what="safe mode (the loss reported)")
+    res = ctl(env, "ledger", "accept", "--json")
+    wait_until(lambda: ledger.explain("4").state == "done", 40, what="new work done after the loss")
+    starts = Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "start")
+    assert starts == Counter({"1": 1, "2": 1, "3": 1, "4": 1}), f"a done issue ran again: {starts}"
+    assert res.returncode == 0
