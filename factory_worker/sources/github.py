@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import re
 import threading
 import time
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
+from ..config import secret_from_env
 from .base import Issue, PollResult, SourceError
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class GitHubSource:
                 f"source kind 'github' needs source.github_repo as 'owner/name' "
                 f"(FACTORY_SOURCE__GITHUB_REPO), got {settings.github_repo!r}"
             )
-        token = os.environ.get(settings.github_token_env) or None
+        token = secret_from_env(settings.github_token_env)  # $NAME, else the file $NAME_FILE names
         log.info("github source %s labels=%s token=%s", repo, settings.github_labels,
                  "set" if token else f"unset (${settings.github_token_env})")
         return cls(settings.github_api_url, repo, settings.github_labels, token, settings.ready_states)
