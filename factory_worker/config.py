@@ -1,9 +1,10 @@
 """Settings: pydantic-settings models, loading and validation.
 
 Sources, highest priority first: ``FACTORY_*`` environment variables (nested with ``__``, e.g.
-``FACTORY_DISPATCH__LEASE_TTL_S``), then an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml``
-when present), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
-naming the field and its environment variable.
+``FACTORY_DISPATCH__LEASE_TTL_S``) or ``FACTORY_*_FILE`` files holding a value (secrets: never both), then
+an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml`` when present; refused when someone else
+could change it), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
+naming the field and its environment variable. Files and their trust: :mod:`.config_files`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from pydantic_settings import (
 )
 
 from . import urls
+# ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
+from .config_files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: Hard ceiling on iterations per run: a run is a bounded chain, never an endless one.
 MAX_ITERATIONS_CEILING = 1000
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class ConfigError(Exception):
-    """A setting is missing or invalid; the message is one line naming the field."""
+#: What an agent gets of the worker's environment by default (HOME is its own directory unless listed).
+DEFAULT_AGENT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a user or group: a name or a number
 
 
 class LoopSettings(BaseModel):
@@ -168,28 +171,66 @@ class SourceSettings(BaseModel):
         return v
 
 
+def _json_list(v: Any, what: str, hint: str = "") -> Any:
+    """A list of strings from a list or its JSON text (an env var), else ValueError naming ``what``."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise ValueError(f"must be a JSON list of {what}{hint}") from None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"must be a JSON list of {what}")
+    return v
+
+
 class AgentSettings(BaseModel):
-    """The agent program: an argv list (never a shell string), its timeout and where its logs go."""
+    """The agent program: an argv list (never a shell string), its timeout, where its logs go, and what it is
+    given (see :mod:`factory_worker.agents.sandbox`): a fresh directory, an allowlisted environment, its own
+    uid/gid."""
 
     command: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [sys.executable, "examples/agent.py", "{id}"], min_length=1
+        default_factory=lambda: [sys.executable, os.path.abspath("examples/agent.py"), "{id}"], min_length=1
     )
     timeout_s: float = Field(600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
     term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    workdir_root: Path = Field(Path(".factory/work"), description="each dispatch runs in a fresh directory here")
+    keep_workdir: bool = Field(False, description="keep a dispatch's directory after its run (debugging)")
+    env_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets")
+    user: str | None = Field(None, description="run agents as this user (name or uid); default: the worker's")
+    group: str | None = Field(None, description="the agents' group (name or gid); default: agent.user's group")
 
     @field_validator("command", mode="before")
     @classmethod
     def _argv(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except ValueError:
-                raise ValueError("must be a JSON list of strings (an argv), not a shell string") from None
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ValueError("must be a JSON list of strings (an argv)")
+        v = _json_list(v, "strings (an argv)", ", not a shell string")
         if v and not v[0].strip():
             raise ValueError("argv[0] must not be empty")
+        return v
+
+    @field_validator("env_allowlist", mode="before")
+    @classmethod
+    def _env_names(cls, v: Any) -> Any:
+        v = _json_list(v, "variable names")
+        bad = [x for x in v if not _ENV_NAME.match(x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name")
+        return v
+
+    @field_validator("user", "group", mode="before")
+    @classmethod
+    def _id(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not _ID.match(v):
+            raise ValueError("must be a name or a number")
+        if v in ("root", "0") or (v.isdigit() and int(v) == 0):
+            raise ValueError("must not be root (it could read every credential of the worker)")
+        if info.field_name == "group" and info.data.get("user") is None:
+            raise ValueError("needs agent.user (FACTORY_AGENT__USER): a group alone does not isolate an agent")
         return v
 
 
@@ -299,7 +340,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, FileSecretsSource(settings_cls)]
         toml = config_file()
         if toml is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
@@ -338,11 +379,19 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid."""
+    """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid.
+
+    Settings may come from ``FACTORY_<SETTING>_FILE`` files; the config file is refused when someone other
+    than this worker's user (or root) could change it, or ``agent.user`` owns it (:mod:`.config_files`)."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable / malformed TOML
         where = config_file() or "settings"
         raise ConfigError(f"cannot read configuration {where}: {exc}".splitlines()[0]) from None
+    toml = config_file()
+    if toml is not None:
+        what = f"FACTORY_CONFIG={toml}" if os.environ.get("FACTORY_CONFIG") else f"config file ./{toml}"
+        check_trusted(toml, what, agent_uid(settings.agent.user))
+    return settings

@@ -12,6 +12,7 @@ Beats announce themselves (:mod:`factory_worker.presence`), so the doctor can te
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -213,10 +214,35 @@ def check_replicas(c: Checkup) -> Iterator[Finding]:
                        "can lose the last claims and done markers; set FACTORY_DISPATCH__MIN_REPLICA_ACKS=1")
 
 
+def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
+    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env."""
+    from .agents.sandbox import resolve_identity, secret_like
+    from .config import ConfigError
+
+    agent = c.settings.agent
+    leaks = [n for n in agent.env_allowlist if secret_like(n, os.environ.get(n))]
+    if leaks:
+        yield _finding("agent-isolation", "warn", f"agent.env_allowlist passes names that look like secrets to "
+                       f"agents: {', '.join(leaks)}; issue text steers agents: remove them "
+                       "(FACTORY_AGENT__ENV_ALLOWLIST)")
+    try:
+        ident = resolve_identity(agent)
+    except ConfigError as exc:
+        yield _finding("agent-isolation", "warn", f"{exc} (checked on this host)")
+        return
+    if ident is None or ident.uid == os.geteuid():
+        yield _finding("agent-isolation", "warn", "agents run as the worker's own user: they can read its "
+                       "environment (/proc/<pid>/environ: the Redis URL, tokens), config and env files; set "
+                       "FACTORY_AGENT__USER (e.g. nobody) and run agent workers as root")
+    elif not leaks:
+        yield _finding("agent-isolation", "info", f"agents run as {ident} in fresh directories under "
+                       f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s)")
+
+
 CHECKS: tuple[tuple[str, Callable[[Checkup], Iterator[Finding]]], ...] = (
     ("eviction", check_eviction), ("persistence", check_persistence), ("visibility-timeout", check_visibility),
     ("beat", check_beats), ("clock-skew", check_clock), ("broker", check_broker), ("leases", check_leases),
-    ("ledger-lost", check_ledger), ("replicas", check_replicas),
+    ("ledger-lost", check_ledger), ("replicas", check_replicas), ("agent-isolation", check_agent_isolation),
 )
 
 

@@ -22,14 +22,13 @@ token is sent only to the configured API origin and never logged.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 
-from .config import SourceSettings, TrackerSettings
+from .config import SourceSettings, TrackerSettings, secret_from_env
 from .outbox import DeliveryError, Event
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class GitHubWriter:
         self.base = source.github_api_url.rstrip("/") + f"/repos/{source.github_repo}/issues"
         headers = {"Accept": "application/vnd.github+json", "User-Agent": USER_AGENT,
                    "X-GitHub-Api-Version": "2022-11-28"}
-        token = os.environ.get(source.github_token_env)
+        token = secret_from_env(source.github_token_env)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.http = client or httpx.Client(headers=headers, timeout=tracker.timeout_s, follow_redirects=False)

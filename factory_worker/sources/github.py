@@ -34,7 +34,6 @@ object, missing/mistyped ``number`` or ``title``...) is reported in ``PollResult
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import httpx
 from pydantic import ValidationError
 
+from ..config import secret_from_env
 from .base import Issue, PollResult, SourceError
 from .github_http import Page, PageCache, iso, origin, retry_wait_s
 
@@ -109,7 +109,7 @@ class GitHubSource:
                 f"source kind 'github' needs source.github_repo as 'owner/name' "
                 f"(FACTORY_SOURCE__GITHUB_REPO), got {settings.github_repo!r}"
             )
-        token = os.environ.get(settings.github_token_env) or None
+        token = secret_from_env(settings.github_token_env)  # $NAME, else the file $NAME_FILE names
         labels: dict[str, str] = {}  # the API filters by github_labels and required_labels (any case)
         for label in [*settings.github_labels, *settings.required_labels]:
             labels.setdefault(label.casefold(), label)
