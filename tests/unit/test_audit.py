@@ -74,3 +74,24 @@ def test_the_loop_forgets_the_agents_of_a_dead_worker_once_their_claims_are_gone
     assert ("agent-on-dead-worker", "agent-a") in checks(fake_redis, keys)
     assert forget_dead_agents(ctx) == ["agent-a"]
     assert not checks(fake_redis, keys)
+
+
+def test_the_loop_forgets_an_agent_a_live_worker_could_not_clean_up_once_its_claim_is_gone(fake_redis, keys,
+                                                                                           ledger, clock):
+    """A worker cut off from Redis stops its agent before the lease ends but cannot remove it from the
+    running set; healed, it lives on: the entry goes once the claim is gone (test_partition.py saw them)."""
+    from factory_worker.context import Context
+    from factory_worker.config import load_settings
+    from factory_worker.presence import forget_dead_agents
+
+    ctx = Context(load_settings(namespace=keys.namespace), fake_redis)
+    ctx.ledger = ledger
+    a = ledger.claim(["a"]).claims[0]
+    fake_redis.hset(keys.agent_task("agent-a"), mapping={"issue": "a", "token": a.token})
+    ledger.begin("a", a.token, "agent-a", hostname="w1@h")
+    fake_redis.set(keys.worker("w1@h"), json.dumps({"hostname": "w1@h"}))  # alive throughout
+    assert forget_dead_agents(ctx) == []  # held: its agent may be running
+    clock.advance(ledger.cfg.lease_ttl_s + 1)
+    assert forget_dead_agents(ctx) == ["agent-a"]
+    assert not fake_redis.smembers(keys.agents) and not fake_redis.exists(keys.agent_task("agent-a"))
+    assert not checks(fake_redis, keys)
