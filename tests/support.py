@@ -79,7 +79,8 @@ class CeleryProc:
 
 # Optional, by environment: AGENT_HOST is added to every record; AGENT_HEARTBEAT_S > 0 appends the time to
 # hb-<pid> in AGENT_OUT that often (the last line bounds when a SIGKILLed agent died); AGENT_TERM_CLEANUP_S > 0
-# makes SIGTERM record "term", take that long to clean up, then record end with code 143 and exit.
+# makes SIGTERM record "term", take that long to clean up, then record end with code 143 and exit. Label
+# "waits-for-human": wait up to 30 s for a line in $FACTORY_INBOX (the Slack thread's replies), record "inbox".
 RECORDING_AGENT = r'''
 import json, os, signal, sys, threading, time, pathlib
 issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
@@ -115,6 +116,11 @@ elif "slow-once" in labels:
     if not slow_marker.exists():
         slow_marker.write_text("x")
         sleep = 60.0
+if "waits-for-human" in labels:
+    inbox, deadline = os.environ.get("FACTORY_INBOX"), time.time() + 30
+    while inbox and time.time() < deadline and not open(inbox).read().strip():
+        time.sleep(0.05)
+    rec("inbox", lines=[json.loads(line) for line in open(inbox)] if inbox else None)
 time.sleep(sleep)
 code = 0
 if "always-fails" in labels:
