@@ -38,4 +38,5 @@ def test_the_transport_is_selected_in_config_with_a_version_guard():
     url = "redis://127.0.0.1:6379/0"
     assert celery_config(load_settings(redis_url=url))["broker_transport"] == "factory_worker.transport:Transport"
     assert transport_for(url, (99, 0)) is None  # an untested kombu gets its own transport
-    assert transport_for("sentinel://h:26379/mymaster") is None
+    assert transport_for("sentinel://h:26379/0") == "factory_worker.transport:SentinelTransport"
+    assert transport_for("amqp://guest@h//") is None  # not ours: kombu's own
