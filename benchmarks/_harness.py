@@ -190,7 +190,8 @@ def base_env(extra: dict[str, str]) -> dict[str, str]:
 
 def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], settings: dict[str, str],
                 path: tuple[Path, ...] = ()) -> dict[str, str]:
-    """A factory worker's environment: file source ``work/issues.jsonl``, agent logs in ``work/agent-logs``,
+    """A factory worker's environment: file source ``work/issues.jsonl``, agent logs in ``work/agent-logs``
+    (agents run in ``work/agent-work``; they get PATH and the non-``FACTORY_*`` variables of ``settings``),
     the given agent command, then ``settings`` (``FACTORY_*`` and benchmark variables) on top."""
     env = {
         "FACTORY_REDIS_URL": redis_url,
@@ -199,6 +200,10 @@ def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], se
         "FACTORY_SOURCE__PATH": str(work / "issues.jsonl"),
         "FACTORY_AGENT__COMMAND": json.dumps(agent),
         "FACTORY_AGENT__LOG_DIR": str(work / "agent-logs"),
+        "FACTORY_AGENT__WORKDIR_ROOT": str(work / "agent-work"),
+        # an agent gets only its allowlist of the worker's environment: PATH and the benchmark's own variables
+        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", *sorted(k for k in settings
+                                                             if not k.startswith("FACTORY_"))]),
         "PYTHONPATH": pythonpath(ROOT, *path),
     }
     env.update(settings)

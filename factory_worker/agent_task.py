@@ -87,22 +87,12 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
     hostname = hostname or socket.gethostname()
     issue_id = str(issue_data.get("id", "")) if isinstance(issue_data, dict) else ""
     result: dict[str, Any] = {"issue": issue_id, "task_id": task_id}
-    try:
-        began = ctx.ledger.begin(issue_id, token, task_id, hostname, os.getpid())
-    except LedgerLostError as exc:  # safe mode: nothing starts (its claim is not in this ledger anyway)
-        log.error("agent task %s for %s does nothing: %s", task_id, issue_id, exc)
-        return {**result, "outcome": "ledger-lost"}
-    except StaleClaimError as exc:
-        log.warning("agent task %s for %s does nothing: %s", task_id, issue_id, exc)
-        ctx.control.count("agent_tasks_noop")  # must be rare: a claim released or taken over while queued
-        return {**result, "outcome": Settled.STALE}
-    if began in (Begin.REVOKED, Begin.KILLED, Begin.UNACKED):
-        log.warning("agent task %s for %s does nothing: %s; claim released", task_id, issue_id, began)
-        _release_quietly(ctx, issue_id, token, began if began == Begin.UNACKED else Outcome.INTERRUPTED)
-        return {**result, "outcome": began}
-    if began == Begin.DUPLICATE:
-        log.warning("agent task %s for %s does nothing: an agent already started for this claim",
-                    task_id, issue_id)
+    began = _begin(ctx, issue_id, token, task_id, hostname)
+    if began != Begin.STARTED:
+        try:  # it never starts: off the queued set now rather than at the loop's next sweep
+            ctx.redis.zrem(ctx.keys.queued, task_id)
+        except redis.RedisError:
+            log.warning("could not drop %s from the queued set", task_id)
         return {**result, "outcome": began}
     try:
         issue = Issue.model_validate(issue_data)
@@ -132,6 +122,27 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
+
+
+def _begin(ctx: Context, issue_id: str, token: str, task_id: str, hostname: str) -> str:
+    """``begin`` for this task; anything but :attr:`Begin.STARTED` means nothing runs (and a revoked, killed
+    or unacknowledged start has released its claim)."""
+    try:
+        began = ctx.ledger.begin(issue_id, token, task_id, hostname, os.getpid())
+    except LedgerLostError as exc:  # safe mode: nothing starts (its claim is not in this ledger anyway)
+        log.error("agent task %s for %s does nothing: %s", task_id, issue_id, exc)
+        return "ledger-lost"
+    except StaleClaimError as exc:
+        log.warning("agent task %s for %s does nothing: %s", task_id, issue_id, exc)
+        ctx.control.count("agent_tasks_noop")  # must be rare: a claim released or taken over while queued
+        return Settled.STALE
+    if began in (Begin.REVOKED, Begin.KILLED, Begin.UNACKED):
+        log.warning("agent task %s for %s does nothing: %s; claim released", task_id, issue_id, began)
+        _release_quietly(ctx, issue_id, token, began if began == Begin.UNACKED else Outcome.INTERRUPTED)
+    elif began == Begin.DUPLICATE:
+        log.warning("agent task %s for %s does nothing: an agent already started for this claim",
+                    task_id, issue_id)
+    return began
 
 
 def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "") -> Settled:

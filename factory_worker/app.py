@@ -19,6 +19,7 @@ from kombu import Exchange, Queue
 import beat_schedule
 
 from .config import ConfigError, Settings, load_settings
+from .keys import Keys
 from . import tasks  # noqa: F401  (registers the shared tasks)
 from .lifecycle import WorkerPresence
 from .transport import broker_options, transport_for
@@ -27,13 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def loop_queue(namespace: str) -> str:
-    """The queue of the loop's tasks (kickoff, iteration, finish): ``<namespace>.loop``."""
-    return f"{namespace}.loop"
+    """The queue of the loop's tasks: :attr:`Keys.loop_queue`."""
+    return Keys(namespace).loop_queue
 
 
 def agent_queue(namespace: str) -> str:
-    """The queue of agent tasks: ``<namespace>.agents``."""
-    return f"{namespace}.agents"
+    """The queue of agent tasks: :attr:`Keys.agent_queue`."""
+    return Keys(namespace).agent_queue
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

@@ -1,9 +1,10 @@
 """Settings: pydantic-settings models, loading and validation.
 
 Sources, highest priority first: ``FACTORY_*`` environment variables (nested with ``__``, e.g.
-``FACTORY_DISPATCH__LEASE_TTL_S``), then an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml``
-when present), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
-naming the field and its environment variable.
+``FACTORY_DISPATCH__LEASE_TTL_S``) or ``FACTORY_*_FILE`` files holding a value (secrets: never both), then
+an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml`` when present; refused when someone else
+could change it), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
+naming the field and its environment variable. Files and their trust: :mod:`.config_files`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,16 +27,18 @@ from pydantic_settings import (
 )
 
 from . import urls
+# ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
+from .config_files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: Hard ceiling on iterations per run: a run is a bounded chain, never an endless one.
 MAX_ITERATIONS_CEILING = 1000
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class ConfigError(Exception):
-    """A setting is missing or invalid; the message is one line naming the field."""
+#: What an agent gets of the worker's environment by default (HOME is its own directory unless listed).
+DEFAULT_AGENT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a user or group: a name or a number
 
 
 class LoopSettings(BaseModel):
@@ -46,7 +50,7 @@ class LoopSettings(BaseModel):
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
     lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
-    run_retention_s: float = Field(3600.0, ge=60, description="how long a run record is kept after its start")
+    run_retention_s: float = Field(3600.0, ge=10, description="how long a run record is kept after its start")
     iteration_spacing_s: float | None = Field(
         None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
     )
@@ -87,16 +91,36 @@ class DispatchSettings(BaseModel):
         return self
 
 
+#: The values GitHub gives an issue's ``author_association``.
+GITHUB_ASSOCIATIONS = ("COLLABORATOR", "CONTRIBUTOR", "FIRST_TIMER", "FIRST_TIME_CONTRIBUTOR", "MANNEQUIN",
+                       "MEMBER", "NONE", "OWNER")
+_REQUIRED = "source.required_labels (FACTORY_SOURCE__REQUIRED_LABELS)"
+
+
 class SourceSettings(BaseModel):
-    """Where issues come from: ``file`` (a .jsonl/.json file or a directory), ``github`` or ``module:Class``."""
+    """Where issues come from (``file``: a .jsonl/.json file or a directory, ``github`` or ``module:Class``) and
+    which of them the factory may work on: the eligibility rules (``sources/rules.py``), for every kind."""
 
     kind: str = Field("file", min_length=1)
     path: Path = Path("examples/issues.jsonl")
     ready_states: list[str] = Field(default_factory=lambda: ["ready"], min_length=1)
+    required_labels: list[str] = Field(default_factory=list, description="an issue needs all of them (any case)")
+    excluded_labels: list[str] = Field(default_factory=list, description="an issue with one of them is out")
+    title_prefix: str = Field("", max_length=200, description="a title must start with it, e.g. '[factory]'")
+    id_pattern: str | None = Field(None, max_length=500, description="a regex the issue id must fullmatch")
+    author_associations: list[str] = Field(default_factory=list, description="GitHub author_association values "
+                                           "allowed (OWNER, MEMBER, COLLABORATOR...); [] = any")
+    done_label: str = Field("factory:done", validate_default=True, description="an issue with it is not ready")
+    parked_label: str = Field("factory:parked", validate_default=True, description="an issue with it is not ready")
+    working_label: str = Field("factory:working", min_length=1, description="tracker write-back: an agent works it")
     github_repo: str | None = Field(None, description="owner/name for kind=github")
     github_labels: list[str] = Field(default_factory=list)
     github_api_url: str = "https://api.github.com"
     github_token_env: str = Field("GITHUB_TOKEN", description="name of the env var holding the token")
+    github_max_retry_after_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False,
+                                            description="longest pause a rate-limit reply can impose")
+    github_all_open_issues: bool = Field(False, validate_default=True,
+                                         description="kind=github without a label filter: every open issue")
 
     @field_validator("kind")
     @classmethod
@@ -105,29 +129,108 @@ class SourceSettings(BaseModel):
             raise ValueError("must be 'file', 'github' or 'module:Class'")
         return v
 
+    @field_validator("required_labels", "excluded_labels", "github_labels", "author_associations", mode="before")
+    @classmethod
+    def _names(cls, v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, list):
+            return v
+        v = [x.strip() for x in v if not isinstance(x, str) or x.strip()]
+        if info.field_name == "author_associations":
+            v = [x.upper() if isinstance(x, str) else x for x in v]
+            if bad := [x for x in v if x not in GITHUB_ASSOCIATIONS]:
+                raise ValueError(f"unknown value {bad[0]!r}: expected some of {', '.join(GITHUB_ASSOCIATIONS)}")
+        return v
+
+    @field_validator("excluded_labels", "done_label", "parked_label")
+    @classmethod
+    def _not_required(cls, v: Any, info: ValidationInfo) -> Any:
+        """A required label that is also excluded (or that the factory sets when done) would stop everything."""
+        required = {x.casefold() for x in info.data.get("required_labels") or []}
+        for name in v if isinstance(v, list) else [v]:
+            if name and name.casefold() in required:
+                raise ValueError(f"{name!r} is also in {_REQUIRED}: no issue would ever be ready")
+        return v
+
+    @field_validator("id_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        try:
+            return re.compile(v).pattern if v else None
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+
+    @field_validator("github_all_open_issues")
+    @classmethod
+    def _github_scope(cls, v: bool, info: ValidationInfo) -> bool:
+        """A public repository must not let anyone queue agent work by opening an issue."""
+        data = info.data
+        if data.get("kind") == "github" and not v and not (data.get("github_labels") or data.get("required_labels")):
+            raise ValueError(f"kind 'github' needs a label filter (opening an issue must not be enough to queue "
+                             f"agent work): set source.github_labels (FACTORY_SOURCE__GITHUB_LABELS) or {_REQUIRED}, "
+                             "or opt in to every open issue with source.github_all_open_issues=true")
+        return v
+
+
+def _json_list(v: Any, what: str, hint: str = "") -> Any:
+    """A list of strings from a list or its JSON text (an env var), else ValueError naming ``what``."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise ValueError(f"must be a JSON list of {what}{hint}") from None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"must be a JSON list of {what}")
+    return v
+
 
 class AgentSettings(BaseModel):
-    """The agent program: an argv list (never a shell string), its timeout and where its logs go."""
+    """The agent program: an argv list (never a shell string), its timeout, where its logs go, and what it is
+    given (see :mod:`factory_worker.agents.sandbox`): a fresh directory, an allowlisted environment, its own
+    uid/gid."""
 
     command: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [sys.executable, "examples/agent.py", "{id}"], min_length=1
+        default_factory=lambda: [sys.executable, os.path.abspath("examples/agent.py"), "{id}"], min_length=1
     )
     timeout_s: float = Field(600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
     term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    workdir_root: Path = Field(Path(".factory/work"), description="each dispatch runs in a fresh directory here")
+    keep_workdir: bool = Field(False, description="keep a dispatch's directory after its run (debugging)")
+    env_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets")
+    user: str | None = Field(None, description="run agents as this user (name or uid); default: the worker's")
+    group: str | None = Field(None, description="the agents' group (name or gid); default: agent.user's group")
 
     @field_validator("command", mode="before")
     @classmethod
     def _argv(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except ValueError:
-                raise ValueError("must be a JSON list of strings (an argv), not a shell string") from None
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise ValueError("must be a JSON list of strings (an argv)")
+        v = _json_list(v, "strings (an argv)", ", not a shell string")
         if v and not v[0].strip():
             raise ValueError("argv[0] must not be empty")
+        return v
+
+    @field_validator("env_allowlist", mode="before")
+    @classmethod
+    def _env_names(cls, v: Any) -> Any:
+        v = _json_list(v, "variable names")
+        bad = [x for x in v if not _ENV_NAME.match(x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name")
+        return v
+
+    @field_validator("user", "group", mode="before")
+    @classmethod
+    def _id(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not _ID.match(v):
+            raise ValueError("must be a name or a number")
+        if v in ("root", "0") or (v.isdigit() and int(v) == 0):
+            raise ValueError("must not be root (it could read every credential of the worker)")
+        if info.field_name == "group" and info.data.get("user") is None:
+            raise ValueError("needs agent.user (FACTORY_AGENT__USER): a group alone does not isolate an agent")
         return v
 
 
@@ -151,6 +254,21 @@ class NotifySettings(BaseModel):
     events: list[str] = Field(default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed"])
 
 
+class TrackerSettings(BaseModel):
+    """Write-back to the issue tracker through the outbox (``outbox.py``): labels and a comment per event."""
+
+    write_back: bool = Field(False, description="report dispatched/done/backoff/parked/released/retried to the "
+                                                "tracker (GitHub source)")
+    comments: bool = Field(True, description="also post a comment per event (labels are always set)")
+    max_attempts: int = Field(8, ge=1, description="delivery attempts of one event before it is parked")
+    backoff_base_s: float = Field(2.0, ge=0, description="first wait after a failed delivery")
+    backoff_max_s: float = Field(300.0, ge=0, description="longest wait between deliveries")
+    poll_s: float = Field(1.0, gt=0, description="how often each worker's sender looks for events")
+    takeover_s: float = Field(30.0, gt=0, description="an event pending this long with another worker's sender "
+                                                      "is taken over (that worker presumed dead)")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one tracker request")
+
+
 class Settings(BaseSettings):
     """All of factory_worker's settings."""
 
@@ -167,6 +285,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = Field(default_factory=AgentSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    tracker: TrackerSettings = Field(default_factory=TrackerSettings)
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -192,6 +311,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _write_back_needs_a_tracker(self) -> "Settings":
+        if self.tracker.write_back and self.source.kind != "github":
+            raise ValueError(f"tracker.write_back (FACTORY_TRACKER__WRITE_BACK) needs a tracker source, but "
+                             f"source.kind (FACTORY_SOURCE__KIND) is {self.source.kind!r}; use github")
+        return self
+
+    @model_validator(mode="after")
     def _queue_lease_default(self) -> "Settings":
         if self.dispatch.queue_lease_s is None:  # outlive a message the broker may redeliver after this
             self.dispatch.queue_lease_s = self.worker.visibility_timeout_s + 60.0
@@ -214,7 +340,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, FileSecretsSource(settings_cls)]
         toml = config_file()
         if toml is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
@@ -253,11 +379,19 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid."""
+    """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid.
+
+    Settings may come from ``FACTORY_<SETTING>_FILE`` files; the config file is refused when someone other
+    than this worker's user (or root) could change it, or ``agent.user`` owns it (:mod:`.config_files`)."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable / malformed TOML
         where = config_file() or "settings"
         raise ConfigError(f"cannot read configuration {where}: {exc}".splitlines()[0]) from None
+    toml = config_file()
+    if toml is not None:
+        what = f"FACTORY_CONFIG={toml}" if os.environ.get("FACTORY_CONFIG") else f"config file ./{toml}"
+        check_trusted(toml, what, agent_uid(settings.agent.user))
+    return settings

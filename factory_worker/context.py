@@ -44,10 +44,22 @@ class Context:
         return self._redis or make_client(self.settings)
 
     @cached_property
+    def broker_redis(self) -> redis.Redis | None:
+        """A client of the broker's Redis (the ledger's client when they are one); None for another broker."""
+        url = self.settings.effective_broker_url
+        if url == self.settings.effective_redis_url:
+            return self.redis
+        if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            return None
+        from .redis_client import client_from_url
+
+        return client_from_url(url)
+
+    @cached_property
     def ledger(self) -> "Ledger":
         from .ledger import Ledger
 
-        return Ledger(self.redis, self.keys, self.settings.dispatch)
+        return Ledger(self.redis, self.keys, self.settings.dispatch, outbox=self.settings.tracker.write_back)
 
     @cached_property
     def control(self) -> "LoopControl":

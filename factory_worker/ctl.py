@@ -168,6 +168,9 @@ def loop_status_cmd(as_json: bool) -> None:
         console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
         console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
                       f"last iteration on {d['last_iteration_worker'] or '-'}")
+        if d["outbox"] is not None:
+            console.print(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, "
+                          f"{d['outbox']['parked']} parked")
 
     emit(data, as_json, human, code)
 
@@ -230,6 +233,9 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
             table("dispatched" + (" (would)" if d["dry_run"] else ""), d["dispatches"], ["issue", "task_id", "fence"])
         if d["skipped"]:
             table("skipped", d["skipped"], ["issue", "reason"])
+        if d["ruled_out"]:
+            table("left out by the eligibility rules (source.*)",
+                  [{"issues": n, "reason": r} for r, n in d["ruled_out"].items()], ["issues", "reason"])
 
     emit(report, as_json, human)
 

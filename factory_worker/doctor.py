@@ -12,6 +12,7 @@ Beats announce themselves (:mod:`factory_worker.presence`), so the doctor can te
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,10 +195,54 @@ def check_ledger(c: Checkup) -> Iterator[Finding]:
                        "replica); they claim and start nothing: find the cause, then `factory-worker ledger accept`")
 
 
+def check_replicas(c: Checkup) -> Iterator[Finding]:
+    """Replicas against ``dispatch.min_replica_acks``: with fewer connected replicas than that, no claim can
+    be acknowledged, so nothing is dispatched; with none at all, a failover has nothing to promote."""
+    info = _info(c.r, "replication")
+    if info.get("role") not in (None, "master"):
+        yield _finding("replicas", "error", f"the ledger's Redis is a {info.get('role')}, not the primary: point "
+                       "FACTORY_REDIS_URL at the primary, or use sentinel://")
+        return
+    connected = int(info.get("connected_slaves", 0) or 0)
+    acks = c.settings.dispatch.min_replica_acks
+    if acks > connected:
+        yield _finding("replicas", "error", f"dispatch.min_replica_acks is {acks} but the primary has {connected} "
+                       "connected replica(s): no claim can be acknowledged, nothing is dispatched; add replicas or "
+                       "lower FACTORY_DISPATCH__MIN_REPLICA_ACKS")
+    elif connected and not acks:
+        yield _finding("replicas", "info", f"{connected} replica(s), but dispatch.min_replica_acks is 0: a failover "
+                       "can lose the last claims and done markers; set FACTORY_DISPATCH__MIN_REPLICA_ACKS=1")
+
+
+def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
+    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env."""
+    from .agents.sandbox import resolve_identity, secret_like
+    from .config import ConfigError
+
+    agent = c.settings.agent
+    leaks = [n for n in agent.env_allowlist if secret_like(n, os.environ.get(n))]
+    if leaks:
+        yield _finding("agent-isolation", "warn", f"agent.env_allowlist passes names that look like secrets to "
+                       f"agents: {', '.join(leaks)}; issue text steers agents: remove them "
+                       "(FACTORY_AGENT__ENV_ALLOWLIST)")
+    try:
+        ident = resolve_identity(agent)
+    except ConfigError as exc:
+        yield _finding("agent-isolation", "warn", f"{exc} (checked on this host)")
+        return
+    if ident is None or ident.uid == os.geteuid():
+        yield _finding("agent-isolation", "warn", "agents run as the worker's own user: they can read its "
+                       "environment (/proc/<pid>/environ: the Redis URL, tokens), config and env files; set "
+                       "FACTORY_AGENT__USER (e.g. nobody) and run agent workers as root")
+    elif not leaks:
+        yield _finding("agent-isolation", "info", f"agents run as {ident} in fresh directories under "
+                       f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s)")
+
+
 CHECKS: tuple[tuple[str, Callable[[Checkup], Iterator[Finding]]], ...] = (
     ("eviction", check_eviction), ("persistence", check_persistence), ("visibility-timeout", check_visibility),
     ("beat", check_beats), ("clock-skew", check_clock), ("broker", check_broker), ("leases", check_leases),
-    ("ledger-lost", check_ledger),
+    ("ledger-lost", check_ledger), ("replicas", check_replicas), ("agent-isolation", check_agent_isolation),
 )
 
 

@@ -41,6 +41,17 @@ class Keys:
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
+    # -- broker queues (kombu's lists in the broker's Redis, named here so every side agrees) -----------
+    @property
+    def loop_queue(self) -> str:
+        """The Celery queue of the loop's tasks (kickoff, iteration, finish): ``<namespace>.loop``."""
+        return f"{self.namespace}.loop"
+
+    @property
+    def agent_queue(self) -> str:
+        """The Celery queue of agent tasks: ``<namespace>.agents``."""
+        return f"{self.namespace}.agents"
+
     # -- dispatch ledger ------------------------------------------------------------------------------
     def claim(self, issue: str) -> str:
         """String: the owner token of a live claim, with the lease as its PX expiry."""
@@ -131,6 +142,30 @@ class Keys:
         """Hash {issue, token, run_id, state (queued|running), hostname, worker_pid} (AGENT_TASK_TTL_S): maps an
         agent task to its claim. The loop writes it when it sends the task; ``begin.lua`` marks it running."""
         return self._k("agent", task_id)
+
+    # -- tracker outbox ---------------------------------------------------------------------------------
+    @property
+    def outbox(self) -> str:
+        """Stream of tracker events (dispatched, done, backoff, parked, released, retried), each written by
+        the script of the ledger transition it reports; consumer group ``writers`` (``outbox.py``)."""
+        return self._k("outbox")
+
+    @property
+    def outbox_retry(self) -> str:
+        """Hash entry id -> ``<attempts>:<not_before_ms>:<last error>``: delivery attempts of an event."""
+        return self._k("outbox", "retry")
+
+    @property
+    def outbox_parked(self) -> str:
+        """Hash entry id -> JSON {event fields, attempts, error}: events given up after their attempts."""
+        return self._k("outbox", "parked")
+
+    @property
+    def queued(self) -> str:
+        """Zset agent task id -> sent at (ms, the sender's clock): tasks sent whose agent has not started; the
+        sender adds, ``begin.lua`` removes, and the loop's sweep releases the claims of those whose broker
+        message is gone (``sweep.release_lost_messages``)."""
+        return self._k("queued")
 
     @property
     def agents(self) -> str:

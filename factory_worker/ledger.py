@@ -105,11 +105,14 @@ class Ledger:
         keys: Keys,
         dispatch: DispatchSettings,
         rng: Callable[[], float] = random.random,
+        outbox: bool = False,
     ) -> None:
         self.r = client
         self.keys = keys
         self.cfg = dispatch
         self.rng = rng
+        #: write tracker events to the outbox with each transition (``tracker.write_back``)
+        self.outbox = "1" if outbox else "0"
         self._s = scripts_for(client)
         self.guard = LedgerGuard(client, keys)
 
@@ -117,7 +120,8 @@ class Ledger:
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "Ledger":
         from .redis_client import client as make_client
 
-        return cls(client or make_client(settings), Keys(settings.namespace), settings.dispatch)
+        return cls(client or make_client(settings), Keys(settings.namespace), settings.dispatch,
+                   outbox=settings.tracker.write_back)
 
     @property
     def lease_ms(self) -> int:
@@ -178,7 +182,7 @@ class Ledger:
         """A claim too few replicas acknowledged: a failover could lose it, so it is released unused (no
         attempt counted) and the issue waits for the next pass."""
         try:  # not waiting for acks again: with a replica down that would stall the loop for every claim
-            self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED)
+            self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED, outbox=self.outbox)
         except redis.RedisError:
             log.warning("could not release unacknowledged claim %s on %s; its lease ends it", token, issue)
         self._count_quietly("claims_unacked")
@@ -211,6 +215,7 @@ class Ledger:
         (``settles_unacked``) and the reply stands: the write is on the primary, and only a second failover
         before a replica catches up could still lose it.
         """
+        args["outbox"] = self.outbox
         reply, acked = self._write(name, token=token, issue=issue, **args)
         checked(reply, issue, token)
         deadline = time.monotonic() + self.cfg.lease_ttl_s
@@ -271,7 +276,8 @@ class Ledger:
         """
         for _ in range(2):  # a second try only after adopting a ledger an operator accepted
             reply, acked = self._write("begin", generation=self.guard.generation, token=token, lease_ms=self.lease_ms,
-                                       issue=issue, task_id=task_id, hostname=hostname, worker_pid=pid)
+                                       issue=issue, task_id=task_id, hostname=hostname, worker_pid=pid,
+                                       outbox=self.outbox)
             if reply.status != "ledger-lost":
                 break
             self.guard.lost(reply.values[0])
@@ -313,7 +319,7 @@ class Ledger:
     # -- operator actions -----------------------------------------------------------------------------
     def retry(self, issue: str) -> dict[str, Any]:
         """Unpark ``issue`` / end its backoff with a fresh attempt budget. Done issues are refused."""
-        reply = self._s["retry"](self.keys, issue=issue)
+        reply = self._s["retry"](self.keys, issue=issue, outbox=self.outbox)
         if reply.status == "done":
             raise LedgerError(f"issue {issue!r} is done; done is final and cannot be retried")
         was_parked, attempts, had_backoff = reply.values

@@ -1,6 +1,7 @@
 """Celery's side of a worker's and a beat's life: a bootstep, a beat scheduler, and signal receivers.
 
-Signal receivers only set flags or release by token; the threads here do the acting.
+Signal receivers only set flags, release by token or (at a worker's start) refuse to start; the threads
+here do the acting.
 
 - :class:`WorkerPresence`, a worker bootstep, runs one thread from worker start to shutdown that publishes the
   worker's presence and, once a warm shutdown was requested, writes its shutdown deadline once (see
@@ -11,6 +12,8 @@ Signal receivers only set flags or release by token; the threads here do the act
   its ticks (as redbeat keeps its lock from its scheduler), so ``doctor`` can see two live beats.
 - ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
   task-id -> (issue, token) mapping in Redis, never a thread-local token.
+- ``celeryd_init`` refuses to start a worker that would run agents but cannot isolate them as configured
+  (``agent.user`` it cannot switch to): agents never run as the worker by accident.
 - ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
   never outlives the worker that started it, even when the worker is SIGKILLed.
 
@@ -21,6 +24,7 @@ presence keys' expiry tells the truth.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -64,6 +68,8 @@ class WorkerPresence(bootsteps.StartStopStep):
     shutdown_requested = False
     #: the step of this process's worker, closed by ``worker_shutdown``
     running: "WorkerPresence | None" = None
+    #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
+    agents_as: str | None = None
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -71,13 +77,23 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.started_ms = int(time.time() * 1000)
         self.closing = threading.Event()
         self.thread: threading.Thread | None = None
+        self.outbox_thread: threading.Thread | None = None
         self.slots = 0
 
     def start(self, parent: Any) -> None:
         WorkerPresence.running = self
         self.slots = agent_slots(parent)
+        if self.slots and WorkerPresence.agents_as:
+            log.info("%s", WorkerPresence.agents_as)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
         self.thread.start()
+        ctx = current()
+        if ctx.settings.tracker.write_back:  # this worker also delivers the tracker outbox
+            from .outbox import run_sender
+
+            self.outbox_thread = threading.Thread(target=run_sender, name="factory-outbox", daemon=True,
+                                                  args=(ctx, f"{self.node}/{os.getpid()}", self.closing))
+            self.outbox_thread.start()
 
     def finish(self) -> None:
         """End the thread and remove this worker's keys (from ``worker_shutdown``: after the pool stopped).
@@ -86,8 +102,9 @@ class WorkerPresence(bootsteps.StartStopStep):
         running agents, and the thread must live on to write the shutdown deadline they poll.
         """
         self.closing.set()
-        if self.thread is not None:
-            self.thread.join(timeout=2)
+        for thread in (self.thread, self.outbox_thread):
+            if thread is not None:
+                thread.join(timeout=2)
         try:
             ctx = current()
             ctx.redis.delete(ctx.keys.worker(self.node), ctx.keys.worker_shutdown(self.node))
@@ -142,6 +159,36 @@ class BeatScheduler(PersistentScheduler):
         except Exception:  # noqa: BLE001
             pass
         super().close()
+
+
+@signals.celeryd_init.connect
+def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker that consumes the agent queue but cannot run agents as ``agent.user`` (or reach its working
+    directory root) exits 2 with one line naming the setting (:func:`factory_worker.agents.sandbox.check_isolation`).
+    A bad configuration is left to ``app``'s own check; a loop-only worker never runs agents."""
+    import sys
+
+    from celery.utils.text import str_to_list
+
+    from .agents.sandbox import check_isolation, running_as
+    from .app import agent_queue
+    from .config import ConfigError
+
+    try:
+        settings = current().settings
+    except ConfigError:
+        return
+    queue, opts = agent_queue(settings.namespace), options or {}
+    included, excluded = str_to_list(opts.get("queues") or []), str_to_list(opts.get("exclude_queues") or [])
+    if (included and queue not in included) or queue in excluded:
+        return
+    try:
+        ident = check_isolation(settings.agent)
+    except (ConfigError, OSError) as exc:
+        print(f"factory_worker: {exc}", file=sys.__stderr__, flush=True)
+        sys.exit(2)
+    WorkerPresence.agents_as = (f"agents run as {running_as(ident)} in fresh directories under "
+                                f"{settings.agent.workdir_root}")  # logged once logging is set up
 
 
 @signals.worker_process_init.connect

@@ -1,4 +1,4 @@
-"""The iteration: poll -> gate -> dispatch -> report, and the run around it (kill checks, breaker).
+"""The iteration: poll -> rules -> gate -> dispatch -> report, and the run around it (kill checks, breaker).
 
 Testable without Celery: sending an agent task is a callable (:class:`Sender`) handed in by the caller.
 """
@@ -16,9 +16,10 @@ from .context import Context
 from .control import Kickoff
 from .guard import LedgerLostError
 from .ledger import Claim
-from .presence import forget_dead_agents
+from .sweep import forget_dead_agents, release_lost_messages
 from .states import Gate, RunStatus
 from .sources.base import Issue
+from .sources.rules import Rules
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class IterationReport:
     pulled: int = 0
     dispatched: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    #: polled issues the eligibility rules left out, counted by reason, and a few of them as examples
+    ruled_out: dict[str, int] = field(default_factory=dict)
+    ruled_out_examples: list[dict[str, str]] = field(default_factory=list)
     dry_run: bool = False
     run_id: str | None = None
     iteration: int | None = None
@@ -51,7 +55,10 @@ def new_agent_task_id() -> str:
 
 def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_run: bool = False,
             iteration: int | None = None) -> IterationReport:
-    """One poll -> gate -> dispatch pass. Raises if the source is down or sending fails.
+    """One poll -> rules -> gate -> dispatch pass. Raises if the source is down or sending fails.
+
+    The eligibility rules (``sources/rules.py``) leave out what is out of scope or carries the factory's
+    done/parked label; those are only counted by reason (``ruled_out``), never listed one by one.
 
     Sending failures release every claim not yet sent (reason ``send-failed``) before re-raising, so
     nothing is left held. A dry run asks the gate in its read-only mode and writes nothing.
@@ -62,7 +69,9 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
         return report
     polled = ctx.source.poll()
     report.skipped.extend({"issue": e.split(":", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
-    issues = {i.id: i for i in polled.issues}
+    screened = Rules.from_settings(ctx.settings.source).screen(polled.issues)
+    report.ruled_out, report.ruled_out_examples = screened.ruled_out, screened.examples
+    issues = {i.id: i for i in screened.issues}
     report.pulled = len(issues)
     try:
         batch = ctx.ledger.claim(list(issues), dry_run=dry_run, fleet_slots=True)
@@ -82,11 +91,18 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
         report.dispatches = dispatch_claims(ctx, send, batch.claims, issues, run_id)
     finally:
         report.dispatched = len(report.dispatches)
+    _sweep(ctx)
+    return report
+
+
+def _sweep(ctx: Context) -> None:
+    """Housekeeping after dispatching (``sweep.py``); a failure waits for the next iteration."""
     try:
         forget_dead_agents(ctx)
+        if ctx.broker_redis is not None:
+            release_lost_messages(ctx, ctx.broker_redis, ctx.keys.agent_queue)
     except Exception:  # noqa: BLE001 - housekeeping: the next iteration tries again
-        log.warning("could not sweep the agents of dead workers", exc_info=True)
-    return report
+        log.warning("could not sweep what dead workers and lost messages left", exc_info=True)
 
 
 def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issues: dict[str, Issue],
@@ -109,8 +125,9 @@ def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issu
             ctx.notifier.send_event("dispatched", issue_id=claim.issue, title=issues[claim.issue].title,
                                     run_id=run_id)
     except Exception:
-        for claim in claims[len(sent):]:
+        for task_id, claim in list(zip(task_ids, claims))[len(sent):]:
             try:
+                ctx.redis.zrem(ctx.keys.queued, task_id)
                 ctx.ledger.release(claim.issue, claim.token, reason="send-failed")
             except Exception:  # noqa: BLE001 - best effort, the lease TTL frees it anyway
                 log.exception("could not release unsent claim on %s", claim.issue)
@@ -172,11 +189,13 @@ def _remember_agent_tasks(ctx: Context, pairs: Iterable[tuple[str, Claim]], run_
     p = ctx.redis.pipeline(transaction=False)
     for name, n in counts.items():
         p.hincrby(ctx.keys.counters, name, n)
+    sent_ms = int(time.time() * 1000)
     for task_id, claim in pairs:
         key = ctx.keys.agent_task(task_id)
         p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
                              "state": "queued"})
         p.expire(key, ctx.keys.AGENT_TASK_TTL_S)
+        p.zadd(ctx.keys.queued, {task_id: sent_ms})
     p.execute()
 
 

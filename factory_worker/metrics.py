@@ -55,6 +55,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "killed": bool(status["killed"]),
         "ledger_lost": bool(status["ledger_lost"]),
         "paused": bool(status["paused"]),
+        "outbox": status.get("outbox"),
     }
 
 
@@ -113,6 +114,11 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("factory_loop_paused", "1 while the loop is paused", value=int(snap["paused"]))
     yield GaugeMetricFamily("factory_ledger_lost", "1 while a process reports its ledger lost (safe mode)",
                             value=int(snap.get("ledger_lost", False)))
+    if snap.get("outbox"):
+        yield GaugeMetricFamily("factory_outbox_pending", "Tracker events not yet delivered (write-back)",
+                                value=snap["outbox"]["pending"])
+        yield GaugeMetricFamily("factory_outbox_parked", "Tracker events given up after their attempts",
+                                value=snap["outbox"]["parked"])
 
 
 def registry_for(ctx: Context) -> CollectorRegistry:

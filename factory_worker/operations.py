@@ -13,10 +13,12 @@ from typing import Any, Callable
 from . import guard, heartbeat
 from .agent_task import release_task_claim
 from .context import Context
+from .outbox import backlog as outbox_backlog
 from .presence import fleet_slots, live_workers
 from .urls import mask_url
 from .control import who
 from .ledger import Explanation
+from .sources.rules import Rules
 from .states import Gate, RunStatus
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,16 @@ def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
         "agent_slots": fleet_slots(ctx),
         "last_iteration_worker": (run or {}).get("last_worker"),
         "ledger_guard": guard.status(ctx.redis, ctx.keys),
+        "outbox": outbox_backlog(ctx.redis, ctx.keys) if ctx.settings.tracker.write_back else None,
     }
     status["ledger_lost"] = status["ledger_guard"]["ledger_lost"]
     return status, 0 if live.live and not status["ledger_lost"] else 1
 
 
 def explain(ctx: Context, issue_id: str) -> Explanation:
-    """The gate's answer for ``issue_id``; when the gate would dispatch it, also whether the source has it
-    and whether it is ready there (the CLI needs only Redis: an unreachable source is noted, not fatal)."""
+    """The gate's answer for ``issue_id``; when the gate would dispatch it, also whether the source has it and
+    whether the eligibility rules let it through (out of scope, or not ready: its state or a factory label).
+    The CLI needs only Redis: an unreachable source is noted, not fatal."""
     e = ctx.ledger.explain(issue_id)
     if e.state not in (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT):
         return e
@@ -65,10 +69,10 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
     if issue is None:
         return Explanation(issue_id, Gate.NOT_IN_SOURCE, "not in the source: never dispatched unless it appears "
                            f"there in a ready state (the ledger alone says: {e.state})", e.detail)
-    ready = ctx.settings.source.ready_states
-    if issue.state not in ready:
-        return Explanation(issue_id, Gate.NOT_READY, f"its state in the source is {issue.state!r}, not one of "
-                           f"{', '.join(ready)} (the ledger alone says: {e.state})", e.detail)
+    verdict = Rules.from_settings(ctx.settings.source).check(issue)
+    if verdict is not None:
+        return Explanation(issue_id, verdict.gate, f"{verdict.text} (the ledger alone says: {e.state})",
+                           {**e.detail, "rule": verdict.reason})
     return e
 
 

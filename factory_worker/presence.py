@@ -15,8 +15,6 @@ import socket
 import time
 from typing import Any
 
-import redis
-
 from .context import Context
 from .redis_client import server_now_ms
 
@@ -102,42 +100,6 @@ def clear_beat(ctx: Context, hostname: str | None = None, pid: int | None = None
 def beat_seen(ctx: Context) -> list[dict[str, Any]]:
     """The beats whose presence key is live, sorted by node."""
     return sorted(_scan_json(ctx, ctx.keys.beat("*")), key=lambda b: str(b.get("node", "")))
-
-
-def _forget_started(ctx: Context, issue: str, token: str) -> None:
-    """Remove the started mark of a dead holder's token, only if it is still that token (WATCH: a new
-    holder's mark is never touched; on a race the next sweep tries again)."""
-    with ctx.redis.pipeline() as p:
-        try:
-            p.watch(ctx.keys.started)
-            if p.hget(ctx.keys.started, issue) == token:
-                p.multi()
-                p.hdel(ctx.keys.started, issue)
-                p.execute()
-        except redis.WatchError:
-            pass
-
-
-def forget_dead_agents(ctx: Context) -> list[str]:
-    """Drop from the running-agents set the tasks of workers that died (SIGKILL, OOM) once their claims are
-    gone too (expired or re-claimed): nothing else would ever remove them. Returns the task ids dropped."""
-    dropped = []
-    for task_id in ctx.redis.smembers(ctx.keys.agents):
-        rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
-        host = rec.get("hostname")
-        if host and ctx.redis.exists(ctx.keys.worker(host)):
-            continue  # its worker is alive: it cleans up itself
-        if rec.get("issue") and rec.get("token") and ctx.ledger.current_token(rec["issue"]) == rec["token"]:
-            continue  # still held: its lease has not run out yet
-        if rec.get("issue") and rec.get("token"):
-            _forget_started(ctx, rec["issue"], rec["token"])
-        p = ctx.redis.pipeline(transaction=False)
-        p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id))
-        p.execute()
-        dropped.append(task_id)
-    if dropped:
-        log.info("forgot %d agent task(s) of dead workers: %s", len(dropped), ", ".join(sorted(dropped)))
-    return dropped
 
 
 def _scan_json(ctx: Context, pattern: str) -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ class Gate(StrEnum):
     PAUSED = "paused"
     UNACKED = "unacked"  # claimed, but too few replicas acknowledged the claim in time: released, not used
     NOT_IN_SOURCE = "not-in-source"  # explain only: the source does not have it
-    NOT_READY = "not-ready"  # explain only: the source has it, in a state that is not ready
+    NOT_READY = "not-ready"  # explain only: the source has it, not ready (its state, or a factory:done/parked label)
+    OUT_OF_SCOPE = "out-of-scope"  # explain only: the source has it, but an eligibility rule (source.*) excludes it
 
 
 class RunStatus(StrEnum):

@@ -112,7 +112,8 @@ def make_settings(namespace: str, tmp_path: Path):
 
     def _make(**overrides) -> Settings:
         overrides.setdefault("namespace", namespace)
-        overrides.setdefault("agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"]})
+        overrides.setdefault("agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"],
+                                       "workdir_root": str(tmp_path / "work")})
         return load_settings(**overrides)
 
     return _make

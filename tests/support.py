@@ -137,6 +137,9 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
         "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
         "FACTORY_WORKER__SOFT_SHUTDOWN_S": "5",
         "FACTORY_AGENT__TERM_GRACE_S": "1",  # short leases (a few s) leave room for a 1 s grace only
+        "FACTORY_AGENT__WORKDIR_ROOT": str(tmp_path / "work"),
+        # the recording agent's own variables (an agent gets only its allowlist of the worker's environment)
+        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLEEP"]),
         "AGENT_OUT": str(out),
     }
     env.update(extra)

@@ -5,6 +5,8 @@ Safety rules (issue text is untrusted input):
 * ``{id}`` and ``{title}`` are substituted inside single argv elements, in one pass (a title containing
   ``{id}`` stays literal); there is never a shell, so ``$(...)``, ``;`` and quotes reach the agent as text.
 * The dispatch token travels in the environment (``FACTORY_DISPATCH_TOKEN``), never in argv.
+* The agent gets its own fresh directory (its cwd, holding ``issue.json``), an allowlisted environment and,
+  with ``agent.user``, its own uid/gid: :mod:`.sandbox` says exactly what it is given.
 
 Supervision: the agent gets its own session and process group (``pgid == pid``) and, on Linux,
 ``PR_SET_PDEATHSIG(SIGKILL)`` (see :mod:`.process`), so it dies with the thread that started it even if the
@@ -20,7 +22,6 @@ group: that is out of reach without cgroups).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ from ..sources.base import Issue
 from .base import AgentResult, Dispatch
 from .lease import LeaseKeeper
 from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
+from .sandbox import agent_env, agent_identity, make_workdir, remove_workdir, running_as
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ def substitute_argv(command: list[str], issue: Issue) -> list[str]:
     return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
 
 
+def anchor_paths(command: list[str]) -> list[str]:
+    """``command`` with each argument that names an existing file relative to the worker's cwd (a ``/`` in it,
+    no placeholder) made absolute: the agent runs in its own directory, so ``["python", "examples/agent.py"]``
+    still means the worker's file. Issue text is never touched (this runs before substitution); ``argv[0]`` is
+    resolved by :func:`.process.launch`."""
+    return [command[0]] + [os.path.abspath(arg) if "/" in arg and not os.path.isabs(arg) and "{" not in arg
+                           and os.path.exists(arg) else arg for arg in command[1:]]
+
+
 def safe_name(text: str, limit: int = 80) -> str:
     """A filesystem-safe, collision-resistant name for ``text`` (an issue or dispatch id)."""
     cleaned = _UNSAFE.sub("_", text).lstrip(".")[:limit] or "_"
@@ -59,30 +70,32 @@ def safe_name(text: str, limit: int = 80) -> str:
     return cleaned
 
 
-#: factory_worker's own settings (credentials among them) are not the agent's business.
-_SETTINGS_ENV = ("FACTORY_REDIS_URL", "FACTORY_BROKER_URL", "FACTORY_NAMESPACE", "FACTORY_CONFIG")
-
-
-def agent_env(environ: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
-    """The worker's environment minus factory_worker's settings (``FACTORY_X__Y`` and the URLs)."""
-    return {k: v for k, v in environ.items()
-            if not (k in _SETTINGS_ENV or (k.startswith("FACTORY_") and "__" in k))}
+def _unprepared(issue_id: str, what: str, exc: BaseException, start: float) -> AgentResult:
+    """A failed attempt: something the agent needs could not be made (nothing was started)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    msg = f"cannot prepare {what}: {why}"
+    log.error("issue %s: %s", issue_id, msg)
+    return AgentResult("failed", None, time.monotonic() - start, None, msg)
 
 
 class CommandAgent:
-    """Runs ``settings.command`` for a dispatch; implements :class:`~factory_worker.agents.base.AgentRunner`."""
+    """Runs ``settings.command`` for a dispatch; implements :class:`~factory_worker.agents.base.AgentRunner`.
+
+    Raises :class:`~factory_worker.config.ConfigError` (naming agent.user) when agents must run as another
+    user and this worker cannot switch to it: an agent never runs as the worker instead."""
 
     def __init__(self, settings: AgentSettings, renew_interval_s: float, lease_ttl_s: float | None = None) -> None:
         self.settings = settings
         self.renew_interval_s = max(0.01, float(renew_interval_s))
         #: the claim's lease: if no renew succeeds for this long the agent is stopped (it is no longer ours)
         self.lease_ttl_s = float(lease_ttl_s) if lease_ttl_s else 3 * self.renew_interval_s
+        #: who the agent runs as (None: the worker's own user)
+        self.ident = agent_identity(settings)
 
-    def paths(self, dispatch: Dispatch) -> tuple[Path, Path]:
-        """(log file, issue JSON file) of a dispatch: ``<log_dir>/<issue>/<dispatch>.{log,issue.json}``."""
+    def log_path(self, dispatch: Dispatch) -> Path:
+        """A dispatch's log file: ``<log_dir>/<issue>/<dispatch>.log`` (the worker's; the agent gets an fd)."""
         folder = Path(os.path.abspath(self.settings.log_dir)) / safe_name(dispatch.issue.id)
-        name = safe_name(dispatch.dispatch_id)
-        return folder / f"{name}.log", folder / f"{name}.issue.json"
+        return folder / f"{safe_name(dispatch.dispatch_id)}.log"
 
     def run(
         self,
@@ -91,35 +104,48 @@ class CommandAgent:
         should_stop: Callable[[], str | None],
         on_start: Callable[[int], None] | None = None,
     ) -> AgentResult:
-        issue = dispatch.issue
-        argv = substitute_argv(self.settings.command, issue)
-        log_path, issue_json = self.paths(dispatch)
-        start = time.monotonic()
+        issue, start = dispatch.issue, time.monotonic()
+        try:
+            workdir, issue_json = make_workdir(self.settings, dispatch.dispatch_id, issue, self.ident,
+                                               safe_name(dispatch.dispatch_id))
+        except Exception as exc:  # noqa: BLE001 - disk full, bad root, unserializable data: a failed attempt
+            return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
+        try:
+            env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
+            proc = self._spawn(dispatch, workdir, env, start)
+            if isinstance(proc, AgentResult):
+                return proc
+            outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
+            return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
+        finally:
+            if self.settings.keep_workdir:
+                log.info("issue %s: kept the agent's directory %s", issue.id, workdir)
+            else:
+                remove_workdir(workdir, self.ident)
+
+    def _spawn(self, dispatch: Dispatch, workdir: Path, env: dict[str, str],
+               start: float) -> subprocess.Popen | AgentResult:
+        """Start the agent in ``workdir`` with ``env``, as ``self.ident``, its output to the dispatch's log."""
+        issue, log_path = dispatch.issue, self.log_path(dispatch)
+        argv = substitute_argv(anchor_paths(self.settings.command), issue)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            issue_json.write_text(json.dumps(issue.as_json_dict(), ensure_ascii=False, indent=2) + "\n")
             logf = open(log_path, "ab")
-        except Exception as exc:  # noqa: BLE001 - disk full, bad path, unserializable data: a failed attempt
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            msg = f"cannot write the agent's log or issue file under {log_path.parent}: {why}"
-            log.error("issue %s: %s", issue.id, msg)
-            return AgentResult("failed", None, time.monotonic() - start, None, msg)
-        env = agent_env(os.environ)
-        env.update(
-            FACTORY_ISSUE_ID=issue.id, FACTORY_ISSUE_JSON=str(issue_json), FACTORY_DISPATCH_TOKEN=str(dispatch.token)
-        )
+        except OSError as exc:
+            return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
         with logf:
             stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
             logf.write(
-                f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} "
-                f"started={stamp} argv={argv!r}\n".encode("utf-8", "backslashreplace")
+                f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
+                f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n"
+                .encode("utf-8", "backslashreplace")
             )
             logf.flush()
             try:
-                exec_argv, preexec = launch(argv)
+                exec_argv, extra = launch(argv, self.ident)
                 proc = subprocess.Popen(
                     exec_argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                    close_fds=True, start_new_session=True, preexec_fn=preexec,
+                    cwd=workdir, close_fds=True, start_new_session=True, **extra,
                 )
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
@@ -127,9 +153,8 @@ class CommandAgent:
                 logf.write(f"# {msg}\n".encode("utf-8", "backslashreplace"))
                 log.error("issue %s: %s", issue.id, msg)
                 return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
-        log.info("issue %s: agent started, pid %d, log %s", issue.id, proc.pid, log_path)
-        outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
-        return self._result(proc, outcome, error, lost, start, log_path, issue.id)
+        log.info("issue %s: agent started, pid %d, as %s, log %s", issue.id, proc.pid, running_as(self.ident), log_path)
+        return proc
 
     # -- supervision -----------------------------------------------------------------------------
     def _supervise(self, proc, start, renew, should_stop, on_start, issue_id):

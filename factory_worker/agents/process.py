@@ -1,4 +1,4 @@
-"""Process plumbing for agents: die-with-parent (PDEATHSIG via setpriv or prctl), exit waits, groups.
+"""Process plumbing for agents: die-with-parent (PDEATHSIG via setpriv or prctl), uid/gid, exit waits, groups.
 
 Linux-first: PDEATHSIG ties an agent's life to the thread that started it; a pidfd reports its exit at
 once without reaping it, so its process group id cannot be reused before the group is signalled.
@@ -15,7 +15,10 @@ import signal
 import subprocess
 import sys
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .sandbox import Identity
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +59,35 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in helptext else None
 
 
-def launch(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """The argv to exec and the preexec_fn that make the agent die with its supervisor (PDEATHSIG)."""
-    if shutil.which(argv[0]) is None:
+def launch(argv: list[str], ident: "Identity | None" = None) -> tuple[list[str], dict[str, Any]]:
+    """The argv to exec and the extra ``Popen`` arguments that make the agent die with its supervisor
+    (PDEATHSIG) and, with ``ident``, run as that uid/gid with no supplementary groups.
+
+    ``argv[0]`` is resolved here, on the worker's PATH and from the worker's cwd, to an absolute path: the
+    agent runs in its own directory and with its own environment, and runs exactly the program checked.
+    ``setpriv`` changes the ids before it sets PDEATHSIG (a uid change clears it); without ``setpriv``,
+    ``subprocess`` changes them before the ``preexec_fn`` sets it.
+    """
+    found = shutil.which(argv[0])
+    if found is None:
         raise FileNotFoundError(2, "No such file or directory (or not executable)", argv[0])
+    argv = [os.path.abspath(found), *argv[1:]]
     setpriv = _setpriv()
     if setpriv is not None:
-        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
-    return argv, _preexec()
+        ids = [f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups"] if ident is not None else []
+        return [setpriv, *ids, "--pdeathsig", "KILL", "--", *argv], {}
+    extra: dict[str, Any] = {"preexec_fn": _preexec()}
+    if ident is not None:
+        extra.update(user=ident.uid, group=ident.gid, extra_groups=[])
+    return argv, extra
+
+
+def as_user(argv: list[str], ident: "Identity") -> tuple[list[str], dict[str, Any]]:
+    """The argv and ``Popen`` arguments that run a helper command as ``ident`` (no PDEATHSIG needed)."""
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return [setpriv, f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups", "--", *argv], {}
+    return argv, {"user": ident.uid, "group": ident.gid, "extra_groups": []}
 
 
 def _preexec() -> Callable[[], None] | None:

@@ -31,6 +31,16 @@ local function end_claim(issue)
   redis.call('HDEL', K.started, issue)
 end
 
+-- The tracker outbox (see outbox.py): with ARGV outbox = '1', append one event to K.outbox, in the same
+-- script as the ledger transition it reports, so it is never lost and never written without it.
+-- `fields`: further field/value pairs. Only scripts that declare K.outbox and A.outbox call it.
+local function emit(event, issue, token, fields)
+  if A.outbox ~= '1' then return end
+  local entry = {'event', event, 'issue', issue, 'token', token or '', 'at_ms', tostring(now_ms())}
+  for _, v in ipairs(fields or {}) do entry[#entry + 1] = tostring(v) end
+  redis.call('XADD', K.outbox, '*', unpack(entry))
+end
+
 -- Extend a held claim's lease to now + lease_ms (key expiry and in-flight score); returns the new end.
 local function extend_lease(issue, lease_ms)
   local lease_end = now_ms() + lease_ms

@@ -1,6 +1,6 @@
 --[[ retry: an operator gives a parked or backing-off issue a fresh attempt budget.
-KEYS: done parked backoff attempts errors counters
-ARGV: issue
+KEYS: done parked backoff attempts errors counters outbox
+ARGV: issue outbox
 REPLIES: ok done
 Returns {'done', marker} refused: done is final
       | {'ok', was_parked (0|1), attempts_before, had_backoff (0|1)}; "retried" is counted only when the
@@ -14,5 +14,6 @@ redis.call('HDEL', K.attempts, A.issue)
 redis.call('HDEL', K.errors, A.issue)
 if was_parked + had_backoff > 0 or tonumber(attempts) > 0 then
   redis.call('HINCRBY', K.counters, 'retried', 1)
+  emit('retried', A.issue, '', {'was_parked', was_parked})
 end
 return {'ok', was_parked, tonumber(attempts), had_backoff}

@@ -1,7 +1,8 @@
 """Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
 
 ``kind`` is ``file`` (:class:`FileSource`), ``github`` (``factory_worker.sources.github``, imported only
-when asked for) or ``module:Class`` (any importable class taking the :class:`SourceSettings`).
+when asked for) or ``module:Class`` (any importable class taking the :class:`SourceSettings`). Whatever the
+kind, the loop keeps only the polled issues the eligibility rules (:mod:`.rules`) let through.
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ class Issue(BaseModel):
     body: str = Field("", max_length=MAX_BODY_CHARS)
     labels: list[str] = Field(default_factory=list, max_length=256)
     updated_at: str | None = None
+    #: who opened it, as GitHub says (``OWNER``, ``MEMBER``, ``COLLABORATOR``, ``NONE``...); None when unknown
+    author_association: str | None = Field(None, max_length=64)
 
     @field_validator("id")
     @classmethod
@@ -83,7 +85,8 @@ class SourceError(Exception):
 
 @runtime_checkable
 class IssueSource(Protocol):
-    """Anything with ``poll()`` returning the ready issues; ``get(id)`` finds one issue by id or None."""
+    """Anything with ``poll()`` returning the issues in a ready state; ``get(id)`` finds one issue by id or
+    None. The loop applies the eligibility rules (``rules.py``) on top: a source need not know them."""
 
     def poll(self) -> PollResult: ...
 

@@ -3,20 +3,25 @@
 Polling: ``GET {api}/repos/{owner}/{name}/issues?state=open&labels=a,b&per_page=100``, following the
 ``Link: <...>; rel="next"`` header page by page (at most :data:`MAX_PAGES`; ``next`` links must stay on the
 configured API origin, so the token is never sent elsewhere). Pull requests (items with a
-``"pull_request"`` key) are skipped.
+``"pull_request"`` key) are skipped. The label filter is ``source.github_labels`` plus
+``source.required_labels``; without either, settings validation refuses ``kind=github`` unless
+``source.github_all_open_issues`` is true (on a public repository anyone can open an issue).
 
 Ready-state mapping (GitHub only knows ``open``/``closed``): an issue is *ready* when it is open and
-carries every configured label (case-insensitive, as on GitHub; no labels configured = every open issue).
+carries every filter label (case-insensitive, as on GitHub; none configured = every open issue).
 A ready issue gets ``state = ready_states[0]`` (``"ready"`` by default), so the rest of the loop sees the
 same states as with the file source; any other issue (only returned by :meth:`GitHubSource.get`) keeps
 GitHub's own state, ``"open"`` or ``"closed"``. ``poll()`` returns only the ready issues; ``seen`` counts
 every issue (not pull request) listed. Issue fields: ``id = str(number)``, ``title``, ``body`` (or ``""``),
-``labels`` (names), ``updated_at``, ``url`` (``html_url``).
+``labels`` (names), ``updated_at``, ``url`` (``html_url``), ``author_association``. The eligibility rules
+(``sources/rules.py``: excluded labels, title prefix, author associations...) are applied by the loop.
 
-Conditional requests: the ETag and the payload of every page URL are remembered; the next poll sends
-``If-None-Match`` and a ``304 Not Modified`` reuses the cached page (GitHub does not count 304s against the
-rate limit). Rate limits: a 403/429 with ``X-RateLimit-Remaining: 0`` or ``Retry-After`` (or any 429)
-records a *retry-not-before* time (``Retry-After``, else ``X-RateLimit-Reset``, else 60 s); until then
+Conditional requests (:class:`~.github_http.PageCache`): the ETag and the payload of every page URL of
+the latest poll are remembered; the next poll sends ``If-None-Match`` and a ``304 Not Modified`` reuses the
+cached page (GitHub does not count 304s against the rate limit); pages a poll no longer visits are evicted.
+Rate limits: a 403/429 with ``X-RateLimit-Remaining: 0`` or ``Retry-After`` (or any 429) records a
+*retry-not-before* time (``Retry-After``, else ``X-RateLimit-Reset``, else 60 s; never more than
+``source.github_max_retry_after_s``, see :func:`~.github_http.retry_wait_s`); until then
 ``poll()``/``get()`` raise :class:`SourceError` without calling the server, and the loop's breaker backs off.
 A 2xx that reports ``X-RateLimit-Remaining: 0`` also sets it, so the next call does not earn a 403.
 
@@ -28,20 +33,18 @@ object, missing/mistyped ``number`` or ``title``...) is reported in ``PollResult
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import os
 import re
 import threading
 import time
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
 
+from ..config import secret_from_env
 from .base import Issue, PollResult, SourceError
+from .github_http import Page, PageCache, iso, origin, retry_wait_s
 
 if TYPE_CHECKING:
     from ..config import SourceSettings
@@ -51,37 +54,7 @@ log = logging.getLogger(__name__)
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 PER_PAGE = 100
 MAX_PAGES = 100
-DEFAULT_RETRY_S = 60.0
 USER_AGENT = "factory-worker (+https://github.com/factory-worker)"
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme.lower(), parts.netloc.lower()
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _retry_after(headers: httpx.Headers, now: float) -> float | None:
-    """Seconds to wait from ``Retry-After`` (delta or HTTP date) or ``X-RateLimit-Reset`` (epoch)."""
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
-            except (TypeError, ValueError):
-                pass
-    reset = headers.get("x-ratelimit-reset")
-    if reset:
-        try:
-            return max(0.0, float(reset) - now)
-        except ValueError:
-            pass
-    return None
 
 
 class GitHubSource:
@@ -98,10 +71,11 @@ class GitHubSource:
         *,
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        max_retry_after_s: float = 300.0,
     ) -> None:
         if not REPO_RE.match(repo or ""):
             raise SourceError(f"github repo {repo!r}: expected 'owner/name'")
-        if _origin(api_url)[0] not in ("http", "https"):
+        if origin(api_url)[0] not in ("http", "https"):
             raise SourceError(f"github api url {api_url!r}: expected http(s)://...")
         self.api_url = api_url.rstrip("/")
         self.repo = repo
@@ -118,7 +92,9 @@ class GitHubSource:
         }
         if self._token:
             self._headers["Authorization"] = f"Bearer {self._token}"
-        self._cache: dict[str, tuple[str, Any, str | None]] = {}  # url -> (etag, payload, next url)
+        #: ETag + payload per page URL, of the latest poll only
+        self.page_cache = PageCache()
+        self.max_retry_after_s = max_retry_after_s
         self._retry_not_before = 0.0
         self._lock = threading.Lock()
         #: HTTP requests actually sent, and how many were answered 304 (for metrics and tests)
@@ -133,10 +109,17 @@ class GitHubSource:
                 f"source kind 'github' needs source.github_repo as 'owner/name' "
                 f"(FACTORY_SOURCE__GITHUB_REPO), got {settings.github_repo!r}"
             )
-        token = os.environ.get(settings.github_token_env) or None
-        log.info("github source %s labels=%s token=%s", repo, settings.github_labels,
+        token = secret_from_env(settings.github_token_env)  # $NAME, else the file $NAME_FILE names
+        labels: dict[str, str] = {}  # the API filters by github_labels and required_labels (any case)
+        for label in [*settings.github_labels, *settings.required_labels]:
+            labels.setdefault(label.casefold(), label)
+        if not labels and not settings.github_all_open_issues:  # settings validation says so first
+            raise SourceError("source kind 'github' needs source.github_labels or source.required_labels, "
+                              "or source.github_all_open_issues=true")
+        log.info("github source %s labels=%s token=%s", repo, list(labels.values()),
                  "set" if token else f"unset (${settings.github_token_env})")
-        return cls(settings.github_api_url, repo, settings.github_labels, token, settings.ready_states)
+        return cls(settings.github_api_url, repo, labels.values(), token, settings.ready_states,
+                   max_retry_after_s=settings.github_max_retry_after_s)
 
     def __repr__(self) -> str:  # never shows the token
         return f"GitHubSource({self.api_url!r}, {self.repo!r}, labels={self.labels!r})"
@@ -157,15 +140,14 @@ class GitHubSource:
         now = self._clock()
         if now < self._retry_not_before:
             left = self._retry_not_before - now
-            raise SourceError(f"GitHub rate limit: retry after {_iso(self._retry_not_before)} "
+            raise SourceError(f"GitHub rate limit: retry after {iso(self._retry_not_before)} "
                               f"(in {left:.0f}s, repo {self.repo})")
 
     def _set_retry(self, headers: httpx.Headers, status: int) -> float:
         now = self._clock()
-        wait = _retry_after(headers, now)
-        self._retry_not_before = now + (DEFAULT_RETRY_S if wait is None else wait)
+        self._retry_not_before = now + retry_wait_s(headers, now, self.max_retry_after_s)
         log.warning("GitHub %s rate limit reached (HTTP %s): no requests until %s",
-                    self.repo, status, _iso(self._retry_not_before))
+                    self.repo, status, iso(self._retry_not_before))
         return self._retry_not_before
 
     def _get(
@@ -175,9 +157,9 @@ class GitHubSource:
         self._check_rate_limit()
         req = self._client.build_request("GET", url, params=params, headers=self._headers)
         key = str(req.url)
-        cached = self._cache.get(key) if cache else None
+        cached = self.page_cache.get(key) if cache else None
         if cached:
-            req.headers["If-None-Match"] = cached[0]
+            req.headers["If-None-Match"] = cached.etag
         self.stats["requests"] += 1
         try:
             resp = self._client.send(req)
@@ -189,11 +171,11 @@ class GitHubSource:
         status, headers = resp.status_code, resp.headers
         if status == 304 and cached:
             self.stats["not_modified"] += 1
-            return cached[1], cached[2]
+            return cached.payload, cached.next_url
         limited = headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers
         if status == 429 or (status == 403 and limited):
             until = self._set_retry(headers, status)
-            raise SourceError(f"GitHub rate limit: retry after {_iso(until)} (HTTP {status}, repo {self.repo})")
+            raise SourceError(f"GitHub rate limit: retry after {iso(until)} (HTTP {status}, repo {self.repo})")
         if allow_404 and status in (404, 410):
             return None, None
         if status >= 300:
@@ -207,13 +189,13 @@ class GitHubSource:
         if headers.get("x-ratelimit-remaining") == "0":
             self._set_retry(headers, status)
         next_url = resp.links.get("next", {}).get("url")
-        if next_url and _origin(next_url) != _origin(self.api_url):
-            raise self._fail(f"pagination link leaves {_origin(self.api_url)[1]}; refusing to follow it")
+        if next_url and origin(next_url) != origin(self.api_url):
+            raise self._fail(f"pagination link leaves {origin(self.api_url)[1]}; refusing to follow it")
         etag = headers.get("etag")
         if etag and cache:
-            self._cache[key] = (etag, payload, next_url)
+            self.page_cache.put(key, Page(etag, payload, next_url))
         else:
-            self._cache.pop(key, None)
+            self.page_cache.drop(key)
         return payload, next_url
 
     # -- mapping ----------------------------------------------------------------------------------
@@ -239,8 +221,10 @@ class GitHubSource:
         gh_state = item.get("state") if isinstance(item.get("state"), str) else "open"
         state = self.ready_state if gh_state == "open" and self._has_labels(names) else gh_state
         try:
+            author = item.get("author_association")
             return Issue(id=str(number), title=item["title"], state=state, body=item.get("body") or "",
-                         labels=names, updated_at=item.get("updated_at"), url=item.get("html_url"))
+                         labels=names, updated_at=item.get("updated_at"), url=item.get("html_url"),
+                         author_association=author if isinstance(author, str) else None)
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first.get('loc', ()))) or 'item'}: {first.get('msg')}") from None
@@ -251,36 +235,46 @@ class GitHubSource:
         """The ready open issues (all pages); one ``github:<repo>#<index>: reason`` line per bad item."""
         with self._lock:
             result = PollResult()
-            params: dict[str, Any] | None = {"state": "open", "per_page": PER_PAGE}
-            if self.labels:
-                params["labels"] = ",".join(self.labels)
-            url: str | None = f"{self.api_url}/repos/{self.repo}/issues"
-            index, pages, visited = 0, 0, set()
-            while url:
-                if pages >= MAX_PAGES or url in visited:
-                    result.errors.append(f"github:{self.repo}: stopped after {pages} pages (pagination limit)")
-                    break
-                visited.add(url)
-                payload, url = self._get(url, params)
-                params, pages = None, pages + 1
-                if not isinstance(payload, list):
-                    raise self._fail(f"unexpected payload on page {pages}: expected a JSON array, "
-                                     f"got {type(payload).__name__}")
-                for item in payload:
-                    where, index = f"github:{self.repo}#{index}", index + 1
-                    if isinstance(item, dict) and "pull_request" in item:
-                        continue
-                    try:
-                        issue = self._to_issue(item)
-                    except ValueError as exc:
-                        result.errors.append(f"{where}: {exc}")
-                        continue
-                    result.seen += 1
-                    if issue.state == self.ready_state:
-                        result.issues.append(issue)
+            self.page_cache.begin_poll()
+            complete = False
+            try:
+                self._walk_pages(result)
+                complete = True
+            finally:
+                self.page_cache.end_poll(complete)
             for line in result.errors:
                 log.warning("%s", line)
             return result
+
+    def _walk_pages(self, result: PollResult) -> None:
+        """Follow the ``next`` links (at most MAX_PAGES, never the same one twice) into ``result``."""
+        params: dict[str, Any] | None = {"state": "open", "per_page": PER_PAGE}
+        if self.labels:
+            params["labels"] = ",".join(self.labels)
+        url: str | None = f"{self.api_url}/repos/{self.repo}/issues"
+        index, pages, visited = 0, 0, set()
+        while url:
+            if pages >= MAX_PAGES or url in visited:
+                result.errors.append(f"github:{self.repo}: stopped after {pages} pages (pagination limit)")
+                return
+            visited.add(url)
+            payload, url = self._get(url, params)
+            params, pages = None, pages + 1
+            if not isinstance(payload, list):
+                raise self._fail(f"unexpected payload on page {pages}: expected a JSON array, "
+                                 f"got {type(payload).__name__}")
+            for item in payload:
+                where, index = f"github:{self.repo}#{index}", index + 1
+                if isinstance(item, dict) and "pull_request" in item:
+                    continue
+                try:
+                    issue = self._to_issue(item)
+                except ValueError as exc:
+                    result.errors.append(f"{where}: {exc}")
+                    continue
+                result.seen += 1
+                if issue.state == self.ready_state:
+                    result.issues.append(issue)
 
     def get(self, issue_id: str) -> Issue | None:
         """One issue by number (``"42"``); None when it does not exist, is a pull request or id is not a number."""

@@ -39,7 +39,8 @@ def test_a_frozen_redis_cannot_keep_an_agent_alive_past_its_lease(tmp_path):
         lease_s, grace_s = 3.0, 1.0
         s = load_settings(redis_url=server.url, namespace="keeper",
                           dispatch={"lease_ttl_s": lease_s, "queue_lease_s": lease_s},
-                          agent={"term_grace_s": grace_s, "log_dir": str(tmp_path / "logs")})
+                          agent={"term_grace_s": grace_s, "log_dir": str(tmp_path / "logs"),
+                                 "workdir_root": str(tmp_path / "work")})
         ledger = Ledger(server.client(), Keys("keeper"), s.dispatch)
         ledger.r.hset(ledger.keys.slots, "w@test", f"10:{2**53}")
         claim = ledger.claim(["F-1"]).claims[0]

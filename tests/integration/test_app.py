@@ -50,3 +50,17 @@ def test_no_celery_or_flower_view_of_the_config_shows_the_redis_password():
     first, rest = res.stdout.split("\n", 1)
     assert first == "False"
     assert "s3cret-pw" not in rest and "broker_url" in rest
+
+
+CELERY_FREE = ("config", "urls", "keys", "states", "scripts", "ledger", "guard", "audit", "heartbeat", "control",
+               "context", "loop", "sweep", "agent_task", "presence", "operations", "doctor", "metrics", "notify",
+               "sources.file", "agents.command")
+
+
+def test_the_core_imports_no_celery():
+    """The Celery-free core of ARCHITECTURE ("The Celery edge") stays free of Celery and kombu."""
+    code = ("import sys\nfor m in sys.argv[1:]:\n    __import__('factory_worker.' + m)\n"
+            "print(sorted(n for n in ('celery', 'kombu') if n in sys.modules))")
+    res = _run([sys.executable, "-c", code, *CELERY_FREE], {})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
@@ -72,3 +73,38 @@ def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, name
     worker.proc.wait(10)
     wait_until(lambda: ledger.explain("S-1").state == "no-free-slot", 10, what="the dead worker's slots gone")
     assert "no free agent slot" in ledger.explain("S-1").text
+
+
+def test_a_queued_claim_whose_message_died_with_its_worker_runs_once_elsewhere(redis_url, real_redis, namespace,
+                                                                              tmp_path, procs):
+    """A worker popped an agent message and was SIGKILLed before recording it (or a failover lost it): the
+    message is gone from the broker, its claim is queued. The loop's sweep releases it and the issue runs
+    exactly once on another worker, long before the queue lease (1 h here) would have freed it."""
+    write_issues(tmp_path / "issues.jsonl", [])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
+                    FACTORY_WORKER__HEARTBEAT_TTL_S="3", AGENT_SLEEP="0.2")
+    loop_worker = CeleryProc("worker", env, tmp_path, "loop", extra=["-c", "1", "-Q", f"{namespace}.loop"])
+    doomed = CeleryProc("worker", env, tmp_path, "doomed", extra=["-c", "2", "-Q", f"{namespace}.agents"])
+    procs.extend([loop_worker, doomed])
+    loop_worker.wait_ready()
+    doomed.wait_ready()
+    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    wait_until(lambda: any(not v.startswith("0:") for v in real_redis.hvals(ledger.keys.slots)), 10,
+               what="the agent worker's slots")
+    doomed.signal(signal.SIGSTOP)  # it may still have a BRPOP pending: a message it can never run
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    write_issues(tmp_path / "issues.jsonl", [{"id": "M-1", "title": "t", "state": "ready"}])
+    wait_until(lambda: real_redis.zcard(ledger.keys.queued) == 1, 20, what="the claim sent")
+    real_redis.delete(agent_queue(namespace))  # the message is gone (popped by the stopped worker, or here)
+    doomed.signal(signal.SIGKILL)
+    doomed.proc.wait(10)
+    sent_at = time.monotonic()
+    survivor = CeleryProc("worker", env, tmp_path, "survivor", extra=["-c", "2", "-Q", f"{namespace}.agents"])
+    procs.append(survivor)
+    wait_until(lambda: ledger.explain("M-1").state == "done", 60, what="the issue done on the survivor")
+    took = time.monotonic() - sent_at
+    starts = [e for e in read_events(tmp_path / "out") if e["event"] == "start"]
+    print(f"\nlost agent message: released and done {took:.1f}s after its worker died (queue lease 3660 s)")
+    assert [e["issue"] for e in starts] == ["M-1"]  # exactly once
+    counters = ledger.counters()
+    assert counters["released_message-lost"] == 1 and counters.get("agent_tasks_noop", 0) == 0

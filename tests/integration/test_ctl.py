@@ -134,3 +134,20 @@ def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_eligibility_rules_through_the_cli(env):
+    ruled = {**env, "FACTORY_SOURCE__TITLE_PREFIX": "one"}
+    res = ctl(ruled, "explain", "C-2")
+    assert res.returncode == 0 and res.stdout.strip() == (
+        'C-2: out-of-scope: title lacks prefix "one" (the ledger alone says: claimable)')
+    assert json.loads(ctl(ruled, "explain", "C-1", "--json").stdout)["state"] == "claimable"
+    report = json.loads(ctl(ruled, "run-once", "--dry-run", "--json").stdout)
+    assert [d["issue"] for d in report["dispatches"]] == ["C-1"]
+    assert report["ruled_out"] == {'out of scope: title lacks prefix "one"': 1}
+    assert "left out by the eligibility rules" in ctl(ruled, "run-once", "--dry-run").stdout
+    line = one_line_error(ctl({**env, "FACTORY_SOURCE__KIND": "github", "FACTORY_SOURCE__GITHUB_REPO": "o/r"},
+                              "explain", "C-1"))
+    assert "FACTORY_SOURCE__GITHUB_LABELS" in line and "FACTORY_SOURCE__GITHUB_ALL_OPEN_ISSUES" in line
+    line = one_line_error(ctl({**env, "FACTORY_SOURCE__ID_PATTERN": "C-("}, "dispatches"))
+    assert line.startswith("factory-worker: invalid setting source.id_pattern (FACTORY_SOURCE__ID_PATTERN): ")

@@ -39,6 +39,18 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         s.stop()
 
 
+@pytest.fixture
+def make_settings(make_settings):
+    """Agents run as their own user (agent.user) unless a test says otherwise, so the agent-isolation warning
+    shows only where it is tested."""
+
+    def _make(**overrides):
+        overrides.setdefault("agent", {"command": ["true"], "user": "nobody"})
+        return make_settings(**overrides)
+
+    return _make
+
+
 def good(start_redis: Callable[..., RedisServer]) -> RedisServer:
     return start_redis(appendonly=True, extra=["--maxmemory-policy", "noeviction"])
 
@@ -67,7 +79,8 @@ def test_good_config_exits_0(start_redis, make_settings) -> None:
 
 def test_good_config_cli_exits_0(start_redis, namespace) -> None:
     server = good(start_redis)
-    proc = cli(["doctor"], {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace})
+    proc = cli(["doctor"], {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace,
+                            "FACTORY_AGENT__USER": "nobody"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("doctor: ok")
 
@@ -182,16 +195,24 @@ def test_lease_and_heartbeat_sanity(start_redis, make_settings) -> None:
 
 def test_report_lines_and_json_cli(start_redis, namespace) -> None:
     server = start_redis(appendonly=False, extra=["--maxmemory-policy", "allkeys-lru"])
-    env = {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace}
+    env = {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace, "FACTORY_AGENT__USER": "nobody"}
     proc = cli(["doctor"], env)
     lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 3, proc.stdout  # 2 findings + the summary
+    assert proc.returncode == 1 and len(lines) == 4, proc.stdout  # 2 problems + the isolation note + the summary
     assert lines[0].startswith("ERROR eviction:") and lines[1].startswith("WARN  persistence:")
-    assert lines[2].startswith("doctor: 2 problem(s)")
+    assert lines[2].startswith("INFO  agent-isolation: agents run as nobody")
+    assert lines[3].startswith("doctor: 2 problem(s)")
     proc = cli(["doctor", "--json"], env)
     data = json.loads(proc.stdout)
     assert proc.returncode == 1 and data["problems"] == 2 and data["exit"] == 1
-    assert {x["check"] for x in data["findings"]} == {"eviction", "persistence"}
+    assert {x["check"] for x in data["findings"]} == {"eviction", "persistence", "agent-isolation"}
+
+
+def test_agents_as_the_workers_own_user_are_a_warning(start_redis, make_settings) -> None:
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, agent={"command": ["true"]}))
+    [finding] = by_check(data, "agent-isolation")
+    assert code == 1 and finding["severity"] == "warn" and "FACTORY_AGENT__USER" in finding["message"]
 
 
 def test_unreachable_redis_exits_2_with_one_line(namespace) -> None:
@@ -208,3 +229,24 @@ def test_run_doctor_raises_connection_error_when_redis_is_down(make_settings) ->
 
     with pytest.raises(redis.ConnectionError):
         run_doctor(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+
+
+def test_replica_acks_without_enough_replicas_is_an_error(start_redis, make_settings) -> None:
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, dispatch={"min_replica_acks": 1}))
+    (finding,) = by_check(data, "replicas")
+    assert code == 1 and finding["severity"] == "error" and "0 connected replica" in finding["message"]
+
+
+def test_a_replica_as_the_ledger_is_an_error_and_a_replica_without_acks_a_note(start_redis, make_settings) -> None:
+    primary = good(start_redis)
+    replica = start_redis(appendonly=True, extra=["--maxmemory-policy", "noeviction", "--replicaof", "127.0.0.1",
+                                                  str(primary.port)])
+    wait = time.monotonic() + 15
+    while primary.client().info("replication")["connected_slaves"] < 1 and time.monotonic() < wait:
+        time.sleep(0.1)
+    data, code = run_doctor(make_settings(redis_url=primary.url), check_broker=False)
+    (finding,) = by_check(data, "replicas")
+    assert code == 0 and finding["severity"] == "info" and "MIN_REPLICA_ACKS=1" in finding["message"]
+    data, code = run_doctor(make_settings(redis_url=replica.url), check_broker=False)
+    assert code == 1 and "not the primary" in by_check(data, "replicas")[0]["message"]

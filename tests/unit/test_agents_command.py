@@ -62,6 +62,7 @@ def script(tmp_path):
 
 def make_agent(tmp_path: Path, argv: list[str], renew_interval_s: float = 5.0, lease_ttl_s: float | None = None,
                **kw) -> CommandAgent:
+    kw.setdefault("workdir_root", tmp_path / "work")
     settings = AgentSettings(command=argv, log_dir=tmp_path / "logs", **kw)
     return CommandAgent(settings, renew_interval_s, lease_ttl_s)
 
@@ -144,27 +145,30 @@ def test_leftover_children_are_stopped_after_a_clean_exit(tmp_path, script):
     assert wait_gone(sleep_pid, 1.0)
 
 
-def test_env_vars_and_issue_json(tmp_path, script):
+def test_env_vars_and_issue_json(tmp_path, script, monkeypatch):
     out = tmp_path / "env.json"
     path = script(f"""
         import json, os, sys
-        env = {{k: v for k, v in os.environ.items() if k.startswith("FACTORY_") or k == "FW_INHERITED"}}
+        env = {{k: v for k, v in os.environ.items() if k.startswith(("FACTORY_", "FW_")) or k == "HOME"}}
         issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
-        json.dump({{"env": env, "issue": issue, "argv": sys.argv[1:]}}, open({str(out)!r}, "w"))
+        json.dump({{"env": env, "issue": issue, "argv": sys.argv[1:], "cwd": os.getcwd()}}, open({str(out)!r}, "w"))
     """)
-    os.environ["FW_INHERITED"] = "yes"
-    try:
-        d = dispatch("EX-9", "docs", body="the body", labels=["docs"], updated_at="2024-01-01")
-        result = run(make_agent(tmp_path, [sys.executable, str(path), "{id}"]), d)
-    finally:
-        del os.environ["FW_INHERITED"]
+    monkeypatch.setenv("FW_INHERITED", "yes")  # listed: passed
+    monkeypatch.setenv("FW_NOT_LISTED", "no")  # not listed: not passed
+    d = dispatch("EX-9", "docs", body="the body", labels=["docs"], updated_at="2024-01-01")
+    agent = make_agent(tmp_path, [sys.executable, str(path), "{id}"], env_allowlist=["PATH", "FW_INHERITED"])
+    result = run(agent, d)
     assert result.outcome == "ok"
     seen = json.loads(out.read_text())
     env = seen["env"]
     assert env["FACTORY_ISSUE_ID"] == "EX-9" and env["FACTORY_DISPATCH_TOKEN"] == "17"
-    assert env["FW_INHERITED"] == "yes"
-    assert Path(env["FACTORY_ISSUE_JSON"]).is_absolute()
-    assert Path(env["FACTORY_ISSUE_JSON"]).parent == result.log_path.parent
+    assert env["FW_INHERITED"] == "yes" and "FW_NOT_LISTED" not in env
+    issue_json = Path(env["FACTORY_ISSUE_JSON"])
+    assert issue_json.is_absolute() and issue_json.name == "issue.json"
+    workdir = Path(seen["cwd"])  # the agent's own directory: its cwd, its HOME, the issue file's folder
+    assert issue_json.parent == workdir and env["HOME"] == str(workdir)
+    assert workdir.parent == (tmp_path / "work").resolve() and workdir.name.startswith("task-123-")
+    assert not workdir.exists()  # removed after the run
     assert seen["issue"] == d.issue.as_json_dict()
     assert seen["argv"] == ["EX-9"] and "17" not in seen["argv"]
 
@@ -268,7 +272,8 @@ SUPERVISOR = """
     from factory_worker.sources import Issue
 
     agent_script, pidfile, log_dir = sys.argv[1:4]
-    settings = AgentSettings(command=[sys.executable, agent_script, pidfile], log_dir=log_dir, timeout_s=120)
+    settings = AgentSettings(command=[sys.executable, agent_script, pidfile], log_dir=log_dir, timeout_s=120,
+                             workdir_root=log_dir + "-work")
     issue = Issue(id="P-1", title="pdeathsig", state="ready")
     CommandAgent(settings, 5).run(Dispatch(issue, "1", "d-1"), lambda: None, lambda: None)
 """
@@ -297,17 +302,15 @@ def test_agent_dies_with_its_sigkilled_supervisor(tmp_path, script):
             proc.wait()
 
 
-def test_example_agent(tmp_path):
+def test_example_agent(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    monkeypatch.setenv("FACTORY_AGENT_OUTPUT_DIR", str(out))
+    monkeypatch.setenv("FACTORY_AGENT_SLEEP_S", "0")
     for issue_id, labels, code in (("EX-1", ["docs"], 0), ("EX-7", ["always-fails"], 1)):
         settings = AgentSettings(command=[sys.executable, str(ROOT / "examples" / "agent.py"), "{id}"],
-                                 log_dir=tmp_path / "logs")
-        os.environ["FACTORY_AGENT_OUTPUT_DIR"], os.environ["FACTORY_AGENT_SLEEP_S"] = str(out), "0"
-        try:
-            result = CommandAgent(settings, 5).run(dispatch(issue_id, "t", labels=labels), lambda: None,
-                                                    lambda: None)
-        finally:
-            del os.environ["FACTORY_AGENT_OUTPUT_DIR"], os.environ["FACTORY_AGENT_SLEEP_S"]
+                                 log_dir=tmp_path / "logs", workdir_root=tmp_path / "work",
+                                 env_allowlist=["PATH", "FACTORY_AGENT_OUTPUT_DIR", "FACTORY_AGENT_SLEEP_S"])
+        result = CommandAgent(settings, 5).run(dispatch(issue_id, "t", labels=labels), lambda: None, lambda: None)
         assert result.exit_code == code
         assert issue_id in (out / f"{issue_id}.txt").read_text()
         assert issue_id in result.log_path.read_text()
@@ -317,7 +320,8 @@ def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends
     """Redis unreachable from this worker: after one lease TTL without a renew the issue may be someone
     else's, so the agent must not go on (no two agents on one issue)."""
     settings = AgentSettings(command=[sys.executable, "-c", "import time; time.sleep(30)"],
-                             log_dir=str(tmp_path / "logs"), timeout_s=60, term_grace_s=1)
+                             log_dir=str(tmp_path / "logs"), workdir_root=tmp_path / "work", timeout_s=60,
+                             term_grace_s=1)
     calls = []
 
     def renew():
@@ -333,13 +337,33 @@ def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends
     assert len(calls) >= 3  # failed renews are retried every tick, not once per interval
 
 
-def test_the_agent_does_not_inherit_factory_settings_or_their_credentials(tmp_path, script, monkeypatch):
-    monkeypatch.setenv("FACTORY_REDIS_URL", "redis://:s3cret@redis:6379/0")
-    monkeypatch.setenv("FACTORY_DISPATCH__LEASE_TTL_S", "30")
-    monkeypatch.setenv("FACTORY_AGENT_OUTPUT_DIR", "/tmp/out")  # the agent's own variables pass through
+def test_the_agent_gets_only_its_allowlist_never_the_workers_credentials(tmp_path, script, monkeypatch):
+    secrets = {"FACTORY_REDIS_URL": "redis://:s3cret@redis:6379/0", "FACTORY_DISPATCH__LEASE_TTL_S": "30",
+               "GITHUB_TOKEN": "ghp_s3cret", "FLOWER_BASIC_AUTH": "admin:s3cret", "SOME_API_TOKEN": "s3cret",
+               "FACTORY_REDIS_URL_FILE": "/run/secrets/redis_url"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("FACTORY_AGENT_OUTPUT_DIR", "/tmp/out")  # an agent's own variable: passed when listed
     dump = tmp_path / "env.json"
     path = script(f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))")
-    assert run(make_agent(tmp_path, [sys.executable, str(path)])).outcome == "ok"
+    agent = make_agent(tmp_path, [sys.executable, str(path)],
+                       env_allowlist=["PATH", "LANG", "FACTORY_AGENT_OUTPUT_DIR", "NOT_SET_ANYWHERE"])
+    assert run(agent).outcome == "ok"
     env = json.loads(dump.read_text())
-    assert "FACTORY_REDIS_URL" not in env and "FACTORY_DISPATCH__LEASE_TTL_S" not in env
+    assert not set(secrets) & set(env) and "s3cret" not in json.dumps(env)
+    assert set(env) == {"PATH", "LANG", "FACTORY_AGENT_OUTPUT_DIR", "HOME", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON",
+                        "FACTORY_DISPATCH_TOKEN"}
     assert env["FACTORY_AGENT_OUTPUT_DIR"] == "/tmp/out" and env["FACTORY_ISSUE_ID"] == "EX-1"
+    assert env["PATH"] == os.environ["PATH"] and env["LANG"] == "C.UTF-8"
+
+
+def test_command_paths_relative_to_the_workers_cwd_still_work(tmp_path, script, monkeypatch):
+    """The agent runs in its own directory: the command's relative paths (never issue text) are anchored."""
+    out = tmp_path / "argv.json"
+    script(f"import json, sys; json.dump(sys.argv[1:], open({str(out)!r}, 'w'))", name="rel_agent.py")
+    monkeypatch.chdir(tmp_path)
+    argv = [sys.executable, "./rel_agent.py", "{id}", "no/such/file", "plain"]
+    result = run(make_agent(tmp_path, argv), dispatch("./rel_agent.py", "t"))
+    assert result.outcome == "ok"
+    assert json.loads(out.read_text()) == ["./rel_agent.py", "no/such/file", "plain"]

@@ -57,20 +57,3 @@ def test_a_running_agent_on_a_live_worker_is_fine(fake_redis, keys, ledger):
     assert not checks(fake_redis, keys)
     fake_redis.delete(keys.worker("w1@h"))
     assert ("agent-on-dead-worker", "agent-a") in checks(fake_redis, keys)
-
-
-def test_the_loop_forgets_the_agents_of_a_dead_worker_once_their_claims_are_gone(fake_redis, keys, ledger, clock):
-    from factory_worker.context import Context
-    from factory_worker.config import load_settings
-    from factory_worker.presence import forget_dead_agents
-
-    ctx = Context(load_settings(namespace=keys.namespace), fake_redis)
-    ctx.ledger = ledger
-    a = ledger.claim(["a"]).claims[0]
-    fake_redis.hset(keys.agent_task("agent-a"), mapping={"issue": "a", "token": a.token})  # as the loop sends it
-    ledger.begin("a", a.token, "agent-a", hostname="dead@h")  # its worker was SIGKILLed: no presence
-    assert forget_dead_agents(ctx) == []  # its claim still holds: the lease has not run out
-    clock.advance(ledger.cfg.lease_ttl_s + 1)
-    assert ("agent-on-dead-worker", "agent-a") in checks(fake_redis, keys)
-    assert forget_dead_agents(ctx) == ["agent-a"]
-    assert not checks(fake_redis, keys)

@@ -14,6 +14,6 @@ def test_explain_says_when_the_source_does_not_have_the_issue_or_it_is_not_ready
     gone = explain(ctx, "NOPE-1")
     assert gone.state == "not-in-source" and "not in the source" in gone.text
     blocked = explain(ctx, "B-1")
-    assert blocked.state == "not-ready" and "'blocked'" in blocked.text
+    assert blocked.state == "not-ready" and '"blocked"' in blocked.text
     claim = ctx.ledger.claim(["I-1"]).claims[0]
     assert explain(ctx, "I-1").detail["token"] == claim.token  # the ledger's answer wins when it says no

@@ -235,14 +235,14 @@ def test_load_source_github_is_lazy(monkeypatch):
             return FileSource("/nonexistent")
 
     monkeypatch.setitem(sys.modules, "factory_worker.sources.github", types.SimpleNamespace(GitHubSource=FakeGitHub))
-    settings = SourceSettings(kind="github", github_repo="o/r")
+    settings = SourceSettings(kind="github", github_repo="o/r", github_labels=["agent"])
     assert isinstance(load_source(settings), FileSource) and calls == [settings]
 
 
 def test_load_source_github_import_failure(monkeypatch):
     monkeypatch.setitem(sys.modules, "factory_worker.sources.github", None)  # import raises ImportError
     with pytest.raises(SourceError, match="github"):
-        load_source(SourceSettings(kind="github", github_repo="o/r"))
+        load_source(SourceSettings(kind="github", github_repo="o/r", github_labels=["agent"]))
 
 
 def test_issue_reexported():

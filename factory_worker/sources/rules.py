@@ -1,0 +1,168 @@
+"""Eligibility rules: which of a source's issues the factory may work on, decided in one place.
+
+A source's ``poll()`` returns the issues in a ready state; the loop then keeps only those :class:`Rules`
+let through, and ``explain`` asks the same object why an issue is left out. The rules come from the
+``source.*`` settings and apply to every source kind:
+
+* **out of scope** (:data:`Gate.OUT_OF_SCOPE`), checked in this order: ``required_labels`` (every one
+  present), ``excluded_labels`` (none present), ``title_prefix`` (the title, leading blanks ignored, starts
+  with it; case-sensitive), ``id_pattern`` (a regex the id must fullmatch), ``author_associations``
+  (GitHub's ``author_association`` is one of them; an issue without one is out). An empty rule lets
+  everything through. Labels compare case-insensitively, as on GitHub.
+* **not ready** (:data:`Gate.NOT_READY`): the state is not one of ``ready_states``, or the issue carries
+  the factory's own ``done_label`` / ``parked_label`` (what the factory wrote back is respected).
+
+A :class:`Verdict`'s ``rule`` (and ``reason``, which adds the gate's words) depends only on the settings,
+never on the issue, so counting skips by reason keeps the run record's size bounded however large the
+backlog; the issue's own offending value (untrusted text, quoted and shortened) goes in ``detail``, which
+only ``explain`` and the few examples show.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+from ..states import Gate
+from .base import Issue
+
+if TYPE_CHECKING:
+    from ..config import SourceSettings
+
+log = logging.getLogger(__name__)
+
+#: How many ruled-out issues a poll keeps as examples (the rest are only counted).
+EXAMPLES = 5
+
+
+_PREFIX = {Gate.OUT_OF_SCOPE: "out of scope", Gate.NOT_READY: "not ready"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why an issue is not a candidate: the gate word, the rule it breaks, and the issue's own value."""
+
+    gate: Gate  # OUT_OF_SCOPE or NOT_READY
+    rule: str  # e.g. 'title lacks prefix "[factory]"': settings text only
+    detail: str = ""  # e.g. 'it is "NONE"': the issue's value, quoted and shortened
+
+    @property
+    def reason(self) -> str:
+        """What the run record counts by: ``out of scope: <rule>`` / ``not ready: <rule>``."""
+        return f"{_PREFIX[self.gate]}: {self.rule}"
+
+    @property
+    def text(self) -> str:
+        """The rule and the issue's value: what ``explain`` says after the gate word."""
+        return f"{self.rule} ({self.detail})" if self.detail else self.rule
+
+    def __str__(self) -> str:
+        return f"{_PREFIX[self.gate]}: {self.text}"
+
+
+@dataclass
+class Screened:
+    """A poll's issues after the rules: the candidates, and the others counted by reason (a few examples)."""
+
+    issues: list[Issue] = field(default_factory=list)
+    ruled_out: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def _q(text: str) -> str:
+    """``text`` in double quotes, as is when printable without a quote, else as a JSON string (escaped):
+    a message stays one line, and unambiguous, whatever it holds."""
+    if text.isprintable() and '"' not in text:
+        return f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _shown(value: str | None, limit: int = 60) -> str:
+    """An untrusted value for a one-line message: quoted and shortened."""
+    if value is None:
+        return "missing"
+    return _q(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The eligibility rules of ``source.*`` (see the module docstring); build with :meth:`from_settings`."""
+
+    ready_states: tuple[str, ...] = ("ready",)
+    required_labels: tuple[str, ...] = ()
+    excluded_labels: tuple[str, ...] = ()
+    title_prefix: str = ""
+    id_pattern: re.Pattern[str] | None = None
+    author_associations: tuple[str, ...] = ()
+    done_label: str = "factory:done"
+    parked_label: str = "factory:parked"
+
+    @classmethod
+    def from_settings(cls, s: "SourceSettings") -> "Rules":
+        return cls(
+            ready_states=tuple(s.ready_states), required_labels=tuple(s.required_labels),
+            excluded_labels=tuple(s.excluded_labels), title_prefix=s.title_prefix.lstrip(),
+            id_pattern=re.compile(s.id_pattern) if s.id_pattern else None,
+            author_associations=tuple(a.upper() for a in s.author_associations),
+            done_label=s.done_label, parked_label=s.parked_label,
+        )
+
+    # -- the rules ---------------------------------------------------------------------------------------
+    def scope(self, issue: Issue) -> Verdict | None:
+        """The first scope rule ``issue`` breaks, or None when it is in scope."""
+        have = {lb.casefold() for lb in issue.labels}
+        for label in self.required_labels:
+            if label.casefold() not in have:
+                return Verdict(Gate.OUT_OF_SCOPE, f"lacks required label {_q(label)}")
+        for label in self.excluded_labels:
+            if label.casefold() in have:
+                return Verdict(Gate.OUT_OF_SCOPE, f"has excluded label {_q(label)}")
+        if self.title_prefix and not issue.title.lstrip().startswith(self.title_prefix):
+            return Verdict(Gate.OUT_OF_SCOPE, f"title lacks prefix {_q(self.title_prefix)}")
+        if self.id_pattern is not None and not self.id_pattern.fullmatch(issue.id):
+            return Verdict(Gate.OUT_OF_SCOPE, f"id does not match id_pattern "
+                                              f"{_q(self.id_pattern.pattern)}", f"it is {_shown(issue.id)}")
+        author = issue.author_association
+        if self.author_associations and (author or "").upper() not in self.author_associations:
+            return Verdict(Gate.OUT_OF_SCOPE, "author association not one of "
+                           f"{', '.join(self.author_associations)}", f"it is {_shown(author)}")
+        return None
+
+    def readiness(self, issue: Issue) -> Verdict | None:
+        """Why ``issue`` is not ready (its state, or a label the factory wrote), or None when it is."""
+        if issue.state not in self.ready_states:
+            return Verdict(Gate.NOT_READY, "its state in the source is not one of "
+                           f"{', '.join(map(_q, self.ready_states))}", f"it is {_shown(issue.state)}")
+        have = {lb.casefold() for lb in issue.labels}
+        for label, what in ((self.done_label, "done"), (self.parked_label, "parked")):
+            if label and label.casefold() in have:
+                return Verdict(Gate.NOT_READY, f"it carries the factory's {what} label {_q(label)}")
+        return None
+
+    def check(self, issue: Issue) -> Verdict | None:
+        """Scope first (an issue out of scope stays out whatever its state), then readiness."""
+        return self.scope(issue) or self.readiness(issue)
+
+    def verdict(self, issue: Issue) -> str | None:
+        """:meth:`check` as one line naming the rule, e.g. ``out of scope: title lacks prefix "[factory]"``."""
+        v = self.check(issue)
+        return None if v is None else str(v)
+
+    # -- a poll --------------------------------------------------------------------------------------------
+    def screen(self, issues: Iterable[Issue], examples: int = EXAMPLES) -> Screened:
+        """Keep the candidates; count the others by reason and keep the first ``examples`` of them."""
+        out = Screened()
+        for issue in issues:
+            v = self.check(issue)
+            if v is None:
+                out.issues.append(issue)
+                continue
+            out.ruled_out[v.reason] = out.ruled_out.get(v.reason, 0) + 1
+            if len(out.examples) < examples:
+                out.examples.append({"issue": issue.id, "reason": str(v)})
+        if out.ruled_out:
+            log.debug("eligibility rules left out %d issues: %s", sum(out.ruled_out.values()), out.ruled_out)
+        return out

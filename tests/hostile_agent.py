@@ -1,0 +1,92 @@
+"""A hostile agent (stdlib only): tries to reach its worker's credentials and to tamper with the worker's files.
+
+Usage: ``hostile_agent.py OUT_DIR CONFIG_FILE ENV_FILE WORKER_CWD SOURCE_DIR``. Every attempt is recorded in
+``OUT_DIR/attempts.json`` as ``{attempt, succeeded, detail}`` (``detail``: what it got, or why it failed),
+with the uid, gid, groups, cwd and variable names it ran with. It always exits 0, so the dispatch completes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+#: what an agent is given on purpose; any other FACTORY_* variable would be the worker's own
+GIVEN = {"FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
+CREDENTIAL_NAMES = ("FACTORY_REDIS_URL=", "FACTORY_BROKER_URL=", "GITHUB_TOKEN=", "FLOWER_BASIC_AUTH=", "_TOKEN=")
+
+
+def read(path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8", "replace")
+
+
+def write(path: str, text: str) -> str:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+    return f"wrote {path}"
+
+
+def credentials_in_own_environment() -> dict[str, str]:
+    found = {k: v for k, v in os.environ.items() if k not in GIVEN and (
+             k.startswith("FACTORY_") or k in ("GITHUB_TOKEN", "FLOWER_BASIC_AUTH")
+             or k.endswith(("_TOKEN", "_PASSWORD", "_SECRET")))}
+    if not found:
+        raise LookupError(f"no credential among its variables {sorted(os.environ)}")
+    return found
+
+
+def credentials_in_any_environ() -> dict[str, str]:
+    """Every /proc/*/environ it can read but its own; succeeds when one holds a credential-looking name."""
+    readable, found = [], {}
+    for path in glob.glob("/proc/[0-9]*/environ"):
+        pid = path.split("/")[2]
+        if pid == str(os.getpid()):
+            continue
+        try:
+            text = read(path).replace("\0", "\n")
+        except OSError:
+            continue
+        readable.append(pid)
+        if any(name in text for name in CREDENTIAL_NAMES):
+            found[pid] = text
+    if not found:
+        raise PermissionError(f"no credential in the {len(readable)} other environ(s) it could read {readable}")
+    return found
+
+
+def main() -> int:
+    out, config, env_file, worker_cwd, source_dir = sys.argv[1:6]
+    ppid = os.getppid()
+    results = []
+
+    def attempt(name, fn) -> None:
+        try:
+            got = fn()
+            results.append({"attempt": name, "succeeded": True, "detail": str(got)[:4000]})
+        except Exception as exc:  # noqa: BLE001 - every failure is a result
+            results.append({"attempt": name, "succeeded": False, "detail": f"{type(exc).__name__}: {exc}"[:4000]})
+
+    attempt("read /proc/$PPID/environ", lambda: read(f"/proc/{ppid}/environ"))
+    attempt("find a credential in any /proc/*/environ", credentials_in_any_environ)
+    attempt("read the worker's config file", lambda: read(config))
+    attempt("read the worker's env file", lambda: read(env_file))
+    attempt("find a credential in its own environment", credentials_in_own_environment)
+    attempt("list the worker's cwd through /proc/$PPID/cwd", lambda: os.listdir(f"/proc/{ppid}/cwd"))
+    attempt("write factory.toml in the worker's cwd",
+            lambda: write(os.path.join(worker_cwd, "factory.toml"), '[source]\npath = "/tmp/evil"\n'))
+    evil = '{"id": "EVIL", "title": "x", "state": "ready"}\n'
+    attempt("create a file in the issue source directory",
+            lambda: write(os.path.join(source_dir, "injected.jsonl"), evil))
+    attempt("append to the issue source file", lambda: write(os.path.join(source_dir, "issues.jsonl"), evil))
+    attempt("signal the worker", lambda: os.kill(ppid, 0))
+    report = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "cwd": os.getcwd(),
+              "env": sorted(os.environ), "results": results}
+    with open(os.path.join(out, "attempts.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

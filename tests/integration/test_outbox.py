@@ -1,0 +1,190 @@
+"""The tracker outbox on a real redis-server and a local fake GitHub: events written with their ledger
+transitions only, delivered idempotently (one comment per dispatch and event), retried, parked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory_worker.config import load_settings
+from factory_worker.keys import Keys
+from factory_worker.ledger import Ledger
+from factory_worker.outbox import GROUP, Event, OutboxSender, backlog
+from factory_worker.tracker import GitHubWriter, marker
+from tests.conftest import roomy_fleet
+from tests.fake_github import FakeGitHub
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def gh():
+    with FakeGitHub() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(gh, namespace):
+    return load_settings(namespace=namespace, source={"kind": "github", "github_repo": gh.repo,
+                                                      "github_api_url": gh.url, "github_labels": ["agent"]},
+                         tracker={"write_back": True, "max_attempts": 3, "backoff_base_s": 0, "takeover_s": 0.2})
+
+
+@pytest.fixture
+def ledger(real_redis, settings):
+    roomy_fleet(real_redis, Keys(settings.namespace))
+    return Ledger.from_settings(settings, real_redis)
+
+
+def sender(real_redis, settings, consumer="w1", clock=None):
+    kw = {"clock": clock} if clock else {}
+    return OutboxSender(real_redis, Keys(settings.namespace), settings.tracker,
+                        GitHubWriter(settings.source, settings.tracker), consumer, **kw)
+
+
+def events(real_redis, keys):
+    return [(f["event"], f["issue"]) for _, f in real_redis.xrange(keys.outbox)]
+
+
+def test_each_transition_writes_its_event_and_only_then(real_redis, ledger, settings):
+    k = ledger.keys
+    a, b, c, d = (ledger.claim([i]).claims[0] for i in "1234")
+    assert events(real_redis, k) == []  # a claim is not news: its agent may never start
+    ledger.begin("1", a.token, "t1")
+    ledger.complete("1", a.token)
+    ledger.begin("2", b.token, "t2")
+    ledger.fail("2", b.token, "exit 1")
+    ledger.release("3", c.token, reason="send-failed")  # never started: nothing was announced, nothing to take back
+    ledger.begin("4", d.token, "t4")
+    ledger.release("4", d.token, reason="interrupted")
+    ledger.retry("2")
+    assert events(real_redis, k) == [("dispatched", "1"), ("done", "1"), ("dispatched", "2"), ("backoff", "2"),
+                                     ("dispatched", "4"), ("released", "4"), ("retried", "2")]
+    off = Ledger(real_redis, Keys("other"), settings.dispatch)  # write-back off: no outbox at all
+    roomy_fleet(real_redis, Keys("other"))
+    e = off.claim(["9"]).claims[0]
+    off.begin("9", e.token, "t9")
+    off.complete("9", e.token)
+    assert not real_redis.exists(Keys("other").outbox)
+
+
+def test_delivery_sets_labels_and_posts_one_comment_per_event(real_redis, ledger, settings, gh):
+    for n in (1, 2):
+        gh.add(n, f"issue {n}")
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    s = sender(real_redis, settings)
+    assert s.drain().delivered == 1
+    assert gh.issues[1].labels == {"agent", "factory:working"}
+    ledger.complete("1", a.token)
+    b = ledger.claim(["2"]).claims[0]
+    ledger.begin("2", b.token, "t2-0")
+    for attempt in range(1, 4):  # parked at the dispatch's max_attempts (3)
+        res = ledger.fail("2", b.token, "exit 1")
+        if res.state == "parked":
+            break
+        real_redis.zadd(ledger.keys.backoff, {"2": 0})  # its backoff window is over
+        b = ledger.claim(["2"]).claims[0]
+        ledger.begin("2", b.token, f"t2-{attempt}")
+    assert res.state == "parked"
+    report = s.drain()
+    assert report.parked == 0 and backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
+    assert gh.issues[1].labels == {"agent", "factory:done"}
+    assert gh.issues[2].labels == {"agent", "factory:parked"}
+    assert len(gh.issues[1].comments) == 2 and "**done**" in gh.issues[1].comments[1]
+    kinds = [c.split("**")[1] for c in gh.issues[2].comments]  # one comment per (dispatch, event)
+    assert kinds == ["dispatched", "backoff", "dispatched", "backoff", "dispatched", "parked"]
+    assert "exit 1" in gh.issues[2].comments[-1]
+    ledger.retry("2")
+    s.drain()
+    assert gh.issues[2].labels == {"agent"}
+
+
+def test_a_delivery_repeated_after_a_crash_does_not_comment_twice(real_redis, ledger, settings, gh):
+    gh.add(1, "one")
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    entry_id, raw = real_redis.xrange(ledger.keys.outbox)[0]
+    writer = GitHubWriter(settings.source, settings.tracker)
+    writer.deliver(Event.from_entry(entry_id, raw))  # posted, then the worker "died" before the ack
+    assert sender(real_redis, settings).drain().delivered == 1  # delivered again...
+    assert len(gh.issues[1].comments) == 1  # ...but seen once on the tracker
+    assert marker(Event.from_entry(entry_id, raw)) in gh.issues[1].comments[0]
+
+
+def test_marker_found_on_a_later_comments_page(real_redis, ledger, settings, gh):
+    issue = gh.add(1, "one")
+    gh.comments_per_page = 2
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    entry_id, raw = real_redis.xrange(ledger.keys.outbox)[0]
+    issue.comments.extend(["x", "y", "z", "w", "posted " + marker(Event.from_entry(entry_id, raw))])
+    sender(real_redis, settings).drain()
+    assert len(issue.comments) == 5
+
+
+def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis, ledger, settings, gh):
+    gh.add(1, "one")
+    now = [1_000.0]
+    s = sender(real_redis, settings, clock=lambda: now[0])
+    s.cfg = settings.tracker.model_copy(update={"backoff_base_s": 1.0})
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    gh.fail("POST", "/labels", 502)
+    assert s.drain().retried == 1
+    assert s.drain().delivered == 0  # its backoff (1 s) has not passed
+    now[0] += 1.1
+    gh.fail("POST", "/labels", 429, headers={"Retry-After": "30"})
+    assert s.drain().retried == 1
+    now[0] += 10
+    assert s.drain().delivered == 0  # Retry-After 30 s is honoured
+    now[0] += 25
+    assert s.drain().delivered == 1
+    assert len(gh.issues[1].comments) == 1 and gh.issues[1].labels == {"agent", "factory:working"}
+
+
+def test_poison_events_are_parked_with_their_error(real_redis, ledger, settings, gh):
+    a = ledger.claim(["404"]).claims[0]  # no such issue on the tracker: permanent
+    ledger.begin("404", a.token, "t")
+    gh.add(5, "five")
+    b = ledger.claim(["5"]).claims[0]
+    ledger.begin("5", b.token, "t5")
+    gh.fail("POST", "/issues/5/labels", 503, times=10)
+    now = [1_000.0]
+    s = sender(real_redis, settings, clock=lambda: now[0])
+    parked = 0
+    for _ in range(5):
+        parked += s.drain().parked
+        now[0] += 60
+    assert parked == 2
+    rows = {k: json.loads(v) for k, v in real_redis.hgetall(ledger.keys.outbox_parked).items()}
+    assert sorted((r["issue"], r["attempts"]) for r in rows.values()) == [("404", 1), ("5", 3)]
+    assert all("HTTP" in r["error"] for r in rows.values())
+    assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 2}
+
+
+def test_a_dead_senders_pending_event_is_taken_over(real_redis, ledger, settings, gh):
+    import time
+
+    gh.add(1, "one")
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    dead = sender(real_redis, settings, consumer="dead")
+    dead._ensure_group()
+    real_redis.xreadgroup(GROUP, "dead", {ledger.keys.outbox: ">"}, count=10)  # read, never acknowledged
+    time.sleep(settings.tracker.takeover_s + 0.1)
+    assert sender(real_redis, settings, consumer="alive").drain().delivered == 1
+    assert len(gh.issues[1].comments) == 1 and real_redis.xlen(ledger.keys.outbox) == 0
+
+
+def test_a_lost_stream_and_group_are_made_again(real_redis, ledger, settings, gh):
+    gh.add(1, "one")
+    s = sender(real_redis, settings)
+    s.drain()
+    real_redis.delete(ledger.keys.outbox)  # an emptied Redis takes the consumer group with it
+    with pytest.raises(Exception, match="NOGROUP"):
+        s.drain()
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    assert s.drain().delivered == 1
