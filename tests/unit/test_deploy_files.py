@@ -142,18 +142,28 @@ def _expand_shell(argv: list[str]) -> list[str]:
     return argv
 
 
+def service_argv(svc: dict[str, Any]) -> list[str]:
+    """A compose service's command, a ``sh -c`` script as its words."""
+    return _expand_shell(_argv(svc.get("command", [])))
+
+
+def container_argv(c: dict[str, Any]) -> list[str]:
+    """A k8s container's command and args, a ``sh -c`` script as its words."""
+    return _expand_shell([*c.get("command", []), *c.get("args", [])])
+
+
 def all_commands() -> Iterator[tuple[str, list[str]]]:
     """(where, argv) for every command, healthcheck, probe and ExecStart in the deployment files."""
     for name, svc in compose()["services"].items():
         if "command" in svc:
-            yield f"compose {name}", _argv(svc["command"])
+            yield f"compose {name}", service_argv(svc)
         test = (svc.get("healthcheck") or {}).get("test")
         if test:
             yield f"compose {name} healthcheck", shlex.split(test[1]) if test[0] == "CMD-SHELL" else test[1:]
     for doc in workloads():
         for c in containers(doc):
             where = f"k8s {doc['metadata']['name']}/{c['name']}"
-            yield where, [*c.get("command", []), *c.get("args", [])]
+            yield where, container_argv(c)
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 if "exec" in c.get(probe, {}):
                     yield f"{where} {probe}", _expand_shell(c[probe]["exec"]["command"])
@@ -427,9 +437,9 @@ def _runs(argv: list[str], sub: str) -> bool:
 
 def test_exactly_one_beat() -> None:
     services = compose()["services"]
-    beats = [n for n, s in services.items() if _runs(_argv(s.get("command", [])), "beat")]
+    beats = [n for n, s in services.items() if _runs(service_argv(s), "beat")]
     assert beats == ["beat"] and services["beat"]["deploy"]["replicas"] == 1
-    k8s_beats = [d for d in workloads() if any(_runs([*c.get("command", []), *c.get("args", [])], "beat")
+    k8s_beats = [d for d in workloads() if any(_runs(container_argv(c), "beat")
                                                for c in containers(d))]
     assert len(k8s_beats) == 1
     assert k8s_beats[0]["spec"]["replicas"] == 1 and k8s_beats[0]["spec"]["strategy"]["type"] == "Recreate"
@@ -440,14 +450,14 @@ def test_exactly_one_beat() -> None:
 def test_flower_always_has_basic_auth_from_its_environment() -> None:
     """Every Flower requires FLOWER_BASIC_AUTH, read from its environment (a secret / env file), never argv."""
     services = compose()["services"]
-    flowers = [s for s in services.values() if _runs(_argv(s.get("command", [])), "flower")]
+    flowers = [s for s in services.values() if _runs(service_argv(s), "flower")]
     assert flowers
     for s in flowers:
         value = (s.get("environment") or {}).get("FLOWER_BASIC_AUTH", "")
         assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", value), f"flower auth must be required: {value!r}"
         assert all(p.startswith("127.0.0.1:") for p in s.get("ports", []))
     k8s_flowers = [(d, c) for d in workloads() for c in containers(d)
-                   if _runs([*c.get("command", []), *c.get("args", [])], "flower")]
+                   if _runs(container_argv(c), "flower")]
     assert k8s_flowers
     for _, c in k8s_flowers:
         ref = {e["name"]: e for e in c.get("env", [])}.get("FLOWER_BASIC_AUTH", {}).get("valueFrom", {}).get(
@@ -460,6 +470,18 @@ def test_flower_always_has_basic_auth_from_its_environment() -> None:
         assert any("FLOWER_BASIC_AUTH" in v for v in unit_values(p, "Service", "ExecStartPre"))
     for where, argv in all_commands():  # never on a command line (ps, /proc/<pid>/cmdline, docker inspect)
         assert not any(a.startswith("--basic-auth") for a in argv), where
+    scripts = [_argv(s["command"])[2].replace("$$", "$") for s in flowers]
+    scripts += [c["command"][2] for _, c in k8s_flowers]
+    for script in scripts:  # an empty or malformed value stops the container (Flower would run without auth)
+        assert script.startswith('case "$FLOWER_BASIC_AUTH" in ?*:?*) ;; *) echo') and "exit 1" in script
+
+
+@pytest.mark.parametrize("value,code", [(None, 1), ("", 1), ("admin", 1), ("admin:", 1), ("admin:pw", 127)])
+def test_flower_start_script_refuses_to_run_without_credentials(value: str | None, code: int) -> None:
+    script = compose_services()["flower"]["command"][2].replace("$$", "$")
+    env = {"PATH": "/nonexistent"} | ({"FLOWER_BASIC_AUTH": value} if value is not None else {})
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=10)
+    assert proc.returncode == code, proc.stderr  # 127: it got as far as starting celery (not on this PATH)
     for svc in k8s_kind("Service"):
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
 
@@ -687,7 +709,7 @@ def test_every_compose_service_is_confined_and_limited() -> None:
             assert set(svc.get("cap_add", [])) == AGENT_CAPS, name
         else:
             assert not svc.get("cap_add") and not str(svc.get("user", "10001")).startswith(("0", "root")), name
-        argv = _argv(svc["command"])
+        argv = service_argv(svc)
         for path in _written_paths(env, argv):
             assert _under(path, _compose_mounts(svc)), (name, path)
     assert "ports" not in compose_services()["redis"]  # never published on the host
@@ -735,7 +757,7 @@ def test_every_k8s_pod_is_confined_and_limited() -> None:
                 assert not sc["capabilities"].get("add"), where
             mounts = _k8s_mounts(doc, c)
             assert "/tmp" in mounts, where
-            for path in _written_paths(_k8s_env(c), [*c.get("command", []), *c.get("args", [])]):
+            for path in _written_paths(_k8s_env(c), container_argv(c)):
                 assert _under(path, mounts), (where, path)
     (sts,) = k8s_kind("StatefulSet")
     assert "/data" in _k8s_mounts(sts, containers(sts)[0])  # Redis writes its PVC only
@@ -809,7 +831,7 @@ def test_every_systemd_unit_is_sandboxed_and_limited() -> None:
 def test_agent_workers_switch_users_the_same_way_everywhere() -> None:
     """compose, k8s and systemd each have agent workers, and every one of them runs agents as AGENT_USER
     with AGENT_CAPS (the capabilities the agent sandbox asks for, when this branch has it)."""
-    compose_agents = [n for n, s in compose_services().items() if AGENT_QUEUE in _argv(s["command"])]
+    compose_agents = [n for n, s in compose_services().items() if AGENT_QUEUE in service_argv(s)]
     k8s_agents = [c for d in workloads() for c in containers(d) if AGENT_QUEUE in c.get("command", [])]
     unit_agents = [p for p in units() if AGENT_QUEUE in unit_values(p, "Service", "ExecStart")[0]]
     assert compose_agents and k8s_agents and unit_agents
