@@ -20,6 +20,7 @@ from .context import Context
 from .guard import LedgerLostError
 from .loop import Sender, refill
 from .scripts import StaleClaimError
+from .slack import Conversation, ended_text
 from .states import Begin, Outcome, Settled
 from .sources.base import Issue
 
@@ -94,13 +95,14 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         except redis.RedisError:
             log.warning("could not drop %s from the queued set", task_id)
         return {**result, "outcome": began}
+    conversation = None
     try:
         issue = Issue.model_validate(issue_data)
-        res = (runner or make_runner(ctx)).run(
-            Dispatch(issue=issue, token=token, dispatch_id=task_id),
-            renew=lambda: ctx.ledger.renew(issue.id, token),
-            should_stop=StopCheck(ctx, task_id, hostname),
-        )
+        runner = runner or make_runner(ctx)
+        dispatch = Dispatch(issue=issue, token=token, dispatch_id=task_id)
+        conversation = _converse(ctx, runner, dispatch)
+        res = runner.run(dispatch, renew=lambda: ctx.ledger.renew(issue.id, token),
+                         should_stop=StopCheck(ctx, task_id, hostname))
     except Exception as exc:  # noqa: BLE001 - contained: a failed attempt, never an unsettled claim
         error = f"could not run the agent: {type(exc).__name__}: {exc}"
         log.error("agent task %s for %s: %s", task_id, issue_id, error)
@@ -110,6 +112,9 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
                       exit_code=res.exit_code, duration_s=round(res.duration_s, 3),
                       log=str(res.log_path) if res.log_path else None, error=res.error)
     finally:
+        if conversation is not None:  # no read of the thread after this; then its end is told
+            conversation.close(ended_text(str(result.get("settled", "")), str(result.get("error") or "")))
+            conversation.inbox.unlink(missing_ok=True)
         refilling = send is not None and result.get("settled") != Settled.LEASE_LOST
         p = ctx.redis.pipeline(transaction=False)
         p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
@@ -122,6 +127,29 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
+
+
+def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> "Conversation | None":
+    """With ``slack.channel`` set: the dispatch's Slack thread and the inbox its replies go to (the agent gets
+    ``FACTORY_INBOX``); None when Slack is off or failed (the agent runs anyway)."""
+    if not ctx.settings.slack.channel:
+        return None
+    from .agents.sandbox import make_inbox
+    from .slack import open_conversation
+
+    try:
+        inbox = make_inbox(ctx.settings.agent, dispatch.dispatch_id, getattr(runner, "ident", None),
+                           dispatch.issue.id)
+    except OSError as exc:
+        log.warning("no Slack thread for %s: its inbox could not be made (%s)", dispatch.dispatch_id, exc)
+        return None
+    conversation = open_conversation(ctx.settings.slack, inbox, dispatch.issue.id, dispatch.issue.title,
+                                     dispatch.dispatch_id)
+    if conversation is None:
+        inbox.unlink(missing_ok=True)
+        return None
+    dispatch.env["FACTORY_INBOX"] = str(inbox)
+    return conversation
 
 
 def _begin(ctx: Context, issue_id: str, token: str, task_id: str, hostname: str) -> str:

@@ -246,6 +246,18 @@ class WorkerSettings(BaseModel):
     visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis broker visibility timeout")
 
 
+class SlackSettings(BaseModel):
+    """A Slack thread per dispatch (``slack.py``): opened when the agent starts, its end posted in it, human
+    replies delivered to the running agent (``FACTORY_INBOX``). Off unless a channel is set."""
+
+    channel: str | None = Field(None, description="channel id (C...) to open dispatch threads in; unset = off")
+    token_env: str = Field("SLACK_BOT_TOKEN", description="name of the env var holding the bot token")
+    api_url: str = Field("https://slack.com/api", description="Slack Web API base URL")
+    poll_s: float = Field(5.0, gt=0, description="how often a thread is read for replies")
+    poll_max_s: float = Field(60.0, gt=0, description="longest wait between reads after errors / Retry-After")
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one Slack call")
+
+
 class NotifySettings(BaseModel):
     """Optional Slack-compatible webhook notifications (off unless a URL is set)."""
 
@@ -286,6 +298,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)
+    slack: SlackSettings = Field(default_factory=SlackSettings)
 
     @field_validator("redis_url", "broker_url")
     @classmethod

@@ -1,7 +1,8 @@
 """Housekeeping each loop iteration does after dispatching: what a dead worker or a lost broker message
 leaves behind, which nothing else would ever clean up.
 
-* :func:`forget_dead_agents`: running-agent entries of workers that died, once their claims are gone.
+* :func:`forget_dead_agents`: running-agent entries whose claims are gone (their worker died, or could not
+  clean up while cut off from Redis).
 * :func:`release_lost_messages`: claims whose agent task was sent but whose broker message is gone — not
   in the agent queue, not in kombu's unacked hash, its agent never started (a worker SIGKILLed between
   popping the message and recording it as unacked, a Redis failover that lost it). Without this such a
@@ -35,16 +36,17 @@ RECHECK_S = 0.25
 
 
 def forget_dead_agents(ctx: Context) -> list[str]:
-    """Drop from the running-agents set the tasks of workers that died (SIGKILL, OOM) once their claims are
-    gone too (expired or re-claimed): nothing else would ever remove them. Returns the task ids dropped."""
+    """Drop from the running-agents set the tasks whose claims are gone (expired, re-claimed, settled):
+    their worker died (SIGKILL, OOM), or it lives on but its own clean-up failed because Redis was out of
+    its reach when the agent ended (a partition, a frozen Redis: tests/integration/test_partition.py).
+    Either way nothing else would ever remove them. An agent is stopped before its claim can expire, so a
+    task whose claim is gone has no agent left; a live worker's clean-up that comes after this finds nothing
+    to do. Returns the task ids dropped."""
     dropped = []
     for task_id in ctx.redis.smembers(ctx.keys.agents):
         rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
-        host = rec.get("hostname")
-        if host and ctx.redis.exists(ctx.keys.worker(host)):
-            continue  # its worker is alive: it cleans up itself
         if rec.get("issue") and rec.get("token") and ctx.ledger.current_token(rec["issue"]) == rec["token"]:
-            continue  # still held: its lease has not run out yet
+            continue  # still held: its agent may be running, its lease has not run out yet
         if rec.get("issue") and rec.get("token"):
             _forget_started(ctx, rec["issue"], rec["token"])
         p = ctx.redis.pipeline(transaction=False)
@@ -52,7 +54,7 @@ def forget_dead_agents(ctx: Context) -> list[str]:
         p.execute()
         dropped.append(task_id)
     if dropped:
-        log.info("forgot %d agent task(s) of dead workers: %s", len(dropped), ", ".join(sorted(dropped)))
+        log.info("forgot %d agent task(s) whose claims are gone: %s", len(dropped), ", ".join(sorted(dropped)))
     return dropped
 
 

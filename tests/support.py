@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 from factory_worker.config import Settings, load_settings
@@ -27,14 +31,16 @@ class CeleryProc:
     """A real `celery -A factory_worker worker|beat` subprocess with its log in a file."""
 
     def __init__(self, kind: str, env: dict[str, str], log_dir: Path, name: str, extra: list[str] | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, queues: list[str] | None = None, prefix: list[str] | None = None) -> None:
+        """``queues``: a worker's queue names (default both of the namespace's); ``prefix``: argv run before
+        ``python -m celery`` that execs it, e.g. ``ip netns exec <name>`` (the pid stays celery's)."""
         self.kind, self.name = kind, name
         self.log_path = log_dir / f"{name}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
+        argv = [*(prefix or []), sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
         if kind == "worker":
             ns = env.get("FACTORY_NAMESPACE", "factory")
-            argv += ["-n", f"{name}@%h", "-Q", f"{ns}.loop,{ns}.agents", "--without-mingle",
-                     "--without-gossip", "-P", "prefork"]
+            argv += ["-n", f"{name}@%h", "-Q", ",".join(queues or [f"{ns}.loop", f"{ns}.agents"]),
+                     "--without-mingle", "--without-gossip", "-P", "prefork"]
         else:
             argv += ["--schedule", str(log_dir / f"{name}-schedule")]
         argv += extra or []
@@ -71,15 +77,35 @@ class CeleryProc:
         return self.proc.returncode
 
 
+# Optional, by environment: AGENT_HOST is added to every record; AGENT_HEARTBEAT_S > 0 appends the time to
+# hb-<pid> in AGENT_OUT that often (the last line bounds when a SIGKILLed agent died); AGENT_TERM_CLEANUP_S > 0
+# makes SIGTERM record "term", take that long to clean up, then record end with code 143 and exit. Label
+# "waits-for-human": wait up to 30 s for a line in $FACTORY_INBOX (the Slack thread's replies), record "inbox".
 RECORDING_AGENT = r'''
-import json, os, sys, time, pathlib
+import json, os, signal, sys, threading, time, pathlib
 issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
 out = pathlib.Path(os.environ["AGENT_OUT"])
 iid = os.environ["FACTORY_ISSUE_ID"]
+host = {"host": os.environ["AGENT_HOST"]} if os.environ.get("AGENT_HOST") else {}
 def rec(event, **kw):
     with open(out / "events.jsonl", "a") as fh:
         fh.write(json.dumps({"issue": iid, "event": event, "t": time.time(), "pid": os.getpid(),
-                             "token": os.environ["FACTORY_DISPATCH_TOKEN"], **kw}) + "\n")
+                             "token": os.environ["FACTORY_DISPATCH_TOKEN"], **host, **kw}) + "\n")
+def heartbeat(every):
+    with open(out / f"hb-{os.getpid()}", "a") as fh:
+        while True:
+            fh.write(f"{time.time()}\n")
+            fh.flush()
+            time.sleep(every)
+if float(os.environ.get("AGENT_HEARTBEAT_S", "0")) > 0:
+    threading.Thread(target=heartbeat, args=(float(os.environ["AGENT_HEARTBEAT_S"]),), daemon=True).start()
+def on_term(*_):
+    rec("term")
+    time.sleep(float(os.environ["AGENT_TERM_CLEANUP_S"]))
+    rec("end", code=143)
+    os._exit(143)
+if float(os.environ.get("AGENT_TERM_CLEANUP_S", "0")) > 0:
+    signal.signal(signal.SIGTERM, on_term)
 rec("start", argv=sys.argv[1:])
 labels = issue.get("labels", [])
 sleep = float(os.environ.get("AGENT_SLEEP", "0.1"))
@@ -90,6 +116,11 @@ elif "slow-once" in labels:
     if not slow_marker.exists():
         slow_marker.write_text("x")
         sleep = 60.0
+if "waits-for-human" in labels:
+    inbox, deadline = os.environ.get("FACTORY_INBOX"), time.time() + 30
+    while inbox and time.time() < deadline and not open(inbox).read().strip():
+        time.sleep(0.05)
+    rec("inbox", lines=[json.loads(line) for line in open(inbox)] if inbox else None)
 time.sleep(sleep)
 code = 0
 if "always-fails" in labels:
@@ -139,7 +170,8 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
         "FACTORY_AGENT__TERM_GRACE_S": "1",  # short leases (a few s) leave room for a 1 s grace only
         "FACTORY_AGENT__WORKDIR_ROOT": str(tmp_path / "work"),
         # the recording agent's own variables (an agent gets only its allowlist of the worker's environment)
-        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLEEP"]),
+        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLEEP", "AGENT_HOST", "AGENT_HEARTBEAT_S",
+                                                    "AGENT_TERM_CLEANUP_S"]),
         "AGENT_OUT": str(out),
     }
     env.update(extra)
@@ -175,3 +207,90 @@ def assert_audit_clean(redis_url: str, namespace: str) -> None:
     finally:
         client.close()
     assert result["clean"], f"ledger invariants violated: {result['violations']}"
+
+
+class AgentLife(NamedTuple):
+    """One agent process from its records: ``end`` is when it exited if that was watched, else its end
+    record's time, or for an agent that died without one (SIGKILL) its last heartbeat plus one heartbeat
+    interval (about when it died)."""
+
+    issue: str
+    token: str
+    pid: int
+    host: str | None
+    start: float
+    end: float
+    code: int | None  # None: killed without an end record
+    termed: bool  # got SIGTERM (recorded "term")
+
+
+class DeathWatch:
+    """When processes exit, to the millisecond: a thread polls pidfds (any process, not only children)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.died: dict[int, float] = {}
+        self._fds: dict[int, int] = {}
+        for pid in pids:
+            try:
+                self._fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                pass  # already gone: when is unknown here
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="death-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._fds and not self._closing.is_set():
+            ready, _, _ = select.select(list(self._fds), [], [], 0.05)
+            now = time.time()
+            for fd in ready:
+                self.died[self._fds.pop(fd)] = now
+                os.close(fd)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(1)
+        for fd in list(self._fds):
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "DeathWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def agent_lives(out: Path, heartbeat_s: float, died: dict[int, float] | None = None) -> list[AgentLife]:
+    """Every agent's life from the recording agent's events and heartbeats (AGENT_HEARTBEAT_S); ``died``
+    (pid -> exit time, e.g. :class:`DeathWatch`) overrides the records' estimate for the pids it has."""
+    events = read_events(out)
+    ends = {e["pid"]: e for e in events if e["event"] == "end"}
+    termed = {e["pid"] for e in events if e["event"] == "term"}
+    lives = []
+    for s in (e for e in events if e["event"] == "start"):
+        end, code = ends.get(s["pid"], {}).get("t"), ends.get(s["pid"], {}).get("code")
+        if died and s["pid"] in died:
+            end = died[s["pid"]]
+        elif end is None:
+            hb = out / f"hb-{s['pid']}"
+            beats = [float(x) for x in hb.read_text().split()] if hb.exists() else []
+            end = max([s["t"], *beats]) + heartbeat_s
+        lives.append(AgentLife(s["issue"], s["token"], s["pid"], s.get("host"), s["t"], end, code,
+                               s["pid"] in termed))
+    return lives
+
+
+def max_overlap_s(lives: list[AgentLife]) -> tuple[float, str | None]:
+    """The longest time two agents of one issue were alive together, and that issue (0.0, None if never)."""
+    worst: tuple[float, str | None] = (0.0, None)
+    by_issue: dict[str, list[AgentLife]] = {}
+    for life in lives:
+        by_issue.setdefault(life.issue, []).append(life)
+    for issue, group in by_issue.items():
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                both = min(a.end, b.end) - max(a.start, b.start)
+                if both > worst[0]:
+                    worst = (both, issue)
+    return worst

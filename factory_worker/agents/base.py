@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
 from ..sources.base import Issue
+
 
 @dataclass(frozen=True)
 class AgentResult:
@@ -28,6 +29,8 @@ class Dispatch:
     issue: Issue
     token: str
     dispatch_id: str  # the agent task id; names the log file
+    #: variables the factory adds to the agent's environment for this dispatch (e.g. ``FACTORY_INBOX``)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class AgentRunner(Protocol):

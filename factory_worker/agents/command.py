@@ -112,6 +112,7 @@ class CommandAgent:
             return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
         try:
             env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
+            env.update(dispatch.env)
             proc = self._spawn(dispatch, workdir, env, start)
             if isinstance(proc, AgentResult):
                 return proc

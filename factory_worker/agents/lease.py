@@ -57,10 +57,15 @@ class LeaseKeeper:
 
     @property
     def stop_at(self) -> float:
-        """Monotonic time to start stopping the agent if no renew succeeds before it. Settings validation
-        keeps the lead above one renew interval (``config``); a bare pair that leaves no room still gets two
-        renew intervals, so an agent is never stopped before its first renew could happen."""
-        lead = max(stop_lead_s(self.lease_ttl_s, self.term_grace_s), 2 * self.renew_interval_s)
+        """Monotonic time to start stopping the agent if no renew succeeds before it: ``lease - margin -
+        term_grace`` after the last renew sent, so the group is gone (SIGKILL included) before the claim can
+        expire. Settings validation keeps that lead above one renew interval (``config``) and it is then used
+        as is: a floor above it (two renew intervals, as once here) let an agent stopped with a lead between one
+        and two intervals outlive its claim. Only a bare pair that no settings would accept (no room for one
+        renew) gets two renew intervals, so an agent is never stopped before its first renew could happen."""
+        lead = stop_lead_s(self.lease_ttl_s, self.term_grace_s)
+        if lead <= self.renew_interval_s:
+            lead = 2 * self.renew_interval_s
         return self.last_renew_sent + lead
 
     def _run(self) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -182,6 +183,22 @@ def remove_workdir(workdir: Path, ident: Identity | None) -> None:
         except OSError as exc:
             first = exc
     log.warning("could not remove the agent's directory %s: %s", workdir, first)
+
+
+def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, name: str) -> Path:
+    """The file a dispatch's human replies are appended to (``FACTORY_INBOX``): beside the dispatch's
+    directory in the worker's root (0711), owned by the worker (which appends to it), readable by the agent's
+    group only (0640); the caller removes it when the dispatch ends."""
+    root = check_workdir_root(agent, ident)
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", dispatch_id)[-40:]
+    path = root / f"inbox-{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:40]}-{safe}.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        if ident is not None:
+            os.fchown(fd, -1, ident.gid)
+    finally:
+        os.close(fd)
+    return path
 
 
 def agent_env(agent: AgentSettings, environ: Mapping[str, str], workdir: Path, issue_json: Path, issue_id: str,

@@ -18,7 +18,7 @@ from factory_worker.ledger import Ledger
 from factory_worker.sources.base import Issue
 from tests.support import pid_alive
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 # An agent that writes its pid and then takes 0.5 s to die on SIGTERM (cleanup), with a child of its own.
 AGENT = r"""

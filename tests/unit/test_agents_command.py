@@ -337,6 +337,22 @@ def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends
     assert len(calls) >= 3  # failed renews are retried every tick, not once per interval
 
 
+@pytest.mark.parametrize("lease_s,grace_s", [(3, 1), (3, 0.5), (4, 1.5), (30, 5), (30, 18), (60, 5)])
+def test_with_any_accepted_settings_an_unrenewed_agent_is_killed_before_its_claim_can_expire(lease_s, grace_s):
+    """Stopping starts ``lease - margin - grace`` after the last renew sent and SIGKILL follows ``grace``
+    later: both before the lease ends, for every pair settings validation accepts. (A floor of two renew
+    intervals once pushed a 3 s lease with a 1 s grace to a SIGKILL exactly at the lease's end: seen in
+    tests/integration/test_partition.py as an agent alive 0.1 s after its claim expired.)"""
+    from factory_worker.agents.lease import LeaseKeeper
+    from factory_worker.config import load_settings
+
+    s = load_settings(dispatch={"lease_ttl_s": lease_s}, agent={"term_grace_s": grace_s})  # accepted
+    keeper = LeaseKeeper(lambda: None, lambda: None, lease_s / 3, lease_s, s.agent.term_grace_s, "I-1", 100.0)
+    killed_at = keeper.stop_at + grace_s
+    assert keeper.stop_at > 100.0 + lease_s / 3  # the first renew could happen before it
+    assert killed_at < 100.0 + lease_s, f"SIGKILL {killed_at - 100.0:g}s after the renew, lease {lease_s}s"
+
+
 def test_the_agent_gets_only_its_allowlist_never_the_workers_credentials(tmp_path, script, monkeypatch):
     secrets = {"FACTORY_REDIS_URL": "redis://:s3cret@redis:6379/0", "FACTORY_DISPATCH__LEASE_TTL_S": "30",
                "GITHUB_TOKEN": "ghp_s3cret", "FLOWER_BASIC_AUTH": "admin:s3cret", "SOME_API_TOKEN": "s3cret",

@@ -58,6 +58,21 @@ def test_the_loop_forgets_the_agents_of_a_dead_worker_once_their_claims_are_gone
     assert not checks(fake_redis, keys)
 
 
+def test_the_loop_forgets_an_agent_a_live_worker_could_not_clean_up_once_its_claim_is_gone(fake_redis, keys,
+                                                                                           ledger, clock, ctx):
+    """A worker cut off from Redis stops its agent before the lease ends but cannot remove it from the
+    running set; healed, it lives on: the entry goes once the claim is gone (test_partition.py saw them)."""
+    a = ledger.claim(["a"]).claims[0]
+    fake_redis.hset(keys.agent_task("agent-a"), mapping={"issue": "a", "token": a.token})
+    ledger.begin("a", a.token, "agent-a", hostname="w1@h")
+    fake_redis.set(keys.worker("w1@h"), json.dumps({"hostname": "w1@h"}))  # alive throughout
+    assert forget_dead_agents(ctx) == []  # held: its agent may be running
+    clock.advance(ledger.cfg.lease_ttl_s + 1)
+    assert forget_dead_agents(ctx) == ["agent-a"]
+    assert not fake_redis.smembers(keys.agents) and not fake_redis.exists(keys.agent_task("agent-a"))
+    assert not checks(fake_redis, keys)
+
+
 def test_a_claim_whose_message_is_gone_is_released_and_claimable_again(fake_redis, keys, ledger, clock, ctx):
     now = clock.time()
     _sent(fake_redis, keys, ledger, "lost", "t-lost", now - LOST_AFTER_S - 1)
