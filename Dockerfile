@@ -17,6 +17,10 @@ RUN pip install ".[dashboard]"
 # Non-root. /data holds agent logs and output (a volume in compose/k8s); it is the working directory, so
 # relative paths (.factory/...) land there and a ./factory.toml there is read.
 RUN useradd --system --uid 10001 --user-group --home-dir /data --create-home --shell /usr/sbin/nologin factory
+# The unprivileged user agent workers run agents as (FACTORY_AGENT__USER=factory-agent in compose and k8s):
+# no home, no login, no access to the worker's environment or files.
+RUN useradd --system --uid 10002 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    factory-agent
 USER 10001:10001
 WORKDIR /data
 

@@ -328,11 +328,12 @@ def doctor_cmd(as_json: bool) -> None:
 
 
 @cli.command("metrics")
-@click.option("--serve", "serve_addr", default=None, metavar="[HOST]:PORT",
-              help="serve Prometheus metrics over HTTP until interrupted")
+@click.option("--serve", "serve_addr", default=None, metavar="[HOST:]PORT",
+              help="serve Prometheus metrics over HTTP until interrupted: PORT on 127.0.0.1, HOST:PORT, "
+                   "or :PORT on every interface")
 @json_opt
 def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
-    """Print the Prometheus metrics once, or serve them with --serve :PORT. Exit 0."""
+    """Print the Prometheus metrics once, or serve them with --serve PORT (127.0.0.1). Exit 0."""
     from .metrics import parse_addr, render, serve, snapshot
 
     ctx = _context()

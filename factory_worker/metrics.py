@@ -3,7 +3,8 @@
 No global state: every scrape runs :func:`snapshot` (the same data as ``loop-status``) through a
 :class:`FactoryCollector` registered in its own :class:`~prometheus_client.CollectorRegistry`. A scrape
 while Redis is down answers ``factory_redis_up 0`` instead of failing. :func:`serve` runs the HTTP
-endpoint until SIGINT/SIGTERM; the signal handler only sets a flag.
+endpoint until SIGINT/SIGTERM (on 127.0.0.1 unless an address is given: ``:PORT`` or ``0.0.0.0:PORT`` for every
+interface); the signal handler only sets a flag.
 """
 
 from __future__ import annotations
@@ -131,17 +132,25 @@ def render(ctx: Context) -> str:
     return generate_latest(registry_for(ctx)).decode("utf-8")
 
 
+#: Hosts that mean "every interface": only ever bound when the user wrote one of them (or ``:PORT``).
+ALL_INTERFACES = ("0.0.0.0", "::")
+DEFAULT_HOST = "127.0.0.1"
+
+
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``":9108"`` -> ``("0.0.0.0", 9108)``; ``"127.0.0.1:9108"``, ``"[::1]:9108"``, ``"9108"`` too."""
+    """``"9108"`` -> ``("127.0.0.1", 9108)`` (loopback unless asked otherwise); ``":9108"`` -> ``("0.0.0.0",
+    9108)`` (every interface, stated by the empty host); ``"10.0.0.5:9108"``, ``"[::1]:9108"`` as written."""
     text = (addr or "").strip()
     host, sep, port_s = text.rpartition(":")
     if not sep:
-        host, port_s = "", text
+        host, port_s = DEFAULT_HOST, text
+    elif not host:
+        host = ALL_INTERFACES[0]
     host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
     if not port_s.isdigit() or not 0 < int(port_s) < 65536 or (":" in host and not text.startswith("[")):
-        raise click.BadParameter(f"{addr!r}: expected [HOST]:PORT with PORT in 1-65535, e.g. :9108",
+        raise click.BadParameter(f"{addr!r}: expected PORT (127.0.0.1), HOST:PORT, or :PORT for every interface",
                                  param_hint="--serve")
-    return host or "0.0.0.0", int(port_s)
+    return host, int(port_s)
 
 
 class _Stop:
@@ -159,6 +168,9 @@ def serve(ctx: Context, host: str, port: int, poll_s: float = 0.2) -> int:
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bound = server.server_address
     print(f"factory-worker: serving metrics on http://{bound[0]}:{bound[1]}/metrics", file=sys.stderr, flush=True)
+    if host in ALL_INTERFACES:
+        log.warning("metrics are served on every interface (%s): whoever reaches port %d reads them; "
+                    "bind 127.0.0.1 or firewall it unless that is intended", host, port)
     try:
         while not stop.requested:
             time.sleep(poll_s)

@@ -172,9 +172,11 @@ def test_metrics_cli_once_and_json(factory: Context) -> None:
 
 
 @pytest.mark.parametrize("addr,expected", [(":9108", ("0.0.0.0", 9108)), ("127.0.0.1:9108", ("127.0.0.1", 9108)),
-                                           ("9108", ("0.0.0.0", 9108)), ("[::1]:9108", ("::1", 9108)),
+                                           ("9108", ("127.0.0.1", 9108)), ("[::1]:9108", ("::1", 9108)),
+                                           ("[::]:9108", ("::", 9108)), ("0.0.0.0:9108", ("0.0.0.0", 9108)),
                                            ("localhost:1", ("localhost", 1))])
 def test_parse_addr(addr: str, expected: tuple[str, int]) -> None:
+    """A bare port binds loopback only; every interface is bound only when written (``:PORT``, 0.0.0.0, ::)."""
     assert parse_addr(addr) == expected
 
 
