@@ -193,6 +193,9 @@ class AgentSettings(BaseModel):
     )
     timeout_s: float = Field(600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="an agent log is cut at this size")
+    log_retention_s: float = Field(7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed "
+                                                                    "(0: kept)")
     term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
     workdir_root: Path = Field(Path(".factory/work"), description="each dispatch runs in a fresh directory here")
     keep_workdir: bool = Field(False, description="keep a dispatch's directory after its run (debugging)")

@@ -37,6 +37,7 @@ from ..config import AgentSettings
 from ..sources.base import Issue
 from .base import AgentResult, Dispatch
 from .lease import LeaseKeeper
+from .logs import LogRelay, open_log, prune
 from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
 from .sandbox import agent_env, agent_identity, make_workdir, remove_workdir, running_as
 
@@ -113,10 +114,15 @@ class CommandAgent:
         try:
             env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
             env.update(dispatch.env)
-            proc = self._spawn(dispatch, workdir, env, start)
-            if isinstance(proc, AgentResult):
-                return proc
-            outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
+            spawned = self._spawn(dispatch, workdir, env, start)
+            if isinstance(spawned, AgentResult):
+                return spawned
+            proc, relay = spawned
+            try:
+                outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
+            finally:
+                relay.join()  # the group is gone: the pipe ends (a stray holder is not waited for long)
+                os.close(relay.log_fd)
             return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
         finally:
             if self.settings.keep_workdir:
@@ -125,37 +131,40 @@ class CommandAgent:
                 remove_workdir(workdir, self.ident)
 
     def _spawn(self, dispatch: Dispatch, workdir: Path, env: dict[str, str],
-               start: float) -> subprocess.Popen | AgentResult:
-        """Start the agent in ``workdir`` with ``env``, as ``self.ident``, its output to the dispatch's log."""
+               start: float) -> tuple[subprocess.Popen, LogRelay] | AgentResult:
+        """Start the agent in ``workdir`` with ``env``, as ``self.ident``; its output goes through a pipe to a
+        :class:`LogRelay` into the dispatch's log (0600, capped at ``agent.log_max_bytes``)."""
         issue, log_path = dispatch.issue, self.log_path(dispatch)
         argv = substitute_argv(anchor_paths(self.settings.command), issue)
+        prune(Path(os.path.abspath(self.settings.log_dir)), self.settings.log_retention_s)
         try:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            logf = open(log_path, "ab")
+            log_fd = open_log(log_path)
         except OSError as exc:
             return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
-        with logf:
-            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            logf.write(
-                f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
-                f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n"
-                .encode("utf-8", "backslashreplace")
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        header = (f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
+                  f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n").encode("utf-8", "backslashreplace")
+        os.write(log_fd, header)
+        read_fd, write_fd = os.pipe()
+        try:
+            exec_argv, extra = launch(argv, self.ident)
+            proc = subprocess.Popen(
+                exec_argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=subprocess.STDOUT, env=env,
+                cwd=workdir, close_fds=True, start_new_session=True, **extra,
             )
-            logf.flush()
-            try:
-                exec_argv, extra = launch(argv, self.ident)
-                proc = subprocess.Popen(
-                    exec_argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                    cwd=workdir, close_fds=True, start_new_session=True, **extra,
-                )
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                msg = f"cannot start agent {argv[0]!r}: {reason} (log: {log_path})"
-                logf.write(f"# {msg}\n".encode("utf-8", "backslashreplace"))
-                log.error("issue %s: %s", issue.id, msg)
-                return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            os.close(read_fd)
+            reason = getattr(exc, "strerror", None) or str(exc)
+            msg = f"cannot start agent {argv[0]!r}: {reason} (log: {log_path})"
+            os.write(log_fd, f"# {msg}\n".encode("utf-8", "backslashreplace"))
+            os.close(log_fd)
+            log.error("issue %s: %s", issue.id, msg)
+            return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
+        finally:
+            os.close(write_fd)  # the agent holds the only write end now
+        relay = LogRelay(read_fd, log_fd, self.settings.log_max_bytes, len(header)).start()
         log.info("issue %s: agent started, pid %d, as %s, log %s", issue.id, proc.pid, running_as(self.ident), log_path)
-        return proc
+        return proc, relay
 
     # -- supervision -----------------------------------------------------------------------------
     def _supervise(self, proc, start, renew, should_stop, on_start, issue_id):

@@ -1,0 +1,45 @@
+"""Agent logs (agents/logs.py) through the real CommandAgent: private, capped, pruned."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+
+from factory_worker.agents.logs import prune
+from tests.unit.test_agents_command import make_agent, run, script  # noqa: F401  (fixture)
+
+
+def test_a_log_is_private_and_capped_and_a_flood_does_not_block_the_agent(tmp_path, script):
+    path = script("""
+        import sys
+        sys.stdout.write("x" * 2_000_000)  # far past the cap: the agent must not block on a full pipe
+        sys.stdout.flush()
+        print("the end", file=sys.stderr)
+    """)
+    res = run(make_agent(tmp_path, [sys.executable, str(path)], log_max_bytes=4096))
+    assert res.outcome == "ok"
+    log = res.log_path
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600 and stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    text = log.read_text()
+    assert len(text) < 4096 + 1000  # header + cap + the note + the exit line
+    assert "log capped at 4096 bytes" in text and "the end" not in text
+
+
+def test_a_small_log_is_kept_whole(tmp_path, script):
+    path = script('print("hello from the agent")')
+    res = run(make_agent(tmp_path, [sys.executable, str(path)]))
+    assert res.outcome == "ok" and "hello from the agent" in res.log_path.read_text()
+    assert "capped" not in res.log_path.read_text()
+
+
+def test_old_logs_are_pruned_and_recent_ones_kept(tmp_path):
+    old, new = tmp_path / "I-1" / "a.log", tmp_path / "I-2" / "b.log"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        p.write_text("x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert prune(tmp_path, 600, force=True) == 1
+    assert not old.exists() and not old.parent.exists() and new.exists()
+    assert prune(tmp_path, 0, force=True) == 0  # 0: kept forever
