@@ -118,7 +118,7 @@ def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
         wait_until(lambda: "parked=1" in (tmp_path / "up.log").read_text(), 90, interval=0.5,
                    what="the failing example issue parked")
         text = (tmp_path / "up.log").read_text()
-        assert "embedded Redis at redis://127.0.0.1:" in text
+        assert "embedded Redis at redis://:***@127.0.0.1:" in text  # its password never printed
         assert "[loop]" in text and "[worker1]" in text and "[beat]" in text and "[status] loop live" in text
         assert "done=9" in text or "done=10" in text
         assert (work / ".factory" / "redis").is_dir()
