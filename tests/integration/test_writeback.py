@@ -60,6 +60,13 @@ def test_labels_end_right_for_done_and_parked_issues(redis_url, real_redis, name
     kinds = [c.split("**")[1] for c in gh.issues[5].comments]
     assert kinds == ["dispatched", "backoff", "dispatched", "done"]
     assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
+    # retried: the parked label goes, the issue is ready again, runs (and, always failing, parks again)
+    assert ctl(env, "retry", "4").returncode == 0
+    wait_until(lambda: ("DELETE", f"/repos/{gh.repo}/issues/4/labels/factory%3Aparked") in gh.requests, 30,
+               what="the parked label removed on retry")
+    wait_until(lambda: len([c for c in gh.issues[4].comments if "**parked**" in c]) == 2 and
+               backlog(real_redis, ledger.keys)["pending"] == 0, 60, what="parked again after its new attempts")
+    assert gh.issues[4].labels - {"agent", "always-fails"} == {"factory:parked"}
     assert_audit_clean(redis_url, namespace)
 
 
