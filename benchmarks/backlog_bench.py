@@ -84,7 +84,7 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
         with QueueWatch(r, factory_queues(env, "agents")) as watch:
             t0 = time.perf_counter()
             r.delete(keys.paused)
-            wait_count(lambda: int(r.hlen(keys.done)), n, timeout,
+            wait_count(lambda: int(r.get(keys.done_count) or 0), n, timeout,
                        lambda done: f"run {name}: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}", 0.05)
             elapsed = time.perf_counter() - t0
         counters = {k: int(v) for k, v in r.hgetall(keys.counters).items() if v.lstrip("-").isdigit()}

@@ -136,8 +136,9 @@ class Bench:
         elapsed = time.perf_counter() - t0
         time.sleep(0.05)
         after = int(self.r.info("memory")["used_memory"])
-        done = self.r.hlen(self.keys.done)
-        usage = self.r.memory_usage(self.keys.done, samples=0) or 0
+        done = int(self.r.get(self.keys.done_count) or 0)
+        usage = sum(self.r.memory_usage(b, samples=0) or 0
+                    for b in self.r.scan_iter(match=self.keys.done_bucket_pattern(), count=1000))
         leftover = sorted(k for k in self.r.scan_iter(match=self.keys.pattern(), count=1000))
         self.flush()
         if done != done_n + 1:

@@ -77,9 +77,12 @@ class StopCheck:
 
 def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, run_id: str | None = None,
             hostname: str | None = None, runner: AgentRunner | None = None,
-            send: Sender | None = None) -> dict[str, Any]:
+            send: Sender | None = None, send_stage: Any = None) -> dict[str, Any]:
     """Run the agent for one claim and settle it: complete, fail (backoff/park) or release; then, with
     ``send``, refill the slot it freed from the backlog at once (:func:`factory_worker.loop.refill`).
+
+    A staged dispatch (``agent.stages`` / ``agent.triage``) with ``send_stage``: after ``begin`` the claim is
+    handed over to its stage tasks (:func:`factory_worker.stage_task.hand_over`), which settle it.
 
     Nothing between ``begin`` and the agent's end can leave the claim unsettled: an exception there
     (the issue cannot be handed to the agent, the spawn fails, a bug) settles it as a failed attempt, so a
@@ -95,6 +98,8 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         except redis.RedisError:
             log.warning("could not drop %s from the queued set", task_id)
         return {**result, "outcome": began}
+    if ctx.settings.agent.staged and send_stage is not None:
+        return {**result, **_hand_over(ctx, task_id, issue_data, token, run_id, send_stage)}
     conversation = None
     try:
         issue = Issue.model_validate(issue_data)
@@ -127,6 +132,31 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
+
+
+def _hand_over(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, run_id: str | None,
+               send_stage: Any) -> dict[str, Any]:
+    """The staged path after ``begin``: anything that stops the hand-over settles the claim."""
+    from .stage_task import hand_over
+
+    issue_id = str(issue_data.get("id", "")) if isinstance(issue_data, dict) else ""
+    try:
+        return hand_over(ctx, task_id, Issue.model_validate(issue_data), token, run_id, send_stage)
+    except StaleClaimError as exc:
+        log.warning("agent task %s for %s: stage hand-over rejected: %s", task_id, issue_id, exc)
+        return {"outcome": Settled.STALE, "settled": Settled.STALE}
+    except Exception as exc:  # noqa: BLE001 - a poisoned issue (or a failed send, already released)
+        error = f"could not hand over to the stages: {type(exc).__name__}: {exc}"
+        log.error("agent task %s for %s: %s", task_id, issue_id, error)
+        return {"outcome": Outcome.FAILED, "settled": settle(ctx, issue_id, token, Outcome.FAILED, error),
+                "error": error}
+    finally:
+        try:
+            p = ctx.redis.pipeline(transaction=False)
+            p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
+            p.execute()
+        except redis.RedisError:
+            log.warning("could not clean up after %s", task_id)
 
 
 def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> "Conversation | None":

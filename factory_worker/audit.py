@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import redis
 
+from .ledger import done_markers
+
 from .keys import Keys
 from .redis_client import server_now_ms
 
@@ -53,10 +55,13 @@ def _claim_issues(r: redis.Redis, keys: Keys) -> dict[str, str]:
 
 
 def _snapshot(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    # done markers first (scanned, bucket by bucket): an issue completed after this is simply not seen as
+    # done, never as done-and-in-flight; everything else comes from one atomic pipeline after it
+    done = dict(done_markers(r, keys))
     p = r.pipeline(transaction=True)
-    p.time().zrange(keys.inflight, 0, -1, withscores=True).hgetall(keys.started).hgetall(keys.done)
+    p.time().zrange(keys.inflight, 0, -1, withscores=True).hgetall(keys.started)
     p.zrange(keys.backoff, 0, -1, withscores=True).hkeys(keys.parked).hgetall(keys.fences).smembers(keys.agents)
-    (sec, usec), inflight, started, done, backoff, parked, fences, agents = p.execute()
+    (sec, usec), inflight, started, backoff, parked, fences, agents = p.execute()
     now = int(sec) * 1000 + int(usec) // 1000
     return {"now": now, "claims": _claim_issues(r, keys),
             "inflight": {i for i, s in inflight if s >= Keys.live_from(now)}, "started": started, "done": done,

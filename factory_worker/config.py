@@ -29,6 +29,8 @@ from pydantic_settings import (
 from . import urls
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from .config_files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
+from .source_settings import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
+from .stage_settings import StageSettings, TriageSettings, check_pipeline, default_stage
 
 log = logging.getLogger(__name__)
 
@@ -91,86 +93,6 @@ class DispatchSettings(BaseModel):
         return self
 
 
-#: The values GitHub gives an issue's ``author_association``.
-GITHUB_ASSOCIATIONS = ("COLLABORATOR", "CONTRIBUTOR", "FIRST_TIMER", "FIRST_TIME_CONTRIBUTOR", "MANNEQUIN",
-                       "MEMBER", "NONE", "OWNER")
-_REQUIRED = "source.required_labels (FACTORY_SOURCE__REQUIRED_LABELS)"
-
-
-class SourceSettings(BaseModel):
-    """Where issues come from (``file``: a .jsonl/.json file or a directory, ``github`` or ``module:Class``) and
-    which of them the factory may work on: the eligibility rules (``sources/rules.py``), for every kind."""
-
-    kind: str = Field("file", min_length=1)
-    path: Path = Path("examples/issues.jsonl")
-    ready_states: list[str] = Field(default_factory=lambda: ["ready"], min_length=1)
-    required_labels: list[str] = Field(default_factory=list, description="an issue needs all of them (any case)")
-    excluded_labels: list[str] = Field(default_factory=list, description="an issue with one of them is out")
-    title_prefix: str = Field("", max_length=200, description="a title must start with it, e.g. '[factory]'")
-    id_pattern: str | None = Field(None, max_length=500, description="a regex the issue id must fullmatch")
-    author_associations: list[str] = Field(default_factory=list, description="GitHub author_association values "
-                                           "allowed (OWNER, MEMBER, COLLABORATOR...); [] = any")
-    done_label: str = Field("factory:done", validate_default=True, description="an issue with it is not ready")
-    parked_label: str = Field("factory:parked", validate_default=True, description="an issue with it is not ready")
-    working_label: str = Field("factory:working", min_length=1, description="tracker write-back: an agent works it")
-    github_repo: str | None = Field(None, description="owner/name for kind=github")
-    github_labels: list[str] = Field(default_factory=list)
-    github_api_url: str = "https://api.github.com"
-    github_token_env: str = Field("GITHUB_TOKEN", description="name of the env var holding the token")
-    github_max_retry_after_s: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False,
-                                            description="longest pause a rate-limit reply can impose")
-    github_all_open_issues: bool = Field(False, validate_default=True,
-                                         description="kind=github without a label filter: every open issue")
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        if v not in ("file", "github") and ":" not in v:
-            raise ValueError("must be 'file', 'github' or 'module:Class'")
-        return v
-
-    @field_validator("required_labels", "excluded_labels", "github_labels", "author_associations", mode="before")
-    @classmethod
-    def _names(cls, v: Any, info: ValidationInfo) -> Any:
-        if not isinstance(v, list):
-            return v
-        v = [x.strip() for x in v if not isinstance(x, str) or x.strip()]
-        if info.field_name == "author_associations":
-            v = [x.upper() if isinstance(x, str) else x for x in v]
-            if bad := [x for x in v if x not in GITHUB_ASSOCIATIONS]:
-                raise ValueError(f"unknown value {bad[0]!r}: expected some of {', '.join(GITHUB_ASSOCIATIONS)}")
-        return v
-
-    @field_validator("excluded_labels", "done_label", "parked_label")
-    @classmethod
-    def _not_required(cls, v: Any, info: ValidationInfo) -> Any:
-        """A required label that is also excluded (or that the factory sets when done) would stop everything."""
-        required = {x.casefold() for x in info.data.get("required_labels") or []}
-        for name in v if isinstance(v, list) else [v]:
-            if name and name.casefold() in required:
-                raise ValueError(f"{name!r} is also in {_REQUIRED}: no issue would ever be ready")
-        return v
-
-    @field_validator("id_pattern")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        try:
-            return re.compile(v).pattern if v else None
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-
-    @field_validator("github_all_open_issues")
-    @classmethod
-    def _github_scope(cls, v: bool, info: ValidationInfo) -> bool:
-        """A public repository must not let anyone queue agent work by opening an issue."""
-        data = info.data
-        if data.get("kind") == "github" and not v and not (data.get("github_labels") or data.get("required_labels")):
-            raise ValueError(f"kind 'github' needs a label filter (opening an issue must not be enough to queue "
-                             f"agent work): set source.github_labels (FACTORY_SOURCE__GITHUB_LABELS) or {_REQUIRED}, "
-                             "or opt in to every open issue with source.github_all_open_issues=true")
-        return v
-
-
 def _json_list(v: Any, what: str, hint: str = "") -> Any:
     """A list of strings from a list or its JSON text (an env var), else ValueError naming ``what``."""
     if isinstance(v, str):
@@ -203,6 +125,29 @@ class AgentSettings(BaseModel):
         default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets")
     user: str | None = Field(None, description="run agents as this user (name or uid); default: the worker's")
     group: str | None = Field(None, description="the agents' group (name or gid); default: agent.user's group")
+    # -- staged dispatch (stage_settings.py): one claim, many stages ---------------------------------------
+    stages: list[StageSettings] = Field(default_factory=list, description="ordered named stages (replace "
+                                        "agent.command): implementers, then a reviewer...")
+    triage: TriageSettings | None = Field(None, description="a command choosing the stages (JSON on stdout)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="a triage below this escalates (needs-human)")
+    max_rounds: int = Field(3, ge=1, le=20, description="rounds of one attempt (a rejection starts the next)")
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> "AgentSettings":
+        check_pipeline(self.stages, self.triage)
+        return self
+
+    @property
+    def staged(self) -> bool:
+        """A staged dispatch (``factory.agent.stage`` tasks), or the one ``agent.command`` as before."""
+        return bool(self.stages or self.triage)
+
+    def pipeline(self) -> list[StageSettings]:
+        """The stages, in order (``agent.command`` as the one stage when only a triage is set)."""
+        return list(self.stages) or [default_stage(self.command, self.timeout_s)]
+
+    def stage(self, name: str) -> StageSettings | None:
+        return next((s for s in self.pipeline() if s.name == name), None)
 
     @field_validator("command", mode="before")
     @classmethod
@@ -273,7 +218,7 @@ class TrackerSettings(BaseModel):
     """Write-back to the issue tracker through the outbox (``outbox.py``): labels and a comment per event."""
 
     write_back: bool = Field(False, description="report dispatched/done/backoff/parked/released/retried to the "
-                                                "tracker (GitHub source)")
+                                                "tracker (GitHub or Linear source)")
     comments: bool = Field(True, description="also post a comment per event (labels are always set)")
     max_attempts: int = Field(8, ge=1, description="delivery attempts of one event before it is parked")
     backoff_base_s: float = Field(2.0, ge=0, description="first wait after a failed delivery")
@@ -328,9 +273,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _write_back_needs_a_tracker(self) -> "Settings":
-        if self.tracker.write_back and self.source.kind != "github":
+        if self.tracker.write_back and self.source.kind not in ("github", "linear"):
             raise ValueError(f"tracker.write_back (FACTORY_TRACKER__WRITE_BACK) needs a tracker source, but "
-                             f"source.kind (FACTORY_SOURCE__KIND) is {self.source.kind!r}; use github")
+                             f"source.kind (FACTORY_SOURCE__KIND) is {self.source.kind!r}; use github or linear")
+        if self.source.linear.poll_working_state is None:  # write-back moves issues out of the ready states
+            self.source.linear.poll_working_state = self.tracker.write_back
         return self
 
     @model_validator(mode="after")
@@ -389,7 +336,7 @@ def format_validation_error(exc: ValidationError) -> str:
     if first.get("type") == "extra_forbidden":
         msg = "unknown setting"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    if not loc:  # a rule across settings: its message names the fields and their variables itself
+    if not loc or msg.startswith(f"{field}."):  # a rule across settings: its message names the fields itself
         return f"invalid settings: {msg}{more}"
     return f"invalid setting {field} ({_env_name(loc)}): {msg}{more}"
 

@@ -157,7 +157,7 @@ class LoopControl:
             return Kickoff(False, reason="paused; run resume")
         run_id = uuid.uuid4().hex[:16]
         ttl_ms = int(self.settings.loop.lease_ttl_s * 1000)
-        if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms):
+        if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms) and not self._take_over(run_id, ttl_ms):
             self.count("kickoffs_skipped_overlap")
             if clear_kill:
                 self._clear_seen_kill(kill)
@@ -168,7 +168,7 @@ class LoopControl:
         previous = self.current_run_id()
         if previous and self.run_status(previous) == RunStatus.RUNNING:  # its chain was lost: end it
             self.end_run(previous, RunStatus.ABANDONED, "its chain was lost (a worker died or Redis failed mid-run); "
-                                                "the loop lease expired")
+                                                "the loop lease expired or its holder died")
         task_ids = [f"{run_id}-iter-{i}" for i in range(n)] + [f"{run_id}-finish"]
         now = server_now_ms(self.r)
         p = self.r.pipeline(transaction=True)
@@ -184,20 +184,38 @@ class LoopControl:
         log.info("run %s started by %s (%d iterations)", run_id, by, n)
         return Kickoff(True, run_id=run_id, task_ids=task_ids, cleared_kill=kill if clear_kill else None)
 
+    def _take_over(self, run_id: str, ttl_ms: int) -> bool:
+        """Take the loop lease from a live-looking run whose holder is dead: the worker that ran its latest
+        iteration (``holder``, written by ``iteration_begin.lua``) has no presence key any more (it stopped
+        refreshing it ``worker.heartbeat_ttl_s`` ago). Without this, a SIGKILLed loop worker kept the loop
+        stopped for the whole ``loop.lease_ttl_s``. Should the run still have an iteration queued (sent just
+        before its worker died), that iteration finds the run ended and stops: claims stay gated by the
+        ledger, so the overlap can never dispatch twice."""
+        old = self.lease_holder()
+        holder = self.r.hget(self.keys.run(old), "holder") if old else None
+        if not holder or self.r.exists(self.keys.worker(holder)):
+            return False
+        if self._s["lease_takeover"](self.keys, old_run_id=old, new_run_id=run_id, lease_ms=ttl_ms).status != "ok":
+            return False
+        log.warning("run %s: its holder %s is gone (no presence key); taking the loop lease over", old, holder)
+        self.count("lease_takeovers")
+        return True
+
     def abandon_start(self, kick: Kickoff, error: str) -> None:
         """The chain could not be sent: end the run, free the lease, and restore a kill start-loop cleared."""
         if kick.cleared_kill:
             self.r.hset(self.keys.kill, mapping=kick.cleared_kill)
         self.end_run(str(kick.run_id), RunStatus.FAILED, f"could not send the chain: {error}")
 
-    def begin_iteration(self, run_id: str, iteration: int, max_iterations: int, gap_s: float) -> str | None:
+    def begin_iteration(self, run_id: str, iteration: int, max_iterations: int, gap_s: float,
+                        worker: str | None = None) -> str | None:
         """Renew the loop lease (for the gap before the next iteration too) and write the heartbeat
         ``running(iteration)`` in one script; returns why the run must stop instead, or None."""
         loop = self.settings.loop
         hb = heartbeat.make(run_id, "running", iteration, max_iterations, server_now_ms(self.r))
         reply = self._s["iteration_begin"](
             self.keys, run_id=run_id, lease_ms=int((loop.lease_ttl_s + gap_s) * 1000),
-            heartbeat_json=hb.model_dump_json(), heartbeat_ms=int(loop.heartbeat_ttl_s * 1000),
+            heartbeat_json=hb.model_dump_json(), heartbeat_ms=int(loop.heartbeat_ttl_s * 1000), worker=worker or "",
         )
         return {"ok": None, "lost-lease": "lost the loop lease", "ended": "the run has ended"}[reply.status]
 

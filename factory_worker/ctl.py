@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import click
 import redis
-from kombu.exceptions import KombuError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -24,7 +23,6 @@ from . import __version__
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
 from .context import Context
-from .loop import iterate
 from .sources.base import SourceError
 
 log = logging.getLogger(__name__)
@@ -177,7 +175,7 @@ def loop_status_cmd(as_json: bool) -> None:
 
 @cli.command("kill-loop")
 @click.option("--force", is_flag=True, help="kill even when no live run is seen")
-@click.option("--release-agents", is_flag=True, help="also stop the run's agents and free their claims")
+@click.option("--release-agents", is_flag=True, help="also stop every running agent (whichever run sent it) and free their claims")
 @json_opt
 def kill_loop_cmd(force: bool, release_agents: bool, as_json: bool) -> None:
     """Kill the live run and keep the loop stopped until start-loop. Exit 0 killed, 1 refused, 2 error."""
@@ -225,6 +223,8 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
     """One iteration in this process; prints the IterationReport. Exit 0."""
     ctx = _context()
     send = None if dry_run else _tasks(ctx).send_agent
+    from .loop import iterate  # here, not at the top: loop-status and kill-loop start faster without it
+
     report = iterate(ctx, send, dry_run=dry_run).as_dict()
 
     def human(d: dict[str, Any]) -> None:
@@ -358,6 +358,12 @@ def up_cmd(no_flower: bool, workers: int, concurrency: int) -> None:
     raise Exit(run_stack(_settings(), flower=not no_flower, workers=workers, concurrency=concurrency))
 
 
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """kombu's errors, when a command imported kombu (only those that talk to the broker do)."""
+    mod = sys.modules.get("kombu.exceptions")
+    return (mod.KombuError,) if mod is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line on stderr and exit 2 for any error; never a traceback."""
     try:
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         click.echo(f"factory-worker: {e}", err=True)
         return 2
-    except KombuError as e:
+    except _broker_errors() as e:
         click.echo(f"factory-worker: cannot reach the broker: {str(e).splitlines()[0]}", err=True)
         return 2
     except redis.ConnectionError as e:

@@ -6,6 +6,8 @@ slot. Nothing else in the package spells a key by hand: see docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
+import zlib
+
 from dataclasses import dataclass
 
 
@@ -25,8 +27,17 @@ class Keys:
     NOTIFIED_TTL_S = 24 * 3600
     #: The backlog keeps at most this many waiting issues (a freed slot needs only the next one).
     BACKLOG_MAX = 256
+    #: ``outbox_newest`` lives this long after its last write.
+    OUTBOX_NEWEST_TTL_S = 7 * 24 * 3600
+    #: Done markers are spread over this many hashes (``done_bucket``); never change it on a live ledger.
+    DONE_BUCKETS = 4096
     #: ``errors`` and a run's ``last_error`` keep this many characters.
     ERROR_MAX_CHARS = 500
+    #: A staged dispatch's progress (``stages(issue)``) expires this long after its last write; it is deleted
+    #: when its attempt ends (complete, fail, park, escalation, retry) and kept over a release (to resume).
+    STAGE_PROGRESS_TTL_S = 7 * 24 * 3600
+    #: A stage's feedback (the output of a rejecting or failing stage) is kept to this many bytes.
+    FEEDBACK_MAX_BYTES = 64 * 1024
 
     @staticmethod
     def live_from(now_ms: int) -> int:
@@ -39,7 +50,7 @@ class Keys:
         return "{%s}" % self.namespace
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return ":".join(("{%s}" % self.namespace, *parts))
 
     # -- broker queues (kombu's lists in the broker's Redis, named here so every side agrees) -----------
     @property
@@ -64,8 +75,24 @@ class Keys:
 
     @property
     def done(self) -> str:
-        """Hash issue -> ``<fence>:<completed_ms>``: the permanent done marker."""
+        """Hash issue -> ``<fence>:<completed_ms>``: the done markers written before they were bucketed
+        (still read by the gate, ``retry``, listings and the audit; nothing new is written here)."""
         return self._k("done")
+
+    def done_bucket(self, issue: str) -> str:
+        """Hash issue -> ``<fence>:<completed_ms>``: the permanent done marker, in one of DONE_BUCKETS small
+        hashes chosen by the issue's CRC-32, so each stays a compact listpack (about 30 bytes a done issue
+        instead of about 90 in one big hash)."""
+        return self._k("done", f"b{zlib.crc32(issue.encode('utf-8', 'surrogatepass')) % self.DONE_BUCKETS}")
+
+    def done_bucket_pattern(self) -> str:
+        """Match every done bucket (``SCAN``)."""
+        return self._k("done", "b*")
+
+    @property
+    def done_count(self) -> str:
+        """String: how many done markers the buckets hold (``complete.lua`` counts each new one)."""
+        return self._k("done", "n")
 
     @property
     def inflight(self) -> str:
@@ -96,6 +123,14 @@ class Keys:
     def started(self) -> str:
         """Hash issue -> the token whose agent has started (a second start for that token is refused)."""
         return self._k("started")
+
+    def stages(self, issue: str) -> str:
+        """Hash: a staged dispatch's progress through its stages, for the issue's current attempt: attempt,
+        step (1, 2, ...), stage (the step's stage name), state (pending|running), token (whose task started
+        the step), task_id, round, retries, plan (JSON list of stage names), feedback, workdir (the attempt's
+        shared directory's name), history. Written only by ``stage.lua`` (by token), deleted by
+        ``complete``/``fail``/``escalate``/``retry``; a new claim of the same attempt resumes from it."""
+        return self._k("stage", issue)
 
     @property
     def counters(self) -> str:
@@ -154,6 +189,13 @@ class Keys:
     def outbox_retry(self) -> str:
         """Hash entry id -> ``<attempts>:<not_before_ms>:<last error>``: delivery attempts of an event."""
         return self._k("outbox", "retry")
+
+    @property
+    def outbox_newest(self) -> str:
+        """Hash issue -> id of the newest outbox event handed to the writer (``outbox_newest.lua``): an older
+        event retried later comments but leaves labels and workflow state to the newer one. Expires
+        ``OUTBOX_NEWEST_TTL_S`` after its last write (far past any event's retries)."""
+        return self._k("outbox", "newest")
 
     @property
     def outbox_parked(self) -> str:

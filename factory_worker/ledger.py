@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
@@ -23,7 +23,9 @@ from .keys import Keys
 from .redis_client import server_now_ms
 from .guard import LedgerGuard, LedgerLostError
 from .scripts import LedgerError, Reply, StaleClaimError, checked, scripts_for
-from .states import Begin, Gate, LedgerState
+from .states import Begin, Gate
+from .ledger_views import STATES, LedgerViews, done_markers  # noqa: F401 - this module's API too
+from .ledger_views import as_int as _int
 
 __all__ = [
     "Claim", "ClaimBatch", "Explanation", "FailResult", "Ledger", "LedgerError", "LedgerLostError", "Skip",
@@ -33,7 +35,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATES = tuple(s.value for s in LedgerState)
 #: Issues per claim script call; a larger batch is split (each call is still one round trip).
 MAX_BATCH = 1000
 
@@ -89,14 +90,7 @@ class Explanation:
         return asdict(self)
 
 
-def _int(v: Any, default: int = 0) -> int:
-    try:
-        return int(float(v))
-    except (TypeError, ValueError):
-        return default
-
-
-class Ledger:
+class Ledger(LedgerViews):
     """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters."""
 
     def __init__(
@@ -345,6 +339,10 @@ class Ledger:
             fence = fence_of(token) if token else None
             return Explanation(issue, Gate.IN_FLIGHT, f"held by token {token} (fence {fence}) for {left / 1000:.1f}s more",
                                {"token": token, "fence": fence, "until_ms": self.now_ms() + left})
+        if skip.reason == Gate.PARKED and (error or "").startswith("needs-human"):
+            return Explanation(issue, Gate.PARKED, f"escalated to a human ({error}); no attempt counted; run "
+                               f"`factory-worker retry {issue}` to release it",
+                               {"attempts": n, "parked_ms": d["parked_ms"], "reason": "needs-human", "last_error": error})
         if skip.reason == Gate.PARKED:
             return Explanation(issue, Gate.PARKED, f"parked after {n} attempts; last error: {error or '-'}; "
                                f"run `factory-worker retry {issue}` to try again",
@@ -361,46 +359,3 @@ class Ledger:
             return Explanation(issue, Gate.NO_FREE_SLOT, f"claimable, but no free agent slot ({d['in_flight']} in "
                                f"flight, {d['slots']} slots on live agent workers)", {**d, "attempts": n})
         return Explanation(issue, skip.reason, f"not dispatched: the loop is {skip.reason}", {"attempts": n})
-
-    def entries(self, state: str) -> list[dict[str, Any]]:
-        """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
-        k = self.keys
-        now = self.now_ms()
-        if state == "in-flight":
-            rows = self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True)
-            return [{"issue": i, "state": state, "until_ms": int(s), "token": self.current_token(i)}
-                    for i, s in rows]
-        if state == "backoff":
-            rows = self.r.zrangebyscore(k.backoff, f"({now}", "+inf", withscores=True)
-            return [{"issue": i, "state": state, "until_ms": int(s), "attempts": _int(self.r.hget(k.attempts, i)),
-                     "last_error": self.r.hget(k.errors, i)} for i, s in rows]
-        if state == "parked":
-            return [{"issue": i, "state": state, "parked_ms": _int(v), "attempts": _int(self.r.hget(k.attempts, i)),
-                     "last_error": self.r.hget(k.errors, i)} for i, v in sorted(self.r.hgetall(k.parked).items())]
-        if state == "done":
-            out = []
-            for i, v in self.r.hscan_iter(k.done):
-                fence, _, at = v.partition(":")
-                out.append({"issue": i, "state": state, "fence": _int(fence), "completed_ms": _int(at)})
-            return sorted(out, key=lambda e: e["issue"])
-        raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
-
-    def all_entries(self, states: Iterable[str] = STATES) -> list[dict[str, Any]]:
-        return [e for s in states for e in self.entries(s)]
-
-    def counters(self) -> dict[str, int]:
-        """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
-        raw = self.r.hgetall(self.keys.counters)
-        base = dict.fromkeys(("claimed", "deduped", "backed_off", "parked", "completed", "released"), 0)
-        base.update({name: _int(v) for name, v in raw.items()})
-        return base
-
-    def gauges(self) -> dict[str, int]:
-        """How many issues are in flight, backing off, parked, done now."""
-        k = self.keys
-        now = self.now_ms()
-        p = self.r.pipeline(transaction=False)
-        p.zcount(k.inflight, Keys.live_from(now), "+inf").zcount(k.backoff, f"({now}", "+inf")
-        p.hlen(k.parked).hlen(k.done)
-        inflight, backoff, parked, done = p.execute()
-        return {"in_flight": inflight, "backoff": backoff, "parked": parked, "done": done}

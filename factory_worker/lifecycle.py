@@ -215,7 +215,7 @@ def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     """A revoked agent task (queued or terminated) frees its claim by token, without a backoff."""
     task = getattr(request, "task", None) or getattr(request, "name", None)
     task_id = getattr(request, "id", None)
-    if task != "factory.agent.run" or not task_id:
+    if task not in ("factory.agent.run", "factory.agent.stage") or not task_id:
         return
     from .agent_task import release_task_claim
 

@@ -5,10 +5,11 @@ Testable without Celery: sending an agent task is a callable (:class:`Sender`) h
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable
 
 from . import heartbeat
@@ -46,7 +47,13 @@ class IterationReport:
     duration_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Shallow: the lists are copied, their entries (flat dicts of str) shared. ``dataclasses.asdict``
+        deep-copies every skip entry and was the iteration's largest cost on a big backlog (py-spy)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("skipped", "ruled_out_examples", "dispatches"):
+            out[name] = list(out[name])
+        out["ruled_out"] = dict(self.ruled_out)
+        return out
 
 
 def new_agent_task_id() -> str:
@@ -146,7 +153,8 @@ WAITING = (Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT)
 def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[Any]) -> None:
     """Replace the backlog with this poll's ready issues that wait for room (source order, at most
     ``Keys.BACKLOG_MAX``; it expires after two intervals, so a stopped loop leaves nothing behind)."""
-    waiting = [issues[s.issue].model_dump_json() for s in skipped if s.reason in WAITING][: ctx.keys.BACKLOG_MAX]
+    waiting = [issues[s.issue].model_dump_json()
+               for s in itertools.islice((s for s in skipped if s.reason in WAITING), ctx.keys.BACKLOG_MAX)]
     ttl_ms = int(max(60.0, 2 * ctx.settings.loop.interval_s) * 1000)
     p = ctx.redis.pipeline(transaction=True)
     p.delete(ctx.keys.backlog)
@@ -228,7 +236,7 @@ def run_iteration(ctx: Context, send: Sender, run_id: str, index: int, task_id: 
         return IterationReport(run_id=run_id, iteration=index, stopped=stop[1]), False
     max_it = int(rec.get("max_iterations", cfg.max_iterations))
     gap = cfg.spacing_s(max_it) if index + 1 < max_it else 0.0
-    reason = ctx.control.begin_iteration(run_id, index + 1, max_it, gap)
+    reason = ctx.control.begin_iteration(run_id, index + 1, max_it, gap, worker)
     if reason:
         ctx.control.end_run(run_id, RunStatus.STOPPING, reason)
         return IterationReport(run_id=run_id, iteration=index, stopped=reason), False

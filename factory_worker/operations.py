@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from . import guard, heartbeat
-from .agent_task import release_task_claim
 from .context import Context
 from .outbox import backlog as outbox_backlog
 from .presence import fleet_slots, live_workers
@@ -60,6 +59,8 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
     whether the eligibility rules let it through (out of scope, or not ready: its state or a factory label).
     The CLI needs only Redis: an unreachable source is noted, not fatal."""
     e = ctx.ledger.explain(issue_id)
+    if e.state == Gate.IN_FLIGHT or (e.state == Gate.CLAIMABLE and ctx.settings.agent.staged):
+        e = _with_stage(ctx, e)
     if e.state not in (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT):
         return e
     try:
@@ -76,6 +77,18 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
     return e
 
 
+def _with_stage(ctx: Context, e: Explanation) -> Explanation:
+    """A staged dispatch's progress beside the gate's answer: which stage (step, round) it is at or resumes at."""
+    p = ctx.redis.hgetall(ctx.keys.stages(e.issue))
+    if not p.get("stage"):
+        return e
+    stage = {"stage": p["stage"], "step": int(p.get("step") or 0), "round": int(p.get("round") or 1),
+             "stage_state": p.get("state"), "stage_history": p.get("history") or ""}
+    doing = "running" if p.get("state") == "running" else ("resumes at" if e.state == Gate.CLAIMABLE else "next")
+    text = f"{e.text}; stage {doing}: {p['stage']} (step {stage['step']}, round {stage['round']})"
+    return replace(e, text=text, detail={**e.detail, **stage})
+
+
 def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
               revoke: Revoker | None = None, grace_s: float | None = None) -> tuple[dict[str, Any], int]:
     """Kill the live run and keep the loop stopped. Exit 1 (refused) when nothing is live, unless forced."""
@@ -90,7 +103,8 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     by = who()
     ctx.control.set_kill(run_id, by)
     task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
-    agent_ids = run_agent_tasks(ctx, run_id) if release_agents else []
+    # every running agent, not only the killed run's: runs are short and agents outlive the run that sent them
+    agent_ids = running_agent_tasks(ctx) if release_agents else []
     ctx.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
     # Celery's revoke is broadcast to every worker and kept in memory: only the tasks not yet run need it.
     pending = task_ids[max(0, int(run.get("iterations_done", 0)) - 1):] if run.get("status") == RunStatus.RUNNING else []
@@ -114,14 +128,9 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     return out, 0
 
 
-def run_agent_tasks(ctx: Context, run_id: str | None) -> list[str]:
-    """Agent task ids of ``run_id`` that are running now (all runs when ``run_id`` is None)."""
-    ids = []
-    for task_id in ctx.redis.smembers(ctx.keys.agents):
-        rec_run = ctx.redis.hget(ctx.keys.agent_task(task_id), "run_id")
-        if run_id is None or rec_run == run_id:
-            ids.append(task_id)
-    return sorted(ids)
+def running_agent_tasks(ctx: Context) -> list[str]:
+    """The task ids of every agent running now, whichever run dispatched it."""
+    return sorted(ctx.redis.smembers(ctx.keys.agents))
 
 
 def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:
@@ -150,6 +159,8 @@ def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None)
             if rec.get("hostname") and ctx.redis.exists(ctx.keys.worker(rec["hostname"])):
                 released_by = "pending (its worker is alive and still stopping it)"
             else:
+                from .agent_task import release_task_claim  # lazily: status commands need none of it
+
                 released_by = "ctl" if release_task_claim(ctx, t) is not None else "lease expiry"
                 ctx.redis.srem(ctx.keys.agents, t)  # its worker is gone: nobody else will clean this entry
         out.append({"task_id": t, "issue": rec.get("issue"), "stopped": t not in pending,

@@ -22,13 +22,14 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import redis
 
 from .config import TrackerSettings
 from .keys import Keys
+from .scripts import scripts_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class Event:
     issue: str
     token: str = ""
     fields: dict[str, str] = field(default_factory=dict)
+    #: a newer event of the same issue was handed to the writer already: comment, but leave the labels or
+    #: workflow state to that newer event (it was retried after it, see ``outbox_newest.lua``)
+    superseded: bool = False
 
     @property
     def key(self) -> str:
@@ -85,6 +89,7 @@ class OutboxSender:
     def __init__(self, client: redis.Redis, keys: Keys, cfg: TrackerSettings, writer: Writer, consumer: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.r, self.keys, self.cfg, self.writer, self.consumer, self.clock = client, keys, cfg, writer, consumer, clock
+        self._s = scripts_for(client)
         self._group_ready = False
 
     def _ensure_group(self) -> None:
@@ -128,6 +133,10 @@ class OutboxSender:
             if not_before > now_ms:
                 continue
             event = Event.from_entry(entry_id, raw)
+            newest = self._s["outbox_newest"](self.keys, issue=event.issue, entry_id=entry_id,
+                                              ttl_ms=Keys.OUTBOX_NEWEST_TTL_S * 1000).values[0]
+            if not int(newest):
+                event = replace(event, superseded=True)
             try:
                 self.writer.deliver(event)
             except DeliveryError as exc:

@@ -79,7 +79,7 @@ class Contract:
 
     name: str
     keys: tuple[KeySpec, ...]
-    each_key: KeySpec | None
+    each_keys: tuple[KeySpec, ...]  # per item, in this order (KEYS[K_N + (i-1)*K_E + j])
     args: tuple[str, ...]
     each_arg: str | None
     replies: frozenset[str]
@@ -88,7 +88,8 @@ class Contract:
         """``K`` and ``A``: the keys and arguments by name (variadic tails start at ``K_N + 1``/``A_N + 1``)."""
         k = ", ".join(f"{s.member} = KEYS[{i}]" for i, s in enumerate(self.keys, 1))
         a = ", ".join(f"{n} = ARGV[{i}]" for i, n in enumerate(self.args, 1))
-        return f"local K = {{{k}}}\nlocal A = {{{a}}}\nlocal K_N, A_N = {len(self.keys)}, {len(self.args)}\n"
+        return (f"local K = {{{k}}}\nlocal A = {{{a}}}\n"
+                f"local K_N, A_N, K_E = {len(self.keys)}, {len(self.args)}, {len(self.each_keys)}\n")
 
 
 def _parse(name: str, text: str) -> Contract:
@@ -97,19 +98,19 @@ def _parse(name: str, text: str) -> Contract:
     if missing:
         raise ValueError(f"lua/{name}.lua: contract lacks {', '.join(sorted(missing))}")
     keys: list[KeySpec] = []
-    each_key = None
+    each_keys: list[KeySpec] = []
     for raw in decl["KEYS"]:
         m = _SPEC.match(raw)
         if not m or not hasattr(Keys, m.group(1)):
             raise ValueError(f"lua/{name}.lua: KEYS entry {raw!r} is not a Keys member")
         spec = KeySpec(m.group(1), m.group(2))
         if m.group(3):
-            each_key = spec
+            each_keys.append(spec)
         else:
             keys.append(spec)
     args = [a for a in decl["ARGV"] if not a.endswith("*")]
     tail = [a[:-1] for a in decl["ARGV"] if a.endswith("*")]
-    return Contract(name, tuple(keys), each_key, tuple(args), tail[0] if tail else None, frozenset(decl["REPLIES"]))
+    return Contract(name, tuple(keys), tuple(each_keys), tuple(args), tail[0] if tail else None, frozenset(decl["REPLIES"]))
 
 
 def _lua_dir() -> Any:
@@ -169,8 +170,9 @@ class BoundScript:
         c = self.contract
         items = list(items)
         klist = [s.build(keys, args.get(s.param)) for s in c.keys]
-        if c.each_key is not None:
-            klist += [c.each_key.build(keys, item) for item in items]
+        if c.each_keys:  # hot on a big backlog: bind each key builder once, not once per item
+            builders = [getattr(keys, spec.member) for spec in c.each_keys]
+            klist += [build(str(item)) for item in items for build in builders]
         alist = [args[a] for a in c.args] + (items if c.each_arg else [])
         return klist, alist
 

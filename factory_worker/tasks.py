@@ -1,7 +1,8 @@
 """The Celery tasks: thin views over :mod:`loop` and :mod:`agent_task`.
 
 ``factory.loop.kickoff`` -> chain of ``factory.loop.iteration`` x N -> ``factory.loop.finish``;
-``factory.agent.run`` runs one agent for one claim. Tasks are ``shared_task`` s (they never import the
+``factory.agent.run`` runs one agent for one claim (or, staged, hands the claim over to its
+``factory.agent.stage`` tasks, each sending the next). Tasks are ``shared_task`` s (they never import the
 app: ``app.py`` imports them), take their context from :func:`factory_worker.context.current`, and never
 name a queue: ``task_routes`` in ``app.py`` does.
 """
@@ -14,10 +15,10 @@ from typing import Any
 
 from celery import chain, shared_task
 
-from . import agent_task, loop
+from . import agent_task, loop, stage_task
 from .context import current
 from .control import Kickoff
-from .ledger import Claim
+from .ledger import Claim, fence_of
 from .sources.base import Issue
 from .states import Settled
 
@@ -32,6 +33,20 @@ def send_agent(task_id: str, issue: Issue, claim: Claim, run_id: str | None, pro
         kwargs={"issue": issue.as_json_dict()},
         task_id=task_id,
         argsrepr=repr([issue.id, f"fence={claim.fence}", run_id]),
+        kwargsrepr="{}",
+    )
+
+
+def send_stage(task_id: str, issue: Issue, token: str, stage: str, step: int, run_id: str | None,
+               producer: Any = None) -> None:
+    """Send one ``factory.agent.stage``; Flower shows the issue id, the stage and its step, never the token or
+    the issue body."""
+    agent_stage.apply_async(
+        producer=producer,
+        args=[issue.id, stage, step, token, run_id],
+        kwargs={"issue": issue.as_json_dict()},
+        task_id=task_id,
+        argsrepr=repr([issue.id, stage, f"step={step}", f"fence={fence_of(token)}", run_id]),
         kwargsrepr="{}",
     )
 
@@ -104,8 +119,25 @@ def agent_run(self, issue_id: str, token: str, run_id: str | None = None,
     """
     data = issue or {"id": issue_id, "title": "", "state": "ready"}
     result = agent_task.execute(current(), self.request.id, data, token, run_id, hostname=self.request.hostname,
-                                send=send_agent)
+                                send=send_agent, send_stage=send_stage)
+    return _truthful(result)
+
+
+def _truthful(result: dict[str, Any]) -> dict[str, Any]:
     if result.get("settled") in (Settled.BACKOFF, Settled.PARKED):
         why = result.get("error") or result.get("outcome")
         raise AgentFailed(f"issue {result.get('issue')}: {result.get('outcome')} -> {result['settled']}: {why}")
     return result
+
+
+@shared_task(name="factory.agent.stage", bind=True, throws=(AgentFailed,))
+def agent_stage(self, issue_id: str, stage: str, step: int, token: str, run_id: str | None = None,
+                issue: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one stage (step ``step``) of a staged dispatch and hand over to the next, or settle the claim.
+
+    Like ``factory.agent.run``: FAILURE when the attempt failed or was parked (escalated), after the ledger
+    is settled; a stage that hands over (a rejection included) is a SUCCESS naming the next stage."""
+    data = issue or {"id": issue_id, "title": "", "state": "ready"}
+    result = stage_task.run_stage(current(), self.request.id, data, token, stage, int(step), run_id,
+                                  hostname=self.request.hostname, send_stage=send_stage, send=send_agent)
+    return _truthful(result)

@@ -1,4 +1,4 @@
-"""Write-back to GitHub: what the outbox (``outbox.py``) delivers, as labels and a comment per event.
+"""Write-back to GitHub (Linear: ``tracker_linear.py``): what the outbox (``outbox.py``) delivers, as labels and a comment per event.
 
 Per event, on issue ``{repo}#{issue}`` (REST API, the source's ``github_api_url`` and token):
 
@@ -9,7 +9,9 @@ Per event, on issue ``{repo}#{issue}`` (REST API, the source's ``github_api_url`
 - ``released``: - ``working_label``; comment with the reason
 - ``retried``: - ``parked_label`` (no comment)
 
-Idempotent, so that at-least-once delivery is exactly-once on the tracker: adding a label GitHub already
+An event retried after a newer event of its issue was handed over (``Event.superseded``) only comments:
+the labels are the newer event's to set. Idempotent, so that at-least-once delivery is exactly-once on the
+tracker: adding a label GitHub already
 has and removing one it does not have (404) change nothing; every comment ends with a marker
 ``<!-- factory-worker:<dispatch token>:<event> -->`` and is posted only when no comment of the issue carries
 it yet (a worker that died between GitHub's 201 and the outbox's acknowledgement does not post twice).
@@ -23,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from .config import SourceSettings, TrackerSettings, secret_from_env
 from .outbox import DeliveryError, Event
+
+if TYPE_CHECKING:
+    from .tracker_linear import LinearWriter
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class GitHubWriter:
         if not event.issue.isdigit():
             raise DeliveryError(f"issue id {event.issue!r} is not a GitHub issue number", permanent=True)
         url = f"{self.base}/{event.issue}"
-        add, remove = self.labels_for(event.event)
+        add, remove = self.labels_for(event.event) if not event.superseded else ([], [])
         if add:
             self._call("POST", f"{url}/labels", json={"labels": add})
         for name in remove:
@@ -144,6 +149,10 @@ def _wait(headers: httpx.Headers) -> float | None:
     return None
 
 
-def writer_for(source: SourceSettings, tracker: TrackerSettings) -> GitHubWriter:
-    """The writer of the configured source (GitHub; validated in settings)."""
+def writer_for(source: SourceSettings, tracker: TrackerSettings) -> "GitHubWriter | LinearWriter":
+    """The writer of the configured source: GitHub or Linear (settings refuse write-back for any other)."""
+    if source.kind == "linear":
+        from .tracker_linear import LinearWriter
+
+        return LinearWriter(source, tracker)
     return GitHubWriter(source, tracker)

@@ -14,9 +14,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.fake_http import FakeServer, Response, read_body
 
 
 @dataclass
@@ -28,7 +30,7 @@ class FakeIssue:
     state: str = "open"
 
 
-class FakeGitHub:
+class FakeGitHub(FakeServer):
     def __init__(self, repo: str = "acme/widgets") -> None:
         self.repo = repo
         self.issues: dict[int, FakeIssue] = {}
@@ -37,12 +39,11 @@ class FakeGitHub:
         self.requests: list[tuple[str, str]] = []
         self.delay_comment_s = 0.0
         self.comments_per_page = 100
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self.base_url
 
     def add(self, number: int, title: str, labels: tuple[str, ...] = ("agent",)) -> FakeIssue:
         with self.lock:
@@ -54,14 +55,6 @@ class FakeGitHub:
         with self.lock:
             self.faults.append({"method": method, "part": path_part, "status": status, "times": times,
                                 "headers": headers or {}})
-
-    def __enter__(self) -> "FakeGitHub":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     # -- request handling -------------------------------------------------------------------------------
     def _fault(self, method: str, path: str) -> dict[str, Any] | None:
@@ -127,29 +120,6 @@ class FakeGitHub:
             headers["Link"] = f'<{self.url}{path}?per_page={per}&page={page + 1}>; rel="next"'
         return 200, chunk, headers
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                status, payload, headers = fake.handle(self.command, self.path, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                try:
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client died waiting (the kill tests do that on purpose)
-
-            do_GET = do_POST = do_DELETE = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
+    def route(self, handler: BaseHTTPRequestHandler) -> Response:
+        raw = read_body(handler)
+        return self.handle(handler.command, handler.path, json.loads(raw) if raw else None)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fake_http import FakeServer, Response, read_body
 
 CHANNEL = "C0FACTORY"
 BOT = "B0BOT"
 
 
-class FakeSlack:
+class FakeSlack(FakeServer):
     def __init__(self, page_size: int = 100) -> None:
         self.lock = threading.Lock()
         self.threads: dict[str, list[dict[str, Any]]] = {}
@@ -27,12 +29,11 @@ class FakeSlack:
         self.faults: list[dict[str, Any]] = []
         self.page_size = page_size
         self._n = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        return f"{self.base_url}/api"
 
     def _ts(self) -> str:
         self._n += 1
@@ -52,14 +53,6 @@ class FakeSlack:
     def reads_of(self, thread_ts: str, after: float = 0.0) -> int:
         with self.lock:
             return sum(1 for t, ts in self.reads if ts == thread_ts and t > after)
-
-    def __enter__(self) -> "FakeSlack":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def handle(self, method: str, params: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         with self.lock:
@@ -103,34 +96,11 @@ class FakeSlack:
         return 200, {"ok": True, "messages": page, "has_more": more,
                      "response_metadata": {"next_cursor": str(start + self.page_size) if more else ""}}, {}
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                parts = urlsplit(self.path)
-                method = parts.path.rsplit("/", 1)[-1]
-                length = int(self.headers.get("Content-Length") or 0)
-                if self.command == "POST":
-                    params = json.loads(self.rfile.read(length) or b"{}")
-                else:
-                    params = {k: v[0] for k, v in parse_qs(parts.query).items()}
-                status, payload, headers = fake.handle(method, params)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                try:
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
+    def route(self, handler: BaseHTTPRequestHandler) -> Response:
+        parts = urlsplit(handler.path)
+        method = parts.path.rsplit("/", 1)[-1]
+        if handler.command == "POST":
+            params = json.loads(read_body(handler) or b"{}")
+        else:
+            params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        return self.handle(method, params)

@@ -146,6 +146,14 @@ def read_events(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def warm_shutdown(worker: "CeleryProc", window_s: float) -> float:
+    """SIGTERM ``worker`` and wait for it to exit (at most ``window_s`` + 10 s); returns how long it took."""
+    t0 = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    worker.proc.wait(window_s + 10)
+    return time.monotonic() - t0
+
+
 def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     agent = tmp_path / "agent.py"
     agent.write_text(RECORDING_AGENT)

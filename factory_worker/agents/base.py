@@ -31,6 +31,11 @@ class Dispatch:
     dispatch_id: str  # the agent task id; names the log file
     #: variables the factory adds to the agent's environment for this dispatch (e.g. ``FACTORY_INBOX``)
     env: dict[str, str] = field(default_factory=dict)
+    #: a stage's own argv and timeout (default: ``agent.command`` / ``agent.timeout_s``)
+    command: list[str] | None = None
+    timeout_s: float | None = None
+    #: the attempt's shared directory (staged dispatch: made and removed by the caller), else a fresh one
+    workdir: Path | None = None
 
 
 class AgentRunner(Protocol):

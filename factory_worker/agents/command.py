@@ -39,7 +39,7 @@ from .base import AgentResult, Dispatch
 from .lease import LeaseKeeper
 from .logs import LogRelay, open_log, prune
 from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
-from .sandbox import agent_env, agent_identity, make_workdir, remove_workdir, running_as
+from .sandbox import ISSUE_FILE, agent_env, agent_identity, make_workdir, remove_workdir, running_as
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,13 @@ class CommandAgent:
         on_start: Callable[[int], None] | None = None,
     ) -> AgentResult:
         issue, start = dispatch.issue, time.monotonic()
+        owned = dispatch.workdir is None  # a staged dispatch's directory is its caller's to make and remove
         try:
-            workdir, issue_json = make_workdir(self.settings, dispatch.dispatch_id, issue, self.ident,
-                                               safe_name(dispatch.dispatch_id))
+            if owned:
+                workdir, issue_json = make_workdir(self.settings, dispatch.dispatch_id, issue, self.ident,
+                                                   safe_name(dispatch.dispatch_id))
+            else:
+                workdir, issue_json = dispatch.workdir, dispatch.workdir / ISSUE_FILE
         except Exception as exc:  # noqa: BLE001 - disk full, bad root, unserializable data: a failed attempt
             return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
         try:
@@ -119,13 +123,16 @@ class CommandAgent:
                 return spawned
             proc, relay = spawned
             try:
-                outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id)
+                outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id,
+                                                       dispatch.timeout_s or self.settings.timeout_s)
             finally:
                 relay.join()  # the group is gone: the pipe ends (a stray holder is not waited for long)
                 os.close(relay.log_fd)
             return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
         finally:
-            if self.settings.keep_workdir:
+            if not owned:
+                pass
+            elif self.settings.keep_workdir:
                 log.info("issue %s: kept the agent's directory %s", issue.id, workdir)
             else:
                 remove_workdir(workdir, self.ident)
@@ -135,7 +142,7 @@ class CommandAgent:
         """Start the agent in ``workdir`` with ``env``, as ``self.ident``; its output goes through a pipe to a
         :class:`LogRelay` into the dispatch's log (0600, capped at ``agent.log_max_bytes``)."""
         issue, log_path = dispatch.issue, self.log_path(dispatch)
-        argv = substitute_argv(anchor_paths(self.settings.command), issue)
+        argv = substitute_argv(anchor_paths(dispatch.command or self.settings.command), issue)
         prune(Path(os.path.abspath(self.settings.log_dir)), self.settings.log_retention_s)
         try:
             log_fd = open_log(log_path)
@@ -167,7 +174,7 @@ class CommandAgent:
         return proc, relay
 
     # -- supervision -----------------------------------------------------------------------------
-    def _supervise(self, proc, start, renew, should_stop, on_start, issue_id):
+    def _supervise(self, proc, start, renew, should_stop, on_start, issue_id, timeout_s):
         """Wait for the agent while a :class:`LeaseKeeper` renews and reads the stop flags; stop the group
         in time if the claim is lost, a stop is asked, it times out, or renewals stopped succeeding.
         Returns (outcome or None, error, status_lost)."""
@@ -191,8 +198,8 @@ class CommandAgent:
                     outcome, error = "lease-lost", keeper.lost
                 elif keeper.stop_reason is not None:
                     outcome, error = "interrupted", keeper.stop_reason
-                elif now - start >= self.settings.timeout_s:
-                    outcome, error = "timeout", f"agent ran longer than {self.settings.timeout_s:g}s"
+                elif now - start >= timeout_s:
+                    outcome, error = "timeout", f"agent ran longer than {timeout_s:g}s"
                 elif now >= keeper.stop_at:
                     outcome, error = "lease-lost", (f"the lease could not be renewed for "
                                                     f"{now - keeper.last_renew_sent:.1f}s: stopped before it expires")

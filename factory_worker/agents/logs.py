@@ -23,9 +23,17 @@ _prune_lock = threading.Lock()
 
 
 def open_log(path: Path) -> int:
-    """An append-only fd of ``path`` (created 0600; its directory 0700; a symlink is refused)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """An append-only fd of ``path`` (created 0600; its directory 0700; a symlink is refused). Another pool
+    process's :func:`prune` may remove the directory, still empty, between the mkdir and the open: then the
+    directory is made again."""
+    for tries in range(3):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if tries == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 class LogRelay:

@@ -140,20 +140,26 @@ def check_isolation(agent: AgentSettings) -> Identity | None:
     return ident
 
 
+def _fill(workdir: Path, issue: Issue, ident: Identity | None) -> Path:
+    """Write ``issue.json`` (0600) into a new ``workdir`` and give both to ``ident``; returns the file."""
+    issue_json = workdir / ISSUE_FILE
+    fd = os.open(issue_json, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(issue.as_json_dict(), ensure_ascii=False, indent=2) + "\n")
+        if ident is not None:
+            os.fchown(fh.fileno(), ident.uid, ident.gid)
+    if ident is not None:
+        os.chown(workdir, ident.uid, ident.gid)  # the root is the worker's, 0711: nobody can swap it
+    return issue_json
+
+
 def make_workdir(agent: AgentSettings, dispatch_id: str, issue: Issue, ident: Identity | None,
                  name: str) -> tuple[Path, Path]:
     """A fresh directory for one dispatch holding ``issue.json``, owned by ``ident``: (directory, issue file)."""
     root = check_workdir_root(agent, ident)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))  # 0700, a new name every time
     try:
-        issue_json = workdir / ISSUE_FILE
-        fd = os.open(issue_json, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(issue.as_json_dict(), ensure_ascii=False, indent=2) + "\n")
-            if ident is not None:
-                os.fchown(fh.fileno(), ident.uid, ident.gid)
-        if ident is not None:
-            os.chown(workdir, ident.uid, ident.gid)  # the root is the worker's, 0711: nobody can swap it
+        issue_json = _fill(workdir, issue, ident)
     except BaseException:
         remove_workdir(workdir, ident)
         raise
@@ -183,6 +189,53 @@ def remove_workdir(workdir: Path, ident: Identity | None) -> None:
         except OSError as exc:
             first = exc
     log.warning("could not remove the agent's directory %s: %s", workdir, first)
+
+
+_WORKDIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,150}$")
+
+
+def shared_workdir(agent: AgentSettings, name: str, issue: Issue, ident: Identity | None) -> tuple[Path, Path]:
+    """A staged attempt's directory ``<root>/<name>``, shared by its stages (``FACTORY_WORKDIR``): made (0700,
+    with ``issue.json``, owned by ``ident``) by the first stage that needs it, found again by later ones, and
+    its feedback file beside it in the root: ``<root>/<name>.feedback`` (0640, the worker's; ``FACTORY_FEEDBACK``).
+    Returns (directory, feedback file)."""
+    if not _WORKDIR_NAME.match(name):
+        raise ValueError(f"bad working directory name {name!r}")
+    root = check_workdir_root(agent, ident)
+    workdir = root / name
+    try:
+        os.mkdir(workdir, 0o700)
+    except FileExistsError:
+        if workdir.is_symlink() or not workdir.is_dir():
+            raise ValueError(f"{workdir} is not a directory") from None
+        return workdir, root / f"{name}.feedback"
+    _fill(workdir, issue, ident)
+    return workdir, root / f"{name}.feedback"
+
+
+def write_feedback(path: Path, text: str, ident: Identity | None) -> None:
+    """Replace the feedback file (empty before any rejection): the worker's, readable by the agent's group."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    try:
+        if ident is not None:
+            os.fchown(fd, -1, ident.gid)
+        os.write(fd, text.encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_shared_workdir(agent: AgentSettings, name: str, ident: Identity | None) -> None:
+    """Remove a staged attempt's directory and its feedback file (when the attempt ends)."""
+    if not _WORKDIR_NAME.match(name or ""):
+        return
+    root = Path(os.path.abspath(agent.workdir_root))
+    (root / f"{name}.feedback").unlink(missing_ok=True)
+    if agent.keep_workdir:
+        log.info("kept the attempt's directory %s", root / name)
+        return
+    remove_workdir(root / name, ident)
 
 
 def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, name: str) -> Path:

@@ -1,7 +1,7 @@
 --[[ claim: THE gate. Decide for a batch of candidate issues whether each may be dispatched now, and (mode
 "claim") claim every one that may, atomically. Mode "dry" takes the very same decisions and writes nothing:
 dry runs and `explain` ask this script, so they can never disagree with a real claim.
-KEYS: ledger fences done inflight backoff parked attempts counters kill paused slots started claim(issue)*
+KEYS: ledger fences done inflight backoff parked attempts counters kill paused slots started claim(issue)* done_bucket(issue)*
 ARGV: generation queue_lease_ms max_in_flight owner mode use_slots issue*
 REPLIES: ok ledger-lost
 generation: the ledger generation the caller works in; any other (or none) -> {'ledger-lost', current}.
@@ -71,13 +71,14 @@ local out, seen = {'ok'}, {}
 local claimed, deduped, s_backoff, s_parked, s_cap, s_slot = 0, 0, 0, 0, 0, 0
 for i = 1, n do
   local issue = ARGV[A_N + i]
-  local ckey = KEYS[K_N + i]
+  local ckey = KEYS[K_N + (i - 1) * K_E + 1]
+  local dkey = KEYS[K_N + (i - 1) * K_E + 2]
   local entry
   if seen[issue] then
     entry = 'duplicate'; deduped = deduped + 1
   else
     seen[issue] = true
-    local done = redis.call('HGET', K.done, issue)
+    local done = redis.call('HGET', dkey, issue) or redis.call('HGET', K.done, issue)  -- bucket, else legacy
     local pttl = done and -2 or redis.call('PTTL', ckey)
     if done then
       entry = 'done:' .. done; deduped = deduped + 1

@@ -1,11 +1,11 @@
 --[[ retry: an operator gives a parked or backing-off issue a fresh attempt budget.
-KEYS: done parked backoff attempts errors counters outbox
+KEYS: done_bucket(issue) done parked backoff attempts errors counters outbox
 ARGV: issue outbox
 REPLIES: ok done
 Returns {'done', marker} refused: done is final
       | {'ok', was_parked (0|1), attempts_before, had_backoff (0|1)}; "retried" is counted only when the
         issue was parked, backing off or had failed attempts (retrying nothing changes nothing) ]]
-local done = redis.call('HGET', K.done, A.issue)
+local done = redis.call('HGET', K.done_bucket, A.issue) or redis.call('HGET', K.done, A.issue)
 if done then return {'done', done} end
 local was_parked = redis.call('HDEL', K.parked, A.issue)
 local attempts = redis.call('HGET', K.attempts, A.issue) or '0'

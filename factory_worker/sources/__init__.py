@@ -1,8 +1,8 @@
 """Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
 
-``kind`` is ``file`` (:class:`FileSource`), ``github`` (``factory_worker.sources.github``, imported only
-when asked for) or ``module:Class`` (any importable class taking the :class:`SourceSettings`). Whatever the
-kind, the loop keeps only the polled issues the eligibility rules (:mod:`.rules`) let through.
+``kind`` is ``file`` (:class:`FileSource`), ``github`` or ``linear`` (``sources/github.py`` /
+``sources/linear.py``, imported only when asked for) or ``module:Class`` (any importable class taking the
+:class:`SourceSettings`). Whatever the kind, the loop keeps only the polled issues the eligibility rules (:mod:`.rules`) let through.
 """
 
 from __future__ import annotations
@@ -36,17 +36,21 @@ def _check(obj: object, what: str) -> IssueSource:
     return obj  # type: ignore[return-value]
 
 
-def _load_github(settings: "SourceSettings") -> IssueSource:
+def _load_tracker(kind: str, settings: "SourceSettings") -> IssueSource:
+    """The ``github`` or ``linear`` source, imported only when asked for."""
     try:
-        from .github import GitHubSource
+        if kind == "github":
+            from .github import GitHubSource as cls
+        else:
+            from .linear import LinearSource as cls  # type: ignore[assignment]
     except ImportError as exc:
-        raise SourceError(f"source kind 'github' is unavailable: {_first_line(exc)}") from None
+        raise SourceError(f"source kind {kind!r} is unavailable: {_first_line(exc)}") from None
     try:
-        return _check(GitHubSource.from_settings(settings), "github")
+        return _check(cls.from_settings(settings), kind)
     except SourceError:
         raise
     except Exception as exc:
-        raise SourceError(f"source kind 'github' failed to start: {_first_line(exc)}") from None
+        raise SourceError(f"source kind {kind!r} failed to start: {_first_line(exc)}") from None
 
 
 def _load_class(spec: str, settings: "SourceSettings") -> IssueSource:
@@ -76,8 +80,8 @@ def load_source(settings: "SourceSettings") -> IssueSource:
     kind = settings.kind
     if kind == "file":
         return FileSource(settings.path, settings.ready_states)
-    if kind == "github":
-        return _load_github(settings)
+    if kind in ("github", "linear"):
+        return _load_tracker(kind, settings)
     if ":" in kind:
         return _load_class(kind, settings)
-    raise SourceError(f"unknown source kind {kind!r}: expected 'file', 'github' or 'module:Class'")
+    raise SourceError(f"unknown source kind {kind!r}: expected 'file', 'github', 'linear' or 'module:Class'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Limits on an issue (untrusted input): nesting of any field, the title, the body, the whole item.
 MAX_DEPTH = 32
@@ -77,6 +77,15 @@ class PollResult:
     errors: list[str] = field(default_factory=list)
     #: total items seen (ready or not), for reporting
     seen: int = 0
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """A ValidationError as one short line: ``field: message`` for the first problem."""
+    errs = exc.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "item"
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{loc}: {first.get('msg', 'invalid')}{more}"
 
 
 class SourceError(Exception):

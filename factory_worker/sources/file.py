@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
-from .base import Issue, PollResult, SourceError
+from .base import Issue, PollResult, SourceError, validation_reason
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,6 @@ class _Parsed:
     data: bytes | None = None  # kept only for a recently modified file (not cacheable by its stamp)
 
 
-def _reason(exc: ValidationError) -> str:
-    """A ValidationError as one short line: ``field: message`` for the first problem."""
-    errs = exc.errors()
-    first = errs[0]
-    loc = ".".join(str(p) for p in first.get("loc", ())) or "item"
-    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{loc}: {first.get('msg', 'invalid')}{more}"
-
-
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -68,7 +59,7 @@ def _validate(obj: Any, where: str, out: _Parsed) -> None:
     try:
         out.issues.append((Issue.model_validate(obj), where))
     except ValidationError as exc:
-        out.errors.append(f"{where}: {_one_line(_reason(exc))}")
+        out.errors.append(f"{where}: {_one_line(validation_reason(exc))}")
     except Exception as exc:  # noqa: BLE001 - one poisoned item never stalls the others
         out.errors.append(f"{where}: rejected: {type(exc).__name__}: {_one_line(str(exc))}")
 

@@ -56,30 +56,32 @@ def _delta_or_date(value: str, now: float) -> float:
     return delay
 
 
-def _epoch(value: str, now: float) -> float:
-    """``X-RateLimit-Reset``: the epoch second the window resets (one in the past means now)."""
+def _epoch(value: str, now: float, unit_s: float = 1.0) -> float:
+    """``X-RateLimit-Reset``: the epoch time the window resets, in ``unit_s`` (one in the past means now)."""
     reset = float(value)
     if reset < 0 or math.isnan(reset):
-        raise ValueError("not an epoch second")
-    return max(0.0, reset - now)
+        raise ValueError("not an epoch time")
+    return max(0.0, reset * unit_s - now)
 
 
-def retry_wait_s(headers: Any, now: float, cap: float, default: float = DEFAULT_RETRY_S) -> float:
+def retry_wait_s(headers: Any, now: float, cap: float, default: float = DEFAULT_RETRY_S,
+                 reset_header: str = "x-ratelimit-reset", reset_unit_s: float = 1.0) -> float:
     """Seconds to wait before the next request, always within ``[0, cap]``.
 
-    ``Retry-After`` (delay seconds or an HTTP date), else ``X-RateLimit-Reset`` (epoch seconds), else
+    ``Retry-After`` (delay seconds or an HTTP date), else ``reset_header`` (an epoch time in ``reset_unit_s``:
+    GitHub's ``X-RateLimit-Reset`` in seconds, Linear's ``X-RateLimit-Requests-Reset`` in milliseconds), else
     ``default``. A header that is not usable (garbage, ``nan``, a negative delay, a date without a zone)
     is ignored, so the next one applies; ``inf`` and huge values are cut to ``cap``."""
     wait = None
-    retry_after, reset = headers.get("retry-after"), headers.get("x-ratelimit-reset")
+    retry_after, reset = headers.get("retry-after"), headers.get(reset_header)
     if retry_after:
         wait = _seconds(retry_after, now, _delta_or_date)
     if wait is None and reset:
-        wait = _seconds(reset, now, _epoch)
+        wait = _seconds(reset, now, lambda v, n: _epoch(v, n, reset_unit_s))
     if wait is None:
         wait = default
     if wait > cap:
-        log.info("rate-limit wait of %s s cut to %s s (source.github_max_retry_after_s)", wait, cap)
+        log.info("rate-limit wait of %s s cut to %s s (the source's max_retry_after_s)", wait, cap)
     return min(max(wait, 0.0), cap)
 
 

@@ -15,7 +15,8 @@ from factory_worker.embedded import RedisServer
 from factory_worker.ledger import Ledger, StaleClaimError
 from factory_worker.context import Context
 from tests.support import (
-    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, wait_until, write_issues,
+    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, wait_until,
+    warm_shutdown, write_issues,
 )
 
 
@@ -85,10 +86,7 @@ def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_ur
     procs.append(w2)
     w2.wait_ready()
 
-    t0 = time.monotonic()
-    w1.signal(signal.SIGTERM)
-    w1.proc.wait(3 + 10)
-    took = time.monotonic() - t0
+    took = warm_shutdown(w1, 3)
     assert took <= 3 + 3, f"warm shutdown took {took:.1f}s"
     for e in first:
         assert not pid_alive(e["pid"])
@@ -162,7 +160,8 @@ def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, 
                                                                     tmp_path, procs):
     issues = [{"id": f"L-{n}", "title": "t", "state": "ready", "labels": ["slow"]} for n in range(3)]
     write_issues(tmp_path / "issues.jsonl", issues)
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50",
+    # one iteration per run: the agents outlive the run that sent them, and kill-loop kills a later run
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="1",
                     FACTORY_AGENT__TERM_GRACE_S="2")
     procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "4"]))
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
@@ -170,6 +169,8 @@ def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, 
         p.wait_ready()
     running = wait_until(lambda: len(starts(tmp_path)) >= 3 and starts(tmp_path), 30, what="3 agents running")
     ctx = Context(settings_from(env), real_redis)
+    sent_by = {real_redis.hget(ctx.keys.agent_task(t), "run_id") for t in real_redis.smembers(ctx.keys.agents)}
+    wait_until(lambda: ctx.control.current_run_id() not in sent_by | {None}, 10, what="a later run")
     t0 = time.monotonic()
     res = ctl(env, "kill-loop", "--release-agents", "--json")
     assert res.returncode == 0, res.stderr
@@ -212,3 +213,39 @@ def test_redis_restart_mid_run_every_issue_done_once(tmp_path, namespace, procs)
             p.stop(timeout=20)
         procs.clear()
         server.stop()
+
+
+def test_sigkill_of_the_loop_worker_is_followed_by_a_new_run_before_the_loop_lease_expires(
+        redis_url, real_redis, namespace, tmp_path, procs):
+    """The loop worker dies mid-run with the default 60 s loop lease: the next kickoff sees that the run's
+    holder has no presence key any more and takes the lease over (after the worker's presence TTL, 15 s),
+    ending the lost run as abandoned; every issue still runs once."""
+    issues = [{"id": f"H-{n:02d}", "title": "t", "state": "ready"} for n in range(20)]
+    write_issues(tmp_path / "issues.jsonl", issues)
+    env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0.5", FACTORY_LOOP__MAX_ITERATIONS="50",
+                    FACTORY_LOOP__ITERATION_SPACING_S="0.5", FACTORY_DISPATCH__MAX_IN_FLIGHT="2")
+    assert "FACTORY_LOOP__LEASE_TTL_S" not in env  # the default: 60 s
+    loop1 = CeleryProc("worker", env, tmp_path, "loop1", queues=[f"{namespace}.loop"], extra=["-c", "1"])
+    agents = CeleryProc("worker", env, tmp_path, "agents", queues=[f"{namespace}.agents"], extra=["-c", "2"])
+    procs.extend([loop1, agents])
+    for p in (loop1, agents):
+        p.wait_ready()
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    ctx = Context(settings_from(env), real_redis)
+    lost = wait_until(lambda: (r := ctx.control.current_run_id()) and
+                      (ctx.control.run(r) or {}).get("holder", "").startswith("loop1@") and r, 30,
+                      what="a run held by loop1")
+    loop1.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    loop2 = CeleryProc("worker", env, tmp_path, "loop2", queues=[f"{namespace}.loop"], extra=["-c", "1"])
+    procs.append(loop2)
+    loop2.wait_ready()
+    wait_until(lambda: ctx.control.current_run_id() not in (lost, None), 45, interval=0.2,
+               what="a new run after the loop worker's death")
+    took = time.monotonic() - killed
+    print(f"new run {took:.1f}s after the loop worker's SIGKILL (loop lease 60 s, presence TTL 15 s)")
+    assert took < 30, f"the loop stayed stopped {took:.1f}s"
+    assert ctx.control.run_status(lost) == "abandoned"
+    assert int(real_redis.hget(ctx.keys.counters, "lease_takeovers") or 0) >= 1
+    wait_until(lambda: ctx.ledger.gauges()["done"] == 20, 60, what="every issue done")
+    assert set(ok_ends(tmp_path).values()) == {1}

@@ -124,7 +124,9 @@ def test_marker_found_on_a_later_comments_page(real_redis, ledger, settings, gh)
     assert len(issue.comments) == 5
 
 
-def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis, ledger, settings, gh):
+def _started_with_a_failing_label(real_redis, ledger, settings, gh):
+    """Issue 1 started (its ``dispatched`` event written), the next label POST answered 502; a sender on a
+    settable clock (``now[0]``) with a 1 s backoff. Returns (now, sender, claim)."""
     gh.add(1, "one")
     now = [1_000.0]
     s = sender(real_redis, settings, clock=lambda: now[0])
@@ -132,6 +134,10 @@ def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis
     a = ledger.claim(["1"]).claims[0]
     ledger.begin("1", a.token, "t1")
     gh.fail("POST", "/labels", 502)
+    return now, s, a
+
+def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis, ledger, settings, gh):
+    now, s, a = _started_with_a_failing_label(real_redis, ledger, settings, gh)
     assert s.drain().retried == 1
     assert s.drain().delivered == 0  # its backoff (1 s) has not passed
     now[0] += 1.1
@@ -143,6 +149,20 @@ def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis
     assert s.drain().delivered == 1
     assert len(gh.issues[1].comments) == 1 and gh.issues[1].labels == {"agent", "factory:working"}
 
+
+
+def test_an_event_retried_after_a_newer_one_comments_but_leaves_the_labels_to_it(real_redis, ledger, settings, gh):
+    """dispatched fails and backs off; meanwhile done is delivered; dispatched's retry must not put the
+    working label back on a done issue (found by the SIGKILL e2e under load)."""
+    now, s, a = _started_with_a_failing_label(real_redis, ledger, settings, gh)
+    assert s.drain().retried == 1  # dispatched backs off for 1 s
+    ledger.complete("1", a.token)
+    assert s.drain().delivered == 1  # done goes first
+    assert gh.issues[1].labels == {"agent", "factory:done"}
+    now[0] += 1.1
+    assert s.drain().delivered == 1  # dispatched, late: its comment, not its label
+    assert gh.issues[1].labels == {"agent", "factory:done"}
+    assert [c.split("**")[1] for c in gh.issues[1].comments] == ["done", "dispatched"]
 
 def test_poison_events_are_parked_with_their_error(real_redis, ledger, settings, gh):
     a = ledger.claim(["404"]).claims[0]  # no such issue on the tracker: permanent

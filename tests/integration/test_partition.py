@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from factory_worker.keys import Keys
+from factory_worker.ledger import done_markers
 from tests.netns import Fleet, Host, NetnsUnavailable
 from tests.support import (AgentLife, DeathWatch, agent_lives, assert_audit_clean, ctl, max_overlap_s, pid_alive,
                            read_events, wait_until, write_issues)
@@ -105,10 +106,11 @@ def claim_expiries(r: redis.Redis, keys: Keys) -> dict[str, float]:
 def wait_all_done(r: redis.Redis, keys: Keys, issues: list[str], timeout: float) -> list[str]:
     """The issues still not done after ``timeout`` s (stuck), at most that long."""
     try:
-        wait_until(lambda: set(issues) <= set(r.hkeys(keys.done)), timeout, interval=0.25, what="all done")
+        wait_until(lambda: set(issues) <= {i for i, _ in done_markers(r, keys)}, timeout, interval=0.25,
+                   what="all done")
     except AssertionError:
         pass
-    return sorted(set(issues) - set(r.hkeys(keys.done)))
+    return sorted(set(issues) - {i for i, _ in done_markers(r, keys)})
 
 
 def listed_running(r: redis.Redis, keys: Keys, timeout: float = 10) -> list[str]:

@@ -52,7 +52,7 @@ def test_acknowledged_claim_begin_and_settle_reach_the_replica(pair):
     assert replica.client().get(Keys("acks").claim("A")) == batch.claims[0].token
     assert ledger.begin("A", batch.claims[0].token, "t-1") == Begin.STARTED
     ledger.complete("A", batch.claims[0].token)
-    assert replica.client().hget(Keys("acks").done, "A") is not None
+    assert replica.client().hget(Keys("acks").done_bucket("A"), "A") is not None
 
 
 def test_claim_without_replica_ack_is_released_unused(pair):
@@ -92,7 +92,7 @@ def test_settle_is_repeated_until_the_replica_acknowledges(pair):
     waited = time.monotonic() - t0
     resume.join()
     assert waited >= 0.9
-    assert replica.client().hget(Keys("acks").done, "A") is not None
+    assert replica.client().hget(Keys("acks").done_bucket("A"), "A") is not None
     assert int(primary.client().hget(Keys("acks").counters, "replica_ack_retries")) >= 1
 
 

@@ -42,17 +42,22 @@ def _settled(ledger: Ledger, n: int) -> bool:
     return g["done"] + g["parked"] == n and backlog(ledger.r, ledger.keys)["pending"] == 0
 
 
+def _fleet(env, tmp_path, procs, real_redis, concurrency: int) -> Ledger:
+    """One worker (``-c concurrency``) and beat, started; the ledger they write."""
+    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", str(concurrency)])
+    procs.append(worker)
+    worker.wait_ready()
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    return Ledger.from_settings(settings_from(env), real_redis)
+
+
 def test_labels_end_right_for_done_and_parked_issues(redis_url, real_redis, namespace, tmp_path, procs, gh):
     for n in (1, 2, 3):
         gh.add(n, f"issue {n}")
     gh.add(4, "always fails", ("agent", "always-fails"))
     gh.add(5, "fails once", ("agent", "fails-once"))
     env = _env(redis_url, namespace, tmp_path, gh)
-    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
-    procs.append(worker)
-    worker.wait_ready()
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    ledger = _fleet(env, tmp_path, procs, real_redis, 3)
     wait_until(lambda: _settled(ledger, 5), 60, what="every issue settled and reported")
     labels = {n: gh.issues[n].labels - {"agent", "always-fails", "fails-once"} for n in gh.issues}
     assert labels == {1: {"factory:done"}, 2: {"factory:done"}, 3: {"factory:done"}, 4: {"factory:parked"},
@@ -106,11 +111,7 @@ def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_
     for n in (1, 2, 3):
         gh.add(n, f"issue {n}")
     env = _env(redis_url, namespace, tmp_path, gh)
-    worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
-    procs.append(worker)
-    worker.wait_ready()
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    ledger = Ledger.from_settings(settings_from(env), real_redis)
+    ledger = _fleet(env, tmp_path, procs, real_redis, 2)
     wait_until(lambda: _settled(ledger, 3), 60, what="every issue done and reported")
     real_redis.flushall()  # the ledger is lost (restart without persistence, failover to a stale replica...)
     time.sleep(3)  # the loop polls: the done issues carry the done label, so nothing is even a candidate

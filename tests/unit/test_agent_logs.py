@@ -43,3 +43,23 @@ def test_old_logs_are_pruned_and_recent_ones_kept(tmp_path):
     assert prune(tmp_path, 600, force=True) == 1
     assert not old.exists() and not old.parent.exists() and new.exists()
     assert prune(tmp_path, 0, force=True) == 0  # 0: kept forever
+
+
+def test_open_log_survives_a_concurrent_prune_of_its_directory(tmp_path, monkeypatch):
+    """Another pool process's prune may remove the (still empty) directory between mkdir and open."""
+    import os as _os
+
+    from factory_worker.agents import logs as logs_mod
+
+    real_open, calls = _os.open, []
+
+    def racing_open(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            _os.rmdir(_os.path.dirname(path))  # pruned right after the mkdir
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(logs_mod.os, "open", racing_open)
+    fd = logs_mod.open_log(tmp_path / "logs" / "EX-2" / "a.log")
+    _os.close(fd)
+    assert len(calls) == 2 and (tmp_path / "logs" / "EX-2" / "a.log").exists()

@@ -37,9 +37,9 @@ def test_a_healthy_ledger_is_clean(fake_redis, keys, ledger):
     (lambda r, k, l: r.zadd(k.inflight, {"ghost": 2**52}), ("inflight-without-claim", "ghost")),
     (lambda r, k, l: r.hset(k.started, "a", "9:someone.1"), ("started-not-claimed", "a")),
     (lambda r, k, l: r.hset(k.done, "a", "1:123"), ("done-and-in-flight", "a")),
-    (lambda r, k, l: (r.hset(k.done, "z", "5:123"), r.zadd(k.backoff, {"z": 2**52})), ("done-and-backoff", "z")),
-    (lambda r, k, l: (r.hset(k.done, "z", "5:123"), r.hset(k.parked, "z", 1)), ("done-and-parked", "z")),
-    (lambda r, k, l: (r.hset(k.done, "z", "5:123"), r.hset(k.fences, "z", 3)), ("fence-below-done", "z")),
+    (lambda r, k, l: (r.hset(k.done_bucket("z"), "z", "5:123"), r.zadd(k.backoff, {"z": 2**52})), ("done-and-backoff", "z")),
+    (lambda r, k, l: (r.hset(k.done_bucket("z"), "z", "5:123"), r.hset(k.parked, "z", 1)), ("done-and-parked", "z")),
+    (lambda r, k, l: (r.hset(k.done_bucket("z"), "z", "5:123"), r.hset(k.fences, "z", 3)), ("fence-below-done", "z")),
     (lambda r, k, l: (r.sadd(k.agents, "agent-x"), r.hset(k.agent_task("agent-x"), "hostname", "gone@host")),
      ("agent-on-dead-worker", "agent-x")),
 ])

@@ -9,25 +9,7 @@ from pathlib import Path
 import pytest
 
 from factory_worker.config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No FACTORY_* variable and no ./factory.toml unless a test sets one."""
-    import os
-
-    for name in [n for n in os.environ if n.startswith("FACTORY_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def config_error(**overrides) -> str:
-    with pytest.raises(ConfigError) as exc:
-        load_settings(**overrides)
-    text = str(exc.value)
-    assert "\n" not in text and text.strip() == text and text
-    return text
+from tests.unit.settings_env import clean_env, config_error  # noqa: F401 - clean_env is autouse
 
 
 # -- defaults and environment ----------------------------------------------------------------------------

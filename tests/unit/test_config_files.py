@@ -10,25 +10,9 @@ import pytest
 from factory_worker.config import AgentSettings, ConfigError, SourceSettings, load_settings, secret_from_env
 from factory_worker.config_files import check_trusted
 from factory_worker.sources.github import GitHubSource
+from tests.unit.settings_env import clean_env, config_error  # noqa: F401 - clean_env is autouse
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to other users needs root")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No FACTORY_* variable and no ./factory.toml unless a test sets one."""
-    for name in [n for n in os.environ if n.startswith(("FACTORY_", "GITHUB_TOKEN"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def config_error(**overrides) -> str:
-    with pytest.raises(ConfigError) as exc:
-        load_settings(**overrides)
-    text = str(exc.value)
-    assert "\n" not in text and text.strip() == text and text
-    return text
 
 
 def secret_file(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> Path:

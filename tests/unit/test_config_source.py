@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from factory_worker.config import ConfigError, load_settings
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No FACTORY_* variable and no ./factory.toml unless a test sets one."""
-    for name in [n for n in os.environ if n.startswith("FACTORY_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+from tests.unit.settings_env import clean_env  # noqa: F401 - autouse
+from tests.unit.settings_env import config_error as settings_error
 
 
 def config_error(**source) -> str:
-    with pytest.raises(ConfigError) as exc:
-        load_settings(source=source)
-    text = str(exc.value)
-    assert "\n" not in text and text.strip() == text and text
-    return text
+    """The one-line error of ``source`` settings."""
+    return settings_error(source=source)
 
 
 def test_defaults():

@@ -339,6 +339,20 @@ def test_renew_keeps_the_claim_counted_against_the_cap(fake_redis, keys, dispatc
     assert skip_of(ledger, "b").reason == "max-in-flight"
 
 
+
+def test_done_markers_of_a_ledger_written_before_the_buckets_still_count(ledger, fake_redis, keys):
+    """A ledger from before the done buckets keeps its markers in the one ``done`` hash: the gate, retry,
+    listings and gauges still read them; a new completion goes to a bucket and is counted once."""
+    fake_redis.hset(keys.done, "old", "7:1700000000000")
+    assert skip_of(ledger, "old").reason == "done"
+    with pytest.raises(LedgerError, match="done is final"):
+        ledger.retry("old")
+    c = one(ledger, "new")
+    ledger.complete("new", c.token)
+    assert fake_redis.hget(keys.done_bucket("new"), "new") and not fake_redis.hexists(keys.done, "new")
+    assert {e["issue"] for e in ledger.entries("done")} == {"old", "new"}
+    assert ledger.gauges()["done"] == 2 and ledger.done_marker("old") == "7:1700000000000"
+
 # -- begin (an agent starts at most once per token) -----------------------------------------------------
 def test_begin_once_per_token_and_again_for_a_new_claim(ledger, clock):
     c = one(ledger, "a")
@@ -362,7 +376,7 @@ def test_complete_is_final(ledger, fake_redis, keys, clock):
     assert fake_redis.hget(keys.errors, "a") is None
     assert fake_redis.zscore(keys.backoff, "a") is None
     assert fake_redis.hget(keys.fences, "a") is None
-    assert fake_redis.hget(keys.done, "a").startswith("2:")
+    assert fake_redis.hget(keys.done_bucket("a"), "a").startswith("2:")
     for _ in range(3):
         clock.advance(10_000)
         assert skip_of(ledger, "a").reason == "done"

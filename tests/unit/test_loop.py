@@ -154,6 +154,26 @@ def test_the_lease_covers_the_gap_before_the_next_iteration(ctx, clock):
     assert ctx.control.lease_holder() == kick.run_id
 
 
+
+def test_a_kickoff_takes_the_lease_over_from_a_run_whose_holder_is_dead(ctx):
+    """The worker that ran a run's latest iteration is its holder; while its presence key lives the run is
+    live (overlap SKIP), once it is gone the next kickoff takes the lease and ends the lost run."""
+    kick = ctx.control.start_run(3, by="test")
+    assert ctx.control.begin_iteration(kick.run_id, 1, 3, 0.0, worker="loop1@h") is None
+    ctx.redis.set(ctx.keys.worker("loop1@h"), "{}")  # alive
+    assert not ctx.control.start_run(3, by="test").started
+    ctx.redis.delete(ctx.keys.worker("loop1@h"))  # SIGKILLed: its presence key expired
+    again = ctx.control.start_run(3, by="test")
+    assert again.started and ctx.control.lease_holder() == again.run_id
+    assert ctx.control.run_status(kick.run_id) == "abandoned"
+    assert ctx.control.begin_iteration(kick.run_id, 2, 3, 0.0, worker="loop2@h") == "the run has ended"
+    assert ctx.redis.hget(ctx.keys.counters, "lease_takeovers") == "1"
+
+
+def test_no_takeover_before_a_run_has_a_holder(ctx):
+    kick = ctx.control.start_run(3, by="test")  # its first iteration has not begun: no holder yet
+    assert not ctx.control.start_run(3, by="test").started and ctx.control.lease_holder() == kick.run_id
+
 def test_a_paused_loop_claims_nothing_even_mid_iteration(ctx):
     ctx.control.set_paused(True, by="test")
     batch = ctx.ledger.claim(["I-0"])
