@@ -207,7 +207,8 @@ def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "
     """Write an agent outcome to the ledger by token; a stale token changes nothing.
 
     A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
-    then, and giving up early would make the issue run again.
+    then, and giving up early would make the issue run again. The last try is made at that deadline (a
+    Sentinel promotion that ends just before it still gets the outcome); a try after the lease is fenced.
     """
     deadline = time.monotonic() + ctx.settings.dispatch.lease_ttl_s
     delay = 0.1
@@ -215,11 +216,13 @@ def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "
         try:
             return _settle_once(ctx, issue_id, token, outcome, error)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise
-            log.warning("Redis unavailable while settling %s (%s); retrying in %.1fs", issue_id, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            wait = min(delay, left)
+            log.warning("Redis unavailable while settling %s (%s); retrying in %.1fs", issue_id, exc, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, 1.0)
 
 
 def _settle_once(ctx: Context, issue_id: str, token: str, outcome: str, error: str) -> Settled:

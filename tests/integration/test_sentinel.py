@@ -35,6 +35,9 @@ def test_primary_killed_mid_run_the_fleet_follows_the_promotion(cluster, namespa
     env = stack_env(cluster.url, namespace, tmp_path, AGENT_SLEEP="0.2", FACTORY_DISPATCH__MAX_IN_FLIGHT="8",
                     FACTORY_DISPATCH__QUEUE_LEASE_S="10", FACTORY_DISPATCH__MIN_REPLICA_ACKS=str(acks),
                     FACTORY_LOOP__MAX_ITERATIONS="5",
+                    # an agent that ends while the primary is down settles once the replica is promoted: the
+                    # promise needs the promotion (down-after 2 s + election, ~3-4 s) inside the claim's lease
+                    FACTORY_DISPATCH__LEASE_TTL_S="10",
                     # a loop message lost with the primary leaves the run's lease to expire before beat's
                     # next kickoff starts a new run: the lease bounds that gap (default 60 s)
                     FACTORY_LOOP__LEASE_TTL_S="5")
@@ -49,7 +52,7 @@ def test_primary_killed_mid_run_the_fleet_follows_the_promotion(cluster, namespa
     cluster.primary.stop(signal.SIGKILL)
     killed_at = time.monotonic()
     failover_s = cluster.wait_failover()
-    cluster.primary.start()  # back as a replica (sentinel reconfigures it), so acks can be given again
+    cluster.rejoin_old_primary()  # back as a replica, so acks can be given again
 
     def progressed() -> bool:
         return any(e["event"] == "start" and e["t"] > time.time() - 1 for e in read_events(tmp_path / "out"))

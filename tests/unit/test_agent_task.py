@@ -82,3 +82,36 @@ def test_an_exception_between_begin_and_the_agent_start_is_a_failed_attempt_not_
     assert out["outcome"] == "failed" and out["settled"] == "backoff" and "UnicodeEncodeError" in out["error"]
     assert ctx.ledger.explain("I-0").state == "backoff"
     assert ctx.ledger.current_token("I-0") is None  # settled, not left held until its lease runs out
+
+
+@pytest.mark.parametrize("outage_s,settled", [(9.95, "done"), (10.5, None)])
+def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_the_end(ctx, monkeypatch,
+                                                                                     outage_s, settled):
+    """A Sentinel promotion that ends just inside the lease (10 s here) still gets the agent's outcome:
+    the backoff's last wait is cut to land on the deadline instead of giving up a wait early."""
+    import redis
+
+    from factory_worker import agent_task
+
+    clock = [0.0]
+    monkeypatch.setattr(agent_task.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(agent_task.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    real = agent_task._settle_once
+    tries = []
+
+    def flaky(*args):
+        tries.append(clock[0])
+        if clock[0] < outage_s:
+            raise redis.ConnectionError("No master found for 'factory-master'")
+        return real(*args)
+
+    monkeypatch.setattr(agent_task, "_settle_once", flaky)
+    claim = ctx.ledger.claim(["I-0"]).claims[0]
+    if settled is None:
+        with pytest.raises(redis.ConnectionError):
+            agent_task.settle(ctx, "I-0", claim.token, "ok")
+        assert tries[-1] == pytest.approx(10.0)  # the last try was at the lease's end
+    else:
+        assert agent_task.settle(ctx, "I-0", claim.token, "ok") == settled
+        assert ctx.ledger.explain("I-0").state == "done"
+    assert max(b - a for a, b in zip(tries, tries[1:])) <= 1.0
