@@ -137,6 +137,7 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
 def _hand_over(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, run_id: str | None,
                send_stage: Any) -> dict[str, Any]:
     """The staged path after ``begin``: anything that stops the hand-over settles the claim."""
+    from .progress import StageUnackedError
     from .stage_task import hand_over
 
     issue_id = str(issue_data.get("id", "")) if isinstance(issue_data, dict) else ""
@@ -145,6 +146,8 @@ def _hand_over(ctx: Context, task_id: str, issue_data: dict[str, Any], token: st
     except StaleClaimError as exc:
         log.warning("agent task %s for %s: stage hand-over rejected: %s", task_id, issue_id, exc)
         return {"outcome": Settled.STALE, "settled": Settled.STALE}
+    except StageUnackedError:  # released, no attempt counted: nothing ran
+        return {"outcome": Begin.UNACKED, "settled": Settled.RELEASED}
     except Exception as exc:  # noqa: BLE001 - a poisoned issue (or a failed send, already released)
         error = f"could not hand over to the stages: {type(exc).__name__}: {exc}"
         log.error("agent task %s for %s: %s", task_id, issue_id, error)

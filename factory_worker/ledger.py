@@ -212,6 +212,12 @@ class Ledger(LedgerViews):
         args["outbox"] = self.outbox
         reply, acked = self._write(name, token=token, issue=issue, **args)
         checked(reply, issue, token)
+        return self._confirm(name, issue, token, reply, acked, **args)
+
+    def _confirm(self, name: str, issue: str, token: str, reply: Reply, acked: bool, **args: Any) -> Reply:
+        """Repeat an unacknowledged write by token (see :meth:`_settle`) until a replica acknowledges it or one
+        lease has passed; a repeat that applies (``ok``) replaces ``reply``, one the claim refuses to its new
+        holder raises :class:`StaleClaimError`, any other keeps ``reply`` (the first write survived)."""
         deadline = time.monotonic() + self.cfg.lease_ttl_s
         while not acked:
             if time.monotonic() > deadline:

@@ -14,13 +14,17 @@ from typing import Any
 from .ledger import Ledger
 from .keys import Keys
 from .pipeline import Progress
-from .scripts import Reply, checked
+from .scripts import Reply, StaleClaimError, checked
 
 log = logging.getLogger(__name__)
 
 _ARGS = ("op", "token", "issue", "lease_ms", "step", "stage", "task_id", "run_id", "sent_ms", "hostname",
          "worker_pid", "round", "retries", "plan", "feedback", "workdir", "outcome", "record_ttl_ms",
          "progress_ttl_ms")
+
+
+class StageUnackedError(RuntimeError):
+    """``open`` was not acknowledged by ``dispatch.min_replica_acks`` replicas; the claim was released."""
 
 
 @dataclass(frozen=True)
@@ -39,32 +43,52 @@ class StageLedger:
         self.ledger = ledger
         self.keys: Keys = ledger.keys
 
-    def _call(self, op: str, issue: str, token: str, **args: Any) -> Reply:
+    def _call(self, op: str, issue: str, token: str, **args: Any) -> tuple[Reply, dict[str, Any], bool]:
+        """Run ``stage.lua``'s ``op``; with ``dispatch.min_replica_acks``, in one pipeline with ``WAIT`` (as the
+        ledger's own writes). Returns (reply, the script's arguments, acknowledged)."""
         values: dict[str, Any] = dict.fromkeys(_ARGS, "")
         values.update(op=op, token=token, issue=issue, lease_ms=self.ledger.lease_ms,
                       record_ttl_ms=Keys.AGENT_TASK_TTL_S * 1000, progress_ttl_ms=Keys.STAGE_PROGRESS_TTL_S * 1000,
                       sent_ms=int(time.time() * 1000), round=1, retries=0, worker_pid=0)
         values.update(args)
-        reply = self.ledger._s["stage"](self.keys, **values)
-        return checked(reply, issue, token)
+        reply, acked = self.ledger._write("stage", **values)
+        return checked(reply, issue, token), values, acked
+
+    def _unacked(self, op: str, issue: str, token: str) -> None:
+        """An ``open`` or ``start`` no replica acknowledged: nothing runs on it (a failover could lose it, as
+        an unacknowledged ``begin``), the claim is released without counting an attempt; progress stays."""
+        log.warning("stage %s of %s by %s not acknowledged by %d replica(s): claim released", op, issue, token,
+                    self.ledger.cfg.min_replica_acks)
+        self.ledger._count_quietly("stages_unacked")
+        try:
+            self.ledger.release(issue, token, reason="unacked")
+        except StaleClaimError:
+            pass
 
     def open(self, issue: str, token: str, task_id: str, run_id: str | None, first_stage: str, plan: list[str],
              workdir: str) -> Opened:
         """Create or resume the attempt's progress; record ``task_id`` (queued) to run its current step. The
         claim's lease becomes the queue lease while that task's message waits."""
-        reply = self._call("open", issue, token, task_id=task_id, run_id=run_id or "", stage=first_stage,
-                           plan=json.dumps(plan), workdir=workdir, lease_ms=self.ledger.queue_lease_ms)
+        reply, _, acked = self._call("open", issue, token, task_id=task_id, run_id=run_id or "", stage=first_stage,
+                                     plan=json.dumps(plan), workdir=workdir, lease_ms=self.ledger.queue_lease_ms)
+        if not acked:
+            self._unacked("open", issue, token)
+            raise StageUnackedError(f"stage open of {issue} not acknowledged by a replica")
         step, stage, resumed = reply.values
         return Opened(int(step), str(stage), bool(int(resumed)))
 
     def start(self, issue: str, token: str, task_id: str, step: int, stage: str, hostname: str,
               pid: int) -> tuple[str, Progress | None]:
         """Start step ``step`` (``stage``): ``("ok", progress)``, or ``("moved" | "duplicate" | "revoked" |
-        "killed", None)``: nothing may run (revoked / killed: the caller releases the claim)."""
-        reply = self._call("start", issue, token, task_id=task_id, step=step, stage=stage, hostname=hostname,
-                           worker_pid=pid)
+        "killed" | "unacked", None)``: nothing may run (revoked / killed: the caller releases the claim;
+        unacked: released here)."""
+        reply, _, acked = self._call("start", issue, token, task_id=task_id, step=step, stage=stage,
+                                     hostname=hostname, worker_pid=pid)
         if reply.status != "ok":
             return reply.status, None
+        if not acked:
+            self._unacked("start", issue, token)
+            return "unacked", None
         rnd, retries, plan, feedback, workdir, history = reply.values
         try:
             names = [str(x) for x in json.loads(plan or "[]")]
@@ -79,10 +103,13 @@ class StageLedger:
         (recorded queued). Returns the new step, or None when step ``step`` is not running by ``token`` (a
         duplicate's late result). The claim's lease becomes the queue lease."""
         feedback_bytes = feedback.encode("utf-8", "replace")[-Keys.FEEDBACK_MAX_BYTES:]
-        reply = self._call("next", issue, token, step=step, outcome=outcome, stage=stage, round=round,
-                           retries=retries, feedback=feedback_bytes.decode("utf-8", "ignore"), task_id=task_id,
-                           run_id=run_id or "", plan=json.dumps(plan) if plan else "",
-                           lease_ms=self.ledger.queue_lease_ms)
+        reply, values, acked = self._call(
+            "next", issue, token, step=step, outcome=outcome, stage=stage, round=round, retries=retries,
+            feedback=feedback_bytes.decode("utf-8", "ignore"), task_id=task_id, run_id=run_id or "",
+            plan=json.dumps(plan) if plan else "", lease_ms=self.ledger.queue_lease_ms)
+        if reply.status == "ok" and not acked:  # a finished step lost in a failover would run again: repeat
+            rest = {k: v for k, v in values.items() if k not in ("token", "issue")}
+            reply = self.ledger._confirm("stage", issue, token, reply, acked, **rest)
         return int(reply.values[0]) if reply.status == "ok" else None
 
     def escalate(self, issue: str, token: str, error: str) -> None:

@@ -95,7 +95,7 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
         return {**result, "outcome": Settled.STALE}
     if status != "ok" or prog is None:
         log.warning("stage task %s (%s of %s) does nothing: %s", task_id, stage, issue_id, status)
-        if status in ("revoked", "killed"):
+        if status in ("revoked", "killed", "unacked"):  # unacked: already released by start
             _forget_task(ctx, task_id)
             try:
                 ctx.ledger.release(issue_id, token, reason=Outcome.INTERRUPTED)

@@ -110,3 +110,62 @@ def test_settle_never_acknowledged_is_counted_after_one_lease_and_stands(pair):
     r = primary.client()
     assert int(r.hget(Keys("acks").counters, "settles_unacked")) == 1
     assert r.get(Keys("acks").claim("A")) is None and r.hget(Keys("acks").attempts, "A") == "1"
+
+
+def _staged(ledger: Ledger, issue: str = "A"):
+    """A claim begun and opened for stages (step 1 = implement, queued for task s-1)."""
+    from factory_worker.progress import StageLedger
+
+    claim = ledger.claim([issue]).claims[0]
+    assert ledger.begin(issue, claim.token, "t-1") == Begin.STARTED
+    stages = StageLedger(ledger)
+    opened = stages.open(issue, claim.token, "s-1", None, "implement", ["implement", "review"], "w")
+    assert (opened.step, opened.stage) == (1, "implement")
+    return stages, claim.token
+
+
+def test_stage_start_without_replica_ack_runs_nothing_and_frees_the_claim_to_resume(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    stages, token = _staged(ledger)
+    replica.proc.send_signal(signal.SIGSTOP)
+    assert stages.start("A", token, "s-1", 1, "implement", "h", 1) == ("unacked", None)
+    r, k = primary.client(), Keys("acks")
+    assert r.get(k.claim("A")) is None and r.hget(k.attempts, "A") is None  # released, no attempt counted
+    assert int(r.hget(k.counters, "stages_unacked")) == 1
+    replica.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: ledger.claim(["A"]).claims, 10, what="claim acknowledged")
+    token2 = r.get(k.claim("A"))
+    assert ledger.begin("A", token2, "t-2") == Begin.STARTED
+    again = stages.open("A", token2, "s-2", None, "implement", ["implement", "review"], "w")
+    assert (again.step, again.stage, again.resumed) == (1, "implement", True)  # step 1 never ran: it runs
+
+
+def test_stage_open_without_replica_ack_raises_and_releases(pair):
+    from factory_worker.progress import StageLedger, StageUnackedError
+
+    primary, replica = pair
+    ledger = _ledger(primary)
+    claim = ledger.claim(["A"]).claims[0]
+    assert ledger.begin("A", claim.token, "t-1") == Begin.STARTED
+    replica.proc.send_signal(signal.SIGSTOP)
+    with pytest.raises(StageUnackedError):
+        StageLedger(ledger).open("A", claim.token, "s-1", None, "implement", ["implement"], "w")
+    assert primary.client().get(Keys("acks").claim("A")) is None
+
+
+def test_stage_hand_over_is_repeated_until_the_replica_acknowledges(pair):
+    primary, replica = pair
+    ledger = _ledger(primary)
+    stages, token = _staged(ledger)
+    assert stages.start("A", token, "s-1", 1, "implement", "h", 1)[0] == "ok"
+    replica.proc.send_signal(signal.SIGSTOP)
+    resume = threading.Timer(1.0, lambda: replica.proc.send_signal(signal.SIGCONT))
+    resume.start()
+    t0 = time.monotonic()
+    new_step = stages.next("A", token, 1, "ok", "review", 1, 0, "", "s-2", None)
+    waited = time.monotonic() - t0
+    resume.join()
+    assert new_step == 2 and waited >= 0.9  # a finished step is on the replica before the next is sent
+    assert replica.client().hget(Keys("acks").stages("A"), "step") == "2"
+    assert int(primary.client().hget(Keys("acks").counters, "replica_ack_retries")) >= 1
