@@ -1,6 +1,19 @@
-"""Agent runners: the protocol and the command (subprocess) runner."""
+"""Agent runners: the protocol and the command (subprocess) runner.
+
+``CommandAgent`` is loaded on first use: settings validation imports ``agents.lease`` (two lease
+formulas), and the CLI's status commands should not pay for the process plumbing (ctypes, setpriv).
+"""
+
+from typing import Any
 
 from .base import AgentResult, AgentRunner, Dispatch
-from .command import CommandAgent
 
 __all__ = ["AgentResult", "AgentRunner", "CommandAgent", "Dispatch"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CommandAgent":
+        from .command import CommandAgent
+
+        return CommandAgent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
