@@ -56,6 +56,7 @@ class Progress:
     feedback: str = ""
     workdir: str = ""
     history: str = ""
+    thread: str = ""  # the attempt's Slack thread, "<channel>:<ts>" ("" without Slack)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 _ARGS = ("op", "token", "issue", "lease_ms", "step", "stage", "task_id", "run_id", "sent_ms", "hostname",
          "worker_pid", "round", "retries", "plan", "feedback", "workdir", "outcome", "record_ttl_ms",
-         "progress_ttl_ms")
+         "progress_ttl_ms", "thread")
 
 
 class StageUnackedError(RuntimeError):
@@ -34,6 +34,7 @@ class Opened:
     step: int
     stage: str
     resumed: bool
+    thread: str = ""  # the attempt's Slack thread ("<channel>:<ts>") when one was opened
 
 
 class StageLedger:
@@ -74,8 +75,13 @@ class StageLedger:
         if not acked:
             self._unacked("open", issue, token)
             raise StageUnackedError(f"stage open of {issue} not acknowledged by a replica")
-        step, stage, resumed = reply.values
-        return Opened(int(step), str(stage), bool(int(resumed)))
+        step, stage, resumed, thread = reply.values
+        return Opened(int(step), str(stage), bool(int(resumed)), str(thread or ""))
+
+    def set_thread(self, issue: str, token: str, thread: str) -> bool:
+        """Record the attempt's Slack thread (holder only); False when the attempt has no progress."""
+        reply, _, _ = self._call("thread", issue, token, thread=thread)
+        return reply.status == "ok"
 
     def start(self, issue: str, token: str, task_id: str, step: int, stage: str, hostname: str,
               pid: int) -> tuple[str, Progress | None]:
@@ -89,13 +95,13 @@ class StageLedger:
         if not acked:
             self._unacked("start", issue, token)
             return "unacked", None
-        rnd, retries, plan, feedback, workdir, history = reply.values
+        rnd, retries, plan, feedback, workdir, history, thread = reply.values
         try:
             names = [str(x) for x in json.loads(plan or "[]")]
         except ValueError:
             names = []
         return "ok", Progress(step, stage, int(rnd), int(retries), names, feedback or "", workdir or "",
-                              history or "")
+                              history or "", thread or "")
 
     def next(self, issue: str, token: str, step: int, outcome: str, stage: str, round: int, retries: int,
              feedback: str, task_id: str, run_id: str | None, plan: list[str] | None = None) -> int | None:

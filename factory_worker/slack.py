@@ -96,9 +96,18 @@ class Conversation:
             return False
         self.thread_ts = self.last_ts = str(body.get("ts"))
         self.channel = str(body.get("channel") or self.channel)
+        self.watch()
+        return True
+
+    def watch(self) -> None:
+        """Start the watcher of ``thread_ts`` (by :meth:`open`, or for a thread opened earlier)."""
         self._thread = threading.Thread(target=self._watch, name="factory-slack-watch", daemon=True)
         self._thread.start()
-        return True
+
+    @property
+    def ref(self) -> str:
+        """The thread as ``<channel>:<ts>`` (what a staged dispatch keeps in the ledger), "" when none."""
+        return f"{self.channel}:{self.thread_ts}" if self.thread_ts else ""
 
     def post(self, text: str) -> None:
         """Post ``text`` in the thread (best effort)."""
@@ -168,6 +177,35 @@ def open_conversation(cfg: SlackSettings, inbox: Path, issue_id: str, title: str
     return conv if conv.open(text) else None
 
 
+def open_thread(cfg: SlackSettings, issue_id: str, title: str, task_id: str, plan: list[str]) -> str:
+    """A staged dispatch's thread, opened at hand-over without a watcher (each stage's run watches it):
+    ``<channel>:<ts>``, or "" (Slack off, or it failed: the stages run anyway)."""
+    if not cfg.channel:
+        return ""
+    conv = Conversation(cfg, SlackClient(cfg), Path("/dev/null"))
+    try:
+        body = conv.client.call("chat.postMessage", channel=conv.channel,
+                                text=f"factory-worker: agents started on {issue_id}: {title[:200]} (dispatch "
+                                     f"{task_id}; stages {' -> '.join(plan)}); reply in this thread to talk to "
+                                     "the running stage")
+    except SlackError as exc:
+        log.warning("could not open the Slack thread: %s", exc)
+        return ""
+    return f"{body.get('channel') or conv.channel}:{body.get('ts')}"
+
+
+def join_conversation(cfg: SlackSettings, inbox: Path, thread: str) -> Conversation | None:
+    """Watch an open thread (``<channel>:<ts>``) for one stage's run: every human reply in it so far and
+    from now on is appended to ``inbox``. None when Slack is off or there is no thread."""
+    channel, _, ts = thread.rpartition(":")
+    if not cfg.channel or not channel or not ts:
+        return None
+    conv = Conversation(cfg, SlackClient(cfg), inbox)
+    conv.channel, conv.thread_ts, conv.last_ts = channel, ts, ts
+    conv.watch()
+    return conv
+
+
 def ended_text(settled: str, error: str = "") -> str:
     """What the thread is told when its dispatch ends."""
     words = {"done": "done", "backoff": "failed: backing off before another attempt", "parked": "parked (needs a human)",
@@ -177,4 +215,5 @@ def ended_text(settled: str, error: str = "") -> str:
     return text + (f" ({error[:300]})" if error and settled in ("backoff", "parked") else "")
 
 
-__all__ = ["Conversation", "SlackClient", "SlackError", "ended_text", "open_conversation"]
+__all__ = ["Conversation", "SlackClient", "SlackError", "ended_text", "join_conversation", "open_conversation",
+           "open_thread"]

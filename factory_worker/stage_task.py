@@ -53,12 +53,57 @@ def hand_over(ctx: Context, task_id: str, issue: Issue, token: str, run_id: str 
     first = TRIAGE if agent.triage else plan[0]
     workdir = f"{safe_name(issue.id, 60)}-{uuid.uuid4().hex[:12]}"
     next_id = new_stage_task_id()
-    opened = StageLedger(ctx.ledger).open(issue.id, token, next_id, run_id, first, plan, workdir)
+    stages = StageLedger(ctx.ledger)
+    opened = stages.open(issue.id, token, next_id, run_id, first, plan, workdir)
     if opened.resumed:
         log.info("issue %s: resuming its attempt at step %d (%s)", issue.id, opened.step, opened.stage)
+    if ctx.settings.slack.channel and not opened.thread:  # one thread per attempt, kept when it resumes
+        _open_thread(ctx, stages, issue, token, task_id, [first, *plan] if first == TRIAGE else plan)
     _send(ctx, send_stage, next_id, issue, token, opened.stage, opened.step, run_id)
     return {"outcome": "staged", "stage": opened.stage, "step": opened.step, "resumed": opened.resumed,
             "stage_task_id": next_id}
+
+
+def _open_thread(ctx: Context, stages: StageLedger, issue: Issue, token: str, task_id: str, plan: list[str]) -> None:
+    """Open the attempt's Slack thread and keep it in the progress (best effort: Slack never stops stages)."""
+    from .slack import open_thread
+
+    thread = open_thread(ctx.settings.slack, issue.id, issue.title, task_id, plan)
+    if thread:
+        try:
+            stages.set_thread(issue.id, token, thread)
+        except (redis.RedisError, StaleClaimError) as exc:
+            log.warning("issue %s: could not keep its Slack thread: %s", issue.id, exc)
+
+
+def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: Any) -> Any:
+    """One stage run's side of the attempt's thread: its inbox (``FACTORY_INBOX``) fed by a watcher, and
+    the stage's start posted; None without a thread (the stage runs anyway)."""
+    if not (ctx.settings.slack.channel and prog.thread):
+        return None
+    from .agents.sandbox import make_inbox
+    from .slack import join_conversation
+
+    try:
+        inbox = make_inbox(ctx.settings.agent, task_id, ident, issue.id)
+    except OSError as exc:
+        log.warning("stage task %s: no Slack inbox (%s)", task_id, exc)
+        return None
+    conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
+    if conversation is None:
+        inbox.unlink(missing_ok=True)
+        return None
+    conversation.post(f"factory-worker: stage {prog.stage} started (step {prog.step}, round {prog.round})")
+    return conversation
+
+
+def _stage_end_text(stage: str, result: dict[str, Any]) -> str:
+    """What the thread is told when a stage's run ends: the hand-over, or the dispatch's end."""
+    from .slack import ended_text
+
+    if result.get("settled") == "next":
+        return f"factory-worker: stage {stage} {result.get('outcome')}; next: {result.get('next_stage')}"
+    return ended_text(str(result.get("settled", "")), str(result.get("error") or ""))
 
 
 def _send(ctx: Context, send_stage: StageSender, task_id: str, issue: Issue, token: str, stage: str, step: int,
@@ -104,13 +149,15 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
         else:
             _forget_task(ctx, task_id, queued_only=True)
         return {**result, "outcome": status}
-    ident = None
+    ident = conversation = None
     try:
         issue = Issue.model_validate(issue_data)
         runner = runner or make_runner(ctx)
         ident = getattr(runner, "ident", None)
         result["round"] = prog.round
-        res = _run(ctx, runner, issue, token, task_id, hostname, prog, ident)
+        conversation = _converse(ctx, prog, task_id, issue, ident)
+        res = _run(ctx, runner, issue, token, task_id, hostname, prog, ident,
+                   conversation.inbox if conversation is not None else None)
         output = read_output(res.log_path, Keys.FEEDBACK_MAX_BYTES)
         decision = decide(ctx.settings.agent, prog, res.outcome, res.exit_code, res.error, output)
         result.update(exit_code=res.exit_code, duration_s=round(res.duration_s, 3), error=res.error or None,
@@ -119,9 +166,14 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
         decision = Decision("fail", "failed", error=f"could not run stage {stage!r}: {type(exc).__name__}: {exc}")
         log.error("stage task %s for %s: %s", task_id, issue_id, decision.error)
     try:
+        if conversation is not None:  # no read of the thread after the stage's end: stop watching first
+            conversation.close()
         result.update(_act(ctx, decision, issue_data, token, prog, run_id, send_stage, ident))
     finally:
         _forget_task(ctx, task_id)
+        if conversation is not None:
+            conversation.post(_stage_end_text(stage, result))
+            conversation.inbox.unlink(missing_ok=True)
     if send is not None and result.get("settled") not in (None, "next", Settled.LEASE_LOST):
         try:
             result["refilled"] = refill(ctx, send, run_id)
@@ -131,8 +183,9 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
 
 
 def _run(ctx: Context, runner: AgentRunner, issue: Issue, token: str, task_id: str, hostname: str,
-         prog: Progress, ident: Any):
-    """Run the step's command in the attempt's shared directory, with its feedback file."""
+         prog: Progress, ident: Any, inbox: Any = None):
+    """Run the step's command in the attempt's shared directory, with its feedback file (and its Slack
+    inbox, when the attempt has a thread)."""
     agent = ctx.settings.agent
     if prog.stage == TRIAGE and agent.triage is not None:
         command, timeout_s = agent.triage.command, agent.triage.timeout_s
@@ -145,6 +198,8 @@ def _run(ctx: Context, runner: AgentRunner, issue: Issue, token: str, task_id: s
     write_feedback(feedback, prog.feedback, ident)
     env = {"FACTORY_WORKDIR": str(workdir), "FACTORY_FEEDBACK": str(feedback), "FACTORY_STAGE": prog.stage,
            "FACTORY_ROUND": str(prog.round), "FACTORY_STEP": str(prog.step)}
+    if inbox is not None:
+        env["FACTORY_INBOX"] = str(inbox)
     dispatch = Dispatch(issue=issue, token=token, dispatch_id=task_id, env=env, command=command,
                         timeout_s=timeout_s, workdir=workdir)
     log.info("issue %s: stage %s (step %d, round %d) starts", issue.id, prog.stage, prog.step, prog.round)

@@ -6,7 +6,9 @@ Appends start/end records to ``$AGENT_OUT/stages.jsonl``. By stage and the issue
 - ``implement``: appends ``round <n>`` to ``$FACTORY_WORKDIR/work.txt``; ``slow-implement``: sleeps
   ``$AGENT_SLOW_S`` (default 3) first.
 - ``review``: ``reject-once``: the first review prints a verdict and exits 3 (rejected); ``slow-review-once``:
-  the first review sleeps 60 s (to be killed).
+  the first review sleeps 60 s (to be killed); ``wait-inbox``: the review waits (10 s at most) for a line
+  in ``$FACTORY_INBOX`` (a Slack reply).
+The start record carries the inbox's content (None without one).
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def main() -> int:
                                  "env_stage": os.environ["FACTORY_STAGE"], "cwd": os.getcwd(),
                                  "workdir": str(workdir), "token": os.environ["FACTORY_DISPATCH_TOKEN"], **kw}) + "\n")
 
-    rec("start", feedback=feedback)
+    inbox = os.environ.get("FACTORY_INBOX")
+    if inbox and "wait-inbox" in labels and stage == "review":  # a human's reply reaches the running stage
+        deadline = time.time() + 10
+        while time.time() < deadline and not (os.path.exists(inbox) and Path(inbox).read_text().strip()):
+            time.sleep(0.05)
+    rec("start", feedback=feedback, inbox=Path(inbox).read_text() if inbox and os.path.exists(inbox) else None)
     code = 0
     if stage == "triage":
         if "bad-triage" in labels:

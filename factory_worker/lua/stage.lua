@@ -1,6 +1,6 @@
 --[[ stage: a staged dispatch's progress through its stages, by token (the claim's holder only).
 KEYS: claim(issue) inflight stages(issue) attempts revoked kill agent_task(task_id) agents queued counters
-ARGV: op token issue lease_ms step stage task_id run_id sent_ms hostname worker_pid round retries plan feedback workdir outcome record_ttl_ms progress_ttl_ms
+ARGV: op token issue lease_ms step stage task_id run_id sent_ms hostname worker_pid round retries plan feedback workdir outcome record_ttl_ms progress_ttl_ms thread
 REPLIES: ok moved duplicate revoked killed gone held
 One claim covers every stage of an attempt; K.stages holds where the attempt is, keyed by issue and bound to
 the attempt number (HGET attempts + 1) when a claim opens it: progress of another attempt is dropped then,
@@ -12,16 +12,18 @@ op "open"   (the claim's first task, after begin): create the progress if this a
             `stage`, with `plan` and `workdir`), else keep it; a step left "running" by an earlier token (a
             dead or released holder) becomes "pending": it runs again, the steps before it do not. Records
             the task `task_id` that will run the current step (state queued, in K.queued), and sets the
-            claim's lease to `lease_ms` (the queue lease). -> {'ok', step, stage, resumed (0|1)}
+            claim's lease to `lease_ms` (the queue lease). -> {'ok', step, stage, resumed (0|1), thread}
 op "start"  (a stage task starts step `step` of stage `stage`): {'moved', step, stage} when the progress is
             elsewhere (that step is done, or none exists), {'duplicate'} when it is already running, then
             {'revoked'} / {'killed'} (nothing starts; the caller releases the claim); else marks it running
             by `token`, the task record running (hostname, worker_pid), in K.agents, out of K.queued, and
-            renews the lease to `lease_ms`. -> {'ok', round, retries, plan, feedback, workdir, history}
+            renews the lease to `lease_ms`. -> {'ok', round, retries, plan, feedback, workdir, history, thread}
 op "next"   (the task running step `step` finished it with `outcome` and hands over): only while that step
             is running by `token` (else {'moved', step, state}); step + 1 = `stage` becomes pending with
             `round`, `retries`, `plan` (kept when empty) and `feedback`; records and queues the next task
-            `task_id`; lease set to `lease_ms` (the queue lease). -> {'ok', new_step} ]]
+            `task_id`; lease set to `lease_ms` (the queue lease). -> {'ok', new_step}
+op "thread" (after open, with Slack on): record the attempt's Slack thread `thread` ("<channel>:<ts>"), kept
+            for every later stage and a resumed attempt. -> {'ok'} ({'moved', '', ''} without progress) ]]
 local stale = not_holder(A.token)
 if stale then return stale end
 local p = K.stages
@@ -50,7 +52,12 @@ if A.op == 'open' then
   queue_task(step, stage)
   redis.call('PEXPIRE', p, A.progress_ttl_ms)
   extend_lease(A.issue, tonumber(A.lease_ms))
-  return {'ok', step, stage, resumed}
+  return {'ok', step, stage, resumed, redis.call('HGET', p, 'thread') or ''}
+end
+if A.op == 'thread' then
+  if redis.call('EXISTS', p) == 0 then return {'moved', '', ''} end
+  redis.call('HSET', p, 'thread', A.thread)
+  return {'ok'}
 end
 local cur = redis.call('HMGET', p, 'step', 'stage', 'state', 'token')
 if A.op == 'start' then
@@ -65,8 +72,8 @@ if A.op == 'start' then
   redis.call('ZREM', K.queued, A.task_id)
   redis.call('HINCRBY', K.counters, 'stages_started', 1)
   extend_lease(A.issue, tonumber(A.lease_ms))
-  local f = redis.call('HMGET', p, 'round', 'retries', 'plan', 'feedback', 'workdir', 'history')
-  return {'ok', f[1] or '1', f[2] or '0', f[3] or '[]', f[4] or '', f[5] or '', f[6] or ''}
+  local f = redis.call('HMGET', p, 'round', 'retries', 'plan', 'feedback', 'workdir', 'history', 'thread')
+  return {'ok', f[1] or '1', f[2] or '0', f[3] or '[]', f[4] or '', f[5] or '', f[6] or '', f[7] or ''}
 end
 -- op "next"
 if not cur[1] or cur[1] ~= A.step or cur[3] ~= 'running' or cur[4] ~= A.token then

@@ -225,3 +225,41 @@ def test_the_example_pipeline_runs(fake_redis, make_settings, tmp_path, monkeypa
     assert [r["stage"] for r in docs] == ["triage", "implement"] and docs[-1]["settled"] == "done"
     sec = run_inline(ctx, Issue(id="EX-8", title="$(touch x)", state="ready", labels=["security"]), begun(ctx, "EX-8"))
     assert sec[-1]["settled"] == "parked" and "needs-human" in ctx.ledger.explain("EX-8").text
+
+
+def test_a_staged_dispatch_keeps_one_slack_thread_and_a_reply_reaches_the_running_stage(ctx, tmp_path, out,
+                                                                                        monkeypatch):
+    """Slack on: hand-over opens one thread for the attempt (kept in the progress), each stage posts its start
+    and its end in it, and a human's reply lands in the running stage's FACTORY_INBOX."""
+    import threading
+
+    from factory_worker.config import SlackSettings
+    from harness import wait_until
+    from tests.fake_slack import CHANNEL, FakeSlack
+
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test")
+    with FakeSlack() as slack:
+        c = staged(ctx, tmp_path, triage=False)
+        c.settings.slack = SlackSettings(channel=CHANNEL, api_url=slack.url, poll_s=0.1, poll_max_s=1)
+
+        def answer() -> None:  # a human answers once the review runs
+            wait_until(lambda: any(r["stage"] == "review" for r in records(out)) or
+                       any("stage review started" in m.get("text", "") for t in slack.threads.values() for m in t),
+                       20, what="the review running")
+            slack.reply(next(iter(slack.threads)), "use the v2 API")
+
+        helper = threading.Thread(target=answer, daemon=True)
+        helper.start()
+        res = run_inline(c, Issue(id="I-0", title="t", state="ready", labels=["wait-inbox"]), begun(c, "I-0"))
+        helper.join(20)
+        threads = dict(slack.threads)
+    assert [r["settled"] for r in res] == ["next", "done"]
+    assert len(threads) == 1  # one thread for the whole attempt
+    texts = [m["text"] for m in next(iter(threads.values())) if m.get("bot_id")]
+    assert texts[0].startswith("factory-worker: agents started on I-0") and "implement -> review" in texts[0]
+    assert texts[1:] == ["factory-worker: stage implement started (step 1, round 1)",
+                         "factory-worker: stage implement ok; next: review",
+                         "factory-worker: stage review started (step 2, round 1)", "factory-worker: done"]
+    review = next(r for r in records(out) if r["stage"] == "review" and r["event"] == "start")
+    assert json.loads(review["inbox"].splitlines()[0])["text"] == "use the v2 API"
+    assert not ctx.redis.exists(ctx.keys.stages("I-0"))  # done: progress (and its thread ref) gone
