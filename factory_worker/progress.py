@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from .ledger import Ledger
 from .keys import Keys
 from .pipeline import Progress
@@ -74,6 +76,10 @@ class StageLedger:
                                      plan=json.dumps(plan), workdir=workdir, lease_ms=self.ledger.queue_lease_ms)
         if not acked:
             self._unacked("open", issue, token)
+            try:  # its task is never sent: off the queued set now rather than at the loop's next sweep
+                self.ledger.r.zrem(self.keys.queued, task_id)
+            except redis.RedisError:
+                pass
             raise StageUnackedError(f"stage open of {issue} not acknowledged by a replica")
         step, stage, resumed, thread = reply.values
         return Opened(int(step), str(stage), bool(int(resumed)), str(thread or ""))

@@ -152,6 +152,7 @@ def test_stage_open_without_replica_ack_raises_and_releases(pair):
     with pytest.raises(StageUnackedError):
         StageLedger(ledger).open("A", claim.token, "s-1", None, "implement", ["implement"], "w")
     assert primary.client().get(Keys("acks").claim("A")) is None
+    assert primary.client().zscore(Keys("acks").queued, "s-1") is None  # its task is never sent
 
 
 def test_stage_hand_over_is_repeated_until_the_replica_acknowledges(pair):
