@@ -193,3 +193,35 @@ def test_warm_shutdown_mid_review_releases_the_claim_and_the_review_resumes_else
     assert records(tmp_path, "W-1", "read")[-1]["work"] == "round 1\n"
     assert ctx.ledger.counters().get("released_interrupted", 0) == 1
     assert ctx.ledger.explain("W-1").detail.get("fence") == 2
+
+
+def test_one_slack_thread_spans_the_stages_a_reply_reaches_the_review_and_the_end_stops_the_reads(
+        redis_url, real_redis, namespace, tmp_path, procs):
+    from tests.fake_slack import CHANNEL, FakeSlack
+
+    with FakeSlack() as slack:
+        write_issues(tmp_path / "issues.jsonl", [{"id": "P-9", "title": "talk", "state": "ready",
+                                                  "labels": ["wait-inbox"]}])
+        env = staged_env(redis_url, namespace, tmp_path, FACTORY_SLACK__CHANNEL=CHANNEL,
+                         FACTORY_SLACK__API_URL=slack.url, FACTORY_SLACK__POLL_S="0.2", SLACK_BOT_TOKEN="xoxb-test")
+        worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
+        procs.append(worker)
+        worker.wait_ready()
+        procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+        thread_ts = wait_until(lambda: next(iter(slack.threads), None), 30, what="the attempt's Slack thread")
+        texts = lambda: [m["text"] for m in slack.threads[thread_ts] if m.get("bot_id")]  # noqa: E731
+        wait_until(lambda: any("stage review started" in t for t in texts()), 60, what="the review running")
+        slack.reply(thread_ts, "ship it")
+        ctx = Context(settings_from(env), real_redis)
+        wait_until(lambda: ctx.ledger.explain("P-9").state == "done", 60, what="P-9 done")
+        wait_until(lambda: texts()[-1] == "factory-worker: done", 20, what="the end told in the thread")
+        ended = time.time()
+        time.sleep(1.5)  # seven poll intervals
+        assert slack.reads_of(thread_ts, after=ended) == 0, "the thread was read after the dispatch ended"
+        assert len(slack.threads) == 1
+        assert [t.split(" (")[0] for t in texts()[1:]] == [
+            "factory-worker: stage triage started", "factory-worker: stage triage ok; next: implement",
+            "factory-worker: stage implement started", "factory-worker: stage implement ok; next: review",
+            "factory-worker: stage review started", "factory-worker: done"]
+    (review,) = [r for r in records(tmp_path, "P-9") if r["stage"] == "review"]
+    assert [json.loads(x)["text"] for x in review["inbox"].splitlines()] == ["ship it"]
