@@ -68,7 +68,11 @@ def _open_thread(ctx: Context, stages: StageLedger, issue: Issue, token: str, ta
     """Open the attempt's Slack thread and keep it in the progress (best effort: Slack never stops stages)."""
     from .slack import open_thread
 
-    thread = open_thread(ctx.settings.slack, issue.id, issue.title, task_id, plan)
+    try:
+        thread = open_thread(ctx.settings.slack, issue.id, issue.title, task_id, plan)
+    except Exception as exc:  # noqa: BLE001 - Slack never stops a dispatch (a token file gone, a bad URL)
+        log.warning("issue %s: no Slack thread (%s: %s)", issue.id, type(exc).__name__, exc)
+        return
     if thread:
         try:
             stages.set_thread(issue.id, token, thread)
@@ -89,7 +93,11 @@ def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: A
     except OSError as exc:
         log.warning("stage task %s: no Slack inbox (%s)", task_id, exc)
         return None
-    conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
+    try:
+        conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
+    except Exception as exc:  # noqa: BLE001 - Slack never stops a stage (a token file gone, a bad URL)
+        log.warning("stage task %s: no Slack thread (%s: %s)", task_id, type(exc).__name__, exc)
+        conversation = None
     if conversation is None:
         inbox.unlink(missing_ok=True)
         return None
