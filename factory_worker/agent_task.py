@@ -211,7 +211,8 @@ def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "
 
     A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
     then, and giving up early would make the issue run again. The last try is made at that deadline (a
-    Sentinel promotion that ends just before it still gets the outcome); a try after the lease is fenced.
+    Sentinel promotion that ends just before it still gets the outcome). The deadline counts from the
+    agent's end, so it can pass the claim's real end by up to one renew interval; such a try is fenced.
     """
     deadline = time.monotonic() + ctx.settings.dispatch.lease_ttl_s
     delay = 0.1

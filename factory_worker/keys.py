@@ -128,7 +128,8 @@ class Keys:
         """Hash: a staged dispatch's progress through its stages, for the issue's current attempt: attempt,
         step (1, 2, ...), stage (the step's stage name), state (pending|running), token (whose task started
         the step), task_id, round, retries, plan (JSON list of stage names), feedback, workdir (the attempt's
-        shared directory's name), history. Written only by ``stage.lua`` (by token), deleted by
+        shared directory's name), history, thread (the attempt's Slack thread, ``<channel>:<ts>``). Written
+        only by ``stage.lua`` (by token), deleted by
         ``complete``/``fail``/``escalate``/``retry``; a new claim of the same attempt resumes from it."""
         return self._k("stage", issue)
 

@@ -63,10 +63,11 @@ class StageLedger:
         log.warning("stage %s of %s by %s not acknowledged by %d replica(s): claim released", op, issue, token,
                     self.ledger.cfg.min_replica_acks)
         self.ledger._count_quietly("stages_unacked")
-        try:
-            self.ledger.release(issue, token, reason="unacked")
-        except StaleClaimError:
-            pass
+        try:  # not waiting for acks again (a replica down would hold the task for a lease): as for a claim
+            self.ledger._s["release"](self.keys, token=token, issue=issue, reason="unacked",
+                                      outbox=self.ledger.outbox)
+        except redis.RedisError:
+            log.warning("could not release %s after an unacknowledged stage %s; its lease ends it", issue, op)
 
     def open(self, issue: str, token: str, task_id: str, run_id: str | None, first_stage: str, plan: list[str],
              workdir: str) -> Opened:

@@ -202,6 +202,10 @@ def join_conversation(cfg: SlackSettings, inbox: Path, thread: str) -> Conversat
         return None
     conv = Conversation(cfg, SlackClient(cfg), inbox)
     conv.channel, conv.thread_ts, conv.last_ts = channel, ts, ts
+    try:  # the replies so far are in the inbox when the stage starts, not one poll later
+        conv.read_once()
+    except SlackError as exc:
+        log.warning("Slack thread %s: %s; the watcher reads it again", ts, exc)
     conv.watch()
     return conv
 

@@ -101,17 +101,25 @@ def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: A
     if conversation is None:
         inbox.unlink(missing_ok=True)
         return None
-    conversation.post(f"factory-worker: stage {prog.stage} started (step {prog.step}, round {prog.round})")
+    _tell(conversation.post, f"factory-worker: stage {prog.stage} started (step {prog.step}, round {prog.round})")
     return conversation
 
 
-def _stage_end_text(stage: str, result: dict[str, Any]) -> str:
-    """What the thread is told when a stage's run ends: the hand-over, or the dispatch's end."""
+def _stage_end_text(result: dict[str, Any]) -> str:
+    """What the thread is told when a stage's run ends the dispatch (a hand-over is told by :func:`_act`)."""
     from .slack import ended_text
 
-    if result.get("settled") == "next":
-        return f"factory-worker: stage {stage} {result.get('outcome')}; next: {result.get('next_stage')}"
     return ended_text(str(result.get("settled", "")), str(result.get("error") or ""))
+
+
+def _tell(tell: Callable[[str], None] | None, text: str) -> None:
+    """Post ``text`` in the attempt's thread, if any; nothing Slack does can fail the stage."""
+    if tell is None:
+        return
+    try:
+        tell(text)
+    except Exception as exc:  # noqa: BLE001 - best effort (post() already logs Slack's own errors)
+        log.warning("could not post in the Slack thread: %s: %s", type(exc).__name__, exc)
 
 
 def _send(ctx: Context, send_stage: StageSender, task_id: str, issue: Issue, token: str, stage: str, step: int,
@@ -148,7 +156,9 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
         return {**result, "outcome": Settled.STALE}
     if status != "ok" or prog is None:
         log.warning("stage task %s (%s of %s) does nothing: %s", task_id, stage, issue_id, status)
-        if status in ("revoked", "killed", "unacked"):  # unacked: already released by start
+        if status == "unacked":  # start released the claim already
+            _forget_task(ctx, task_id)
+        elif status in ("revoked", "killed"):
             _forget_task(ctx, task_id)
             try:
                 ctx.ledger.release(issue_id, token, reason=Outcome.INTERRUPTED)
@@ -164,8 +174,12 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
         ident = getattr(runner, "ident", None)
         result["round"] = prog.round
         conversation = _converse(ctx, prog, task_id, issue, ident)
-        res = _run(ctx, runner, issue, token, task_id, hostname, prog, ident,
-                   conversation.inbox if conversation is not None else None)
+        try:
+            res = _run(ctx, runner, issue, token, task_id, hostname, prog, ident,
+                       conversation.inbox if conversation is not None else None)
+        finally:  # no read of the thread after the stage's end
+            if conversation is not None:
+                conversation.close()
         output = read_output(res.log_path, Keys.FEEDBACK_MAX_BYTES)
         decision = decide(ctx.settings.agent, prog, res.outcome, res.exit_code, res.error, output)
         result.update(exit_code=res.exit_code, duration_s=round(res.duration_s, 3), error=res.error or None,
@@ -173,14 +187,14 @@ def run_stage(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str
     except Exception as exc:  # noqa: BLE001 - contained: a failed attempt, never an unsettled claim
         decision = Decision("fail", "failed", error=f"could not run stage {stage!r}: {type(exc).__name__}: {exc}")
         log.error("stage task %s for %s: %s", task_id, issue_id, decision.error)
+    tell = conversation.post if conversation is not None else None
     try:
-        if conversation is not None:  # no read of the thread after the stage's end: stop watching first
-            conversation.close()
-        result.update(_act(ctx, decision, issue_data, token, prog, run_id, send_stage, ident))
+        result.update(_act(ctx, decision, issue_data, token, prog, run_id, send_stage, ident, tell))
     finally:
         _forget_task(ctx, task_id)
         if conversation is not None:
-            conversation.post(_stage_end_text(stage, result))
+            if result.get("settled") != "next":  # a hand-over was told before the next stage was sent
+                _tell(tell, _stage_end_text(result))
             conversation.inbox.unlink(missing_ok=True)
     if send is not None and result.get("settled") not in (None, "next", Settled.LEASE_LOST):
         try:
@@ -216,7 +230,7 @@ def _run(ctx: Context, runner: AgentRunner, issue: Issue, token: str, task_id: s
 
 
 def _act(ctx: Context, d: Decision, issue_data: dict[str, Any], token: str, prog: Progress, run_id: str | None,
-         send_stage: StageSender | None, ident: Any) -> dict[str, Any]:
+         send_stage: StageSender | None, ident: Any, tell: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Carry out decision ``d`` by token; returns what to add to the task's result (``settled`` and more)."""
     issue_id = str(issue_data.get("id", ""))
     out: dict[str, Any] = {"outcome": d.outcome}
@@ -236,6 +250,7 @@ def _act(ctx: Context, d: Decision, issue_data: dict[str, Any], token: str, prog
             return {**out, "settled": Settled.STALE}
         if new_step is None:
             return {**out, "settled": "moved"}
+        _tell(tell, f"factory-worker: stage {prog.stage} {d.outcome}; next: {d.stage}")  # before it can start
         _send(ctx, send_stage, next_id, Issue.model_validate(issue_data), token, d.stage, new_step, run_id)
         log.info("issue %s: step %d (%s) %s -> step %d (%s, round %d)", issue_id, prog.step, prog.stage,
                  d.outcome, new_step, d.stage, d.round)

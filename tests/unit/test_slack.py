@@ -23,7 +23,7 @@ def slack(monkeypatch):
 
 
 def cfg(slack: FakeSlack, **kw) -> SlackSettings:
-    return SlackSettings(channel=CHANNEL, api_url=slack.url, poll_s=0.1, poll_max_s=2, **kw)
+    return SlackSettings(**{"channel": CHANNEL, "api_url": slack.url, "poll_s": 0.1, "poll_max_s": 2, **kw})
 
 
 def lines(path):
@@ -83,3 +83,24 @@ def test_a_failed_open_is_logged_and_the_agent_runs_without_a_thread(slack, tmp_
     assert open_conversation(bad, tmp_path / "inbox.jsonl", "EX-1", "t", "agent-1") is None
     assert "channel_not_found" in caplog.text and "xoxb-s3cret" not in caplog.text
     assert open_conversation(SlackSettings(), tmp_path / "i", "EX-1", "t", "a") is None  # off: no channel
+
+
+def test_a_stage_joining_an_open_thread_finds_the_replies_so_far_at_once(slack, tmp_path):
+    """A staged dispatch's later stage: the thread's human replies so far are in its inbox before it starts
+    (not one poll later: poll_s is 30 s here), new ones follow, and nothing is read after close."""
+    from factory_worker.slack import join_conversation, open_thread
+
+    thread = open_thread(cfg(slack), "EX-1", "fix it", "agent-1", ["implement", "review"])
+    channel, _, ts = thread.rpartition(":")
+    assert channel == CHANNEL and ts in slack.threads
+    slack.reply(ts, "earlier")
+    inbox = tmp_path / "inbox.jsonl"
+    inbox.touch()
+    conv = join_conversation(cfg(slack, poll_s=30, poll_max_s=60), inbox, thread)
+    assert conv is not None
+    assert [m["text"] for m in lines(inbox)] == ["earlier"]
+    conv.close()
+    closed_at = time.time()
+    time.sleep(0.3)
+    assert slack.reads_of(ts, after=closed_at) == 0
+    assert join_conversation(cfg(slack), inbox, "") is None  # no thread: no watcher
