@@ -56,6 +56,10 @@ class LoopSettings(BaseModel):
     iteration_spacing_s: float | None = Field(
         None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
     )
+    end_idle_runs: bool = Field(
+        True, description="end a run at an iteration with nothing to dispatch and nothing waiting for room "
+                          "(fewer idle loop tasks; a newly ready issue then waits for the next kickoff)"
+    )
 
     def spacing_s(self, iterations: int) -> float:
         """Seconds between two iterations of a run: by default a run's polls spread over one interval."""

@@ -255,7 +255,17 @@ def run_iteration(ctx: Context, send: Sender, run_id: str, index: int, task_id: 
                                                         f"iterations (last: {report.error})")
         report.stopped = "breaker open"
         return report, False
+    if cfg.end_idle_runs and not failed and index + 1 < max_it and is_idle(report):
+        ctx.control.end_run(run_id, RunStatus.FINISHED, "idle: nothing to dispatch")
+        report.stopped = "idle"
+        return report, False
     return report, True
+
+
+def is_idle(report: IterationReport) -> bool:
+    """Nothing dispatched and nothing waiting for room: the run's next iterations could only poll again
+    (a freed slot is refilled by its agent task; a new or re-readied issue waits for the next kickoff)."""
+    return report.dispatched == 0 and not any(s.get("reason") in WAITING for s in report.skipped)
 
 
 def finish_run(ctx: Context, run_id: str) -> bool:

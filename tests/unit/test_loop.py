@@ -203,3 +203,30 @@ def test_a_freed_slot_is_refilled_from_the_backlog_through_the_same_gate(fake_re
     assert nxt is not None and len(send.sent) == 3 and send.sent[-1][1] == nxt
     assert ctx.ledger.explain(nxt).state == "in-flight"
     assert ctx.ledger.counters()["refilled"] == 1
+
+
+@pytest.mark.parametrize("end_idle", [True, False])
+def test_a_run_ends_at_an_idle_iteration_and_goes_on_while_issues_wait_for_room(ctx, end_idle):
+    """5 issues, cap 3: iteration 1 dispatches, iteration 2 has two issues waiting for room (goes on);
+    once all 5 are done, an iteration has nothing to do and ends the run as finished, unless turned off."""
+    ctx.settings.loop.end_idle_runs = end_idle
+    kick = ctx.control.start_run(5, by="test")
+    send = Recorder()
+    assert run_iteration(ctx, send, kick.run_id, 0)[1]
+    report, go_on = run_iteration(ctx, send, kick.run_id, 1)
+    assert report.dispatched == 0 and go_on  # I-3 and I-4 wait for room: polling again may dispatch them
+    for _, issue, token, _ in send.sent:
+        ctx.ledger.complete(issue, token)
+    assert run_iteration(ctx, send, kick.run_id, 2)[0].dispatched == 2
+    for _, issue, token, _ in send.sent[3:]:
+        ctx.ledger.complete(issue, token)
+    report, go_on = run_iteration(ctx, send, kick.run_id, 3)
+    assert report.dispatched == 0 and {s["reason"] for s in report.skipped} == {"done"}
+    assert go_on is not end_idle
+    run = ctx.control.run(kick.run_id)
+    if end_idle:
+        assert report.stopped == "idle" and run["status"] == "finished"
+        assert heartbeat.read(ctx.redis, ctx.keys).status == "idle" and ctx.control.lease_holder() is None
+        assert ctx.control.start_run(by="beat").started  # the next kickoff polls again
+    else:
+        assert run["status"] == "running"
