@@ -78,13 +78,21 @@ def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     console.print(t)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(v: Any) -> str:
+    """Untrusted text for a terminal: control bytes (ESC, OSC 8 links, BEL, ...) shown as ``\\xNN``, never sent."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
+
+
 def _cell(name: str, v: Any) -> str:
-    """A table cell; issue ids, titles and errors are untrusted, so rich markup in them is escaped."""
+    """A table cell; issue ids, titles and errors are untrusted: control bytes shown, rich markup escaped."""
     if v is None:
         return "-"
     if name.endswith("_ms"):
         return _ts(v)
-    return escape(str(v))
+    return escape(printable(v))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
@@ -270,7 +278,7 @@ def explain_cmd(issue: str, as_json: bool) -> None:
     from .operations import explain
 
     e = explain(_context(), _issue_arg(issue))
-    emit(e.as_dict(), as_json, lambda d: click.echo(f"{d['issue']}: {d['state']}: {d['text']}"))
+    emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")))
 
 
 @cli.command("retry")

@@ -67,3 +67,15 @@ def test_the_run_record_does_not_grow_with_the_backlog(fake_redis, make_settings
         sizes[n] = len(fake_redis.hget(ctx.keys.run(kick.run_id), "last_report"))
         assert fake_redis.ttl(ctx.keys.run(kick.run_id)) <= s.loop.run_retention_s
     assert sizes[2000] <= sizes[50] + 20, sizes  # the same size (up to the digits of the counts)
+
+
+def test_a_forged_kickoff_cannot_ask_for_an_unbounded_run(ctx):
+    from factory_worker.config import MAX_ITERATIONS_CEILING
+
+    kick = ctx.control.start_run(10**9, by="forged")
+    assert kick.started and len(kick.task_ids) == MAX_ITERATIONS_CEILING + 1  # iterations, then finish
+    assert kick.task_ids[-1].endswith("-finish")
+    ctx.control.end_run(kick.run_id, "finished")
+    ctx.redis.delete(ctx.keys.loop_lease)
+    kick = ctx.control.start_run(-7, by="forged")
+    assert kick.started and len(kick.task_ids) == 2
