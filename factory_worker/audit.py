@@ -26,6 +26,7 @@ import redis
 from .ledger import done_markers
 
 from .keys import Keys
+from .presence import worker_alive
 from .redis_client import server_now_ms
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _violations(r: redis.Redis, keys: Keys, snap: dict[str, Any]) -> Iterator[Vi
             yield Violation("fence-below-done", issue, f"fence {fence} < done fence {_fence(done[issue])}")
     for task_id in sorted(snap["agents"]):
         host = r.hget(keys.agent_task(task_id), "hostname")
-        if not host or not r.exists(keys.worker(host)):
+        if not host or not worker_alive(r, keys, host):
             yield Violation("agent-on-dead-worker", task_id, f"listed as running on {host or 'an unknown worker'}, "
                                                              "which has no live presence")
 

@@ -21,6 +21,7 @@ import redis
 from . import heartbeat
 from .config import MAX_ITERATIONS_CEILING, Settings
 from .keys import Keys
+from .presence import worker_alive
 from .redis_client import server_now_ms
 from .scripts import scripts_for
 from .states import RunStatus
@@ -193,7 +194,7 @@ class LoopControl:
         ledger, so the overlap can never dispatch twice."""
         old = self.lease_holder()
         holder = self.r.hget(self.keys.run(old), "holder") if old else None
-        if not holder or self.r.exists(self.keys.worker(holder)):
+        if not holder or worker_alive(self.r, self.keys, holder):
             return False
         if self._s["lease_takeover"](self.keys, old_run_id=old, new_run_id=run_id, lease_ms=ttl_ms).status != "ok":
             return False

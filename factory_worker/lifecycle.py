@@ -34,7 +34,7 @@ from celery import bootsteps, signals
 from celery.beat import PersistentScheduler
 
 from .context import current
-from .presence import (beat_ttl_s, clear_beat, clear_slots, publish_beat, publish_slots, publish_worker,
+from .presence import (beat_ttl_s, clear_beat, clear_worker, publish_beat, publish_slots, publish_worker,
                        write_shutdown_deadline)
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,15 @@ log = logging.getLogger(__name__)
 def agent_slots(worker: Any) -> int:
     """How many agents ``worker`` can run at once: its concurrency if it consumes the agent queue (one
     process kept for the loop's short tasks when it consumes the loop queue too), else 0."""
-    from .app import agent_queue, loop_queue
-
-    ns = current().settings.namespace
+    keys = current().keys
     try:
         consumed = set(worker.app.amqp.queues.consume_from)
     except Exception:  # noqa: BLE001 - no queue selection: it consumes every declared queue
-        consumed = {agent_queue(ns), loop_queue(ns)}
-    if agent_queue(ns) not in consumed:
+        consumed = {keys.agent_queue, keys.loop_queue}
+    if keys.agent_queue not in consumed:
         return 0
     c = int(getattr(worker, "concurrency", None) or 1)
-    return max(1, c - 1) if loop_queue(ns) in consumed else c
+    return max(1, c - 1) if keys.loop_queue in consumed else c
 
 
 class WorkerPresence(bootsteps.StartStopStep):
@@ -107,8 +105,7 @@ class WorkerPresence(bootsteps.StartStopStep):
                 thread.join(timeout=2)
         try:
             ctx = current()
-            ctx.redis.delete(ctx.keys.worker(self.node), ctx.keys.worker_shutdown(self.node))
-            clear_slots(ctx, self.node)
+            clear_worker(ctx, self.node)
         except Exception:  # noqa: BLE001 - the keys expire anyway
             log.warning("could not remove worker keys", exc_info=True)
 
@@ -171,14 +168,14 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
     from celery.utils.text import str_to_list
 
     from .agents.sandbox import check_isolation, running_as
-    from .app import agent_queue
     from .config import ConfigError
+    from .keys import Keys
 
     try:
         settings = current().settings
     except ConfigError:
         return
-    queue, opts = agent_queue(settings.namespace), options or {}
+    queue, opts = Keys(settings.namespace).agent_queue, options or {}
     included, excluded = str_to_list(opts.get("queues") or []), str_to_list(opts.get("exclude_queues") or [])
     if (included and queue not in included) or queue in excluded:
         return

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from . import guard, heartbeat
 from .context import Context
 from .outbox import backlog as outbox_backlog
-from .presence import fleet_slots, live_workers
+from .presence import fleet_slots, live_workers, worker_alive
 from .urls import mask_url
 from .control import who
 from .ledger import Explanation
@@ -156,7 +156,7 @@ def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None)
         released_by = "worker"
         if t in pending:
             # Only a dead worker's claims are released here: a live one may be settling right now.
-            if rec.get("hostname") and ctx.redis.exists(ctx.keys.worker(rec["hostname"])):
+            if rec.get("hostname") and worker_alive(ctx.redis, ctx.keys, rec["hostname"]):
                 released_by = "pending (its worker is alive and still stopping it)"
             else:
                 from .agent_task import release_task_claim  # lazily: status commands need none of it

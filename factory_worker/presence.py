@@ -1,4 +1,4 @@
-"""Who is alive: worker and beat presence keys, written and read here only (Celery-free).
+"""Who is alive: worker and beat presence keys and agent slots, written and read here only (Celery-free).
 
 ``{ns}:worker:<node>`` and ``{ns}:beat:<host>/<pid>`` are JSON with an expiry: a process that dies
 vanishes after the TTL. ``{ns}:shutdown:<node>`` is a warm-shutting-down worker's deadline for its agents.
@@ -13,10 +13,16 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .context import Context
+import redis
+
+from .keys import Keys
 from .redis_client import server_now_ms
+from .scripts import scripts_for
+
+if TYPE_CHECKING:
+    from .context import Context
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,17 @@ def publish_worker(ctx: Context, node: str, started_ms: int, shutting_down: bool
         "hostname": node, "host": socket.gethostname(), "pid": os.getpid(), "started_ms": started_ms,
         "updated_ms": server_now_ms(ctx.redis), "shutting_down": shutting_down,
     }), px=int(cfg.heartbeat_ttl_s * 1000))
+
+
+def worker_alive(r: redis.Redis, keys: Keys, node: str) -> bool:
+    """Whether worker ``node`` has a live presence key (it refreshed it within ``worker.heartbeat_ttl_s``)."""
+    return bool(r.exists(keys.worker(node)))
+
+
+def clear_worker(ctx: Context, node: str) -> None:
+    """A worker's own goodbye at shutdown: its presence, shutdown deadline and slots go at once."""
+    ctx.redis.delete(ctx.keys.worker(node), ctx.keys.worker_shutdown(node))
+    clear_slots(ctx, node)
 
 
 def write_shutdown_deadline(ctx: Context, node: str) -> int:
@@ -56,14 +73,8 @@ def clear_slots(ctx: Context, node: str) -> None:
 
 
 def fleet_slots(ctx: Context) -> int:
-    """The agent slots of the live workers now (what the gate counts)."""
-    now = server_now_ms(ctx.redis)
-    total = 0
-    for value in ctx.redis.hvals(ctx.keys.slots):
-        n, _, expires = value.partition(":")
-        if n.isdigit() and expires.isdigit() and int(expires) > now:
-            total += int(n)
-    return total
+    """The agent slots of the live workers now: what the gate counts (the same Lua, ``live_slots``)."""
+    return int(scripts_for(ctx.redis)["fleet_slots"](ctx.keys).values[0])
 
 
 def live_workers(ctx: Context) -> list[dict[str, Any]]:

@@ -48,3 +48,20 @@ local function extend_lease(issue, lease_ms)
   redis.call('ZADD', K.inflight, lease_end, issue)
   return lease_end
 end
+
+-- The fleet's live agent slots: the sum of K.slots entries ("<slots>:<expires_ms>") whose expiry is after
+-- `now`; with `prune`, entries past it (a worker gone past its presence TTL) are removed. Only scripts that
+-- declare K.slots call it.
+local function live_slots(now, prune)
+  local total = 0
+  local flat = redis.call('HGETALL', K.slots)
+  for j = 1, #flat, 2 do
+    local n, expires = string.match(flat[j + 1], '^(%d+):(%d+)$')
+    if n and tonumber(expires) > now then
+      total = total + tonumber(n)
+    elseif prune then
+      redis.call('HDEL', K.slots, flat[j])
+    end
+  end
+  return total
+end

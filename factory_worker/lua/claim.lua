@@ -48,18 +48,7 @@ local now = now_ms()
 local lease = tonumber(A.queue_lease_ms)
 local cap = tonumber(A.max_in_flight)
 local slots = nil
-if A.use_slots == '1' then
-  slots = 0
-  local flat = redis.call('HGETALL', K.slots)
-  for j = 1, #flat, 2 do
-    local n_slots, expires = string.match(flat[j + 1], '^(%d+):(%d+)$')
-    if n_slots and tonumber(expires) > now then
-      slots = slots + tonumber(n_slots)
-    elseif not dry then
-      redis.call('HDEL', K.slots, flat[j])  -- a worker gone past its presence TTL
-    end
-  end
-end
+if A.use_slots == '1' then slots = live_slots(now, not dry) end
 local inflight
 if dry then
   inflight = redis.call('ZCOUNT', K.inflight, now - 1, '+inf')

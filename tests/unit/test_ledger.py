@@ -665,7 +665,7 @@ def test_a_queued_claim_holds_the_queue_lease_and_begin_switches_to_the_running_
 
 def test_the_gate_claims_no_more_than_the_live_fleets_agent_slots(fake_redis, keys, dispatch, clock):
     from factory_worker.context import Context
-    from factory_worker.presence import publish_slots
+    from factory_worker.presence import fleet_slots, publish_slots
 
     ctx = Context(load_settings(namespace=keys.namespace), fake_redis)
     ledger = Ledger(fake_redis, keys, dispatch(max_in_flight=100), rng=lambda: 0.0)
@@ -674,6 +674,8 @@ def test_the_gate_claims_no_more_than_the_live_fleets_agent_slots(fake_redis, ke
     assert ledger.explain("a").state == "no-free-slot" and "no free agent slot" in ledger.explain("a").text
     publish_slots(ctx, "w1@h", 2)
     publish_slots(ctx, "w2@h", 1)
+    fake_redis.hset(keys.slots, "junk@h", "not-a-count")  # never counted by the gate nor the display
+    assert fleet_slots(ctx) == 3  # loop-status shows what the gate counts (the same Lua)
     batch = ledger.claim(["a", "b", "c", "d"], fleet_slots=True)
     assert [c.issue for c in batch.claims] == ["a", "b", "c"]
     assert batch.skipped[0].reason == "no-free-slot" and batch.skipped[0].detail == {"in_flight": 3, "slots": 3}
@@ -681,6 +683,7 @@ def test_the_gate_claims_no_more_than_the_live_fleets_agent_slots(fake_redis, ke
     ledger.complete("a", batch.claims[0].token)  # a slot frees
     assert [c.issue for c in ledger.claim(["d"], fleet_slots=True).claims] == ["d"]
     clock.advance(ctx.settings.worker.heartbeat_ttl_s + 1)  # both workers stopped publishing: their slots go
+    assert fleet_slots(ctx) == 0 and fake_redis.hlen(keys.slots) == 2  # counted, not pruned (claims pruned the junk)
     assert ledger.claim(["e"], fleet_slots=True).skipped[0].reason == "no-free-slot"
     assert fake_redis.hlen(keys.slots) == 0  # pruned by the gate
     assert [c.issue for c in ledger.claim(["e"]).claims] == ["e"]  # a bare ledger call ignores the fleet
