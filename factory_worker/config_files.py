@@ -8,7 +8,8 @@
 * Trust: a config file or secret file that someone other than this worker's user could change is refused
   (:func:`check_trusted`): group- or other-writable, or owned by another user than the worker's or root,
   unless it lies on a read-only mount; and a file owned by ``agent.user`` is always refused (an agent
-  could otherwise rewrite the worker's settings, e.g. point it at its own Redis).
+  could otherwise rewrite the worker's settings, e.g. point it at its own Redis). A ``*_FILE`` file must
+  also not be readable by others (0400 or 0440/0640 for a group the agents are not in).
 
 Every error is a one-line :class:`ConfigError` naming the variable (defined here, exported by
 :mod:`factory_worker.config`, which imports this module).
@@ -50,6 +51,10 @@ def read_secret_file(var: str, path: str) -> str:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(f"{var}={path}: cannot read it ({why})") from None
     check_trusted(Path(path), var)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"{var}: {path} is readable by others (mode {mode:04o}): any local user or agent could "
+                          "read the secret; chmod 0400 it (Kubernetes: defaultMode 0400)")
     return _strip_newline(text)
 
 

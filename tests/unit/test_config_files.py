@@ -51,6 +51,17 @@ def test_a_secret_file_others_can_write_is_refused(tmp_path, monkeypatch):
     assert msg.startswith("FACTORY_REDIS_URL_FILE:") and "writable by its group or others (mode 0622)" in msg
 
 
+def test_a_secret_file_others_can_read_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTORY_REDIS_URL_FILE", str(secret_file(tmp_path, "url", "redis://:pw@r:6379/0", 0o644)))
+    msg = config_error()
+    assert msg.startswith("FACTORY_REDIS_URL_FILE:") and "readable by others (mode 0644)" in msg and "pw" not in msg
+    monkeypatch.setenv("GITHUB_TOKEN_FILE", str(secret_file(tmp_path, "tok", "ghp_x\n", 0o604)))
+    with pytest.raises(ConfigError, match="readable by others"):
+        secret_from_env("GITHUB_TOKEN")
+    os.chmod(tmp_path / "tok", 0o400)
+    assert secret_from_env("GITHUB_TOKEN") == "ghp_x"
+
+
 def test_a_bad_value_from_a_file_names_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTORY_REDIS_URL_FILE", str(secret_file(tmp_path, "url", "http://nope\n")))
     assert config_error().startswith("invalid setting redis_url (FACTORY_REDIS_URL):")
