@@ -7,8 +7,9 @@ let through, and ``explain`` asks the same object why an issue is left out. The 
 * **out of scope** (:data:`Gate.OUT_OF_SCOPE`), checked in this order: ``required_labels`` (every one
   present), ``excluded_labels`` (none present), ``title_prefix`` (the title, leading blanks ignored, starts
   with it; case-sensitive), ``id_pattern`` (a regex the id must fullmatch), ``author_associations``
-  (GitHub's ``author_association`` is one of them; an issue without one is out). An empty rule lets
-  everything through. Labels compare case-insensitively, as on GitHub.
+  (GitHub's ``author_association`` is one of them; an issue without one is out), and for
+  ``kind=linear`` its ``linear.team`` and ``linear.project`` (the poll already asks Linear for them only;
+  ``explain`` of another team's or project's issue says so). An empty rule lets everything through. Labels compare case-insensitively, as on GitHub.
 * **not ready** (:data:`Gate.NOT_READY`): the state is not one of ``ready_states``, or the issue carries
   the factory's own ``done_label`` / ``parked_label`` (what the factory wrote back is respected).
 
@@ -99,6 +100,8 @@ class Rules:
     author_associations: tuple[str, ...] = ()
     done_label: str = "factory:done"
     parked_label: str = "factory:parked"
+    linear_team: str | None = None
+    linear_project: str | None = None
 
     @classmethod
     def from_settings(cls, s: "SourceSettings") -> "Rules":
@@ -108,6 +111,8 @@ class Rules:
             id_pattern=re.compile(s.id_pattern) if s.id_pattern else None,
             author_associations=tuple(a.upper() for a in s.author_associations),
             done_label=s.done_label, parked_label=s.parked_label,
+            linear_team=s.linear.team if s.kind == "linear" else None,
+            linear_project=s.linear.project if s.kind == "linear" else None,
         )
 
     # -- the rules ---------------------------------------------------------------------------------------
@@ -129,6 +134,14 @@ class Rules:
         if self.author_associations and (author or "").upper() not in self.author_associations:
             return Verdict(Gate.OUT_OF_SCOPE, "author association not one of "
                            f"{', '.join(self.author_associations)}", f"it is {_shown(author)}")
+        extra = issue.model_extra or {}
+        team, project = extra.get("team"), extra.get("project")
+        if self.linear_team and str(team or "").casefold() != self.linear_team.casefold():
+            return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear team {_q(self.linear_team)}",
+                           f"it is {_shown(None if team is None else str(team))}")
+        if self.linear_project and project != self.linear_project:
+            return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear project {_q(self.linear_project)}",
+                           f"it is {_shown(None if project is None else str(project))}")
         return None
 
     def readiness(self, issue: Issue) -> Verdict | None:

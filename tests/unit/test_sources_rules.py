@@ -67,6 +67,19 @@ def test_each_rule_lets_a_matching_issue_through(settings, the_issue):
     assert rules(**settings).check(the_issue) is None
 
 
+def test_linear_team_and_project_are_rules_explain_can_name():
+    r = rules(kind="linear", linear={"team": "ENG", "project": "Factory"})
+    ours = Issue(id="ENG-1", title="t", state="ready", team="ENG", project="Factory")
+    assert r.check(ours) is None
+    assert r.verdict(Issue(id="OPS-1", title="t", state="ready", team="OPS", project="Factory")) == \
+        'out of scope: not in Linear team "ENG" (it is "OPS")'
+    assert r.verdict(Issue(id="ENG-2", title="t", state="ready", team="ENG")) == \
+        'out of scope: not in Linear project "Factory" (it is missing)'
+    assert rules(kind="linear", linear={"team": "ENG"}).check(Issue(id="ENG-3", title="t", state="ready",
+                                                                    team="eng")) is None
+    assert rules().check(Issue(id="X-1", title="t", state="ready", team="OPS")) is None  # other kinds: no rule
+
+
 def test_id_pattern_must_match_the_whole_id():
     r = rules(id_pattern=r"\d+")
     assert r.check(issue(id="12")) is None
