@@ -4,7 +4,8 @@ Appends start/end records to ``$AGENT_OUT/stages.jsonl``. By stage and the issue
 - ``triage``: prints ``{"stages": ["implement", "review"], "confidence": ..., "reason": ...}``; confidence 0.1
   with ``unsure``, else 0.9; ``bad-triage`` prints something that is not JSON.
 - ``implement``: appends ``round <n>`` to ``$FACTORY_WORKDIR/work.txt``; ``slow-implement``: sleeps
-  ``$AGENT_SLOW_S`` (default 3) first.
+  ``$AGENT_SLOW_S`` (default 3) first; ``slow-implement-once``: the first implementation sleeps 60 s (to be
+  stopped).
 - ``review``: ``reject-once``: the first review prints a verdict and exits 3 (rejected); ``slow-review-once``:
   the first review sleeps 60 s (to be killed); ``wait-inbox``: the review waits (10 s at most) for a line
   in ``$FACTORY_INBOX`` (a Slack reply).
@@ -51,6 +52,9 @@ def main() -> int:
     elif stage == "implement":
         if "slow-implement" in labels:
             time.sleep(float(os.environ.get("AGENT_SLOW_S", "3")))
+        if "slow-implement-once" in labels and not (out / f"slow-implement-{iid}").exists():
+            (out / f"slow-implement-{iid}").write_text("x")
+            time.sleep(60)
         with open(workdir / "work.txt", "a") as fh:
             fh.write(f"round {os.environ['FACTORY_ROUND']}\n")
     elif stage == "review":

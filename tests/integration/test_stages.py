@@ -1,7 +1,8 @@
 """Staged dispatch end to end: real redis-server, real `celery worker` / `celery beat` subprocesses.
 
 triage -> implement -> review, where the review rejects once; a low-confidence triage escalates; a worker
-SIGKILLed mid-review resumes at the review on another worker; kill-loop mid-pipeline starts no further stage.
+SIGKILLed mid-review resumes at the review on another worker; kill-loop mid-pipeline starts no further stage;
+kill-loop --release-agents stops the running stage; pause lets a claimed issue finish its stages.
 """
 
 from __future__ import annotations
@@ -159,6 +160,69 @@ def test_kill_loop_mid_pipeline_starts_no_further_stage_and_start_loop_resumes(r
     assert ctl(env, "start-loop", "--json").returncode == 0
     wait_until(lambda: ctx.ledger.explain("L-1").state == "done", 30, what="L-1 done after start-loop")
     assert [r["stage"] for r in records(tmp_path, "L-1")] == ["triage", "implement", "review"]
+
+
+def test_kill_loop_release_agents_stops_the_running_stage_and_start_loop_resumes_it(redis_url, real_redis,
+                                                                                   namespace, tmp_path, procs):
+    """``kill-loop --release-agents`` mid-implementation: the stage's agent is stopped at once, its claim
+    released as interrupted (no attempt counted) with the progress kept at the implementation; no further
+    stage starts; after start-loop the implementation runs again (the stopped one never ended), then the
+    review, once."""
+    write_issues(tmp_path / "issues.jsonl", [{"id": "R-1", "title": "t", "state": "ready",
+                                              "labels": ["slow-implement-once"]}])
+    env = staged_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    impl = wait_until(lambda: [r for r in records(tmp_path, "R-1") if r["stage"] == "implement"], 30,
+                      what="the implementation started")[0]
+    t0 = time.monotonic()
+    res = ctl(env, "kill-loop", "--release-agents", "--json")
+    assert res.returncode == 0, res.stderr
+    wait_until(lambda: not pid_alive(impl["pid"]), 15, what="the implementation's agent stopped")
+    print(f"\nrelease-agents mid-stage: the stage's agent gone {time.monotonic() - t0:.2f}s after kill-loop")
+    ctx = Context(settings_from(env), real_redis)
+    wait_until(lambda: ctx.ledger.current_token("R-1") is None, 10, what="the claim released")
+    time.sleep(2)
+    assert [r["stage"] for r in records(tmp_path, "R-1")] == ["triage", "implement"]  # no review started
+    assert not [r for r in records(tmp_path, "R-1", "end") if r["stage"] == "implement"]  # it never ended
+    progress = real_redis.hgetall(ctx.keys.stages("R-1"))
+    assert progress["stage"] == "implement"  # left by the released holder: the next claim's open resumes it
+    assert ctx.ledger.explain("R-1").detail.get("attempts") == 0
+    wait_until(lambda: not real_redis.smembers(ctx.keys.agents), 5, what="no agent listed as running")
+
+    assert ctl(env, "start-loop", "--json").returncode == 0
+    wait_until(lambda: ctx.ledger.explain("R-1").state == "done", 40, what="R-1 done after start-loop")
+    assert [r["stage"] for r in records(tmp_path, "R-1")] == ["triage", "implement", "implement", "review"]
+    assert [r["stage"] for r in records(tmp_path, "R-1", "end")] == ["triage", "implement", "review"]
+
+
+def test_pause_mid_pipeline_lets_the_claimed_issue_finish_its_stages_and_claims_nothing_new(
+        redis_url, real_redis, namespace, tmp_path, procs):
+    """Pause stops no stage of a claimed issue (as it stops no running agent): the implementation running
+    when the loop is paused hands over to the review and the issue is done; an issue that becomes ready
+    meanwhile is not claimed until resume."""
+    write_issues(tmp_path / "issues.jsonl", [{"id": "P-1", "title": "t", "state": "ready",
+                                              "labels": ["slow-implement"]}])
+    env = staged_env(redis_url, namespace, tmp_path, AGENT_SLOW_S="3", FACTORY_LOOP__MAX_ITERATIONS="50")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    wait_until(lambda: [r for r in records(tmp_path, "P-1") if r["stage"] == "implement"], 30,
+               what="the implementation started")
+    assert ctl(env, "pause", "--json").returncode == 0
+    write_issues(tmp_path / "issues.jsonl", [{"id": "P-1", "title": "t", "state": "ready", "labels": ["slow-implement"]},
+                                             {"id": "P-2", "title": "t", "state": "ready"}])
+    ctx = Context(settings_from(env), real_redis)
+    wait_until(lambda: "P-1" in dict(ctx.ledger.done_markers()), 30, what="P-1 done while paused")
+    assert [r["stage"] for r in records(tmp_path, "P-1")] == ["triage", "implement", "review"]
+    time.sleep(2)  # two more loop intervals, paused
+    assert records(tmp_path, "P-2") == [] and ctx.ledger.explain("P-2").state == "paused"
+    assert ctl(env, "resume", "--json").returncode == 0
+    wait_until(lambda: ctx.ledger.explain("P-2").state == "done", 30, what="P-2 done after resume")
+    assert [r["stage"] for r in records(tmp_path, "P-2")] == ["triage", "implement", "review"]
 
 
 def test_warm_shutdown_mid_review_releases_the_claim_and_the_review_resumes_elsewhere(
