@@ -6,7 +6,8 @@ ARGV: generation queue_lease_ms max_in_flight owner mode use_slots issue*
 REPLIES: ok ledger-lost
 generation: the ledger generation the caller works in; any other (or none) -> {'ledger-lost', current}.
 started: a new claim clears the started mark a dead holder left (so started marks are live claims only).
-kill / paused: while either flag exists nothing is claimed (atomic with the kill-loop / pause that sets it).
+kill / paused: while either flag exists nothing is claimed (atomic with the kill-loop / pause that sets it);
+an issue that is done, in flight, parked or backing off still says so (explain of a done issue says done).
 owner is random and unique per call; mode is "claim" or "dry".
 queue_lease_ms: a new claim's lease while its agent message waits in the broker (begin.lua switches it to
 the running lease); the in-flight count is queued + running claims.
@@ -24,7 +25,7 @@ Returns {'ok', entry_1, ..., entry_n}: ONE string per issue, in input order:
   "max-in-flight:<in_flight>:<cap>"  the cluster-wide cap is reached
   "no-free-slot:<in_flight>:<slots>" every live agent slot is taken (queued + running claims)
   "duplicate"                        the same issue appeared earlier in this batch
-  "killed" / "paused"                the loop is killed / paused: every issue of the batch gets this
+  "killed" / "paused"                the loop is killed / paused: every issue the above do not describe
 An inflight entry stops counting against the cap only once its score (the lease end) is more than 1 ms in
 the past: Redis keeps a key alive through the millisecond it expires at, and a script's expiry clock may
 lag TIME by a millisecond, so the cap never undercounts a claim that is still live. ]]
@@ -35,15 +36,9 @@ local dry = A.mode == 'dry'
 local function count(field, by)
   if by > 0 and not dry then redis.call('HINCRBY', K.counters, field, by) end
 end
-for _, flag in ipairs({'kill', 'paused'}) do
-  if redis.call('EXISTS', K[flag]) == 1 then
-    local why = flag == 'kill' and 'killed' or 'paused'
-    local out = {'ok'}
-    for i = 1, n do out[i + 1] = why end
-    count('skipped_' .. why, n)
-    return out
-  end
-end
+local halt = nil  -- the loop-wide stop: checked after what the issue itself is (done, in flight, ...)
+if redis.call('EXISTS', K.kill) == 1 then halt = 'killed'
+elseif redis.call('EXISTS', K.paused) == 1 then halt = 'paused' end
 local now = now_ms()
 local lease = tonumber(A.queue_lease_ms)
 local cap = tonumber(A.max_in_flight)
@@ -57,7 +52,7 @@ else
   inflight = redis.call('ZCARD', K.inflight)
 end
 local out, seen = {'ok'}, {}
-local claimed, deduped, s_backoff, s_parked, s_cap, s_slot = 0, 0, 0, 0, 0, 0
+local claimed, deduped, s_backoff, s_parked, s_cap, s_slot, s_halt = 0, 0, 0, 0, 0, 0, 0
 for i = 1, n do
   local issue = ARGV[A_N + i]
   local ckey = KEYS[K_N + (i - 1) * K_E + 1]
@@ -82,6 +77,8 @@ for i = 1, n do
       elseif until_ms > now then
         entry = 'backoff:' .. until_ms .. ':' .. (redis.call('HGET', K.attempts, issue) or '0')
         s_backoff = s_backoff + 1
+      elseif halt then
+        entry = halt; s_halt = s_halt + 1
       elseif inflight >= cap then
         entry = 'max-in-flight:' .. inflight .. ':' .. cap; s_cap = s_cap + 1
       elseif slots and inflight >= slots then
@@ -109,4 +106,5 @@ count('skipped_backoff', s_backoff)
 count('skipped_parked', s_parked)
 count('skipped_cap', s_cap)
 count('skipped_no_slot', s_slot)
+if halt then count('skipped_' .. halt, s_halt) end
 return out

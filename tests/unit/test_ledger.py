@@ -643,10 +643,25 @@ def test_a_killed_loop_claims_nothing(ledger, fake_redis, keys):
     fake_redis.hset(keys.kill, mapping={"run_id": "r1", "by": "test"})
     batch = ledger.claim(["a", "b", "a"])
     assert batch.claims == []
-    assert [(s.issue, s.reason) for s in batch.skipped] == [("a", "killed"), ("b", "killed"), ("a", "killed")]
+    assert [(s.issue, s.reason) for s in batch.skipped] == [("a", "killed"), ("b", "killed"), ("a", "duplicate")]
     assert ledger.current_token("a") is None and fake_redis.hget(keys.fences, "a") is None
     fake_redis.delete(keys.kill)
     assert one(ledger, "a").fence == 1
+
+
+@pytest.mark.parametrize("flag", ["kill", "paused"])
+def test_a_stopped_loop_still_says_what_an_issue_is(ledger, fake_redis, keys, flag):
+    """Kill and pause stop every claim, but explain of a done or held issue says done / in flight first."""
+    done = one(ledger, "d")
+    ledger.complete("d", done.token)
+    held = one(ledger, "h")
+    fake_redis.hset(getattr(keys, flag), mapping={"by": "test"})
+    why = "killed" if flag == "kill" else "paused"
+    assert ledger.explain("d").state == "done" and ledger.explain("h").state == "in-flight"
+    assert ledger.explain("n").state == why
+    batch = ledger.claim(["d", "h", "n"])
+    assert batch.claims == [] and [s.reason for s in batch.skipped] == ["done", "in-flight", why]
+    assert ledger.counters()[f"skipped_{why}"] == 1 and held.token == ledger.current_token("h")
 
 
 # -- capacity: queue lease and fleet slots (issue 8) -------------------------------------------------------
