@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,7 +22,12 @@ def read_body(handler: BaseHTTPRequestHandler) -> bytes:
 
 
 class FakeServer:
-    """A local HTTP server in a daemon thread; ``url`` is its base (``http://127.0.0.1:<port>``)."""
+    """A local HTTP server in a daemon thread; ``url`` is its base (``http://127.0.0.1:<port>``).
+
+    ``stall_s``: every request is handled, then answered that late (a slow or hung service: the client's
+    timeout fires after the server did the work)."""
+
+    stall_s = 0.0
 
     def __init__(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -48,6 +54,8 @@ class FakeServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 status, payload, headers = fake.route(self)
+                if fake.stall_s:
+                    time.sleep(fake.stall_s)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -104,3 +104,22 @@ def test_a_stage_joining_an_open_thread_finds_the_replies_so_far_at_once(slack, 
     time.sleep(0.3)
     assert slack.reads_of(ts, after=closed_at) == 0
     assert join_conversation(cfg(slack), inbox, "") is None  # no thread: no watcher
+
+
+def test_a_hung_slack_times_out_the_agent_runs_without_a_thread_and_reads_go_on_later(slack, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    slack.stall_s = 1.0
+    t0 = time.monotonic()
+    assert open_conversation(cfg(slack, timeout_s=0.2), tmp_path / "inbox.jsonl", "EX-1", "t", "agent-1") is None
+    assert time.monotonic() - t0 < 0.9 and "xoxb-s3cret" not in caplog.text  # bounded by the timeout
+    slack.stall_s = 0.0
+    inbox = tmp_path / "inbox2.jsonl"
+    inbox.touch()
+    conv = open_conversation(cfg(slack, timeout_s=0.2), inbox, "EX-1", "t", "agent-1")
+    slack.stall_s = 0.5  # reads time out now: the watcher backs off and goes on
+    slack.reply(conv.thread_ts, "while slack was slow")
+    time.sleep(0.6)
+    slack.stall_s = 0.0
+    wait_until(lambda: inbox.read_text(), 5, interval=0.05, what="the reply once Slack answers again")
+    conv.close()
+    assert lines(inbox)[0]["text"] == "while slack was slow"

@@ -304,3 +304,19 @@ def test_from_settings_without_token(gh, monkeypatch):
 def test_from_settings_bad_repo(repo):
     with pytest.raises(SourceError, match="owner/name"):
         load_source(SourceSettings(kind="github", github_repo=repo, github_labels=["agent"]))
+
+
+def test_a_slow_github_times_out_in_one_line_and_the_next_poll_works(gh):
+    import time
+
+    def slow(req: Req) -> Reply:
+        time.sleep(0.6)
+        return Reply(200, [item(1)])
+
+    gh.route = slow
+    src = source(gh, timeout_s=0.2)
+    with pytest.raises(SourceError, match="timed out") as err:
+        src.poll()
+    assert "\n" not in str(err.value) and TOKEN not in str(err.value)
+    gh.route = lambda req: Reply(200, [item(1)])
+    assert [i.id for i in src.poll().issues] == ["1"]

@@ -166,6 +166,32 @@ def test_each_event_moves_the_issue_and_comments_once(linear, writer):
     assert linear.ops("States") == 1  # state ids resolved once
 
 
+def test_a_slow_linear_times_out_in_one_line_and_the_next_call_works(linear):
+    linear.add("ENG-1", "t")
+    s = settings(linear)
+    src = LinearSource(s.source.linear, s.source.ready_states,
+                       api=LinearAPI(s.source.linear.api_url, TOKEN, 0.2, clock=Clock()))
+    linear.stall_s = 1.0
+    with pytest.raises(SourceError) as err:
+        src.poll()
+    assert "Timeout" in str(err.value) and "\n" not in str(err.value) and TOKEN not in str(err.value)
+    linear.stall_s = 0.0
+    assert [i.id for i in src.poll().issues] == ["ENG-1"]
+
+
+def test_a_timed_out_write_is_retried_and_the_marker_keeps_it_to_one_comment(linear):
+    linear.add("ENG-1", "t")
+    s = settings(linear, write_back=True)
+    writer = LinearWriter(s.source, s.tracker, api=LinearAPI(s.source.linear.api_url, TOKEN, 0.3, clock=Clock()))
+    linear.delay_comment_s = 1.0  # Linear creates the comment, its answer comes too late
+    with pytest.raises(DeliveryError) as slow:
+        writer.deliver(event("done"))
+    assert not slow.value.permanent and len(linear.issues["ENG-1"].comments) == 1
+    linear.delay_comment_s = 0.0
+    writer.deliver(event("done"))  # the outbox's retry finds the marker: no second comment
+    assert len(linear.issues["ENG-1"].comments) == 1 and linear.issues["ENG-1"].state == "Done"
+
+
 def test_writer_errors_retry_or_park(linear, writer):
     linear.add("ENG-1", "t")
     with pytest.raises(DeliveryError) as gone:
