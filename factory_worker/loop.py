@@ -6,6 +6,7 @@ Testable without Celery: sending an agent task is a callable (:class:`Sender`) h
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -17,6 +18,7 @@ from .context import Context
 from .control import Kickoff
 from .guard import LedgerLostError
 from .ledger import Claim
+from .scripts import scripts_for
 from .sweep import forget_dead_agents, release_lost_messages
 from .states import Gate, RunStatus
 from .sources.base import Issue
@@ -193,18 +195,12 @@ def refill(ctx: Context, send: Sender, run_id: str | None = None, tries: int = 5
 def _remember_agent_tasks(ctx: Context, pairs: Iterable[tuple[str, Claim]], run_id: str | None,
                           counts: dict[str, int]) -> None:
     """Map each agent task id to its claim, so a revoke or teardown can release by token, and add
-    ``counts`` to the counters: one round trip."""
-    p = ctx.redis.pipeline(transaction=False)
-    for name, n in counts.items():
-        p.hincrby(ctx.keys.counters, name, n)
-    sent_ms = int(time.time() * 1000)
-    for task_id, claim in pairs:
-        key = ctx.keys.agent_task(task_id)
-        p.hset(key, mapping={"issue": claim.issue, "token": claim.token, "run_id": run_id or "",
-                             "state": "queued"})
-        p.expire(key, ctx.keys.AGENT_TASK_TTL_S)
-        p.zadd(ctx.keys.queued, {task_id: sent_ms})
-    p.execute()
+    ``counts`` to the counters: one round trip (``queue_tasks.lua``, the record stage.lua writes too)."""
+    pairs = list(pairs)
+    scripts_for(ctx.redis)["queue_tasks"](
+        ctx.keys, [task_id for task_id, _ in pairs], run_id=run_id or "", sent_ms=int(time.time() * 1000),
+        record_ttl_ms=ctx.keys.AGENT_TASK_TTL_S * 1000, counts=json.dumps(counts),
+        claims=json.dumps([[claim.issue, claim.token] for _, claim in pairs]))
 
 
 def stop_reason(ctx: Context, run: dict[str, Any], task_id: str | None) -> tuple[RunStatus, str] | None:

@@ -65,3 +65,12 @@ local function live_slots(now, prune)
   end
   return total
 end
+
+-- The record of an agent (or stage) task about to be sent: `key` (its agent_task key) -> issue, token, run,
+-- state queued (+ `extra` field/value pairs), expiring after `ttl_ms`; the task id in K.queued at `sent_ms`
+-- (the lost-message sweep's clock). Written here only; begin.lua / stage.lua op start flip it to running.
+local function queue_task(key, task_id, issue, token, run_id, sent_ms, ttl_ms, extra)
+  redis.call('HSET', key, 'issue', issue, 'token', token, 'run_id', run_id, 'state', 'queued', unpack(extra or {}))
+  redis.call('PEXPIRE', key, ttl_ms)
+  redis.call('ZADD', K.queued, sent_ms, task_id)
+end

@@ -27,11 +27,9 @@ op "thread" (after open, with Slack on): record the attempt's Slack thread `thre
 local stale = not_holder(A.token)
 if stale then return stale end
 local p = K.stages
-local function queue_task(step, stage)
-  redis.call('HSET', K.agent_task, 'issue', A.issue, 'token', A.token, 'run_id', A.run_id, 'state', 'queued',
-             'stage', stage, 'step', step)
-  redis.call('PEXPIRE', K.agent_task, A.record_ttl_ms)
-  redis.call('ZADD', K.queued, A.sent_ms, A.task_id)
+local function queue_stage_task(step, stage)
+  queue_task(K.agent_task, A.task_id, A.issue, A.token, A.run_id, A.sent_ms, A.record_ttl_ms,
+             {'stage', stage, 'step', step})
 end
 if A.op == 'open' then
   local attempt = tostring(tonumber(redis.call('HGET', K.attempts, A.issue) or '0') + 1)
@@ -49,7 +47,7 @@ if A.op == 'open' then
   end
   local step, stage = redis.call('HGET', p, 'step'), redis.call('HGET', p, 'stage')
   redis.call('HSET', p, 'token', A.token, 'task_id', A.task_id)
-  queue_task(step, stage)
+  queue_stage_task(step, stage)
   redis.call('PEXPIRE', p, A.progress_ttl_ms)
   extend_lease(A.issue, tonumber(A.lease_ms))
   return {'ok', step, stage, resumed, redis.call('HGET', p, 'thread') or ''}
@@ -87,6 +85,6 @@ redis.call('HSET', p, 'step', step, 'stage', A.stage, 'state', 'pending', 'round
            'feedback', A.feedback, 'history', history, 'task_id', A.task_id)
 if A.plan ~= '' then redis.call('HSET', p, 'plan', A.plan) end
 redis.call('PEXPIRE', p, A.progress_ttl_ms)
-queue_task(step, A.stage)
+queue_stage_task(step, A.stage)
 extend_lease(A.issue, tonumber(A.lease_ms))
 return {'ok', step}
