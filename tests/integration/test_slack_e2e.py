@@ -1,6 +1,7 @@
 """A Slack thread per dispatch, end to end: a real worker and beat, a local fake of Slack's Web API. A
-human's reply reaches the running agent's inbox; the thread is told how the dispatch ended; once it ended
-(done, kill-loop --release-agents, warm shutdown) the thread is never read again."""
+human's reply reaches the running agent's inbox; the thread is told how the dispatch ended (done, failed with
+its error, stopped); once it ended (done, failure, kill-loop --release-agents, warm shutdown, the worker
+SIGKILLed) the thread is never read again."""
 
 from __future__ import annotations
 
@@ -71,3 +72,25 @@ def test_a_warm_shutdown_ends_the_watch(redis_url, real_redis, namespace, tmp_pa
     worker.proc.wait(30)
     _quiet_after_end(slack, thread_ts)
     assert "stopped" in slack.threads[thread_ts][-1]["text"]
+
+
+def test_a_failed_attempt_is_told_with_its_error_and_ends_the_watch(redis_url, real_redis, namespace, tmp_path, procs,
+                                                                    slack):
+    env, _, thread_ts = _stack(redis_url, namespace, tmp_path, procs, slack,
+                               {"id": "S-4", "title": "broken", "state": "ready", "labels": ["always-fails"]})
+    _quiet_after_end(slack, thread_ts)
+    text = slack.threads[thread_ts][-1]["text"]
+    assert text.startswith("factory-worker: failed: backing off") and "exit" in text, text
+
+
+def test_a_sigkilled_worker_leaves_no_watcher_reading_the_thread(redis_url, real_redis, namespace, tmp_path, procs,
+                                                                 slack):
+    """The watcher is a thread of the worker: SIGKILL (nothing can be told) ends its reads with the process."""
+    env, worker, thread_ts = _stack(redis_url, namespace, tmp_path, procs, slack,
+                                    {"id": "S-5", "title": "slow", "state": "ready", "labels": ["slow"]})
+    wait_until(lambda: slack.reads_of(thread_ts) >= 2, 10, what="the thread being watched")
+    worker.signal(signal.SIGKILL)
+    worker.proc.wait(10)
+    killed = time.time()
+    time.sleep(1.5)  # seven poll intervals
+    assert slack.reads_of(thread_ts, after=killed + 0.3) == 0, "the thread was read after the worker died"
