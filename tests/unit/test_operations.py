@@ -17,3 +17,25 @@ def test_explain_says_when_the_source_does_not_have_the_issue_or_it_is_not_ready
     assert blocked.state == "not-ready" and '"blocked"' in blocked.text
     claim = ctx.ledger.claim(["I-1"]).claims[0]
     assert explain(ctx, "I-1").detail["token"] == claim.token  # the ledger's answer wins when it says no
+
+
+def test_loop_status_and_metrics_show_the_tracker_outbox_backlog(fake_redis, make_settings, issues_file):
+    from factory_worker.context import Context
+    from factory_worker.metrics import render
+    from factory_worker.operations import loop_status
+    from factory_worker.presence import publish_slots
+    from factory_worker.sources import FileSource
+
+    s = make_settings(source={"kind": "github", "github_repo": "acme/widgets", "github_labels": ["agent"]},
+                      tracker={"write_back": True})
+    ctx = Context(s, fake_redis, FileSource(issues_file))
+    publish_slots(ctx, "agents@test", 4)
+    for claim in ctx.ledger.claim(["I-0", "I-1"]).claims:  # each transition writes its event in its script
+        ctx.ledger.begin(claim.issue, claim.token, "task-" + claim.issue)
+        ctx.ledger.complete(claim.issue, claim.token)
+    status, _ = loop_status(ctx)
+    assert status["outbox"] == {"pending": 4, "parked": 0}  # dispatched + done, for each
+    fake_redis.hset(ctx.keys.outbox_parked, "1-0", "{}")  # an event given up after its attempts
+    assert loop_status(ctx)[0]["outbox"] == {"pending": 4, "parked": 1}
+    text = render(ctx)
+    assert "factory_outbox_pending 4.0" in text and "factory_outbox_parked 1.0" in text
