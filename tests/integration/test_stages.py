@@ -46,6 +46,21 @@ def records(tmp_path: Path, issue: str | None = None, event: str | None = "start
                   key=lambda r: r["t"])
 
 
+def _implementing(redis_url: str, namespace: str, tmp_path: Path, procs: list, issue: str, label: str,
+                  concurrency: str = "2", **extra: str) -> dict[str, str]:
+    """One worker and beat on one staged issue labelled ``label``; returns the env once its implementation
+    has started."""
+    write_issues(tmp_path / "issues.jsonl", [{"id": issue, "title": "t", "state": "ready", "labels": [label]}])
+    env = staged_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50", **extra)
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", concurrency]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    wait_until(lambda: [r for r in records(tmp_path, issue) if r["stage"] == "implement"], 30,
+               what="the implementation started")
+    return env
+
+
 @pytest.fixture(autouse=True)
 def _ends_with_an_audit(redis_url, namespace, procs):
     yield
@@ -135,15 +150,7 @@ def test_sigkill_mid_review_resumes_at_the_review_on_another_worker(redis_url, r
 
 def test_kill_loop_mid_pipeline_starts_no_further_stage_and_start_loop_resumes(redis_url, real_redis, namespace,
                                                                              tmp_path, procs):
-    write_issues(tmp_path / "issues.jsonl", [{"id": "L-1", "title": "t", "state": "ready",
-                                              "labels": ["slow-implement"]}])
-    env = staged_env(redis_url, namespace, tmp_path, AGENT_SLOW_S="3", FACTORY_LOOP__MAX_ITERATIONS="50")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
-    wait_until(lambda: [r for r in records(tmp_path, "L-1") if r["stage"] == "implement"], 30,
-               what="the implementation started")
+    env = _implementing(redis_url, namespace, tmp_path, procs, "L-1", "slow-implement", AGENT_SLOW_S="3")
     res = ctl(env, "kill-loop", "--json")
     assert res.returncode == 0, res.stderr
     wait_until(lambda: records(tmp_path, "L-1", "end")[-1]["stage"] == "implement", 10,
@@ -168,15 +175,8 @@ def test_kill_loop_release_agents_stops_the_running_stage_and_start_loop_resumes
     released as interrupted (no attempt counted) with the progress kept at the implementation; no further
     stage starts; after start-loop the implementation runs again (the stopped one never ended), then the
     review, once."""
-    write_issues(tmp_path / "issues.jsonl", [{"id": "R-1", "title": "t", "state": "ready",
-                                              "labels": ["slow-implement-once"]}])
-    env = staged_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
-    impl = wait_until(lambda: [r for r in records(tmp_path, "R-1") if r["stage"] == "implement"], 30,
-                      what="the implementation started")[0]
+    env = _implementing(redis_url, namespace, tmp_path, procs, "R-1", "slow-implement-once")
+    (impl,) = [r for r in records(tmp_path, "R-1") if r["stage"] == "implement"]
     t0 = time.monotonic()
     res = ctl(env, "kill-loop", "--release-agents", "--json")
     assert res.returncode == 0, res.stderr
@@ -203,15 +203,8 @@ def test_pause_mid_pipeline_lets_the_claimed_issue_finish_its_stages_and_claims_
     """Pause stops no stage of a claimed issue (as it stops no running agent): the implementation running
     when the loop is paused hands over to the review and the issue is done; an issue that becomes ready
     meanwhile is not claimed until resume."""
-    write_issues(tmp_path / "issues.jsonl", [{"id": "P-1", "title": "t", "state": "ready",
-                                              "labels": ["slow-implement"]}])
-    env = staged_env(redis_url, namespace, tmp_path, AGENT_SLOW_S="3", FACTORY_LOOP__MAX_ITERATIONS="50")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
-    wait_until(lambda: [r for r in records(tmp_path, "P-1") if r["stage"] == "implement"], 30,
-               what="the implementation started")
+    env = _implementing(redis_url, namespace, tmp_path, procs, "P-1", "slow-implement", concurrency="3",
+                        AGENT_SLOW_S="3")
     assert ctl(env, "pause", "--json").returncode == 0
     write_issues(tmp_path / "issues.jsonl", [{"id": "P-1", "title": "t", "state": "ready", "labels": ["slow-implement"]},
                                              {"id": "P-2", "title": "t", "state": "ready"}])
