@@ -65,6 +65,17 @@ class CeleryProc:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
+    def kill(self) -> int | None:
+        """SIGKILL the process group (the worker and its pool), wait, close the log."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)

@@ -71,7 +71,7 @@ def test_idle_iterations_over_a_large_done_source_keep_redis_memory_flat(redis_u
     counters = lambda: ledger.counters().get("iterations", 0)  # noqa: E731
     wait_until(lambda: counters() >= 4, 30, what="the loop iterating")
     # warm up for one run retention, so run records are expiring as fast as they are written
-    time.sleep(15)
+    time.sleep(12)
     times, samples, stored, first_iter = [], [], [], counters()
     t_end = time.monotonic() + WATCH_S
     while time.monotonic() < t_end:
