@@ -215,7 +215,8 @@ class NotifySettings(BaseModel):
 
     webhook_url: str | None = None
     timeout_s: float = Field(2.0, gt=0)
-    events: list[str] = Field(default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed"])
+    events: list[str] = Field(default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed",
+                                                       "ledger-lost"])
 
 
 class TrackerSettings(BaseModel):

@@ -173,7 +173,7 @@ def loop_status_cmd(as_json: bool) -> None:
         console.print("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
         console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
         console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
-                      f"last iteration on {d['last_iteration_worker'] or '-'}")
+                      f"agent slots {d['agent_slots']}; last iteration on {d['last_iteration_worker'] or '-'}")
         if d["outbox"] is not None:
             console.print(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, "
                           f"{d['outbox']['parked']} parked")

@@ -59,6 +59,7 @@ def test_a_cap_far_above_the_fleet_drains_without_no_op_tasks_or_a_flooded_queue
     assert counters["claimed"] == n
 
 
+@pytest.mark.chaos
 def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, namespace, tmp_path, procs):
     write_issues(tmp_path / "issues.jsonl", [{"id": "S-1", "title": "t", "state": "ready"}])
     env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
@@ -75,6 +76,7 @@ def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, name
     assert "no free agent slot" in ledger.explain("S-1").text
 
 
+@pytest.mark.chaos
 def test_a_queued_claim_whose_message_died_with_its_worker_runs_once_elsewhere(redis_url, real_redis, namespace,
                                                                               tmp_path, procs):
     """A worker popped an agent message and was SIGKILLed before recording it (or a failover lost it): the

@@ -19,7 +19,7 @@ from factory_worker.states import Begin, Gate
 from harness import wait_until
 from tests.sentinel import replica_acks
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 @pytest.fixture
