@@ -50,11 +50,7 @@ def read_secret_file(var: str, path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise ConfigError(f"{var}={path}: cannot read it ({why})") from None
-    check_trusted(Path(path), var)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"{var}: {path} is readable by others (mode {mode:04o}): any local user or agent could "
-                          "read the secret; chmod 0400 it (Kubernetes: defaultMode 0400)")
+    check_trusted(Path(path), var, secret=True)
     return _strip_newline(text)
 
 
@@ -137,23 +133,26 @@ def agent_uid(user: str | None) -> int | None:
         return None
 
 
-def check_trusted(path: Path, what: str, agent: int | None = None) -> None:
+def check_trusted(path: Path, what: str, agent: int | None = None, secret: bool = False) -> None:
     """Refuse (:class:`ConfigError`) a file someone other than this worker's user could change, or one the
-    agents' user ``agent`` owns. ``what`` names it in the message (``FACTORY_CONFIG=...``)."""
+    agents' user ``agent`` owns, or (``secret``) one others can read, even on a read-only mount. ``what``
+    names it in the message (``FACTORY_CONFIG=...``)."""
     try:
         st, link = os.stat(path), os.lstat(path)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot stat {path} ({exc.strerror})") from None
     euid, path = os.geteuid(), Path(os.path.abspath(path))
+    mode = stat.S_IMODE(st.st_mode)
     if agent is not None and agent != euid and agent in (st.st_uid, link.st_uid):
         raise ConfigError(f"{what}: {path} is owned by agent.user's uid {agent}: an agent could rewrite the "
                           "worker's settings; make the worker's user own it")
-    if _read_only_mount(path):
-        return
-    for who in (st.st_uid, link.st_uid):
-        if who not in (euid, 0):
-            raise ConfigError(f"{what}: {path} is owned by uid {who}, not by this worker's user (uid {euid}) "
-                              "or root: another user could change it; chown it or mount it read-only")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"{what}: {path} is writable by its group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it")
+    if not _read_only_mount(path):
+        for who in (st.st_uid, link.st_uid):
+            if who not in (euid, 0):
+                raise ConfigError(f"{what}: {path} is owned by uid {who}, not by this worker's user (uid {euid}) "
+                                  "or root: another user could change it; chown it or mount it read-only")
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{what}: {path} is writable by its group or others (mode {mode:04o}); chmod go-w it")
+    if secret and mode & stat.S_IROTH:
+        raise ConfigError(f"{what}: {path} is readable by others (mode {mode:04o}): any local user or agent could "
+                          "read the secret; chmod 0400 it (Kubernetes: defaultMode 0400)")
