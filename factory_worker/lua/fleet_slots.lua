@@ -1,5 +1,5 @@
 --[[ fleet_slots: the live workers' agent slots now, counted exactly as claim.lua counts them (the shared
-live_slots), for loop-status and metrics. Read-only: expired entries are left for claim.lua to prune.
+live_slots), for loop-status. Read-only: expired entries are left for claim.lua to prune.
 KEYS: slots
 ARGV:
 REPLIES: ok

@@ -9,7 +9,8 @@ let through, and ``explain`` asks the same object why an issue is left out. The 
   with it; case-sensitive), ``id_pattern`` (a regex the id must fullmatch), ``author_associations``
   (GitHub's ``author_association`` is one of them; an issue without one is out), and for
   ``kind=linear`` its ``linear.team`` and ``linear.project`` (the poll already asks Linear for them only;
-  ``explain`` of another team's or project's issue says so). An empty rule lets everything through. Labels compare case-insensitively, as on GitHub.
+  ``explain`` of another team's or project's issue says so). An empty rule lets everything through. Labels
+  compare case-insensitively, as on GitHub.
 * **not ready** (:data:`Gate.NOT_READY`): the state is not one of ``ready_states``, or the issue carries
   the factory's own ``done_label`` / ``parked_label`` (what the factory wrote back is respected).
 
@@ -81,11 +82,12 @@ def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _shown(value: str | None, limit: int = 60) -> str:
-    """An untrusted value for a one-line message: quoted and shortened."""
+def _shown(value: object, limit: int = 60) -> str:
+    """An untrusted value for a one-line message: quoted and shortened (None: ``missing``)."""
     if value is None:
         return "missing"
-    return _q(value[:limit]) + ("..." if len(value) > limit else "")
+    text = str(value)
+    return _q(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,10 @@ class Rules:
         team, project = extra.get("team"), extra.get("project")
         if self.linear_team and str(team or "").casefold() != self.linear_team.casefold():
             return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear team {_q(self.linear_team)}",
-                           f"it is {_shown(None if team is None else str(team))}")
+                           f"it is {_shown(team)}")
         if self.linear_project and project != self.linear_project:
             return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear project {_q(self.linear_project)}",
-                           f"it is {_shown(None if project is None else str(project))}")
+                           f"it is {_shown(project)}")
         return None
 
     def readiness(self, issue: Issue) -> Verdict | None:
