@@ -19,6 +19,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
+def set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Set every variable of ``env`` for this test."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def config_error(**overrides) -> str:
     """The ConfigError ``load_settings(**overrides)`` raises: one line, no surrounding blanks."""
     with pytest.raises(ConfigError) as exc:

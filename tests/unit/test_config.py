@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from factory_worker.config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
-from tests.unit.settings_env import clean_env, config_error  # noqa: F401 - clean_env is autouse
+from tests.unit.settings_env import clean_env, config_error, set_env  # noqa: F401 - clean_env is autouse
 
 
 # -- defaults and environment ----------------------------------------------------------------------------
@@ -41,8 +41,7 @@ def test_environment_variables_are_read(monkeypatch):
         "FACTORY_AGENT__TIMEOUT_S": "90",
         "FACTORY_AGENT__LOG_DIR": "/var/log/factory",
     }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    set_env(monkeypatch, env)
     s = load_settings()
     assert s.redis_url == "redis://example:6380/2" and s.effective_broker_url == "redis://example:6380/2"
     assert s.namespace == "team-a"

@@ -10,7 +10,7 @@ import pytest
 from factory_worker.config import AgentSettings, ConfigError, SourceSettings, load_settings, secret_from_env
 from factory_worker.config_files import check_trusted
 from factory_worker.sources.github import GitHubSource
-from tests.unit.settings_env import clean_env, config_error  # noqa: F401 - clean_env is autouse
+from tests.unit.settings_env import clean_env, config_error, set_env  # noqa: F401 - clean_env is autouse
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to other users needs root")
 
@@ -167,6 +167,5 @@ def test_isolation_settings_from_env(monkeypatch):
     ({"FACTORY_AGENT__KEEP_WORKDIR": "perhaps"}, "invalid setting agent.keep_workdir (FACTORY_AGENT__KEEP_WORKDIR)"),
 ])
 def test_isolation_setting_errors_are_one_line_naming_the_field(monkeypatch, env, expected):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    set_env(monkeypatch, env)
     assert config_error().startswith(expected)

@@ -7,6 +7,7 @@ import pytest
 from factory_worker.config import ConfigError, load_settings
 from tests.unit.settings_env import clean_env  # noqa: F401 - autouse
 from tests.unit.settings_env import config_error as settings_error
+from tests.unit.settings_env import set_env
 
 
 def config_error(**source) -> str:
@@ -34,8 +35,7 @@ def test_environment_variables(monkeypatch):
         "FACTORY_SOURCE__WORKING_LABEL": "bot:working",
         "FACTORY_SOURCE__GITHUB_MAX_RETRY_AFTER_S": "90",
     }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    set_env(monkeypatch, env)
     s = load_settings().source
     assert s.required_labels == ["factory", "ok"] and s.excluded_labels == ["wontfix"]
     assert s.title_prefix == "[factory]" and s.id_pattern == r"EX-\d+"
