@@ -6,32 +6,22 @@ stderr and exit 2, never a traceback. Only Redis is needed, plus the broker for 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import click
 import redis
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from . import __version__
+from .cli_output import Exit, console, emit, printable, table, ts
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
 from .context import Context
 from .sources.base import SourceError
 
 log = logging.getLogger(__name__)
-console = Console()
-
-
-class Exit(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
 
 
 def _settings() -> Settings:
@@ -52,47 +42,6 @@ def _tasks(ctx: Context) -> Any:
 
     set_current(ctx)
     return tasks
-
-
-def _ts(ms: Any) -> str:
-    try:
-        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (TypeError, ValueError):
-        return "-"
-
-
-def emit(data: Any, as_json: bool, human: Callable[[Any], None], code: int = 0) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        human(data)
-    raise Exit(code)
-
-
-def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*[_cell(c, r.get(c)) for c in columns])
-    console.print(t)
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(v: Any) -> str:
-    """Untrusted text for a terminal: control bytes (ESC, OSC 8 links, BEL, ...) shown as ``\\xNN``, never sent."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
-
-
-def _cell(name: str, v: Any) -> str:
-    """A table cell; issue ids, titles and errors are untrusted: control bytes shown, rich markup escaped."""
-    if v is None:
-        return "-"
-    if name.endswith("_ms"):
-        return _ts(v)
-    return escape(printable(v))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]},
@@ -167,9 +116,9 @@ def loop_status_cmd(as_json: bool) -> None:
                           f" on {hb['hostname']} pid {hb['pid']}")
         if d["killed"]:
             k = d["killed"]
-            console.print(f"[red]killed[/red] at {_ts(k.get('at_ms'))} by {k.get('by')}: run start-loop to resume")
+            console.print(f"[red]killed[/red] at {ts(k.get('at_ms'))} by {k.get('by')}: run start-loop to resume")
         if d["paused"]:
-            console.print(f"[yellow]paused[/yellow] at {_ts(d['paused'].get('at_ms'))} by {d['paused'].get('by')}")
+            console.print(f"[yellow]paused[/yellow] at {ts(d['paused'].get('at_ms'))} by {d['paused'].get('by')}")
         console.print("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
         console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
         console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
@@ -258,7 +207,7 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
 
     def human(d: list[dict[str, Any]]) -> None:
-        shown = [{**r, "since/until": _ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
+        shown = [{**r, "since/until": ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
                   "last_error": (r.get("last_error") or "")[-80:] or None} for r in d]
         table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
 

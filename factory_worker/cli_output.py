@@ -1,0 +1,69 @@
+"""What the control CLI prints: JSON or human text, tables of untrusted text, the exit code it ends with.
+
+Issue ids, titles and errors come from the source and from agents: in a table rich markup in them is
+escaped, and everywhere control bytes are shown as ``\\xNN`` (:func:`printable`), so no terminal escape or
+OSC 8 link reaches an operator's terminal. Used by :mod:`factory_worker.ctl`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+
+
+class Exit(Exception):
+    """End the command with ``code`` (raised by :func:`emit` once the output is printed)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def ts(ms: Any) -> str:
+    """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return "-"
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None], code: int = 0) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human(data)
+    raise Exit(code)
+
+
+def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[_cell(c, r.get(c)) for c in columns])
+    console.print(t)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(v: Any) -> str:
+    """Untrusted text for a terminal: control bytes (ESC, OSC 8 links, BEL, ...) shown as ``\\xNN``, never sent."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
+
+
+def _cell(name: str, v: Any) -> str:
+    """A table cell; issue ids, titles and errors are untrusted: control bytes shown, rich markup escaped."""
+    if v is None:
+        return "-"
+    if name.endswith("_ms"):
+        return ts(v)
+    return escape(printable(v))
