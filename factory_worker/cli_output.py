@@ -2,7 +2,7 @@
 
 Issue ids, titles and errors come from the source and from agents: in a table rich markup in them is
 escaped, and everywhere control bytes are shown as ``\\xNN`` (:func:`printable`), so no terminal escape or
-OSC 8 link reaches an operator's terminal. Used by :mod:`factory_worker.ctl`.
+OSC 8 link reaches an operator's terminal. Used by :mod:`factory_worker.cli`.
 """
 
 from __future__ import annotations

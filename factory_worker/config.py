@@ -27,6 +27,9 @@ from pydantic_settings import (
 )
 
 from . import urls
+from .heartbeat import DEFAULT_STALE_AFTER_S
+from .keys import NAMESPACE_PATTERN
+from .urls import DEFAULT_REDIS_URL  # noqa: F401 - this module's API too
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from .config_files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
 from .source_settings import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
@@ -36,7 +39,6 @@ log = logging.getLogger(__name__)
 
 #: Hard ceiling on iterations per run: a run is a bounded chain, never an endless one.
 MAX_ITERATIONS_CEILING = 1000
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: What an agent gets of the worker's environment by default (HOME is its own directory unless listed).
 DEFAULT_AGENT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -48,7 +50,7 @@ class LoopSettings(BaseModel):
 
     interval_s: float = Field(10.0, gt=0, description="seconds between beat kickoffs")
     max_iterations: int = Field(3, ge=1, le=MAX_ITERATIONS_CEILING, description="iterations per run")
-    stale_after_s: float = Field(60.0, gt=0, description="heartbeat older than this is stale")
+    stale_after_s: float = Field(DEFAULT_STALE_AFTER_S, gt=0, description="heartbeat older than this is stale")
     breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
     heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
     lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
@@ -243,7 +245,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
     broker_url: str | None = Field(None, description="Celery broker; defaults to redis_url")
-    namespace: str = Field("factory", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    namespace: str = Field("factory", min_length=1, max_length=64, pattern=NAMESPACE_PATTERN.pattern)
     loop: LoopSettings = Field(default_factory=LoopSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)

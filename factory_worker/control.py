@@ -7,10 +7,8 @@ and released by run id only.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
-import os
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -22,21 +20,13 @@ from . import heartbeat
 from .config import MAX_ITERATIONS_CEILING, Settings
 from .keys import Keys
 from .presence import worker_alive
+from .quick import kill_record, who
 from .redis_client import server_now_ms
 from .scripts import scripts_for
 from .states import RunStatus
 
 log = logging.getLogger(__name__)
 
-
-
-def who() -> str:
-    """``user@host:pid`` of the operator (or process) acting."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = os.environ.get("USER", "unknown")
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -107,7 +97,7 @@ class LoopControl:
 
     def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> None:
         now = server_now_ms(self.r)
-        self.r.hset(self.keys.kill, mapping={"run_id": run_id or "", "by": by, "at_ms": now, "reason": reason})
+        self.r.hset(self.keys.kill, mapping=kill_record(run_id, by, now, reason))
 
     def _clear_seen_kill(self, seen: dict[str, str] | None) -> bool:
         """Clear the kill record ``seen`` earlier, never a newer one; False when a newer kill stands."""
@@ -216,7 +206,7 @@ class LoopControl:
         hb = heartbeat.make(run_id, "running", iteration, max_iterations, server_now_ms(self.r))
         reply = self._s["iteration_begin"](
             self.keys, run_id=run_id, lease_ms=int((loop.lease_ttl_s + gap_s) * 1000),
-            heartbeat_json=hb.model_dump_json(), heartbeat_ms=int(loop.heartbeat_ttl_s * 1000), worker=worker or "",
+            heartbeat_json=hb.to_json(), heartbeat_ms=int(loop.heartbeat_ttl_s * 1000), worker=worker or "",
         )
         return {"ok": None, "lost-lease": "lost the loop lease", "ended": "the run has ended"}[reply.status]
 

@@ -2,6 +2,9 @@
 
 A missing, malformed or wrongly-typed value reads as missing (never as live). Ages are measured on the
 Redis server clock, so a worker's skewed clock cannot make a dead loop look live.
+
+Standard library only (``redis`` is a type here, imported lazily): the CLI's early kill (:mod:`.quick`)
+judges liveness with these very functions before it imports anything heavy.
 """
 
 from __future__ import annotations
@@ -10,34 +13,65 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
-from typing import Literal
-
-import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import TYPE_CHECKING, Any, Literal
 
 from .keys import Keys
-from .redis_client import server_now_ms
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
 Status = Literal["running", "idle", "stopping"]
+STATUSES = ("running", "idle", "stopping")
+#: ``loop.stale_after_s``'s default: a heartbeat older than this is stale.
+DEFAULT_STALE_AFTER_S = 60.0
 
 
-class Heartbeat(BaseModel):
+@dataclass(frozen=True)
+class Heartbeat:
     """What the loop publishes about itself."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    run_id: str = Field(min_length=1)
+    run_id: str
     status: Status
-    iteration: int = Field(ge=0)
-    max_iterations: int = Field(ge=0)
+    iteration: int
+    max_iterations: int
     hostname: str
     pid: int
     updated_at: str
-    updated_at_ms: int = Field(ge=0)
+    updated_at_ms: int
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Heartbeat":
+        """Strict: every field present with its exact JSON type (a number as a string, a bool as a number,
+        a negative count, an empty run id or an unknown status raise ``ValueError``); extra fields ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not an object: {type(data).__name__}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                raise ValueError(f"{f.name}: missing")
+            v = data[f.name]
+            want = str if f.type in ("str", "Status") else int
+            if type(v) is not want:  # exactly: bool is not an int here, nor 1.5
+                raise ValueError(f"{f.name}: expected {want.__name__}, got {type(v).__name__}")
+            values[f.name] = v
+        if not values["run_id"]:
+            raise ValueError("run_id: empty")
+        if values["status"] not in STATUSES:
+            raise ValueError(f"status: {values['status']!r} is not one of {', '.join(STATUSES)}")
+        for name in ("iteration", "max_iterations", "updated_at_ms"):
+            if values[name] < 0:
+                raise ValueError(f"{name}: negative")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -70,8 +104,10 @@ def write(
     r: redis.Redis, keys: Keys, run_id: str, status: Status, iteration: int, max_iterations: int, ttl_s: float
 ) -> Heartbeat:
     """Publish the heartbeat (timestamped by the Redis clock) with an expiry of ``ttl_s``."""
+    from .redis_client import server_now_ms
+
     hb = make(run_id, status, iteration, max_iterations, server_now_ms(r))
-    r.set(keys.heartbeat, hb.model_dump_json(), px=max(1, int(ttl_s * 1000)))
+    r.set(keys.heartbeat, hb.to_json(), px=max(1, int(ttl_s * 1000)))
     return hb
 
 
@@ -80,8 +116,8 @@ def parse(raw: str | bytes | None) -> Heartbeat | None:
     if raw is None:
         return None
     try:
-        return Heartbeat.model_validate(json.loads(raw))
-    except (ValueError, TypeError, ValidationError) as exc:  # UnicodeDecodeError is a ValueError
+        return Heartbeat.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         log.warning("malformed heartbeat treated as missing: %s", str(exc).splitlines()[0])
         return None
 

@@ -15,7 +15,7 @@ from .context import Context
 from .outbox import backlog as outbox_backlog
 from .presence import fleet_slots, live_workers, worker_alive
 from .urls import mask_url
-from .control import who
+from .quick import EarlyKill, who
 from .ledger import Explanation
 from .sources.rules import Rules
 from .states import Gate, RunStatus
@@ -37,7 +37,7 @@ def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
         "liveness": live.state,
         "live": live.live,
         "age_s": None if live.age_s is None else round(live.age_s, 3),
-        "heartbeat": live.heartbeat.model_dump() if live.heartbeat else None,
+        "heartbeat": live.heartbeat.as_dict() if live.heartbeat else None,
         "run": run,
         "lease_holder": ctx.control.lease_holder(),
         "killed": ctx.control.kill_info(),
@@ -90,18 +90,25 @@ def _with_stage(ctx: Context, e: Explanation) -> Explanation:
 
 
 def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
-              revoke: Revoker | None = None, grace_s: float | None = None) -> tuple[dict[str, Any], int]:
-    """Kill the live run and keep the loop stopped. Exit 1 (refused) when nothing is live, unless forced."""
-    live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
-    if not live.live and not force:
-        why = {"missing": "no heartbeat (missing, malformed or expired)", "stale": f"heartbeat is stale "
-               f"({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
-               "stopping": "the run is already stopping"}.get(live.state, live.state)
-        return {"killed": None, "refused": f"no live run: {why}; use --force to kill anyway"}, 1
-    run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
+              revoke: Revoker | None = None, grace_s: float | None = None,
+              early: EarlyKill | None = None) -> tuple[dict[str, Any], int]:
+    """Kill the live run and keep the loop stopped. Exit 1 (refused) when nothing is live, unless forced.
+
+    ``early``: the kill record :func:`factory_worker.quick.kill_first` already wrote (the loop was live then):
+    this does the rest for that kill (the loop may have begun to stop since)."""
+    if early is not None:
+        run_id, by = early.run_id, early.by
+    else:
+        live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
+        if not live.live and not force:
+            why = {"missing": "no heartbeat (missing, malformed or expired)", "stale": f"heartbeat is stale "
+                   f"({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
+                   "stopping": "the run is already stopping"}.get(live.state, live.state)
+            return {"killed": None, "refused": f"no live run: {why}; use --force to kill anyway"}, 1
+        run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
+        by = who()
+        ctx.control.set_kill(run_id, by)
     run = ctx.control.run(run_id) or {}
-    by = who()
-    ctx.control.set_kill(run_id, by)
     task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
     # every running agent, not only the killed run's: runs are short and agents outlive the run that sent them
     agent_ids = running_agent_tasks(ctx) if release_agents else []

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
+#: The ledger's Redis when ``FACTORY_REDIS_URL`` is not set.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 SENTINEL_PORT = 26379
 

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
+from factory_worker.context import Context
 from factory_worker.keys import Keys
+from factory_worker.quick import kill_first, kill_record
 from tests.conftest import roomy_fleet
 
 from factory_worker.embedded import free_port
@@ -151,3 +153,47 @@ def test_eligibility_rules_through_the_cli(env):
     assert "FACTORY_SOURCE__GITHUB_LABELS" in line and "FACTORY_SOURCE__GITHUB_ALL_OPEN_ISSUES" in line
     line = one_line_error(ctl({**env, "FACTORY_SOURCE__ID_PATTERN": "C-("}, "dispatches"))
     assert line.startswith("factory-worker: invalid setting source.id_pattern (FACTORY_SOURCE__ID_PATTERN): ")
+
+
+# -- kill-loop's early kill (quick.py) ----------------------------------------------------------------------
+def _live_run(env: dict[str, str]) -> tuple[Context, str]:
+    ctx = Context(settings_from(env))
+    kick = ctx.control.start_run(3, by="test")
+    assert kick.started
+    return ctx, kick.run_id
+
+
+def test_kill_loop_writes_the_kill_before_the_full_cli_loads(env, real_redis):
+    ctx, run_id = _live_run(env)
+    early = kill_first(["kill-loop", "--json"], env, ROOT)
+    assert early is not None and early.run_id == run_id
+    assert real_redis.hgetall(ctx.keys.kill) == kill_record(run_id, early.by, early.at_ms)
+    assert ctx.control.start_run(3).started is False  # beat's next kickoff sees it at once
+    real_redis.delete(ctx.keys.kill)
+    res = ctl(env, "kill-loop", "--json")  # the CLI as users run it: early kill, then the rest
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["killed"] == run_id
+    assert real_redis.hget(ctx.keys.kill, "by") == out["by"]
+    assert ctx.control.run(run_id)["status"] == "killed"
+
+
+def test_no_early_kill_without_a_live_loop_or_with_a_wrong_password(env, real_redis, redis_server):
+    ctx = Context(settings_from(env))
+    assert kill_first(["kill-loop"], env, ROOT) is None  # no heartbeat: the full CLI refuses (exit 1)
+    assert not real_redis.exists(ctx.keys.kill)
+    res = ctl(env, "kill-loop")
+    assert res.returncode == 1 and "no live run" in res.stderr
+    _, run_id = _live_run(env)
+    wrong = {**env, "FACTORY_REDIS_URL": env["FACTORY_REDIS_URL"].replace("redis://", "redis://:nope@")}
+    assert kill_first(["kill-loop"], wrong, ROOT) is None  # the AUTH error is the full CLI's to report
+    assert not real_redis.exists(ctx.keys.kill)
+    stopped = {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    assert kill_first(["kill-loop"], stopped, ROOT) is None
+
+
+def test_an_error_after_the_early_kill_says_the_kill_stands(env, real_redis):
+    ctx, run_id = _live_run(env)
+    line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "kill-loop"))
+    assert "agent.command" in line and f"the kill itself was written: run {run_id} is stopped" in line
+    assert real_redis.hget(ctx.keys.kill, "run_id") == run_id

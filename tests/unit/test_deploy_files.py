@@ -222,7 +222,7 @@ def check_celery(argv: list[str], where: str) -> str:
 
 
 def check_factory_worker(argv: list[str], where: str) -> str:
-    from factory_worker.ctl import cli
+    from factory_worker.cli import cli
 
     name = argv[1]
     assert name in cli.commands, f"{where}: factory-worker has no command {name!r}"

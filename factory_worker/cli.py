@@ -1,0 +1,355 @@
+"""The control CLI's commands (click), a thin view over the core; :mod:`.ctl` is the entry point.
+
+Every command has ``--json``. Errors (unreachable Redis, bad config, bad argument) are one line on
+stderr and exit 2, never a traceback. Only Redis is needed, plus the broker for revoke and start-loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import click
+import redis
+
+from . import __version__
+from .cli_output import Exit, console, emit, printable, table, ts
+from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
+from .ledger import STATES, LedgerError
+from .context import Context
+from .sources.base import SourceError
+
+log = logging.getLogger(__name__)
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _context() -> Context:
+    ctx = Context(_settings())
+    ctx.redis.ping()  # fail fast (exit 2) when Redis is unreachable
+    return ctx
+
+
+def _tasks(ctx: Context) -> Any:
+    """The Celery tasks module, bound to the configured app and to ``ctx`` (for commands that send)."""
+    from . import app as _app  # noqa: F401  (configures the Celery app the shared tasks bind to)
+    from . import tasks
+    from .context import set_current
+
+    set_current(ctx)
+    return tasks
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Settings come from FACTORY_* variables (FACTORY_REDIS_URL, FACTORY_NAMESPACE, ...) or "
+                    "factory.toml. Every command but `up` takes --json. Errors: one line on stderr, exit 2.")
+@click.version_option(__version__, prog_name="factory-worker")
+@click.option("-v", "--verbose", is_flag=True, help="log at INFO")
+def cli(verbose: bool) -> None:
+    """Control a factory_worker loop (needs only Redis; the broker for revoke and start-loop)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+@cli.command("audit")
+@json_opt
+def audit_cmd(as_json: bool) -> None:
+    """Check the ledger's invariants; print every violation. Exit 0 clean, 1 violations, 2 error."""
+    from .audit import audit
+
+    ctx = _context()
+    data = audit(ctx.redis, ctx.keys)
+
+    def human(d: dict[str, Any]) -> None:
+        for v in d["violations"]:
+            click.echo(f"VIOLATION {v['check']}: {v['subject']}: {v['detail']}")
+        click.echo(f"audit: {'clean' if d['clean'] else str(len(d['violations'])) + ' violation(s)'} "
+                   f"(namespace {d['namespace']})")
+
+    emit(data, as_json, human, 0 if data["clean"] else 1)
+
+
+@cli.group("ledger")
+def ledger_group() -> None:
+    """The ledger's identity (the ledger-loss guard)."""
+
+
+@ledger_group.command("accept")
+@json_opt
+def ledger_accept_cmd(as_json: bool) -> None:
+    """Adopt the current ledger after a loss: safe mode ends (done issues it lost may run again). Exit 0."""
+    from . import guard
+
+    ctx = _context()
+    data = guard.accept(ctx.redis, ctx.keys)
+    emit(data, as_json, lambda d: click.echo(
+        f"accepted ledger generation {d['generation']}" + (f" in place of {', '.join(d['superseded'])}"
+                                                           if d["superseded"] else " (nothing was lost)")))
+
+
+@cli.command("loop-status")
+@json_opt
+def loop_status_cmd(as_json: bool) -> None:
+    """Heartbeat, liveness, run and counters. Exit 0 live, 1 not live, 2 error."""
+    from .operations import loop_status
+
+    data, code = loop_status(_context())
+
+    def human(d: dict[str, Any]) -> None:
+        hb = d["heartbeat"] or {}
+        console.print(f"redis: {d['redis']} namespace {d['namespace']}", highlight=False)
+        console.print(f"loop: [bold]{d['liveness']}[/bold]" + (f" (heartbeat {d['age_s']}s old)" if hb else ""))
+        if d["ledger_lost"]:
+            gens = ", ".join(sorted(d["ledger_guard"]["lost"]))
+            console.print(f"[red]ledger lost[/red]: processes worked in generation {gens}, Redis holds "
+                          f"{d['ledger_guard']['generation'] or 'none'}; safe mode (nothing is claimed or "
+                          "started): check Redis, then `factory-worker ledger accept`", highlight=False)
+        if hb:
+            console.print(f"run {hb['run_id']}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
+                          f" on {hb['hostname']} pid {hb['pid']}")
+        if d["killed"]:
+            k = d["killed"]
+            console.print(f"[red]killed[/red] at {ts(k.get('at_ms'))} by {k.get('by')}: run start-loop to resume")
+        if d["paused"]:
+            console.print(f"[yellow]paused[/yellow] at {ts(d['paused'].get('at_ms'))} by {d['paused'].get('by')}")
+        console.print("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
+        console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
+        console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
+                      f"agent slots {d['agent_slots']}; last iteration on {d['last_iteration_worker'] or '-'}")
+        if d["outbox"] is not None:
+            console.print(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, "
+                          f"{d['outbox']['parked']} parked")
+
+    emit(data, as_json, human, code)
+
+
+@cli.command("kill-loop")
+@click.option("--force", is_flag=True, help="kill even when no live run is seen")
+@click.option("--release-agents", is_flag=True, help="also stop every running agent (whichever run sent it) and free their claims")
+@json_opt
+@click.pass_obj
+def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool, as_json: bool) -> None:
+    """Kill the live run and keep the loop stopped until start-loop. Exit 0 killed, 1 refused, 2 error."""
+    from .operations import kill_loop
+
+    data, code = kill_loop(_context(), force=force, release_agents=release_agents, revoke=_revoke,
+                           early=(obj or {}).get("early_kill"))
+
+    def human(d: dict[str, Any]) -> None:
+        if d.get("refused"):
+            click.echo(f"refused: {d['refused']}", err=True)
+            return
+        click.echo(f"killed run {d['killed'] or '-'}; revoked {len(d['revoked'])} task(s); "
+                   f"released {len(d['released_agents'])} agent(s). The loop stays stopped: run start-loop.")
+
+    emit(data, as_json, human, code)
+
+
+def _revoke(task_ids: list[str]) -> None:
+    from .app import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
+        app.control.revoke(task_ids, connection=conn)
+
+
+@cli.command("start-loop")
+@click.option("--max-iterations", type=click.IntRange(1, MAX_ITERATIONS_CEILING), default=None,
+              help="iterations of this run")
+@json_opt
+def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
+    """Clear a kill and start a run now (overlap policy applies). Exit 0 started, 1 skipped."""
+    from .operations import start_loop
+
+    ctx = _context()
+    start_run = _tasks(ctx).start_run
+    data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
+    emit(data, as_json, lambda d: click.echo(
+        f"started run {d['run_id']}" if d["started"] else f"skipped: {d['reason']}"), code)
+
+
+@cli.command("run-once")
+@click.option("--dry-run", is_flag=True, help="gate without claiming or dispatching anything")
+@json_opt
+def run_once_cmd(dry_run: bool, as_json: bool) -> None:
+    """One iteration in this process; prints the IterationReport. Exit 0."""
+    ctx = _context()
+    send = None if dry_run else _tasks(ctx).send_agent
+    from .loop import iterate  # here, not at the top: loop-status and kill-loop start faster without it
+
+    report = iterate(ctx, send, dry_run=dry_run).as_dict()
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"pulled {d['pulled']}, dispatched {d['dispatched']}{' (dry run)' if d['dry_run'] else ''}")
+        if d["dispatches"]:
+            table("dispatched" + (" (would)" if d["dry_run"] else ""), d["dispatches"], ["issue", "task_id", "fence"])
+        if d["skipped"]:
+            table("skipped", d["skipped"], ["issue", "reason"])
+        if d["ruled_out"]:
+            table("left out by the eligibility rules (source.*)",
+                  [{"issues": n, "reason": r} for r, n in d["ruled_out"].items()], ["issues", "reason"])
+
+    emit(report, as_json, human)
+
+
+@cli.command("dispatches")
+@click.option("--state", type=click.Choice(STATES), default=None, help="only this state")
+@json_opt
+def dispatches_cmd(state: str | None, as_json: bool) -> None:
+    """The ledger, issue by issue. Exit 0."""
+    ctx = _context()
+    rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
+    rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+
+    def human(d: list[dict[str, Any]]) -> None:
+        shown = [{**r, "since/until": ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
+                  "last_error": (r.get("last_error") or "")[-80:] or None} for r in d]
+        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
+
+    emit(rows, as_json, human)
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key: EX-2 before EX-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+@cli.command("explain")
+@click.argument("issue")
+@json_opt
+def explain_cmd(issue: str, as_json: bool) -> None:
+    """Why ISSUE is or is not dispatched now. Exit 0."""
+    from .operations import explain
+
+    e = explain(_context(), _issue_arg(issue))
+    emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")))
+
+
+@cli.command("retry")
+@click.argument("issue")
+@json_opt
+def retry_cmd(issue: str, as_json: bool) -> None:
+    """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
+    data = _context().ledger.retry(_issue_arg(issue))
+
+    def human(d: dict[str, Any]) -> None:
+        if d["was_parked"]:
+            click.echo(f"{issue}: unparked (had {d['attempts_before']} attempts); it is claimable again")
+        elif d["had_backoff"] or d["attempts_before"]:
+            click.echo(f"{issue}: backoff cleared (had {d['attempts_before']} attempts)")
+        else:
+            click.echo(f"{issue}: nothing to retry (not parked, not backing off, no failed attempts)")
+
+    emit(data, as_json, human)
+
+
+def _issue_arg(issue: str) -> str:
+    if not issue.strip():
+        raise click.BadParameter("must not be empty", param_hint="ISSUE")
+    return issue
+
+
+@cli.command("pause")
+@json_opt
+def pause_cmd(as_json: bool) -> None:
+    """Claim nothing new; running agents go on; the run stays alive. Exit 0."""
+    from .operations import set_paused
+
+    data, code = set_paused(_context(), True)
+    emit(data, as_json, lambda d: click.echo("paused" if d["changed"] else "already paused"), code)
+
+
+@cli.command("resume")
+@json_opt
+def resume_cmd(as_json: bool) -> None:
+    """Undo pause. Exit 0."""
+    from .operations import set_paused
+
+    data, code = set_paused(_context(), False)
+    emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
+
+
+@cli.command("doctor")
+@json_opt
+def doctor_cmd(as_json: bool) -> None:
+    """Check a deployment's Redis and Celery settings. Exit 0 all good, 1 findings, 2 error."""
+    from .doctor import format_report, run_doctor
+
+    data, code = run_doctor(_settings())
+    emit(data, as_json, lambda d: click.echo(format_report(d)), code)
+
+
+@cli.command("metrics")
+@click.option("--serve", "serve_addr", default=None, metavar="[HOST:]PORT",
+              help="serve Prometheus metrics over HTTP until interrupted: PORT on 127.0.0.1, HOST:PORT, "
+                   "or :PORT on every interface")
+@json_opt
+def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
+    """Print the Prometheus metrics once, or serve them with --serve PORT (127.0.0.1). Exit 0."""
+    from .metrics import parse_addr, render, serve, snapshot
+
+    ctx = _context()
+    if serve_addr:
+        host, port = parse_addr(serve_addr)
+        raise Exit(serve(ctx, host, port))
+    if as_json:
+        emit(snapshot(ctx), True, lambda d: None)
+    click.echo(render(ctx), nl=False)
+    raise Exit(0)
+
+
+@cli.command("up")
+@click.option("--no-flower", is_flag=True, help="do not start Flower")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, help="worker processes to start")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, help="pool size of each worker")
+def up_cmd(no_flower: bool, workers: int, concurrency: int) -> None:
+    """Dev stack in one process tree: Redis (embedded when none is configured), a loop worker, agent
+    worker(s), beat, Flower (127.0.0.1:5555). Ctrl-C stops everything; exit 0."""
+    from .devstack import run_stack
+
+    raise Exit(run_stack(_settings(), flower=not no_flower, workers=workers, concurrency=concurrency))
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """kombu's errors, when a command imported kombu (only those that talk to the broker do)."""
+    mod = sys.modules.get("kombu.exceptions")
+    return (mod.KombuError,) if mod is not None else ()
+
+
+def main(argv: list[str] | None = None, early_kill: Any = None) -> int:
+    """Run the command: one line on stderr and exit 2 for any error; never a traceback. ``early_kill``: the
+    kill record :func:`factory_worker.quick.kill_first` wrote (``kill-loop`` does the rest for it; an error
+    after it says that the kill itself stands)."""
+    try:
+        cli.main(args=argv, prog_name="factory-worker", standalone_mode=False, obj={"early_kill": early_kill})
+        return 0
+    except Exit as e:
+        return e.code
+    except click.exceptions.Abort:
+        return _error("aborted", early_kill)
+    except click.ClickException as e:
+        return _error(f"error: {e.format_message()}", early_kill)
+    except ConfigError as e:
+        return _error(str(e), early_kill)
+    except _broker_errors() as e:
+        return _error(f"cannot reach the broker: {str(e).splitlines()[0]}", early_kill)
+    except redis.ConnectionError as e:
+        return _error(f"cannot reach Redis: {str(e).splitlines()[0]}", early_kill)
+    except (redis.RedisError, LedgerError, SourceError, OSError, ValueError) as e:
+        return _error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", early_kill)
+
+
+def _error(message: str, early_kill: Any) -> int:
+    """The one stderr line of a failed command; exit 2."""
+    if early_kill is not None:
+        message += (f" (the kill itself was written: run {early_kill.run_id} is stopped; revoke, release and "
+                    "notify did not run)")
+    click.echo(f"factory-worker: {message}", err=True)
+    return 2
