@@ -23,6 +23,7 @@ flushes a database it did not start), so point it at an otherwise idle Redis for
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import platform
 import sys
 import time
@@ -139,7 +140,10 @@ class Bench:
         done = int(self.r.get(self.keys.done_count) or 0)
         usage = sum(self.r.memory_usage(b, samples=0) or 0
                     for b in self.r.scan_iter(match=self.keys.done_bucket_pattern(), count=1000))
-        leftover = sorted(k for k in self.r.scan_iter(match=self.keys.pattern(), count=1000))
+        buckets = self.keys.done_bucket_pattern()
+        leftover = sorted(k for k in self.r.scan_iter(match=self.keys.pattern(), count=1000)
+                          if not fnmatch.fnmatchcase(k, buckets))
+        n_buckets = sum(1 for _ in self.r.scan_iter(match=buckets, count=1000))
         self.flush()
         if done != done_n + 1:
             raise RuntimeError(f"done-memory phase: {done} done markers, expected {done_n + 1}")
@@ -148,7 +152,8 @@ class Bench:
             "done_marker_bytes_per_issue": round((after - before) / done_n, 1),
             "done_hash_bytes_per_issue": round(usage / (done_n + 1), 1),
             "done_claim_complete_per_s": round(done_n / elapsed),
-            "keys_left_after_done": [k.removeprefix(self.keys.prefix + ":") for k in leftover],
+            "done_buckets": n_buckets,
+            "other_keys_left_after_done": [k.removeprefix(self.keys.prefix + ":") for k in leftover],
         }
 
 

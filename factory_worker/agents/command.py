@@ -36,7 +36,7 @@ from typing import Callable
 from ..config import AgentSettings
 from ..sources.base import Issue
 from .base import AgentResult, Dispatch
-from .lease import LeaseKeeper
+from .lease import LeaseKeeper, helpers_after_s
 from .logs import LogRelay, open_log, prune
 from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
 from .sandbox import ISSUE_FILE, agent_env, agent_identity, make_workdir, remove_workdir, running_as
@@ -123,10 +123,10 @@ class CommandAgent:
                 return spawned
             proc, relay = spawned
             try:
-                outcome, error, lost = self._supervise(proc, start, renew, should_stop, on_start, issue.id,
+                outcome, error, lost = self._supervise(proc, relay, start, renew, should_stop, on_start, issue.id,
                                                        dispatch.timeout_s or self.settings.timeout_s)
             finally:
-                relay.join()  # the group is gone: the pipe ends (a stray holder is not waited for long)
+                relay.finish()  # the group is gone: the pipe ends (a stray holder is not waited for long)
                 os.close(relay.log_fd)
             return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
         finally:
@@ -169,19 +169,22 @@ class CommandAgent:
             return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
         finally:
             os.close(write_fd)  # the agent holds the only write end now
-        relay = LogRelay(read_fd, log_fd, self.settings.log_max_bytes, len(header)).start()
+        relay = LogRelay(read_fd, log_fd, self.settings.log_max_bytes, len(header))  # started by _supervise
         log.info("issue %s: agent started, pid %d, as %s, log %s", issue.id, proc.pid, running_as(self.ident), log_path)
         return proc, relay
 
     # -- supervision -----------------------------------------------------------------------------
-    def _supervise(self, proc, start, renew, should_stop, on_start, issue_id, timeout_s):
+    def _supervise(self, proc, relay, start, renew, should_stop, on_start, issue_id, timeout_s):
         """Wait for the agent while a :class:`LeaseKeeper` renews and reads the stop flags; stop the group
         in time if the claim is lost, a stop is asked, it times out, or renewals stopped succeeding.
-        Returns (outcome or None, error, status_lost)."""
+        The keeper's and the log relay's threads start once the agent outlives :func:`.lease.helpers_after_s`
+        (before any renew or flag read is due; a short agent costs no thread). Returns (outcome or None,
+        error, status_lost)."""
         outcome, error, lost = None, "", False
         tick = min(0.05, self.renew_interval_s)
         keeper = LeaseKeeper(renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s,
-                             issue_id, start).start()
+                             issue_id, start)
+        helpers_at = time.monotonic() + helpers_after_s(self.renew_interval_s)
         try:
             if on_start is not None:
                 try:
@@ -189,11 +192,14 @@ class CommandAgent:
                 except Exception:
                     log.exception("issue %s: on_start(%d) failed; the agent runs on", issue_id, proc.pid)
             while True:
-                state = self._wait(proc, tick)
+                state = self._wait(proc, min(tick, max(0.0, helpers_at - time.monotonic())) or tick)
                 if state != "running":
                     lost = state == "lost"
                     break
                 now = time.monotonic()
+                if now >= helpers_at and not keeper.started:
+                    keeper.start()
+                    relay.start()
                 if keeper.lost is not None:
                     outcome, error = "lease-lost", keeper.lost
                 elif keeper.stop_reason is not None:

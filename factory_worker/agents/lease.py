@@ -26,6 +26,12 @@ def margin_s(lease_ttl_s: float) -> float:
     return min(1.0, 0.1 * lease_ttl_s)
 
 
+def helpers_after_s(renew_interval_s: float) -> float:
+    """When the supervisor starts an agent's helper threads (the :class:`LeaseKeeper`, the log relay): well
+    before the first renew is due and the first stop-flag read (``agent_task.STOP_POLL_S``), at most 0.1 s."""
+    return min(0.1, renew_interval_s / 2)
+
+
 def stop_lead_s(lease_ttl_s: float, term_grace_s: float) -> float:
     """How long after a successful renew was sent the agent may run on without another one."""
     return lease_ttl_s - margin_s(lease_ttl_s) - term_grace_s
@@ -46,14 +52,22 @@ class LeaseKeeper:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{issue_id}"[:60], daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> "LeaseKeeper":
-        self._thread.start()
+        """Renew and read the flags in the thread from now on. The supervisor starts it once the agent outlives
+        :func:`helpers_after_s`: a shorter agent needs no renew and no flag read, and costs no thread."""
+        if not self.started:
+            self._thread.start()
         return self
 
     def close(self) -> None:
         """Stop the thread; never waits on a Redis call that hangs (the thread is a daemon)."""
         self._closing.set()
-        self._thread.join(timeout=self.tick_s)
+        if self.started:
+            self._thread.join(timeout=self.tick_s)
 
     @property
     def stop_at(self) -> float:

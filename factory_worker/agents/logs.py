@@ -44,32 +44,58 @@ class LogRelay:
         self.written, self.dropped = already, 0
         self.thread = threading.Thread(target=self._run, name="factory-agent-log", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self.thread.ident is not None
+
     def start(self) -> "LogRelay":
-        self.thread.start()
+        """Relay in the thread from now on (the supervisor starts it once an agent outlives a few ticks: the
+        pipe's buffer holds a short agent's output until :meth:`finish`)."""
+        if not self.started:
+            self.thread.start()
         return self
+
+    def _copy(self, chunk: bytes) -> None:
+        room = self.cap - self.written
+        if room > 0:
+            os.write(self.log_fd, chunk[:room])
+            self.written += min(room, len(chunk))
+        if len(chunk) > max(room, 0):
+            if not self.dropped:
+                os.write(self.log_fd, f"\n# factory: log capped at {self.cap} bytes; the rest is "
+                                      "discarded (agent.log_max_bytes)\n".encode())
+            self.dropped += len(chunk) - max(room, 0)
 
     def _run(self) -> None:
         try:
-            while True:
-                chunk = os.read(self.pipe_fd, CHUNK)
-                if not chunk:
-                    return
-                room = self.cap - self.written
-                if room > 0:
-                    os.write(self.log_fd, chunk[:room])
-                    self.written += min(room, len(chunk))
-                if len(chunk) > max(room, 0):
-                    if not self.dropped:
-                        os.write(self.log_fd, f"\n# factory: log capped at {self.cap} bytes; the rest is "
-                                              "discarded (agent.log_max_bytes)\n".encode())
-                    self.dropped += len(chunk) - max(room, 0)
+            while chunk := os.read(self.pipe_fd, CHUNK):
+                self._copy(chunk)
         except OSError as exc:
             log.warning("agent log relay stopped: %s", exc)
         finally:
             os.close(self.pipe_fd)
 
-    def join(self, timeout: float = 2.0) -> None:
-        """Wait for the pipe's end (every writer gone); then the log is complete."""
+    def _drain_here(self) -> bool:
+        """Copy what the pipe holds without blocking; True when its end was reached (the pipe is closed)."""
+        try:
+            os.set_blocking(self.pipe_fd, False)
+            while chunk := os.read(self.pipe_fd, CHUNK):
+                self._copy(chunk)
+        except BlockingIOError:  # a writer is still alive (a stray holder of the pipe): the thread waits for it
+            os.set_blocking(self.pipe_fd, True)
+            return False
+        except OSError as exc:
+            log.warning("agent log relay stopped: %s", exc)
+        os.close(self.pipe_fd)
+        return True
+
+    def finish(self, timeout: float = 2.0) -> None:
+        """After the agent's group is gone: copy the rest, then the log is complete. A short agent's output is
+        copied here, with no thread; otherwise the thread is waited for, at most ``timeout`` (a stray holder
+        of the pipe is not waited for long)."""
+        if not self.started and self._drain_here():
+            return
+        self.start()
         self.thread.join(timeout)
 
 

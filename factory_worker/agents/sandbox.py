@@ -170,6 +170,12 @@ def make_workdir(agent: AgentSettings, dispatch_id: str, issue: Issue, ident: Id
 def remove_workdir(workdir: Path, ident: Identity | None) -> None:
     """Remove a dispatch's directory. A worker without CAP_DAC_OVERRIDE may not remove what the agent left
     (mode 000 directories): then its contents are removed as the agent's user first."""
+    try:  # the common case, an agent that left only issue.json, in two syscalls (rmtree costs ~10x that)
+        os.unlink(workdir / ISSUE_FILE)
+        os.rmdir(workdir)
+        return
+    except OSError:
+        pass  # it left more (or removed or replaced issue.json): the whole tree
     try:
         shutil.rmtree(workdir)
         return

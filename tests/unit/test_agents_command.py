@@ -383,3 +383,45 @@ def test_command_paths_relative_to_the_workers_cwd_still_work(tmp_path, script, 
     result = run(make_agent(tmp_path, argv), dispatch("./rel_agent.py", "t"))
     assert result.outcome == "ok"
     assert json.loads(out.read_text()) == ["./rel_agent.py", "no/such/file", "plain"]
+
+
+def _count_thread_starts(monkeypatch) -> list[str]:
+    import threading
+
+    names: list[str] = []
+    real = threading.Thread.start
+
+    def start(self):
+        names.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return names
+
+
+def test_a_short_agent_costs_no_thread_and_its_output_is_all_logged(tmp_path, monkeypatch):
+    threads = _count_thread_starts(monkeypatch)
+    result = run(make_agent(tmp_path, ["sh", "-c", "echo quick; echo err >&2"]))
+    assert result.outcome == "ok"
+    assert threads == []  # nothing to renew or read yet: the pipe's buffer held its output
+    lines = result.log_path.read_text().splitlines()
+    assert "quick" in lines and "err" in lines and lines[-1].startswith("# exit: outcome=ok")
+
+
+def test_a_longer_agent_gets_its_keeper_and_relay_and_a_fast_writer_is_not_held_up(tmp_path, script, monkeypatch):
+    threads = _count_thread_starts(monkeypatch)
+    path = script("""
+        import sys, time
+        sys.stdout.write("x" * 300_000 + "\\n")  # more than a pipe holds: written once the relay runs
+        sys.stdout.flush()
+        time.sleep(0.3)
+        print("the end", flush=True)
+    """)
+    renewed = []
+    result = run(make_agent(tmp_path, [sys.executable, str(path)], renew_interval_s=0.1, lease_ttl_s=5.0),
+                 renew=lambda: renewed.append(time.monotonic()))
+    assert result.outcome == "ok" and result.duration_s < 3
+    assert any(n.startswith("lease-") for n in threads) and "factory-agent-log" in threads
+    assert renewed  # the keeper renewed while it ran
+    text = result.log_path.read_text()
+    assert "x" * 300_000 in text and "the end" in text
