@@ -18,6 +18,7 @@ import redis
 from .agents import AgentRunner, CommandAgent, Dispatch
 from .context import Context
 from .guard import LedgerLostError
+from .ledger import Rider
 from .loop import Sender, refill
 from .scripts import StaleClaimError
 from .slack import Conversation, ended_text
@@ -101,6 +102,8 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
     if ctx.settings.agent.staged and send_stage is not None:
         return {**result, **_hand_over(ctx, task_id, issue_data, token, run_id, send_stage)}
     conversation = None
+    # the task's clean-up and the refill's first backlog pop ride in the settle's round trip
+    rider = Rider(lambda p: _clean_up(ctx, p, task_id, pop=send is not None))
     try:
         issue = Issue.model_validate(issue_data)
         runner = runner or make_runner(ctx)
@@ -111,9 +114,10 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
     except Exception as exc:  # noqa: BLE001 - contained: a failed attempt, never an unsettled claim
         error = f"could not run the agent: {type(exc).__name__}: {exc}"
         log.error("agent task %s for %s: %s", task_id, issue_id, error)
-        result.update(outcome=Outcome.FAILED, settled=settle(ctx, issue_id, token, Outcome.FAILED, error), error=error)
+        result.update(outcome=Outcome.FAILED, settled=settle(ctx, issue_id, token, Outcome.FAILED, error, rider),
+                      error=error)
     else:
-        result.update(outcome=res.outcome, settled=settle(ctx, issue_id, token, res.outcome, res.error),
+        result.update(outcome=res.outcome, settled=settle(ctx, issue_id, token, res.outcome, res.error, rider),
                       exit_code=res.exit_code, duration_s=round(res.duration_s, 3),
                       log=str(res.log_path) if res.log_path else None, error=res.error)
     finally:
@@ -121,17 +125,24 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
             conversation.close(ended_text(str(result.get("settled", "")), str(result.get("error") or "")))
             conversation.inbox.unlink(missing_ok=True)
         refilling = send is not None and result.get("settled") != Settled.LEASE_LOST
-        p = ctx.redis.pipeline(transaction=False)
-        p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
-        if refilling:
-            p.lpop(ctx.keys.backlog)  # the refill's first candidate, in the same round trip
-        done = p.execute()
+        if not rider.sent:  # no settle was sent (a lost lease, or Redis gone while settling)
+            p = ctx.redis.pipeline(transaction=False)
+            _clean_up(ctx, p, task_id, pop=refilling)
+            rider.replies = p.execute()
     if refilling:
         try:
-            result["refilled"] = refill(ctx, send, run_id, popped=done[-1])
+            result["refilled"] = refill(ctx, send, run_id, popped=rider.replies[-1])
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
+
+
+def _clean_up(ctx: Context, pipe: Any, task_id: str, pop: bool) -> None:
+    """The agent task's records go (running set, task record, stop flag); with ``pop``, the refill's first
+    backlog candidate is popped in the same round trip."""
+    pipe.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
+    if pop:
+        pipe.lpop(ctx.keys.backlog)
 
 
 def _hand_over(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, run_id: str | None,
@@ -206,7 +217,8 @@ def _begin(ctx: Context, issue_id: str, token: str, task_id: str, hostname: str)
     return began
 
 
-def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "") -> Settled:
+def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "", rider: Rider | None = None
+           ) -> Settled:
     """Write an agent outcome to the ledger by token; a stale token changes nothing.
 
     A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
@@ -218,7 +230,7 @@ def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "
     delay = 0.1
     while True:
         try:
-            return _settle_once(ctx, issue_id, token, outcome, error)
+            return _settle_once(ctx, issue_id, token, outcome, error, rider)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -229,18 +241,21 @@ def settle(ctx: Context, issue_id: str, token: str, outcome: str, error: str = "
             delay = min(delay * 2, 1.0)
 
 
-def _settle_once(ctx: Context, issue_id: str, token: str, outcome: str, error: str) -> Settled:
+def _settle_once(ctx: Context, issue_id: str, token: str, outcome: str, error: str, rider: Rider | None
+                 ) -> Settled:
+    if rider is not None and rider.sent:  # a retry after a connection error: the rider went already
+        rider = None
     try:
         if outcome == Outcome.OK:
-            ctx.ledger.complete(issue_id, token)
+            ctx.ledger.complete(issue_id, token, rider)
             ctx.notifier.send_event("done", issue_id=issue_id)
             return Settled.DONE
         if outcome == Outcome.LEASE_LOST:
             return Settled.LEASE_LOST
         if outcome == Outcome.INTERRUPTED:
-            ctx.ledger.release(issue_id, token, reason=Outcome.INTERRUPTED)
+            ctx.ledger.release(issue_id, token, reason=Outcome.INTERRUPTED, rider=rider)
             return Settled.RELEASED
-        failed = ctx.ledger.fail(issue_id, token, error or outcome)
+        failed = ctx.ledger.fail(issue_id, token, error or outcome, rider)
         if failed.state == Settled.PARKED:
             ctx.notifier.send_event("parked", issue_id=issue_id, attempts=failed.attempts, last_error=error)
         return Settled(failed.state)

@@ -90,6 +90,17 @@ class Explanation:
         return asdict(self)
 
 
+class Rider:
+    """Commands that ride in a settle's round trip, after its script: an agent task's clean-up and its
+    refill's first backlog pop (``agent_task``). ``queue(pipe)`` adds them; once sent, ``sent`` is True and
+    ``replies`` holds their replies (errors included, as values)."""
+
+    def __init__(self, queue: Callable[[Any], Any]) -> None:
+        self.queue = queue
+        self.sent = False
+        self.replies: list[Any] = []
+
+
 class Ledger(LedgerViews):
     """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters."""
 
@@ -184,22 +195,37 @@ class Ledger(LedgerViews):
 
     # -- replica acknowledgements ----------------------------------------------------------------------
     def _write(self, name: str, items: Sequence[str] = (), acks: bool = True, touch: bool = False,
-               **args: Any) -> tuple[Reply, bool]:
+               rider: Rider | None = None, **args: Any) -> tuple[Reply, bool]:
         """Run script ``name``; with ``min_replica_acks`` (and ``acks``) in one pipeline with ``WAIT`` on the
         same connection, so the wait covers this write. Returns (reply, acknowledged). ``touch`` adds a write
-        that always replicates (a counter), for a retry whose script may write nothing."""
+        that always replicates (a counter), for a retry whose script may write nothing. ``rider``: commands
+        sent in the same round trip, after the script (sent once, whatever the script answers)."""
         script, n = self._s[name], self.cfg.min_replica_acks
-        if not n or not acks:
+        wait = bool(n and acks)
+        if not wait and rider is None:
             return script(self.keys, items, **args), True
         pipe = self.r.pipeline(transaction=False)
         script.queue(pipe, self.keys, items, **args)
         if touch:
             pipe.hincrby(self.keys.counters, "replica_ack_retries", 1)
-        pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
-        raw, *_, got = pipe.execute()
-        return script.parse(raw), int(got) >= n
+        first = len(pipe)
+        if rider is not None:
+            rider.queue(pipe)
+        last = len(pipe)
+        if wait:
+            pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
+        out = pipe.execute(raise_on_error=False)
+        if rider is not None:
+            rider.replies, rider.sent = out[first:last], True
+        for reply in out:
+            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+        if isinstance(out[0], redis.exceptions.NoScriptError):  # a restarted Redis: load it, send it alone
+            script.load()
+            return self._write(name, items, acks, touch, **args)
+        return script.parse(out[0]), int(out[-1]) >= n if wait else True
 
-    def _settle(self, name: str, issue: str, token: str, **args: Any) -> Reply:
+    def _settle(self, name: str, issue: str, token: str, rider: Rider | None = None, **args: Any) -> Reply:
         """A settle (complete, fail, release) by token, acknowledged by ``min_replica_acks`` replicas.
 
         Unacknowledged, it is sent again until acknowledged or one lease has passed: after a failover that
@@ -210,7 +236,7 @@ class Ledger(LedgerViews):
         before a replica catches up could still lose it.
         """
         args["outbox"] = self.outbox
-        reply, acked = self._write(name, token=token, issue=issue, **args)
+        reply, acked = self._write(name, token=token, issue=issue, rider=rider, **args)
         checked(reply, issue, token)
         return self._confirm(name, issue, token, reply, acked, **args)
 
@@ -290,16 +316,16 @@ class Ledger(LedgerViews):
             return Begin.UNACKED
         return Begin.STARTED if reply.status == "ok" else Begin(reply.status)
 
-    def complete(self, issue: str, token: str) -> None:
-        """Mark ``issue`` done for good (the holder only)."""
-        self._settle("complete", issue, token)
+    def complete(self, issue: str, token: str, rider: Rider | None = None) -> None:
+        """Mark ``issue`` done for good (the holder only). ``rider``: see :class:`Rider`."""
+        self._settle("complete", issue, token, rider)
         log.info("issue %s done (fence %s)", issue, fence_of(token))
 
-    def fail(self, issue: str, token: str, error: str = "") -> FailResult:
+    def fail(self, issue: str, token: str, error: str = "", rider: Rider | None = None) -> FailResult:
         """Count a failed attempt: a backoff window, or parked after ``max_attempts``."""
         cfg = self.cfg
         reply = self._settle(
-            "fail", issue, token, backoff_base_ms=int(cfg.backoff_base_s * 1000),
+            "fail", issue, token, rider, backoff_base_ms=int(cfg.backoff_base_s * 1000),
             backoff_max_ms=int(cfg.backoff_max_s * 1000), max_attempts=cfg.max_attempts,
             jitter=repr(cfg.backoff_jitter * self.rng()), error=(error or "failed")[:Keys.ERROR_MAX_CHARS],
         )
@@ -307,9 +333,9 @@ class Ledger(LedgerViews):
         log.info("issue %s failed attempt %s -> %s", issue, attempts, state)
         return FailResult(issue, state, int(attempts), int(at))
 
-    def release(self, issue: str, token: str, reason: str = "interrupted") -> None:
+    def release(self, issue: str, token: str, reason: str = "interrupted", rider: Rider | None = None) -> None:
         """Free the claim without counting an attempt (no backoff penalty)."""
-        self._settle("release", issue, token, reason=reason)
+        self._settle("release", issue, token, rider, reason=reason)
         log.info("issue %s released (%s)", issue, reason)
 
     def current_token(self, issue: str) -> str | None:

@@ -177,9 +177,16 @@ class BoundScript:
         return klist, alist
 
     def queue(self, pipe: Any, keys: Keys, items: Iterable[Any] = (), **args: Any) -> None:
-        """Add one call to a pipeline ``pipe`` (its raw reply goes through :meth:`parse`)."""
+        """Add one ``EVALSHA`` to a pipeline ``pipe`` (its raw reply goes through :meth:`parse`). Not through
+        redis-py's pipeline scripts, which cost a ``SCRIPT EXISTS`` round trip on every execute: a reply that
+        is :class:`redis.exceptions.NoScriptError` (a restarted Redis) means :meth:`load` and send again (the
+        pipeline must be executed with ``raise_on_error=False``)."""
         klist, alist = self.keys_args(keys, items, **args)
-        self._script(keys=klist, args=alist, client=pipe)
+        pipe.execute_command("EVALSHA", self.sha, len(klist), *klist, *alist)
+
+    def load(self) -> None:
+        """Load the script into Redis (after a ``NOSCRIPT`` reply to :meth:`queue`)."""
+        self._script.sha = self._script.registered_client.script_load(self._script.script)
 
     def parse(self, raw: Any) -> Reply:
         """The typed reply; ScriptReplyError on a status word the contract does not declare."""

@@ -176,3 +176,33 @@ def test_scripts_are_registered_once_per_client(real_redis, redis_server, keys, 
     assert real_redis.script_exists(regs["claim"].sha) == [False]
     assert a.claim(["y"]).claims[0].fence == 1
     assert real_redis.script_exists(regs["claim"].sha) == [True]
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_rider_goes_in_the_settles_round_trip_and_survives_a_flushed_script_cache(real_redis, keys, make_settings):
+    from factory_worker.ledger import Rider
+
+    ledger = Ledger(real_redis, keys, make_settings().dispatch)
+    real_redis.rpush(keys.backlog, "next-1", "next-2")
+    real_redis.sadd(keys.agents, "task-a", "task-b")
+    a, b = (ledger.claim([i]).claims[0] for i in ("a", "b"))
+    ride = Rider(lambda p: p.srem(keys.agents, "task-a").lpop(keys.backlog))
+    scripts_before = _calls(real_redis, "script|exists") + _calls(real_redis, "script")
+    ledger.complete("a", a.token, ride)
+    assert ride.sent and ride.replies == [1, "next-1"]
+    assert _calls(real_redis, "script|exists") + _calls(real_redis, "script") == scripts_before  # one round trip
+    assert ledger.explain("a").state == "done"
+    # after a Redis restart (its script cache empty) the settle is loaded and sent again; the rider went once
+    real_redis.script_flush()
+    ride = Rider(lambda p: p.srem(keys.agents, "task-b").lpop(keys.backlog))
+    failed = ledger.fail("b", b.token, "boom", ride)
+    assert failed.attempts == 1 and ride.replies == [1, "next-2"]
+    assert real_redis.llen(keys.backlog) == 0 and real_redis.scard(keys.agents) == 0
+    # a stale token still raises, and its rider was sent all the same
+    ride = Rider(lambda p: p.lpop(keys.backlog))
+    with pytest.raises(StaleClaimError):
+        ledger.complete("b", b.token, ride)
+    assert ride.sent and ride.replies == [None]
