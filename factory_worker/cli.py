@@ -14,7 +14,7 @@ from typing import Any
 import click
 import redis
 
-from . import __version__
+from . import __version__, status
 from .cli_output import Exit, console, emit, printable, table, ts
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
@@ -103,29 +103,10 @@ def loop_status_cmd(as_json: bool) -> None:
     data, code = loop_status(_context())
 
     def human(d: dict[str, Any]) -> None:
-        hb = d["heartbeat"] or {}
-        console.print(f"redis: {d['redis']} namespace {d['namespace']}", highlight=False)
-        console.print(f"loop: [bold]{d['liveness']}[/bold]" + (f" (heartbeat {d['age_s']}s old)" if hb else ""))
-        if d["ledger_lost"]:
-            gens = ", ".join(sorted(d["ledger_guard"]["lost"]))
-            console.print(f"[red]ledger lost[/red]: processes worked in generation {gens}, Redis holds "
-                          f"{d['ledger_guard']['generation'] or 'none'}; safe mode (nothing is claimed or "
-                          "started): check Redis, then `factory-worker ledger accept`", highlight=False)
-        if hb:
-            console.print(f"run {hb['run_id']}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
-                          f" on {hb['hostname']} pid {hb['pid']}")
-        if d["killed"]:
-            k = d["killed"]
-            console.print(f"[red]killed[/red] at {ts(k.get('at_ms'))} by {k.get('by')}: run start-loop to resume")
-        if d["paused"]:
-            console.print(f"[yellow]paused[/yellow] at {ts(d['paused'].get('at_ms'))} by {d['paused'].get('by')}")
-        console.print("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
-        console.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(d["counters"].items())))
-        console.print(f"workers: {', '.join(w['hostname'] for w in d['workers']) or 'none'}; "
-                      f"agent slots {d['agent_slots']}; last iteration on {d['last_iteration_worker'] or '-'}")
-        if d["outbox"] is not None:
-            console.print(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, "
-                          f"{d['outbox']['parked']} parked")
+        from rich.markup import escape
+
+        for line in status.lines(d, lambda t, tag: f"[{tag}]{t}[/{tag}]", lambda v: escape(printable(v)), ts):
+            console.print(line, highlight=False, soft_wrap=True)  # one line each, as the early path prints
 
     emit(data, as_json, human, code)
 

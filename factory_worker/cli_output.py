@@ -8,14 +8,14 @@ OSC 8 link reaches an operator's terminal. Used by :mod:`factory_worker.cli`.
 from __future__ import annotations
 
 import json
-import re
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from .cli_text import printable, ts  # noqa: F401 - this module's API too
 
 console = Console()
 
@@ -25,14 +25,6 @@ class Exit(Exception):
 
     def __init__(self, code: int) -> None:
         self.code = code
-
-
-def ts(ms: Any) -> str:
-    """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
-    try:
-        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (TypeError, ValueError):
-        return "-"
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None], code: int = 0) -> None:
@@ -50,14 +42,6 @@ def table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     for r in rows:
         t.add_row(*[_cell(c, r.get(c)) for c in columns])
     console.print(t)
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(v: Any) -> str:
-    """Untrusted text for a terminal: control bytes (ESC, OSC 8 links, BEL, ...) shown as ``\\xNN``, never sent."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
 
 
 def _cell(name: str, v: Any) -> str:

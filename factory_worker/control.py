@@ -24,6 +24,7 @@ from .quick import kill_record, who
 from .redis_client import server_now_ms
 from .scripts import scripts_for
 from .states import RunStatus
+from .status import parse_run
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,7 @@ class LoopControl:
     def run(self, run_id: str | None) -> dict[str, Any] | None:
         if not run_id:
             return None
-        raw = self.r.hgetall(self.keys.run(run_id))
-        if not raw:
-            return None
-        rec: dict[str, Any] = dict(raw)
-        for name in ("task_ids", "last_report"):
-            if name in rec:
-                try:
-                    rec[name] = json.loads(rec[name])
-                except ValueError:
-                    pass
-        for name in ("max_iterations", "iterations_done", "failures", "consecutive_failures",
-                     "started_ms", "finished_ms"):
-            if name in rec:
-                rec[name] = int(rec[name])
-        return rec
+        return parse_run(self.r.hgetall(self.keys.run(run_id)))
 
     def lease_holder(self) -> str | None:
         return self.r.get(self.keys.loop_lease)

@@ -91,13 +91,9 @@ def ensure_generation(r: redis.Redis, keys: Keys) -> str:
 
 def status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     """``{generation, lost: {generation: {by, at_ms, current}}, ledger_lost}`` for loop-status and metrics."""
-    lost = {}
-    for gen, raw in (r.hgetall(keys.ledger_lost) or {}).items():
-        try:
-            lost[gen] = json.loads(raw)
-        except ValueError:
-            lost[gen] = {}
-    return {"generation": r.hget(keys.ledger, "generation"), "lost": lost, "ledger_lost": bool(lost)}
+    from .status import parse_guard
+
+    return parse_guard(r.hget(keys.ledger, "generation"), r.hgetall(keys.ledger_lost) or {})
 
 
 def accept(r: redis.Redis, keys: Keys) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import redis
 
 from .keys import Keys
 from .states import LedgerState
+from .status import gauge_commands, parse_counters, parse_gauges
 
 #: The states ``entries`` lists (``dispatches --state``).
 STATES = tuple(s.value for s in LedgerState)
@@ -71,20 +72,14 @@ class LedgerViews:
 
     def counters(self) -> dict[str, int]:
         """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
-        raw = self.r.hgetall(self.keys.counters)
-        base = dict.fromkeys(("claimed", "deduped", "backed_off", "parked", "completed", "released"), 0)
-        base.update({name: _int(v) for name, v in raw.items()})
-        return base
+        return parse_counters(self.r.hgetall(self.keys.counters))
 
     def gauges(self) -> dict[str, int]:
         """How many issues are in flight, backing off, parked, done now."""
-        k = self.keys
-        now = self.now_ms()
         p = self.r.pipeline(transaction=False)
-        p.zcount(k.inflight, Keys.live_from(now), "+inf").zcount(k.backoff, f"({now}", "+inf")
-        p.hlen(k.parked).get(k.done_count).hlen(k.done)
-        inflight, backoff, parked, done, legacy = p.execute()
-        return {"in_flight": inflight, "backoff": backoff, "parked": parked, "done": int(done or 0) + legacy}
+        for command in gauge_commands(self.keys, self.now_ms()):
+            p.execute_command(*command)
+        return parse_gauges(p.execute())
 
     def done_marker(self, issue: str) -> str | None:
         """``<fence>:<completed_ms>`` when ``issue`` is done (its bucket, else the legacy hash)."""

@@ -10,10 +10,9 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
-from . import guard, heartbeat
+from . import heartbeat, status
 from .context import Context
-from .outbox import backlog as outbox_backlog
-from .presence import fleet_slots, live_workers, worker_alive
+from .presence import worker_alive
 from .urls import mask_url
 from .quick import EarlyKill, who
 from .ledger import Explanation
@@ -27,31 +26,10 @@ Revoker = Callable[[list[str]], None]
 
 
 def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
-    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost."""
-    live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
-    run_id = live.heartbeat.run_id if live.heartbeat else ctx.control.current_run_id()
-    run = ctx.control.run(run_id)
-    status = {
-        "redis": mask_url(ctx.settings.effective_redis_url),
-        "namespace": ctx.settings.namespace,
-        "liveness": live.state,
-        "live": live.live,
-        "age_s": None if live.age_s is None else round(live.age_s, 3),
-        "heartbeat": live.heartbeat.as_dict() if live.heartbeat else None,
-        "run": run,
-        "lease_holder": ctx.control.lease_holder(),
-        "killed": ctx.control.kill_info(),
-        "paused": ctx.control.pause_info(),
-        "counters": ctx.ledger.counters(),
-        "ledger": ctx.ledger.gauges(),
-        "workers": live_workers(ctx),
-        "agent_slots": fleet_slots(ctx),
-        "last_iteration_worker": (run or {}).get("last_worker"),
-        "ledger_guard": guard.status(ctx.redis, ctx.keys),
-        "outbox": outbox_backlog(ctx.redis, ctx.keys) if ctx.settings.tracker.write_back else None,
-    }
-    status["ledger_lost"] = status["ledger_guard"]["ledger_lost"]
-    return status, 0 if live.live and not status["ledger_lost"] else 1
+    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost
+    (:func:`factory_worker.status.read`, the reader the CLI's early path uses too)."""
+    return status.read(status.redis_py_sender(ctx.redis), ctx.keys, ctx.settings.loop.stale_after_s,
+                       ctx.settings.tracker.write_back, mask_url(ctx.settings.effective_redis_url))
 
 
 def explain(ctx: Context, issue_id: str) -> Explanation:

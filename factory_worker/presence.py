@@ -20,6 +20,7 @@ import redis
 from .keys import Keys
 from .redis_client import server_now_ms
 from .scripts import scripts_for
+from .status import SCAN_COUNT, parse_objects, parse_workers
 
 if TYPE_CHECKING:
     from .context import Context
@@ -79,7 +80,8 @@ def fleet_slots(ctx: Context) -> int:
 
 def live_workers(ctx: Context) -> list[dict[str, Any]]:
     """The workers whose presence key is live, sorted by node name."""
-    return sorted(_scan_json(ctx, ctx.keys.worker_pattern()), key=lambda w: str(w.get("hostname", "")))
+    keys = list(ctx.redis.scan_iter(match=ctx.keys.worker_pattern(), count=SCAN_COUNT))
+    return parse_workers(ctx.redis.mget(keys) if keys else [])
 
 
 # -- beat ----------------------------------------------------------------------------------------------
@@ -114,13 +116,5 @@ def beat_seen(ctx: Context) -> list[dict[str, Any]]:
 
 
 def _scan_json(ctx: Context, pattern: str) -> list[dict[str, Any]]:
-    out = []
-    for key in ctx.redis.scan_iter(match=pattern, count=500):
-        raw = ctx.redis.get(key)
-        try:
-            rec = json.loads(raw) if raw else None
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    keys = list(ctx.redis.scan_iter(match=pattern, count=SCAN_COUNT))
+    return parse_objects(ctx.redis.mget(keys) if keys else [])

@@ -1,4 +1,4 @@
-"""``kill-loop``'s first effect, written before the CLI imports anything heavy.
+"""``kill-loop``'s first effect and ``loop-status``'s answer, before the CLI imports anything heavy.
 
 The full command imports redis-py, pydantic and click first: about half a second on a small machine before
 it could write anything. An operator stopping a runaway loop should not wait for that (issue 8: effective
@@ -7,30 +7,37 @@ within 0.15 s of the command's start). So when the settings are plain enough to 
 module connects with the standard library, judges the heartbeat with :mod:`.heartbeat` (the functions the
 full command uses) and, when the loop is live, writes the kill record (:func:`kill_record`, the one
 ``control.set_kill`` writes). The full command then does the rest (revoke, end the run, release agents,
-notify) for that kill and reports it. In every other case, or on any error, nothing is written here and
-the full command does everything, as before. Standard library only.
+notify) for that kill and reports it. ``loop-status`` is answered here whole (:func:`status_first`: the same
+reader, :func:`.status.read`, the full command uses; text without rich, colours as plain ANSI on a
+terminal). In every other case, or on any error, nothing is written or printed here and the full command
+does everything, as before. Standard library only.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
-from . import heartbeat
+from . import heartbeat, status
+from .cli_text import printable, ts
 from .keys import NAMESPACE_PATTERN, Keys
-from .urls import DEFAULT_REDIS_URL
+from .urls import DEFAULT_REDIS_URL, mask_url
 
 log = logging.getLogger(__name__)
 
 #: How long the early kill may wait for Redis before it leaves everything to the full command.
 CONNECT_TIMEOUT_S = 1.0
 _FLAGS = {"--force", "--release-agents", "--json"}
+#: The only settings ``loop-status`` may have to be answered early (:func:`status_first`).
+STATUS_SETTINGS = frozenset({"FACTORY_REDIS_URL", "FACTORY_NAMESPACE"})
 
 
 def who() -> str:
@@ -56,6 +63,7 @@ class Target:
     password: str | None
     keys: Keys
     stale_after_s: float
+    url: str
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,21 @@ class EarlyKill:
     at_ms: int
 
 
-def is_kill(argv: Sequence[str]) -> bool:
-    """``[-v] kill-loop [--force] [--release-agents] [--json]`` and nothing else (help, typos: the full CLI)."""
+def _command(argv: Sequence[str], name: str, flags: set[str]) -> bool:
     args = list(argv)
     if args[:1] in (["-v"], ["--verbose"]):
         args = args[1:]
-    return args[:1] == ["kill-loop"] and all(a in _FLAGS for a in args[1:])
+    return args[:1] == [name] and all(a in flags for a in args[1:])
+
+
+def is_kill(argv: Sequence[str]) -> bool:
+    """``[-v] kill-loop [--force] [--release-agents] [--json]`` and nothing else (help, typos: the full CLI)."""
+    return _command(argv, "kill-loop", _FLAGS)
+
+
+def is_status(argv: Sequence[str]) -> bool:
+    """``[-v] loop-status [--json]`` and nothing else."""
+    return _command(argv, "loop-status", {"--json"})
 
 
 def plain_target(environ: Mapping[str, str], cwd: Path) -> Target | None:
@@ -86,14 +103,19 @@ def plain_target(environ: Mapping[str, str], cwd: Path) -> Target | None:
         return None
     try:
         stale = float(environ.get("FACTORY_LOOP__STALE_AFTER_S", heartbeat.DEFAULT_STALE_AFTER_S))
-        url = urlsplit(environ.get("FACTORY_REDIS_URL", DEFAULT_REDIS_URL))  # "" is an error, not the default
+        text = environ.get("FACTORY_REDIS_URL", DEFAULT_REDIS_URL)  # "" is an error, not the default
+        url = urlsplit(text)
         if url.scheme != "redis" or url.query or url.fragment or not url.hostname or not stale > 0:
             return None
         db = int(url.path.strip("/") or 0)
         return Target(url.hostname, url.port or 6379, db, unquote(url.username) if url.username else None,
-                      unquote(url.password) if url.password is not None else None, Keys(namespace), stale)
+                      unquote(url.password) if url.password is not None else None, Keys(namespace), stale, text)
     except ValueError:
         return None
+
+
+class RespError(Exception):
+    """An error reply."""
 
 
 class _Resp:
@@ -104,6 +126,7 @@ class _Resp:
         self.file = self.sock.makefile("rb")
 
     def pipeline(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send ``commands`` in one round trip; their replies (an error reply as a :class:`RespError` value)."""
         out = bytearray()
         for cmd in commands:
             out += b"*%d\r\n" % len(cmd)
@@ -121,7 +144,7 @@ class _Resp:
         if kind == b"+":
             return rest
         if kind == b"-":
-            raise RuntimeError(rest.decode("utf-8", "replace"))
+            return RespError(rest.decode("utf-8", "replace"))
         if kind == b":":
             return int(rest)
         if kind == b"$":
@@ -144,29 +167,84 @@ def kill_first(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     if not is_kill(argv):
         return None
     target = plain_target(os.environ if environ is None else environ, cwd or Path.cwd())
-    if target is None:
+    conn = _connect(target)
+    if target is None or conn is None:
         return None
     try:
-        conn = _Resp(target.host, target.port, CONNECT_TIMEOUT_S)
-    except OSError:
-        return None
-    try:
-        setup: list[list[Any]] = []
-        if target.password is not None:
-            setup.append(["AUTH", *([target.username] if target.username else []), target.password])
-        if target.db:
-            setup.append(["SELECT", target.db])
-        *_, raw, (sec, usec) = conn.pipeline(*setup, ["GET", target.keys.heartbeat], ["TIME"])
+        raw, (sec, usec) = _checked(conn.pipeline(["GET", target.keys.heartbeat], ["TIME"]))
         now_ms = int(sec) * 1000 + int(usec) // 1000
         live = heartbeat.liveness(heartbeat.parse(raw), now_ms, target.stale_after_s)
         if not live.live or live.heartbeat is None:
             return None
         by = who()
         fields = kill_record(live.heartbeat.run_id, by, now_ms)
-        conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)])
+        _checked(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
         return EarlyKill(live.heartbeat.run_id, by, now_ms)
     except Exception as exc:  # noqa: BLE001 - never in the way: the full command decides and reports
         log.debug("early kill not written (%s); the full command decides", exc)
         return None
     finally:
         conn.close()
+
+
+def _checked(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, RespError):
+            raise reply
+    return replies
+
+
+def _connect(target: Target | None) -> _Resp | None:
+    """A connection to ``target``, authenticated and on its database; None when that fails."""
+    if target is None:
+        return None
+    try:
+        conn = _Resp(target.host, target.port, CONNECT_TIMEOUT_S)
+    except OSError:
+        return None
+    setup: list[list[Any]] = []
+    if target.password is not None:
+        setup.append(["AUTH", *([target.username] if target.username else []), target.password])
+    if target.db:
+        setup.append(["SELECT", target.db])
+    try:
+        if setup:
+            _checked(conn.pipeline(*setup))
+        return conn
+    except Exception:  # noqa: BLE001 - a wrong password, a bad database: the full command reports it
+        conn.close()
+        return None
+
+
+_ANSI = {"bold": "1", "red": "31", "yellow": "33"}
+
+
+def status_first(argv: Sequence[str], environ: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 out: Any = None) -> int | None:
+    """For a ``loop-status`` command whose only settings are ``FACTORY_REDIS_URL`` and ``FACTORY_NAMESPACE``
+    (any other setting could be invalid, and the full command must then say so: exit 2): print its answer
+    and return its exit code (0 live, 1 not). None (nothing printed) in every other case."""
+    environ = os.environ if environ is None else environ
+    if not is_status(argv) or any(k.startswith("FACTORY_") and k not in STATUS_SETTINGS for k in environ):
+        return None
+    target = plain_target(environ, cwd or Path.cwd())
+    conn = _connect(target)
+    if target is None or conn is None:
+        return None
+    try:
+        data, code = status.read(lambda cmds: conn.pipeline(*cmds), target.keys, target.stale_after_s, False,
+                                 mask_url(target.url))
+    except Exception as exc:  # noqa: BLE001 - never in the way: the full command answers and reports
+        log.debug("early loop-status not answered (%s); the full command answers", exc)
+        return None
+    finally:
+        conn.close()
+    out = out or sys.stdout
+    if "--json" in argv:
+        out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        return code
+    colour = out.isatty() and not environ.get("NO_COLOR")
+    style = (lambda t, tag: f"\x1b[{_ANSI[tag]}m{t}\x1b[0m") if colour else (lambda t, tag: t)
+    out.write("".join(line + "\n" for line in status.lines(data, style, printable, ts)))
+    return code
+

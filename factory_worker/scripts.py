@@ -20,23 +20,18 @@ live claim) and ``held`` (another token holds it; the second element is that tok
 from __future__ import annotations
 
 import logging
-import re
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any, Iterable, Mapping
 
 import redis
 from redis.commands.core import Script
 
 from .keys import Keys
+# the catalogue (standard library, for the CLI before it loads redis-py) is this module's API too
+from .lua_contracts import NAMES, Contract, KeySpec, contract, source  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-_DECL = re.compile(r"^(KEYS|ARGV|REPLIES):(.*)$", re.MULTILINE)
-_SPEC = re.compile(r"^([a-z_]+)(?:\(([a-z_]+)\))?(\*?)$")
-
 
 class LedgerError(Exception):
     """Base class of ledger errors."""
@@ -61,87 +56,6 @@ class StaleClaimError(LedgerError):
     @property
     def expired(self) -> bool:
         return self.current is None
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    member: str  # a Keys property or method
-    param: str | None  # the argument a method takes (``claim(issue)``)
-
-    def build(self, keys: Keys, value: Any = None) -> str:
-        attr = getattr(keys, self.member)
-        return attr(str(value)) if self.param else attr
-
-
-@dataclass(frozen=True)
-class Contract:
-    """A script's declaration, parsed from its header."""
-
-    name: str
-    keys: tuple[KeySpec, ...]
-    each_keys: tuple[KeySpec, ...]  # per item, in this order (KEYS[K_N + (i-1)*K_E + j])
-    args: tuple[str, ...]
-    each_arg: str | None
-    replies: frozenset[str]
-
-    def lua_header(self) -> str:
-        """``K`` and ``A``: the keys and arguments by name (variadic tails start at ``K_N + 1``/``A_N + 1``)."""
-        k = ", ".join(f"{s.member} = KEYS[{i}]" for i, s in enumerate(self.keys, 1))
-        a = ", ".join(f"{n} = ARGV[{i}]" for i, n in enumerate(self.args, 1))
-        return (f"local K = {{{k}}}\nlocal A = {{{a}}}\n"
-                f"local K_N, A_N, K_E = {len(self.keys)}, {len(self.args)}, {len(self.each_keys)}\n")
-
-
-def _parse(name: str, text: str) -> Contract:
-    decl = {kind: body.split() for kind, body in _DECL.findall(text)}
-    missing = {"KEYS", "ARGV", "REPLIES"} - set(decl)
-    if missing:
-        raise ValueError(f"lua/{name}.lua: contract lacks {', '.join(sorted(missing))}")
-    keys: list[KeySpec] = []
-    each_keys: list[KeySpec] = []
-    for raw in decl["KEYS"]:
-        m = _SPEC.match(raw)
-        if not m or not hasattr(Keys, m.group(1)):
-            raise ValueError(f"lua/{name}.lua: KEYS entry {raw!r} is not a Keys member")
-        spec = KeySpec(m.group(1), m.group(2))
-        if m.group(3):
-            each_keys.append(spec)
-        else:
-            keys.append(spec)
-    args = [a for a in decl["ARGV"] if not a.endswith("*")]
-    tail = [a[:-1] for a in decl["ARGV"] if a.endswith("*")]
-    return Contract(name, tuple(keys), tuple(each_keys), tuple(args), tail[0] if tail else None, frozenset(decl["REPLIES"]))
-
-
-def _lua_dir() -> Any:
-    return resources.files("factory_worker").joinpath("lua")
-
-
-@lru_cache(maxsize=None)
-def _catalogue() -> dict[str, tuple[Contract, str]]:
-    prelude = _lua_dir().joinpath("_prelude.lua").read_text()
-    out = {}
-    for entry in sorted(_lua_dir().iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".lua") or entry.name.startswith("_"):
-            continue
-        name = entry.name[:-4]
-        text = entry.read_text()
-        contract = _parse(name, text)
-        out[name] = (contract, contract.lua_header() + prelude + text)
-    return out
-
-
-#: Every script's name (one per ``lua/*.lua`` file, the prelude aside).
-NAMES = tuple(_catalogue())
-
-
-def source(name: str) -> str:
-    """The full text sent to Redis for ``name``: generated header + prelude + ``lua/<name>.lua``."""
-    return _catalogue()[name][1]
-
-
-def contract(name: str) -> Contract:
-    return _catalogue()[name][0]
 
 
 @dataclass(frozen=True)

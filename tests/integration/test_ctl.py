@@ -197,3 +197,56 @@ def test_an_error_after_the_early_kill_says_the_kill_stands(env, real_redis):
     line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "kill-loop"))
     assert "agent.command" in line and f"the kill itself was written: run {run_id} is stopped" in line
     assert real_redis.hget(ctx.keys.kill, "run_id") == run_id
+
+
+# -- loop-status answered before the full CLI loads (quick.py + status.py) ------------------------------------
+def _without_age(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "age_s"}
+
+
+def test_loop_status_answered_early_is_the_full_commands_answer(redis_url, real_redis, namespace, tmp_path):
+    import io
+
+    from factory_worker import presence
+    from factory_worker.operations import loop_status
+    from factory_worker.quick import status_first
+
+    env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
+    ctx = Context(settings_from(env))
+    assert ctx.control.start_run(3, by="test").started  # a live run: heartbeat, lease, run record
+    for node, slots in (("w2@b", 3), ("w1@a", 2)):
+        presence.publish_worker(ctx, node, 1)
+        presence.publish_slots(ctx, node, slots)
+    a, b = ctx.ledger.claim(["A", "B"], fleet_slots=True).claims
+    ctx.ledger.complete("A", a.token)
+    ctx.ledger.fail("B", b.token, "boom")
+    ctx.control.set_paused(True, "op[red]\x1b[2J")
+    real_redis.hset(ctx.keys.ledger_lost, "old-gen", '{"by": "w1", "at_ms": 1}')
+    full, code = loop_status(ctx)
+    out = io.StringIO()
+    assert status_first(["loop-status", "--json"], env, tmp_path, out=out) == code == 1  # ledger lost: exit 1
+    early = json.loads(out.getvalue())
+    assert _without_age(early) == _without_age(full)
+    assert early["agent_slots"] == 5 and [w["hostname"] for w in early["workers"]] == ["w1@a", "w2@b"]
+    assert early["ledger"] == {"in_flight": 0, "backoff": 1, "parked": 0, "done": 1}
+    assert early["run"]["status"] == "running" and early["paused"]["by"] == "op[red]\x1b[2J"
+    # as users run it: answered early, and the same text as the full command (any other setting forces it)
+    res = ctl(env, "loop-status")
+    forced = ctl({**env, "FACTORY_LOOP__MAX_ITERATIONS": "3"}, "loop-status")
+    assert res.returncode == forced.returncode == 1, (res.stderr, forced.stderr)
+    drop_age = lambda text: [ln for ln in text.splitlines() if not ln.startswith("loop: ")]  # noqa: E731
+    assert drop_age(res.stdout) == drop_age(forced.stdout)
+    assert "\x1b" not in res.stdout and "paused at" in res.stdout and "by op[red]\\x1b[2J" in res.stdout
+
+
+def test_loop_status_is_left_to_the_full_command_when_a_setting_could_be_wrong(redis_url, namespace, tmp_path):
+    from factory_worker.quick import status_first
+
+    env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
+    for extra in ({"FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, {"FACTORY_TRACKER__WRITE_BACK": "true"},
+                  {"FACTORY_LOOP__STALE_AFTER_S": "5"}):
+        assert status_first(["loop-status"], {**env, **extra}, tmp_path) is None
+    assert status_first(["loop-status", "--json"], {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+                        tmp_path) is None
+    line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
+    assert "FACTORY_DISPATCH__LEASE_TTL_S" in line

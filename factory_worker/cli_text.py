@@ -1,0 +1,23 @@
+"""Text the CLI shows, standard library only (the early path of :mod:`.quick` prints without rich):
+untrusted text made safe for a terminal, and Redis-clock timestamps."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(v: Any) -> str:
+    """Untrusted text for a terminal: control bytes (ESC, OSC 8 links, BEL, ...) shown as ``\\xNN``, never sent."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
+
+
+def ts(ms: Any) -> str:
+    """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return "-"
