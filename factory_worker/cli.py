@@ -176,6 +176,8 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
         if d["ruled_out"]:
             table("left out by the eligibility rules (source.*)",
                   [{"issues": n, "reason": r} for r, n in d["ruled_out"].items()], ["issues", "reason"])
+        if d["unexamined"]:
+            click.echo(f"{d['unexamined']} more issue(s) not gated: the fleet is full and enough wait already")
 
     emit(report, as_json, human)
 

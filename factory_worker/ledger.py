@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Issues per claim script call; a larger batch is split (each call is still one round trip).
 MAX_BATCH = 1000
+#: Skip reasons that mean "ready, waiting for room" (a freed slot refills from them: ``loop.refill``).
+WAITING = (Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT)
 
 
 def fence_of(token: str) -> int:
@@ -69,6 +71,8 @@ class ClaimBatch:
     skipped: list[Skip] = field(default_factory=list)
     dry_run: bool = False
     fleet_slots: bool = False
+    #: issues not gated: enough were waiting for room already (``claim(enough_waiting=...)``)
+    unexamined: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,17 +146,25 @@ class Ledger(LedgerViews):
         return server_now_ms(self.r)
 
     # -- claims ---------------------------------------------------------------------------------------
-    def claim(self, issues: Sequence[str], dry_run: bool = False, fleet_slots: bool = False) -> ClaimBatch:
+    def claim(self, issues: Sequence[str], dry_run: bool = False, fleet_slots: bool = False,
+              enough_waiting: int = 0) -> ClaimBatch:
         """Gate ``issues`` and claim every claimable one; one script call (round trip) per batch.
 
         ``dry_run``: the same decisions, nothing written (``claims`` are what would be claimed).
         ``fleet_slots``: also bound the in-flight count by the live workers' agent slots (the loop always
         does; a bare ledger, e.g. in tests and benchmarks of the protocol, may not).
+        ``enough_waiting``: gate in batches of that many and stop once that many issues wait for room (the
+        fleet is full: nothing after them could be claimed); the rest are counted in ``unexamined``. The loop
+        passes its backlog's size, so a big backlog is not gated in full every poll.
         """
         out = ClaimBatch(dry_run=dry_run, fleet_slots=fleet_slots)
         items = [str(i) for i in issues]
-        for start in range(0, len(items), MAX_BATCH):
-            self._claim_chunk(items[start : start + MAX_BATCH], out)
+        size = enough_waiting or MAX_BATCH
+        for start in range(0, len(items), size):
+            self._claim_chunk(items[start : start + size], out)
+            if enough_waiting and sum(s.reason in WAITING for s in out.skipped) >= enough_waiting:
+                out.unexamined = max(0, len(items) - start - size)
+                break
         return out
 
     def _claim_chunk(self, issues: list[str], out: ClaimBatch) -> None:

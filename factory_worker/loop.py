@@ -17,7 +17,7 @@ from . import heartbeat
 from .context import Context
 from .control import Kickoff
 from .guard import LedgerLostError
-from .ledger import Claim
+from .ledger import WAITING, Claim
 from .scripts import scripts_for
 from .sweep import forget_dead_agents, release_lost_messages
 from .states import Gate, RunStatus
@@ -44,6 +44,8 @@ class IterationReport:
     run_id: str | None = None
     iteration: int | None = None
     dispatches: list[dict[str, Any]] = field(default_factory=list)
+    #: ready issues not gated this poll: the fleet was full and enough were waiting already (Ledger.claim)
+    unexamined: int = 0
     error: str | None = None
     stopped: str | None = None
     duration_s: float = 0.0
@@ -83,7 +85,8 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
     issues = {i.id: i for i in screened.issues}
     report.pulled = len(issues)
     try:
-        batch = ctx.ledger.claim(list(issues), dry_run=dry_run, fleet_slots=True)
+        batch = ctx.ledger.claim(list(issues), dry_run=dry_run, fleet_slots=True,
+                                 enough_waiting=0 if dry_run else ctx.keys.BACKLOG_MAX)
     except LedgerLostError as exc:  # safe mode: claim nothing, tell the team once, keep the loop alive
         report.stopped = "ledger lost"
         report.error = str(exc)
@@ -91,6 +94,7 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
             ctx.notifier.send_event("ledger-lost", remembered=exc.remembered, current=exc.current)
         return report
     report.skipped.extend({"issue": s.issue, "reason": s.reason} for s in batch.skipped)
+    report.unexamined = batch.unexamined
     if dry_run:  # the gate's own decisions, nothing written
         report.dispatches = [{"issue": c.issue, "task_id": None, "fence": c.fence} for c in batch.claims]
         report.dispatched = len(batch.claims)
@@ -148,8 +152,6 @@ def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issu
     return sent
 
 
-#: Skip reasons that mean "ready, waiting for room": such issues go to the backlog a freed slot refills from.
-WAITING = (Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT)
 
 
 def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[Any]) -> None:

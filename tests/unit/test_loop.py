@@ -230,3 +230,28 @@ def test_a_run_ends_at_an_idle_iteration_and_goes_on_while_issues_wait_for_room(
         assert ctx.control.start_run(by="beat").started  # the next kickoff polls again
     else:
         assert run["status"] == "running"
+
+
+def test_a_full_fleet_does_not_gate_a_big_backlog_in_full(fake_redis, make_settings, tmp_path):
+    """Issue 8: with the fleet full, a poll gates only until a backlog's worth of issues waits for room; the
+    rest are counted, not looked at (the gate re-read a 3,000-issue backlog every second before)."""
+    from tests.support import write_issues
+
+    path = tmp_path / "big.jsonl"
+    n = 1000
+    write_issues(path, [{"id": f"I-{i}", "title": "t", "state": "ready"} for i in range(n)])
+    s = make_settings(source={"path": str(path)}, dispatch={"max_in_flight": 3, "lease_ttl_s": 10,
+                                                             "queue_lease_s": 10})
+    ctx = Context(s, fake_redis, FileSource(path))
+    roomy_fleet(fake_redis, ctx.keys)
+    ctx.ledger.complete("I-1", ctx.ledger.claim(["I-1"]).claims[0].token)  # one done issue in the way
+    first = iterate(ctx, Recorder())
+    waiting = [x for x in first.skipped if x["reason"] == "max-in-flight"]
+    backlog = ctx.keys.BACKLOG_MAX
+    assert first.dispatched == 3 and len(waiting) == 2 * backlog - 4  # 252 in the first batch were not enough
+    assert {"issue": "I-1", "reason": "done"} in first.skipped
+    assert first.unexamined == n - 2 * backlog and first.pulled == n  # two batches of the backlog's size
+    assert ctx.redis.llen(ctx.keys.backlog) == backlog  # the refill's next candidates, in source order
+    assert ctx.redis.lindex(ctx.keys.backlog, 0) is not None and '"I-4"' in ctx.redis.lindex(ctx.keys.backlog, 0)
+    dry = iterate(ctx, None, dry_run=True)  # a dry run (run-once --dry-run, explain) still gates everything
+    assert dry.unexamined == 0 and len(dry.skipped) == n
