@@ -5,7 +5,8 @@ ready issues (default 3000), agent ``true``, lease 5 s, interval 1 s:
 
   run A  the in-flight cap at the fleet's size (4)
   run B  the in-flight cap at n
-  peer   the same worker layout running plain Celery tasks that do ``subprocess.run(["true"])``
+  peer   the same worker layout running plain Celery tasks that do ``subprocess.run(["true"])``; and the
+         same peer with task events on, as the factory's workers send them (Flower): a second reference
   refill one agent slot (worker ``-c 2``), ``--refill-n`` issues, an agent that stamps its start and its
          end: slot freed (an agent's end) -> next agent started, p50/p99
 
@@ -123,22 +124,28 @@ def main(argv: list[str] | None = None) -> int:
         out["B_cap_n"] = run_factory(redis_url, tmp, "B", args.n, cap=args.n)
         say(f"peer: plain Celery, 1 worker -c {CONCURRENCY}, {args.n} tasks")
         out["peer_plain_celery"] = bench_plain(redis_url, tmp, args.n, 1, CONCURRENCY, 900)
+        say("peer with task events on (as the factory's workers, for Flower)")
+        out["peer_plain_celery_events"] = bench_plain(redis_url, tmp, args.n, 1, CONCURRENCY, 900, events=True)
         out["refill"] = refill_latency(redis_url, tmp, args.refill_n)
 
     code = run_session("backlog_bench", "backlog-bench-", args.keep_tmp, phases, args.redis_url)
     if code:
         return code
     peer = out["peer_plain_celery"]["tasks_per_s"]
+    peer_events = out["peer_plain_celery_events"]["tasks_per_s"]
     for run in ("A_cap_fleet", "B_cap_n"):
         out[run].pop("work", None)
         out[run]["ratio_to_peer"] = out[run]["dispatches_per_s"] / peer
+        out[run]["ratio_to_peer_with_events"] = out[run]["dispatches_per_s"] / peer_events
 
     def human() -> None:
         print(f"backlog_bench: {args.n} issues, 1 worker -c {CONCURRENCY} ({SLOTS} agent slots) + beat")
-        print(f"  peer (plain Celery, subprocess true): {peer:8.1f} tasks/s")
+        print(f"  peer (plain Celery, subprocess true): {peer:8.1f} tasks/s  (with task events on: "
+              f"{peer_events:.1f})")
         for run, label in (("A_cap_fleet", f"run A, cap {CONCURRENCY}"), ("B_cap_n", f"run B, cap {args.n}")):
             x = out[run]
-            print(f"  {label:<18} {x['dispatches_per_s']:8.1f} dispatches/s  ratio {x['ratio_to_peer']:.2f}  "
+            print(f"  {label:<18} {x['dispatches_per_s']:8.1f} dispatches/s  ratio {x['ratio_to_peer']:.2f} "
+                  f"({x['ratio_to_peer_with_events']:.2f} to the peer with events)  "
                   f"queue max {x['queue_max']}  no-op agent tasks {x['noop_agent_tasks']}  refilled {x['refilled']}")
         rf = out["refill"]
         print(f"  slot freed -> next agent started ({rf['samples']} samples, 1 slot): "

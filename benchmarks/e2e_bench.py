@@ -66,6 +66,8 @@ app.conf.update(
     task_serializer="json", result_serializer="json", accept_content=["json"], task_ignore_result=True,
     result_backend=None, worker_prefetch_multiplier=1, task_default_queue=QUEUE,
     broker_connection_retry_on_startup=True,
+    # the factory sends task events (Flower needs them); BENCH_TASK_EVENTS=1 makes the peer do the same
+    worker_send_task_events=os.environ.get("BENCH_TASK_EVENTS") == "1", task_send_sent_event=False,
 )
 _r = redis.Redis.from_url(BROKER)
 
@@ -189,15 +191,17 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
 
 
 # -- plain Celery -------------------------------------------------------------------------------------------
-def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float) -> dict:
-    work = tmp / "plain"
+def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float,
+                events: bool = False) -> dict:
+    """Plain Celery running ``true`` ``n`` times; ``events``: with task events on, as the factory's workers."""
+    work = tmp / ("plain-events" if events else "plain")
     work.mkdir()
     (work / "bench_plain_app.py").write_text(PLAIN_APP)
     broker = with_db(redis_url, (url_db(redis_url) + 1) % 16)
     queue = "bench.plain." + uuid.uuid4().hex[:8]
     counter = f"{queue}:done"
     env = base_env({"BENCH_BROKER_URL": broker, "BENCH_QUEUE": queue, "BENCH_COUNTER_KEY": counter,
-                    "PYTHONPATH": str(work)})
+                    "PYTHONPATH": str(work), "BENCH_TASK_EVENTS": "1" if events else "0"})
     r = redis.Redis.from_url(broker, decode_responses=True)
     r.delete(counter)
     group = Group()
