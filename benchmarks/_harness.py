@@ -302,6 +302,48 @@ def emit(summary: dict[str, Any], as_json: bool, human: Callable[[], None]) -> i
     return 0
 
 
+# -- CPU accounting (Linux /proc) ----------------------------------------------------------------------------
+def _stat_fields(pid: str | int) -> list[str] | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2:].split()  # from the state field on: pgrp is [2], utime..cstime [11:15]
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds process group ``pgid`` has used: its live processes, and the children they reaped (an
+    agent's time lands in the pool process that waited for it). 0.0 where /proc is not there."""
+    ticks = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        fields = _stat_fields(entry) if entry.isdigit() else None
+        if fields and int(fields[2]) == pgid:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_s(r: redis.Redis) -> float:
+    """CPU seconds the Redis server behind ``r`` has used (it must run on this machine)."""
+    fields = _stat_fields(r.info("server")["process_id"])
+    return sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+class CpuMeter:
+    """CPU per item of a timed window: process groups (workers, beat) and the Redis server, in ms."""
+
+    def __init__(self, r: redis.Redis, groups: list[int]) -> None:
+        self.r, self.groups = r, groups
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        return sum(group_cpu_s(g) for g in self.groups), redis_cpu_s(self.r)
+
+    def per_item_ms(self, n: int) -> dict[str, float]:
+        procs, server = (b - a for a, b in zip(self.start, self._now()))
+        return {"processes": round(procs * 1000 / n, 2), "redis": round(server * 1000 / n, 2),
+                "total": round((procs + server) * 1000 / n, 2)}
+
+
 # -- statistics -------------------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from _harness import (Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit, factory_env, factory_queues,
+from _harness import (CpuMeter, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit, factory_env, factory_queues,
                       issue_line, make_parser, make_say, percentile, run_session, wait_count, worker_argv)
 from e2e_bench import bench_plain
 
@@ -79,15 +79,17 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
     group = Group()
     try:
         say(f"run {name}: worker -c {concurrency} + beat, {n} issues, cap {cap} (namespace {namespace})")
-        group.add(Proc("w1", worker_argv("w1", concurrency, queues=factory_queues(env)), env, work, "ready."))
-        group.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
+        worker = group.add(Proc("w1", worker_argv("w1", concurrency, queues=factory_queues(env)), env, work, "ready."))
+        beat = group.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
         group.wait_ready()
         with QueueWatch(r, factory_queues(env, "agents")) as watch:
+            cpu = CpuMeter(r, [worker.pid, beat.pid])
             t0 = time.perf_counter()
             r.delete(keys.paused)
             wait_count(lambda: int(r.get(keys.done_count) or 0), n, timeout,
                        lambda done: f"run {name}: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}", 0.05)
             elapsed = time.perf_counter() - t0
+            cpu_ms = cpu.per_item_ms(n)
         counters = {k: int(v) for k, v in r.hgetall(keys.counters).items() if v.lstrip("-").isdigit()}
     finally:
         group.stop()
@@ -95,7 +97,7 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
         r.close()
     return {"elapsed_s": elapsed, "dispatches_per_s": n / elapsed, "queue_max": watch.longest,
             "noop_agent_tasks": counters.get("agent_tasks_noop", 0), "refilled": counters.get("refilled", 0),
-            "work": work}
+            "cpu_ms_per_issue": cpu_ms, "work": work}
 
 
 def refill_latency(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
@@ -147,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:<18} {x['dispatches_per_s']:8.1f} dispatches/s  ratio {x['ratio_to_peer']:.2f} "
                   f"({x['ratio_to_peer_with_events']:.2f} to the peer with events)  "
                   f"queue max {x['queue_max']}  no-op agent tasks {x['noop_agent_tasks']}  refilled {x['refilled']}")
+        cpu = ", ".join(f"{label} {out[k]['cpu_ms_per_issue']['total']:.2f}" for k, label in
+                        (("A_cap_fleet", "A"), ("B_cap_n", "B"))) + ", " + ", ".join(
+            f"{label} {out[k]['cpu_ms_per_task']['total']:.2f}" for k, label in
+            (("peer_plain_celery", "peer"), ("peer_plain_celery_events", "peer with events")))
+        print(f"  CPU per issue (workers + beat + redis-server, ms): {cpu}")
         rf = out["refill"]
         print(f"  slot freed -> next agent started ({rf['samples']} samples, 1 slot): "
               f"p50 {rf['p50_ms']:.1f} ms  p99 {rf['p99_ms']:.1f} ms  max {rf['max_ms']:.1f} ms")

@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from _harness import (PY, BenchError, Group, Proc, add_keep_tmp, base_env, beat_argv,
+from _harness import (PY, BenchError, CpuMeter, Group, Proc, add_keep_tmp, base_env, beat_argv,
                       drop_namespace, emit, factory_queues, issue_line, make_parser, make_say, percentile, run_session, wait_count,
                       wait_for, worker_argv)
 from _harness import factory_env as harness_factory_env
@@ -207,22 +207,25 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
     group = Group()
     try:
         say(f"plain celery: starting {workers} workers -c {concurrency} (broker {broker}, queue {queue})")
+        pids = []
         for i in range(workers):
             name = f"pw{i + 1}"
             argv = worker_argv(name, concurrency, app="bench_plain_app", queues=queue)
-            group.add(Proc(name, argv, env, work, "ready.", cwd=work))
+            pids.append(group.add(Proc(name, argv, env, work, "ready.", cwd=work)).pid)
         group.wait_ready()
         from celery import Celery
 
         sender = Celery("e2e_bench_plain_sender", broker=broker, set_as_current=False)
         sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=False)
         say(f"plain celery: go ({n} tasks)")
+        cpu = CpuMeter(r, pids)
         t0 = time.perf_counter()
         for _i in range(n):
             sender.send_task("bench.plain.run_true", queue=queue)
         wait_count(lambda: int(r.get(counter) or 0), n, timeout,
                    lambda done: f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}", POLL_S)
         elapsed = time.perf_counter() - t0
+        cpu_ms = cpu.per_item_ms(n)  # the sender here (this process) is not counted: the factory sends in its workers
         sender.close()
     finally:
         group.stop()
@@ -234,7 +237,7 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
         except redis.RedisError:
             pass
         r.close()
-    return {"elapsed_s": elapsed, "tasks_per_s": n / elapsed}
+    return {"elapsed_s": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu_ms}
 
 
 # -- latency ---------------------------------------------------------------------------------------------

@@ -177,9 +177,11 @@ def read(send: Sender, keys: Keys, stale_after_s: float, write_back: bool, redis
 
 
 def redis_py_sender(r: Any) -> Sender:
-    """A :data:`Sender` over a redis-py client's own connection pool (replies undecoded, as sent)."""
+    """A :data:`Sender` over a redis-py client's own connection pool (replies undecoded, as sent). A pooled
+    connection that a Redis restart broke is replaced once, as redis-py's own retry would."""
+    import redis
 
-    def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
+    def once(commands: Sequence[Sequence[Any]]) -> list[Any]:
         pool = r.connection_pool
         conn = pool.get_connection()
         try:
@@ -188,9 +190,7 @@ def redis_py_sender(r: Any) -> Sender:
             for _ in commands:
                 try:
                     out.append(conn.read_response(disable_decoding=True))
-                except Exception as exc:  # noqa: BLE001 - an error reply (ResponseError) is a value here
-                    if not type(exc).__name__.endswith(("ResponseError", "NoScriptError")):
-                        raise
+                except redis.ResponseError as exc:  # an error reply is a value here
                     out.append(exc)
             return out
         except BaseException:
@@ -198,6 +198,12 @@ def redis_py_sender(r: Any) -> Sender:
             raise
         finally:
             pool.release(conn)
+
+    def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        try:
+            return once(commands)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return once(commands)  # the commands only read: sending them again is safe
 
     return send
 
