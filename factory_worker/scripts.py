@@ -70,6 +70,8 @@ class BoundScript:
     def __init__(self, client: redis.Redis, name: str) -> None:
         self.contract = contract(name)
         self._script: Script = client.register_script(source(name))
+        #: per namespace: the fixed KEYS, built and encoded once (bytes), a KeySpec where a key takes a value
+        self._templates: dict[Keys, list[bytes | KeySpec]] = {}
 
     @property
     def sha(self) -> str:
@@ -83,7 +85,10 @@ class BoundScript:
         """KEYS and ARGV for one call, in the contract's order."""
         c = self.contract
         items = list(items)
-        klist = [s.build(keys, args.get(s.param)) for s in c.keys]
+        template = self._templates.get(keys)
+        if template is None:  # hot: a dispatch makes ~8 script calls of 5-15 keys, most of them fixed
+            template = self._templates[keys] = [s if s.param else s.build(keys).encode() for s in c.keys]
+        klist = [k if isinstance(k, bytes) else k.build(keys, args.get(k.param)) for k in template]
         if c.each_keys:  # hot on a big backlog: bind each key builder once, not once per item
             builders = [getattr(keys, spec.member) for spec in c.each_keys]
             klist += [build(str(item)) for item in items for build in builders]

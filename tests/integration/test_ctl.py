@@ -250,3 +250,22 @@ def test_loop_status_is_left_to_the_full_command_when_a_setting_could_be_wrong(r
                         tmp_path) is None
     line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
     assert "FACTORY_DISPATCH__LEASE_TTL_S" in line
+
+
+def test_a_long_lived_status_reader_survives_a_redis_restart(tmp_path, namespace):
+    """metrics and `up` read loop-status through one client for hours: a restart must not break it."""
+    from factory_worker.embedded import RedisServer
+    from factory_worker.operations import loop_status
+
+    server = RedisServer(tmp_path / "r").start()
+    try:
+        ctx = Context(settings_from(factory_env({"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace})))
+        assert loop_status(ctx)[0]["liveness"] == "missing"
+        server.stop()
+        server.start()  # the same port: the pooled connection is dead now
+        assert loop_status(ctx)[0]["liveness"] == "missing"  # through the dead connection first
+        assert ctx.control.start_run(3).started
+        data, code = loop_status(ctx)
+        assert (data["liveness"], code) == ("live", 0)
+    finally:
+        server.stop()
