@@ -143,7 +143,7 @@ def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis,
     ctx = Context(settings_from(env), real_redis)
     now = int(real_redis.time()[0]) * 1000
     stale = heartbeat.make("old-run", "running", 1, 3, now - 60_000)
-    real_redis.set(ctx.keys.heartbeat, stale.model_dump_json())
+    real_redis.set(ctx.keys.heartbeat, stale.to_json())
     res = ctl(env, "kill-loop")
     assert res.returncode == 1 and "stale" in res.stderr
     assert not real_redis.exists(ctx.keys.kill)
