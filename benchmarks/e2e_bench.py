@@ -359,7 +359,7 @@ def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dic
             "factory": f and {**f, "elapsed_s": round(f["elapsed_s"], 3),
                               "dispatches_per_s": round(f["dispatches_per_s"], 2),
                               "first_done_s": f["first_done_s"] and round(f["first_done_s"], 3)},
-            "plain": p and {k: round(v, 3) for k, v in p.items()},
+            "plain": p and {k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()},
             "latency": lat and {k: (round(v, 3) if isinstance(v, float) else v) for k, v in lat.items()},
         },
         "wall_s": round(time.perf_counter() - t_start, 1),
