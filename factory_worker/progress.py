@@ -16,7 +16,7 @@ import redis
 from .ledger import Ledger
 from .keys import Keys
 from .pipeline import Progress
-from .scripts import Reply, StaleClaimError, checked
+from .scripts import Reply, checked
 
 log = logging.getLogger(__name__)
 

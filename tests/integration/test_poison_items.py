@@ -14,8 +14,7 @@ import pytest
 
 from factory_worker.context import Context
 from factory_worker.ledger import Ledger
-from tests.support import (CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until,
-                           write_issues)
+from tests.support import (CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until)
 
 log = logging.getLogger(__name__)
 
