@@ -125,13 +125,15 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
             conversation.close(ended_text(str(result.get("settled", "")), str(result.get("error") or "")))
             conversation.inbox.unlink(missing_ok=True)
         refilling = send is not None and result.get("settled") != Settled.LEASE_LOST
-        if not rider.sent:  # no settle was sent (a lost lease, or Redis gone while settling)
+        if not rider.replies:  # no settle was sent (a lost lease, Redis gone), or its answer was lost
             p = ctx.redis.pipeline(transaction=False)
-            _clean_up(ctx, p, task_id, pop=refilling)
+            _clean_up(ctx, p, task_id, pop=refilling and not rider.sent)  # idempotent, but never pop twice
             rider.replies = p.execute()
     if refilling:
         try:
-            result["refilled"] = refill(ctx, send, run_id, popped=rider.replies[-1])
+            # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
+            popped = {"popped": rider.replies[-1]} if len(rider.replies) == 4 else {}
+            result["refilled"] = refill(ctx, send, run_id, **popped)
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result

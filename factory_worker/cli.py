@@ -16,6 +16,7 @@ import redis
 
 from . import __version__, status
 from .cli_output import Exit, console, emit, printable, table, ts
+from .cli_text import one_line
 from .config import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
 from .ledger import STATES, LedgerError
 from .context import Context
@@ -105,7 +106,7 @@ def loop_status_cmd(as_json: bool) -> None:
     def human(d: dict[str, Any]) -> None:
         from rich.markup import escape
 
-        for line in status.lines(d, lambda t, tag: f"[{tag}]{t}[/{tag}]", lambda v: escape(printable(v)), ts):
+        for line in status.lines(d, lambda t, tag: f"[{tag}]{t}[/{tag}]", lambda v: escape(one_line(v)), ts):
             console.print(line, highlight=False, soft_wrap=True)  # one line each, as the early path prints
 
     emit(data, as_json, human, code)

@@ -15,6 +15,12 @@ def printable(v: Any) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(v))
 
 
+def one_line(v: Any) -> str:
+    """:func:`printable`, and line breaks and tabs shown as ``\\n`` / ``\\t`` too: for a field inside one line
+    (a host name or an operator's name cannot fake another line of status)."""
+    return printable(v).replace("\n", "\\n").replace("\t", "\\t")
+
+
 def ts(ms: Any) -> str:
     """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
     try:

@@ -57,6 +57,8 @@ class Heartbeat:
             want = str if f.type in ("str", "Status") else int
             if type(v) is not want:  # exactly: bool is not an int here, nor 1.5
                 raise ValueError(f"{f.name}: expected {want.__name__}, got {type(v).__name__}")
+            if want is str:
+                v.encode("utf-8")  # a lone surrogate ("\ud800" is valid JSON) is no text: UnicodeEncodeError
             values[f.name] = v
         if not values["run_id"]:
             raise ValueError("run_id: empty")

@@ -161,15 +161,17 @@ class Ledger(LedgerViews):
         last = len(pipe)
         if wait:
             pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
+        if rider is not None:
+            rider.sent = True  # from here on it may have run: a retry (its reply lost) must not send it again
         out = pipe.execute(raise_on_error=False)
         if rider is not None:
-            rider.replies, rider.sent = out[first:last], True
-        for reply in out:
+            rider.replies = out[first:last]  # a rider's own error stays a value: the settle itself went
+        for reply in out[:first] + out[last:]:
             if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
                 raise reply
         if isinstance(out[0], redis.exceptions.NoScriptError):  # a restarted Redis: load it, send it alone
             script.load()
-            return self._write(name, items, acks, touch, **args)
+            return self._write(name, items, acks, **args)  # the touch (a counter) went already
         return script.parse(out[0]), int(out[-1]) >= n if wait else True
 
     def _settle(self, name: str, issue: str, token: str, rider: Rider | None = None, **args: Any) -> Reply:

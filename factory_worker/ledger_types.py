@@ -67,8 +67,9 @@ class Explanation:
 
 class Rider:
     """Commands that ride in a settle's round trip, after its script: an agent task's clean-up and its
-    refill's first backlog pop (``agent_task``). ``queue(pipe)`` adds them; once sent, ``sent`` is True and
-    ``replies`` holds their replies (errors included, as values)."""
+    refill's first backlog pop (``agent_task``). ``queue(pipe)`` adds them. ``sent`` is True once they may
+    have run (never sent twice); ``replies`` holds their replies (errors as values), empty when the round
+    trip's answer was lost."""
 
     def __init__(self, queue: Callable[[Any], Any]) -> None:
         self.queue = queue

@@ -74,6 +74,10 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
 
     ``early``: the kill record :func:`factory_worker.quick.kill_first` already wrote (the loop was live then):
     this does the rest for that kill (the loop may have begun to stop since)."""
+    if early is not None and (early.namespace, early.url) != (ctx.keys.namespace, ctx.settings.effective_redis_url):
+        log.error("the early kill went to namespace %s at %s, not this command's %s at %s: deciding again",
+                  early.namespace, mask_url(early.url), ctx.keys.namespace, mask_url(ctx.settings.effective_redis_url))
+        early = None
     if early is not None:
         run_id, by = early.run_id, early.by
     else:

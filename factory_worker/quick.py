@@ -27,9 +27,10 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from . import heartbeat, status
-from .cli_text import printable, ts
+from .cli_text import one_line, ts
 from .keys import NAMESPACE_PATTERN, Keys
 from .urls import DEFAULT_REDIS_URL, mask_url
+from .urls import validate as validate_url
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class EarlyKill:
     run_id: str
     by: str
     at_ms: int
+    namespace: str
+    url: str
 
 
 def _command(argv: Sequence[str], name: str, flags: set[str]) -> bool:
@@ -92,9 +95,18 @@ def is_status(argv: Sequence[str]) -> bool:
     return _command(argv, "loop-status", {"--json"})
 
 
-def plain_target(environ: Mapping[str, str], cwd: Path) -> Target | None:
-    """Where the ledger is, when the settings say it plainly: else None (the full settings decide)."""
-    if environ.get("FACTORY_CONFIG") or (cwd / "factory.toml").exists() or environ.get("FACTORY_LOOP"):
+def plain_target(environ: Mapping[str, str], cwd: Path | None = None) -> Target | None:
+    """Where the ledger is, when the settings say it plainly: else None (the full settings decide).
+
+    The full loader reads environment names in any case (``factory_namespace``): a setting spelt otherwise
+    than in capitals leaves everything to it, so both paths always mean the same loop."""
+    if any(k.upper().startswith("FACTORY_") and not k.startswith("FACTORY_") for k in environ):
+        return None
+    try:
+        cwd = cwd or Path.cwd()
+        if environ.get("FACTORY_CONFIG") or (cwd / "factory.toml").exists() or environ.get("FACTORY_LOOP"):
+            return None
+    except OSError:  # a working directory that is gone: the full loader reports it
         return None
     if any(k.startswith("FACTORY_") and k.endswith("_FILE") for k in environ):
         return None
@@ -104,8 +116,8 @@ def plain_target(environ: Mapping[str, str], cwd: Path) -> Target | None:
     try:
         stale = float(environ.get("FACTORY_LOOP__STALE_AFTER_S", heartbeat.DEFAULT_STALE_AFTER_S))
         text = environ.get("FACTORY_REDIS_URL", DEFAULT_REDIS_URL)  # "" is an error, not the default
-        url = urlsplit(text)
-        if url.scheme != "redis" or url.query or url.fragment or not url.hostname or not stale > 0:
+        url = urlsplit(validate_url(text))  # the full loader's own check, then only plain redis:// URLs
+        if not text.startswith("redis://") or url.query or url.fragment or not url.hostname or not stale > 0:
             return None
         db = int(url.path.strip("/") or 0)
         return Target(url.hostname, url.port or 6379, db, unquote(url.username) if url.username else None,
@@ -149,7 +161,12 @@ class _Resp:
             return int(rest)
         if kind == b"$":
             n = int(rest)
-            return None if n < 0 else self.file.read(n + 2)[:-2]
+            if n < 0:
+                return None
+            data = self.file.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("connection closed mid-reply")
+            return data[:-2]
         if kind == b"*":
             n = int(rest)
             return None if n < 0 else [self._reply() for _ in range(n)]
@@ -166,7 +183,7 @@ def kill_first(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     None (nothing written) in every other case, for the full command to decide."""
     if not is_kill(argv):
         return None
-    target = plain_target(os.environ if environ is None else environ, cwd or Path.cwd())
+    target = plain_target(os.environ if environ is None else environ, cwd)
     conn = _connect(target)
     if target is None or conn is None:
         return None
@@ -179,7 +196,7 @@ def kill_first(argv: Sequence[str], environ: Mapping[str, str] | None = None,
         by = who()
         fields = kill_record(live.heartbeat.run_id, by, now_ms)
         _checked(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
-        return EarlyKill(live.heartbeat.run_id, by, now_ms)
+        return EarlyKill(live.heartbeat.run_id, by, now_ms, target.keys.namespace, target.url)
     except Exception as exc:  # noqa: BLE001 - never in the way: the full command decides and reports
         log.debug("early kill not written (%s); the full command decides", exc)
         return None
@@ -200,7 +217,7 @@ def _connect(target: Target | None) -> _Resp | None:
         return None
     try:
         conn = _Resp(target.host, target.port, CONNECT_TIMEOUT_S)
-    except OSError:
+    except Exception:  # noqa: BLE001 - refused, unresolvable, a bad host name (IDNA): the full command reports
         return None
     setup: list[list[Any]] = []
     if target.password is not None:
@@ -227,7 +244,7 @@ def status_first(argv: Sequence[str], environ: Mapping[str, str] | None = None, 
     environ = os.environ if environ is None else environ
     if not is_status(argv) or any(k.startswith("FACTORY_") and k not in STATUS_SETTINGS for k in environ):
         return None
-    target = plain_target(environ, cwd or Path.cwd())
+    target = plain_target(environ, cwd)
     conn = _connect(target)
     if target is None or conn is None:
         return None
@@ -240,11 +257,28 @@ def status_first(argv: Sequence[str], environ: Mapping[str, str] | None = None, 
     finally:
         conn.close()
     out = out or sys.stdout
-    if "--json" in argv:
-        out.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        return code
-    colour = out.isatty() and not environ.get("NO_COLOR")
-    style = (lambda t, tag: f"\x1b[{_ANSI[tag]}m{t}\x1b[0m") if colour else (lambda t, tag: t)
-    out.write("".join(line + "\n" for line in status.lines(data, style, printable, ts)))
+    try:
+        if "--json" in argv:
+            text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+        else:
+            colour = out.isatty() and not environ.get("NO_COLOR")
+            style = (lambda t, tag: f"\x1b[{_ANSI[tag]}m{t}\x1b[0m") if colour else (lambda t, tag: t)
+            text = "".join(line + "\n" for line in status.lines(data, style, one_line, ts))
+        _write(out, text)
+    except Exception as exc:  # noqa: BLE001 - a closed or broken stdout: one line, exit 2, as the full CLI
+        print(f"factory-worker: error: cannot write the answer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return code
+
+
+def _write(out: Any, text: str) -> None:
+    """``text`` to ``out``; what its encoding cannot show is written as escapes, never an error."""
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        out.flush()
+        buffer.write(text.encode(encoding, "backslashreplace"))
+        buffer.flush()
+    else:
+        out.write(text)
 

@@ -215,6 +215,7 @@ class CommandAgent:
             keeper.close()
             if outcome is not None:
                 log.warning("issue %s: stopping agent group %d (%s: %s)", issue_id, proc.pid, outcome, error)
+                relay.start()  # a group being stopped may still write: the pipe must not fill meanwhile
             self.stop_group(proc)
         return outcome, error, lost
 

@@ -269,3 +269,34 @@ def test_a_long_lived_status_reader_survives_a_redis_restart(tmp_path, namespace
         assert (data["liveness"], code) == ("live", 0)
     finally:
         server.stop()
+
+
+def test_a_setting_spelt_in_lower_case_means_the_same_loop_on_both_paths(env, real_redis, redis_url, namespace):
+    """The full loader reads ``factory_namespace`` as FACTORY_NAMESPACE: the early path must not kill the
+    default namespace's loop meanwhile."""
+    other = namespace + "-b"
+    mine, _ = _live_run(env)
+    theirs, their_run = _live_run({**env, "FACTORY_NAMESPACE": other})
+    lower = {k: v for k, v in env.items() if k != "FACTORY_NAMESPACE"} | {"factory_namespace": other}
+    res = ctl(lower, "kill-loop", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["killed"] == their_run
+    assert real_redis.exists(theirs.keys.kill) and not real_redis.exists(mine.keys.kill)
+
+
+def test_an_early_answer_that_cannot_be_written_is_one_line_and_exit_2(redis_url, namespace, tmp_path, capsys):
+    from factory_worker.quick import status_first
+
+    class Closed:
+        encoding = "utf-8"
+
+        def isatty(self) -> bool:
+            return False
+
+        def write(self, text: str) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
+    assert status_first(["loop-status"], env, tmp_path, out=Closed()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the answer: BrokenPipeError" in err[0]

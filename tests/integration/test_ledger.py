@@ -206,3 +206,10 @@ def test_a_rider_goes_in_the_settles_round_trip_and_survives_a_flushed_script_ca
     with pytest.raises(StaleClaimError):
         ledger.complete("b", b.token, ride)
     assert ride.sent and ride.replies == [None]
+    # a rider's own error is its reply: the settle it rode with stands, and says so
+    real_redis.delete(keys.backlog)
+    real_redis.set(keys.backlog, "not a list")
+    c = ledger.claim(["c"]).claims[0]
+    ride = Rider(lambda p: p.lpop(keys.backlog))
+    ledger.complete("c", c.token, ride)
+    assert isinstance(ride.replies[0], redis.ResponseError) and ledger.explain("c").state == "done"

@@ -59,6 +59,8 @@ def test_missing_reads_as_none(fake_redis, keys):
     json.dumps(valid(iteration=True)),
     json.dumps({k: v for k, v in valid().items() if k != "run_id"}),
     json.dumps({k: v for k, v in valid().items() if k != "updated_at_ms"}),
+    '{"run_id": "\\ud800run", "status": "running", "iteration": 1, "max_iterations": 3, "hostname": "h", '
+    '"pid": 1, "updated_at": "t", "updated_at_ms": 1}',  # a lone surrogate is valid JSON, not text
 ])
 def test_malformed_or_wrongly_typed_reads_as_none(raw, fake_redis, keys):
     assert heartbeat.parse(raw) is None

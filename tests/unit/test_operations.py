@@ -39,3 +39,21 @@ def test_loop_status_and_metrics_show_the_tracker_outbox_backlog(fake_redis, mak
     assert loop_status(ctx)[0]["outbox"] == {"pending": 4, "parked": 1}
     text = render(ctx)
     assert "factory_outbox_pending 4.0" in text and "factory_outbox_parked 1.0" in text
+
+
+def test_an_early_kill_for_another_loop_is_not_taken_for_this_one(ctx):
+    """kill_loop finishes an early kill only when it went to this command's Redis and namespace."""
+    from factory_worker.operations import kill_loop
+    from factory_worker.quick import EarlyKill
+
+    kick = ctx.control.start_run(3, by="test")
+    elsewhere = EarlyKill("their-run", "op@h:1", 1, "other-namespace", ctx.settings.effective_redis_url)
+    out, code = kill_loop(ctx, early=elsewhere)
+    assert code == 0 and out["killed"] == kick.run_id  # decided again, here: this loop was live
+    assert ctx.control.kill_info()["run_id"] == kick.run_id
+    ctx.redis.delete(ctx.keys.kill)
+    ctx.control.end_run(kick.run_id, "finished")
+    ctx.redis.delete(ctx.keys.heartbeat)
+    same = EarlyKill("run-x", "op@h:1", 1, ctx.keys.namespace, ctx.settings.effective_redis_url)
+    out, code = kill_loop(ctx, early=same)  # its own: the rest is done for it, no second look at liveness
+    assert code == 0 and out["killed"] == "run-x" and not ctx.control.kill_info()

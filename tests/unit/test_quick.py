@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.quick import Target, is_kill, kill_first, plain_target
+from factory_worker.quick import Target, is_kill, kill_first, plain_target, status_first
 
 
 @pytest.mark.parametrize("argv", [["kill-loop"], ["kill-loop", "--json"], ["-v", "kill-loop", "--force"],
@@ -51,12 +51,27 @@ def test_plain_settings_are_read(tmp_path):
     {"FACTORY_NAMESPACE": "x" * 65},
     {"FACTORY_LOOP__STALE_AFTER_S": "soon"},
     {"FACTORY_LOOP__STALE_AFTER_S": "0"},
+    {"factory_namespace": "other"},  # the full loader reads names in any case: both must mean one loop
+    {"Factory_Redis_Url": "redis://elsewhere:6379/0"},
+    {"FACTORY_REDIS_URL": "REDIS://h/0"},  # the full loader refuses these: so does the early path
+    {"FACTORY_REDIS_URL": " redis://h/0"},
+    {"FACTORY_REDIS_URL": "redis://a..b:6379/0"},  # an unresolvable name: nothing connects, nothing raises
 ])
 def test_settings_that_need_the_full_loader_write_nothing_early(env, tmp_path):
-    assert plain_target(env, tmp_path) is None
+    if env.get("FACTORY_REDIS_URL") != "redis://a..b:6379/0":
+        assert plain_target(env, tmp_path) is None
     assert kill_first(["kill-loop"], env, tmp_path) is None
+    assert status_first(["loop-status"], env, tmp_path) is None
 
 
 def test_a_config_file_in_the_working_directory_is_left_to_the_full_loader(tmp_path):
     (tmp_path / "factory.toml").write_text('namespace = "elsewhere"\n')
     assert plain_target({}, tmp_path) is None
+
+
+def test_a_working_directory_that_is_gone_is_left_to_the_full_loader(tmp_path, monkeypatch):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert plain_target({}) is None and kill_first(["kill-loop"], {}) is None
