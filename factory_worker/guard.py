@@ -27,6 +27,7 @@ import redis
 from .keys import Keys
 from .redis_client import server_now_ms
 from .scripts import LedgerError
+from .status import parse_guard
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def ensure_generation(r: redis.Redis, keys: Keys) -> str:
 
 def status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     """``{generation, lost: {generation: {by, at_ms, current}}, ledger_lost}`` for loop-status and metrics."""
-    from .status import parse_guard
-
     return parse_guard(r.hget(keys.ledger, "generation"), r.hgetall(keys.ledger_lost) or {})
 
 

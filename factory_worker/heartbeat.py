@@ -145,8 +145,18 @@ def liveness(hb: Heartbeat | None, now_ms: int, stale_after_s: float) -> Livenes
     return Liveness("live", age, hb)
 
 
+def time_ms(time_reply: Any) -> int:
+    """Redis ``TIME``'s reply ``(seconds, microseconds)`` in ms."""
+    sec, usec = time_reply
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def judge(raw: str | bytes | None, time_reply: Any, stale_after_s: float) -> Liveness:
+    """The liveness of a stored heartbeat ``raw`` at the server time ``time_reply`` (``TIME``'s reply): what
+    every reader sends is ``GET heartbeat`` and ``TIME``."""
+    return liveness(parse(raw), time_ms(time_reply), stale_after_s)
+
+
 def check(r: redis.Redis, keys: Keys, stale_after_s: float) -> Liveness:
     """Read the heartbeat and judge its liveness on the server clock."""
-    raw = _get_raw(r, keys)
-    sec, usec = r.time()
-    return liveness(parse(raw), int(sec) * 1000 + int(usec) // 1000, stale_after_s)
+    return judge(_get_raw(r, keys), r.time(), stale_after_s)

@@ -94,10 +94,12 @@ class Ledger(LedgerViews):
         """
         out = ClaimBatch(dry_run=dry_run, fleet_slots=fleet_slots)
         items = [str(i) for i in issues]
-        size = enough_waiting or MAX_BATCH
+        size, waiting = enough_waiting or MAX_BATCH, 0
         for start in range(0, len(items), size):
+            gated = len(out.skipped)
             self._claim_chunk(items[start : start + size], out)
-            if enough_waiting and sum(s.reason in WAITING for s in out.skipped) >= enough_waiting:
+            waiting += sum(s.reason in WAITING for s in out.skipped[gated:])
+            if enough_waiting and waiting >= enough_waiting:
                 out.unexamined = max(0, len(items) - start - size)
                 break
         return out

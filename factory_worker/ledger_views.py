@@ -9,7 +9,7 @@ import redis
 
 from .keys import Keys
 from .states import LedgerState
-from .status import gauge_commands, parse_counters, parse_gauges
+from .status import as_int, gauge_commands, parse_counters, parse_gauges
 
 #: The states ``entries`` lists (``dispatches --state``).
 STATES = tuple(s.value for s in LedgerState)
@@ -20,13 +20,6 @@ def done_markers(r: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
     for bucket in r.scan_iter(match=keys.done_bucket_pattern(), count=1000):
         yield from r.hscan_iter(bucket)
     yield from r.hscan_iter(keys.done)
-
-
-def as_int(v: Any, default: int = 0) -> int:
-    try:
-        return int(float(v))
-    except (TypeError, ValueError):
-        return default
 
 
 _int = as_int

@@ -80,8 +80,7 @@ def fleet_slots(ctx: Context) -> int:
 
 def live_workers(ctx: Context) -> list[dict[str, Any]]:
     """The workers whose presence key is live, sorted by node name."""
-    keys = list(ctx.redis.scan_iter(match=ctx.keys.worker_pattern(), count=SCAN_COUNT))
-    return parse_workers(ctx.redis.mget(keys) if keys else [])
+    return parse_workers(_scan_values(ctx, ctx.keys.worker_pattern()))
 
 
 # -- beat ----------------------------------------------------------------------------------------------
@@ -112,9 +111,10 @@ def clear_beat(ctx: Context, hostname: str | None = None, pid: int | None = None
 
 def beat_seen(ctx: Context) -> list[dict[str, Any]]:
     """The beats whose presence key is live, sorted by node."""
-    return sorted(_scan_json(ctx, ctx.keys.beat("*")), key=lambda b: str(b.get("node", "")))
+    return sorted(parse_objects(_scan_values(ctx, ctx.keys.beat("*"))), key=lambda b: str(b.get("node", "")))
 
 
-def _scan_json(ctx: Context, pattern: str) -> list[dict[str, Any]]:
+def _scan_values(ctx: Context, pattern: str) -> list[Any]:
+    """The values of the keys matching ``pattern`` (one that expired meanwhile: None)."""
     keys = list(ctx.redis.scan_iter(match=pattern, count=SCAN_COUNT))
-    return parse_objects(ctx.redis.mget(keys) if keys else [])
+    return ctx.redis.mget(keys) if keys else []

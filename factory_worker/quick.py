@@ -188,27 +188,20 @@ def kill_first(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     if target is None or conn is None:
         return None
     try:
-        raw, (sec, usec) = _checked(conn.pipeline(["GET", target.keys.heartbeat], ["TIME"]))
-        now_ms = int(sec) * 1000 + int(usec) // 1000
-        live = heartbeat.liveness(heartbeat.parse(raw), now_ms, target.stale_after_s)
+        raw, time_reply = status.raise_errors(conn.pipeline(["GET", target.keys.heartbeat], ["TIME"]))
+        live = heartbeat.judge(raw, time_reply, target.stale_after_s)
         if not live.live or live.heartbeat is None:
             return None
         by = who()
+        now_ms = heartbeat.time_ms(time_reply)
         fields = kill_record(live.heartbeat.run_id, by, now_ms)
-        _checked(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
+        status.raise_errors(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
         return EarlyKill(live.heartbeat.run_id, by, now_ms, target.keys.namespace, target.url)
     except Exception as exc:  # noqa: BLE001 - never in the way: the full command decides and reports
         log.debug("early kill not written (%s); the full command decides", exc)
         return None
     finally:
         conn.close()
-
-
-def _checked(replies: list[Any]) -> list[Any]:
-    for reply in replies:
-        if isinstance(reply, RespError):
-            raise reply
-    return replies
 
 
 def _connect(target: Target | None) -> _Resp | None:
@@ -226,7 +219,7 @@ def _connect(target: Target | None) -> _Resp | None:
         setup.append(["SELECT", target.db])
     try:
         if setup:
-            _checked(conn.pipeline(*setup))
+            status.raise_errors(conn.pipeline(*setup))
         return conn
     except Exception:  # noqa: BLE001 - a wrong password, a bad database: the full command reports it
         conn.close()

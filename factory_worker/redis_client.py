@@ -7,6 +7,7 @@ import redis
 from redis.sentinel import Sentinel
 
 from .config import Settings
+from .heartbeat import time_ms
 from .urls import mask_url, parse_sentinel_url
 
 __all__ = ["SOCKET_TIMEOUT_S", "client", "client_from_url", "mask_url", "server_now_ms"]
@@ -50,5 +51,4 @@ def client(settings: Settings, **kwargs: object) -> redis.Redis:
 
 def server_now_ms(r: redis.Redis) -> int:
     """Redis server time in ms: the one clock every worker shares."""
-    sec, usec = r.time()
-    return int(sec) * 1000 + int(usec) // 1000
+    return time_ms(r.time())

@@ -10,6 +10,7 @@ below. Standard library only.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
 from . import heartbeat
@@ -49,7 +50,8 @@ def as_int(v: Any, default: int = 0) -> int:
         return default
 
 
-def _ok(replies: list[Any]) -> list[Any]:
+def raise_errors(replies: list[Any]) -> list[Any]:
+    """``replies`` of a :data:`Sender`, unless one is an error reply: then that is raised."""
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
@@ -59,8 +61,6 @@ def _ok(replies: list[Any]) -> list[Any]:
 # -- the parsing the other readers share ---------------------------------------------------------------
 def parse_run(raw: dict[str, str]) -> dict[str, Any] | None:
     """A run record (``control.run``) from its hash: JSON fields decoded, counts as ints."""
-    import json
-
     if not raw:
         return None
     rec: dict[str, Any] = dict(raw)
@@ -97,8 +97,6 @@ def parse_gauges(replies: Sequence[Any]) -> dict[str, int]:
 
 def parse_guard(generation: Any, lost: dict[str, str]) -> dict[str, Any]:
     """``{generation, lost: {generation: {by, at_ms, current}}, ledger_lost}`` (``guard.status``)."""
-    import json
-
     out = {}
     for gen, raw in lost.items():
         try:
@@ -110,8 +108,6 @@ def parse_guard(generation: Any, lost: dict[str, str]) -> dict[str, Any]:
 
 def parse_objects(values: Sequence[Any]) -> list[dict[str, Any]]:
     """Presence values: the JSON objects among them (anything else is skipped)."""
-    import json
-
     out = []
     for raw in values:
         try:
@@ -129,6 +125,10 @@ def parse_workers(values: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 # -- loop-status ---------------------------------------------------------------------------------------
+def _scan_workers(keys: Keys, cursor: Any) -> tuple[Any, ...]:
+    return ("SCAN", cursor, "MATCH", keys.worker_pattern(), "COUNT", SCAN_COUNT)
+
+
 def read(send: Sender, keys: Keys, stale_after_s: float, write_back: bool, redis_shown: str
          ) -> tuple[dict[str, Any], int]:
     """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost."""
@@ -138,19 +138,20 @@ def read(send: Sender, keys: Keys, stale_after_s: float, write_back: bool, redis
              ("EVAL", source("fleet_slots"), 1, keys.slots)]
     if write_back:
         first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)]
-    hb_raw, (sec, usec), current, holder, kill, paused, counters, generation, lost, slots, *outbox = _ok(send(first))
-    now = int(sec) * 1000 + int(usec) // 1000
-    live = heartbeat.liveness(heartbeat.parse(hb_raw), now, stale_after_s)
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, *outbox = \
+        raise_errors(send(first))
+    live = heartbeat.judge(hb_raw, time_reply, stale_after_s)
+    now = heartbeat.time_ms(time_reply)
     run_id = live.heartbeat.run_id if live.heartbeat else text(current)
-    second = [("SCAN", 0, "MATCH", keys.worker_pattern(), "COUNT", SCAN_COUNT), *gauge_commands(keys, now)]
-    scan, *gauges = _ok(send(second + ([("HGETALL", keys.run(run_id))] if run_id else [])))
+    second = [_scan_workers(keys, 0), *gauge_commands(keys, now)]
+    scanned, *gauges = raise_errors(send(second + ([("HGETALL", keys.run(run_id))] if run_id else [])))
     run_raw = gauges.pop() if run_id else None
-    worker_keys, cursor = list(scan[1]), int(scan[0])
+    worker_keys, cursor = list(scanned[1]), int(scanned[0])
     while cursor:
-        cursor_raw, more = _ok(send([("SCAN", cursor, "MATCH", keys.worker_pattern(), "COUNT", SCAN_COUNT)]))[0]
+        cursor_raw, more = raise_errors(send([_scan_workers(keys, cursor)]))[0]
         cursor = int(cursor_raw)
         worker_keys += more
-    values = _ok(send([("MGET", *worker_keys)]))[0] if worker_keys else []
+    values = raise_errors(send([("MGET", *worker_keys)]))[0] if worker_keys else []
     run = parse_run(as_dict(run_raw)) if run_id else None
     guard = parse_guard(generation, as_dict(lost))
     status = {

@@ -192,7 +192,9 @@ class CommandAgent:
                 except Exception:
                     log.exception("issue %s: on_start(%d) failed; the agent runs on", issue_id, proc.pid)
             while True:
-                state = self._wait(proc, min(tick, max(0.0, helpers_at - time.monotonic())) or tick)
+                # until the helpers start, wake for their start too
+                wait = tick if keeper.started else min(tick, max(0.001, helpers_at - time.monotonic()))
+                state = self._wait(proc, wait)
                 if state != "running":
                     lost = state == "lost"
                     break
