@@ -329,19 +329,43 @@ def redis_cpu_s(r: redis.Redis) -> float:
 
 
 class CpuMeter:
-    """CPU per item of a timed window: process groups (workers, beat) and the Redis server, in ms."""
+    """CPU per item of a timed window: process groups (workers, beat) and the Redis server, in ms; with
+    ``names``, also by role: ``<name>`` (the group's leader: a worker's main process, beat), ``<name> pool``
+    (the other processes of the group: pool processes) and ``<name> agents`` (the children they reaped)."""
 
-    def __init__(self, r: redis.Redis, groups: list[int]) -> None:
+    def __init__(self, r: redis.Redis, groups: list[int], names: list[str] | None = None) -> None:
         self.r, self.groups = r, groups
+        self.names = names or [f"group{i}" for i in range(len(groups))]
         self.start = self._now()
+        self.start_roles = self._roles()
 
     def _now(self) -> tuple[float, float]:
         return sum(group_cpu_s(g) for g in self.groups), redis_cpu_s(self.r)
 
-    def per_item_ms(self, n: int) -> dict[str, float]:
+    def _roles(self) -> dict[str, float]:
+        """CPU seconds by role, from every live process of the groups."""
+        tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        out = {"redis-server": redis_cpu_s(self.r)}
+        names = dict(zip(self.groups, self.names))
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            fields = _stat_fields(entry) if entry.isdigit() else None
+            name = names.get(int(fields[2])) if fields else None
+            if name is None:
+                continue
+            own, reaped = (sum(int(x) for x in fields[11:13]) / tck, sum(int(x) for x in fields[13:15]) / tck)
+            if int(entry) == int(fields[2]):
+                out[name] = out.get(name, 0.0) + own + reaped
+            else:
+                out[f"{name} pool"] = out.get(f"{name} pool", 0.0) + own
+                out[f"{name} agents"] = out.get(f"{name} agents", 0.0) + reaped
+        return out
+
+    def per_item_ms(self, n: int) -> dict[str, Any]:
         procs, server = (b - a for a, b in zip(self.start, self._now()))
+        end = self._roles()
+        roles = {k: round((v - self.start_roles.get(k, 0.0)) * 1000 / n, 2) for k, v in end.items()}
         return {"processes": round(procs * 1000 / n, 2), "redis": round(server * 1000 / n, 2),
-                "total": round((procs + server) * 1000 / n, 2)}
+                "total": round((procs + server) * 1000 / n, 2), "by_role": roles}
 
 
 # -- statistics -------------------------------------------------------------------------------------------

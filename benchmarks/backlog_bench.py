@@ -35,6 +35,8 @@ from factory_worker.keys import Keys
 
 say = make_say("backlog_bench")
 CONCURRENCY = 4
+#: the roles CpuMeter reports, in print order
+ROLE_ORDER = ["worker", "worker pool", "worker agents", "beat", "beat pool", "beat agents", "redis-server"]
 SLOTS = CONCURRENCY - 1
 STAMP_AGENT = ["sh", "-c", 'date +%s.%N >> "$1"; date +%s.%N >> "$1"', "stamp-agent"]
 
@@ -83,7 +85,7 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
         beat = group.add(Proc("beat", beat_argv(work), env, work, "beat: Starting"))
         group.wait_ready()
         with QueueWatch(r, factory_queues(env, "agents")) as watch:
-            cpu = CpuMeter(r, [worker.pid, beat.pid])
+            cpu = CpuMeter(r, [worker.pid, beat.pid], ["worker", "beat"])
             t0 = time.perf_counter()
             r.delete(keys.paused)
             wait_count(lambda: int(r.get(keys.done_count) or 0), n, timeout,
@@ -154,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{label} {out[k]['cpu_ms_per_task']['total']:.2f}" for k, label in
             (("peer_plain_celery", "peer"), ("peer_plain_celery_events", "peer with events")))
         print(f"  CPU per issue (workers + beat + redis-server, ms): {cpu}")
+        runs = (("A_cap_fleet", "A"), ("B_cap_n", "B"), ("peer_plain_celery", "peer"),
+                ("peer_plain_celery_events", "peer+ev"))
+        roles = [(label, (out[k].get("cpu_ms_per_issue") or out[k].get("cpu_ms_per_task"))["by_role"])
+                 for k, label in runs]
+        names = sorted({name for _, r in roles for name in r}, key=ROLE_ORDER.index)
+        print("    by role (ms per issue): " + "  ".join(f"{label:>8}" for label, _ in roles))
+        for name in names:
+            print(f"    {name:<22}" + "  ".join(f"{r.get(name, 0.0):8.2f}" for _, r in roles))
         rf = out["refill"]
         print(f"  slot freed -> next agent started ({rf['samples']} samples, 1 slot): "
               f"p50 {rf['p50_ms']:.1f} ms  p99 {rf['p99_ms']:.1f} ms  max {rf['max_ms']:.1f} ms")

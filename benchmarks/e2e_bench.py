@@ -218,7 +218,7 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
         sender = Celery("e2e_bench_plain_sender", broker=broker, set_as_current=False)
         sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=False)
         say(f"plain celery: go ({n} tasks)")
-        cpu = CpuMeter(r, pids)
+        cpu = CpuMeter(r, pids, ["worker"] * len(pids))
         t0 = time.perf_counter()
         for _i in range(n):
             sender.send_task("bench.plain.run_true", queue=queue)
