@@ -128,6 +128,11 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
         if d.get("refused"):
             click.echo(f"refused: {d['refused']}", err=True)
             return
+        if d.get("loop_killed"):
+            last = d["last_run"]
+            click.echo(f"no run was active (the last, {last['run_id'] or '-'}, had {last['status']}); the loop is "
+                       f"killed: released {len(d['released_agents'])} agent(s). It stays stopped: run start-loop.")
+            return
         click.echo(f"killed run {d['killed'] or '-'}; revoked {len(d['revoked'])} task(s); "
                    f"released {len(d['released_agents'])} agent(s). The loop stays stopped: run start-loop.")
 

@@ -118,7 +118,8 @@ class LoopControl:
         return self.r.get(self.keys.loop_lease)
 
     def start_run(self, max_iterations: int | None = None, by: str = "beat", clear_kill: bool = False) -> Kickoff:
-        """Take the loop lease and write the run record; SKIP (counted) if killed, paused or a run is live.
+        """Take the loop lease and write the run record; SKIP (counted) if killed or a run is live. A pause
+        does not stop runs (their iterations claim nothing): the loop stays live while paused.
 
         ``clear_kill`` (start-loop) takes the lease *before* clearing the kill flag, so a beat kickoff in
         between still sees the kill and cannot take the run from the operator. Task ids of the whole chain
@@ -130,9 +131,6 @@ class LoopControl:
         if kill and not clear_kill:
             self.count("kickoffs_skipped_killed")
             return Kickoff(False, reason=f"killed by {kill.get('by', '?')}; run start-loop to clear")
-        if self.pause_info():
-            self.count("kickoffs_skipped_paused")
-            return Kickoff(False, reason="paused; run resume")
         run_id = uuid.uuid4().hex[:16]
         ttl_ms = int(self.settings.loop.lease_ttl_s * 1000)
         if not self.r.set(self.keys.loop_lease, run_id, nx=True, px=ttl_ms) and not self._take_over(run_id, ttl_ms):
@@ -218,17 +216,25 @@ class LoopControl:
         p.hget(key, "consecutive_failures")
         return int(p.execute()[-1] or 0)
 
-    def end_run(self, run_id: str, status: RunStatus, reason: str = "") -> bool:
-        """End ``run_id`` once: status, heartbeat (idle, or stopping), lease released by run id."""
-        now = server_now_ms(self.r)
-        ended = self._s["run_end"](self.keys, run_id=run_id, status=status, reason=reason, now_ms=now).status == "ok"
+    def end_heartbeat(self, run_id: str, status: str) -> None:
+        """The heartbeat of ``run_id``'s end: ``idle`` (finished: live until stale) or ``stopping`` (not live);
+        left alone when it already belongs to a newer run."""
         rec = self.run(run_id) or {}
-        hb_status = "idle" if status == RunStatus.FINISHED else "stopping"
-        ttl = self.settings.loop.heartbeat_ttl_s if hb_status == "idle" else self.settings.loop.stale_after_s
+        ttl = self.settings.loop.heartbeat_ttl_s if status == "idle" else self.settings.loop.stale_after_s
         current = heartbeat.read(self.r, self.keys)
         if current is None or current.run_id == run_id:
-            heartbeat.write(self.r, self.keys, run_id, hb_status, int(rec.get("iterations_done", 0)),
+            heartbeat.write(self.r, self.keys, run_id, status, int(rec.get("iterations_done", 0)),
                             int(rec.get("max_iterations", 0)), ttl)
+
+    def end_run(self, run_id: str, status: RunStatus, reason: str = "") -> bool:
+        """End ``run_id`` once: status, heartbeat (idle, or stopping), lease released by run id.
+
+        Only the call that ends the run writes its heartbeat: a later one (``finish`` after a kill, a kill
+        after the run finished) leaves what the first wrote."""
+        now = server_now_ms(self.r)
+        ended = self._s["run_end"](self.keys, run_id=run_id, status=status, reason=reason, now_ms=now).status == "ok"
+        if ended:
+            self.end_heartbeat(run_id, "idle" if status == RunStatus.FINISHED else "stopping")
         self._s["lease_release"](self.keys, run_id=run_id)
         if ended:
             self.count(f"runs_{status}")

@@ -37,7 +37,7 @@ class Keys:
     #: ``errors`` and a run's ``last_error`` keep this many characters.
     ERROR_MAX_CHARS = 500
     #: A staged dispatch's progress (``stages(issue)``) expires this long after its last write; it is deleted
-    #: when its attempt ends (complete, fail, park, escalation, retry) and kept over a release (to resume).
+    #: when its attempt ends (complete, fail, park, escalation) and kept over a release (to resume).
     STAGE_PROGRESS_TTL_S = 7 * 24 * 3600
     #: A stage's feedback (the output of a rejecting or failing stage) is kept to this many bytes.
     FEEDBACK_MAX_BYTES = 64 * 1024
@@ -133,7 +133,7 @@ class Keys:
         the step), task_id, round, retries, plan (JSON list of stage names), feedback, workdir (the attempt's
         shared directory's name), history, thread (the attempt's Slack thread, ``<channel>:<ts>``). Written
         only by ``stage.lua`` (by token), deleted by
-        ``complete``/``fail``/``escalate``/``retry``; a new claim of the same attempt resumes from it."""
+        ``complete``/``fail``/``escalate``; a new claim of the same attempt resumes from it."""
         return self._k("stage", issue)
 
     @property

@@ -262,7 +262,10 @@ def run_iteration(ctx: Context, send: Sender, run_id: str, index: int, task_id: 
 
 def is_idle(report: IterationReport) -> bool:
     """Nothing dispatched and nothing waiting for room: the run's next iterations could only poll again
-    (a freed slot is refilled by its agent task; a new or re-readied issue waits for the next kickoff)."""
+    (a freed slot is refilled by its agent task; a new or re-readied issue waits for the next kickoff).
+    A paused iteration is not idle: a pause keeps the run alive (its heartbeat fresh) and claims nothing."""
+    if report.stopped == "paused":
+        return False
     return report.dispatched == 0 and not any(s.get("reason") in WAITING for s in report.skipped)
 
 

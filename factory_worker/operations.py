@@ -83,14 +83,20 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     else:
         live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
         if not live.live and not force:
-            why = {"missing": "no heartbeat (missing, malformed or expired)", "stale": f"heartbeat is stale "
-                   f"({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
-                   "stopping": "the run is already stopping"}.get(live.state, live.state)
-            return {"killed": None, "refused": f"no live run: {why}; use --force to kill anyway"}, 1
+            return {"killed": None, "refused": _refusal(ctx, live)}, 1
         run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
         by = who()
         ctx.control.set_kill(run_id, by)
     run = ctx.control.run(run_id) or {}
+    if run.get("status") not in (None, RunStatus.RUNNING):
+        # the loop was live between runs (its last run had ended): nothing to end or revoke; the kill keeps it
+        # stopped, and the heartbeat says so (stopping: not live), as after the kill of a running run
+        ctx.control.end_heartbeat(run_id, "stopping")
+        ctx.notifier.send_event("killed", run_id=None, by=by)
+        ctx.notifier.close()
+        released = stop_agents(ctx, running_agent_tasks(ctx), grace_s) if release_agents else []
+        return {"killed": None, "loop_killed": True, "last_run": {"run_id": run_id, "status": run["status"]},
+                "revoked": [], "released_agents": released, "by": by, "celery_revoke_sent": False}, 0
     task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
     # every running agent, not only the killed run's: runs are short and agents outlive the run that sent them
     agent_ids = running_agent_tasks(ctx) if release_agents else []
@@ -115,6 +121,18 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     if revoke_error:
         out["celery_revoke_error"] = revoke_error
     return out, 0
+
+
+def _refusal(ctx: Context, live: heartbeat.Liveness) -> str:
+    """Why kill-loop finds nothing to kill (one line)."""
+    kill = ctx.control.kill_info()
+    if kill:
+        return (f"the loop is already killed (by {kill.get('by', '?')}, run {kill.get('run_id') or '-'}); "
+                "nothing to do: start-loop resumes it")
+    why = {"missing": "no heartbeat (missing, malformed or expired)",
+           "stale": f"heartbeat is stale ({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
+           "stopping": "the run is already stopping"}.get(live.state, live.state)
+    return f"no live run: {why}; use --force to kill anyway"
 
 
 def running_agent_tasks(ctx: Context) -> list[str]:

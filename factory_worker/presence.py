@@ -1,4 +1,5 @@
-"""Who is alive: worker and beat presence keys and agent slots, written and read here only (Celery-free).
+"""Who is alive: worker and beat presence keys and agent slots, written here only (Celery-free); loop-status
+reads the worker keys through :func:`factory_worker.status.read`, on either CLI path.
 
 ``{ns}:worker:<node>`` and ``{ns}:beat:<host>/<pid>`` are JSON with an expiry: a process that dies
 vanishes after the TTL. ``{ns}:shutdown:<node>`` is a warm-shutting-down worker's deadline for its agents.

@@ -52,7 +52,14 @@ def test_paused_loop_claims_nothing(ctx):
     report = iterate(ctx, Recorder())
     assert report.stopped == "paused" and report.dispatched == 0
     assert ctx.ledger.gauges()["in_flight"] == 0
-    assert not ctx.control.start_run(by="beat").started
+    kick = ctx.control.start_run(3, by="beat")  # a pause stops no run: the loop stays live, claiming nothing
+    assert kick.started
+    for index in range(2):
+        report, go_on = run_iteration(ctx, Recorder(), kick.run_id, index, task_id=kick.task_ids[index])
+        assert report.stopped == "paused" and report.dispatched == 0 and go_on  # not ended as idle
+    assert ctx.control.run(kick.run_id)["status"] == "running"
+    assert heartbeat.check(ctx.redis, ctx.keys, 60).live
+    finish_run(ctx, kick.run_id)
     ctx.control.set_paused(False)
     assert iterate(ctx, Recorder()).dispatched == 3
 

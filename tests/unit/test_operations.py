@@ -57,3 +57,45 @@ def test_an_early_kill_for_another_loop_is_not_taken_for_this_one(ctx):
     same = EarlyKill("run-x", "op@h:1", 1, ctx.keys.namespace, ctx.settings.effective_redis_url)
     out, code = kill_loop(ctx, early=same)  # its own: the rest is done for it, no second look at liveness
     assert code == 0 and out["killed"] == "run-x" and not ctx.control.kill_info()
+
+
+def test_a_kill_between_runs_keeps_the_loop_stopped_and_leaves_the_ended_run_alone(ctx):
+    """The loop is live between runs (its last run finished, its heartbeat idle and fresh): kill-loop sets the
+    kill and says no run was active, revokes nothing, and leaves the loop not live (stopping), as a kill does."""
+    from factory_worker import heartbeat
+    from factory_worker.operations import kill_loop
+
+    kick = ctx.control.start_run(3, by="test")
+    ctx.control.end_run(kick.run_id, "finished", "idle: nothing to dispatch")
+    assert heartbeat.read(ctx.redis, ctx.keys).status == "idle"
+    out, code = kill_loop(ctx)
+    assert code == 0 and out["killed"] is None and out["loop_killed"] is True and out["revoked"] == []
+    assert out["last_run"] == {"run_id": kick.run_id, "status": "finished"}
+    assert ctx.control.kill_info()["by"] and not ctx.control.start_run(by="beat").started
+    assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
+    assert ctx.control.run(kick.run_id)["status"] == "finished"  # the ended run stays as it ended
+    assert not ctx.redis.exists(ctx.keys.revoked)
+    again, code = kill_loop(ctx)
+    assert code == 1 and "already killed" in again["refused"] and "--force" not in again["refused"]
+
+
+def test_a_second_kill_of_a_killed_run_says_the_loop_is_already_killed(ctx):
+    from factory_worker.operations import kill_loop
+
+    kick = ctx.control.start_run(3, by="test")
+    out, code = kill_loop(ctx)
+    assert code == 0 and out["killed"] == kick.run_id
+    again, code = kill_loop(ctx)  # the heartbeat says stopping: nothing live to kill
+    assert code == 1 and "already killed" in again["refused"] and "--force" not in again["refused"]
+
+
+def test_only_the_call_that_ends_a_run_writes_its_heartbeat(ctx):
+    """``finish`` arriving after a kill does not turn the killed run's heartbeat back to idle."""
+    from factory_worker import heartbeat
+    from factory_worker.loop import finish_run
+
+    kick = ctx.control.start_run(3, by="test")
+    assert ctx.control.end_run(kick.run_id, "killed", "kill-loop by test")
+    assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
+    assert not finish_run(ctx, kick.run_id)
+    assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
