@@ -188,6 +188,11 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
     emit(report, as_json, human)
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, keeping its start (what failed), marked with "..."."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @cli.command("dispatches")
 @click.option("--state", type=click.Choice(STATES), default=None, help="only this state")
 @json_opt
@@ -199,7 +204,7 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
 
     def human(d: list[dict[str, Any]]) -> None:
         shown = [{**r, "since/until": ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
-                  "last_error": (r.get("last_error") or "")[-80:] or None} for r in d]
+                  "last_error": _clip(r.get("last_error") or "", 80) or None} for r in d]
         table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
 
     emit(rows, as_json, human)
@@ -331,7 +336,9 @@ def main(argv: list[str] | None = None, early_kill: Any = None) -> int:
         return _error(f"cannot reach the broker: {str(e).splitlines()[0]}", early_kill)
     except redis.ConnectionError as e:
         return _error(f"cannot reach Redis: {str(e).splitlines()[0]}", early_kill)
-    except (redis.RedisError, LedgerError, SourceError, OSError, ValueError) as e:
+    except LedgerError as e:  # the ledger's own refusals say what is wrong; their class name adds nothing
+        return _error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", early_kill)
+    except (redis.RedisError, SourceError, OSError, ValueError) as e:
         return _error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", early_kill)
 
 
