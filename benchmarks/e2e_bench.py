@@ -328,11 +328,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="random pause between two appends in phase c, seconds; default 0.1 0.9")
     ap.add_argument("--workers", type=int, default=2, help="workers per phase; default 2")
     ap.add_argument("--loop-worker", action="store_true",
-                    help="factory phases: add a dedicated loop worker (-Q factory.loop -c 1), agent workers "
-                         "consume factory.agents only (the deployed layout)")
+                    help="factory phases: add a dedicated loop worker (-Q <ns>.loop -c 1), agent workers "
+                         "consume <ns>.agents only (the deployed layout)")
     ap.add_argument("--concurrency", "-c", type=int, default=4, help="-c of each worker; default 4")
     ap.add_argument("--redis-url", help="use this Redis (db N for factory, db N+1 for plain Celery) instead of "
-                                        "starting one; factory's queue names are fixed, so not a production Redis")
+                                        "starting one; a scratch Redis, never a production one")
     ap.add_argument("--seed", type=int, default=None, help="seed of the random append moments")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds; default 120")
     ap.add_argument("--skip", choices=("factory", "plain", "latency"), action="append", default=[],

@@ -156,7 +156,7 @@ def dispatch_claims(ctx: Context, send: Sender | None, claims: list[Claim], issu
 
 def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[Any]) -> None:
     """Replace the backlog with this poll's ready issues that wait for room (source order, at most
-    ``Keys.BACKLOG_MAX``; it expires after two intervals, so a stopped loop leaves nothing behind)."""
+    ``Keys.BACKLOG_MAX``; it expires after max(60 s, two intervals), so a stopped loop leaves nothing behind)."""
     waiting = [issues[s.issue].model_dump_json()
                for s in itertools.islice((s for s in skipped if s.reason in WAITING), ctx.keys.BACKLOG_MAX)]
     ttl_ms = int(max(60.0, 2 * ctx.settings.loop.interval_s) * 1000)
