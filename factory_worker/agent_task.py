@@ -132,16 +132,20 @@ def execute(ctx: Context, task_id: str, issue_data: dict[str, Any], token: str, 
     if refilling:
         try:
             # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
-            popped = {"popped": rider.replies[-1]} if len(rider.replies) == 4 else {}
+            popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if len(rider.replies) > CLEAN_UP_COMMANDS else {}
             result["refilled"] = refill(ctx, send, run_id, **popped)
         except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
 
 
+#: the clean-up's own commands in a pipeline; the backlog pop, when asked for, is the next one
+CLEAN_UP_COMMANDS = 3
+
+
 def _clean_up(ctx: Context, pipe: Any, task_id: str, pop: bool) -> None:
-    """The agent task's records go (running set, task record, stop flag); with ``pop``, the refill's first
-    backlog candidate is popped in the same round trip."""
+    """The agent task's records go (running set, task record, stop flag: :data:`CLEAN_UP_COMMANDS`); with
+    ``pop``, the refill's first backlog candidate is popped in the same round trip, right after them."""
     pipe.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
     if pop:
         pipe.lpop(ctx.keys.backlog)
