@@ -130,7 +130,7 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
             return
         if d.get("loop_killed"):
             last = d["last_run"]
-            click.echo(f"no run was active (the last, {last['run_id'] or '-'}, had {last['status']}); the loop is "
+            click.echo(f"no run was active (the last, {last['run_id'] or '-'}, ended as {last['status']}); the loop is "
                        f"killed: released {len(d['released_agents'])} agent(s). It stays stopped: run start-loop.")
             return
         click.echo(f"killed run {d['killed'] or '-'}; revoked {len(d['revoked'])} task(s); "
@@ -159,7 +159,8 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     start_run = _tasks(ctx).start_run
     data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
     emit(data, as_json, lambda d: click.echo(
-        f"started run {d['run_id']}" if d["started"] else f"skipped: {d['reason']}"), code)
+        (f"started run {d['run_id']}" + (" (paused: it claims nothing until resume)" if d["paused"] else ""))
+        if d["started"] else f"skipped: {d['reason']}"), code)
 
 
 @cli.command("run-once")

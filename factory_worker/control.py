@@ -217,8 +217,10 @@ class LoopControl:
         return int(p.execute()[-1] or 0)
 
     def end_heartbeat(self, run_id: str, status: str) -> None:
-        """The heartbeat of ``run_id``'s end: ``idle`` (finished: live until stale) or ``stopping`` (not live);
-        left alone when it already belongs to a newer run."""
+        """The heartbeat of ``run_id``'s end: ``idle`` (finished: live until stale) or ``stopping`` (not live;
+        also instead of idle while the loop is killed); left alone when it belongs to a newer run."""
+        if status == "idle" and self.kill_info():  # a killed loop is not live, whoever ends its last run
+            status = "stopping"
         rec = self.run(run_id) or {}
         ttl = self.settings.loop.heartbeat_ttl_s if status == "idle" else self.settings.loop.stale_after_s
         current = heartbeat.read(self.r, self.keys)

@@ -82,11 +82,16 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
         run_id, by = early.run_id, early.by
     else:
         live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
-        if not live.live and not force:
+        # a killed loop's agents can still be stopped: kill-loop --release-agents after a kill-loop
+        again = release_agents and ctx.control.kill_info() is not None
+        if not live.live and not force and not again:
             return {"killed": None, "refused": _refusal(ctx, live)}, 1
         run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
         by = who()
         ctx.control.set_kill(run_id, by)
+    newest = ctx.control.current_run_id()
+    if newest and newest != run_id and ctx.control.run_status(newest) == RunStatus.RUNNING:
+        run_id = newest  # a kickoff started a run just before the kill was set: that is the run to kill
     run = ctx.control.run(run_id) or {}
     if run.get("status") not in (None, RunStatus.RUNNING):
         # the loop was live between runs (its last run had ended): nothing to end or revoke; the kill keeps it
@@ -111,8 +116,10 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
         except Exception as exc:  # noqa: BLE001 - the Redis revoke list already stops them
             revoke_error = f"{type(exc).__name__}: {exc}"
             log.warning("celery revoke failed (the Redis revoke list still applies): %s", revoke_error)
-    if run_id:
-        ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}")
+    if run_id and not ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}"):
+        # the run ended on its own meanwhile (an iteration that began before the kill found nothing to do), or
+        # its record is gone: the kill still stands, so the heartbeat must not say idle (live)
+        ctx.control.end_heartbeat(run_id, "stopping")
     released = stop_agents(ctx, agent_ids, grace_s) if release_agents else []
     ctx.notifier.send_event("killed", run_id=run_id, by=by)
     ctx.notifier.close()
@@ -128,7 +135,7 @@ def _refusal(ctx: Context, live: heartbeat.Liveness) -> str:
     kill = ctx.control.kill_info()
     if kill:
         return (f"the loop is already killed (by {kill.get('by', '?')}, run {kill.get('run_id') or '-'}); "
-                "nothing to do: start-loop resumes it")
+                "kill-loop --release-agents also stops its running agents; start-loop resumes it")
     why = {"missing": "no heartbeat (missing, malformed or expired)",
            "stale": f"heartbeat is stale ({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
            "stopping": "the run is already stopping"}.get(live.state, live.state)
@@ -180,7 +187,7 @@ def start_loop(ctx: Context, start: Callable[[int | None, str], Any], max_iterat
     """Clear a kill and start a run now (overlap policy applies): exit 0 started, 1 skipped."""
     cleared = ctx.control.kill_info() is not None
     kick = start(max_iterations, f"start-loop {who()}")  # clears the kill once it holds the loop lease
-    out = {"cleared_kill": cleared, **kick.as_dict()}
+    out = {"cleared_kill": cleared, **kick.as_dict(), "paused": ctx.control.pause_info() is not None}
     return out, 0 if kick.started else 1
 
 

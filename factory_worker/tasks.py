@@ -67,7 +67,8 @@ def start_run(max_iterations: int | None = None, by: str = "beat", clear_kill: b
 
 @shared_task(name="factory.loop.kickoff", bind=True)
 def kickoff(self, max_iterations: int | None = None, by: str = "beat") -> dict[str, Any]:
-    """Start a run unless one is live, the loop is killed or paused (each a counted no-op)."""
+    """Start a run unless one is live or the loop is killed (each a counted no-op); a paused loop's runs
+    claim nothing."""
     return start_run(max_iterations, by=by).as_dict()
 
 

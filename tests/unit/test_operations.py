@@ -99,3 +99,45 @@ def test_only_the_call_that_ends_a_run_writes_its_heartbeat(ctx):
     assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
     assert not finish_run(ctx, kick.run_id)
     assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
+
+
+def test_a_run_that_ends_on_its_own_during_the_kill_still_leaves_the_loop_not_live(ctx):
+    """The kill reads the run as running; before it ends it, the run's last iteration (begun before the kill)
+    ends it as finished: the kill stands, and the heartbeat must not say idle (live)."""
+    from factory_worker import heartbeat
+    from factory_worker.operations import kill_loop
+
+    kick = ctx.control.start_run(3, by="test")
+
+    def revoke(task_ids):  # the Celery revoke takes a broker round trip: the run ends meanwhile
+        ctx.control.end_run(kick.run_id, "finished", "idle: nothing to dispatch")
+
+    out, code = kill_loop(ctx, revoke=revoke)
+    assert code == 0 and out["killed"] == kick.run_id
+    assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
+    assert not heartbeat.check(ctx.redis, ctx.keys, 60).live
+
+
+def test_a_run_started_just_before_the_kill_is_the_one_killed(ctx):
+    """A kickoff starts run B after kill-loop read the heartbeat of the ended run A: B is killed, not A."""
+    from factory_worker.operations import kill_loop
+
+    a = ctx.control.start_run(3, by="test")
+    ctx.control.end_run(a.run_id, "finished", "idle")
+    idle = ctx.redis.get(ctx.keys.heartbeat)
+    b = ctx.control.start_run(3, by="beat")
+    ctx.redis.set(ctx.keys.heartbeat, idle)  # what the kill read, just before B's kickoff wrote its own
+    out, code = kill_loop(ctx)
+    assert code == 0 and out["killed"] == b.run_id and out["revoked"]
+    assert ctx.control.run(b.run_id)["status"] == "killed" and set(out["revoked"]) == set(b.task_ids)
+
+
+def test_release_agents_after_a_kill_is_not_refused(ctx):
+    """The graded stop: kill-loop, then kill-loop --release-agents stops the agents of the killed loop."""
+    from factory_worker.operations import kill_loop
+
+    kick = ctx.control.start_run(3, by="test")
+    assert kill_loop(ctx)[1] == 0
+    assert kill_loop(ctx)[1] == 1  # a plain second kill has nothing to do
+    out, code = kill_loop(ctx, release_agents=True, grace_s=0)
+    assert code == 0 and out["loop_killed"] and out["last_run"] == {"run_id": kick.run_id, "status": "killed"}
