@@ -140,6 +140,35 @@ def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redi
     wait_until(lambda: ctx.ledger.gauges()["done"] == 7, 30, what="dispatching resumed")
 
 
+def test_pause_keeps_the_loop_live_claims_nothing_and_resume_dispatches(redis_url, real_redis, namespace, tmp_path,
+                                                                      procs):
+    """DESIGN: pause claims nothing, running agents go on, the run stays alive. Paused past ``stale_after_s``
+    the loop still answers live (exit 0) and paused; nothing new starts; resume dispatches what arrived."""
+    path = tmp_path / "issues.jsonl"
+    write_issues(path, [{"id": f"Q-{n}", "title": "t", "state": "ready"} for n in range(2)])
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__STALE_AFTER_S="3")
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()
+    ctx = Context(settings_from(env), real_redis)
+    wait_until(lambda: ctx.ledger.gauges()["done"] == 2, 30, what="first issues done")
+    assert ctl(env, "pause").returncode == 0
+    paused_at = time.time()
+    with open(path, "a") as fh:  # new ready issues arrive while paused
+        for n in range(3):
+            fh.write(json.dumps({"id": f"P-{n}", "title": "t", "state": "ready"}) + "\n")
+    time.sleep(3 + 2)  # past stale_after_s
+    res = ctl(env, "loop-status", "--json")
+    status = json.loads(res.stdout)
+    assert res.returncode == 0 and status["liveness"] == "live" and status["paused"]["by"], res.stdout
+    assert not [e for e in starts(tmp_path) if e["t"] > paused_at + 0.05]
+    assert ctx.ledger.explain("P-0").state == "paused"
+    assert ctl(env, "resume").returncode == 0
+    wait_until(lambda: ctx.ledger.gauges()["done"] == 5, 30, what="dispatching resumed")
+    assert all(n == 1 for n in ok_ends(tmp_path).values())
+
+
 def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis, namespace, tmp_path):
     env = stack_env(redis_url, namespace, tmp_path)
     ctx = Context(settings_from(env), real_redis)
