@@ -189,7 +189,8 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
                 next_status = time.monotonic() + STATUS_EVERY_S
             time.sleep(0.2)
     finally:
-        _shutdown(procs, settings.worker.soft_shutdown_s + 5)
+        if _shutdown(procs, settings.worker.soft_shutdown_s + 5):
+            code = 130  # a forced stop: not a clean exit
         if redis_server is not None:
             redis_server.stop()
             print("[up] embedded Redis stopped", flush=True)
@@ -198,16 +199,22 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
     return code
 
 
-def _shutdown(procs: dict[str, subprocess.Popen[bytes]], grace_s: float) -> None:
-    """Stop children once: SIGTERM, then SIGKILL after ``grace_s`` or on a second Ctrl-C."""
+def _shutdown(procs: dict[str, subprocess.Popen[bytes]], grace_s: float) -> bool:
+    """Stop children once: SIGTERM, then SIGKILL after ``grace_s`` or on a second Ctrl-C. Returns True when a
+    second Ctrl-C forced it."""
     print("[up] stopping (Ctrl-C again to force)", flush=True)
     seen = _Flags.stop
+    forced = False
     for p in procs.values():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while any(p.poll() is None for p in procs.values()):
-        if time.monotonic() > deadline or _Flags.stop > max(seen, 1):
+        forced = _Flags.stop > max(seen, 1)
+        if time.monotonic() > deadline or forced:
+            left = ", ".join(n for n, p in procs.items() if p.poll() is None)
+            why = "forced by a second Ctrl-C" if forced else f"still running after {grace_s:g}s"
+            print(f"[up] {why}: SIGKILL to {left}", flush=True)
             for p in procs.values():
                 if p.poll() is None:
                     try:
@@ -222,3 +229,4 @@ def _shutdown(procs: dict[str, subprocess.Popen[bytes]], grace_s: float) -> None
         except subprocess.TimeoutExpired:
             pass
         print(f"[up] {name} exited ({p.returncode})", flush=True)
+    return forced

@@ -124,3 +124,21 @@ def test_up_runs_prints_no_secret_and_the_cli_works_from_the_url_file(tmp_path):
     password = (tmp_path / ".factory/redis.password").read_text().strip()
     assert code == 0 and password not in text and password not in status.stdout + status.stderr, text[-2000:]
     assert "embedded Redis stopped" in text
+
+
+def test_a_second_ctrl_c_forces_the_stop_and_says_so(monkeypatch, capsys):
+    """`up`'s shutdown: SIGTERM to each child's group; a second Ctrl-C sends SIGKILL, says so, and returns True
+    (run_stack then exits 130, not 0)."""
+    import threading
+
+    stubborn = subprocess.Popen(["sh", "-c", 'trap "" TERM; sleep 30'], start_new_session=True)
+    try:
+        monkeypatch.setattr(devstack._Flags, "stop", 1)
+        threading.Timer(0.5, lambda: setattr(devstack._Flags, "stop", 2)).start()  # the second Ctrl-C
+        assert devstack._shutdown({"worker1": stubborn}, grace_s=30) is True
+        assert stubborn.poll() == -signal.SIGKILL
+        assert "[up] forced by a second Ctrl-C: SIGKILL to worker1" in capsys.readouterr().out
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()
