@@ -313,3 +313,11 @@ def max_overlap_s(lives: list[AgentLife]) -> tuple[float, str | None]:
                 if both > worst[0]:
                     worst = (both, issue)
     return worst
+
+
+def start_worker_and_beat(procs: list, env: dict[str, str], tmp_path: Path, concurrency: int = 2) -> None:
+    """One worker ``w1`` (``-c concurrency``) and beat, added to ``procs`` (stopped by its fixture), ready."""
+    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", str(concurrency)]))
+    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
+    for p in procs:
+        p.wait_ready()

@@ -15,8 +15,8 @@ from factory_worker.embedded import RedisServer
 from factory_worker.ledger import Ledger, StaleClaimError
 from factory_worker.context import Context
 from tests.support import (
-    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, wait_until,
-    warm_shutdown, write_issues,
+    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, start_worker_and_beat,
+    wait_until, warm_shutdown, write_issues,
 )
 
 
@@ -103,16 +103,20 @@ def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_ur
     assert run["last_worker"].startswith("w2@")
 
 
-def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redis, namespace, tmp_path, procs):
+def _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, prefix: str, n: int, **settings):
+    """A worker (-c 2) and beat that have done ``n`` ready issues ``<prefix>-<i>``: (source path, env, ctx)."""
     path = tmp_path / "issues.jsonl"
-    write_issues(path, [{"id": f"A-{n}", "title": "t", "state": "ready"} for n in range(4)])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="50")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
+    write_issues(path, [{"id": f"{prefix}-{i}", "title": "t", "state": "ready"} for i in range(n)])
+    env = stack_env(redis_url, namespace, tmp_path, **settings)
+    start_worker_and_beat(procs, env, tmp_path, 2)
     ctx = Context(settings_from(env), real_redis)
-    wait_until(lambda: ctx.ledger.gauges()["done"] == 4, 30, what="first issues done")
+    wait_until(lambda: ctx.ledger.gauges()["done"] == n, 30, what="first issues done")
+    return path, env, ctx
+
+
+def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redis, namespace, tmp_path, procs):
+    path, env, ctx = _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, "A", 4,
+                                       FACTORY_LOOP__MAX_ITERATIONS="50")
     assert ctl(env, "loop-status").returncode == 0
 
     res = ctl(env, "kill-loop", "--json")
@@ -144,15 +148,8 @@ def test_pause_keeps_the_loop_live_claims_nothing_and_resume_dispatches(redis_ur
                                                                       procs):
     """DESIGN: pause claims nothing, running agents go on, the run stays alive. Paused past ``stale_after_s``
     the loop still answers live (exit 0) and paused; nothing new starts; resume dispatches what arrived."""
-    path = tmp_path / "issues.jsonl"
-    write_issues(path, [{"id": f"Q-{n}", "title": "t", "state": "ready"} for n in range(2)])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__STALE_AFTER_S="3")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
-    ctx = Context(settings_from(env), real_redis)
-    wait_until(lambda: ctx.ledger.gauges()["done"] == 2, 30, what="first issues done")
+    path, env, ctx = _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, "Q", 2,
+                                       FACTORY_LOOP__STALE_AFTER_S="3")
     assert ctl(env, "pause").returncode == 0
     paused_at = time.time()
     with open(path, "a") as fh:  # new ready issues arrive while paused
@@ -194,10 +191,7 @@ def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, 
     # one iteration per run: the agents outlive the run that sent them, and kill-loop kills a later run
     env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="1",
                     FACTORY_AGENT__TERM_GRACE_S="2")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "4"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
+    start_worker_and_beat(procs, env, tmp_path, 4)
     running = wait_until(lambda: len(starts(tmp_path)) >= 3 and starts(tmp_path), 30, what="3 agents running")
     ctx = Context(settings_from(env), real_redis)
     sent_by = {real_redis.hget(ctx.keys.agent_task(t), "run_id") for t in real_redis.smembers(ctx.keys.agents)}

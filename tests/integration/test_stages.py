@@ -18,8 +18,8 @@ import pytest
 from factory_worker.context import Context
 from factory_worker.ledger import StaleClaimError
 from tests.support import (
-    CeleryProc, assert_audit_clean, ctl, pid_alive, settings_from, stack_env, wait_until, warm_shutdown,
-    write_issues,
+    CeleryProc, assert_audit_clean, ctl, pid_alive, settings_from, stack_env, start_worker_and_beat, wait_until,
+    warm_shutdown, write_issues,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -74,10 +74,7 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
         {"id": "P-2", "title": "something vague", "state": "ready", "labels": ["unsure"]},
     ])
     env = staged_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="20")
-    procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"]))
-    procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    for p in procs:
-        p.wait_ready()
+    start_worker_and_beat(procs, env, tmp_path, 3)
     ctx = Context(settings_from(env), real_redis)
     wait_until(lambda: ctx.ledger.explain("P-1").state == "done" and ctx.ledger.explain("P-2").state == "parked",
                60, interval=0.2, what="P-1 done, P-2 escalated")
