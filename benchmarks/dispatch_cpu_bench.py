@@ -6,7 +6,8 @@ plain Celery. This takes the agent task's own part apart, in this process, on a 
 published, so each execute refills the next as on a worker), timing each part with ``time.process_time``
 (CPU of this process; the agent's own CPU is reported apart, as reaped children).
 
-Prints CPU per execute and per part (parts nest: ``CommandAgent.run`` holds ``_spawn``, and so on).
+Prints CPU per execute and per part (parts nest: ``CommandAgent.run`` holds ``_spawn``, and so on), then
+what PDEATHSIG costs per spawn, three ways (none, ``setpriv``, a ``preexec_fn``).
 The wrapper adds ~2 us per timed call. ``--json``: one JSON object.
 
 Usage: .venv/bin/python benchmarks/dispatch_cpu_bench.py [--n 1000] [--json] [--keep-tmp]
@@ -124,6 +125,38 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
     }
 
 
+def spawn_costs(n: int = 300) -> dict[str, Any]:
+    """CPU per spawn of ``true`` from this process, three ways an agent could get PDEATHSIG: none (the floor),
+    ``setpriv --pdeathsig`` (what agents use: vfork, then a second exec), ``prctl`` in a ``preexec_fn`` (a
+    full fork). (parent ms, child ms) each, and this process's RSS, which a fork copies the page tables of."""
+    import shutil
+    import subprocess
+
+    from factory_worker.agents.process import _preexec, _setpriv
+
+    true = shutil.which("true") or "/bin/true"
+    ways = {"true (no PDEATHSIG)": ([true], {}), "preexec_fn prctl + true": ([true], {"preexec_fn": _preexec()})}
+    if _setpriv():
+        ways["setpriv --pdeathsig + true"] = ([_setpriv(), "--pdeathsig", "KILL", "--", true], {})
+    out: dict[str, Any] = {"rss_mb": round(_rss_kb() / 1024, 1)}
+    for label, (argv, extra) in ways.items():
+        t0 = os.times()
+        for _ in range(n):
+            subprocess.run(argv, check=True, **extra)
+        t1 = os.times()
+        out[label] = {"parent_ms": round((t1.user + t1.system - t0.user - t0.system) * 1000 / n, 3),
+                      "child_ms": round((t1.children_user + t1.children_system - t0.children_user
+                                         - t0.children_system) * 1000 / n, 3)}
+    return out
+
+
+def _rss_kb() -> int:
+    try:
+        return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
 def _children_s() -> float:
     t = os.times()
     return t.children_user + t.children_system
@@ -141,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     def phases(tmp: Path, redis_url: str) -> None:
         say(f"{args.n} executes in this process (after {WARMUP} to warm up), agent true")
         out.update(measure(redis_url, tmp, args.n))
+        out["spawn"] = spawn_costs()
 
     code = run_session("dispatch_cpu_bench", "dispatch-cpu-bench-", args.keep_tmp, phases, args.redis_url)
     if code:
@@ -156,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         for label in labels:
             key = label.strip()
             print(f"  {label:<44} {out['parts_cpu_ms'][key]:7.3f} ms  x {out['parts_calls_per_execute'][key]}")
+        sp = out["spawn"]
+        print(f"  spawning `true` from this process ({sp['rss_mb']} MB RSS), CPU per spawn:")
+        for label, v in sp.items():
+            if isinstance(v, dict):
+                print(f"    {label:<42} parent {v['parent_ms']:.3f} ms  child {v['child_ms']:.3f} ms")
 
     return emit(out, args.json, human)
 
