@@ -6,6 +6,7 @@ stderr and exit 2, never a traceback. Only Redis is needed, plus the broker for 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -91,13 +92,15 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
         if d.get("refused"):
             click.echo(f"refused: {d['refused']}", err=True)
             return
-        if d.get("loop_killed"):
+        if d["killed"]:
+            what = f"killed run {d['killed']}; revoked {len(d['revoked'])} task(s)"
+        elif d["last_run"]:
             last = d["last_run"]
-            click.echo(f"no run was active (the last, {last['run_id'] or '-'}, ended as {last['status']}); the loop is "
-                       f"killed: released {len(d['released_agents'])} agent(s). It stays stopped: run start-loop.")
-            return
-        click.echo(f"killed run {d['killed'] or '-'}; revoked {len(d['revoked'])} task(s); "
-                   f"released {len(d['released_agents'])} agent(s). The loop stays stopped: run start-loop.")
+            what = f"no run was active (the last, {last['run_id'] or '-'}, ended as {last['status']}); the loop is killed"
+        else:
+            what = "no run to kill; the loop is killed"
+        released = f"; released {len(d['released_agents'])} agent(s)" if release_agents else ""
+        click.echo(f"{what}{released}. It stays stopped: run start-loop.")
 
     emit(data, as_json, human, code)
 
@@ -122,7 +125,8 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     start_run = _tasks(ctx).start_run
     data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
     emit(data, as_json, lambda d: click.echo(
-        (f"started run {d['run_id']}" + (" (paused: it claims nothing until resume)" if d["paused"] else ""))
+        (("cleared the kill; " if d["cleared_kill"] else "") + f"started run {d['run_id']}"
+         + (" (paused: it claims nothing until resume)" if d["paused"] else ""))
         if d["started"] else f"skipped: {d['reason']}"), code)
 
 
@@ -138,7 +142,8 @@ def run_once_cmd(dry_run: bool, as_json: bool) -> None:
     report = iterate(ctx, send, dry_run=dry_run).as_dict()
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"pulled {d['pulled']}, dispatched {d['dispatched']}{' (dry run)' if d['dry_run'] else ''}")
+        click.echo(f"pulled {d['pulled']}, dispatched {d['dispatched']}{' (dry run)' if d['dry_run'] else ''}"
+                   + (f"; stopped: {d['stopped']} (nothing claimed)" if d["stopped"] else ""))
         if d["dispatches"]:
             table("dispatched" + (" (would)" if d["dry_run"] else ""), d["dispatches"], ["issue", "task_id", "fence"])
         if d["skipped"]:
@@ -220,36 +225,46 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None, early_kill: Any = None) -> int:
-    """Run the command: one line on stderr and exit 2 for any error; never a traceback. ``early_kill``: the
-    kill record :func:`factory_worker.quick.kill_first` wrote (``kill-loop`` does the rest for it; an error
-    after it says that the kill itself stands)."""
+    """Run the command: one line on stderr and exit 2 for any error; never a traceback. With ``--json`` the
+    error is also a JSON object on stdout (``{"error": ..., "exit": 2}``). ``early_kill``: the kill record
+    :func:`factory_worker.quick.kill_first` wrote (``kill-loop`` does the rest for it; an error after it says
+    that the kill itself stands)."""
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+
+    def error(message: str) -> int:
+        return _error(message, early_kill, as_json)
+
     try:
         cli.main(args=argv, prog_name="factory-worker", standalone_mode=False, obj={"early_kill": early_kill})
         return 0
     except Exit as e:
         return e.code
     except click.exceptions.Abort:
-        return _error("aborted", early_kill)
+        return error("aborted")
     except click.ClickException as e:
-        return _error(f"error: {e.format_message()}", early_kill)
+        return error(f"error: {e.format_message()}")
     except ConfigError as e:
-        return _error(str(e), early_kill)
+        return error(str(e))
     except _broker_errors() as e:
-        return _error(f"cannot reach the broker: {str(e).splitlines()[0]}", early_kill)
-    except redis.ConnectionError as e:
-        return _error(f"cannot reach Redis: {str(e).splitlines()[0]}", early_kill)
+        return error(f"cannot reach the broker: {str(e).splitlines()[0]}")
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        return error(f"cannot reach Redis: {str(e).splitlines()[0]}")
+    except redis.exceptions.InvalidResponse as e:
+        return error(f"cannot talk to Redis (is it a Redis server?): {str(e).splitlines()[0]}")
     except LedgerError as e:  # the ledger's own refusals say what is wrong; their class name adds nothing
-        return _error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", early_kill)
+        return error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except (redis.RedisError, SourceError, OSError, ValueError) as e:
-        return _error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", early_kill)
+        return error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def _error(message: str, early_kill: Any) -> int:
-    """The one stderr line of a failed command; exit 2."""
+def _error(message: str, early_kill: Any, as_json: bool = False) -> int:
+    """The one stderr line of a failed command (and with ``--json`` the same as JSON on stdout); exit 2."""
     if early_kill is not None:
         message += (f" (the kill itself was written: run {early_kill.run_id} is stopped; revoke, release and "
                     "notify did not run)")
     click.echo(f"factory-worker: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit": 2}))
     return 2
 
 

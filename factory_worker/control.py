@@ -96,9 +96,11 @@ class LoopControl:
             p.sadd(self.keys.revoked, *task_ids).expire(self.keys.revoked, self.keys.REVOKED_TTL_S)
             p.execute()
 
-    def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> None:
+    def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> int:
+        """Write the kill record; returns its time (ms, Redis server clock)."""
         now = server_now_ms(self.r)
         self.r.hset(self.keys.kill, mapping=kill_record(run_id, by, now, reason))
+        return now
 
     def _clear_seen_kill(self, seen: dict[str, str] | None) -> bool:
         """Clear the kill record ``seen`` earlier, never a newer one; False when a newer kill stands."""
@@ -224,9 +226,9 @@ class LoopControl:
         rec = self.run(run_id) or {}
         ttl = self.settings.loop.heartbeat_ttl_s if status == "idle" else self.settings.loop.stale_after_s
         current = heartbeat.read(self.r, self.keys)
-        if current is None or current.run_id == run_id:
+        if current is None or current.run_id == run_id:  # it keeps saying where the run ran
             heartbeat.write(self.r, self.keys, run_id, status, int(rec.get("iterations_done", 0)),
-                            int(rec.get("max_iterations", 0)), ttl)
+                            int(rec.get("max_iterations", 0)), ttl, where=current)
 
     def end_run(self, run_id: str, status: RunStatus, reason: str = "") -> bool:
         """End ``run_id`` once: status, heartbeat (idle, or stopping), lease released by run id.

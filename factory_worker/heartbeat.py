@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,12 +103,16 @@ def make(run_id: str, status: Status, iteration: int, max_iterations: int, now_m
 
 
 def write(
-    r: redis.Redis, keys: Keys, run_id: str, status: Status, iteration: int, max_iterations: int, ttl_s: float
+    r: redis.Redis, keys: Keys, run_id: str, status: Status, iteration: int, max_iterations: int, ttl_s: float,
+    where: Heartbeat | None = None,
 ) -> Heartbeat:
-    """Publish the heartbeat (timestamped by the Redis clock) with an expiry of ``ttl_s``."""
+    """Publish the heartbeat (timestamped by the Redis clock) with an expiry of ``ttl_s``; ``where``: keep its
+    hostname and pid (the loop worker's, when a CLI ends the run it was running) instead of this process's."""
     from .redis_client import server_now_ms
 
     hb = make(run_id, status, iteration, max_iterations, server_now_ms(r))
+    if where is not None:
+        hb = replace(hb, hostname=where.hostname, pid=where.pid)
     r.set(keys.heartbeat, hb.to_json(), px=max(1, int(ttl_s * 1000)))
     return hb
 

@@ -43,8 +43,15 @@ class LedgerViews:
         now = self.now_ms()
         if state == "in-flight":
             rows = self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True)
-            return [{"issue": i, "state": state, "until_ms": int(s), "token": self.current_token(i),
-                     **({"stage": st} if (st := self.r.hget(k.stages(i), "stage")) else {})} for i, s in rows]
+            out = []
+            for i, s in rows:
+                token = self.current_token(i)
+                fence = token.partition(":")[0] if token else ""
+                out.append({"issue": i, "state": state, "until_ms": int(s), "token": token,
+                            "fence": int(fence) if fence.isdigit() else None,
+                            "attempts": _int(self.r.hget(k.attempts, i)),
+                            **({"stage": st} if (st := self.r.hget(k.stages(i), "stage")) else {})})
+            return out
         if state == "backoff":
             rows = self.r.zrangebyscore(k.backoff, f"({now}", "+inf", withscores=True)
             return [{"issue": i, "state": state, "until_ms": int(s), "attempts": _int(self.r.hget(k.attempts, i)),

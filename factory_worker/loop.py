@@ -75,7 +75,7 @@ def iterate(ctx: Context, send: Sender | None, run_id: str | None = None, dry_ru
     nothing is left held. A dry run asks the gate in its read-only mode and writes nothing.
     """
     report = IterationReport(dry_run=dry_run, run_id=run_id, iteration=iteration)
-    if ctx.control.pause_info():
+    if not dry_run and ctx.control.pause_info():  # a dry run asks the gate, which says "paused" per issue
         report.stopped = "paused"
         return report
     polled = ctx.source.poll()

@@ -79,7 +79,7 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
                   early.namespace, mask_url(early.url), ctx.keys.namespace, mask_url(ctx.settings.effective_redis_url))
         early = None
     if early is not None:
-        run_id, by = early.run_id, early.by
+        run_id, by, killed_at = early.run_id, early.by, early.at_ms
     else:
         live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
         # a killed loop's agents can still be stopped: kill-loop --release-agents after a kill-loop
@@ -88,14 +88,15 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
             return {"killed": None, "refused": _refusal(ctx, live)}, 1
         run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
         by = who()
-        ctx.control.set_kill(run_id, by)
+        killed_at = ctx.control.set_kill(run_id, by)
     newest = ctx.control.current_run_id()
     if newest and newest != run_id and ctx.control.run_status(newest) == RunStatus.RUNNING:
         run_id = newest  # a kickoff started a run just before the kill was set: that is the run to kill
     run = ctx.control.run(run_id) or {}
-    if run.get("status") not in (None, RunStatus.RUNNING):
-        # the loop was live between runs (its last run had ended): nothing to end or revoke; the kill keeps it
-        # stopped, and the heartbeat says so (stopping: not live), as after the kill of a running run
+    if run.get("status") not in (None, RunStatus.RUNNING) and int(run.get("finished_ms") or 0) < killed_at:
+        # the loop was live between runs (its last run had ended before the kill): nothing to end or revoke;
+        # the kill keeps it stopped, and the heartbeat says so (stopping: not live), as after any kill. A run
+        # that ended at or after the kill (its iteration saw the early kill first) is reported as killed.
         ctx.control.end_heartbeat(run_id, "stopping")
         ctx.notifier.send_event("killed", run_id=None, by=by)
         ctx.notifier.close()
@@ -123,8 +124,8 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     released = stop_agents(ctx, agent_ids, grace_s) if release_agents else []
     ctx.notifier.send_event("killed", run_id=run_id, by=by)
     ctx.notifier.close()
-    out = {"killed": run_id, "revoked": task_ids, "released_agents": released, "by": by,
-           "celery_revoke_sent": revoked_sent}
+    out = {"killed": run_id, "loop_killed": True, "last_run": None, "revoked": task_ids,
+           "released_agents": released, "by": by, "celery_revoke_sent": revoked_sent}
     if revoke_error:
         out["celery_revoke_error"] = revoke_error
     return out, 0

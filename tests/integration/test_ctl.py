@@ -49,6 +49,16 @@ def test_unreachable_redis_is_one_line_and_exit_2(args, tmp_path):
     assert "Redis" in line
 
 
+def test_with_json_an_error_is_also_a_json_object_on_stdout(env, tmp_path):
+    """A script reading stdout of a --json command gets an object even on failure (the line stays on stderr)."""
+    down = factory_env({"FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    for res in (ctl(down, "dispatches", "--json"), ctl({**env, "FACTORY_LOOP__INTERVAL_S": "abc"}, "explain", "X",
+                                                      "--json"), ctl(env, "dispatches", "--state", "bogus", "--json")):
+        line = one_line_error(res)
+        assert json.loads(res.stdout) == {"error": line.removeprefix("factory-worker: "), "exit": 2}
+    assert ctl(down, "dispatches").stdout == ""  # without --json, stdout stays empty
+
+
 def test_bad_config_and_bad_arguments_are_one_line_and_exit_2(env):
     line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
     assert "dispatch.lease_ttl_s" in line and "FACTORY_DISPATCH__LEASE_TTL_S" in line

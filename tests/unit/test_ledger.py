@@ -596,6 +596,7 @@ def test_entries_by_state(fake_redis, keys, dispatch, clock):
     inflight = {e["issue"]: e for e in ledger.entries("in-flight")}
     assert set(inflight) == {"f1", "f2", "gone"}
     assert inflight["f1"]["token"] == tok["f1"] and inflight["f1"]["state"] == "in-flight"
+    assert inflight["f1"]["fence"] == int(tok["f1"].split(":")[0])  # dispatches shows it, as explain does
     assert inflight["f1"]["until_ms"] == ledger.now_ms() + 30_000
 
     clock.advance(LEASE_S - 0.5)  # f2 and gone expired, f1 was renewed; the backoff window (5 s) ended

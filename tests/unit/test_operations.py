@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 
 
 
@@ -59,7 +61,7 @@ def test_an_early_kill_for_another_loop_is_not_taken_for_this_one(ctx):
     assert code == 0 and out["killed"] == "run-x" and not ctx.control.kill_info()
 
 
-def test_a_kill_between_runs_keeps_the_loop_stopped_and_leaves_the_ended_run_alone(ctx):
+def test_a_kill_between_runs_keeps_the_loop_stopped_and_leaves_the_ended_run_alone(ctx, clock):
     """The loop is live between runs (its last run finished, its heartbeat idle and fresh): kill-loop sets the
     kill and says no run was active, revokes nothing, and leaves the loop not live (stopping), as a kill does."""
     from factory_worker import heartbeat
@@ -68,6 +70,7 @@ def test_a_kill_between_runs_keeps_the_loop_stopped_and_leaves_the_ended_run_alo
     kick = ctx.control.start_run(3, by="test")
     ctx.control.end_run(kick.run_id, "finished", "idle: nothing to dispatch")
     assert heartbeat.read(ctx.redis, ctx.keys).status == "idle"
+    clock.advance(1)  # the kill comes after the run's end (server clock)
     out, code = kill_loop(ctx)
     assert code == 0 and out["killed"] is None and out["loop_killed"] is True and out["revoked"] == []
     assert out["last_run"] == {"run_id": kick.run_id, "status": "finished"}
@@ -95,8 +98,11 @@ def test_only_the_call_that_ends_a_run_writes_its_heartbeat(ctx):
     from factory_worker.loop import finish_run
 
     kick = ctx.control.start_run(3, by="test")
+    ran = heartbeat.read(ctx.redis, ctx.keys)
+    ctx.redis.set(ctx.keys.heartbeat, dataclasses.replace(ran, pid=4242).to_json())  # the loop worker's
     assert ctx.control.end_run(kick.run_id, "killed", "kill-loop by test")
-    assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
+    ended = heartbeat.read(ctx.redis, ctx.keys)
+    assert ended.status == "stopping" and ended.pid == 4242  # where the run ran, not the ending CLI's pid
     assert not finish_run(ctx, kick.run_id)
     assert heartbeat.read(ctx.redis, ctx.keys).status == "stopping"
 
@@ -132,12 +138,28 @@ def test_a_run_started_just_before_the_kill_is_the_one_killed(ctx):
     assert ctx.control.run(b.run_id)["status"] == "killed" and set(out["revoked"]) == set(b.task_ids)
 
 
-def test_release_agents_after_a_kill_is_not_refused(ctx):
+def test_release_agents_after_a_kill_is_not_refused(ctx, clock):
     """The graded stop: kill-loop, then kill-loop --release-agents stops the agents of the killed loop."""
     from factory_worker.operations import kill_loop
 
     kick = ctx.control.start_run(3, by="test")
     assert kill_loop(ctx)[1] == 0
     assert kill_loop(ctx)[1] == 1  # a plain second kill has nothing to do
+    clock.advance(1)
     out, code = kill_loop(ctx, release_agents=True, grace_s=0)
     assert code == 0 and out["loop_killed"] and out["last_run"] == {"run_id": kick.run_id, "status": "killed"}
+
+
+def test_a_run_its_iteration_ended_after_the_early_kill_is_reported_killed(ctx):
+    """The early path wrote the kill; the run's next iteration saw it and ended the run (killed) before the full
+    command looked: that run was killed by this command, so it is reported and its tasks revoked."""
+    from factory_worker.operations import kill_loop
+    from factory_worker.quick import EarlyKill, kill_record
+
+    kick = ctx.control.start_run(3, by="test")
+    at_ms = ctx.ledger.now_ms()
+    ctx.redis.hset(ctx.keys.kill, mapping=kill_record(kick.run_id, "op@h:1", at_ms))
+    ctx.control.end_run(kick.run_id, "killed", "killed by op@h:1")  # the iteration's stop path
+    early = EarlyKill(kick.run_id, "op@h:1", at_ms, ctx.keys.namespace, ctx.settings.effective_redis_url)
+    out, code = kill_loop(ctx, early=early)
+    assert code == 0 and out["killed"] == kick.run_id and set(out["revoked"]) == set(kick.task_ids)
