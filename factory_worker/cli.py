@@ -124,10 +124,18 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     ctx = _context()
     start_run = _tasks(ctx).start_run
     data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
-    emit(data, as_json, lambda d: click.echo(
-        (("cleared the kill; " if d["cleared_kill"] else "") + f"started run {d['run_id']}"
-         + (" (paused: it claims nothing until resume)" if d["paused"] else ""))
-        if d["started"] else f"skipped: {d['reason']}"), code)
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["started"]:
+            click.echo(f"skipped: {d['reason']}")
+            return
+        click.echo(("cleared the kill; " if d["cleared_kill"] else "") + f"started run {d['run_id']}"
+                   + (" (paused: it claims nothing until resume)" if d["paused"] else ""))
+        if not d["live_workers"]:
+            click.echo(f"warning: no live worker: the run's tasks wait in {ctx.keys.loop_queue} until one starts "
+                       "(loop-status says live until the heartbeat goes stale)", err=True)
+
+    emit(data, as_json, human, code)
 
 
 @cli.command("run-once")

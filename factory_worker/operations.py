@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from . import heartbeat, status
 from .context import Context
-from .presence import worker_alive
+from .presence import live_workers, worker_alive
 from .urls import mask_url
 from .quick import EarlyKill, who
 from .ledger import Explanation
@@ -188,7 +188,8 @@ def start_loop(ctx: Context, start: Callable[[int | None, str], Any], max_iterat
     """Clear a kill and start a run now (overlap policy applies): exit 0 started, 1 skipped."""
     cleared = ctx.control.kill_info() is not None
     kick = start(max_iterations, f"start-loop {who()}")  # clears the kill once it holds the loop lease
-    out = {"cleared_kill": cleared, **kick.as_dict(), "paused": ctx.control.pause_info() is not None}
+    out = {"cleared_kill": cleared, **kick.as_dict(), "paused": ctx.control.pause_info() is not None,
+           "live_workers": len(live_workers(ctx))}
     return out, 0 if kick.started else 1
 
 

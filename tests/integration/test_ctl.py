@@ -310,3 +310,11 @@ def test_an_early_answer_that_cannot_be_written_is_one_line_and_exit_2(redis_url
     assert status_first(["loop-status"], env, tmp_path, out=Closed()) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write the answer: BrokenPipeError" in err[0]
+
+
+def test_start_loop_without_a_live_worker_warns(env):
+    """The run's tasks wait in the loop queue until a worker comes: start-loop says so (exit 0: it started)."""
+    res = ctl(env, "start-loop")
+    assert res.returncode == 0 and res.stdout.startswith("started run "), res.stdout + res.stderr
+    assert "warning: no live worker" in res.stderr and ".loop" in res.stderr
+    assert json.loads(ctl(env, "start-loop", "--json").stdout)["live_workers"] == 0  # skipped: a run is live
