@@ -27,13 +27,29 @@ def open_log(path: Path) -> int:
     process's :func:`prune` may remove the directory, still empty, between the mkdir and the open: then the
     directory is made again."""
     for tries in range(3):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dirs(path.parent)
         try:
             return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             if tries == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def _private_dirs(folder: Path) -> None:
+    """``folder`` and each missing parent made 0700 (``Path.mkdir(parents=True)`` gives the parents the default
+    mode: a log root another user could list, naming every issue)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
 
 
 class LogRelay:

@@ -63,3 +63,19 @@ def test_open_log_survives_a_concurrent_prune_of_its_directory(tmp_path, monkeyp
     fd = logs_mod.open_log(tmp_path / "logs" / "EX-2" / "a.log")
     _os.close(fd)
     assert len(calls) == 2 and (tmp_path / "logs" / "EX-2" / "a.log").exists()
+
+
+def test_the_log_root_made_for_the_first_log_is_private_too(tmp_path):
+    """Every directory open_log makes is 0700: the log root, too (its entries name issues)."""
+    import os as _os
+    import stat
+
+    from factory_worker.agents.logs import open_log
+
+    old = _os.umask(0o022)
+    try:
+        _os.close(open_log(tmp_path / "factory" / "logs" / "EX-1" / "a.log"))
+    finally:
+        _os.umask(old)
+    for d in ("factory", "factory/logs", "factory/logs/EX-1"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
