@@ -131,8 +131,10 @@ def test_a_second_ctrl_c_forces_the_stop_and_says_so(monkeypatch, capsys):
     (run_stack then exits 130, not 0)."""
     import threading
 
-    stubborn = subprocess.Popen(["sh", "-c", 'trap "" TERM; sleep 30'], start_new_session=True)
+    stubborn = subprocess.Popen(["sh", "-c", 'trap "" TERM; echo ready; exec sleep 30'], start_new_session=True,
+                                stdout=subprocess.PIPE, text=True)
     try:
+        assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
         monkeypatch.setattr(devstack._Flags, "stop", 1)
         threading.Timer(0.5, lambda: setattr(devstack._Flags, "stop", 2)).start()  # the second Ctrl-C
         assert devstack._shutdown({"worker1": stubborn}, grace_s=30) is True
@@ -142,3 +144,4 @@ def test_a_second_ctrl_c_forces_the_stop_and_says_so(monkeypatch, capsys):
         if stubborn.poll() is None:
             stubborn.kill()
             stubborn.wait()
+        stubborn.stdout.close()
