@@ -254,15 +254,20 @@ def main(argv: list[str] | None = None, early_kill: Any = None) -> int:
     except ConfigError as e:
         return error(str(e))
     except _broker_errors() as e:
-        return error(f"cannot reach the broker: {str(e).splitlines()[0]}")
+        return error(f"cannot reach the broker: {_first_line(e)}")
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        return error(f"cannot reach Redis: {str(e).splitlines()[0]}")
+        return error(f"cannot reach Redis: {_first_line(e) or type(e).__name__}")
     except redis.exceptions.InvalidResponse as e:
-        return error(f"cannot talk to Redis (is it a Redis server?): {str(e).splitlines()[0]}")
+        return error(f"cannot talk to Redis (is it a Redis server?): {_first_line(e)}")
     except LedgerError as e:  # the ledger's own refusals say what is wrong; their class name adds nothing
-        return error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return error(f"error: {_first_line(e) or type(e).__name__}")
     except (redis.RedisError, SourceError, OSError, ValueError) as e:
-        return error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return error(f"error: {type(e).__name__}: {_first_line(e)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("" when it has none)."""
+    return next(iter(str(exc).splitlines()), "")
 
 
 def _error(message: str, early_kill: Any, as_json: bool = False) -> int:

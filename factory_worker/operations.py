@@ -93,17 +93,10 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
     if newest and newest != run_id and ctx.control.run_status(newest) == RunStatus.RUNNING:
         run_id = newest  # a kickoff started a run just before the kill was set: that is the run to kill
     run = ctx.control.run(run_id) or {}
-    if run.get("status") not in (None, RunStatus.RUNNING) and int(run.get("finished_ms") or 0) < killed_at:
-        # the loop was live between runs (its last run had ended before the kill): nothing to end or revoke;
-        # the kill keeps it stopped, and the heartbeat says so (stopping: not live), as after any kill. A run
-        # that ended at or after the kill (its iteration saw the early kill first) is reported as killed.
-        ctx.control.end_heartbeat(run_id, "stopping")
-        ctx.notifier.send_event("killed", run_id=None, by=by)
-        ctx.notifier.close()
-        released = stop_agents(ctx, running_agent_tasks(ctx), grace_s) if release_agents else []
-        return {"killed": None, "loop_killed": True, "last_run": {"run_id": run_id, "status": run["status"]},
-                "revoked": [], "released_agents": released, "by": by, "celery_revoke_sent": False}, 0
-    task_ids = [t for t in run.get("task_ids", []) if isinstance(t, str)]
+    # the loop was live between runs when its last run had ended before the kill: nothing to end or revoke. A
+    # run that ended at or after the kill (its iteration saw the early kill first) was killed by this command.
+    between = run.get("status") not in (None, RunStatus.RUNNING) and int(run.get("finished_ms") or 0) < killed_at
+    task_ids = [] if between else [t for t in run.get("task_ids", []) if isinstance(t, str)]
     # every running agent, not only the killed run's: runs are short and agents outlive the run that sent them
     agent_ids = running_agent_tasks(ctx) if release_agents else []
     ctx.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
@@ -117,14 +110,16 @@ def kill_loop(ctx: Context, force: bool = False, release_agents: bool = False,
         except Exception as exc:  # noqa: BLE001 - the Redis revoke list already stops them
             revoke_error = f"{type(exc).__name__}: {exc}"
             log.warning("celery revoke failed (the Redis revoke list still applies): %s", revoke_error)
-    if run_id and not ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}"):
-        # the run ended on its own meanwhile (an iteration that began before the kill found nothing to do), or
-        # its record is gone: the kill still stands, so the heartbeat must not say idle (live)
+    if run_id and (between or not ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}")):
+        # between runs, or the run ended on its own meanwhile (an iteration that began before the kill found
+        # nothing to do), or its record is gone: the kill stands, so the heartbeat must not say idle (live)
         ctx.control.end_heartbeat(run_id, "stopping")
     released = stop_agents(ctx, agent_ids, grace_s) if release_agents else []
-    ctx.notifier.send_event("killed", run_id=run_id, by=by)
+    killed = None if between else run_id
+    ctx.notifier.send_event("killed", run_id=killed, by=by)
     ctx.notifier.close()
-    out = {"killed": run_id, "loop_killed": True, "last_run": None, "revoked": task_ids,
+    out = {"killed": killed, "loop_killed": True,
+           "last_run": {"run_id": run_id, "status": run["status"]} if between else None, "revoked": task_ids,
            "released_agents": released, "by": by, "celery_revoke_sent": revoked_sent}
     if revoke_error:
         out["celery_revoke_error"] = revoke_error

@@ -38,16 +38,15 @@ def open_log(path: Path) -> int:
 
 def _private_dirs(folder: Path) -> None:
     """``folder`` and each missing parent made 0700 (``Path.mkdir(parents=True)`` gives the parents the default
-    mode: a log root another user could list, naming every issue)."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    for d in reversed(missing):
+    mode: a log root another user could list, naming every issue). One ``mkdir`` when only ``folder`` is new."""
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _private_dirs(folder.parent)
         try:
-            d.mkdir(mode=0o700)
+            folder.mkdir(mode=0o700)
         except FileExistsError:
             pass
 
