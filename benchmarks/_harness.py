@@ -311,17 +311,6 @@ def _stat_fields(pid: str | int) -> list[str] | None:
     return data[data.rfind(")") + 2:].split()  # from the state field on: pgrp is [2], utime..cstime [11:15]
 
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds process group ``pgid`` has used: its live processes, and the children they reaped (an
-    agent's time lands in the pool process that waited for it). 0.0 where /proc is not there."""
-    ticks = 0
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        fields = _stat_fields(entry) if entry.isdigit() else None
-        if fields and int(fields[2]) == pgid:
-            ticks += sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def redis_cpu_s(r: redis.Redis) -> float:
     """CPU seconds the Redis server behind ``r`` has used (it must run on this machine)."""
     fields = _stat_fields(r.info("server")["process_id"])
@@ -329,21 +318,18 @@ def redis_cpu_s(r: redis.Redis) -> float:
 
 
 class CpuMeter:
-    """CPU per item of a timed window: process groups (workers, beat) and the Redis server, in ms; with
-    ``names``, also by role: ``<name>`` (the group's leader: a worker's main process, beat), ``<name> pool``
-    (the other processes of the group: pool processes) and ``<name> agents`` (the children they reaped)."""
+    """CPU per item of a timed window: process groups (workers, beat) and the Redis server, in ms, in total and
+    by role: ``<name>`` (the group's leader: a worker's main process, beat), ``<name> pool`` (the other
+    processes of the group: pool processes), ``<name> agents`` (the children they reaped: an agent's time
+    lands in the pool process that waited for it) and ``redis-server``. Read from /proc (0 where it is not)."""
 
     def __init__(self, r: redis.Redis, groups: list[int], names: list[str] | None = None) -> None:
         self.r, self.groups = r, groups
         self.names = names or [f"group{i}" for i in range(len(groups))]
-        self.start = self._now()
         self.start_roles = self._roles()
 
-    def _now(self) -> tuple[float, float]:
-        return sum(group_cpu_s(g) for g in self.groups), redis_cpu_s(self.r)
-
     def _roles(self) -> dict[str, float]:
-        """CPU seconds by role, from every live process of the groups."""
+        """CPU seconds by role, from every live process of the groups and the Redis server."""
         tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         out = {"redis-server": redis_cpu_s(self.r)}
         names = dict(zip(self.groups, self.names))
@@ -361,11 +347,12 @@ class CpuMeter:
         return out
 
     def per_item_ms(self, n: int) -> dict[str, Any]:
-        procs, server = (b - a for a, b in zip(self.start, self._now()))
-        end = self._roles()
-        roles = {k: round((v - self.start_roles.get(k, 0.0)) * 1000 / n, 2) for k, v in end.items()}
+        used = {k: v - self.start_roles.get(k, 0.0) for k, v in self._roles().items()}
+        server = used["redis-server"]
+        procs = sum(used.values()) - server
         return {"processes": round(procs * 1000 / n, 2), "redis": round(server * 1000 / n, 2),
-                "total": round((procs + server) * 1000 / n, 2), "by_role": roles}
+                "total": round((procs + server) * 1000 / n, 2),
+                "by_role": {k: round(v * 1000 / n, 2) for k, v in used.items()}}
 
 
 # -- statistics -------------------------------------------------------------------------------------------

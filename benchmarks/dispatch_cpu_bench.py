@@ -152,9 +152,10 @@ def spawn_costs(n: int = 300) -> dict[str, Any]:
 
 def _rss_kb() -> int:
     try:
-        return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1])
-    except (OSError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+    except OSError:
         return 0
+    return next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS")), 0)
 
 
 def _children_s() -> float:
