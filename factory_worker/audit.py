@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import redis
 
 from .ledger import done_markers
+from .ledger_types import fence_in
 
 from .keys import Keys
 from .presence import worker_alive
@@ -43,8 +44,7 @@ class Violation:
 
 
 def _fence(value: str | None) -> int:
-    head = (value or "").partition(":")[0]
-    return int(head) if head.isdigit() else 0
+    return fence_in(value) or 0
 
 
 def _claim_issues(r: redis.Redis, keys: Keys) -> dict[str, str]:

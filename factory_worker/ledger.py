@@ -122,7 +122,7 @@ class Ledger(LedgerViews):
         for issue, entry in zip(issues, reply.values):
             if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
                 if acked:
-                    claims.append(Claim(issue, entry, int(entry.partition(":")[0])))
+                    claims.append(Claim(issue, entry, fence_of(entry)))
                 else:
                     skipped.append(self._unacked(issue, entry))
                 continue

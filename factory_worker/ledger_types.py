@@ -14,10 +14,17 @@ WAITING = (Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT)
 
 def fence_of(token: str) -> int:
     """The fencing number inside a token ``"<fence>:<owner>"``."""
-    head, _, _ = token.partition(":")
-    if not head.isdigit():
+    fence = fence_in(token)
+    if fence is None:
         raise ValueError(f"malformed dispatch token {token!r}")
-    return int(head)
+    return fence
+
+
+def fence_in(value: str | None) -> int | None:
+    """The fence at the head of ``value`` (a token, or a done marker ``<fence>:<completed_ms>``); None when it
+    has none (missing or malformed): for readers that show or check what is stored, never for a write."""
+    head = (value or "").partition(":")[0]
+    return int(head) if head.isdigit() else None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator
 import redis
 
 from .keys import Keys
-from .ledger_types import fence_of
+from .ledger_types import fence_in
 from .states import LedgerState
 from .status import as_int, gauge_commands, parse_counters, parse_gauges
 
@@ -24,14 +24,6 @@ def done_markers(r: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
 
 
 _int = as_int
-
-
-def _fence(token: str | None) -> int | None:
-    """The fence inside a live claim's token (:func:`fence_of`); None without one, or for a malformed one."""
-    try:
-        return fence_of(token) if token else None
-    except ValueError:
-        return None
 
 
 class LedgerViews:
@@ -56,7 +48,7 @@ class LedgerViews:
             for i, s in rows:
                 token = self.current_token(i)
                 out.append({"issue": i, "state": state, "until_ms": int(s), "token": token,
-                            "fence": _fence(token), "attempts": _int(self.r.hget(k.attempts, i)),
+                            "fence": fence_in(token), "attempts": _int(self.r.hget(k.attempts, i)),
                             **({"stage": st} if (st := self.r.hget(k.stages(i), "stage")) else {})})
             return out
         if state == "backoff":
