@@ -1,4 +1,4 @@
-"""The beat schedule of factory_worker, read by the Celery app (``factory_worker.app``).
+"""The beat schedule of factory_worker, read by the Celery app (``factory_worker.worker.app``).
 
 One entry: ``factory.loop.kickoff`` every ``FACTORY_LOOP__INTERVAL_S`` seconds. Run exactly one beat;
 a second one is harmless (kickoffs SKIP while a run is live) but doubles the kickoff traffic.

@@ -13,8 +13,13 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent
 
 
-def wait_until(pred: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.1,
-               error: type[Exception] = AssertionError) -> Any:
+def wait_until(
+    pred: Callable[[], object],
+    timeout: float,
+    what: str = "condition",
+    interval: float = 0.1,
+    error: type[Exception] = AssertionError,
+) -> Any:
     """Poll ``pred`` every ``interval`` s until it returns something true (returned); ``error`` on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -36,5 +41,11 @@ def pid_alive(pid: int) -> bool:
 
 def run_ctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m factory_worker.ctl ARGS`` with ``env``, from the repository root; output captured."""
-    return subprocess.run([sys.executable, "-m", "factory_worker.ctl", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "factory_worker.ctl", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

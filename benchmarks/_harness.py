@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
 
 import redis  # noqa: E402
 
-from factory_worker.embedded import RedisServer  # noqa: E402
+from factory_worker.ops.embedded import RedisServer  # noqa: E402
 from harness import pid_alive, wait_until  # noqa: E402,F401  (shared with the test suite)
 
 PY = sys.executable
@@ -67,8 +67,9 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: fl
     return wait_until(pred, timeout, what, interval, error=BenchError)
 
 
-def wait_count(count: Callable[[], int], n: int, timeout: float, failure: Callable[[int], str],
-               interval: float) -> None:
+def wait_count(
+    count: Callable[[], int], n: int, timeout: float, failure: Callable[[int], str], interval: float
+) -> None:
     """Poll ``count`` every ``interval`` s until it reaches ``n``; BenchError(``failure(last count)``) on timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -84,13 +85,21 @@ def wait_count(count: Callable[[], int], n: int, timeout: float, failure: Callab
 class Proc:
     """A subprocess in its own session (pgid == pid) logging to a file; stop() kills the whole group."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, ready_needle: str,
-                 cwd: Path = ROOT) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, ready_needle: str, cwd: Path = ROOT
+    ) -> None:
         self.name, self.needle = name, ready_needle
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -162,11 +171,30 @@ def factory_queues(env: dict[str, str], which: str = "loop,agents") -> str:
     return ",".join(f"{ns}.{q}" for q in which.split(","))
 
 
-def worker_argv(name: str, concurrency: int, app: str = "factory_worker", queues: str = "factory.loop,factory.agents"
-                ) -> list[str]:
+def worker_argv(
+    name: str, concurrency: int, app: str = "factory_worker", queues: str = "factory.loop,factory.agents"
+) -> list[str]:
     """``celery -A app worker`` (prefork, no mingle/gossip) consuming ``queues``; ready when "ready." is logged."""
-    return [PY, "-m", "celery", "-A", app, "worker", "-l", "INFO", "-n", f"{name}@%h",
-            "-Q", queues, "-c", str(concurrency), "-P", "prefork", "--without-mingle", "--without-gossip"]
+    return [
+        PY,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-l",
+        "INFO",
+        "-n",
+        f"{name}@%h",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-P",
+        "prefork",
+        "--without-mingle",
+        "--without-gossip",
+    ]
 
 
 def beat_argv(work: Path) -> list[str]:
@@ -188,8 +216,9 @@ def base_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], settings: dict[str, str],
-                path: tuple[Path, ...] = ()) -> dict[str, str]:
+def factory_env(
+    redis_url: str, namespace: str, work: Path, agent: list[str], settings: dict[str, str], path: tuple[Path, ...] = ()
+) -> dict[str, str]:
     """A factory worker's environment: file source ``work/issues.jsonl``, agent logs in ``work/agent-logs``
     (agents run in ``work/agent-work``; they get PATH and the non-``FACTORY_*`` variables of ``settings``),
     the given agent command, then ``settings`` (``FACTORY_*`` and benchmark variables) on top."""
@@ -202,8 +231,9 @@ def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], se
         "FACTORY_AGENT__LOG_DIR": str(work / "agent-logs"),
         "FACTORY_AGENT__WORKDIR_ROOT": str(work / "agent-work"),
         # an agent gets only its allowlist of the worker's environment: PATH and the benchmark's own variables
-        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", *sorted(k for k in settings
-                                                             if not k.startswith("FACTORY_"))]),
+        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(
+            ["PATH", *sorted(k for k in settings if not k.startswith("FACTORY_"))]
+        ),
         "PYTHONPATH": pythonpath(ROOT, *path),
     }
     env.update(settings)
@@ -238,9 +268,11 @@ def drop_namespace(r: redis.Redis, keys: Any) -> None:
 # -- command line, session, output ------------------------------------------------------------------------------
 def make_parser(doc: str, epilog: bool = True) -> argparse.ArgumentParser:
     """``--help``: the docstring's first paragraph, and (``epilog``) the rest of it verbatim."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=textwrap.dedent(doc.split("\n\n", 1)[1]) if epilog else None)
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(doc.split("\n\n", 1)[1]) if epilog else None,
+    )
 
 
 def add_keep_tmp(ap: argparse.ArgumentParser) -> None:
@@ -248,8 +280,9 @@ def add_keep_tmp(ap: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def session(tmp_prefix: str, keep_tmp: bool = False, redis_url: str | None = None,
-            say: Callable[[str], None] | None = None) -> Iterator[tuple[Path, str]]:
+def session(
+    tmp_prefix: str, keep_tmp: bool = False, redis_url: str | None = None, say: Callable[[str], None] | None = None
+) -> Iterator[tuple[Path, str]]:
     """``(tmp, redis_url)``: a fresh temp dir, and ``redis_url`` or else a redis-server started in ``tmp/redis``.
     On the way out the server is stopped and the temp dir removed (unless ``keep_tmp``), whatever happened."""
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix))
@@ -272,8 +305,9 @@ def session(tmp_prefix: str, keep_tmp: bool = False, redis_url: str | None = Non
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_session(prog: str, tmp_prefix: str, keep_tmp: bool, phases: Callable[[Path, str], None],
-                redis_url: str | None = None) -> int:
+def run_session(
+    prog: str, tmp_prefix: str, keep_tmp: bool, phases: Callable[[Path, str], None], redis_url: str | None = None
+) -> int:
     """``phases(tmp, redis_url)`` inside ``session()``, SIGTERM counting as an interrupt.
     Returns 0, 1 after a BenchError, 130 when interrupted (the reason on stderr)."""
 
@@ -308,7 +342,7 @@ def _stat_fields(pid: str | int) -> list[str] | None:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return data[data.rfind(")") + 2:].split()  # from the state field on: pgrp is [2], utime..cstime [11:15]
+    return data[data.rfind(")") + 2 :].split()  # from the state field on: pgrp is [2], utime..cstime [11:15]
 
 
 def redis_cpu_s(r: redis.Redis) -> float:
@@ -350,9 +384,12 @@ class CpuMeter:
         used = {k: v - self.start_roles.get(k, 0.0) for k, v in self._roles().items()}
         server = used["redis-server"]
         procs = sum(used.values()) - server
-        return {"processes": round(procs * 1000 / n, 2), "redis": round(server * 1000 / n, 2),
-                "total": round((procs + server) * 1000 / n, 2),
-                "by_role": {k: round(v * 1000 / n, 2) for k, v in used.items()}}
+        return {
+            "processes": round(procs * 1000 / n, 2),
+            "redis": round(server * 1000 / n, 2),
+            "total": round((procs + server) * 1000 / n, 2),
+            "by_role": {k: round(v * 1000 / n, 2) for k, v in used.items()},
+        }
 
 
 # -- statistics -------------------------------------------------------------------------------------------
@@ -371,5 +408,4 @@ def stats(values: list[float]) -> dict[str, float | None]:
     """Median, min and max rounded to the millisecond; all None without samples."""
     if not values:
         return {"median": None, "min": None, "max": None}
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3)}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}

@@ -26,12 +26,27 @@ from pathlib import Path
 from typing import Any
 
 import redis
-
-from _harness import (CpuMeter, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit, factory_env, factory_queues,
-                      issue_line, make_parser, make_say, percentile, run_session, wait_count, worker_argv)
+from _harness import (
+    CpuMeter,
+    Group,
+    Proc,
+    add_keep_tmp,
+    beat_argv,
+    drop_namespace,
+    emit,
+    factory_env,
+    factory_queues,
+    issue_line,
+    make_parser,
+    make_say,
+    percentile,
+    run_session,
+    wait_count,
+    worker_argv,
+)
 from e2e_bench import bench_plain
 
-from factory_worker.keys import Keys
+from factory_worker.ledger.keys import Keys
 
 say = make_say("backlog_bench")
 CONCURRENCY = 4
@@ -63,8 +78,16 @@ class QueueWatch:
         self._thread.join(2)
 
 
-def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurrency: int = CONCURRENCY,
-                agent: list[str] | None = None, timeout: float = 900) -> dict[str, Any]:
+def run_factory(
+    redis_url: str,
+    tmp: Path,
+    name: str,
+    n: int,
+    cap: int,
+    concurrency: int = CONCURRENCY,
+    agent: list[str] | None = None,
+    timeout: float = 900,
+) -> dict[str, Any]:
     """One factory run over ``n`` fresh issues; returns its rate, longest queue and counters."""
     work = tmp / name
     work.mkdir()
@@ -73,11 +96,20 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     (work / "issues.jsonl").write_text("".join(issue_line(f"B-{i:05d}") for i in range(n)))
     r.hset(keys.paused, mapping={"by": "backlog_bench", "at_ms": int(time.time() * 1000)})
-    env = factory_env(redis_url, namespace, work, agent or ["true"], {
-        "FACTORY_LOOP__INTERVAL_S": "1", "FACTORY_LOOP__STALE_AFTER_S": "10",
-        "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(cap), "FACTORY_DISPATCH__LEASE_TTL_S": "5",
-        "FACTORY_AGENT__TERM_GRACE_S": "1", "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
-    })
+    env = factory_env(
+        redis_url,
+        namespace,
+        work,
+        agent or ["true"],
+        {
+            "FACTORY_LOOP__INTERVAL_S": "1",
+            "FACTORY_LOOP__STALE_AFTER_S": "10",
+            "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(cap),
+            "FACTORY_DISPATCH__LEASE_TTL_S": "5",
+            "FACTORY_AGENT__TERM_GRACE_S": "1",
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
+        },
+    )
     group = Group()
     try:
         say(f"run {name}: worker -c {concurrency} + beat, {n} issues, cap {cap} (namespace {namespace})")
@@ -88,8 +120,13 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
             cpu = CpuMeter(r, [worker.pid, beat.pid], ["worker", "beat"])
             t0 = time.perf_counter()
             r.delete(keys.paused)
-            wait_count(lambda: int(r.get(keys.done_count) or 0), n, timeout,
-                       lambda done: f"run {name}: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}", 0.05)
+            wait_count(
+                lambda: int(r.get(keys.done_count) or 0),
+                n,
+                timeout,
+                lambda done: f"run {name}: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}",
+                0.05,
+            )
             elapsed = time.perf_counter() - t0
             cpu_ms = cpu.per_item_ms(n)
         counters = {k: int(v) for k, v in r.hgetall(keys.counters).items() if v.lstrip("-").isdigit()}
@@ -97,9 +134,15 @@ def run_factory(redis_url: str, tmp: Path, name: str, n: int, cap: int, concurre
         group.stop()
         drop_namespace(r, keys)
         r.close()
-    return {"elapsed_s": elapsed, "dispatches_per_s": n / elapsed, "queue_max": watch.longest,
-            "noop_agent_tasks": counters.get("agent_tasks_noop", 0), "refilled": counters.get("refilled", 0),
-            "cpu_ms_per_issue": cpu_ms, "work": work}
+    return {
+        "elapsed_s": elapsed,
+        "dispatches_per_s": n / elapsed,
+        "queue_max": watch.longest,
+        "noop_agent_tasks": counters.get("agent_tasks_noop", 0),
+        "refilled": counters.get("refilled", 0),
+        "cpu_ms_per_issue": cpu_ms,
+        "work": work,
+    }
 
 
 def refill_latency(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
@@ -109,8 +152,13 @@ def refill_latency(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
     t = [float(line) for line in stamps.read_text().split()]
     starts, ends = t[0::2], t[1::2]
     gaps = sorted((s - e) * 1000 for e, s in zip(ends, starts[1:]))
-    return {"samples": len(gaps), "p50_ms": percentile(gaps, 50), "p99_ms": percentile(gaps, 99),
-            "max_ms": gaps[-1] if gaps else None, "dispatches_per_s": res["dispatches_per_s"]}
+    return {
+        "samples": len(gaps),
+        "p50_ms": percentile(gaps, 50),
+        "p99_ms": percentile(gaps, 99),
+        "max_ms": gaps[-1] if gaps else None,
+        "dispatches_per_s": res["dispatches_per_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,29 +192,44 @@ def main(argv: list[str] | None = None) -> int:
 
     def human() -> None:
         print(f"backlog_bench: {args.n} issues, 1 worker -c {CONCURRENCY} ({SLOTS} agent slots) + beat")
-        print(f"  peer (plain Celery, subprocess true): {peer:8.1f} tasks/s  (with task events on: "
-              f"{peer_events:.1f})")
+        print(f"  peer (plain Celery, subprocess true): {peer:8.1f} tasks/s  (with task events on: {peer_events:.1f})")
         for run, label in (("A_cap_fleet", f"run A, cap {CONCURRENCY}"), ("B_cap_n", f"run B, cap {args.n}")):
             x = out[run]
-            print(f"  {label:<18} {x['dispatches_per_s']:8.1f} dispatches/s  ratio {x['ratio_to_peer']:.2f} "
-                  f"({x['ratio_to_peer_with_events']:.2f} to the peer with events)  "
-                  f"queue max {x['queue_max']}  no-op agent tasks {x['noop_agent_tasks']}  refilled {x['refilled']}")
-        cpu = ", ".join(f"{label} {out[k]['cpu_ms_per_issue']['total']:.2f}" for k, label in
-                        (("A_cap_fleet", "A"), ("B_cap_n", "B"))) + ", " + ", ".join(
-            f"{label} {out[k]['cpu_ms_per_task']['total']:.2f}" for k, label in
-            (("peer_plain_celery", "peer"), ("peer_plain_celery_events", "peer with events")))
+            print(
+                f"  {label:<18} {x['dispatches_per_s']:8.1f} dispatches/s  ratio {x['ratio_to_peer']:.2f} "
+                f"({x['ratio_to_peer_with_events']:.2f} to the peer with events)  "
+                f"queue max {x['queue_max']}  no-op agent tasks {x['noop_agent_tasks']}  refilled {x['refilled']}"
+            )
+        cpu = (
+            ", ".join(
+                f"{label} {out[k]['cpu_ms_per_issue']['total']:.2f}"
+                for k, label in (("A_cap_fleet", "A"), ("B_cap_n", "B"))
+            )
+            + ", "
+            + ", ".join(
+                f"{label} {out[k]['cpu_ms_per_task']['total']:.2f}"
+                for k, label in (("peer_plain_celery", "peer"), ("peer_plain_celery_events", "peer with events"))
+            )
+        )
         print(f"  CPU per issue (workers + beat + redis-server, ms): {cpu}")
-        runs = (("A_cap_fleet", "A"), ("B_cap_n", "B"), ("peer_plain_celery", "peer"),
-                ("peer_plain_celery_events", "peer+ev"))
-        roles = [(label, (out[k].get("cpu_ms_per_issue") or out[k].get("cpu_ms_per_task"))["by_role"])
-                 for k, label in runs]
+        runs = (
+            ("A_cap_fleet", "A"),
+            ("B_cap_n", "B"),
+            ("peer_plain_celery", "peer"),
+            ("peer_plain_celery_events", "peer+ev"),
+        )
+        roles = [
+            (label, (out[k].get("cpu_ms_per_issue") or out[k].get("cpu_ms_per_task"))["by_role"]) for k, label in runs
+        ]
         names = sorted({name for _, r in roles for name in r}, key=ROLE_ORDER.index)
         print("    by role (ms per issue): " + "  ".join(f"{label:>8}" for label, _ in roles))
         for name in names:
             print(f"    {name:<22}" + "  ".join(f"{r.get(name, 0.0):8.2f}" for _, r in roles))
         rf = out["refill"]
-        print(f"  slot freed -> next agent started ({rf['samples']} samples, 1 slot): "
-              f"p50 {rf['p50_ms']:.1f} ms  p99 {rf['p99_ms']:.1f} ms  max {rf['max_ms']:.1f} ms")
+        print(
+            f"  slot freed -> next agent started ({rf['samples']} samples, 1 slot): "
+            f"p50 {rf['p50_ms']:.1f} ms  p99 {rf['p99_ms']:.1f} ms  max {rf['max_ms']:.1f} ms"
+        )
 
     return emit(out, args.json, human)
 

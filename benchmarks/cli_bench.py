@@ -25,11 +25,10 @@ import time
 from typing import Any
 
 import redis
-
 from _harness import emit, make_parser, make_say, percentile, session  # noqa: I001 (puts the repo on sys.path)
 
-from factory_worker import heartbeat  # noqa: E402
-from factory_worker.keys import Keys  # noqa: E402
+from factory_worker.ledger.keys import Keys  # noqa: E402
+from factory_worker.loop import heartbeat  # noqa: E402
 
 PY = sys.executable
 say = make_say("cli_bench")
@@ -81,10 +80,15 @@ def measure(redis_url: str, repeat: int) -> dict[str, Any]:
     for k in r.scan_iter(match=keys.pattern()):
         r.delete(k)
     r.close()
-    return {"repeat": repeat, "target_ms": TARGET_MS,
-            "kill_loop_effective": summary(effective), "kill_loop_wall": summary(kill_wall),
-            "loop_status_wall": summary(status_wall), "python_floor": summary(floor),
-            "import_redis_pydantic_settings_click": summary(imports)}
+    return {
+        "repeat": repeat,
+        "target_ms": TARGET_MS,
+        "kill_loop_effective": summary(effective),
+        "kill_loop_wall": summary(kill_wall),
+        "loop_status_wall": summary(status_wall),
+        "python_floor": summary(floor),
+        "import_redis_pydantic_settings_click": summary(imports),
+    }
 
 
 def main() -> int:
@@ -98,8 +102,13 @@ def main() -> int:
 
     def human() -> None:
         print(f"cli_bench: {args.repeat} runs each, medians (p90), target {TARGET_MS:g} ms")
-        for name in ("kill_loop_effective", "kill_loop_wall", "loop_status_wall", "python_floor",
-                     "import_redis_pydantic_settings_click"):
+        for name in (
+            "kill_loop_effective",
+            "kill_loop_wall",
+            "loop_status_wall",
+            "python_floor",
+            "import_redis_pydantic_settings_click",
+        ):
             print(f"  {name:<38} {out[name]['p50_ms']:7.1f} ms  ({out[name]['p90_ms']:.1f})")
 
     return emit(out, args.json, human)

@@ -30,8 +30,10 @@ WARMUP = 50
 
 def _parts() -> list[tuple[Any, str, str]]:
     """(owner, attribute, label) of each timed part, imported only once the environment is set."""
-    from factory_worker import agent_task, ledger, loop
     from factory_worker.agents import command
+    from factory_worker.dispatch import single as agent_task
+    from factory_worker.ledger import core as ledger
+    from factory_worker.loop import iteration as loop
 
     return [
         (ledger.Ledger, "begin", "ledger.begin (begin.lua)"),
@@ -70,11 +72,11 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
     env = factory_env(redis_url, "dispatchcpu", work, ["true"], {"FACTORY_DISPATCH__MAX_IN_FLIGHT": "4"})
     os.environ.update({k: v for k, v in env.items() if k.startswith("FACTORY_")})
 
-    from factory_worker.agent_task import execute
-    from factory_worker.config import load_settings
+    from factory_worker.config.settings import load_settings
     from factory_worker.context import Context
-    from factory_worker.loop import dispatch_claims
-    from factory_worker.presence import publish_slots
+    from factory_worker.dispatch.single import execute
+    from factory_worker.loop.iteration import dispatch_claims
+    from factory_worker.loop.presence import publish_slots
     from factory_worker.sources.base import Issue
 
     ctx = Context(load_settings())
@@ -114,8 +116,11 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
             setattr(owner, attr, fn)
     labels = [label for _, _, label in _parts()]
     return {
-        "n": n, "execute_cpu_ms": round(cpu * 1000 / n, 3), "execute_wall_ms": round(wall * 1000 / n, 3),
-        "agent_process_cpu_ms": round(children * 1000 / n, 3), "redis_server_cpu_ms": round(server * 1000 / n, 3),
+        "n": n,
+        "execute_cpu_ms": round(cpu * 1000 / n, 3),
+        "execute_wall_ms": round(wall * 1000 / n, 3),
+        "agent_process_cpu_ms": round(children * 1000 / n, 3),
+        "redis_server_cpu_ms": round(server * 1000 / n, 3),
         # a dispatch with no Celery at all (no message, no trace, no events): a floor for any dispatch model
         # that keeps this task's work per issue
         "without_celery_cpu_ms": round((cpu + children + server) * 1000 / n, 3),
@@ -144,9 +149,12 @@ def spawn_costs(n: int = 300) -> dict[str, Any]:
         for _ in range(n):
             subprocess.run(argv, check=True, **extra)
         t1 = os.times()
-        out[label] = {"parent_ms": round((t1.user + t1.system - t0.user - t0.system) * 1000 / n, 3),
-                      "child_ms": round((t1.children_user + t1.children_system - t0.children_user
-                                         - t0.children_system) * 1000 / n, 3)}
+        out[label] = {
+            "parent_ms": round((t1.user + t1.system - t0.user - t0.system) * 1000 / n, 3),
+            "child_ms": round(
+                (t1.children_user + t1.children_system - t0.children_user - t0.children_system) * 1000 / n, 3
+            ),
+        }
     return out
 
 
@@ -184,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def human() -> None:
         print(f"dispatch_cpu_bench: agent_task.execute x {out['n']} (agent true), CPU of this process")
-        print(f"  per execute: {out['execute_cpu_ms']:.3f} ms CPU ({out['execute_wall_ms']:.3f} ms wall); "
-              f"the agent's own process: {out['agent_process_cpu_ms']:.3f} ms; redis-server: "
-              f"{out['redis_server_cpu_ms']:.3f} ms")
+        print(
+            f"  per execute: {out['execute_cpu_ms']:.3f} ms CPU ({out['execute_wall_ms']:.3f} ms wall); "
+            f"the agent's own process: {out['agent_process_cpu_ms']:.3f} ms; redis-server: "
+            f"{out['redis_server_cpu_ms']:.3f} ms"
+        )
         print(f"  a dispatch without any Celery (the three together): {out['without_celery_cpu_ms']:.3f} ms CPU")
         for label in labels:
             key = label.strip()

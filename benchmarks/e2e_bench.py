@@ -36,16 +36,33 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from _harness import (PY, BenchError, CpuMeter, Group, Proc, add_keep_tmp, base_env, beat_argv,
-                      drop_namespace, emit, factory_queues, issue_line, make_parser, make_say, percentile, run_session, wait_count,
-                      wait_for, worker_argv)
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+from _harness import (
+    PY,
+    BenchError,
+    CpuMeter,
+    Group,
+    Proc,
+    add_keep_tmp,
+    base_env,
+    beat_argv,
+    drop_namespace,
+    emit,
+    factory_queues,
+    issue_line,
+    make_parser,
+    make_say,
+    percentile,
+    run_session,
+    wait_count,
+    wait_for,
+    worker_argv,
+)
 from _harness import factory_env as harness_factory_env
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
-
-from factory_worker.config import DispatchSettings  # noqa: E402
-from factory_worker.keys import Keys  # noqa: E402
-from factory_worker.ledger import Ledger  # noqa: E402
+from factory_worker.config.settings import DispatchSettings  # noqa: E402
+from factory_worker.ledger.core import Ledger  # noqa: E402
+from factory_worker.ledger.keys import Keys  # noqa: E402
 
 POLL_S = 0.02
 
@@ -78,12 +95,12 @@ def run_true():
     _r.incr(COUNTER)
 '''
 
-LATENCY_AGENT = '''
+LATENCY_AGENT = """
 import os, time
 t = time.time()
 with open(os.environ["BENCH_LATENCY_OUT"], "a") as fh:
     fh.write("%.6f %s\\n" % (t, os.environ["FACTORY_ISSUE_ID"]))
-'''
+"""
 
 
 say = make_say("e2e_bench")
@@ -100,27 +117,42 @@ def url_db(url: str) -> int:
 
 
 # -- factory ---------------------------------------------------------------------------------------------
-def factory_env(redis_url: str, namespace: str, work: Path, agent: list[str], interval_s: float,
-                max_iterations: int, max_in_flight: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    return harness_factory_env(redis_url, namespace, work, agent, {
-        "FACTORY_LOOP__INTERVAL_S": str(interval_s),
-        "FACTORY_LOOP__STALE_AFTER_S": str(max(5.0, interval_s * 5)),
-        "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
-        "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(max_in_flight),
-        "FACTORY_DISPATCH__LEASE_TTL_S": "30",
-        "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
-        "FACTORY_AGENT__TERM_GRACE_S": "1",
-        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
-        **(extra or {}),
-    })
+def factory_env(
+    redis_url: str,
+    namespace: str,
+    work: Path,
+    agent: list[str],
+    interval_s: float,
+    max_iterations: int,
+    max_in_flight: int,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    return harness_factory_env(
+        redis_url,
+        namespace,
+        work,
+        agent,
+        {
+            "FACTORY_LOOP__INTERVAL_S": str(interval_s),
+            "FACTORY_LOOP__STALE_AFTER_S": str(max(5.0, interval_s * 5)),
+            "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
+            "FACTORY_DISPATCH__MAX_IN_FLIGHT": str(max_in_flight),
+            "FACTORY_DISPATCH__LEASE_TTL_S": "30",
+            "FACTORY_DISPATCH__MAX_ATTEMPTS": "3",
+            "FACTORY_AGENT__TERM_GRACE_S": "1",
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": "1",
+            **(extra or {}),
+        },
+    )
 
 
 #: --loop-worker: a dedicated loop worker (-Q factory.loop -c 1) beside agent-only workers, as deployed
 LOOP_WORKER = False
 
 
-def start_factory(group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int,
-                  beat: bool = True) -> None:
+def start_factory(
+    group: Group, env: dict[str, str], work: Path, workers: int, concurrency: int, beat: bool = True
+) -> None:
     agent_queues = factory_queues(env)
     if LOOP_WORKER:
         group.add(Proc("fl", worker_argv("fl", 1, queues=factory_queues(env, "loop")), env, work, "ready."))
@@ -150,8 +182,7 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
     (work / "issues.jsonl").write_text("".join(issue_line(f"B-{i:05d}") for i in range(n)))
     # Paused until the clock starts: beat's kickoffs during start-up are counted no-ops.
     set_paused(r, keys, True)
-    env = factory_env(redis_url, namespace, work, ["true"], interval_s=0.5, max_iterations=50,
-                      max_in_flight=64)
+    env = factory_env(redis_url, namespace, work, ["true"], interval_s=0.5, max_iterations=50, max_in_flight=64)
     group = Group()
     try:
         say(f"factory: starting {workers} workers -c {concurrency} + beat (namespace {namespace})")
@@ -173,8 +204,13 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
                 first_done = time.perf_counter() - t0
             return done
 
-        wait_count(done_count, n, timeout, lambda done: f"factory: only {done}/{n} done after {timeout:.0f}s\n"
-                                                       f"{group.tails()}", POLL_S)
+        wait_count(
+            done_count,
+            n,
+            timeout,
+            lambda done: f"factory: only {done}/{n} done after {timeout:.0f}s\n{group.tails()}",
+            POLL_S,
+        )
         elapsed = time.perf_counter() - t0
         counters = r.hgetall(keys.counters)
         sender.close()
@@ -191,8 +227,9 @@ def bench_factory(redis_url: str, tmp: Path, n: int, workers: int, concurrency: 
 
 
 # -- plain Celery -------------------------------------------------------------------------------------------
-def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float,
-                events: bool = False) -> dict:
+def bench_plain(
+    redis_url: str, tmp: Path, n: int, workers: int, concurrency: int, timeout: float, events: bool = False
+) -> dict:
     """Plain Celery running ``true`` ``n`` times; ``events``: with task events on, as the factory's workers."""
     work = tmp / ("plain-events" if events else "plain")
     work.mkdir()
@@ -200,8 +237,15 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
     broker = with_db(redis_url, (url_db(redis_url) + 1) % 16)
     queue = "bench.plain." + uuid.uuid4().hex[:8]
     counter = f"{queue}:done"
-    env = base_env({"BENCH_BROKER_URL": broker, "BENCH_QUEUE": queue, "BENCH_COUNTER_KEY": counter,
-                    "PYTHONPATH": str(work), "BENCH_TASK_EVENTS": "1" if events else "0"})
+    env = base_env(
+        {
+            "BENCH_BROKER_URL": broker,
+            "BENCH_QUEUE": queue,
+            "BENCH_COUNTER_KEY": counter,
+            "PYTHONPATH": str(work),
+            "BENCH_TASK_EVENTS": "1" if events else "0",
+        }
+    )
     r = redis.Redis.from_url(broker, decode_responses=True)
     r.delete(counter)
     group = Group()
@@ -222,8 +266,13 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
         t0 = time.perf_counter()
         for _i in range(n):
             sender.send_task("bench.plain.run_true", queue=queue)
-        wait_count(lambda: int(r.get(counter) or 0), n, timeout,
-                   lambda done: f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}", POLL_S)
+        wait_count(
+            lambda: int(r.get(counter) or 0),
+            n,
+            timeout,
+            lambda done: f"plain celery: only {done}/{n} ran after {timeout:.0f}s\n{group.tails()}",
+            POLL_S,
+        )
         elapsed = time.perf_counter() - t0
         cpu_ms = cpu.per_item_ms(n)  # the sender here (this process) is not counted: the factory sends in its workers
         sender.close()
@@ -241,8 +290,7 @@ def bench_plain(redis_url: str, tmp: Path, n: int, workers: int, concurrency: in
 
 
 # -- latency ---------------------------------------------------------------------------------------------
-def append_at_random(source: Path, count: int, rng: random.Random, gap_min: float, gap_max: float
-                     ) -> dict[str, float]:
+def append_at_random(source: Path, count: int, rng: random.Random, gap_min: float, gap_max: float) -> dict[str, float]:
     """Append ``count`` issues to ``source``, one whole line at a time after a random pause: issue -> append time."""
     ready_at: dict[str, float] = {}
     fd = os.open(source, os.O_WRONLY | os.O_APPEND)
@@ -280,8 +328,18 @@ def latency_stats(lat: list[float], count: int) -> dict:
     }
 
 
-def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurrency: int, max_iterations: int,
-                  gap_min: float, gap_max: float, seed: int | None, timeout: float) -> dict:
+def bench_latency(
+    redis_url: str,
+    tmp: Path,
+    count: int,
+    workers: int,
+    concurrency: int,
+    max_iterations: int,
+    gap_min: float,
+    gap_max: float,
+    seed: int | None,
+    timeout: float,
+) -> dict:
     work = tmp / "latency"
     work.mkdir()
     namespace = "benchlat" + uuid.uuid4().hex[:8]
@@ -292,14 +350,23 @@ def bench_latency(redis_url: str, tmp: Path, count: int, workers: int, concurren
     out = work / "starts.txt"
     source = work / "issues.jsonl"
     source.write_text("")
-    env = factory_env(redis_url, namespace, work, [PY, "-S", str(agent)], interval_s=1.0,
-                      max_iterations=max_iterations, max_in_flight=64,
-                      extra={"BENCH_LATENCY_OUT": str(out)})
+    env = factory_env(
+        redis_url,
+        namespace,
+        work,
+        [PY, "-S", str(agent)],
+        interval_s=1.0,
+        max_iterations=max_iterations,
+        max_in_flight=64,
+        extra={"BENCH_LATENCY_OUT": str(out)},
+    )
     rng = random.Random(seed)
     group = Group()
     try:
-        say(f"latency: starting {workers} workers -c {concurrency} + beat (interval 1 s, "
-            f"{max_iterations} iterations per run)")
+        say(
+            f"latency: starting {workers} workers -c {concurrency} + beat (interval 1 s, "
+            f"{max_iterations} iterations per run)"
+        )
         start_factory(group, env, work, workers, concurrency)
         time.sleep(rng.uniform(0, 1.0))
         say(f"latency: appending {count} issues at random moments")
@@ -322,21 +389,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--n", type=int, default=200, help="issues (phase a) and tasks (phase b); default 200")
     ap.add_argument("--latency-n", type=int, default=30, help="issues appended in phase c; default 30")
-    ap.add_argument("--latency-max-iterations", type=int, default=3,
-                    help="FACTORY_LOOP__MAX_ITERATIONS in phase c; default 3 (the product default)")
-    ap.add_argument("--latency-gap", type=float, nargs=2, default=(0.1, 0.9), metavar=("MIN", "MAX"),
-                    help="random pause between two appends in phase c, seconds; default 0.1 0.9")
+    ap.add_argument(
+        "--latency-max-iterations",
+        type=int,
+        default=3,
+        help="FACTORY_LOOP__MAX_ITERATIONS in phase c; default 3 (the product default)",
+    )
+    ap.add_argument(
+        "--latency-gap",
+        type=float,
+        nargs=2,
+        default=(0.1, 0.9),
+        metavar=("MIN", "MAX"),
+        help="random pause between two appends in phase c, seconds; default 0.1 0.9",
+    )
     ap.add_argument("--workers", type=int, default=2, help="workers per phase; default 2")
-    ap.add_argument("--loop-worker", action="store_true",
-                    help="factory phases: add a dedicated loop worker (-Q <ns>.loop -c 1), agent workers "
-                         "consume <ns>.agents only (the deployed layout)")
+    ap.add_argument(
+        "--loop-worker",
+        action="store_true",
+        help="factory phases: add a dedicated loop worker (-Q <ns>.loop -c 1), agent workers "
+        "consume <ns>.agents only (the deployed layout)",
+    )
     ap.add_argument("--concurrency", "-c", type=int, default=4, help="-c of each worker; default 4")
-    ap.add_argument("--redis-url", help="use this Redis (db N for factory, db N+1 for plain Celery) instead of "
-                                        "starting one; a scratch Redis, never a production one")
+    ap.add_argument(
+        "--redis-url",
+        help="use this Redis (db N for factory, db N+1 for plain Celery) instead of "
+        "starting one; a scratch Redis, never a production one",
+    )
     ap.add_argument("--seed", type=int, default=None, help="seed of the random append moments")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds; default 120")
-    ap.add_argument("--skip", choices=("factory", "plain", "latency"), action="append", default=[],
-                    help="skip a phase (repeatable)")
+    ap.add_argument(
+        "--skip", choices=("factory", "plain", "latency"), action="append", default=[], help="skip a phase (repeatable)"
+    )
     add_keep_tmp(ap)
     return ap.parse_args(argv)
 
@@ -356,9 +440,13 @@ def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dic
         "latency_p50_s": round(lat["p50_s"], 3) if lat else None,
         "latency_p99_s": round(lat["p99_s"], 3) if lat else None,
         "details": {
-            "factory": f and {**f, "elapsed_s": round(f["elapsed_s"], 3),
-                              "dispatches_per_s": round(f["dispatches_per_s"], 2),
-                              "first_done_s": f["first_done_s"] and round(f["first_done_s"], 3)},
+            "factory": f
+            and {
+                **f,
+                "elapsed_s": round(f["elapsed_s"], 3),
+                "dispatches_per_s": round(f["dispatches_per_s"], 2),
+                "first_done_s": f["first_done_s"] and round(f["first_done_s"], 3),
+            },
             "plain": p and {k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()},
             "latency": lat and {k: (round(v, 3) if isinstance(v, float) else v) for k, v in lat.items()},
         },
@@ -368,25 +456,35 @@ def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dic
 
 def print_human(args: argparse.Namespace, results: dict, summary: dict) -> None:
     f, p, lat = results.get("factory"), results.get("plain"), results.get("latency")
-    print(f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
-          f"(wall {summary['wall_s']} s)")
+    print(
+        f"e2e benchmark: n={args.n}, {args.workers} workers x -c {args.concurrency}, one redis-server "
+        f"(wall {summary['wall_s']} s)"
+    )
     if f:
         c = f["counters"]
-        print(f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
-              f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
-              f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})")
+        print(
+            f"  (a) factory_worker      {f['dispatches_per_s']:8.1f} dispatches/s  "
+            f"({args.n} issues in {f['elapsed_s']:.2f} s; first done after {f['first_done_s']:.3f} s; "
+            f"runs {c.get('runs_started', 0)}, iterations {c.get('iterations', 0)})"
+        )
     if p:
-        print(f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
-              f"({args.n} tasks in {p['elapsed_s']:.2f} s)")
+        print(
+            f"  (b) plain Celery        {p['tasks_per_s']:8.1f} tasks/s       "
+            f"({args.n} tasks in {p['elapsed_s']:.2f} s)"
+        )
     if f and p:
         ratio = summary["ratio"]
         verdict = "meets" if ratio >= 0.7 else "below"
         print(f"      ratio factory/plain {ratio:8.3f}  ({verdict} the 0.7 target)")
     if lat:
-        print(f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
-              f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:")
-        print(f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
-              f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})")
+        print(
+            f"  (c) ready -> agent start, loop interval 1 s, {args.latency_max_iterations} iterations/run, "
+            f"{lat['samples']} issues{' (' + str(lat['missing']) + ' never started)' if lat['missing'] else ''}:"
+        )
+        print(
+            f"      p50 {lat['p50_s']:.3f} s   p99 {lat['p99_s']:.3f} s   "
+            f"(min {lat['min_s']:.3f}, mean {lat['mean_s']:.3f}, max {lat['max_s']:.3f})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,9 +500,18 @@ def main(argv: list[str] | None = None) -> int:
         if "plain" not in args.skip:
             results["plain"] = bench_plain(redis_url, tmp, args.n, args.workers, args.concurrency, args.timeout)
         if "latency" not in args.skip:
-            results["latency"] = bench_latency(redis_url, tmp, args.latency_n, args.workers, args.concurrency,
-                                               args.latency_max_iterations, args.latency_gap[0],
-                                               args.latency_gap[1], args.seed, args.timeout)
+            results["latency"] = bench_latency(
+                redis_url,
+                tmp,
+                args.latency_n,
+                args.workers,
+                args.concurrency,
+                args.latency_max_iterations,
+                args.latency_gap[0],
+                args.latency_gap[1],
+                args.seed,
+                args.timeout,
+            )
 
     t_start = time.perf_counter()
     code = run_session("e2e_bench", "factory-e2e-bench-", args.keep_tmp, phases, args.redis_url)

@@ -51,18 +51,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import (PY, BenchError, factory_queues, pid_alive, Group, Proc, add_keep_tmp, beat_argv, drop_namespace, emit,
-                      make_parser, make_say, run_session, stats, wait_for, worker_argv)
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+from _harness import (
+    PY,
+    BenchError,
+    Group,
+    Proc,
+    add_keep_tmp,
+    beat_argv,
+    drop_namespace,
+    emit,
+    factory_queues,
+    make_parser,
+    make_say,
+    pid_alive,
+    run_session,
+    stats,
+    wait_for,
+    worker_argv,
+)
 from _harness import factory_env as harness_factory_env
 from _harness import issue_line as harness_issue_line
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
-
+from factory_worker.config.settings import load_settings  # noqa: E402
+from factory_worker.ledger.core import Ledger  # noqa: E402
+from factory_worker.ledger.keys import Keys  # noqa: E402
 from harness import run_ctl  # noqa: E402
-
-from factory_worker.config import load_settings  # noqa: E402
-from factory_worker.keys import Keys  # noqa: E402
-from factory_worker.ledger import Ledger  # noqa: E402
 
 KILL_TARGET_S = 1.0
 
@@ -86,18 +100,21 @@ class SlowFileSource(FileSource):
 '''
 
 #: The agent: writes its pid to $KILL_BENCH_PIDS/<issue>.pid, then sleeps $KILL_BENCH_AGENT_SLEEP_S.
-AGENT = '''
+AGENT = """
 import os, time
 with open(os.path.join(os.environ["KILL_BENCH_PIDS"], os.environ["FACTORY_ISSUE_ID"] + ".pid"), "w") as fh:
     fh.write(str(os.getpid()))
 time.sleep(float(os.environ.get("KILL_BENCH_AGENT_SLEEP_S", "0.2")))
-'''
+"""
 
 LOOP_END_EVENTS = ("task-succeeded", "task-failed", "task-revoked")
 # [2025-01-01 12:00:00,123: INFO/MainProcess] Task factory.loop.iteration[<id>] succeeded in 0.1s: ...
 _LOG_TS = r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[^\]]*\] "
-_LOG_END = re.compile(_LOG_TS + r"(?:Task (factory\.loop\.\w+)\[([^\]]+)\] (succeeded|raised|failed)"
-                      r"|Discarding revoked task: (factory\.loop\.\w+)\[([^\]]+)\])", re.M)
+_LOG_END = re.compile(
+    _LOG_TS + r"(?:Task (factory\.loop\.\w+)\[([^\]]+)\] (succeeded|raised|failed)"
+    r"|Discarding revoked task: (factory\.loop\.\w+)\[([^\]]+)\])",
+    re.M,
+)
 
 
 say = make_say("kill_bench")
@@ -119,15 +136,22 @@ def factory_env(redis_url: str, namespace: str, work: Path, extra: dict[str, str
     agent.write_text(AGENT)
     (work / "pids").mkdir(exist_ok=True)
     (work / "issues.jsonl").touch()
-    return harness_factory_env(redis_url, namespace, work, [PY, "-S", str(agent), "{id}"], {
-        "FACTORY_LOOP__INTERVAL_S": "1",
-        "FACTORY_LOOP__STALE_AFTER_S": "10",
-        "FACTORY_LOOP__MAX_ITERATIONS": "3",
-        "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
-        "FACTORY_DISPATCH__LEASE_TTL_S": "10",
-        "KILL_BENCH_PIDS": str(work / "pids"),
-        **extra,
-    }, path=(work,))
+    return harness_factory_env(
+        redis_url,
+        namespace,
+        work,
+        [PY, "-S", str(agent), "{id}"],
+        {
+            "FACTORY_LOOP__INTERVAL_S": "1",
+            "FACTORY_LOOP__STALE_AFTER_S": "10",
+            "FACTORY_LOOP__MAX_ITERATIONS": "3",
+            "FACTORY_DISPATCH__MAX_IN_FLIGHT": "8",
+            "FACTORY_DISPATCH__LEASE_TTL_S": "10",
+            "KILL_BENCH_PIDS": str(work / "pids"),
+            **extra,
+        },
+        path=(work,),
+    )
 
 
 def ctl(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float, float]:
@@ -182,8 +206,14 @@ class EventTap:
             uid = event.get("uuid")
             if kind == "task-received" and uid:
                 self.names[uid] = event.get("name", "")
-            self.events.append({"type": kind, "uuid": uid, "timestamp": float(event.get("timestamp") or 0),
-                                "local_received": float(event.get("local_received") or time.time())})
+            self.events.append(
+                {
+                    "type": kind,
+                    "uuid": uid,
+                    "timestamp": float(event.get("timestamp") or 0),
+                    "local_received": float(event.get("local_received") or time.time()),
+                }
+            )
 
     def _run(self) -> None:
         try:
@@ -209,8 +239,13 @@ class EventTap:
 
     def agents_received_after(self, t: float) -> int:
         with self.lock:
-            return sum(1 for e in self.events if e["type"] == "task-received" and e["timestamp"] > t
-                       and self.names.get(e["uuid"] or "") == "factory.agent.run")
+            return sum(
+                1
+                for e in self.events
+                if e["type"] == "task-received"
+                and e["timestamp"] > t
+                and self.names.get(e["uuid"] or "") == "factory.agent.run"
+            )
 
 
 def log_loop_ends(log_text: str, run_id: str) -> list[dict[str, Any]]:
@@ -276,8 +311,7 @@ def wait_run_live(rig: KillRig, run_id: str) -> dict:
             return None
         st = json.loads(res.stdout)
         run = st.get("run") or {}
-        ok = (run.get("run_id") == run_id and run.get("status") == "running"
-              and run.get("iterations_done", 0) >= 2)
+        ok = run.get("run_id") == run_id and run.get("status") == "running" and run.get("iterations_done", 0) >= 2
         return st if ok else None
 
     return wait_for(status_live, 30, f"loop-status to report run {run_id} live", 0.05)
@@ -293,8 +327,16 @@ def kill_run(rig: KillRig, run_id: str) -> tuple[float, float, float | None]:
     return t_start, t0, flag_t
 
 
-def kill_row(rig: KillRig, trial: int, run_id: str, status: dict, start_cmd: tuple[float, float],
-             t_start: float, t0: float, flag_t: float | None) -> dict[str, Any]:
+def kill_row(
+    rig: KillRig,
+    trial: int,
+    run_id: str,
+    status: dict,
+    start_cmd: tuple[float, float],
+    t_start: float,
+    t0: float,
+    flag_t: float | None,
+) -> dict[str, Any]:
     """One trial's figures, from the run's loop task ends (events, else the worker log) and its record."""
     s0, s1 = start_cmd
     ev = rig.tap.loop_ends(run_id)
@@ -332,9 +374,11 @@ def kill_trial(rig: KillRig, trial: int, trials: int, issues_per_trial: int, set
     t_start, t0, flag_t = kill_run(rig, run_id)
     time.sleep(settle_s)  # collect whatever the run still does after the kill
     row = kill_row(rig, trial, run_id, status, (s0, s1), t_start, t0, flag_t)
-    say(f"kill trial {trial + 1}/{trials}: run {run_id} effect {row['kill_effect_signed_s']} s after "
+    say(
+        f"kill trial {trial + 1}/{trials}: run {run_id} effect {row['kill_effect_signed_s']} s after "
         f"kill-loop returned ({row['kill_cmd_s']:.3f} s command, {row['loop_task_ends_after_kill']} loop task "
-        f"end(s) after it, status {row['run_status']}, via {row['source']})")
+        f"end(s) after it, status {row['run_status']}, via {row['source']})"
+    )
     return row
 
 
@@ -343,10 +387,12 @@ def kill_summary(rows: list[dict[str, Any]], receiver_error: str | None, counter
     return {
         "trials": rows,
         "kill_effect_s": stats(effects),
-        "kill_effect_from_start_s": stats([x["kill_effect_from_start_s"] for x in rows
-                                           if x["kill_effect_from_start_s"] is not None]),
-        "kill_effect_from_flag_s": stats([x["kill_effect_from_flag_s"] for x in rows
-                                          if x["kill_effect_from_flag_s"] is not None]),
+        "kill_effect_from_start_s": stats(
+            [x["kill_effect_from_start_s"] for x in rows if x["kill_effect_from_start_s"] is not None]
+        ),
+        "kill_effect_from_flag_s": stats(
+            [x["kill_effect_from_flag_s"] for x in rows if x["kill_effect_from_flag_s"] is not None]
+        ),
         "kill_cmd_s": stats([x["kill_cmd_s"] for x in rows]),
         "within_target": sum(1 for e in effects if e <= KILL_TARGET_S),
         "measured": len(effects),
@@ -355,29 +401,46 @@ def kill_summary(rows: list[dict[str, Any]], receiver_error: str | None, counter
     }
 
 
-def bench_kill(redis_url: str, tmp: Path, trials: int, iteration_cost_s: float, agent_sleep_s: float,
-               issues_per_trial: int, settle_s: float, max_iterations: int) -> dict:
+def bench_kill(
+    redis_url: str,
+    tmp: Path,
+    trials: int,
+    iteration_cost_s: float,
+    agent_sleep_s: float,
+    issues_per_trial: int,
+    settle_s: float,
+    max_iterations: int,
+) -> dict:
     work = tmp / "kill"
     work.mkdir()
     namespace = "killbench" + uuid.uuid4().hex[:8]
     keys = Keys(namespace)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     (work / "kill_bench_source.py").write_text(SLOW_SOURCE)
-    env = factory_env(redis_url, namespace, work, {
-        "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
-        "FACTORY_SOURCE__KIND": "kill_bench_source:SlowFileSource",
-        "KILL_BENCH_POLL_COST_S": str(iteration_cost_s),
-        "KILL_BENCH_AGENT_SLEEP_S": str(agent_sleep_s),
-    })
+    env = factory_env(
+        redis_url,
+        namespace,
+        work,
+        {
+            "FACTORY_LOOP__MAX_ITERATIONS": str(max_iterations),
+            "FACTORY_SOURCE__KIND": "kill_bench_source:SlowFileSource",
+            "KILL_BENCH_POLL_COST_S": str(iteration_cost_s),
+            "KILL_BENCH_AGENT_SLEEP_S": str(agent_sleep_s),
+        },
+    )
     # Killed before anything starts: beat's kickoffs are counted no-ops, every trial begins with start-loop.
-    r.hset(keys.kill, mapping={"run_id": "", "by": "kill_bench", "at_ms": int(time.time() * 1000),
-                               "reason": "kill_bench set-up"})
+    r.hset(
+        keys.kill,
+        mapping={"run_id": "", "by": "kill_bench", "at_ms": int(time.time() * 1000), "reason": "kill_bench set-up"},
+    )
     tap = EventTap(redis_url).start()
     procs = Group()
     rows: list[dict[str, Any]] = []
     try:
-        say(f"kill: starting 1 worker -c 4 + beat (namespace {namespace}, {max_iterations} iterations/run, "
-            f"{iteration_cost_s:g} s per iteration, agent {agent_sleep_s:g} s)")
+        say(
+            f"kill: starting 1 worker -c 4 + beat (namespace {namespace}, {max_iterations} iterations/run, "
+            f"{iteration_cost_s:g} s per iteration, agent {agent_sleep_s:g} s)"
+        )
         rig = KillRig(work, keys, r, env, tap, start_kill_stack(procs, env, work, tap))
         for trial in range(trials):
             rows.append(kill_trial(rig, trial, trials, issues_per_trial, settle_s))
@@ -404,8 +467,7 @@ def start_agent(worker: Proc, env: dict[str, str], work: Path, issue: str) -> in
     return agent_pid
 
 
-def sigterm_until_exit(worker: Proc, agent_pid: int, soft_shutdown_s: float
-                       ) -> tuple[float | None, float | None, bool]:
+def sigterm_until_exit(worker: Proc, agent_pid: int, soft_shutdown_s: float) -> tuple[float | None, float | None, bool]:
     """SIGTERM the worker's main process and watch it exit: (teardown s or None, agent gone s or None,
     agent alive when the worker exited)."""
     t0 = time.monotonic()
@@ -424,19 +486,25 @@ def sigterm_until_exit(worker: Proc, agent_pid: int, soft_shutdown_s: float
     return teardown, agent_gone_s, agent_alive_at_exit
 
 
-def term_trial(redis_url: str, r: redis.Redis, tmp: Path, trial: int, trials: int, soft_shutdown_s: float,
-               concurrency: int) -> dict[str, Any]:
+def term_trial(
+    redis_url: str, r: redis.Redis, tmp: Path, trial: int, trials: int, soft_shutdown_s: float, concurrency: int
+) -> dict[str, Any]:
     """One SIGTERM trial in a fresh namespace: its row."""
     work = tmp / f"term-{trial}"
     work.mkdir()
     namespace = "termbench" + uuid.uuid4().hex[:8]
     keys = Keys(namespace)
     issue = f"T-{trial}"
-    env = factory_env(redis_url, namespace, work, {
-        "FACTORY_WORKER__SOFT_SHUTDOWN_S": str(soft_shutdown_s),
-        "FACTORY_DISPATCH__LEASE_TTL_S": "30",
-        "KILL_BENCH_AGENT_SLEEP_S": "60",
-    })
+    env = factory_env(
+        redis_url,
+        namespace,
+        work,
+        {
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": str(soft_shutdown_s),
+            "FACTORY_DISPATCH__LEASE_TTL_S": "30",
+            "KILL_BENCH_AGENT_SLEEP_S": "60",
+        },
+    )
     (work / "issues.jsonl").write_text(issue_line(issue))
     settings = load_settings(redis_url=redis_url, namespace=namespace)
     ledger = Ledger.from_settings(settings, r)
@@ -452,8 +520,9 @@ def term_trial(redis_url: str, r: redis.Redis, tmp: Path, trial: int, trials: in
             "teardown_s": None if teardown is None else round(teardown, 3),
             "worker_exit_code": worker.proc.returncode,
             "agent_gone_s": None if agent_gone_s is None else round(agent_gone_s, 3),
-            "exit_after_agent_gone_s": (round(teardown - agent_gone_s, 3)
-                                        if teardown is not None and agent_gone_s is not None else None),
+            "exit_after_agent_gone_s": (
+                round(teardown - agent_gone_s, 3) if teardown is not None and agent_gone_s is not None else None
+            ),
             "agent_alive_at_worker_exit": agent_alive_at_exit,
             "claim_state_before": state_before,
             "claim_state_after": expl.state,
@@ -462,9 +531,11 @@ def term_trial(redis_url: str, r: redis.Redis, tmp: Path, trial: int, trials: in
             "released_interrupted": int(counters.get("released_interrupted", 0)),
             "worker_key_left": bool(r.exists(keys.worker(f"w1@{os.uname().nodename}"))),
         }
-        say(f"term trial {trial + 1}/{trials}: worker exited {row['teardown_s']} s after SIGTERM "
+        say(
+            f"term trial {trial + 1}/{trials}: worker exited {row['teardown_s']} s after SIGTERM "
             f"(code {row['worker_exit_code']}), agent gone after {row['agent_gone_s']} s, claim "
-            f"{state_before} -> {expl.state}")
+            f"{state_before} -> {expl.state}"
+        )
         return row
     finally:
         worker.stop()
@@ -477,8 +548,9 @@ def term_summary(rows: list[dict[str, Any]], soft_shutdown_s: float) -> dict:
         "trials": rows,
         "teardown_s": stats(teardowns),
         "agent_gone_s": stats([x["agent_gone_s"] for x in rows if x["agent_gone_s"] is not None]),
-        "exit_after_agent_gone_s": stats([x["exit_after_agent_gone_s"] for x in rows
-                                          if x["exit_after_agent_gone_s"] is not None]),
+        "exit_after_agent_gone_s": stats(
+            [x["exit_after_agent_gone_s"] for x in rows if x["exit_after_agent_gone_s"] is not None]
+        ),
         "within_target": sum(1 for t in teardowns if t <= soft_shutdown_s + 1),
         "agents_gone": sum(1 for x in rows if not x["agent_alive_at_worker_exit"]),
         "claims_released": sum(1 for x in rows if x["claim_released"]),
@@ -502,16 +574,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = make_parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--trials", type=int, default=10, help="kill-loop trials (phase a); default 10")
-    ap.add_argument("--iteration-cost-s", type=float, default=0.1,
-                    help="sleep per source poll, i.e. per iteration, in phase a; default 0.1")
+    ap.add_argument(
+        "--iteration-cost-s",
+        type=float,
+        default=0.1,
+        help="sleep per source poll, i.e. per iteration, in phase a; default 0.1",
+    )
     ap.add_argument("--agent-sleep-s", type=float, default=0.2, help="agent run time in phase a; default 0.2")
     ap.add_argument("--issues-per-trial", type=int, default=5, help="ready issues appended per trial; default 5")
     ap.add_argument("--max-iterations", type=int, default=200, help="loop.max_iterations in phase a; default 200")
-    ap.add_argument("--settle-s", type=float, default=2.5,
-                    help="how long loop task ends are collected after kill-loop returns; default 2.5")
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=2.5,
+        help="how long loop task ends are collected after kill-loop returns; default 2.5",
+    )
     ap.add_argument("--term-trials", type=int, default=3, help="SIGTERM trials (phase b); default 3")
-    ap.add_argument("--soft-shutdown-s", type=float, default=5.0,
-                    help="FACTORY_WORKER__SOFT_SHUTDOWN_S in phase b; default 5")
+    ap.add_argument(
+        "--soft-shutdown-s", type=float, default=5.0, help="FACTORY_WORKER__SOFT_SHUTDOWN_S in phase b; default 5"
+    )
     ap.add_argument("--term-concurrency", type=int, default=1, help="-c of the phase b worker; default 1")
     ap.add_argument("--skip", choices=("kill", "term"), action="append", default=[], help="skip a phase (repeatable)")
     add_keep_tmp(ap)
@@ -548,18 +629,30 @@ def make_summary(args: argparse.Namespace, results: dict, t_start: float) -> dic
 
 
 def print_kill(args: argparse.Namespace, k: dict) -> None:
-    print(f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
-          f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):")
-    print(f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
-          f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)")
+    print(
+        f"  (a) kill-loop -> last loop task of the run finished, {k['measured']}/{args.trials} trials "
+        f"(1 worker -c 4 + beat, interval 1 s, {args.iteration_cost_s:g} s/iteration):"
+    )
+    print(
+        f"      after kill-loop returned      {fmt(k['kill_effect_s'])}   "
+        f"({k['within_target']}/{k['measured']} within the {KILL_TARGET_S:g} s target)"
+    )
     print(f"      after kill-loop started       {fmt(k['kill_effect_from_start_s'])}")
     print(f"      after kill-loop set the flag  {fmt(k['kill_effect_from_flag_s'])}   (signed)")
     print(f"      kill-loop command duration    {fmt(k['kill_cmd_s'])}")
-    cols = [("trial", "trial", 5), ("effect_s", "kill_effect_s", 8), ("signed_s", "kill_effect_signed_s", 8),
-            ("start_s", "kill_effect_from_start_s", 7), ("flag_s", "kill_effect_from_flag_s", 7),
-            ("cmd_s", "kill_cmd_s", 6), ("ends>t0", "loop_task_ends_after_kill", 7),
-            ("revoked", "revoked_events", 7), ("iters", "iterations_done_final", 5),
-            ("status", "run_status", 7), ("via", "source", 6)]
+    cols = [
+        ("trial", "trial", 5),
+        ("effect_s", "kill_effect_s", 8),
+        ("signed_s", "kill_effect_signed_s", 8),
+        ("start_s", "kill_effect_from_start_s", 7),
+        ("flag_s", "kill_effect_from_flag_s", 7),
+        ("cmd_s", "kill_cmd_s", 6),
+        ("ends>t0", "loop_task_ends_after_kill", 7),
+        ("revoked", "revoked_events", 7),
+        ("iters", "iterations_done_final", 5),
+        ("status", "run_status", 7),
+        ("via", "source", 6),
+    ]
     print("      " + " ".join(f"{h:>{w}}" for h, _, w in cols))
     for x in k["trials"]:
         print("      " + " ".join(f"{_cell(x[key]):>{w}}" for _, key, w in cols))
@@ -567,18 +660,25 @@ def print_kill(args: argparse.Namespace, k: dict) -> None:
 
 def print_term(args: argparse.Namespace, t: dict) -> None:
     n = len(t["trials"])
-    print(f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, "
-          f"{n} trials:")
-    print(f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
-          f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)")
+    print(
+        f"  (b) SIGTERM -> worker exit with a 60 s agent running, soft_shutdown_s {args.soft_shutdown_s:g}, {n} trials:"
+    )
+    print(
+        f"      teardown (SIGTERM -> exit)    {fmt(t['teardown_s'])}   "
+        f"({t['within_target']}/{n} within the {args.soft_shutdown_s + 1:g} s target)"
+    )
     print(f"      SIGTERM -> agent gone         {fmt(t['agent_gone_s'])}")
     print(f"      agent gone -> worker exit     {fmt(t['exit_after_agent_gone_s'])}")
-    print(f"      agents gone at worker exit {t['agents_gone']}/{n}, "
-          f"claims released {t['claims_released']}/{n}, attempts counted {t['attempts_counted']}/{n}")
+    print(
+        f"      agents gone at worker exit {t['agents_gone']}/{n}, "
+        f"claims released {t['claims_released']}/{n}, attempts counted {t['attempts_counted']}/{n}"
+    )
     for x in t["trials"]:
-        print(f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, "
-              f"agent gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
-              f"worker key left {x['worker_key_left']}")
+        print(
+            f"      trial {x['trial']}: teardown {x['teardown_s']} s, exit code {x['worker_exit_code']}, "
+            f"agent gone {x['agent_gone_s']} s, claim {x['claim_state_before']} -> {x['claim_state_after']}, "
+            f"worker key left {x['worker_key_left']}"
+        )
 
 
 def print_human(args: argparse.Namespace, summary: dict) -> None:
@@ -596,11 +696,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def phases(tmp: Path, redis_url: str) -> None:
         if "kill" not in args.skip:
-            results["kill"] = bench_kill(redis_url, tmp, args.trials, args.iteration_cost_s, args.agent_sleep_s,
-                                         args.issues_per_trial, args.settle_s, args.max_iterations)
+            results["kill"] = bench_kill(
+                redis_url,
+                tmp,
+                args.trials,
+                args.iteration_cost_s,
+                args.agent_sleep_s,
+                args.issues_per_trial,
+                args.settle_s,
+                args.max_iterations,
+            )
         if "term" not in args.skip:
-            results["term"] = bench_term(redis_url, tmp, args.term_trials, args.soft_shutdown_s,
-                                         args.term_concurrency)
+            results["term"] = bench_term(redis_url, tmp, args.term_trials, args.soft_shutdown_s, args.term_concurrency)
 
     t_start = time.perf_counter()
     code = run_session("kill_bench", "factory-kill-bench-", args.keep_tmp, phases)

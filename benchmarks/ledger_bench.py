@@ -31,13 +31,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
 from _harness import emit, make_parser, session, unlink_matching
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
-
-from factory_worker.config import load_settings  # noqa: E402
-from factory_worker.keys import Keys  # noqa: E402
-from factory_worker.ledger import Ledger  # noqa: E402
+from factory_worker.config.settings import load_settings  # noqa: E402
+from factory_worker.ledger.core import Ledger  # noqa: E402
+from factory_worker.ledger.keys import Keys  # noqa: E402
 
 TARGETS = {"speedup_vs_per_item": 20.0, "fraction_of_ceiling": 0.3, "done_marker_bytes_per_issue": 100.0}
 LEASE_S = 300
@@ -53,8 +52,9 @@ class Bench:
         self.keys = Keys(f"bench-{tag}")
         self.prefix = f"bench-{tag}"
         self.issues = [f"ISSUE-{i}" for i in range(n)]
-        settings = load_settings(namespace=self.keys.namespace,
-                                 dispatch={"max_in_flight": 10 * max(n, 1), "lease_ttl_s": LEASE_S})
+        settings = load_settings(
+            namespace=self.keys.namespace, dispatch={"max_in_flight": 10 * max(n, 1), "lease_ttl_s": LEASE_S}
+        )
         self.dispatch = settings.dispatch
         self.ledger = Ledger(client, self.keys, self.dispatch)
 
@@ -138,11 +138,14 @@ class Bench:
         time.sleep(0.05)
         after = int(self.r.info("memory")["used_memory"])
         done = int(self.r.get(self.keys.done_count) or 0)
-        usage = sum(self.r.memory_usage(b, samples=0) or 0
-                    for b in self.r.scan_iter(match=self.keys.done_bucket_pattern(), count=1000))
+        usage = sum(
+            self.r.memory_usage(b, samples=0) or 0
+            for b in self.r.scan_iter(match=self.keys.done_bucket_pattern(), count=1000)
+        )
         buckets = self.keys.done_bucket_pattern()
-        leftover = sorted(k for k in self.r.scan_iter(match=self.keys.pattern(), count=1000)
-                          if not fnmatch.fnmatchcase(k, buckets))
+        leftover = sorted(
+            k for k in self.r.scan_iter(match=self.keys.pattern(), count=1000) if not fnmatch.fnmatchcase(k, buckets)
+        )
         n_buckets = sum(1 for _ in self.r.scan_iter(match=buckets, count=1000))
         self.flush()
         if done != done_n + 1:
@@ -199,7 +202,8 @@ def measure(args: argparse.Namespace, client: redis.Redis, redis_url: str) -> di
     }
     if mem:
         result["targets_met"]["done_marker_bytes_per_issue"] = (
-            mem["done_marker_bytes_per_issue"] <= TARGETS["done_marker_bytes_per_issue"])
+            mem["done_marker_bytes_per_issue"] <= TARGETS["done_marker_bytes_per_issue"]
+        )
     return result
 
 
@@ -219,30 +223,51 @@ def table(res: dict[str, Any]) -> str:
 
     rows = [
         ("gate", "ops/s", "vs per-item", "of ceiling"),
-        ("batched Ledger.claim", f"{res['batched_claims_per_s']:,}", f"{res['speedup_vs_per_item']:.1f}x",
-         f"{res['fraction_of_ceiling']:.2f}"),
-        ("per-item Lock.acquire", f"{res['per_item_claims_per_s']:,}", "1.0x",
-         f"{res['per_item_claims_per_s'] / res['raw_ceiling_ops_per_s']:.2f}"),
-        ("raw SET NX PX pipeline", f"{res['raw_ceiling_ops_per_s']:,}",
-         f"{res['raw_ceiling_ops_per_s'] / res['per_item_claims_per_s']:.1f}x", "1.00"),
+        (
+            "batched Ledger.claim",
+            f"{res['batched_claims_per_s']:,}",
+            f"{res['speedup_vs_per_item']:.1f}x",
+            f"{res['fraction_of_ceiling']:.2f}",
+        ),
+        (
+            "per-item Lock.acquire",
+            f"{res['per_item_claims_per_s']:,}",
+            "1.0x",
+            f"{res['per_item_claims_per_s'] / res['raw_ceiling_ops_per_s']:.2f}",
+        ),
+        (
+            "raw SET NX PX pipeline",
+            f"{res['raw_ceiling_ops_per_s']:,}",
+            f"{res['raw_ceiling_ops_per_s'] / res['per_item_claims_per_s']:.1f}x",
+            "1.00",
+        ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"ledger gate benchmark: n={res['n']:,} batch={res['batch']} best of {res['repeat']}, "
-             f"Redis {res['redis_version']} ({res['redis_url']}), hiredis={'yes' if res['hiredis'] else 'no'}", ""]
+    lines = [
+        f"ledger gate benchmark: n={res['n']:,} batch={res['batch']} best of {res['repeat']}, "
+        f"Redis {res['redis_version']} ({res['redis_url']}), hiredis={'yes' if res['hiredis'] else 'no'}",
+        "",
+    ]
     for n, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append(f"speedup vs per-item   {res['speedup_vs_per_item']:>8.1f}x   target >= "
-                 f"{tgt['speedup_vs_per_item']:.0f}x{mark('speedup_vs_per_item')}")
-    lines.append(f"fraction of ceiling   {res['fraction_of_ceiling']:>8.2f}    target >= "
-                 f"{tgt['fraction_of_ceiling']}{mark('fraction_of_ceiling')}")
+    lines.append(
+        f"speedup vs per-item   {res['speedup_vs_per_item']:>8.1f}x   target >= "
+        f"{tgt['speedup_vs_per_item']:.0f}x{mark('speedup_vs_per_item')}"
+    )
+    lines.append(
+        f"fraction of ceiling   {res['fraction_of_ceiling']:>8.2f}    target >= "
+        f"{tgt['fraction_of_ceiling']}{mark('fraction_of_ceiling')}"
+    )
     if "done_marker_bytes_per_issue" in res:
-        lines.append(f"bytes per done issue  {res['done_marker_bytes_per_issue']:>8.1f}    target <= "
-                     f"{tgt['done_marker_bytes_per_issue']:.0f}{mark('done_marker_bytes_per_issue')}   "
-                     f"(used_memory delta over {res['done_n']:,} done issues; the done hash alone: "
-                     f"{res['done_hash_bytes_per_issue']:.1f})")
+        lines.append(
+            f"bytes per done issue  {res['done_marker_bytes_per_issue']:>8.1f}    target <= "
+            f"{tgt['done_marker_bytes_per_issue']:.0f}{mark('done_marker_bytes_per_issue')}   "
+            f"(used_memory delta over {res['done_n']:,} done issues; the done hash alone: "
+            f"{res['done_hash_bytes_per_issue']:.1f})"
+        )
     return "\n".join(lines)
 
 
@@ -252,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10_000, help="candidate issues per phase (default 10000)")
     ap.add_argument("--batch", type=int, default=1000, help="issues per Ledger.claim / pipeline (default 1000)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per speed phase, best counts (default 3)")
-    ap.add_argument("--done-n", type=int, default=100_000,
-                    help="issues claimed+completed for the memory figure (default 100000; 0 skips it)")
+    ap.add_argument(
+        "--done-n",
+        type=int,
+        default=100_000,
+        help="issues claimed+completed for the memory figure (default 100000; 0 skips it)",
+    )
     ap.add_argument("--threads", type=int, default=8, help="threads completing issues in the memory phase")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)

@@ -42,8 +42,7 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     what = "gave up (always-fails)" if fails else "worked on"
     line = (
-        f"{stamp} pid={os.getpid()} token={os.environ.get('FACTORY_DISPATCH_TOKEN', '?')} "
-        f"{what} {issue_id}: {title!r}"
+        f"{stamp} pid={os.getpid()} token={os.environ.get('FACTORY_DISPATCH_TOKEN', '?')} {what} {issue_id}: {title!r}"
     )
     with open(out_dir / f"{safe_id}.txt", "a", encoding="utf-8") as fh:
         fh.write(line + "\n")

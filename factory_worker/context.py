@@ -1,6 +1,6 @@
 """The wiring every task, iteration and CLI command shares: settings, Redis, ledger, loop control, source.
 
-Celery-free. :class:`Context` builds each part lazily from :class:`~factory_worker.config.Settings`;
+Celery-free. :class:`Context` builds each part lazily from :class:`~factory_worker.config.settings.Settings`;
 :func:`current` is the one per process (one Redis pool), used by the Celery tasks, the worker bootstep and
 the beat scheduler. Settings are never stored in the Celery app's config (its repr would carry secrets
 into ``celery inspect conf`` and Flower).
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from .config import Settings, load_settings
-from .keys import Keys
-from .redis_client import client as make_client
+from factory_worker.config.settings import Settings, load_settings
+from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.redis_client import client as make_client
 
 if TYPE_CHECKING:
-    from .control import LoopControl
-    from .ledger import Ledger
-    from .notify import Notifier
-    from .sources import IssueSource
+    from factory_worker.chat.notify import Notifier
+    from factory_worker.ledger.core import Ledger
+    from factory_worker.loop.control import LoopControl
+    from factory_worker.sources import IssueSource
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 class Context:
     """Everything an iteration, an agent task or a CLI command needs, built from settings (lazily)."""
 
-    def __init__(self, settings: Settings, redis_client: redis.Redis | None = None,
-                 source: "IssueSource | None" = None) -> None:
+    def __init__(
+        self, settings: Settings, redis_client: redis.Redis | None = None, source: "IssueSource | None" = None
+    ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._redis = redis_client
@@ -51,32 +52,32 @@ class Context:
             return self.redis
         if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
             return None
-        from .redis_client import client_from_url
+        from factory_worker.ledger.redis_client import client_from_url
 
         return client_from_url(url)
 
     @cached_property
     def ledger(self) -> "Ledger":
-        from .ledger import Ledger
+        from factory_worker.ledger.core import Ledger
 
         return Ledger(self.redis, self.keys, self.settings.dispatch, outbox=self.settings.tracker.write_back)
 
     @cached_property
     def control(self) -> "LoopControl":
-        from .control import LoopControl
+        from factory_worker.loop.control import LoopControl
 
         return LoopControl(self.redis, self.settings)
 
     @cached_property
     def notifier(self) -> "Notifier":
-        from .notify import Notifier
+        from factory_worker.chat.notify import Notifier
 
         return Notifier.from_settings(self.settings.notify)
 
     @property
     def source(self) -> "IssueSource":
         if self._source is None:
-            from .sources import load_source
+            from factory_worker.sources import load_source
 
             self._source = load_source(self.settings.source)
         return self._source

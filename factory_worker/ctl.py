@@ -15,14 +15,14 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code (0 ok, 1 refused or not live, 2 error)."""
-    from .quick import kill_first, status_first
+    from factory_worker.cli.quick import kill_first, status_first
 
     args = sys.argv[1:] if argv is None else list(argv)
     answered = status_first(args)
     if answered is not None:
         return answered
     early = kill_first(args)
-    from .cli import main as run
+    from factory_worker.cli.commands import main as run
 
     return run(args, early_kill=early)
 

@@ -12,9 +12,9 @@ import pytest
 import redis
 import time_machine
 
-from factory_worker.config import Settings, load_settings
-from factory_worker.embedded import RedisServer
-from factory_worker.keys import Keys
+from factory_worker.config.settings import Settings, load_settings
+from factory_worker.ledger.keys import Keys
+from factory_worker.ops.embedded import RedisServer
 
 # Never let a developer's environment or ./factory.toml leak into the suite.
 for _name in [n for n in os.environ if n.startswith("FACTORY_")]:
@@ -112,8 +112,9 @@ def make_settings(namespace: str, tmp_path: Path):
 
     def _make(**overrides) -> Settings:
         overrides.setdefault("namespace", namespace)
-        overrides.setdefault("agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"],
-                                       "workdir_root": str(tmp_path / "work")})
+        overrides.setdefault(
+            "agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"], "workdir_root": str(tmp_path / "work")}
+        )
         return load_settings(**overrides)
 
     return _make

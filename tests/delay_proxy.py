@@ -16,13 +16,18 @@ from typing import Any
 class DelayProxy:
     """Listens on ``listen_host``:``port`` (a free one by default) and forwards to ``upstream``."""
 
-    def __init__(self, listen_host: str, upstream_port: int, delay_s: float = 0.003,
-                 upstream_host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        listen_host: str,
+        upstream_port: int,
+        delay_s: float = 0.003,
+        upstream_host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.listen_host, self.port, self.delay_s = listen_host, port, delay_s
         self.upstream = (upstream_host, upstream_port)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"delay-proxy-{listen_host}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"delay-proxy-{listen_host}", daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self._open: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -86,8 +91,13 @@ class DelayProxy:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, held: bool,
-                    pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        held: bool,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
         """Read chunks into a queue stamped with their due time; a second task writes them when due."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         writer = asyncio.create_task(self._deliver(queue, dst, held, pair))
@@ -105,8 +115,13 @@ class DelayProxy:
                 w.transport.abort()
                 self._writers.discard(w)
 
-    async def _deliver(self, queue: asyncio.Queue[tuple[float, bytes]], dst: asyncio.StreamWriter,
-                       held: bool, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+    async def _deliver(
+        self,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        dst: asyncio.StreamWriter,
+        held: bool,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
         loop = asyncio.get_running_loop()
         assert self._open is not None
         try:

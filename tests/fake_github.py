@@ -50,11 +50,13 @@ class FakeGitHub(FakeServer):
             issue = self.issues[number] = FakeIssue(number, title, set(labels))
             return issue
 
-    def fail(self, method: str, path_part: str, status: int, times: int = 1,
-             headers: dict[str, str] | None = None) -> None:
+    def fail(
+        self, method: str, path_part: str, status: int, times: int = 1, headers: dict[str, str] | None = None
+    ) -> None:
         with self.lock:
-            self.faults.append({"method": method, "part": path_part, "status": status, "times": times,
-                                "headers": headers or {}})
+            self.faults.append(
+                {"method": method, "part": path_part, "status": status, "times": times, "headers": headers or {}}
+            )
 
     # -- request handling -------------------------------------------------------------------------------
     def _fault(self, method: str, path: str) -> dict[str, Any] | None:
@@ -75,9 +77,19 @@ class FakeGitHub(FakeServer):
         base = f"/repos/{self.repo}/issues"
         if method == "GET" and path == base:
             with self.lock:
-                items = [{"number": i.number, "title": i.title, "body": "", "state": i.state,
-                          "labels": [{"name": n} for n in sorted(i.labels)], "html_url": f"https://x/{i.number}",
-                          "updated_at": "2026-01-01T00:00:00Z"} for i in self.issues.values() if i.state == "open"]
+                items = [
+                    {
+                        "number": i.number,
+                        "title": i.title,
+                        "body": "",
+                        "state": i.state,
+                        "labels": [{"name": n} for n in sorted(i.labels)],
+                        "html_url": f"https://x/{i.number}",
+                        "updated_at": "2026-01-01T00:00:00Z",
+                    }
+                    for i in self.issues.values()
+                    if i.state == "open"
+                ]
             return 200, items, {}
         m = re.fullmatch(re.escape(base) + r"/(\d+)(/labels(?:/(.+))?|/comments)?", path)
         if not m or int(m.group(1)) not in self.issues:
@@ -101,8 +113,9 @@ class FakeGitHub(FakeServer):
                 return 200, [{"name": n} for n in sorted(issue.labels)], {}
         return 405, {"message": "Method Not Allowed"}, {}
 
-    def _comments(self, method: str, issue: FakeIssue, query: dict[str, list[str]], body: Any,
-                  path: str) -> tuple[int, Any, dict[str, str]]:
+    def _comments(
+        self, method: str, issue: FakeIssue, query: dict[str, list[str]], body: Any, path: str
+    ) -> tuple[int, Any, dict[str, str]]:
         if method == "POST":
             with self.lock:
                 issue.comments.append(body["body"])
@@ -114,7 +127,7 @@ class FakeGitHub(FakeServer):
         page = int(query.get("page", ["1"])[0])
         with self.lock:
             rows = [{"id": i + 1, "body": b} for i, b in enumerate(issue.comments)]
-        chunk = rows[(page - 1) * per: page * per]
+        chunk = rows[(page - 1) * per : page * per]
         headers = {}
         if page * per < len(rows):
             headers["Link"] = f'<{self.url}{path}?per_page={per}&page={page + 1}>; rel="next"'

@@ -22,8 +22,13 @@ from typing import Any
 
 from tests.fake_http import FakeServer, Response, read_body
 
-STATES = {"Backlog": "backlog", "Todo": "unstarted", "In Progress": "started", "Done": "completed",
-          "Canceled": "canceled"}
+STATES = {
+    "Backlog": "backlog",
+    "Todo": "unstarted",
+    "In Progress": "started",
+    "Done": "completed",
+    "Canceled": "canceled",
+}
 
 
 @dataclass
@@ -55,14 +60,16 @@ class FakeLinear(FakeServer):
     def url(self) -> str:
         return f"{self.base_url}/graphql"
 
-    def add(self, identifier: str, title: str, state: str = "Todo", labels: tuple[str, ...] = (), **kw: Any
-            ) -> FakeLinearIssue:
+    def add(
+        self, identifier: str, title: str, state: str = "Todo", labels: tuple[str, ...] = (), **kw: Any
+    ) -> FakeLinearIssue:
         with self.lock:
             issue = self.issues[identifier] = FakeLinearIssue(identifier, title, state, list(labels), **kw)
             return issue
 
-    def fail(self, op: str, status: int = 500, times: int = 1, code: str | None = None,
-             headers: dict[str, str] | None = None) -> None:
+    def fail(
+        self, op: str, status: int = 500, times: int = 1, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         """The next ``times`` calls of ``op`` get ``status`` (and a GraphQL error with ``code``)."""
         with self.lock:
             self.faults.append({"op": op, "status": status, "times": times, "code": code, "headers": headers or {}})
@@ -80,18 +87,36 @@ class FakeLinear(FakeServer):
             words = str(req["query"]).split(None, 2)
             op, variables = words[1].split("(")[0], req.get("variables") or {}
         except (ValueError, KeyError, IndexError):
-            return 400, {"errors": [{"message": "GraphQL parse error", "extensions": {"code": "GRAPHQL_PARSE_FAILED"}}]}, {}
+            return (
+                400,
+                {"errors": [{"message": "GraphQL parse error", "extensions": {"code": "GRAPHQL_PARSE_FAILED"}}]},
+                {},
+            )
         with self.lock:
             self.requests.append((op, handler.headers.get("Authorization")))
             fault = next((f for f in self.faults if f["op"] == op and f["times"] > 0), None)
             if fault:
                 fault["times"] -= 1
         if handler.headers.get("Authorization") != self.token:
-            return 401, {"errors": [{"message": "Authentication required, not authenticated",
-                                     "extensions": {"code": "AUTHENTICATION_ERROR"}}]}, {}
+            return (
+                401,
+                {
+                    "errors": [
+                        {
+                            "message": "Authentication required, not authenticated",
+                            "extensions": {"code": "AUTHENTICATION_ERROR"},
+                        }
+                    ]
+                },
+                {},
+            )
         if fault:
-            errors = [{"message": "Rate limit exceeded" if fault["code"] == "RATELIMITED" else "Internal error",
-                       "extensions": {"code": fault["code"] or "INTERNAL_SERVER_ERROR"}}]
+            errors = [
+                {
+                    "message": "Rate limit exceeded" if fault["code"] == "RATELIMITED" else "Internal error",
+                    "extensions": {"code": fault["code"] or "INTERNAL_SERVER_ERROR"},
+                }
+            ]
             return fault["status"], {"errors": errors}, fault["headers"]
         handler_fn = getattr(self, f"_op_{op}", None)
         if handler_fn is None:
@@ -99,17 +124,26 @@ class FakeLinear(FakeServer):
         return handler_fn(variables)
 
     def _node(self, i: FakeLinearIssue, comments: bool | str = False) -> dict[str, Any]:
-        node = {"id": i.id, "identifier": i.identifier, "title": i.title, "description": i.description,
-                "url": f"https://linear.app/acme/issue/{i.identifier}", "updatedAt": "2026-11-25T08:00:00.000Z",
-                "state": {"name": i.state, "type": STATES[i.state]},
-                "labels": {"nodes": [{"name": n} for n in i.labels]}, "team": {"key": i.team},
-                "project": {"name": i.project} if i.project else None}
+        node = {
+            "id": i.id,
+            "identifier": i.identifier,
+            "title": i.title,
+            "description": i.description,
+            "url": f"https://linear.app/acme/issue/{i.identifier}",
+            "updatedAt": "2026-11-25T08:00:00.000Z",
+            "state": {"name": i.state, "type": STATES[i.state]},
+            "labels": {"nodes": [{"name": n} for n in i.labels]},
+            "team": {"key": i.team},
+            "project": {"name": i.project} if i.project else None,
+        }
         if comments is not False:  # a page of comments from the cursor ``comments`` (an index; True: 0)
             start = 0 if comments is True else int(comments)
-            page = i.comments[start:start + self.comments_page]
+            page = i.comments[start : start + self.comments_page]
             more = start + self.comments_page < len(i.comments)
-            node["comments"] = {"nodes": [{"body": b} for b in page],
-                                "pageInfo": {"hasNextPage": more, "endCursor": str(start + len(page))}}
+            node["comments"] = {
+                "nodes": [{"body": b} for b in page],
+                "pageInfo": {"hasNextPage": more, "endCursor": str(start + len(page))},
+            }
         return node
 
     def _op_Issues(self, v: dict[str, Any]) -> Response:
@@ -118,13 +152,21 @@ class FakeLinear(FakeServer):
         states = f.get("state", {}).get("name", {}).get("in")
         project = (f.get("project") or {}).get("name", {}).get("eq")
         with self.lock:
-            rows = [i for i in self.issues.values() if (team is None or i.team == team)
-                    and (states is None or i.state in states) and (project is None or i.project == project)]
+            rows = [
+                i
+                for i in self.issues.values()
+                if (team is None or i.team == team)
+                and (states is None or i.state in states)
+                and (project is None or i.project == project)
+            ]
             start, first = int(v.get("after") or 0), min(int(v.get("first") or 50), 250)
-            chunk = [self._node(i) for i in rows[start:start + first]]
+            chunk = [self._node(i) for i in rows[start : start + first]]
         more = start + first < len(rows)
-        return 200, {"data": {"issues": {"nodes": chunk, "pageInfo": {"hasNextPage": more,
-                                                                      "endCursor": str(start + first)}}}}, {}
+        return (
+            200,
+            {"data": {"issues": {"nodes": chunk, "pageInfo": {"hasNextPage": more, "endCursor": str(start + first)}}}},
+            {},
+        )
 
     def _find(self, key: str) -> FakeLinearIssue | None:
         return self.issues.get(key) or next((i for i in self.issues.values() if i.id == key), None)
@@ -133,8 +175,14 @@ class FakeLinear(FakeServer):
         with self.lock:
             issue = self._find(str(v.get("id")))
             if issue is None:
-                return 200, {"data": {"issue": None}, "errors": [{"message": "Entity not found: Issue",
-                                                                  "extensions": {"type": "invalid input"}}]}, {}
+                return (
+                    200,
+                    {
+                        "data": {"issue": None},
+                        "errors": [{"message": "Entity not found: Issue", "extensions": {"type": "invalid input"}}],
+                    },
+                    {},
+                )
             return 200, {"data": {"issue": self._node(issue, comments)}}, {}
 
     def _op_IssueForWrite(self, v: dict[str, Any]) -> Response:
@@ -152,8 +200,14 @@ class FakeLinear(FakeServer):
         with self.lock:
             issue = self._find(str(v.get("id")))
             if issue is None or v.get("state") not in by_id:
-                return 200, {"data": None, "errors": [{"message": "Entity not found",
-                                                        "extensions": {"type": "invalid input"}}]}, {}
+                return (
+                    200,
+                    {
+                        "data": None,
+                        "errors": [{"message": "Entity not found", "extensions": {"type": "invalid input"}}],
+                    },
+                    {},
+                )
             issue.state = by_id[v["state"]]
         return 200, {"data": {"issueUpdate": {"success": True}}}, {}
 

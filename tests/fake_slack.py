@@ -91,10 +91,18 @@ class FakeSlack(FakeServer):
             oldest = p.get("oldest", "0")
             msgs = [self.threads[ts][0]] + [m for m in self.threads[ts][1:] if m["ts"] > oldest]
         start = int(p.get("cursor") or 0)
-        page = msgs[start: start + self.page_size]
+        page = msgs[start : start + self.page_size]
         more = start + self.page_size < len(msgs)
-        return 200, {"ok": True, "messages": page, "has_more": more,
-                     "response_metadata": {"next_cursor": str(start + self.page_size) if more else ""}}, {}
+        return (
+            200,
+            {
+                "ok": True,
+                "messages": page,
+                "has_more": more,
+                "response_metadata": {"next_cursor": str(start + self.page_size) if more else ""},
+            },
+            {},
+        )
 
     def route(self, handler: BaseHTTPRequestHandler) -> Response:
         parts = urlsplit(handler.path)

@@ -29,9 +29,16 @@ def write(path: str, text: str) -> str:
 
 
 def credentials_in_own_environment() -> dict[str, str]:
-    found = {k: v for k, v in os.environ.items() if k not in GIVEN and (
-             k.startswith("FACTORY_") or k in ("GITHUB_TOKEN", "FLOWER_BASIC_AUTH")
-             or k.endswith(("_TOKEN", "_PASSWORD", "_SECRET")))}
+    found = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in GIVEN
+        and (
+            k.startswith("FACTORY_")
+            or k in ("GITHUB_TOKEN", "FLOWER_BASIC_AUTH")
+            or k.endswith(("_TOKEN", "_PASSWORD", "_SECRET"))
+        )
+    }
     if not found:
         raise LookupError(f"no credential among its variables {sorted(os.environ)}")
     return found
@@ -74,15 +81,24 @@ def main() -> int:
     attempt("read the worker's env file", lambda: read(env_file))
     attempt("find a credential in its own environment", credentials_in_own_environment)
     attempt("list the worker's cwd through /proc/$PPID/cwd", lambda: os.listdir(f"/proc/{ppid}/cwd"))
-    attempt("write factory.toml in the worker's cwd",
-            lambda: write(os.path.join(worker_cwd, "factory.toml"), '[source]\npath = "/tmp/evil"\n'))
+    attempt(
+        "write factory.toml in the worker's cwd",
+        lambda: write(os.path.join(worker_cwd, "factory.toml"), '[source]\npath = "/tmp/evil"\n'),
+    )
     evil = '{"id": "EVIL", "title": "x", "state": "ready"}\n'
-    attempt("create a file in the issue source directory",
-            lambda: write(os.path.join(source_dir, "injected.jsonl"), evil))
+    attempt(
+        "create a file in the issue source directory", lambda: write(os.path.join(source_dir, "injected.jsonl"), evil)
+    )
     attempt("append to the issue source file", lambda: write(os.path.join(source_dir, "issues.jsonl"), evil))
     attempt("signal the worker", lambda: os.kill(ppid, 0))
-    report = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "cwd": os.getcwd(),
-              "env": sorted(os.environ), "results": results}
+    report = {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
+        "cwd": os.getcwd(),
+        "env": sorted(os.environ),
+        "results": results,
+    }
     with open(os.path.join(out, "attempts.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
     return 0

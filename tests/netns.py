@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 from celery.app.defaults import NAMESPACES
 
-from factory_worker.embedded import RedisServer
+from factory_worker.ops.embedded import RedisServer
 from tests.delay_proxy import DelayProxy
 from tests.support import CeleryProc, pid_alive, stack_env
 
@@ -153,9 +153,17 @@ class Fleet:
         self._add(CeleryProc("beat", env, self.root, "beat"))
         for h, proxy in zip(self.hosts, self.proxies):
             host_env = {**env, "FACTORY_REDIS_URL": f"redis://{h.root_addr}:{proxy.port}/0", "AGENT_HOST": h.name}
-            self.workers[h.name] = self._add(CeleryProc(
-                "worker", host_env, self.root, h.name, extra=["-c", str(concurrency), *_NO_PREFETCH],
-                queues=[f"{self.namespace}.agents"], prefix=h.prefix))
+            self.workers[h.name] = self._add(
+                CeleryProc(
+                    "worker",
+                    host_env,
+                    self.root,
+                    h.name,
+                    extra=["-c", str(concurrency), *_NO_PREFETCH],
+                    queues=[f"{self.namespace}.agents"],
+                    prefix=h.prefix,
+                )
+            )
         for p in self.procs:
             p.wait_ready(60)
         return env
@@ -181,11 +189,16 @@ class Fleet:
 
     def close(self) -> None:
         """Everything goes, in order, even if a step fails (the first error is raised at the end)."""
-        steps = [self._thaw, *(lambda h=h: ip("link", "set", h.veth, "up", check=False) for h in self.hosts),
-                 *(lambda p=p: p.signal(signal.SIGTERM) for p in self.procs),  # all shut down at once
-                 *(lambda p=p: p.stop(timeout=20) for p in self.procs), *(p.stop for p in self.proxies),
-                 *(c.close for c in self.clients), lambda: destroy_hosts(self.hosts),
-                 lambda: self.redis and self.redis.stop()]
+        steps = [
+            self._thaw,
+            *(lambda h=h: ip("link", "set", h.veth, "up", check=False) for h in self.hosts),
+            *(lambda p=p: p.signal(signal.SIGTERM) for p in self.procs),  # all shut down at once
+            *(lambda p=p: p.stop(timeout=20) for p in self.procs),
+            *(p.stop for p in self.proxies),
+            *(c.close for c in self.clients),
+            lambda: destroy_hosts(self.hosts),
+            lambda: self.redis and self.redis.stop(),
+        ]
         errors = []
         for step in steps:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from factory_worker.embedded import RedisServer, find_redis_server, free_port
+from factory_worker.ops.embedded import RedisServer, find_redis_server, free_port
 from harness import wait_until
 
 MASTER = "factory-master"
@@ -34,8 +34,9 @@ class SentinelCluster:
     def __init__(self, directory: Path, n_sentinels: int = 3, down_after_ms: int = 2000) -> None:
         self.directory = Path(directory)
         self.primary = RedisServer(self.directory / "primary", extra=["--repl-diskless-sync-delay", "0"])
-        self.replica = RedisServer(self.directory / "replica",
-                                   extra=["--replicaof", "127.0.0.1", str(self.primary.port)])
+        self.replica = RedisServer(
+            self.directory / "replica", extra=["--replicaof", "127.0.0.1", str(self.primary.port)]
+        )
         self.sentinel_ports = [free_port() for _ in range(n_sentinels)]
         self.down_after_ms = down_after_ms
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -60,9 +61,15 @@ class SentinelCluster:
                 f"sentinel failover-timeout {MASTER} 10000\n"
                 f"sentinel parallel-syncs {MASTER} 1\n"
             )
-            self.sentinels.append(subprocess.Popen(
-                [find_redis_server(), str(conf), "--sentinel"], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            self.sentinels.append(
+                subprocess.Popen(
+                    [find_redis_server(), str(conf), "--sentinel"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         for port in self.sentinel_ports:
             wait_until(lambda port=port: self._sentinel_sees_replica(port), 20, what=f"sentinel {port} ready")
         return self

@@ -27,14 +27,31 @@ def main() -> int:
     issue = json.loads(Path(os.environ["FACTORY_ISSUE_JSON"]).read_text())
     labels = issue.get("labels") or []
     workdir = Path(os.environ["FACTORY_WORKDIR"])
-    feedback = Path(os.environ["FACTORY_FEEDBACK"]).read_text() if os.path.exists(os.environ["FACTORY_FEEDBACK"]) else None
+    feedback = (
+        Path(os.environ["FACTORY_FEEDBACK"]).read_text() if os.path.exists(os.environ["FACTORY_FEEDBACK"]) else None
+    )
 
     def rec(event: str, **kw: object) -> None:
         with open(out / "stages.jsonl", "a") as fh:
-            fh.write(json.dumps({"issue": iid, "stage": stage, "event": event, "t": time.time(), "pid": os.getpid(),
-                                 "round": int(os.environ["FACTORY_ROUND"]), "step": int(os.environ["FACTORY_STEP"]),
-                                 "env_stage": os.environ["FACTORY_STAGE"], "cwd": os.getcwd(),
-                                 "workdir": str(workdir), "token": os.environ["FACTORY_DISPATCH_TOKEN"], **kw}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "issue": iid,
+                        "stage": stage,
+                        "event": event,
+                        "t": time.time(),
+                        "pid": os.getpid(),
+                        "round": int(os.environ["FACTORY_ROUND"]),
+                        "step": int(os.environ["FACTORY_STEP"]),
+                        "env_stage": os.environ["FACTORY_STAGE"],
+                        "cwd": os.getcwd(),
+                        "workdir": str(workdir),
+                        "token": os.environ["FACTORY_DISPATCH_TOKEN"],
+                        **kw,
+                    }
+                )
+                + "\n"
+            )
 
     inbox = os.environ.get("FACTORY_INBOX")
     if inbox and "wait-inbox" in labels and stage == "review":  # a human's reply reaches the running stage

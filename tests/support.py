@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
 
-from factory_worker.config import Settings, load_settings
+from factory_worker.config.settings import Settings, load_settings
 from harness import ROOT, pid_alive, wait_until  # noqa: F401  (re-exported for the tests)
 from harness import run_ctl as ctl  # noqa: F401
 
@@ -30,8 +30,17 @@ def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
 class CeleryProc:
     """A real `celery -A factory_worker worker|beat` subprocess with its log in a file."""
 
-    def __init__(self, kind: str, env: dict[str, str], log_dir: Path, name: str, extra: list[str] | None = None,
-                 cwd: Path | None = None, queues: list[str] | None = None, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str,
+        extra: list[str] | None = None,
+        cwd: Path | None = None,
+        queues: list[str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         """``queues``: a worker's queue names (default both of the namespace's); ``prefix``: argv run before
         ``python -m celery`` that execs it, e.g. ``ip netns exec <name>`` (the pid stays celery's)."""
         self.kind, self.name = kind, name
@@ -39,14 +48,29 @@ class CeleryProc:
         argv = [*(prefix or []), sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
         if kind == "worker":
             ns = env.get("FACTORY_NAMESPACE", "factory")
-            argv += ["-n", f"{name}@%h", "-Q", ",".join(queues or [f"{ns}.loop", f"{ns}.agents"]),
-                     "--without-mingle", "--without-gossip", "-P", "prefork"]
+            argv += [
+                "-n",
+                f"{name}@%h",
+                "-Q",
+                ",".join(queues or [f"{ns}.loop", f"{ns}.agents"]),
+                "--without-mingle",
+                "--without-gossip",
+                "-P",
+                "prefork",
+            ]
         else:
             argv += ["--schedule", str(log_dir / f"{name}-schedule")]
         argv += extra or []
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=cwd or ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd or ROOT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -92,7 +116,7 @@ class CeleryProc:
 # hb-<pid> in AGENT_OUT that often (the last line bounds when a SIGKILLed agent died); AGENT_TERM_CLEANUP_S > 0
 # makes SIGTERM record "term", take that long to clean up, then record end with code 143 and exit. Label
 # "waits-for-human": wait up to 30 s for a line in $FACTORY_INBOX (the Slack thread's replies), record "inbox".
-RECORDING_AGENT = r'''
+RECORDING_AGENT = r"""
 import json, os, signal, sys, threading, time, pathlib
 issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
 out = pathlib.Path(os.environ["AGENT_OUT"])
@@ -143,7 +167,7 @@ elif "fails-once" in labels:
         code = 1
 rec("end", code=code)
 sys.exit(code)
-'''
+"""
 
 
 def write_issues(path: Path, issues: list[dict]) -> None:
@@ -189,8 +213,9 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
         "FACTORY_AGENT__TERM_GRACE_S": "1",  # short leases (a few s) leave room for a 1 s grace only
         "FACTORY_AGENT__WORKDIR_ROOT": str(tmp_path / "work"),
         # the recording agent's own variables (an agent gets only its allowlist of the worker's environment)
-        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLEEP", "AGENT_HOST", "AGENT_HEARTBEAT_S",
-                                                    "AGENT_TERM_CLEANUP_S"]),
+        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(
+            ["PATH", "AGENT_OUT", "AGENT_SLEEP", "AGENT_HOST", "AGENT_HEARTBEAT_S", "AGENT_TERM_CLEANUP_S"]
+        ),
         "AGENT_OUT": str(out),
     }
     env.update(extra)
@@ -216,9 +241,9 @@ class Recorder:
 
 def assert_audit_clean(redis_url: str, namespace: str) -> None:
     """The ledger's invariants hold (``factory-worker audit``): every chaos test ends with this."""
-    from factory_worker.audit import audit
-    from factory_worker.keys import Keys
-    from factory_worker.redis_client import client_from_url
+    from factory_worker.ledger.audit import audit
+    from factory_worker.ledger.keys import Keys
+    from factory_worker.ledger.redis_client import client_from_url
 
     client = client_from_url(redis_url)
     try:
@@ -295,8 +320,7 @@ def agent_lives(out: Path, heartbeat_s: float, died: dict[int, float] | None = N
             hb = out / f"hb-{s['pid']}"
             beats = [float(x) for x in hb.read_text().split()] if hb.exists() else []
             end = max([s["t"], *beats]) + heartbeat_s
-        lives.append(AgentLife(s["issue"], s["token"], s["pid"], s.get("host"), s["t"], end, code,
-                               s["pid"] in termed))
+        lives.append(AgentLife(s["issue"], s["token"], s["pid"], s.get("host"), s["t"], end, code, s["pid"] in termed))
     return lives
 
 
@@ -308,7 +332,7 @@ def max_overlap_s(lives: list[AgentLife]) -> tuple[float, str | None]:
         by_issue.setdefault(life.issue, []).append(life)
     for issue, group in by_issue.items():
         for i, a in enumerate(group):
-            for b in group[i + 1:]:
+            for b in group[i + 1 :]:
                 both = min(a.end, b.end) - max(a.start, b.start)
                 if both > worst[0]:
                     worst = (both, issue)

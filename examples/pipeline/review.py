@@ -24,8 +24,7 @@ def main() -> int:
         print("Nothing to review: CHANGES.md is missing.")
         return REJECT
     if "Tests:" not in text:
-        print("Please add tests for the change (round "
-              f"{os.environ.get('FACTORY_ROUND', '?')} has none).")
+        print(f"Please add tests for the change (round {os.environ.get('FACTORY_ROUND', '?')} has none).")
         return REJECT
     print("LGTM")
     return 0

@@ -22,8 +22,11 @@ def main() -> int:
     issue = json.loads(Path(os.environ["FACTORY_ISSUE_JSON"]).read_text(encoding="utf-8"))
     labels = {str(x).lower() for x in issue.get("labels") or []}
     if "security" in labels:
-        verdict = {"stages": ["implement", "review"], "confidence": 0.3,
-                   "reason": "security-sensitive: a human should look first"}
+        verdict = {
+            "stages": ["implement", "review"],
+            "confidence": 0.3,
+            "reason": "security-sensitive: a human should look first",
+        }
     elif "docs" in labels:
         verdict = {"stages": ["implement"], "confidence": 0.9, "reason": "documentation only: no review needed"}
     else:

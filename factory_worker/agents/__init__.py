@@ -6,14 +6,14 @@ formulas), and the CLI's status commands should not pay for the process plumbing
 
 from typing import Any
 
-from .base import AgentResult, AgentRunner, Dispatch
+from factory_worker.agents.base import AgentResult, AgentRunner, Dispatch
 
 __all__ = ["AgentResult", "AgentRunner", "CommandAgent", "Dispatch"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "CommandAgent":
-        from .command import CommandAgent
+        from factory_worker.agents.command import CommandAgent
 
         return CommandAgent
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..sources.base import Issue
+from factory_worker.sources.base import Issue
 
 
 @dataclass(frozen=True)
 class AgentResult:
-    outcome: str  # an Outcome word (factory_worker.states)
+    outcome: str  # an Outcome word (factory_worker.ledger.states)
     exit_code: int | None
     duration_s: float
     log_path: Path | None

@@ -33,13 +33,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..config import AgentSettings
-from ..sources.base import Issue
-from .base import AgentResult, Dispatch
-from .lease import LeaseKeeper, helpers_after_s
-from .logs import LogRelay, open_log, prune
-from .process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
-from .sandbox import ISSUE_FILE, agent_env, agent_identity, make_workdir, remove_workdir, running_as
+from factory_worker.agents.base import AgentResult, Dispatch
+from factory_worker.agents.lease import LeaseKeeper, helpers_after_s
+from factory_worker.agents.logs import LogRelay, open_log, prune
+from factory_worker.agents.process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
+from factory_worker.agents.sandbox import (
+    ISSUE_FILE,
+    agent_env,
+    agent_identity,
+    make_workdir,
+    remove_workdir,
+    running_as,
+)
+from factory_worker.config.settings import AgentSettings
+from factory_worker.sources.base import Issue
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,12 @@ def anchor_paths(command: list[str]) -> list[str]:
     no placeholder) made absolute: the agent runs in its own directory, so ``["python", "examples/agent.py"]``
     still means the worker's file. Issue text is never touched (this runs before substitution); ``argv[0]`` is
     resolved by :func:`.process.launch`."""
-    return [command[0]] + [os.path.abspath(arg) if "/" in arg and not os.path.isabs(arg) and "{" not in arg
-                           and os.path.exists(arg) else arg for arg in command[1:]]
+    return [command[0]] + [
+        os.path.abspath(arg)
+        if "/" in arg and not os.path.isabs(arg) and "{" not in arg and os.path.exists(arg)
+        else arg
+        for arg in command[1:]
+    ]
 
 
 def safe_name(text: str, limit: int = 80) -> str:
@@ -82,7 +93,7 @@ def _unprepared(issue_id: str, what: str, exc: BaseException, start: float) -> A
 class CommandAgent:
     """Runs ``settings.command`` for a dispatch; implements :class:`~factory_worker.agents.base.AgentRunner`.
 
-    Raises :class:`~factory_worker.config.ConfigError` (naming agent.user) when agents must run as another
+    Raises :class:`~factory_worker.config.settings.ConfigError` (naming agent.user) when agents must run as another
     user and this worker cannot switch to it: an agent never runs as the worker instead."""
 
     def __init__(self, settings: AgentSettings, renew_interval_s: float, lease_ttl_s: float | None = None) -> None:
@@ -109,8 +120,9 @@ class CommandAgent:
         owned = dispatch.workdir is None  # a staged dispatch's directory is its caller's to make and remove
         try:
             if owned:
-                workdir, issue_json = make_workdir(self.settings, dispatch.dispatch_id, issue, self.ident,
-                                                   safe_name(dispatch.dispatch_id))
+                workdir, issue_json = make_workdir(
+                    self.settings, dispatch.dispatch_id, issue, self.ident, safe_name(dispatch.dispatch_id)
+                )
             else:
                 workdir, issue_json = dispatch.workdir, dispatch.workdir / ISSUE_FILE
         except Exception as exc:  # noqa: BLE001 - disk full, bad root, unserializable data: a failed attempt
@@ -123,8 +135,16 @@ class CommandAgent:
                 return spawned
             proc, relay = spawned
             try:
-                outcome, error, lost = self._supervise(proc, relay, start, renew, should_stop, on_start, issue.id,
-                                                       dispatch.timeout_s or self.settings.timeout_s)
+                outcome, error, lost = self._supervise(
+                    proc,
+                    relay,
+                    start,
+                    renew,
+                    should_stop,
+                    on_start,
+                    issue.id,
+                    dispatch.timeout_s or self.settings.timeout_s,
+                )
             finally:
                 relay.finish()  # the group is gone: the pipe ends (a stray holder is not waited for long)
                 os.close(relay.log_fd)
@@ -137,8 +157,9 @@ class CommandAgent:
             else:
                 remove_workdir(workdir, self.ident)
 
-    def _spawn(self, dispatch: Dispatch, workdir: Path, env: dict[str, str],
-               start: float) -> tuple[subprocess.Popen, LogRelay] | AgentResult:
+    def _spawn(
+        self, dispatch: Dispatch, workdir: Path, env: dict[str, str], start: float
+    ) -> tuple[subprocess.Popen, LogRelay] | AgentResult:
         """Start the agent in ``workdir`` with ``env``, as ``self.ident``; its output goes through a pipe to a
         :class:`LogRelay` into the dispatch's log (0600, capped at ``agent.log_max_bytes``)."""
         issue, log_path = dispatch.issue, self.log_path(dispatch)
@@ -149,15 +170,24 @@ class CommandAgent:
         except OSError as exc:
             return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        header = (f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
-                  f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n").encode("utf-8", "backslashreplace")
+        header = (
+            f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
+            f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n"
+        ).encode("utf-8", "backslashreplace")
         os.write(log_fd, header)
         read_fd, write_fd = os.pipe()
         try:
             exec_argv, extra = launch(argv, self.ident)
             proc = subprocess.Popen(
-                exec_argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=subprocess.STDOUT, env=env,
-                cwd=workdir, close_fds=True, start_new_session=True, **extra,
+                exec_argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=workdir,
+                close_fds=True,
+                start_new_session=True,
+                **extra,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
@@ -182,8 +212,9 @@ class CommandAgent:
         error, status_lost)."""
         outcome, error, lost = None, "", False
         tick = min(0.05, self.renew_interval_s)
-        keeper = LeaseKeeper(renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s,
-                             issue_id, start)
+        keeper = LeaseKeeper(
+            renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s, issue_id, start
+        )
         helpers_at = time.monotonic() + helpers_after_s(self.renew_interval_s)
         try:
             if on_start is not None:
@@ -209,8 +240,13 @@ class CommandAgent:
                 elif now - start >= timeout_s:
                     outcome, error = "timeout", f"agent ran longer than {timeout_s:g}s"
                 elif now >= keeper.stop_at:
-                    outcome, error = "lease-lost", (f"the lease could not be renewed for "
-                                                    f"{now - keeper.last_renew_sent:.1f}s: stopped before it expires")
+                    outcome, error = (
+                        "lease-lost",
+                        (
+                            f"the lease could not be renewed for "
+                            f"{now - keeper.last_renew_sent:.1f}s: stopped before it expires"
+                        ),
+                    )
                 if outcome is not None:
                     break
         finally:

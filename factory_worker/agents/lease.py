@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-from ..scripts import StaleClaimError
+from factory_worker.ledger.scripts import StaleClaimError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,17 @@ def stop_lead_s(lease_ttl_s: float, term_grace_s: float) -> float:
 class LeaseKeeper:
     """Renews every ``renew_interval_s`` and polls ``should_stop`` every ``tick_s``, in a daemon thread."""
 
-    def __init__(self, renew: Callable[[], object], should_stop: Callable[[], str | None], renew_interval_s: float,
-                 lease_ttl_s: float, term_grace_s: float, issue_id: str, started: float,
-                 tick_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        renew: Callable[[], object],
+        should_stop: Callable[[], str | None],
+        renew_interval_s: float,
+        lease_ttl_s: float,
+        term_grace_s: float,
+        issue_id: str,
+        started: float,
+        tick_s: float = 0.05,
+    ) -> None:
         self._renew, self._should_stop = renew, should_stop
         self.renew_interval_s, self.lease_ttl_s, self.term_grace_s = renew_interval_s, lease_ttl_s, term_grace_s
         self.issue_id, self.tick_s = issue_id, tick_s

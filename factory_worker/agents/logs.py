@@ -77,8 +77,11 @@ class LogRelay:
             self.written += min(room, len(chunk))
         if len(chunk) > max(room, 0):
             if not self.dropped:
-                os.write(self.log_fd, f"\n# factory: log capped at {self.cap} bytes; the rest is "
-                                      "discarded (agent.log_max_bytes)\n".encode())
+                os.write(
+                    self.log_fd,
+                    f"\n# factory: log capped at {self.cap} bytes; the rest is "
+                    "discarded (agent.log_max_bytes)\n".encode(),
+                )
             self.dropped += len(chunk) - max(room, 0)
 
     def _run(self) -> None:

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .sandbox import Identity
+    from factory_worker.agents.sandbox import Identity
 
 log = logging.getLogger(__name__)
 

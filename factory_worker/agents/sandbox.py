@@ -7,7 +7,7 @@ Issue text steers an agent, so an agent is treated as hostile: it must not reach
   :mod:`.process`). Then the worker's ``/proc/<pid>/environ``, its config file and env files (owned by the
   worker's user, 0600/0640) are out of its reach, and it cannot signal the worker. A worker that cannot
   switch users (not root and without CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN) refuses to start agents
-  (:class:`~factory_worker.config.ConfigError` naming agent.user): they never run as the worker instead.
+  (:class:`~factory_worker.config.settings.ConfigError` naming agent.user): they never run as the worker instead.
   Unset, agents run as the worker's own user (``doctor`` warns).
 * **Environment** (:func:`agent_env`): only the names in ``agent.env_allowlist`` that the worker has, plus
   ``FACTORY_ISSUE_ID``, ``FACTORY_ISSUE_JSON``, ``FACTORY_DISPATCH_TOKEN`` and ``HOME`` (the working
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from ..config import AgentSettings, ConfigError
-from ..sources.base import Issue
+from factory_worker.config.settings import AgentSettings, ConfigError
+from factory_worker.sources.base import Issue
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,13 @@ def agent_identity(agent: AgentSettings) -> Identity | None:
         return None
     missing = missing_caps()
     if missing:
-        raise _bad("user", agent.user or "", f"this worker (uid {os.geteuid()}) cannot run agents as another user: "
-                   f"it lacks {', '.join(missing)} (run it as root, with them); agents never run as the worker "
-                   "instead")
+        raise _bad(
+            "user",
+            agent.user or "",
+            f"this worker (uid {os.geteuid()}) cannot run agents as another user: "
+            f"it lacks {', '.join(missing)} (run it as root, with them); agents never run as the worker "
+            "instead",
+        )
     return ident
 
 
@@ -128,8 +132,11 @@ def check_workdir_root(agent: AgentSettings, ident: Identity | None) -> Path:
             st = folder.stat()
             bit = 0o100 if st.st_uid == ident.uid else 0o010 if st.st_gid == ident.gid else 0o001
             if not st.st_mode & bit:
-                raise _bad("workdir_root", str(agent.workdir_root), f"{folder} is not searchable by agent.user "
-                           f"{ident}: chmod o+x it, or choose another directory")
+                raise _bad(
+                    "workdir_root",
+                    str(agent.workdir_root),
+                    f"{folder} is not searchable by agent.user {ident}: chmod o+x it, or choose another directory",
+                )
     return root
 
 
@@ -153,8 +160,9 @@ def _fill(workdir: Path, issue: Issue, ident: Identity | None) -> Path:
     return issue_json
 
 
-def make_workdir(agent: AgentSettings, dispatch_id: str, issue: Issue, ident: Identity | None,
-                 name: str) -> tuple[Path, Path]:
+def make_workdir(
+    agent: AgentSettings, dispatch_id: str, issue: Issue, ident: Identity | None, name: str
+) -> tuple[Path, Path]:
     """A fresh directory for one dispatch holding ``issue.json``, owned by ``ident``: (directory, issue file)."""
     root = check_workdir_root(agent, ident)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))  # 0700, a new name every time
@@ -184,7 +192,7 @@ def remove_workdir(workdir: Path, ident: Identity | None) -> None:
     except OSError as exc:
         first = exc
     if ident is not None:
-        from .process import as_user
+        from factory_worker.agents.process import as_user
 
         for argv in (["chmod", "-R", "u+rwx", "--", str(workdir)], ["find", str(workdir), "-mindepth", "1", "-delete"]):
             cmd, extra = as_user(argv, ident)
@@ -260,8 +268,9 @@ def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, n
     return path
 
 
-def agent_env(agent: AgentSettings, environ: Mapping[str, str], workdir: Path, issue_json: Path, issue_id: str,
-              token: str) -> dict[str, str]:
+def agent_env(
+    agent: AgentSettings, environ: Mapping[str, str], workdir: Path, issue_json: Path, issue_id: str, token: str
+) -> dict[str, str]:
     """An agent's whole environment: the allowlisted variables the worker has, HOME, the issue and dispatch."""
     env = {name: environ[name] for name in agent.env_allowlist if name in environ}
     env.setdefault("HOME", str(workdir))

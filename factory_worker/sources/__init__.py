@@ -11,11 +11,11 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-from .base import Issue, IssueSource, PollResult, SourceError
-from .file import FileSource
+from factory_worker.sources.base import Issue, IssueSource, PollResult, SourceError
+from factory_worker.sources.file import FileSource
 
 if TYPE_CHECKING:
-    from ..config import SourceSettings
+    from factory_worker.config.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check(obj: object, what: str) -> IssueSource:
-    ok = isinstance(obj, IssueSource) and callable(getattr(obj, "poll", None)) and callable(
-        getattr(obj, "get", None)
-    )
+    ok = isinstance(obj, IssueSource) and callable(getattr(obj, "poll", None)) and callable(getattr(obj, "get", None))
     if not ok:
         raise SourceError(f"source {what} does not implement IssueSource (needs poll() and get(issue_id))")
     return obj  # type: ignore[return-value]
@@ -40,9 +38,9 @@ def _load_tracker(kind: str, settings: "SourceSettings") -> IssueSource:
     """The ``github`` or ``linear`` source, imported only when asked for."""
     try:
         if kind == "github":
-            from .github import GitHubSource as cls
+            from factory_worker.sources.github import GitHubSource as cls
         else:
-            from .linear import LinearSource as cls  # type: ignore[assignment]
+            from factory_worker.sources.linear import LinearSource as cls  # type: ignore[assignment]
     except ImportError as exc:
         raise SourceError(f"source kind {kind!r} is unavailable: {_first_line(exc)}") from None
     try:

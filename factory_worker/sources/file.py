@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
-from .base import Issue, PollResult, SourceError, validation_reason
+from factory_worker.sources.base import Issue, PollResult, SourceError, validation_reason
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _parse_json(path: Path, data: bytes, out: _Parsed) -> None:
     if isinstance(doc, dict) and isinstance(doc.get("issues"), list):
         doc = doc["issues"]
     if not isinstance(doc, list):
-        out.errors.append(f"{path}: expected a JSON array of issues or an object with an \"issues\" array")
+        out.errors.append(f'{path}: expected a JSON array of issues or an object with an "issues" array')
         return
     for index, obj in enumerate(doc):
         _validate(obj, f"{path}: item {index}", out)
@@ -161,8 +161,10 @@ class FileSource:
             parsed = [self._read(p, top_level) for p in files]
             for stale in set(self._cache) - set(files):
                 del self._cache[stale]
-            if self._merged is not None and len(parsed) == len(self._merged_parts) and all(
-                a is b for a, b in zip(parsed, self._merged_parts)
+            if (
+                self._merged is not None
+                and len(parsed) == len(self._merged_parts)
+                and all(a is b for a, b in zip(parsed, self._merged_parts))
             ):
                 return self._merged
             by_id: dict[str, Issue] = {}

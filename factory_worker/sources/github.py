@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import httpx
 from pydantic import ValidationError
 
-from ..config import secret_from_env
-from .base import Issue, PollResult, SourceError
-from .github_http import Page, PageCache, iso, origin, retry_wait_s
+from factory_worker.config.settings import secret_from_env
+from factory_worker.sources.base import Issue, PollResult, SourceError
+from factory_worker.sources.github_http import Page, PageCache, iso, origin, retry_wait_s
 
 if TYPE_CHECKING:
-    from ..config import SourceSettings
+    from factory_worker.config.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,24 @@ class GitHubSource:
         for label in [*settings.github_labels, *settings.required_labels]:
             labels.setdefault(label.casefold(), label)
         if not labels and not settings.github_all_open_issues:  # settings validation says so first
-            raise SourceError("source kind 'github' needs source.github_labels or source.required_labels, "
-                              "or source.github_all_open_issues=true")
-        log.info("github source %s labels=%s token=%s", repo, list(labels.values()),
-                 "set" if token else f"unset (${settings.github_token_env})")
-        return cls(settings.github_api_url, repo, labels.values(), token, settings.ready_states,
-                   max_retry_after_s=settings.github_max_retry_after_s)
+            raise SourceError(
+                "source kind 'github' needs source.github_labels or source.required_labels, "
+                "or source.github_all_open_issues=true"
+            )
+        log.info(
+            "github source %s labels=%s token=%s",
+            repo,
+            list(labels.values()),
+            "set" if token else f"unset (${settings.github_token_env})",
+        )
+        return cls(
+            settings.github_api_url,
+            repo,
+            labels.values(),
+            token,
+            settings.ready_states,
+            max_retry_after_s=settings.github_max_retry_after_s,
+        )
 
     def __repr__(self) -> str:  # never shows the token
         return f"GitHubSource({self.api_url!r}, {self.repo!r}, labels={self.labels!r})"
@@ -140,14 +152,19 @@ class GitHubSource:
         now = self._clock()
         if now < self._retry_not_before:
             left = self._retry_not_before - now
-            raise SourceError(f"GitHub rate limit: retry after {iso(self._retry_not_before)} "
-                              f"(in {left:.0f}s, repo {self.repo})")
+            raise SourceError(
+                f"GitHub rate limit: retry after {iso(self._retry_not_before)} (in {left:.0f}s, repo {self.repo})"
+            )
 
     def _set_retry(self, headers: httpx.Headers, status: int) -> float:
         now = self._clock()
         self._retry_not_before = now + retry_wait_s(headers, now, self.max_retry_after_s)
-        log.warning("GitHub %s rate limit reached (HTTP %s): no requests until %s",
-                    self.repo, status, iso(self._retry_not_before))
+        log.warning(
+            "GitHub %s rate limit reached (HTTP %s): no requests until %s",
+            self.repo,
+            status,
+            iso(self._retry_not_before),
+        )
         return self._retry_not_before
 
     def _get(
@@ -222,9 +239,16 @@ class GitHubSource:
         state = self.ready_state if gh_state == "open" and self._has_labels(names) else gh_state
         try:
             author = item.get("author_association")
-            return Issue(id=str(number), title=item["title"], state=state, body=item.get("body") or "",
-                         labels=names, updated_at=item.get("updated_at"), url=item.get("html_url"),
-                         author_association=author if isinstance(author, str) else None)
+            return Issue(
+                id=str(number),
+                title=item["title"],
+                state=state,
+                body=item.get("body") or "",
+                labels=names,
+                updated_at=item.get("updated_at"),
+                url=item.get("html_url"),
+                author_association=author if isinstance(author, str) else None,
+            )
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first.get('loc', ()))) or 'item'}: {first.get('msg')}") from None
@@ -261,8 +285,9 @@ class GitHubSource:
             payload, url = self._get(url, params)
             params, pages = None, pages + 1
             if not isinstance(payload, list):
-                raise self._fail(f"unexpected payload on page {pages}: expected a JSON array, "
-                                 f"got {type(payload).__name__}")
+                raise self._fail(
+                    f"unexpected payload on page {pages}: expected a JSON array, got {type(payload).__name__}"
+                )
             for item in payload:
                 where, index = f"github:{self.repo}#{index}", index + 1
                 if isinstance(item, dict) and "pull_request" in item:
@@ -281,8 +306,9 @@ class GitHubSource:
         if not re.fullmatch(r"[0-9]{1,12}", str(issue_id)):
             return None
         with self._lock:
-            payload, _ = self._get(f"{self.api_url}/repos/{self.repo}/issues/{int(issue_id)}",
-                                  allow_404=True, cache=False)
+            payload, _ = self._get(
+                f"{self.api_url}/repos/{self.repo}/issues/{int(issue_id)}", allow_404=True, cache=False
+            )
         if payload is None or (isinstance(payload, dict) and "pull_request" in payload):
             return None
         try:

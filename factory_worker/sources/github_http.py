@@ -64,8 +64,14 @@ def _epoch(value: str, now: float, unit_s: float = 1.0) -> float:
     return max(0.0, reset * unit_s - now)
 
 
-def retry_wait_s(headers: Any, now: float, cap: float, default: float = DEFAULT_RETRY_S,
-                 reset_header: str = "x-ratelimit-reset", reset_unit_s: float = 1.0) -> float:
+def retry_wait_s(
+    headers: Any,
+    now: float,
+    cap: float,
+    default: float = DEFAULT_RETRY_S,
+    reset_header: str = "x-ratelimit-reset",
+    reset_unit_s: float = 1.0,
+) -> float:
     """Seconds to wait before the next request, always within ``[0, cap]``.
 
     ``Retry-After`` (delay seconds or an HTTP date), else ``reset_header`` (an epoch time in ``reset_unit_s``:

@@ -27,31 +27,40 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from pydantic import ValidationError
 
-from ..config import secret_from_env
-from ..linear_api import CLOSED_TYPES, LinearAPI, LinearError
-from .base import Issue, PollResult, SourceError, validation_reason
+from factory_worker.config.settings import secret_from_env
+from factory_worker.sources.base import Issue, PollResult, SourceError, validation_reason
+from factory_worker.sources.linear_api import CLOSED_TYPES, LinearAPI, LinearError
 
 if TYPE_CHECKING:
-    from ..config import SourceSettings
-    from ..linear_settings import LinearSettings
+    from factory_worker.config.linear import LinearSettings
+    from factory_worker.config.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
 PER_PAGE = 100
 MAX_PAGES = 100
 
-NODE = ("id identifier title description url updatedAt state { name type } labels { nodes { name } } "
-        "team { key } project { name }")
-ISSUES = ("query Issues($filter: IssueFilter, $first: Int, $after: String) { issues(filter: $filter, "
-          f"first: $first, after: $after) {{ nodes {{ {NODE} }} pageInfo {{ hasNextPage endCursor }} }} }}")
+NODE = (
+    "id identifier title description url updatedAt state { name type } labels { nodes { name } } "
+    "team { key } project { name }"
+)
+ISSUES = (
+    "query Issues($filter: IssueFilter, $first: Int, $after: String) { issues(filter: $filter, "
+    f"first: $first, after: $after) {{ nodes {{ {NODE} }} pageInfo {{ hasNextPage endCursor }} }} }}"
+)
 ISSUE = f"query Issue($id: String!) {{ issue(id: $id) {{ {NODE} }} }}"
 
 
 class LinearSource:
     """One team's issues in the ready states, as :class:`Issue` objects (see the module docstring)."""
 
-    def __init__(self, cfg: "LinearSettings", ready_states: Iterable[str] = ("ready",), api: LinearAPI | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: "LinearSettings",
+        ready_states: Iterable[str] = ("ready",),
+        api: LinearAPI | None = None,
+        token: str | None = None,
+    ) -> None:
         if not cfg.team:
             raise SourceError("linear: source.linear.team (FACTORY_SOURCE__LINEAR__TEAM) is not set")
         self.cfg = cfg
@@ -128,14 +137,25 @@ class LinearSource:
         state = node.get("state") or {}
         labels = [str(lb.get("name")) for lb in (node.get("labels") or {}).get("nodes") or [] if isinstance(lb, dict)]
         name, kind = str(state.get("name") or ""), str(state.get("type") or "")
-        ready = (name.casefold() in self._ready and kind not in CLOSED_TYPES
-                 and self._labels <= {x.casefold() for x in labels})
-        return Issue.model_validate({
-            "id": node["identifier"], "title": node["title"], "state": self.ready_state if ready else name,
-            "body": node.get("description") or "", "labels": labels, "updated_at": node.get("updatedAt"),
-            "url": node.get("url"), "linear_id": node.get("id"),
-            "team": (node.get("team") or {}).get("key"), "project": (node.get("project") or {}).get("name"),
-        })
+        ready = (
+            name.casefold() in self._ready
+            and kind not in CLOSED_TYPES
+            and self._labels <= {x.casefold() for x in labels}
+        )
+        return Issue.model_validate(
+            {
+                "id": node["identifier"],
+                "title": node["title"],
+                "state": self.ready_state if ready else name,
+                "body": node.get("description") or "",
+                "labels": labels,
+                "updated_at": node.get("updatedAt"),
+                "url": node.get("url"),
+                "linear_id": node.get("id"),
+                "team": (node.get("team") or {}).get("key"),
+                "project": (node.get("project") or {}).get("name"),
+            }
+        )
 
 
 def _reason(exc: BaseException) -> str:

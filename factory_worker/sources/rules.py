@@ -28,11 +28,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from ..states import Gate
-from .base import Issue
+from factory_worker.ledger.states import Gate
+from factory_worker.sources.base import Issue
 
 if TYPE_CHECKING:
-    from ..config import SourceSettings
+    from factory_worker.config.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,14 @@ class Rules:
     @classmethod
     def from_settings(cls, s: "SourceSettings") -> "Rules":
         return cls(
-            ready_states=tuple(s.ready_states), required_labels=tuple(s.required_labels),
-            excluded_labels=tuple(s.excluded_labels), title_prefix=s.title_prefix.lstrip(),
+            ready_states=tuple(s.ready_states),
+            required_labels=tuple(s.required_labels),
+            excluded_labels=tuple(s.excluded_labels),
+            title_prefix=s.title_prefix.lstrip(),
             id_pattern=re.compile(s.id_pattern) if s.id_pattern else None,
             author_associations=tuple(a.upper() for a in s.author_associations),
-            done_label=s.done_label, parked_label=s.parked_label,
+            done_label=s.done_label,
+            parked_label=s.parked_label,
             linear_team=s.linear.team if s.kind == "linear" else None,
             linear_project=s.linear.project if s.kind == "linear" else None,
         )
@@ -130,27 +133,36 @@ class Rules:
         if self.title_prefix and not issue.title.lstrip().startswith(self.title_prefix):
             return Verdict(Gate.OUT_OF_SCOPE, f"title lacks prefix {_q(self.title_prefix)}")
         if self.id_pattern is not None and not self.id_pattern.fullmatch(issue.id):
-            return Verdict(Gate.OUT_OF_SCOPE, f"id does not match id_pattern "
-                                              f"{_q(self.id_pattern.pattern)}", f"it is {_shown(issue.id)}")
+            return Verdict(
+                Gate.OUT_OF_SCOPE,
+                f"id does not match id_pattern {_q(self.id_pattern.pattern)}",
+                f"it is {_shown(issue.id)}",
+            )
         author = issue.author_association
         if self.author_associations and (author or "").upper() not in self.author_associations:
-            return Verdict(Gate.OUT_OF_SCOPE, "author association not one of "
-                           f"{', '.join(self.author_associations)}", f"it is {_shown(author)}")
+            return Verdict(
+                Gate.OUT_OF_SCOPE,
+                f"author association not one of {', '.join(self.author_associations)}",
+                f"it is {_shown(author)}",
+            )
         extra = issue.model_extra or {}
         team, project = extra.get("team"), extra.get("project")
         if self.linear_team and str(team or "").casefold() != self.linear_team.casefold():
-            return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear team {_q(self.linear_team)}",
-                           f"it is {_shown(team)}")
+            return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear team {_q(self.linear_team)}", f"it is {_shown(team)}")
         if self.linear_project and project != self.linear_project:
-            return Verdict(Gate.OUT_OF_SCOPE, f"not in Linear project {_q(self.linear_project)}",
-                           f"it is {_shown(project)}")
+            return Verdict(
+                Gate.OUT_OF_SCOPE, f"not in Linear project {_q(self.linear_project)}", f"it is {_shown(project)}"
+            )
         return None
 
     def readiness(self, issue: Issue) -> Verdict | None:
         """Why ``issue`` is not ready (its state, or a label the factory wrote), or None when it is."""
         if issue.state not in self.ready_states:
-            return Verdict(Gate.NOT_READY, "its state in the source is not one of "
-                           f"{', '.join(map(_q, self.ready_states))}", f"it is {_shown(issue.state)}")
+            return Verdict(
+                Gate.NOT_READY,
+                f"its state in the source is not one of {', '.join(map(_q, self.ready_states))}",
+                f"it is {_shown(issue.state)}",
+            )
         have = {lb.casefold() for lb in issue.labels}
         for label, what in ((self.done_label, "done"), (self.parked_label, "parked")):
             if label and label.casefold() in have:

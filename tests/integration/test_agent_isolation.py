@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.ledger import Ledger
+from factory_worker.ledger.core import Ledger
 from tests.support import CeleryProc, ctl, settings_from, stack_env, wait_until, write_issues
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,10 +35,18 @@ pytestmark = [
 ]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running agents as another user needs root")
 needs_py3 = pytest.mark.skipif(PY3 is None, reason="no /usr/bin/python3 for the agent's user to run")
-ATTEMPTS = ("read /proc/$PPID/environ", "find a credential in any /proc/*/environ", "read the worker's config file",
-            "read the worker's env file", "find a credential in its own environment",
-            "list the worker's cwd through /proc/$PPID/cwd", "write factory.toml in the worker's cwd",
-            "create a file in the issue source directory", "append to the issue source file", "signal the worker")
+ATTEMPTS = (
+    "read /proc/$PPID/environ",
+    "find a credential in any /proc/*/environ",
+    "read the worker's config file",
+    "read the worker's env file",
+    "find a credential in its own environment",
+    "list the worker's cwd through /proc/$PPID/cwd",
+    "write factory.toml in the worker's cwd",
+    "create a file in the issue source directory",
+    "append to the issue source file",
+    "signal the worker",
+)
 GIVEN_ENV = {"PATH", "HOME", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
 
 
@@ -66,16 +74,29 @@ class Site:
         return self.root / "out"
 
     def secrets(self) -> dict[str, str]:
-        return {"GITHUB_TOKEN": f"ghp_{self.marker}", "FLOWER_BASIC_AUTH": f"admin:{self.marker}",
-                "DEPLOY_API_TOKEN": self.marker}
+        return {
+            "GITHUB_TOKEN": f"ghp_{self.marker}",
+            "FLOWER_BASIC_AUTH": f"admin:{self.marker}",
+            "DEPLOY_API_TOKEN": self.marker,
+        }
 
     def agent_settings(self, user: str | None) -> dict[str, str]:
-        argv = [PY3 or "python3", str(HOSTILE), str(self.out), str(self.config), str(self.env_file), str(self.root),
-                str(self.source_dir)]
-        env = {"FACTORY_CONFIG": str(self.config), "FACTORY_AGENT__COMMAND": json.dumps(argv),
-               "FACTORY_AGENT__WORKDIR_ROOT": str(self.root / "work"),
-               "FACTORY_AGENT__LOG_DIR": str(self.root / "logs"),
-               "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH"])}
+        argv = [
+            PY3 or "python3",
+            str(HOSTILE),
+            str(self.out),
+            str(self.config),
+            str(self.env_file),
+            str(self.root),
+            str(self.source_dir),
+        ]
+        env = {
+            "FACTORY_CONFIG": str(self.config),
+            "FACTORY_AGENT__COMMAND": json.dumps(argv),
+            "FACTORY_AGENT__WORKDIR_ROOT": str(self.root / "work"),
+            "FACTORY_AGENT__LOG_DIR": str(self.root / "logs"),
+            "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH"]),
+        }
         if user is not None:
             env["FACTORY_AGENT__USER"] = user
         return env
@@ -89,8 +110,11 @@ def site():
     root = Path(tempfile.mkdtemp(prefix="fw-site-"))
     os.chmod(root, 0o755)
     s = Site(root, "s3cret-" + uuid.uuid4().hex)
-    for path, text in ((s.config, f"# deploy key {s.marker}\n[dispatch]\nmax_attempts = 3\n"),
-                       (s.env_file, f"GITHUB_TOKEN=ghp_{s.marker}\n"), (root / "redis_url", "")):
+    for path, text in (
+        (s.config, f"# deploy key {s.marker}\n[dispatch]\nmax_attempts = 3\n"),
+        (s.env_file, f"GITHUB_TOKEN=ghp_{s.marker}\n"),
+        (root / "redis_url", ""),
+    ):
         path.write_text(text)
         os.chmod(path, 0o600)
     s.source_dir.mkdir(mode=0o755)
@@ -123,7 +147,7 @@ def assert_contained(site: Site, report: dict) -> None:
 SUPERVISOR = """
 import json
 from factory_worker.agents import CommandAgent, Dispatch
-from factory_worker.config import load_settings
+from factory_worker.config.settings import load_settings
 from factory_worker.sources import Issue
 
 settings = load_settings()
@@ -135,10 +159,16 @@ print(json.dumps({"outcome": result.outcome, "error": result.error}))
 
 def run_supervised(site: Site, user: str | None) -> dict:
     """A worker process (secrets in its environment, cwd = the site) runs the hostile agent via CommandAgent."""
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **site.secrets(), **site.agent_settings(user),
-           "FACTORY_REDIS_URL": f"redis://:{site.marker}@127.0.0.1:1/0"}  # never connected to
-    proc = subprocess.run([sys.executable, "-c", SUPERVISOR], env=env, cwd=site.root, capture_output=True, text=True,
-                          timeout=60)
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        **site.secrets(),
+        **site.agent_settings(user),
+        "FACTORY_REDIS_URL": f"redis://:{site.marker}@127.0.0.1:1/0",
+    }  # never connected to
+    proc = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR], env=env, cwd=site.root, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["outcome"] == "ok", proc.stdout
     return site.report()
@@ -163,14 +193,21 @@ def test_without_agent_user_the_allowlist_still_holds_but_proc_environ_leaks(sit
 @needs_root
 @needs_py3
 @pytest.mark.e2e
-def test_a_hostile_agent_dispatched_by_a_celery_worker_reaches_nothing(site, redis_url, real_redis, namespace,
-                                                                      tmp_path, procs):
+def test_a_hostile_agent_dispatched_by_a_celery_worker_reaches_nothing(
+    site, redis_url, real_redis, namespace, tmp_path, procs
+):
     """The whole path: beat-less run-once -> real `celery worker` (as root, secrets in its env, the Redis URL
     read from FACTORY_REDIS_URL_FILE) -> agent task -> the hostile agent as nobody."""
     (site.root / "redis_url").write_text(redis_url + "\n")
-    env = stack_env(redis_url, namespace, tmp_path, **site.secrets(), **site.agent_settings("nobody"),
-                    FACTORY_SOURCE__PATH=str(site.source_dir / "issues.jsonl"),
-                    FACTORY_REDIS_URL_FILE=str(site.root / "redis_url"))
+    env = stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        **site.secrets(),
+        **site.agent_settings("nobody"),
+        FACTORY_SOURCE__PATH=str(site.source_dir / "issues.jsonl"),
+        FACTORY_REDIS_URL_FILE=str(site.root / "redis_url"),
+    )
     del env["FACTORY_REDIS_URL"]
     worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "1"], cwd=site.root)
     procs.append(worker)
@@ -189,21 +226,46 @@ def test_a_worker_that_cannot_switch_users_refuses_to_start(site, redis_url, nam
     """Root without CAP_SETUID (a container's dropped capability): the agent worker exits 2 with one line
     naming agent.user; a loop-only worker, which never runs agents, starts."""
     env = stack_env(redis_url, namespace, tmp_path, **site.agent_settings("nobody"))
-    celery = [sys.executable, "-m", "celery", "-A", "factory_worker", "worker", "-l", "INFO", "--without-mingle",
-              "--without-gossip", "-c", "1"]
+    celery = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "factory_worker",
+        "worker",
+        "-l",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "-c",
+        "1",
+    ]
     no_setuid = [shutil.which("setpriv") or "setpriv", "--bounding-set=-setuid", "--"]
-    proc = subprocess.run(no_setuid + celery + ["-Q", f"{namespace}.agents"], env=env, cwd=site.root,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        no_setuid + celery + ["-Q", f"{namespace}.agents"],
+        env=env,
+        cwd=site.root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("factory_worker:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
     assert "agent.user (FACTORY_AGENT__USER=nobody)" in lines[0] and "CAP_SETUID" in lines[0]
     log_path = tmp_path / "loop-worker.log"
     with open(log_path, "wb") as log:
-        loop_only = subprocess.Popen(no_setuid + celery + ["-Q", f"{namespace}.loop"], env=env, cwd=site.root,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        loop_only = subprocess.Popen(
+            no_setuid + celery + ["-Q", f"{namespace}.loop"],
+            env=env,
+            cwd=site.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: loop_only.poll() is not None or "ready." in log_path.read_text(), 30,
-                   what="loop worker ready")
+        wait_until(
+            lambda: loop_only.poll() is not None or "ready." in log_path.read_text(), 30, what="loop worker ready"
+        )
         assert loop_only.poll() is None, log_path.read_text()
     finally:
         loop_only.terminate()

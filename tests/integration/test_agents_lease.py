@@ -11,10 +11,10 @@ import time
 import pytest
 
 from factory_worker.agents import CommandAgent, Dispatch
-from factory_worker.config import load_settings
-from factory_worker.embedded import RedisServer
-from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from factory_worker.ops.embedded import RedisServer
 from factory_worker.sources.base import Issue
 from tests.support import pid_alive
 
@@ -37,10 +37,12 @@ def test_a_frozen_redis_cannot_keep_an_agent_alive_past_its_lease(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     try:
         lease_s, grace_s = 3.0, 1.0
-        s = load_settings(redis_url=server.url, namespace="keeper",
-                          dispatch={"lease_ttl_s": lease_s, "queue_lease_s": lease_s},
-                          agent={"term_grace_s": grace_s, "log_dir": str(tmp_path / "logs"),
-                                 "workdir_root": str(tmp_path / "work")})
+        s = load_settings(
+            redis_url=server.url,
+            namespace="keeper",
+            dispatch={"lease_ttl_s": lease_s, "queue_lease_s": lease_s},
+            agent={"term_grace_s": grace_s, "log_dir": str(tmp_path / "logs"), "workdir_root": str(tmp_path / "work")},
+        )
         ledger = Ledger(server.client(), Keys("keeper"), s.dispatch)
         ledger.r.hset(ledger.keys.slots, "w@test", f"10:{2**53}")
         claim = ledger.claim(["F-1"]).claims[0]
@@ -65,7 +67,8 @@ def test_a_frozen_redis_cannot_keep_an_agent_alive_past_its_lease(tmp_path):
 
         began = time.monotonic()
         result = CommandAgent(settings, lease_s / 3, lease_s).run(
-            Dispatch(Issue(id="F-1", title="t", state="ready"), claim.token, "agent-f1"), renew, should_stop)
+            Dispatch(Issue(id="F-1", title="t", state="ready"), claim.token, "agent-f1"), renew, should_stop
+        )
         gone_at = time.monotonic()
         leader, child = (int(x) for x in pids.read_text().split())
         assert result.outcome == "lease-lost" and "could not be renewed" in result.error
@@ -73,8 +76,10 @@ def test_a_frozen_redis_cannot_keep_an_agent_alive_past_its_lease(tmp_path):
         last_renew_sent = max(renews) if renews else began
         lease_end = last_renew_sent + lease_s  # the earliest the claim could expire in Redis
         assert gone_at < lease_end, f"agent outlived its lease by {gone_at - lease_end:.2f}s"
-        print(f"dead {lease_end - gone_at:.2f}s before the lease could end "
-              f"(frozen {gone_at - frozen_at[0]:.2f}s after the last renew)")
+        print(
+            f"dead {lease_end - gone_at:.2f}s before the lease could end "
+            f"(frozen {gone_at - frozen_at[0]:.2f}s after the last renew)"
+        )
     finally:
         if server.proc is not None and server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGCONT)

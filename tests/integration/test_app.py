@@ -15,12 +15,21 @@ BAD = {"FACTORY_LOOP__MAX_ITERATIONS": "0"}
 
 
 def _run(argv: list[str], env_extra: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env=factory_env(env_extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv,
+        env=factory_env(env_extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_importing_the_app_with_a_bad_setting_does_not_exit():
-    res = _run([sys.executable, "-c", "import factory_worker.app as a; print(type(a.CONFIG_ERROR).__name__)"], BAD)
+    res = _run(
+        [sys.executable, "-c", "import factory_worker.worker.app as a; print(type(a.CONFIG_ERROR).__name__)"], BAD
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ConfigError"
 
@@ -39,7 +48,7 @@ def test_worker_and_beat_print_a_bad_setting_as_one_line_and_exit_2(kind, tmp_pa
 
 def test_no_celery_or_flower_view_of_the_config_shows_the_redis_password():
     code = (
-        "from factory_worker.app import app\n"
+        "from factory_worker.worker.app import app\n"
         "conf = app.conf\n"
         "print('factory_settings' in conf)\n"
         "print(conf.humanize(with_defaults=False, censored=True))\n"  # what `celery inspect conf` / Flower show
@@ -52,15 +61,37 @@ def test_no_celery_or_flower_view_of_the_config_shows_the_redis_password():
     assert "s3cret-pw" not in rest and "broker_url" in rest
 
 
-CELERY_FREE = ("config", "urls", "keys", "states", "scripts", "ledger", "guard", "audit", "heartbeat", "control",
-               "context", "loop", "sweep", "agent_task", "presence", "operations", "doctor", "metrics", "notify",
-               "sources.file", "agents.command")
+CELERY_FREE = (
+    "config",
+    "urls",
+    "keys",
+    "states",
+    "scripts",
+    "ledger",
+    "guard",
+    "audit",
+    "heartbeat",
+    "control",
+    "context",
+    "loop",
+    "sweep",
+    "agent_task",
+    "presence",
+    "operations",
+    "doctor",
+    "metrics",
+    "notify",
+    "sources.file",
+    "agents.command",
+)
 
 
 def test_the_core_imports_no_celery():
     """The Celery-free core of ARCHITECTURE ("The Celery edge") stays free of Celery and kombu."""
-    code = ("import sys\nfor m in sys.argv[1:]:\n    __import__('factory_worker.' + m)\n"
-            "print(sorted(n for n in ('celery', 'kombu') if n in sys.modules))")
+    code = (
+        "import sys\nfor m in sys.argv[1:]:\n    __import__('factory_worker.' + m)\n"
+        "print(sorted(n for n in ('celery', 'kombu') if n in sys.modules))"
+    )
     res = _run([sys.executable, "-c", code, *CELERY_FREE], {})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

@@ -9,9 +9,18 @@ from collections import Counter
 
 import pytest
 
-from factory_worker.app import agent_queue
-from factory_worker.ledger import Ledger
-from tests.support import assert_audit_clean, CeleryProc, read_events, settings_from, stack_env, wait_until, write_issues
+from factory_worker.ledger.core import Ledger
+from factory_worker.worker.app import agent_queue
+from tests.support import (
+    CeleryProc,
+    assert_audit_clean,
+    read_events,
+    settings_from,
+    stack_env,
+    wait_until,
+    write_issues,
+)
+
 
 @pytest.fixture(autouse=True)
 def _ends_with_an_audit(redis_url, namespace, procs):
@@ -23,13 +32,20 @@ def _ends_with_an_audit(redis_url, namespace, procs):
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
-def test_a_cap_far_above_the_fleet_drains_without_no_op_tasks_or_a_flooded_queue(redis_url, real_redis, namespace,
-                                                                                   tmp_path, procs):
+def test_a_cap_far_above_the_fleet_drains_without_no_op_tasks_or_a_flooded_queue(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     n, concurrency = 300, 4
     slots = concurrency - 1  # a worker on both queues keeps one process for the loop
     write_issues(tmp_path / "issues.jsonl", [{"id": f"Q-{i}", "title": "t", "state": "ready"} for i in range(n)])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__MAX_IN_FLIGHT="5000",
-                    FACTORY_DISPATCH__LEASE_TTL_S="2", AGENT_SLEEP="0")
+    env = stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        FACTORY_DISPATCH__MAX_IN_FLIGHT="5000",
+        FACTORY_DISPATCH__LEASE_TTL_S="2",
+        AGENT_SLEEP="0",
+    )
     worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", str(concurrency)])
     procs.append(worker)
     worker.wait_ready()
@@ -62,8 +78,9 @@ def test_a_cap_far_above_the_fleet_drains_without_no_op_tasks_or_a_flooded_queue
 @pytest.mark.chaos
 def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, namespace, tmp_path, procs):
     write_issues(tmp_path / "issues.jsonl", [{"id": "S-1", "title": "t", "state": "ready"}])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
-                    FACTORY_WORKER__HEARTBEAT_TTL_S="2")
+    env = stack_env(
+        redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5", FACTORY_WORKER__HEARTBEAT_TTL_S="2"
+    )
     worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
     procs.append(worker)
     worker.wait_ready()
@@ -77,22 +94,32 @@ def test_a_worker_that_stops_takes_its_slots_with_it(redis_url, real_redis, name
 
 
 @pytest.mark.chaos
-def test_a_queued_claim_whose_message_died_with_its_worker_runs_once_elsewhere(redis_url, real_redis, namespace,
-                                                                              tmp_path, procs):
+def test_a_queued_claim_whose_message_died_with_its_worker_runs_once_elsewhere(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """A worker popped an agent message and was SIGKILLed before recording it (or a failover lost it): the
     message is gone from the broker, its claim is queued. The loop's sweep releases it and the issue runs
     exactly once on another worker, long before the queue lease (1 h here) would have freed it."""
     write_issues(tmp_path / "issues.jsonl", [])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
-                    FACTORY_WORKER__HEARTBEAT_TTL_S="3", AGENT_SLEEP="0.2")
+    env = stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        FACTORY_WORKER__HEARTBEAT_INTERVAL_S="0.5",
+        FACTORY_WORKER__HEARTBEAT_TTL_S="3",
+        AGENT_SLEEP="0.2",
+    )
     loop_worker = CeleryProc("worker", env, tmp_path, "loop", extra=["-c", "1", "-Q", f"{namespace}.loop"])
     doomed = CeleryProc("worker", env, tmp_path, "doomed", extra=["-c", "2", "-Q", f"{namespace}.agents"])
     procs.extend([loop_worker, doomed])
     loop_worker.wait_ready()
     doomed.wait_ready()
     ledger = Ledger.from_settings(settings_from(env), real_redis)
-    wait_until(lambda: any(not v.startswith("0:") for v in real_redis.hvals(ledger.keys.slots)), 10,
-               what="the agent worker's slots")
+    wait_until(
+        lambda: any(not v.startswith("0:") for v in real_redis.hvals(ledger.keys.slots)),
+        10,
+        what="the agent worker's slots",
+    )
     doomed.signal(signal.SIGSTOP)  # it may still have a BRPOP pending: a message it can never run
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
     write_issues(tmp_path / "issues.jsonl", [{"id": "M-1", "title": "t", "state": "ready"}])

@@ -10,13 +10,22 @@ from collections import Counter
 
 import pytest
 
-from factory_worker import heartbeat
-from factory_worker.embedded import RedisServer
-from factory_worker.ledger import Ledger, StaleClaimError
 from factory_worker.context import Context
+from factory_worker.ledger.core import Ledger, StaleClaimError
+from factory_worker.loop import heartbeat
+from factory_worker.ops.embedded import RedisServer
 from tests.support import (
-    CeleryProc, assert_audit_clean, ctl, pid_alive, read_events, settings_from, stack_env, start_worker_and_beat,
-    wait_until, warm_shutdown, write_issues,
+    CeleryProc,
+    assert_audit_clean,
+    ctl,
+    pid_alive,
+    read_events,
+    settings_from,
+    stack_env,
+    start_worker_and_beat,
+    wait_until,
+    warm_shutdown,
+    write_issues,
 )
 
 
@@ -31,15 +40,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(18
 
 
 def starts(tmp_path, issue=None):
-    return [e for e in read_events(tmp_path / "out") if e["event"] == "start" and (issue is None or e["issue"] == issue)]
+    return [
+        e for e in read_events(tmp_path / "out") if e["event"] == "start" and (issue is None or e["issue"] == issue)
+    ]
 
 
 def ok_ends(tmp_path):
     return Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "end" and e["code"] == 0)
 
 
-def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(redis_url, real_redis, namespace,
-                                                                       tmp_path, procs):
+def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     write_issues(tmp_path / "issues.jsonl", [{"id": "K-1", "title": "t", "state": "ready", "labels": ["slow-once"]}])
     env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__LEASE_TTL_S="3")
     w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "1"])
@@ -67,12 +79,14 @@ def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(redis_url,
         ctx.ledger.complete("K-1", first["token"])
 
 
-def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(redis_url, real_redis, namespace,
-                                                                       tmp_path, procs):
+def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     issues = [{"id": f"S-{n}", "title": "t", "state": "ready", "labels": ["slow-once"]} for n in range(2)]
     write_issues(tmp_path / "issues.jsonl", issues)
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_WORKER__SOFT_SHUTDOWN_S="3",
-                    FACTORY_LOOP__MAX_ITERATIONS="20")
+    env = stack_env(
+        redis_url, namespace, tmp_path, FACTORY_WORKER__SOFT_SHUTDOWN_S="3", FACTORY_LOOP__MAX_ITERATIONS="20"
+    )
     w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
     procs.append(w1)
     w1.wait_ready()
@@ -115,8 +129,9 @@ def _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, prefix:
 
 
 def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redis, namespace, tmp_path, procs):
-    path, env, ctx = _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, "A", 4,
-                                       FACTORY_LOOP__MAX_ITERATIONS="50")
+    path, env, ctx = _stack_after_done(
+        redis_url, real_redis, namespace, tmp_path, procs, "A", 4, FACTORY_LOOP__MAX_ITERATIONS="50"
+    )
     assert ctl(env, "loop-status").returncode == 0
 
     res = ctl(env, "kill-loop", "--json")
@@ -144,12 +159,14 @@ def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redi
     wait_until(lambda: ctx.ledger.gauges()["done"] == 7, 30, what="dispatching resumed")
 
 
-def test_pause_keeps_the_loop_live_claims_nothing_and_resume_dispatches(redis_url, real_redis, namespace, tmp_path,
-                                                                      procs):
+def test_pause_keeps_the_loop_live_claims_nothing_and_resume_dispatches(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """DESIGN: pause claims nothing, running agents go on, the run stays alive. Paused past ``stale_after_s``
     the loop still answers live (exit 0) and paused; nothing new starts; resume dispatches what arrived."""
-    path, env, ctx = _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, "Q", 2,
-                                       FACTORY_LOOP__STALE_AFTER_S="3")
+    path, env, ctx = _stack_after_done(
+        redis_url, real_redis, namespace, tmp_path, procs, "Q", 2, FACTORY_LOOP__STALE_AFTER_S="3"
+    )
     assert ctl(env, "pause").returncode == 0
     paused_at = time.time()
     with open(path, "a") as fh:  # new ready issues arrive while paused
@@ -184,13 +201,11 @@ def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis,
     assert forced.returncode == 0 and real_redis.exists(ctx.keys.kill)
 
 
-def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, real_redis, namespace,
-                                                                    tmp_path, procs):
+def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, real_redis, namespace, tmp_path, procs):
     issues = [{"id": f"L-{n}", "title": "t", "state": "ready", "labels": ["slow"]} for n in range(3)]
     write_issues(tmp_path / "issues.jsonl", issues)
     # one iteration per run: the agents outlive the run that sent them, and kill-loop kills a later run
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="1",
-                    FACTORY_AGENT__TERM_GRACE_S="2")
+    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="1", FACTORY_AGENT__TERM_GRACE_S="2")
     start_worker_and_beat(procs, env, tmp_path, 4)
     running = wait_until(lambda: len(starts(tmp_path)) >= 3 and starts(tmp_path), 30, what="3 agents running")
     ctx = Context(settings_from(env), real_redis)
@@ -215,8 +230,14 @@ def test_redis_restart_mid_run_every_issue_done_once(tmp_path, namespace, procs)
     try:
         issues = [{"id": f"R-{n:02d}", "title": "t", "state": "ready"} for n in range(30)]
         write_issues(tmp_path / "issues.jsonl", issues)
-        env = stack_env(server.url, namespace, tmp_path, AGENT_SLEEP="0.3", FACTORY_LOOP__MAX_ITERATIONS="20",
-                        FACTORY_DISPATCH__MAX_IN_FLIGHT="4")
+        env = stack_env(
+            server.url,
+            namespace,
+            tmp_path,
+            AGENT_SLEEP="0.3",
+            FACTORY_LOOP__MAX_ITERATIONS="20",
+            FACTORY_DISPATCH__MAX_IN_FLIGHT="4",
+        )
         procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
         procs.append(CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "2"]))
         procs.append(CeleryProc("beat", env, tmp_path, "beat"))
@@ -241,14 +262,22 @@ def test_redis_restart_mid_run_every_issue_done_once(tmp_path, namespace, procs)
 
 
 def test_sigkill_of_the_loop_worker_is_followed_by_a_new_run_before_the_loop_lease_expires(
-        redis_url, real_redis, namespace, tmp_path, procs):
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """The loop worker dies mid-run with the default 60 s loop lease: the next kickoff sees that the run's
     holder has no presence key any more and takes the lease over (after the worker's presence TTL, 15 s),
     ending the lost run as abandoned; every issue still runs once."""
     issues = [{"id": f"H-{n:02d}", "title": "t", "state": "ready"} for n in range(20)]
     write_issues(tmp_path / "issues.jsonl", issues)
-    env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0.5", FACTORY_LOOP__MAX_ITERATIONS="50",
-                    FACTORY_LOOP__ITERATION_SPACING_S="0.5", FACTORY_DISPATCH__MAX_IN_FLIGHT="2")
+    env = stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        AGENT_SLEEP="0.5",
+        FACTORY_LOOP__MAX_ITERATIONS="50",
+        FACTORY_LOOP__ITERATION_SPACING_S="0.5",
+        FACTORY_DISPATCH__MAX_IN_FLIGHT="2",
+    )
     assert "FACTORY_LOOP__LEASE_TTL_S" not in env  # the default: 60 s
     loop1 = CeleryProc("worker", env, tmp_path, "loop1", queues=[f"{namespace}.loop"], extra=["-c", "1"])
     agents = CeleryProc("worker", env, tmp_path, "agents", queues=[f"{namespace}.agents"], extra=["-c", "2"])
@@ -257,16 +286,26 @@ def test_sigkill_of_the_loop_worker_is_followed_by_a_new_run_before_the_loop_lea
         p.wait_ready()
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
     ctx = Context(settings_from(env), real_redis)
-    lost = wait_until(lambda: (r := ctx.control.current_run_id()) and
-                      (ctx.control.run(r) or {}).get("holder", "").startswith("loop1@") and r, 30,
-                      what="a run held by loop1")
+    lost = wait_until(
+        lambda: (
+            (r := ctx.control.current_run_id())
+            and (ctx.control.run(r) or {}).get("holder", "").startswith("loop1@")
+            and r
+        ),
+        30,
+        what="a run held by loop1",
+    )
     loop1.signal(signal.SIGKILL)
     killed = time.monotonic()
     loop2 = CeleryProc("worker", env, tmp_path, "loop2", queues=[f"{namespace}.loop"], extra=["-c", "1"])
     procs.append(loop2)
     loop2.wait_ready()
-    wait_until(lambda: ctx.control.current_run_id() not in (lost, None), 45, interval=0.2,
-               what="a new run after the loop worker's death")
+    wait_until(
+        lambda: ctx.control.current_run_id() not in (lost, None),
+        45,
+        interval=0.2,
+        what="a new run after the loop worker's death",
+    )
     took = time.monotonic() - killed
     print(f"new run {took:.1f}s after the loop worker's SIGKILL (loop lease 60 s, presence TTL 15 s)")
     assert took < 30, f"the loop stayed stopped {took:.1f}s"

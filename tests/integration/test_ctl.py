@@ -11,13 +11,12 @@ import time
 
 import pytest
 
+from factory_worker.cli.quick import kill_first, kill_record
 from factory_worker.context import Context
-from factory_worker.keys import Keys
-from factory_worker.quick import kill_first, kill_record
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from factory_worker.ops.embedded import free_port
 from tests.conftest import roomy_fleet
-
-from factory_worker.embedded import free_port
-from factory_worker.ledger import Ledger
 from tests.support import ROOT, ctl, factory_env, pid_alive, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = pytest.mark.integration
@@ -25,10 +24,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def env(redis_url, real_redis, namespace, tmp_path):
-    write_issues(tmp_path / "issues.jsonl", [
-        {"id": "C-1", "title": "one", "state": "ready"},
-        {"id": "C-2", "title": "two", "state": "ready"},
-    ])
+    write_issues(
+        tmp_path / "issues.jsonl",
+        [
+            {"id": "C-1", "title": "one", "state": "ready"},
+            {"id": "C-2", "title": "two", "state": "ready"},
+        ],
+    )
     roomy_fleet(real_redis, Keys(namespace))  # explain answers for a fleet with room (no worker runs here)
     return stack_env(redis_url, namespace, tmp_path)
 
@@ -41,8 +43,19 @@ def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args", [["loop-status"], ["kill-loop"], ["dispatches"], ["explain", "X"],
-                                  ["retry", "X"], ["pause"], ["run-once", "--dry-run"], ["start-loop"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["loop-status"],
+        ["kill-loop"],
+        ["dispatches"],
+        ["explain", "X"],
+        ["retry", "X"],
+        ["pause"],
+        ["run-once", "--dry-run"],
+        ["start-loop"],
+    ],
+)
 def test_unreachable_redis_is_one_line_and_exit_2(args, tmp_path):
     env = factory_env({"FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     line = one_line_error(ctl(env, *args))
@@ -52,8 +65,11 @@ def test_unreachable_redis_is_one_line_and_exit_2(args, tmp_path):
 def test_with_json_an_error_is_also_a_json_object_on_stdout(env, tmp_path):
     """A script reading stdout of a --json command gets an object even on failure (the line stays on stderr)."""
     down = factory_env({"FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    for res in (ctl(down, "dispatches", "--json"), ctl({**env, "FACTORY_LOOP__INTERVAL_S": "abc"}, "explain", "X",
-                                                      "--json"), ctl(env, "dispatches", "--state", "bogus", "--json")):
+    for res in (
+        ctl(down, "dispatches", "--json"),
+        ctl({**env, "FACTORY_LOOP__INTERVAL_S": "abc"}, "explain", "X", "--json"),
+        ctl(env, "dispatches", "--state", "bogus", "--json"),
+    ):
         line = one_line_error(res)
         assert json.loads(res.stdout) == {"error": line.removeprefix("factory-worker: "), "exit": 2}
     assert ctl(down, "dispatches").stdout == ""  # without --json, stdout stays empty
@@ -117,18 +133,33 @@ def test_up_runs_the_example_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
     (work / "examples").mkdir(parents=True)
     for name in ("issues.jsonl", "agent.py"):
         (work / "examples" / name).write_text((ROOT / "examples" / name).read_text())
-    env = factory_env({
-        "FACTORY_LOOP__INTERVAL_S": "1", "FACTORY_LOOP__STALE_AFTER_S": "10",
-        "FACTORY_DISPATCH__BACKOFF_BASE_S": "1", "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
-        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, "examples/agent.py", "{id}"]),
-        "FACTORY_WORKER__SOFT_SHUTDOWN_S": "3", "FACTORY_AGENT_SLEEP_S": "0.1",
-    })
+    env = factory_env(
+        {
+            "FACTORY_LOOP__INTERVAL_S": "1",
+            "FACTORY_LOOP__STALE_AFTER_S": "10",
+            "FACTORY_DISPATCH__BACKOFF_BASE_S": "1",
+            "FACTORY_DISPATCH__BACKOFF_MAX_S": "2",
+            "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, "examples/agent.py", "{id}"]),
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": "3",
+            "FACTORY_AGENT_SLEEP_S": "0.1",
+        }
+    )
     log = open(tmp_path / "up.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"], cwd=work, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: "parked=1" in (tmp_path / "up.log").read_text(), 90, interval=0.5,
-                   what="the failing example issue parked")
+        wait_until(
+            lambda: "parked=1" in (tmp_path / "up.log").read_text(),
+            90,
+            interval=0.5,
+            what="the failing example issue parked",
+        )
         text = (tmp_path / "up.log").read_text()
         assert "embedded Redis at redis://:***@127.0.0.1:" in text  # its password never printed
         assert "[loop]" in text and "[worker1]" in text and "[beat]" in text and "[status] loop live" in text
@@ -152,14 +183,16 @@ def test_eligibility_rules_through_the_cli(env):
     ruled = {**env, "FACTORY_SOURCE__TITLE_PREFIX": "one"}
     res = ctl(ruled, "explain", "C-2")
     assert res.returncode == 0 and res.stdout.strip() == (
-        'C-2: out-of-scope: title lacks prefix "one" (the ledger alone says: claimable)')
+        'C-2: out-of-scope: title lacks prefix "one" (the ledger alone says: claimable)'
+    )
     assert json.loads(ctl(ruled, "explain", "C-1", "--json").stdout)["state"] == "claimable"
     report = json.loads(ctl(ruled, "run-once", "--dry-run", "--json").stdout)
     assert [d["issue"] for d in report["dispatches"]] == ["C-1"]
     assert report["ruled_out"] == {'out of scope: title lacks prefix "one"': 1}
     assert "left out by the eligibility rules" in ctl(ruled, "run-once", "--dry-run").stdout
-    line = one_line_error(ctl({**env, "FACTORY_SOURCE__KIND": "github", "FACTORY_SOURCE__GITHUB_REPO": "o/r"},
-                              "explain", "C-1"))
+    line = one_line_error(
+        ctl({**env, "FACTORY_SOURCE__KIND": "github", "FACTORY_SOURCE__GITHUB_REPO": "o/r"}, "explain", "C-1")
+    )
     assert "FACTORY_SOURCE__GITHUB_LABELS" in line and "FACTORY_SOURCE__GITHUB_ALL_OPEN_ISSUES" in line
     line = one_line_error(ctl({**env, "FACTORY_SOURCE__ID_PATTERN": "C-("}, "dispatches"))
     assert line.startswith("factory-worker: invalid setting source.id_pattern (FACTORY_SOURCE__ID_PATTERN): ")
@@ -217,9 +250,9 @@ def _without_age(d: dict) -> dict:
 def test_loop_status_answered_early_is_the_full_commands_answer(redis_url, real_redis, namespace, tmp_path):
     import io
 
-    from factory_worker import presence
-    from factory_worker.operations import loop_status
-    from factory_worker.quick import status_first
+    from factory_worker.cli.quick import status_first
+    from factory_worker.loop import presence
+    from factory_worker.ops.operations import loop_status
 
     env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
     ctx = Context(settings_from(env))
@@ -250,22 +283,29 @@ def test_loop_status_answered_early_is_the_full_commands_answer(redis_url, real_
 
 
 def test_loop_status_is_left_to_the_full_command_when_a_setting_could_be_wrong(redis_url, namespace, tmp_path):
-    from factory_worker.quick import status_first
+    from factory_worker.cli.quick import status_first
 
     env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
-    for extra in ({"FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, {"FACTORY_TRACKER__WRITE_BACK": "true"},
-                  {"FACTORY_LOOP__STALE_AFTER_S": "5"}):
+    for extra in (
+        {"FACTORY_DISPATCH__LEASE_TTL_S": "-1"},
+        {"FACTORY_TRACKER__WRITE_BACK": "true"},
+        {"FACTORY_LOOP__STALE_AFTER_S": "5"},
+    ):
         assert status_first(["loop-status"], {**env, **extra}, tmp_path) is None
-    assert status_first(["loop-status", "--json"], {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
-                        tmp_path) is None
+    assert (
+        status_first(
+            ["loop-status", "--json"], {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path
+        )
+        is None
+    )
     line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
     assert "FACTORY_DISPATCH__LEASE_TTL_S" in line
 
 
 def test_a_long_lived_status_reader_survives_a_redis_restart(tmp_path, namespace):
     """metrics and `up` read loop-status through one client for hours: a restart must not break it."""
-    from factory_worker.embedded import RedisServer
-    from factory_worker.operations import loop_status
+    from factory_worker.ops.embedded import RedisServer
+    from factory_worker.ops.operations import loop_status
 
     server = RedisServer(tmp_path / "r").start()
     try:
@@ -295,7 +335,7 @@ def test_a_setting_spelt_in_lower_case_means_the_same_loop_on_both_paths(env, re
 
 
 def test_an_early_answer_that_cannot_be_written_is_one_line_and_exit_2(redis_url, namespace, tmp_path, capsys):
-    from factory_worker.quick import status_first
+    from factory_worker.cli.quick import status_first
 
     class Closed:
         encoding = "utf-8"

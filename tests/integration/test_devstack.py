@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from factory_worker import devstack
-from factory_worker.config import Settings
-from factory_worker.urls import mask_url
+from factory_worker.config.settings import Settings
+from factory_worker.config.urls import mask_url
+from factory_worker.ops import devstack
 from tests.support import ctl, factory_env, wait_until
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,16 @@ def test_flower_credentials_go_to_flower_alone_through_its_environment(tmp_path,
 def _up_env(tmp_path: Path) -> dict[str, str]:
     issues = tmp_path / "issues.jsonl"
     issues.write_text(json.dumps({"id": "UP-1", "title": "t", "state": "ready"}) + "\n")
-    return factory_env({
-        "FACTORY_SOURCE__PATH": str(issues), "FACTORY_LOOP__INTERVAL_S": "1", "FACTORY_LOOP__STALE_AFTER_S": "10",
-        "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, "-c", "pass"]),
-        "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"), "FACTORY_WORKER__SOFT_SHUTDOWN_S": "2",
-    })
+    return factory_env(
+        {
+            "FACTORY_SOURCE__PATH": str(issues),
+            "FACTORY_LOOP__INTERVAL_S": "1",
+            "FACTORY_LOOP__STALE_AFTER_S": "10",
+            "FACTORY_AGENT__COMMAND": json.dumps([sys.executable, "-c", "pass"]),
+            "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": "2",
+        }
+    )
 
 
 @pytest.mark.e2e
@@ -107,11 +112,20 @@ def test_up_runs_prints_no_secret_and_the_cli_works_from_the_url_file(tmp_path):
     env = _up_env(tmp_path)
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: "[status] loop live" in log_path.read_text() or proc.poll() is not None, 60,
-                   what="up reports a live loop")
+        wait_until(
+            lambda: "[status] loop live" in log_path.read_text() or proc.poll() is not None,
+            60,
+            what="up reports a live loop",
+        )
         assert proc.poll() is None, log_path.read_text()
         url = (tmp_path / ".factory/redis.url").read_text().strip()
         status = ctl({**env, "FACTORY_REDIS_URL": url}, "loop-status")
@@ -131,8 +145,12 @@ def test_a_second_ctrl_c_forces_the_stop_and_says_so(monkeypatch, capsys):
     (run_stack then exits 130, not 0)."""
     import threading
 
-    stubborn = subprocess.Popen(["sh", "-c", 'trap "" TERM; echo ready; exec sleep 30'], start_new_session=True,
-                                stdout=subprocess.PIPE, text=True)
+    stubborn = subprocess.Popen(
+        ["sh", "-c", 'trap "" TERM; echo ready; exec sleep 30'],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
         monkeypatch.setattr(devstack._Flags, "stop", 1)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.doctor import format_report, run_doctor
-from factory_worker.presence import beat_seen, clear_beat, publish_beat
-from factory_worker.embedded import RedisServer, free_port
 from factory_worker.context import Context
+from factory_worker.loop.presence import beat_seen, clear_beat, publish_beat
+from factory_worker.ops.doctor import format_report, run_doctor
+from factory_worker.ops.embedded import RedisServer, free_port
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,17 @@ def test_good_config_exits_0(start_redis, make_settings) -> None:
 
 def test_good_config_cli_exits_0(start_redis, namespace) -> None:
     server = good(start_redis)
-    proc = cli(["doctor"], {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace,
-                            "FACTORY_AGENT__USER": "nobody"})
+    proc = cli(
+        ["doctor"], {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace, "FACTORY_AGENT__USER": "nobody"}
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("doctor: ok")
 
 
-@pytest.mark.parametrize("policy,severity", [("allkeys-lru", "error"), ("allkeys-random", "error"),
-                                             ("volatile-lru", "warn"), ("volatile-ttl", "warn")])
+@pytest.mark.parametrize(
+    "policy,severity",
+    [("allkeys-lru", "error"), ("allkeys-random", "error"), ("volatile-lru", "warn"), ("volatile-ttl", "warn")],
+)
 def test_eviction_policy_that_drops_ledger_keys(start_redis, make_settings, policy, severity) -> None:
     server = start_redis(appendonly=True, extra=["--maxmemory-policy", policy, "--maxmemory", "100mb"])
     data, code = run_doctor(make_settings(redis_url=server.url))
@@ -123,8 +126,11 @@ def test_config_disabled_is_unknown_not_a_crash(start_redis, make_settings) -> N
 
 def test_visibility_timeout_shorter_than_agent_timeout(start_redis, make_settings, tmp_path) -> None:
     server = good(start_redis)
-    s = make_settings(redis_url=server.url, worker={"visibility_timeout_s": 60, "soft_shutdown_s": 20},
-                      agent={"command": ["true"], "log_dir": str(tmp_path), "timeout_s": 600})
+    s = make_settings(
+        redis_url=server.url,
+        worker={"visibility_timeout_s": 60, "soft_shutdown_s": 20},
+        agent={"command": ["true"], "log_dir": str(tmp_path), "timeout_s": 600},
+    )
     data, code = run_doctor(s)
     (ctx,) = by_check(data, "visibility-timeout")
     assert code == 1 and "FACTORY_WORKER__VISIBILITY_TIMEOUT_S" in ctx["message"] and "620" in ctx["message"]
@@ -182,10 +188,13 @@ def test_unreachable_broker(start_redis, make_settings) -> None:
 
 def test_lease_and_heartbeat_sanity(start_redis, make_settings) -> None:
     server = good(start_redis)
-    s = make_settings(redis_url=server.url, dispatch={"lease_ttl_s": 1},
-                      agent={"term_grace_s": 0.2, "command": ["true"]},  # settings load; the doctor still warns
-                      worker={"heartbeat_interval_s": 5, "heartbeat_ttl_s": 5},
-                      loop={"interval_s": 10, "stale_after_s": 60, "heartbeat_ttl_s": 30})
+    s = make_settings(
+        redis_url=server.url,
+        dispatch={"lease_ttl_s": 1},
+        agent={"term_grace_s": 0.2, "command": ["true"]},  # settings load; the doctor still warns
+        worker={"heartbeat_interval_s": 5, "heartbeat_ttl_s": 5},
+        loop={"interval_s": 10, "stale_after_s": 60, "heartbeat_ttl_s": 30},
+    )
     data, code = run_doctor(s)
     assert code == 1
     assert "FACTORY_DISPATCH__LEASE_TTL_S" in by_check(data, "lease")[0]["message"]
@@ -240,8 +249,9 @@ def test_replica_acks_without_enough_replicas_is_an_error(start_redis, make_sett
 
 def test_a_replica_as_the_ledger_is_an_error_and_a_replica_without_acks_a_note(start_redis, make_settings) -> None:
     primary = good(start_redis)
-    replica = start_redis(appendonly=True, extra=["--maxmemory-policy", "noeviction", "--replicaof", "127.0.0.1",
-                                                  str(primary.port)])
+    replica = start_redis(
+        appendonly=True, extra=["--maxmemory-policy", "noeviction", "--replicaof", "127.0.0.1", str(primary.port)]
+    )
     wait = time.monotonic() + 15
     while primary.client().info("replication")["connected_slaves"] < 1 and time.monotonic() < wait:
         time.sleep(0.1)

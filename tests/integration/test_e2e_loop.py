@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import pytest
 
-from factory_worker.app import agent_queue
-from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger
-from tests.conftest import roomy_fleet
 from factory_worker.context import Context
-from factory_worker.control import LoopControl
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from factory_worker.loop.control import LoopControl
+from factory_worker.worker.app import agent_queue
+from tests.conftest import roomy_fleet
 from tests.support import CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -90,8 +90,12 @@ def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real
     _start_two_workers_two_beats(env, tmp_path, procs)
     settings = settings_from(env)
     ledger = Ledger.from_settings(settings, real_redis)
-    wait_until(lambda: ledger.gauges()["done"] == 59 and ledger.gauges()["parked"] == 1, 120,
-               interval=0.5, what="59 done + 1 parked")
+    wait_until(
+        lambda: ledger.gauges()["done"] == 59 and ledger.gauges()["parked"] == 1,
+        120,
+        interval=0.5,
+        what="59 done + 1 parked",
+    )
 
     by_issue = _events_by_issue(tmp_path / "out")
     # every issue done exactly once
@@ -135,7 +139,7 @@ def test_two_kickoffs_at_the_same_moment_start_one_run(real_redis, make_settings
 
 
 def Keys_for(settings):
-    from factory_worker.keys import Keys
+    from factory_worker.ledger.keys import Keys
 
     return Keys(settings.namespace)
 
@@ -166,8 +170,11 @@ def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, na
 
     sender = Celery(broker=redis_url)
     sender.conf.task_serializer = "json"
-    msg = dict(args=["R-1", claim.token, None], kwargs={"issue": {"id": "R-1", "title": "t", "state": "ready"}},
-               queue=agent_queue(namespace))
+    msg = dict(
+        args=["R-1", claim.token, None],
+        kwargs={"issue": {"id": "R-1", "title": "t", "state": "ready"}},
+        queue=agent_queue(namespace),
+    )
     sender.send_task("factory.agent.run", task_id="dup-1", **msg)
     sender.send_task("factory.agent.run", task_id="dup-1", **msg)  # the same message, delivered again
     wait_until(lambda: ledger.explain("R-1").state == "done", 30, what="R-1 done")
@@ -194,20 +201,30 @@ def test_hostile_title_reaches_the_agent_as_plain_text(redis_url, real_redis, na
     assert not list(tmp_path.glob("pwned*"))
 
 
-def test_flower_sees_failed_agents_as_failure_and_done_ones_as_success(redis_url, real_redis, namespace, tmp_path,
-                                                                         procs):
+def test_flower_sees_failed_agents_as_failure_and_done_ones_as_success(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """The agent task's Celery state tells the truth (issue 8): failed -> FAILURE with the reason, done -> SUCCESS."""
-    write_issues(tmp_path / "issues.jsonl", [{"id": "F-ok", "title": "t", "state": "ready"},
-                                             {"id": "F-bad", "title": "t", "state": "ready", "labels": ["always-fails"]}])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__BACKOFF_BASE_S="30",
-                    FACTORY_DISPATCH__BACKOFF_MAX_S="30")
+    write_issues(
+        tmp_path / "issues.jsonl",
+        [
+            {"id": "F-ok", "title": "t", "state": "ready"},
+            {"id": "F-bad", "title": "t", "state": "ready", "labels": ["always-fails"]},
+        ],
+    )
+    env = stack_env(
+        redis_url, namespace, tmp_path, FACTORY_DISPATCH__BACKOFF_BASE_S="30", FACTORY_DISPATCH__BACKOFF_MAX_S="30"
+    )
     w = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
     procs.append(w)
     w.wait_ready()
     assert ctl(env, "run-once", "--json").returncode == 0
     ledger = Ledger.from_settings(settings_from(env), real_redis)
-    wait_until(lambda: ledger.explain("F-ok").state == "done" and ledger.explain("F-bad").state == "backoff", 30,
-               what="one done, one backing off")
+    wait_until(
+        lambda: ledger.explain("F-ok").state == "done" and ledger.explain("F-bad").state == "backoff",
+        30,
+        what="one done, one backing off",
+    )
     wait_until(lambda: "raised expected: AgentFailed" in w.log(), 10, what="the failed task's FAILURE")
     log = w.log()
     assert "issue F-bad: failed -> backoff" in log

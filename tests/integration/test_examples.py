@@ -24,21 +24,33 @@ def test_the_pipeline_example_triages_implements_reviews_and_escalates(redis_url
     review rejects once), EX-1 (docs) is not reviewed, EX-8 (security) is escalated to a human with no
     attempt counted, and the blocked and done examples are never dispatched."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    env = factory_env({
-        "FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace,
-        "FACTORY_CONFIG": str(tmp_path / "examples" / "pipeline.toml"),
-        "FACTORY_SOURCE__PATH": str(tmp_path / "examples" / "issues.jsonl"),
-        "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"), "FACTORY_AGENT__WORKDIR_ROOT": str(tmp_path / "work"),
-        "FACTORY_LOOP__INTERVAL_S": "1", "FACTORY_WORKER__SOFT_SHUTDOWN_S": "2",
-        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "LANG", "FACTORY_AGENT_SLEEP_S"]),
-        "FACTORY_AGENT_SLEEP_S": "0",
-    })
+    env = factory_env(
+        {
+            "FACTORY_REDIS_URL": redis_url,
+            "FACTORY_NAMESPACE": namespace,
+            "FACTORY_CONFIG": str(tmp_path / "examples" / "pipeline.toml"),
+            "FACTORY_SOURCE__PATH": str(tmp_path / "examples" / "issues.jsonl"),
+            "FACTORY_AGENT__LOG_DIR": str(tmp_path / "logs"),
+            "FACTORY_AGENT__WORKDIR_ROOT": str(tmp_path / "work"),
+            "FACTORY_LOOP__INTERVAL_S": "1",
+            "FACTORY_WORKER__SOFT_SHUTDOWN_S": "2",
+            "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "LANG", "FACTORY_AGENT_SLEEP_S"]),
+            "FACTORY_AGENT_SLEEP_S": "0",
+        }
+    )
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "factory_worker.ctl", "up", "--no-flower"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     ctx = Context(settings_from(env), real_redis)
     try:
+
         def settled() -> bool:
             done = dict(ctx.ledger.done_markers())
             return {"EX-1", "EX-2"} <= set(done) and ctx.ledger.explain("EX-8").state == "parked"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from factory_worker.ledger import Ledger
+from factory_worker.ledger.core import Ledger
 from tests.support import CeleryProc, assert_audit_clean, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -39,8 +39,9 @@ def _trend_growth(times: list[float], values: list[int]) -> float:
     """Growth over the watch implied by the Theil-Sen slope (median of pairwise slopes): a leak of so many
     bytes per iteration shows in full, while a one-off step (a buffer or hash table resized once) or a
     spike in one sample does not move the median."""
-    slopes = [(values[j] - values[i]) / (times[j] - times[i])
-              for i in range(len(values)) for j in range(i + 1, len(values))]
+    slopes = [
+        (values[j] - values[i]) / (times[j] - times[i]) for i in range(len(values)) for j in range(i + 1, len(values))
+    ]
     return statistics.median(slopes) * (times[-1] - times[0]) / values[0]
 
 
@@ -53,13 +54,20 @@ def _stored_bytes(r) -> tuple[int, int]:
     return len(keys), sum(size or 0 for size in pipe.execute())
 
 
-def test_idle_iterations_over_a_large_done_source_keep_redis_memory_flat(redis_url, real_redis, namespace,
-                                                                         tmp_path, procs):
+def test_idle_iterations_over_a_large_done_source_keep_redis_memory_flat(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     ids = [f"D-{i}" for i in range(N_DONE)]
     write_issues(tmp_path / "issues.jsonl", [{"id": i, "title": "t", "state": "ready"} for i in ids])
-    env = stack_env(redis_url, namespace, tmp_path, FACTORY_LOOP__INTERVAL_S="2",
-                    FACTORY_LOOP__MAX_ITERATIONS="4", FACTORY_LOOP__RUN_RETENTION_S="10",
-                    FACTORY_DISPATCH__MAX_IN_FLIGHT="5000")
+    env = stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        FACTORY_LOOP__INTERVAL_S="2",
+        FACTORY_LOOP__MAX_ITERATIONS="4",
+        FACTORY_LOOP__RUN_RETENTION_S="10",
+        FACTORY_DISPATCH__MAX_IN_FLIGHT="5000",
+    )
     ledger = Ledger.from_settings(settings_from(env), real_redis)
     ledger.cfg.max_in_flight = N_DONE
     _complete_all(ledger, ids)
@@ -83,11 +91,13 @@ def test_idle_iterations_over_a_large_done_source_keep_redis_memory_flat(redis_u
     growth = _trend_growth(times, samples)
     key_bytes = [b for _, b in stored]
     key_growth = (max(key_bytes) - key_bytes[0]) / key_bytes[0]
-    print(f"\nidle memory over {WATCH_S:.0f}s ({iterations} iterations, {N_DONE} done issues in the source): "
-          f"used_memory first {samples[0]:,} B, min {min(samples):,} B, max {max(samples):,} B, "
-          f"trend {growth:+.2%}, max/first {max(samples) / samples[0] - 1:+.2%}; "
-          f"keys {stored[0][0]:,} to {max(k for k, _ in stored):,}, their bytes first {key_bytes[0]:,} B, "
-          f"max {max(key_bytes):,} B, growth {key_growth:+.2%}")
+    print(
+        f"\nidle memory over {WATCH_S:.0f}s ({iterations} iterations, {N_DONE} done issues in the source): "
+        f"used_memory first {samples[0]:,} B, min {min(samples):,} B, max {max(samples):,} B, "
+        f"trend {growth:+.2%}, max/first {max(samples) / samples[0] - 1:+.2%}; "
+        f"keys {stored[0][0]:,} to {max(k for k, _ in stored):,}, their bytes first {key_bytes[0]:,} B, "
+        f"max {max(key_bytes):,} B, growth {key_growth:+.2%}"
+    )
     assert iterations >= 20, "the loop did not iterate while watched"
     assert ledger.counters().get("claimed", 0) == N_DONE  # nothing was dispatched again
     assert max(k for k, _ in stored) <= stored[0][0] + 10, "keys pile up while idle"

@@ -10,10 +10,10 @@ import time
 import pytest
 import redis
 
-from factory_worker.config import load_settings
-from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger, StaleClaimError
-from factory_worker.scripts import NAMES, scripts_for
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger, StaleClaimError
+from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.scripts import NAMES, scripts_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,11 @@ def _racer(url: str, namespace: str, issues: list[str], batch: int, seed: int, b
     """One competing worker process: wait for the others, then claim every issue in batches."""
     try:
         client = redis.Redis.from_url(url, decode_responses=True)
-        ledger = Ledger(client, Keys(namespace), load_settings(dispatch={"max_in_flight": 100_000,
-                                                                          "lease_ttl_s": 120, "queue_lease_s": 120}).dispatch)
+        ledger = Ledger(
+            client,
+            Keys(namespace),
+            load_settings(dispatch={"max_in_flight": 100_000, "lease_ttl_s": 120, "queue_lease_s": 120}).dispatch,
+        )
         order = list(issues)
         if seed % 2:  # half walk the issues in input order (head-to-head), half in their own order
             random.Random(seed).shuffle(order)
@@ -47,8 +50,10 @@ def test_multi_process_race_has_exactly_one_winner_per_issue(real_redis, redis_s
     issues = [f"ISSUE-{n}" for n in range(N_ISSUES)]
     barrier = ctx.Barrier(PROCS)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(redis_server.url, namespace, issues, batch, seed, barrier, out))
-             for seed, batch in enumerate([10, 25, 50, 100] * (PROCS // 4))]
+    procs = [
+        ctx.Process(target=_racer, args=(redis_server.url, namespace, issues, batch, seed, barrier, out))
+        for seed, batch in enumerate([10, 25, 50, 100] * (PROCS // 4))
+    ]
     for p in procs:
         p.start()
     try:
@@ -91,8 +96,10 @@ def test_multi_process_race_has_exactly_one_winner_per_issue(real_redis, redis_s
 
 # -- leases in real time ---------------------------------------------------------------------------------
 def short_lease(make_settings, **over):
-    return make_settings(dispatch={"lease_ttl_s": 0.3, "queue_lease_s": 0.3, "max_in_flight": 10, **over},
-                         agent={"term_grace_s": 0, "command": ["true"]}).dispatch
+    return make_settings(
+        dispatch={"lease_ttl_s": 0.3, "queue_lease_s": 0.3, "max_in_flight": 10, **over},
+        agent={"term_grace_s": 0, "command": ["true"]},
+    ).dispatch
 
 
 def durable_state(r, keys) -> dict:
@@ -100,8 +107,7 @@ def durable_state(r, keys) -> dict:
     out = {}
     for key in sorted(r.scan_iter(match=keys.pattern())):
         kind = r.type(key)
-        value = {"string": r.get, "hash": r.hgetall,
-                 "zset": lambda k: r.zrange(k, 0, -1, withscores=True)}[kind](key)
+        value = {"string": r.get, "hash": r.hgetall, "zset": lambda k: r.zrange(k, 0, -1, withscores=True)}[kind](key)
         out[key] = (kind, value)
     return out
 
@@ -117,8 +123,12 @@ def test_lease_expiry_hands_the_issue_to_another_claimer(real_redis, redis_serve
     new = second.claim(["a"]).claims[0]
     assert new.fence == 2 and new.token != old.token
     before = durable_state(real_redis, keys)
-    for late in (lambda: first.complete("a", old.token), lambda: first.renew("a", old.token),
-                 lambda: first.fail("a", old.token, "late"), lambda: first.release("a", old.token)):
+    for late in (
+        lambda: first.complete("a", old.token),
+        lambda: first.renew("a", old.token),
+        lambda: first.fail("a", old.token, "late"),
+        lambda: first.release("a", old.token),
+    ):
         with pytest.raises(StaleClaimError) as exc:
             late()
         assert exc.value.current == new.token
@@ -183,7 +193,7 @@ def _calls(r: redis.Redis, command: str) -> int:
 
 
 def test_a_rider_goes_in_the_settles_round_trip_and_survives_a_flushed_script_cache(real_redis, keys, make_settings):
-    from factory_worker.ledger import Rider
+    from factory_worker.ledger.core import Rider
 
     ledger = Ledger(real_redis, keys, make_settings().dispatch)
     real_redis.rpush(keys.backlog, "next-1", "next-2")

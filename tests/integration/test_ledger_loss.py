@@ -8,8 +8,18 @@ from collections import Counter
 
 import pytest
 
-from factory_worker.ledger import Ledger
-from tests.support import assert_audit_clean, CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
+from factory_worker.ledger.core import Ledger
+from tests.support import (
+    CeleryProc,
+    assert_audit_clean,
+    ctl,
+    read_events,
+    settings_from,
+    stack_env,
+    wait_until,
+    write_issues,
+)
+
 
 @pytest.fixture(autouse=True)
 def _ends_with_an_audit(redis_url, namespace, procs):
@@ -21,8 +31,9 @@ def _ends_with_an_audit(redis_url, namespace, procs):
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
 
-def test_an_emptied_ledger_is_safe_mode_and_no_completed_issue_runs_again(redis_url, real_redis, namespace,
-                                                                           tmp_path, procs):
+def test_an_emptied_ledger_is_safe_mode_and_no_completed_issue_runs_again(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     issues = [{"id": f"L-{i}", "title": "t", "state": "ready"} for i in range(6)]
     write_issues(tmp_path / "issues.jsonl", issues)
     env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0")
@@ -40,8 +51,9 @@ def test_an_emptied_ledger_is_safe_mode_and_no_completed_issue_runs_again(redis_
         res = ctl(env, "loop-status", "--json")
         return res.returncode, json.loads(res.stdout)
 
-    code, st = wait_until(lambda: (lambda s: s if s[1]["ledger_lost"] else None)(status()), 20,
-                          what="loop-status to report the loss")
+    code, st = wait_until(
+        lambda: (lambda s: s if s[1]["ledger_lost"] else None)(status()), 20, what="loop-status to report the loss"
+    )
     detected_s = time.monotonic() - lost_at
     assert code == 1 and st["ledger_guard"]["lost"]
     assert "ledger lost" in ctl(env, "loop-status").stdout

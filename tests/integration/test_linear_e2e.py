@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from factory_worker.ledger import Ledger
-from factory_worker.outbox import backlog
+from factory_worker.ledger.core import Ledger
+from factory_worker.writeback.outbox import backlog
 from tests.fake_linear import FakeLinear
 from tests.support import CeleryProc, assert_audit_clean, settings_from, stack_env, wait_until
 
@@ -29,12 +29,22 @@ def linear():
 
 
 def _env(redis_url, namespace, tmp_path, linear):
-    return stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0.2", LINEAR_API_KEY=TOKEN,
-                     FACTORY_SOURCE__KIND="linear", FACTORY_SOURCE__LINEAR__TEAM="ENG",
-                     FACTORY_SOURCE__LINEAR__API_URL=linear.url, FACTORY_SOURCE__LINEAR__LABELS='["agent"]',
-                     FACTORY_TRACKER__WRITE_BACK="true", FACTORY_TRACKER__POLL_S="0.2",
-                     FACTORY_TRACKER__TAKEOVER_S="2", FACTORY_TRACKER__BACKOFF_BASE_S="0.2",
-                     FACTORY_LOOP__LEASE_TTL_S="5")
+    return stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        AGENT_SLEEP="0.2",
+        LINEAR_API_KEY=TOKEN,
+        FACTORY_SOURCE__KIND="linear",
+        FACTORY_SOURCE__LINEAR__TEAM="ENG",
+        FACTORY_SOURCE__LINEAR__API_URL=linear.url,
+        FACTORY_SOURCE__LINEAR__LABELS='["agent"]',
+        FACTORY_TRACKER__WRITE_BACK="true",
+        FACTORY_TRACKER__POLL_S="0.2",
+        FACTORY_TRACKER__TAKEOVER_S="2",
+        FACTORY_TRACKER__BACKOFF_BASE_S="0.2",
+        FACTORY_LOOP__LEASE_TTL_S="5",
+    )
 
 
 def _kinds(comments: list[str]) -> list[str]:
@@ -46,8 +56,9 @@ def _drained(ledger: Ledger, n: int) -> bool:
     return g["done"] + g["parked"] == n and backlog(ledger.r, ledger.keys)["pending"] == 0
 
 
-def test_linear_issues_run_once_and_end_done_with_one_comment_per_event(redis_url, real_redis, namespace,
-                                                                        tmp_path, procs, linear):
+def test_linear_issues_run_once_and_end_done_with_one_comment_per_event(
+    redis_url, real_redis, namespace, tmp_path, procs, linear
+):
     for n in (1, 2):
         linear.add(f"ENG-{n}", f"issue {n}", labels=("agent",))
     linear.add("ENG-3", "fails once", labels=("agent", "fails-once"))
@@ -71,8 +82,9 @@ def test_linear_issues_run_once_and_end_done_with_one_comment_per_event(redis_ur
     assert_audit_clean(redis_url, namespace)
 
 
-def test_a_worker_killed_while_a_comment_is_created_does_not_post_it_twice(redis_url, real_redis, namespace,
-                                                                          tmp_path, procs, linear):
+def test_a_worker_killed_while_a_comment_is_created_does_not_post_it_twice(
+    redis_url, real_redis, namespace, tmp_path, procs, linear
+):
     for n in range(1, 5):
         linear.add(f"ENG-{n}", f"issue {n}", labels=("agent",))
     linear.delay_comment_s = 1.5  # created at once, answered late: the window between POST and ack

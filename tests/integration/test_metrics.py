@@ -17,10 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from factory_worker import heartbeat
-from factory_worker.embedded import free_port
 from factory_worker.context import Context
-from factory_worker.metrics import parse_addr, render, snapshot
+from factory_worker.loop import heartbeat
+from factory_worker.ops.embedded import free_port
+from factory_worker.ops.metrics import parse_addr, render, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,11 @@ Samples = dict[tuple[str, frozenset], float]
 
 
 def samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def val(sm: Samples, metric: str, /, **labels: str) -> float | None:
@@ -40,8 +43,9 @@ def val(sm: Samples, metric: str, /, **labels: str) -> float | None:
 
 @pytest.fixture
 def factory(real_redis, redis_url, make_settings) -> Context:
-    return Context(make_settings(redis_url=redis_url, dispatch={"lease_ttl_s": 30, "backoff_base_s": 60,
-                                                                "backoff_max_s": 60}))
+    return Context(
+        make_settings(redis_url=redis_url, dispatch={"lease_ttl_s": 30, "backoff_base_s": 60, "backoff_max_s": 60})
+    )
 
 
 def do_work(ctx: Context, issues: list[str], fail: list[str] = ()) -> None:
@@ -70,10 +74,19 @@ def exporter(factory: Context) -> Iterator[tuple[subprocess.Popen[str], str]]:
     exe = Path(sys.executable).parent / "factory-worker"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "factory_worker.ctl"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
-    env.update(FACTORY_REDIS_URL=factory.settings.effective_redis_url, FACTORY_NAMESPACE=factory.settings.namespace,
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(argv + ["metrics", "--serve", f"127.0.0.1:{port}"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.update(
+        FACTORY_REDIS_URL=factory.settings.effective_redis_url,
+        FACTORY_NAMESPACE=factory.settings.namespace,
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.Popen(
+        argv + ["metrics", "--serve", f"127.0.0.1:{port}"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     deadline = time.monotonic() + 20
     while True:
@@ -171,10 +184,18 @@ def test_metrics_cli_once_and_json(factory: Context) -> None:
     assert proc.returncode == 0 and json.loads(proc.stdout)["issues"]["done"] == 1
 
 
-@pytest.mark.parametrize("addr,expected", [(":9108", ("0.0.0.0", 9108)), ("127.0.0.1:9108", ("127.0.0.1", 9108)),
-                                           ("9108", ("127.0.0.1", 9108)), ("[::1]:9108", ("::1", 9108)),
-                                           ("[::]:9108", ("::", 9108)), ("0.0.0.0:9108", ("0.0.0.0", 9108)),
-                                           ("localhost:1", ("localhost", 1))])
+@pytest.mark.parametrize(
+    "addr,expected",
+    [
+        (":9108", ("0.0.0.0", 9108)),
+        ("127.0.0.1:9108", ("127.0.0.1", 9108)),
+        ("9108", ("127.0.0.1", 9108)),
+        ("[::1]:9108", ("::1", 9108)),
+        ("[::]:9108", ("::", 9108)),
+        ("0.0.0.0:9108", ("0.0.0.0", 9108)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
 def test_parse_addr(addr: str, expected: tuple[str, int]) -> None:
     """A bare port binds loopback only; every interface is bound only when written (``:PORT``, 0.0.0.0, ::)."""
     assert parse_addr(addr) == expected
@@ -189,6 +210,13 @@ def test_parse_addr_rejects(addr: str) -> None:
 def test_bad_serve_address_exits_2(factory: Context) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")}
     env.update(FACTORY_REDIS_URL=factory.settings.effective_redis_url)
-    proc = subprocess.run([sys.executable, "-m", "factory_worker.ctl", "metrics", "--serve", ":nope"], check=False,
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "factory_worker.ctl", "metrics", "--serve", ":nope"],
+        check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from factory_worker.config import load_settings
-from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger
-from factory_worker.outbox import GROUP, Event, OutboxSender, backlog
-from factory_worker.tracker import GitHubWriter, marker
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from factory_worker.writeback.github import GitHubWriter, marker
+from factory_worker.writeback.outbox import GROUP, Event, OutboxSender, backlog
 from tests.conftest import roomy_fleet
 from tests.fake_github import FakeGitHub
 
@@ -26,9 +26,11 @@ def gh():
 
 @pytest.fixture
 def settings(gh, namespace):
-    return load_settings(namespace=namespace, source={"kind": "github", "github_repo": gh.repo,
-                                                      "github_api_url": gh.url, "github_labels": ["agent"]},
-                         tracker={"write_back": True, "max_attempts": 3, "backoff_base_s": 0, "takeover_s": 0.2})
+    return load_settings(
+        namespace=namespace,
+        source={"kind": "github", "github_repo": gh.repo, "github_api_url": gh.url, "github_labels": ["agent"]},
+        tracker={"write_back": True, "max_attempts": 3, "backoff_base_s": 0, "takeover_s": 0.2},
+    )
 
 
 @pytest.fixture
@@ -39,8 +41,14 @@ def ledger(real_redis, settings):
 
 def sender(real_redis, settings, consumer="w1", clock=None):
     kw = {"clock": clock} if clock else {}
-    return OutboxSender(real_redis, Keys(settings.namespace), settings.tracker,
-                        GitHubWriter(settings.source, settings.tracker), consumer, **kw)
+    return OutboxSender(
+        real_redis,
+        Keys(settings.namespace),
+        settings.tracker,
+        GitHubWriter(settings.source, settings.tracker),
+        consumer,
+        **kw,
+    )
 
 
 def events(real_redis, keys):
@@ -59,8 +67,15 @@ def test_each_transition_writes_its_event_and_only_then(real_redis, ledger, sett
     ledger.begin("4", d.token, "t4")
     ledger.release("4", d.token, reason="interrupted")
     ledger.retry("2")
-    assert events(real_redis, k) == [("dispatched", "1"), ("done", "1"), ("dispatched", "2"), ("backoff", "2"),
-                                     ("dispatched", "4"), ("released", "4"), ("retried", "2")]
+    assert events(real_redis, k) == [
+        ("dispatched", "1"),
+        ("done", "1"),
+        ("dispatched", "2"),
+        ("backoff", "2"),
+        ("dispatched", "4"),
+        ("released", "4"),
+        ("retried", "2"),
+    ]
     off = Ledger(real_redis, Keys("other"), settings.dispatch)  # write-back off: no outbox at all
     roomy_fleet(real_redis, Keys("other"))
     e = off.claim(["9"]).claims[0]
@@ -136,6 +151,7 @@ def _started_with_a_failing_label(real_redis, ledger, settings, gh):
     gh.fail("POST", "/labels", 502)
     return now, s, a
 
+
 def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis, ledger, settings, gh):
     now, s, a = _started_with_a_failing_label(real_redis, ledger, settings, gh)
     assert s.drain().retried == 1
@@ -150,7 +166,6 @@ def test_5xx_and_429_are_retried_after_their_wait_then_delivered_once(real_redis
     assert len(gh.issues[1].comments) == 1 and gh.issues[1].labels == {"agent", "factory:working"}
 
 
-
 def test_an_event_retried_after_a_newer_one_comments_but_leaves_the_labels_to_it(real_redis, ledger, settings, gh):
     """dispatched fails and backs off; meanwhile done is delivered; dispatched's retry must not put the
     working label back on a done issue (found by the SIGKILL e2e under load)."""
@@ -163,6 +178,7 @@ def test_an_event_retried_after_a_newer_one_comments_but_leaves_the_labels_to_it
     assert s.drain().delivered == 1  # dispatched, late: its comment, not its label
     assert gh.issues[1].labels == {"agent", "factory:done"}
     assert [c.split("**")[1] for c in gh.issues[1].comments] == ["done", "dispatched"]
+
 
 def test_poison_events_are_parked_with_their_error(real_redis, ledger, settings, gh):
     a = ledger.claim(["404"]).claims[0]  # no such issue on the tracker: permanent

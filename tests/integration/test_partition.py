@@ -23,16 +23,33 @@ from typing import NamedTuple
 import pytest
 import redis
 
-from factory_worker.keys import Keys
-from factory_worker.ledger import done_markers
+from factory_worker.ledger.core import done_markers
+from factory_worker.ledger.keys import Keys
 from tests.netns import Fleet, Host, NetnsUnavailable
-from tests.support import (AgentLife, DeathWatch, agent_lives, assert_audit_clean, ctl, max_overlap_s, pid_alive,
-                           read_events, wait_until, write_issues)
+from tests.support import (
+    AgentLife,
+    DeathWatch,
+    agent_lives,
+    assert_audit_clean,
+    ctl,
+    max_overlap_s,
+    pid_alive,
+    read_events,
+    wait_until,
+    write_issues,
+)
 
-NEEDS_NETNS = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
-                                 reason="needs root and iproute2 to create network namespaces")
-pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos, pytest.mark.netns, NEEDS_NETNS,
-              pytest.mark.timeout(180)]
+NEEDS_NETNS = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2 to create network namespaces"
+)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.e2e,
+    pytest.mark.chaos,
+    pytest.mark.netns,
+    NEEDS_NETNS,
+    pytest.mark.timeout(180),
+]
 
 N_HOSTS = 3  # three agent workers and the root stack run fine on 2 cores with these timings
 CONCURRENCY = 2
@@ -87,8 +104,9 @@ def running(out) -> list[dict]:
 
 def wait_running(out, n: int, timeout: float = 60) -> list[dict]:
     """The start records of the running agents, once ``n`` run at the same time."""
-    return wait_until(lambda: (lambda live: live if len(live) >= n else None)(running(out)), timeout,
-                      what=f"{n} agents running")
+    return wait_until(
+        lambda: (lambda live: live if len(live) >= n else None)(running(out)), timeout, what=f"{n} agents running"
+    )
 
 
 def claim_expiries(r: redis.Redis, keys: Keys) -> dict[str, float]:
@@ -106,8 +124,9 @@ def claim_expiries(r: redis.Redis, keys: Keys) -> dict[str, float]:
 def wait_all_done(r: redis.Redis, keys: Keys, issues: list[str], timeout: float) -> list[str]:
     """The issues still not done after ``timeout`` s (stuck), at most that long."""
     try:
-        wait_until(lambda: set(issues) <= {i for i, _ in done_markers(r, keys)}, timeout, interval=0.25,
-                   what="all done")
+        wait_until(
+            lambda: set(issues) <= {i for i, _ in done_markers(r, keys)}, timeout, interval=0.25, what="all done"
+        )
     except AssertionError:
         pass
     return sorted(set(issues) - {i for i, _ in done_markers(r, keys)})
@@ -155,6 +174,7 @@ def presence_after(r: redis.Redis, keys: Keys, host: Host, after: float, timeout
     def written():
         raw = r.get(keys.worker(node))
         return raw is not None and json.loads(raw)["updated_ms"] / 1000 >= after
+
     wait_until(written, timeout, what=f"{node} present again")
     return time.time()
 
@@ -170,7 +190,8 @@ def assert_safe(v: Verdict, issues: list[str], leads: list[float], problems: lis
 
 
 def test_a_host_cut_off_mid_run_loses_its_agents_before_their_leases_and_each_issue_is_done_once(
-        fleet, tmp_path, namespace):
+    fleet, tmp_path, namespace
+):
     out = tmp_path / "out"
     _, issues = start_fleet(fleet, tmp_path, "P")
     r, keys = fleet.client(), Keys(namespace)
@@ -193,14 +214,17 @@ def test_a_host_cut_off_mid_run_loses_its_agents_before_their_leases_and_each_is
     v = verdict(out, stuck, watch.died)
     cut = [life for life in v.lives if life.host == victim.name and life.start <= cut_at < life.end]
     leads, problems = at_fault(cut, cut_at, expiries)
-    again = [min((x.start for x in v.lives if x.issue == c.issue and x.start > cut_at), default=float("nan"))
-             for c in cut]
-    print(f"\npartition: {victim.name} cut for {healed_at - cut_at:.1f}s with {len(cut)} agents running: "
-          f"max overlap {v.overlap_s:.2f}s, duplicates {len(v.duplicates)}, stuck {len(v.stuck)}, "
-          f"cut agents dead {min(leads, default=0):.2f}-{max(leads, default=0):.2f}s before their claims expired "
-          f"(SIGTERMed {sum(c.termed for c in cut)}, SIGKILLed {sum(c.code is None for c in cut)}), "
-          f"recovery: its issues restarted elsewhere {max(again, default=float('nan')) - cut_at:.1f}s after the "
-          f"cut, the host back {back_s:.1f}s after the heal; agents still listed as running {len(phantoms)}")
+    again = [
+        min((x.start for x in v.lives if x.issue == c.issue and x.start > cut_at), default=float("nan")) for c in cut
+    ]
+    print(
+        f"\npartition: {victim.name} cut for {healed_at - cut_at:.1f}s with {len(cut)} agents running: "
+        f"max overlap {v.overlap_s:.2f}s, duplicates {len(v.duplicates)}, stuck {len(v.stuck)}, "
+        f"cut agents dead {min(leads, default=0):.2f}-{max(leads, default=0):.2f}s before their claims expired "
+        f"(SIGTERMed {sum(c.termed for c in cut)}, SIGKILLed {sum(c.code is None for c in cut)}), "
+        f"recovery: its issues restarted elsewhere {max(again, default=float('nan')) - cut_at:.1f}s after the "
+        f"cut, the host back {back_s:.1f}s after the heal; agents still listed as running {len(phantoms)}"
+    )
     assert_safe(v, issues, leads, problems)
     assert all(c.code != 0 for c in cut), "an agent cut off from Redis finished its work anyway"
     assert not phantoms, f"listed as running after every agent ended: {phantoms}"
@@ -225,8 +249,11 @@ def test_b_redis_frozen_for_two_leases_every_agent_dies_in_time_and_the_loop_rec
         time.sleep(2 * LEASE_S)
         fleet.redis.proc.send_signal(signal.SIGCONT)
         resumed_at = time.time()
-        new = wait_until(lambda: [e["t"] for e in read_events(out) if e["event"] == "start" and e["t"] > resumed_at],
-                         60, what="agents started after the freeze")
+        new = wait_until(
+            lambda: [e["t"] for e in read_events(out) if e["event"] == "start" and e["t"] > resumed_at],
+            60,
+            what="agents started after the freeze",
+        )
     agents_s = min(new) - resumed_at
     wait_until(lambda: ctl(env, "loop-status").returncode == 0, 60, interval=0.5, what="loop-status live again")
     status_s = time.time() - resumed_at
@@ -236,11 +263,13 @@ def test_b_redis_frozen_for_two_leases_every_agent_dies_in_time_and_the_loop_rec
     v = verdict(out, stuck, watch.died)
     frozen = [life for life in v.lives if life.start <= frozen_at < life.end]
     leads, problems = at_fault(frozen, frozen_at, expiries)
-    print(f"\nfreeze: Redis SIGSTOPped {resumed_at - frozen_at:.1f}s with {len(frozen)} agents running: "
-          f"max overlap {v.overlap_s:.2f}s, duplicates {len(v.duplicates)}, stuck {len(v.stuck)}, "
-          f"agents dead {min(leads, default=0):.2f}-{max(leads, default=0):.2f}s before their claims expired "
-          f"(SIGKILLed {sum(life.code is None for life in frozen)}), recovery: agents again {agents_s:.1f}s "
-          f"after SIGCONT, loop-status 0 after {status_s:.1f}s; agents still listed as running {len(phantoms)}")
+    print(
+        f"\nfreeze: Redis SIGSTOPped {resumed_at - frozen_at:.1f}s with {len(frozen)} agents running: "
+        f"max overlap {v.overlap_s:.2f}s, duplicates {len(v.duplicates)}, stuck {len(v.stuck)}, "
+        f"agents dead {min(leads, default=0):.2f}-{max(leads, default=0):.2f}s before their claims expired "
+        f"(SIGKILLed {sum(life.code is None for life in frozen)}), recovery: agents again {agents_s:.1f}s "
+        f"after SIGCONT, loop-status 0 after {status_s:.1f}s; agents still listed as running {len(phantoms)}"
+    )
     assert_safe(v, issues, leads, problems)
     assert len(frozen) == len(issues) and all(life.code != 0 for life in frozen)
     assert not phantoms, f"listed as running after every agent ended: {phantoms}"

@@ -13,8 +13,8 @@ from collections import defaultdict
 import pytest
 
 from factory_worker.context import Context
-from factory_worker.ledger import Ledger
-from tests.support import (CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until)
+from factory_worker.ledger.core import Ledger
+from tests.support import CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,14 @@ def _nested(depth: int) -> str:
 
 #: line text -> (id, the reason the loop must give). Raw JSON lines: the surrogate is written as its escape.
 POISON = {
-    "depth bomb": ('{"id": "P-depth", "title": "t", "state": "ready", "x": ' + _nested(1000) + "}",
-                   "nested too deeply"),
-    "serialization bomb": ('{"id": "P-ser", "title": "t", "state": "ready", "x": ' + _nested(900) + "}",
-                           "nested deeper than"),
+    "depth bomb": (
+        '{"id": "P-depth", "title": "t", "state": "ready", "x": ' + _nested(1000) + "}",
+        "nested too deeply",
+    ),
+    "serialization bomb": (
+        '{"id": "P-ser", "title": "t", "state": "ready", "x": ' + _nested(900) + "}",
+        "nested deeper than",
+    ),
     "lone surrogate": ('{"id": "P-sur", "title": "\\ud800 boom", "state": "ready"}', "lone surrogate"),
     "10 MB title": (json.dumps({"id": "P-big", "title": "x" * 10_000_000, "state": "ready"}), "larger than"),
     "option-like id": (json.dumps({"id": "-rf", "title": "t", "state": "ready"}), "must not start with '-'"),
@@ -73,8 +77,16 @@ def _assert_each_poison_item_is_reported(env, log_text: str, run: dict) -> None:
 
 def _assert_cli_survives_odd_ids(env) -> dict[str, str]:
     shown = {}
-    for args in (["dispatches"], ["dispatches", "--json"], ["explain", "[/oops]"], ["explain", "--json", "[/oops]"],
-                 ["explain", "--", "-rf"], ["explain", "*"], ["explain", "P-sur"], ["loop-status"]):
+    for args in (
+        ["dispatches"],
+        ["dispatches", "--json"],
+        ["explain", "[/oops]"],
+        ["explain", "--json", "[/oops]"],
+        ["explain", "--", "-rf"],
+        ["explain", "*"],
+        ["explain", "P-sur"],
+        ["loop-status"],
+    ):
         res = ctl(env, *args)
         assert res.returncode == 0, (args, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr, (args, res.stderr)
@@ -84,8 +96,9 @@ def _assert_cli_survives_odd_ids(env) -> dict[str, str]:
     return shown
 
 
-def test_poison_items_are_skipped_with_a_reason_and_the_loop_stays_live(redis_url, real_redis, namespace, tmp_path,
-                                                                        procs):
+def test_poison_items_are_skipped_with_a_reason_and_the_loop_stays_live(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     (tmp_path / "issues.jsonl").write_text("\n".join(_lines()) + "\n")
     env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0.05")
     worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "4"])
@@ -97,11 +110,19 @@ def test_poison_items_are_skipped_with_a_reason_and_the_loop_stays_live(redis_ur
     ledger = Ledger.from_settings(settings, real_redis)
     ctx = Context(settings, real_redis)
     began = time.monotonic()
-    wait_until(lambda: ledger.gauges()["done"] == len(NORMAL) + len(ODD), 90, interval=0.5,
-               what="every normal and odd issue done")
+    wait_until(
+        lambda: ledger.gauges()["done"] == len(NORMAL) + len(ODD),
+        90,
+        interval=0.5,
+        what="every normal and odd issue done",
+    )
     iterations = int(ledger.counters().get("iterations", 0))
-    wait_until(lambda: int(ledger.counters().get("iterations", 0)) >= iterations + 3, 30, interval=0.5,
-               what="three more iterations over the poison")
+    wait_until(
+        lambda: int(ledger.counters().get("iterations", 0)) >= iterations + 3,
+        30,
+        interval=0.5,
+        what="three more iterations over the poison",
+    )
     elapsed = time.monotonic() - began
 
     by_issue = _by_issue(tmp_path)
@@ -124,7 +145,15 @@ def test_poison_items_are_skipped_with_a_reason_and_the_loop_stays_live(redis_ur
     assert status.returncode == 0, status.stdout + status.stderr  # live
     assert not list(tmp_path.glob("escape*")) + list(tmp_path.parent.glob("escape*")), "an id escaped the log dir"
     assert_audit_clean(redis_url, namespace)
-    log.info("poison e2e: %d normal + %d odd done once, %d poison skipped, %.1fs, %s iterations", len(NORMAL),
-             len(ODD), len(POISON), elapsed, counters.get("iterations"))
-    print(f"poison e2e: all done in {elapsed:.1f}s; iterations={counters.get('iterations')} "
-          f"failed={counters.get('iterations_failed', 0)}; skipped_by_reason={run['last_report']['skipped_by_reason']}")
+    log.info(
+        "poison e2e: %d normal + %d odd done once, %d poison skipped, %.1fs, %s iterations",
+        len(NORMAL),
+        len(ODD),
+        len(POISON),
+        elapsed,
+        counters.get("iterations"),
+    )
+    print(
+        f"poison e2e: all done in {elapsed:.1f}s; iterations={counters.get('iterations')} "
+        f"failed={counters.get('iterations_failed', 0)}; skipped_by_reason={run['last_report']['skipped_by_reason']}"
+    )

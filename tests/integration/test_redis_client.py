@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from factory_worker.config import load_settings
-from factory_worker.embedded import RedisServer
-from factory_worker.ledger import Ledger
-from factory_worker.redis_client import client
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.redis_client import client
+from factory_worker.ops.embedded import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +47,11 @@ def test_wrong_password_is_an_error_not_a_hang(secured):
 
 
 def test_rediss_and_bad_schemes(secured):
-    assert client(load_settings(redis_url="rediss://:pw@example.invalid:6380/0")).connection_pool.connection_class \
+    assert (
+        client(load_settings(redis_url="rediss://:pw@example.invalid:6380/0")).connection_pool.connection_class
         is redis.SSLConnection
-    from factory_worker.config import ConfigError
+    )
+    from factory_worker.config.settings import ConfigError
 
     with pytest.raises(ConfigError, match="redis_url"):
         load_settings(redis_url="http://localhost:6379")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.config import load_settings
-from factory_worker.embedded import RedisServer
-from factory_worker.keys import Keys
-from factory_worker.ledger import Ledger
-from factory_worker.states import Begin, Gate
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.states import Begin, Gate
+from factory_worker.ops.embedded import RedisServer
 from harness import wait_until
 from tests.sentinel import replica_acks
 
@@ -38,8 +38,9 @@ def pair(tmp_path: Path):
 
 
 def _ledger(primary: RedisServer, lease_s: float = 10.0) -> Ledger:
-    d = load_settings(dispatch={"min_replica_acks": 1, "replica_ack_timeout_s": 0.2, "lease_ttl_s": lease_s,
-                                "queue_lease_s": 30}).dispatch
+    d = load_settings(
+        dispatch={"min_replica_acks": 1, "replica_ack_timeout_s": 0.2, "lease_ttl_s": lease_s, "queue_lease_s": 30}
+    ).dispatch
     return Ledger(primary.client(), Keys("acks"), d)
 
 
@@ -114,7 +115,7 @@ def test_settle_never_acknowledged_is_counted_after_one_lease_and_stands(pair):
 
 def _staged(ledger: Ledger, issue: str = "A"):
     """A claim begun and opened for stages (step 1 = implement, queued for task s-1)."""
-    from factory_worker.progress import StageLedger
+    from factory_worker.ledger.stages import StageLedger
 
     claim = ledger.claim([issue]).claims[0]
     assert ledger.begin(issue, claim.token, "t-1") == Begin.STARTED
@@ -142,7 +143,7 @@ def test_stage_start_without_replica_ack_runs_nothing_and_frees_the_claim_to_res
 
 
 def test_stage_open_without_replica_ack_raises_and_releases(pair):
-    from factory_worker.progress import StageLedger, StageUnackedError
+    from factory_worker.ledger.stages import StageLedger, StageUnackedError
 
     primary, replica = pair
     ledger = _ledger(primary)

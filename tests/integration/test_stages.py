@@ -16,10 +16,18 @@ from pathlib import Path
 import pytest
 
 from factory_worker.context import Context
-from factory_worker.ledger import StaleClaimError
+from factory_worker.ledger.core import StaleClaimError
 from tests.support import (
-    CeleryProc, assert_audit_clean, ctl, pid_alive, settings_from, stack_env, start_worker_and_beat, wait_until,
-    warm_shutdown, write_issues,
+    CeleryProc,
+    assert_audit_clean,
+    ctl,
+    pid_alive,
+    settings_from,
+    stack_env,
+    start_worker_and_beat,
+    wait_until,
+    warm_shutdown,
+    write_issues,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -28,26 +36,44 @@ AGENT = str(Path(__file__).resolve().parents[1] / "stage_agent.py")
 
 
 def staged_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> dict[str, str]:
-    stages = [{"name": "implement", "command": [sys.executable, AGENT, "implement", "{id}"]},
-              {"name": "review", "command": [sys.executable, AGENT, "review", "{id}"], "back_to": "implement"}]
-    return stack_env(redis_url, namespace, tmp_path, **{
-        "FACTORY_AGENT__STAGES": json.dumps(stages),
-        "FACTORY_AGENT__TRIAGE__COMMAND": json.dumps([sys.executable, AGENT, "triage", "{id}"]),
-        "FACTORY_AGENT__MAX_ROUNDS": "3",
-        "FACTORY_AGENT__MIN_CONFIDENCE": "0.5",
-        "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLOW_S"]),
-        **extra})
+    stages = [
+        {"name": "implement", "command": [sys.executable, AGENT, "implement", "{id}"]},
+        {"name": "review", "command": [sys.executable, AGENT, "review", "{id}"], "back_to": "implement"},
+    ]
+    return stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        **{
+            "FACTORY_AGENT__STAGES": json.dumps(stages),
+            "FACTORY_AGENT__TRIAGE__COMMAND": json.dumps([sys.executable, AGENT, "triage", "{id}"]),
+            "FACTORY_AGENT__MAX_ROUNDS": "3",
+            "FACTORY_AGENT__MIN_CONFIDENCE": "0.5",
+            "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH", "AGENT_OUT", "AGENT_SLOW_S"]),
+            **extra,
+        },
+    )
 
 
 def records(tmp_path: Path, issue: str | None = None, event: str | None = "start") -> list[dict]:
     p = tmp_path / "out" / "stages.jsonl"
     rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
-    return sorted((r for r in rows if (issue is None or r["issue"] == issue) and (event is None or r["event"] == event)),
-                  key=lambda r: r["t"])
+    return sorted(
+        (r for r in rows if (issue is None or r["issue"] == issue) and (event is None or r["event"] == event)),
+        key=lambda r: r["t"],
+    )
 
 
-def _implementing(redis_url: str, namespace: str, tmp_path: Path, procs: list, issue: str, label: str,
-                  concurrency: str = "2", **extra: str) -> dict[str, str]:
+def _implementing(
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+    procs: list,
+    issue: str,
+    label: str,
+    concurrency: str = "2",
+    **extra: str,
+) -> dict[str, str]:
     """One worker and beat on one staged issue labelled ``label``; returns the env once its implementation
     has started."""
     write_issues(tmp_path / "issues.jsonl", [{"id": issue, "title": "t", "state": "ready", "labels": [label]}])
@@ -56,8 +82,11 @@ def _implementing(redis_url: str, namespace: str, tmp_path: Path, procs: list, i
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
     for p in procs:
         p.wait_ready()
-    wait_until(lambda: [r for r in records(tmp_path, issue) if r["stage"] == "implement"], 30,
-               what="the implementation started")
+    wait_until(
+        lambda: [r for r in records(tmp_path, issue) if r["stage"] == "implement"],
+        30,
+        what="the implementation started",
+    )
     return env
 
 
@@ -68,21 +97,34 @@ def _ends_with_an_audit(redis_url, namespace, procs):
 
 
 def test_triage_implement_review_rejected_once_then_done_and_low_confidence_escalates(
-        redis_url, real_redis, namespace, tmp_path, procs):
-    write_issues(tmp_path / "issues.jsonl", [
-        {"id": "P-1", "title": "add a parser", "state": "ready", "labels": ["reject-once"]},
-        {"id": "P-2", "title": "something vague", "state": "ready", "labels": ["unsure"]},
-    ])
+    redis_url, real_redis, namespace, tmp_path, procs
+):
+    write_issues(
+        tmp_path / "issues.jsonl",
+        [
+            {"id": "P-1", "title": "add a parser", "state": "ready", "labels": ["reject-once"]},
+            {"id": "P-2", "title": "something vague", "state": "ready", "labels": ["unsure"]},
+        ],
+    )
     env = staged_env(redis_url, namespace, tmp_path, FACTORY_LOOP__MAX_ITERATIONS="20")
     start_worker_and_beat(procs, env, tmp_path, 3)
     ctx = Context(settings_from(env), real_redis)
-    wait_until(lambda: ctx.ledger.explain("P-1").state == "done" and ctx.ledger.explain("P-2").state == "parked",
-               60, interval=0.2, what="P-1 done, P-2 escalated")
+    wait_until(
+        lambda: ctx.ledger.explain("P-1").state == "done" and ctx.ledger.explain("P-2").state == "parked",
+        60,
+        interval=0.2,
+        what="P-1 done, P-2 escalated",
+    )
 
     # the stages ran in order, once each per round, in one directory, the feedback reaching round 2
     starts = records(tmp_path, "P-1")
     assert [(r["stage"], r["round"]) for r in starts] == [
-        ("triage", 1), ("implement", 1), ("review", 1), ("implement", 2), ("review", 2)]
+        ("triage", 1),
+        ("implement", 1),
+        ("review", 1),
+        ("implement", 2),
+        ("review", 2),
+    ]
     assert [r["step"] for r in starts] == [1, 2, 3, 4, 5]
     assert len({r["token"] for r in starts}) == 1  # one claim through every stage
     assert len({r["workdir"] for r in starts}) == 1 and all(r["cwd"] == r["workdir"] for r in starts)
@@ -101,23 +143,27 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
     assert ctx.ledger.counters()["escalated"] == 1
     # retry releases it: triage runs again (and escalates again)
     assert ctl(env, "retry", "P-2").returncode == 0
-    wait_until(lambda: len(records(tmp_path, "P-2")) == 2 and ctx.ledger.explain("P-2").state == "parked", 30,
-               what="P-2 triaged again after retry")
+    wait_until(
+        lambda: len(records(tmp_path, "P-2")) == 2 and ctx.ledger.explain("P-2").state == "parked",
+        30,
+        what="P-2 triaged again after retry",
+    )
     log = procs[0].log()
     assert "factory.agent.stage" in log and "factory.agent.run" in log
 
 
-def test_sigkill_mid_review_resumes_at_the_review_on_another_worker(redis_url, real_redis, namespace, tmp_path,
-                                                                   procs):
-    write_issues(tmp_path / "issues.jsonl", [{"id": "K-1", "title": "t", "state": "ready",
-                                              "labels": ["slow-review-once"]}])
+def test_sigkill_mid_review_resumes_at_the_review_on_another_worker(redis_url, real_redis, namespace, tmp_path, procs):
+    write_issues(
+        tmp_path / "issues.jsonl", [{"id": "K-1", "title": "t", "state": "ready", "labels": ["slow-review-once"]}]
+    )
     env = staged_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__LEASE_TTL_S="3")
     w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "1"])
     procs.append(w1)
     w1.wait_ready()
     assert ctl(env, "run-once", "--json").returncode == 0
-    review = wait_until(lambda: [r for r in records(tmp_path, "K-1") if r["stage"] == "review"], 30,
-                        what="the review started")[0]
+    review = wait_until(
+        lambda: [r for r in records(tmp_path, "K-1") if r["stage"] == "review"], 30, what="the review started"
+    )[0]
     w2 = CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "1"])
     procs.append(w2)
     w2.wait_ready()
@@ -145,13 +191,17 @@ def test_sigkill_mid_review_resumes_at_the_review_on_another_worker(redis_url, r
         ctx.ledger.complete("K-1", review["token"])
 
 
-def test_kill_loop_mid_pipeline_starts_no_further_stage_and_start_loop_resumes(redis_url, real_redis, namespace,
-                                                                             tmp_path, procs):
+def test_kill_loop_mid_pipeline_starts_no_further_stage_and_start_loop_resumes(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     env = _implementing(redis_url, namespace, tmp_path, procs, "L-1", "slow-implement", AGENT_SLOW_S="3")
     res = ctl(env, "kill-loop", "--json")
     assert res.returncode == 0, res.stderr
-    wait_until(lambda: records(tmp_path, "L-1", "end")[-1]["stage"] == "implement", 10,
-               what="the running implementation finished")
+    wait_until(
+        lambda: records(tmp_path, "L-1", "end")[-1]["stage"] == "implement",
+        10,
+        what="the running implementation finished",
+    )
     time.sleep(3)
     assert [r["stage"] for r in records(tmp_path, "L-1")] == ["triage", "implement"]  # no review started
     ctx = Context(settings_from(env), real_redis)
@@ -166,8 +216,9 @@ def test_kill_loop_mid_pipeline_starts_no_further_stage_and_start_loop_resumes(r
     assert [r["stage"] for r in records(tmp_path, "L-1")] == ["triage", "implement", "review"]
 
 
-def test_kill_loop_release_agents_stops_the_running_stage_and_start_loop_resumes_it(redis_url, real_redis,
-                                                                                   namespace, tmp_path, procs):
+def test_kill_loop_release_agents_stops_the_running_stage_and_start_loop_resumes_it(
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """``kill-loop --release-agents`` mid-implementation: the stage's agent is stopped at once, its claim
     released as interrupted (no attempt counted) with the progress kept at the implementation; no further
     stage starts; after start-loop the implementation runs again (the stopped one never ended), then the
@@ -196,15 +247,22 @@ def test_kill_loop_release_agents_stops_the_running_stage_and_start_loop_resumes
 
 
 def test_pause_mid_pipeline_lets_the_claimed_issue_finish_its_stages_and_claims_nothing_new(
-        redis_url, real_redis, namespace, tmp_path, procs):
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """Pause stops no stage of a claimed issue (as it stops no running agent): the implementation running
     when the loop is paused hands over to the review and the issue is done; an issue that becomes ready
     meanwhile is not claimed until resume."""
-    env = _implementing(redis_url, namespace, tmp_path, procs, "P-1", "slow-implement", concurrency="3",
-                        AGENT_SLOW_S="3")
+    env = _implementing(
+        redis_url, namespace, tmp_path, procs, "P-1", "slow-implement", concurrency="3", AGENT_SLOW_S="3"
+    )
     assert ctl(env, "pause", "--json").returncode == 0
-    write_issues(tmp_path / "issues.jsonl", [{"id": "P-1", "title": "t", "state": "ready", "labels": ["slow-implement"]},
-                                             {"id": "P-2", "title": "t", "state": "ready"}])
+    write_issues(
+        tmp_path / "issues.jsonl",
+        [
+            {"id": "P-1", "title": "t", "state": "ready", "labels": ["slow-implement"]},
+            {"id": "P-2", "title": "t", "state": "ready"},
+        ],
+    )
     ctx = Context(settings_from(env), real_redis)
     wait_until(lambda: "P-1" in dict(ctx.ledger.done_markers()), 30, what="P-1 done while paused")
     assert [r["stage"] for r in records(tmp_path, "P-1")] == ["triage", "implement", "review"]
@@ -216,20 +274,24 @@ def test_pause_mid_pipeline_lets_the_claimed_issue_finish_its_stages_and_claims_
 
 
 def test_warm_shutdown_mid_review_releases_the_claim_and_the_review_resumes_elsewhere(
-        redis_url, real_redis, namespace, tmp_path, procs):
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     """SIGTERM the worker running a review that outlives its soft-shutdown window: the review's group is
     stopped, the claim released as interrupted (no attempt counted), and another worker's next claim resumes
     at the review, in the same attempt directory; the implementation does not run again."""
-    write_issues(tmp_path / "issues.jsonl", [{"id": "W-1", "title": "t", "state": "ready",
-                                              "labels": ["slow-review-once"]}])
-    env = staged_env(redis_url, namespace, tmp_path, FACTORY_WORKER__SOFT_SHUTDOWN_S="3",
-                     FACTORY_LOOP__MAX_ITERATIONS="50")
+    write_issues(
+        tmp_path / "issues.jsonl", [{"id": "W-1", "title": "t", "state": "ready", "labels": ["slow-review-once"]}]
+    )
+    env = staged_env(
+        redis_url, namespace, tmp_path, FACTORY_WORKER__SOFT_SHUTDOWN_S="3", FACTORY_LOOP__MAX_ITERATIONS="50"
+    )
     w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
     procs.append(w1)
     w1.wait_ready()
     procs.append(CeleryProc("beat", env, tmp_path, "beat"))
-    review = wait_until(lambda: [r for r in records(tmp_path, "W-1") if r["stage"] == "review"], 30,
-                        what="the review started")[0]
+    review = wait_until(
+        lambda: [r for r in records(tmp_path, "W-1") if r["stage"] == "review"], 30, what="the review started"
+    )[0]
     w2 = CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "2"])
     procs.append(w2)
     w2.wait_ready()
@@ -250,14 +312,23 @@ def test_warm_shutdown_mid_review_releases_the_claim_and_the_review_resumes_else
 
 
 def test_one_slack_thread_spans_the_stages_a_reply_reaches_the_review_and_the_end_stops_the_reads(
-        redis_url, real_redis, namespace, tmp_path, procs):
+    redis_url, real_redis, namespace, tmp_path, procs
+):
     from tests.fake_slack import CHANNEL, FakeSlack
 
     with FakeSlack() as slack:
-        write_issues(tmp_path / "issues.jsonl", [{"id": "P-9", "title": "talk", "state": "ready",
-                                                  "labels": ["wait-inbox"]}])
-        env = staged_env(redis_url, namespace, tmp_path, FACTORY_SLACK__CHANNEL=CHANNEL,
-                         FACTORY_SLACK__API_URL=slack.url, FACTORY_SLACK__POLL_S="0.2", SLACK_BOT_TOKEN="xoxb-test")
+        write_issues(
+            tmp_path / "issues.jsonl", [{"id": "P-9", "title": "talk", "state": "ready", "labels": ["wait-inbox"]}]
+        )
+        env = staged_env(
+            redis_url,
+            namespace,
+            tmp_path,
+            FACTORY_SLACK__CHANNEL=CHANNEL,
+            FACTORY_SLACK__API_URL=slack.url,
+            FACTORY_SLACK__POLL_S="0.2",
+            SLACK_BOT_TOKEN="xoxb-test",
+        )
         worker = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "3"])
         procs.append(worker)
         worker.wait_ready()
@@ -274,8 +345,12 @@ def test_one_slack_thread_spans_the_stages_a_reply_reaches_the_review_and_the_en
         assert slack.reads_of(thread_ts, after=ended) == 0, "the thread was read after the dispatch ended"
         assert len(slack.threads) == 1
         assert [t.split(" (")[0] for t in texts()[1:]] == [
-            "factory-worker: stage triage started", "factory-worker: stage triage ok; next: implement",
-            "factory-worker: stage implement started", "factory-worker: stage implement ok; next: review",
-            "factory-worker: stage review started", "factory-worker: done"]
+            "factory-worker: stage triage started",
+            "factory-worker: stage triage ok; next: implement",
+            "factory-worker: stage implement started",
+            "factory-worker: stage implement ok; next: review",
+            "factory-worker: stage review started",
+            "factory-worker: done",
+        ]
     (review,) = [r for r in records(tmp_path, "P-9") if r["stage"] == "review"]
     assert [json.loads(x)["text"] for x in review["inbox"].splitlines()] == ["ship it"]

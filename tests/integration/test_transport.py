@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from kombu import Connection
 
-from factory_worker.app import celery_config
-from factory_worker.config import load_settings
-from factory_worker.transport import transport_for
+from factory_worker.config.settings import load_settings
+from factory_worker.worker.app import celery_config
+from factory_worker.worker.transport import transport_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,9 @@ def test_stock_kombu_still_has_the_bug_the_transport_works_around(redis_url):
 
 def test_the_transport_is_selected_in_config_with_a_version_guard():
     url = "redis://127.0.0.1:6379/0"
-    assert celery_config(load_settings(redis_url=url))["broker_transport"] == "factory_worker.transport:Transport"
+    assert (
+        celery_config(load_settings(redis_url=url))["broker_transport"] == "factory_worker.worker.transport:Transport"
+    )
     assert transport_for(url, (99, 0)) is None  # an untested kombu gets its own transport
-    assert transport_for("sentinel://h:26379/0") == "factory_worker.transport:SentinelTransport"
+    assert transport_for("sentinel://h:26379/0") == "factory_worker.worker.transport:SentinelTransport"
     assert transport_for("amqp://guest@h//") is None  # not ours: kombu's own

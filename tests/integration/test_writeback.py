@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from factory_worker.ledger import Ledger
-from factory_worker.outbox import backlog
+from factory_worker.ledger.core import Ledger
+from factory_worker.writeback.outbox import backlog
 from tests.fake_github import FakeGitHub
 from tests.support import CeleryProc, assert_audit_clean, ctl, read_events, settings_from, stack_env, wait_until
 
@@ -27,14 +27,24 @@ def gh():
 
 
 def _env(redis_url, namespace, tmp_path, gh, **extra):
-    return stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="0.2",
-                     FACTORY_SOURCE__KIND="github", FACTORY_SOURCE__GITHUB_REPO=gh.repo,
-                     FACTORY_SOURCE__GITHUB_API_URL=gh.url, FACTORY_SOURCE__GITHUB_LABELS=json.dumps(["agent"]),
-                     FACTORY_TRACKER__WRITE_BACK="true", FACTORY_TRACKER__POLL_S="0.2",
-                     FACTORY_TRACKER__TAKEOVER_S="2", FACTORY_TRACKER__BACKOFF_BASE_S="0.2",
-                     FACTORY_DISPATCH__MAX_ATTEMPTS="2",
-                     # a run whose worker is SIGKILLed holds the loop lease until it expires (default 60 s)
-                     FACTORY_LOOP__LEASE_TTL_S="5", **extra)
+    return stack_env(
+        redis_url,
+        namespace,
+        tmp_path,
+        AGENT_SLEEP="0.2",
+        FACTORY_SOURCE__KIND="github",
+        FACTORY_SOURCE__GITHUB_REPO=gh.repo,
+        FACTORY_SOURCE__GITHUB_API_URL=gh.url,
+        FACTORY_SOURCE__GITHUB_LABELS=json.dumps(["agent"]),
+        FACTORY_TRACKER__WRITE_BACK="true",
+        FACTORY_TRACKER__POLL_S="0.2",
+        FACTORY_TRACKER__TAKEOVER_S="2",
+        FACTORY_TRACKER__BACKOFF_BASE_S="0.2",
+        FACTORY_DISPATCH__MAX_ATTEMPTS="2",
+        # a run whose worker is SIGKILLed holds the loop lease until it expires (default 60 s)
+        FACTORY_LOOP__LEASE_TTL_S="5",
+        **extra,
+    )
 
 
 def _settled(ledger: Ledger, n: int) -> bool:
@@ -60,23 +70,38 @@ def test_labels_end_right_for_done_and_parked_issues(redis_url, real_redis, name
     ledger = _fleet(env, tmp_path, procs, real_redis, 3)
     wait_until(lambda: _settled(ledger, 5), 60, what="every issue settled and reported")
     labels = {n: gh.issues[n].labels - {"agent", "always-fails", "fails-once"} for n in gh.issues}
-    assert labels == {1: {"factory:done"}, 2: {"factory:done"}, 3: {"factory:done"}, 4: {"factory:parked"},
-                      5: {"factory:done"}}
+    assert labels == {
+        1: {"factory:done"},
+        2: {"factory:done"},
+        3: {"factory:done"},
+        4: {"factory:parked"},
+        5: {"factory:done"},
+    }
     kinds = [c.split("**")[1] for c in gh.issues[5].comments]
     assert kinds == ["dispatched", "backoff", "dispatched", "done"]
     assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
     # retried: the parked label goes, the issue is ready again, runs (and, always failing, parks again)
     assert ctl(env, "retry", "4").returncode == 0
-    wait_until(lambda: ("DELETE", f"/repos/{gh.repo}/issues/4/labels/factory%3Aparked") in gh.requests, 30,
-               what="the parked label removed on retry")
-    wait_until(lambda: len([c for c in gh.issues[4].comments if "**parked**" in c]) == 2 and
-               backlog(real_redis, ledger.keys)["pending"] == 0, 60, what="parked again after its new attempts")
+    wait_until(
+        lambda: ("DELETE", f"/repos/{gh.repo}/issues/4/labels/factory%3Aparked") in gh.requests,
+        30,
+        what="the parked label removed on retry",
+    )
+    wait_until(
+        lambda: (
+            len([c for c in gh.issues[4].comments if "**parked**" in c]) == 2
+            and backlog(real_redis, ledger.keys)["pending"] == 0
+        ),
+        60,
+        what="parked again after its new attempts",
+    )
     assert gh.issues[4].labels - {"agent", "always-fails"} == {"factory:parked"}
     assert_audit_clean(redis_url, namespace)
 
 
-def test_a_sender_killed_between_post_and_ack_posts_each_comment_once(redis_url, real_redis, namespace, tmp_path,
-                                                                      procs, gh):
+def test_a_sender_killed_between_post_and_ack_posts_each_comment_once(
+    redis_url, real_redis, namespace, tmp_path, procs, gh
+):
     for n in range(1, 5):
         gh.add(n, f"issue {n}")
     gh.delay_comment_s = 3.0  # GitHub stores the comment, then the 201 takes 3 s: the kill lands in between
@@ -94,18 +119,20 @@ def test_a_sender_killed_between_post_and_ack_posts_each_comment_once(redis_url,
     procs.append(survivor)
     ledger = Ledger.from_settings(settings_from(env), real_redis)
     wait_until(lambda: _settled(ledger, 4), 60, what="every issue done and reported")
-    markers = Counter(m for i in gh.issues.values() for c in i.comments
-                      for m in re.findall(r"<!-- factory-worker:(\S+) -->", c))
+    markers = Counter(
+        m for i in gh.issues.values() for c in i.comments for m in re.findall(r"<!-- factory-worker:(\S+) -->", c)
+    )
     twice = {m: n for m, n in markers.items() if n > 1}
-    print(f"\nwrite-back after SIGKILL between POST and ack: {sum(markers.values())} comments, "
-          f"{len(twice)} posted twice, settled {time.monotonic() - killed_at:.1f}s after the kill")
+    print(
+        f"\nwrite-back after SIGKILL between POST and ack: {sum(markers.values())} comments, "
+        f"{len(twice)} posted twice, settled {time.monotonic() - killed_at:.1f}s after the kill"
+    )
     assert not twice, f"comments posted twice: {twice}"
     assert all("factory:done" in i.labels and "factory:working" not in i.labels for i in gh.issues.values())
     assert_audit_clean(redis_url, namespace)
 
 
-def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_redis, namespace, tmp_path, procs,
-                                                                 gh):
+def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_redis, namespace, tmp_path, procs, gh):
     """The tracker is the second record of done: after the ledger is lost and accepted, issues labelled
     done are not ready, so none runs again."""
     for n in (1, 2, 3):
@@ -116,8 +143,11 @@ def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_
     real_redis.flushall()  # the ledger is lost (restart without persistence, failover to a stale replica...)
     time.sleep(3)  # the loop polls: the done issues carry the done label, so nothing is even a candidate
     gh.add(4, "new work")  # a candidate: claiming it reveals the loss (safe mode) until an operator accepts
-    wait_until(lambda: json.loads(ctl(env, "loop-status", "--json").stdout)["ledger_lost"], 30,
-               what="safe mode (the loss reported)")
+    wait_until(
+        lambda: json.loads(ctl(env, "loop-status", "--json").stdout)["ledger_lost"],
+        30,
+        what="safe mode (the loss reported)",
+    )
     res = ctl(env, "ledger", "accept", "--json")
     wait_until(lambda: ledger.explain("4").state == "done", 40, what="new work done after the loss")
     starts = Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "start")

@@ -75,9 +75,16 @@ def gh() -> Iterator[Server]:
 
 
 def item(n: int, title: str | None = None, labels: tuple[str, ...] = ("agent",), **extra: Any) -> dict[str, Any]:
-    return {"number": n, "title": title or f"issue {n}", "state": "open", "body": None,
-            "labels": [{"name": lb} for lb in labels], "updated_at": "2024-05-01T00:00:00Z",
-            "html_url": f"https://github.com/o/r/issues/{n}", **extra}
+    return {
+        "number": n,
+        "title": title or f"issue {n}",
+        "state": "open",
+        "body": None,
+        "labels": [{"name": lb} for lb in labels],
+        "updated_at": "2024-05-01T00:00:00Z",
+        "html_url": f"https://github.com/o/r/issues/{n}",
+        **extra,
+    }
 
 
 class Clock:

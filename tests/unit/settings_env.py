@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factory_worker.config import ConfigError, load_settings
+from factory_worker.config.settings import ConfigError, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,1 @@
+"""Humans in the loop: a Slack thread per dispatch, webhook notifications."""

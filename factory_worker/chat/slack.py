@@ -1,0 +1,244 @@
+"""A Slack conversation per dispatch: a thread opened when the agent starts, its end posted in it, and the
+humans' replies delivered to the running agent.
+
+Slack Web API (bot token from the env var ``slack.token_env``, base URL ``slack.api_url`` so tests use a
+local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens the thread and posts in it;
+``conversations.replies`` (``channel``, ``ts``, ``oldest``, ``cursor``) reads it. Slack answers HTTP 200 with
+``{"ok": false, "error": ...}`` for API errors and HTTP 429 with ``Retry-After`` (seconds) when rate limited.
+
+The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
+(backing off to ``slack.poll_max_s`` on errors, never sooner than a ``Retry-After``) and appends every new
+human reply (not the bot's own messages) as one JSON line ``{"ts", "user", "text"}`` to the dispatch's inbox
+file, whose path the agent gets in ``FACTORY_INBOX``. It ends with its dispatch — done, failed, stopped by
+kill-loop ``--release-agents`` or a warm shutdown (the agent task stops it before settling and waits for it),
+or with the worker process (it is a daemon thread of it) — and no read happens after :meth:`Conversation.close`
+returns. Slack failures never stop or fail an agent: they are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from factory_worker.config.settings import SlackSettings, secret_from_env
+
+log = logging.getLogger(__name__)
+
+
+class SlackError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SlackClient:
+    """The two Web API methods the conversation needs; the token is never logged."""
+
+    def __init__(self, cfg: SlackSettings, http: httpx.Client | None = None) -> None:
+        token = secret_from_env(cfg.token_env)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.cfg = cfg
+        self.http = http or httpx.Client(base_url=cfg.api_url.rstrip("/") + "/", headers=headers, timeout=cfg.timeout_s)
+
+    def call(self, method: str, http_method: str = "POST", **params: Any) -> dict[str, Any]:
+        try:
+            if http_method == "GET":
+                resp = self.http.get(method, params=params)
+            else:
+                resp = self.http.post(method, json=params)
+        except httpx.HTTPError as exc:
+            raise SlackError(f"{method}: {type(exc).__name__}") from None
+        if resp.status_code == 429:
+            raise SlackError(f"{method}: rate limited", retry_after=_seconds(resp.headers.get("retry-after")))
+        if resp.status_code >= 300:
+            raise SlackError(f"{method}: HTTP {resp.status_code}")
+        try:
+            body = resp.json()
+        except ValueError:
+            raise SlackError(f"{method}: not JSON") from None
+        if not body.get("ok"):
+            raise SlackError(f"{method}: {body.get('error', 'not ok')}")
+        return body
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        wait = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return wait if wait is not None and 0 <= wait < float("inf") else None
+
+
+class Conversation:
+    """One dispatch's thread and its watcher."""
+
+    def __init__(self, cfg: SlackSettings, client: SlackClient, inbox: Path) -> None:
+        self.cfg, self.client, self.inbox = cfg, client, inbox
+        self.channel = cfg.channel or ""
+        self.thread_ts: str | None = None
+        self.last_ts = "0"
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self, text: str) -> bool:
+        """Post the opening message and start watching its thread; False (logged) when Slack failed."""
+        try:
+            body = self.client.call("chat.postMessage", channel=self.channel, text=text)
+        except SlackError as exc:
+            log.warning("could not open the Slack thread: %s", exc)
+            return False
+        self.thread_ts = self.last_ts = str(body.get("ts"))
+        self.channel = str(body.get("channel") or self.channel)
+        self.watch()
+        return True
+
+    def watch(self) -> None:
+        """Start the watcher of ``thread_ts`` (by :meth:`open`, or for a thread opened earlier)."""
+        self._thread = threading.Thread(target=self._watch, name="factory-slack-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def ref(self) -> str:
+        """The thread as ``<channel>:<ts>`` (what a staged dispatch keeps in the ledger), "" when none."""
+        return f"{self.channel}:{self.thread_ts}" if self.thread_ts else ""
+
+    def post(self, text: str) -> None:
+        """Post ``text`` in the thread (best effort)."""
+        if self.thread_ts is None:
+            return
+        try:
+            self.client.call("chat.postMessage", channel=self.channel, text=text, thread_ts=self.thread_ts)
+        except SlackError as exc:
+            log.warning("could not post in the Slack thread %s: %s", self.thread_ts, exc)
+
+    def close(self, final: str | None = None) -> None:
+        """Stop watching (no read after this returns), then post ``final`` in the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.cfg.timeout_s + 1)
+        if final:
+            self.post(final)
+
+    def _watch(self) -> None:
+        wait = self.cfg.poll_s
+        while not self._stop.wait(wait):
+            try:
+                self.read_once()
+                wait = self.cfg.poll_s
+            except SlackError as exc:
+                wait = min(self.cfg.poll_max_s, max(wait * 2, exc.retry_after or 0))
+                log.warning("Slack thread %s: %s; next read in %.1fs", self.thread_ts, exc, wait)
+            except Exception:  # noqa: BLE001 - a watcher must not die silently, nor take the agent with it
+                log.exception("Slack thread %s: watcher error", self.thread_ts)
+                wait = self.cfg.poll_max_s
+
+    def read_once(self) -> int:
+        """Read the thread once; append new human replies to the inbox. Returns how many."""
+        if self._stop.is_set():
+            return 0
+        self.polls += 1
+        new, cursor = [], None
+        while True:
+            params: dict[str, Any] = {
+                "channel": self.channel,
+                "ts": self.thread_ts,
+                "oldest": self.last_ts,
+                "limit": 200,
+            }
+            if cursor:
+                params["cursor"] = cursor
+            body = self.client.call("conversations.replies", "GET", **params)
+            for m in body.get("messages", []):
+                ts = str(m.get("ts", ""))
+                if ts > self.last_ts and ts != self.thread_ts and not m.get("bot_id") and m.get("user"):
+                    new.append({"ts": ts, "user": m["user"], "text": str(m.get("text", ""))})
+            cursor = (body.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                break
+        new.sort(key=lambda m: m["ts"])
+        if new:
+            with open(self.inbox, "a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(m, ensure_ascii=False) + "\n" for m in new)
+            self.last_ts = new[-1]["ts"]
+        return len(new)
+
+
+def open_conversation(
+    cfg: SlackSettings, inbox: Path, issue_id: str, title: str, task_id: str, attempt_note: str = ""
+) -> Conversation | None:
+    """Open the thread of one dispatch, or None (Slack off, or it failed: the agent runs anyway)."""
+    if not cfg.channel:
+        return None
+    conv = Conversation(cfg, SlackClient(cfg), inbox)
+    text = (
+        f"factory-worker: agent started on {issue_id}: {title[:200]} (dispatch {task_id}{attempt_note}); "
+        "reply in this thread to talk to it"
+    )
+    return conv if conv.open(text) else None
+
+
+def open_thread(cfg: SlackSettings, issue_id: str, title: str, task_id: str, plan: list[str]) -> str:
+    """A staged dispatch's thread, opened at hand-over without a watcher (each stage's run watches it):
+    ``<channel>:<ts>``, or "" (Slack off, or it failed: the stages run anyway)."""
+    if not cfg.channel:
+        return ""
+    conv = Conversation(cfg, SlackClient(cfg), Path("/dev/null"))
+    try:
+        body = conv.client.call(
+            "chat.postMessage",
+            channel=conv.channel,
+            text=f"factory-worker: agents started on {issue_id}: {title[:200]} (dispatch "
+            f"{task_id}; stages {' -> '.join(plan)}); reply in this thread to talk to "
+            "the running stage",
+        )
+    except SlackError as exc:
+        log.warning("could not open the Slack thread: %s", exc)
+        return ""
+    return f"{body.get('channel') or conv.channel}:{body.get('ts')}"
+
+
+def join_conversation(cfg: SlackSettings, inbox: Path, thread: str) -> Conversation | None:
+    """Watch an open thread (``<channel>:<ts>``) for one stage's run: every human reply in it so far and
+    from now on is appended to ``inbox``. None when Slack is off or there is no thread."""
+    channel, _, ts = thread.rpartition(":")
+    if not cfg.channel or not channel or not ts:
+        return None
+    conv = Conversation(cfg, SlackClient(cfg), inbox)
+    conv.channel, conv.thread_ts, conv.last_ts = channel, ts, ts
+    try:  # the replies so far are in the inbox when the stage starts, not one poll later
+        conv.read_once()
+    except SlackError as exc:
+        log.warning("Slack thread %s: %s; the watcher reads it again", ts, exc)
+    conv.watch()
+    return conv
+
+
+def ended_text(settled: str, error: str = "") -> str:
+    """What the thread is told when its dispatch ends."""
+    words = {
+        "done": "done",
+        "backoff": "failed: backing off before another attempt",
+        "parked": "parked (needs a human)",
+        "released": "stopped (kill-loop, shutdown or revoke): released",
+        "stale": "stopped: its claim was lost",
+        "lease-lost": "stopped: its claim was lost",
+    }
+    text = f"factory-worker: {words.get(settled, settled)}"
+    return text + (f" ({error[:300]})" if error and settled in ("backoff", "parked") else "")
+
+
+__all__ = [
+    "Conversation",
+    "SlackClient",
+    "SlackError",
+    "ended_text",
+    "join_conversation",
+    "open_conversation",
+    "open_thread",
+]

@@ -1,0 +1,124 @@
+"""The control CLI's ledger commands: audit, ledger accept, dispatches, explain, retry (registered on
+:data:`factory_worker.cli.commands.cli`, a thin view over the ledger like the rest)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+from factory_worker.cli.commands import _context, cli, json_opt
+from factory_worker.cli.output import emit, printable, table, ts
+from factory_worker.ledger.core import STATES
+
+
+@cli.command("audit")
+@json_opt
+def audit_cmd(as_json: bool) -> None:
+    """Check the ledger's invariants; print every violation. Exit 0 clean, 1 violations, 2 error."""
+    from factory_worker.ledger.audit import audit
+
+    ctx = _context()
+    data = audit(ctx.redis, ctx.keys)
+
+    def human(d: dict[str, Any]) -> None:
+        for v in d["violations"]:
+            click.echo(f"VIOLATION {v['check']}: {v['subject']}: {v['detail']}")
+        click.echo(
+            f"audit: {'clean' if d['clean'] else str(len(d['violations'])) + ' violation(s)'} "
+            f"(namespace {d['namespace']})"
+        )
+
+    emit(data, as_json, human, 0 if data["clean"] else 1)
+
+
+@cli.group("ledger")
+def ledger_group() -> None:
+    """The ledger's identity (the ledger-loss guard)."""
+
+
+@ledger_group.command("accept")
+@json_opt
+def ledger_accept_cmd(as_json: bool) -> None:
+    """Adopt the current ledger after a loss: safe mode ends (done issues it lost may run again). Exit 0."""
+    from factory_worker.ledger import guard
+
+    ctx = _context()
+    data = guard.accept(ctx.redis, ctx.keys)
+    emit(
+        data,
+        as_json,
+        lambda d: click.echo(
+            f"accepted ledger generation {d['generation']}"
+            + (f" in place of {', '.join(d['superseded'])}" if d["superseded"] else " (nothing was lost)")
+        ),
+    )
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, keeping its start (what failed), marked with "..."."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@cli.command("dispatches")
+@click.option("--state", type=click.Choice(STATES), default=None, help="only this state")
+@json_opt
+def dispatches_cmd(state: str | None, as_json: bool) -> None:
+    """The ledger, issue by issue. Exit 0."""
+    ctx = _context()
+    rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
+    rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+
+    def human(d: list[dict[str, Any]]) -> None:
+        shown = [
+            {
+                **r,
+                "since/until": ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
+                "last_error": _clip(r.get("last_error") or "", 80) or None,
+            }
+            for r in d
+        ]
+        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
+
+    emit(rows, as_json, human)
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key: EX-2 before EX-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+@cli.command("explain")
+@click.argument("issue")
+@json_opt
+def explain_cmd(issue: str, as_json: bool) -> None:
+    """Why ISSUE is or is not dispatched now. Exit 0."""
+    from factory_worker.ops.operations import explain
+
+    e = explain(_context(), _issue_arg(issue))
+    emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")))
+
+
+@cli.command("retry")
+@click.argument("issue")
+@json_opt
+def retry_cmd(issue: str, as_json: bool) -> None:
+    """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
+    data = _context().ledger.retry(_issue_arg(issue))
+
+    def human(d: dict[str, Any]) -> None:
+        if d["was_parked"]:
+            click.echo(f"{issue}: unparked (had {d['attempts_before']} attempts); it is claimable again")
+        elif d["had_backoff"] or d["attempts_before"]:
+            click.echo(f"{issue}: backoff cleared (had {d['attempts_before']} attempts)")
+        else:
+            click.echo(f"{issue}: nothing to retry (not parked, not backing off, no failed attempts)")
+
+    emit(data, as_json, human)
+
+
+def _issue_arg(issue: str) -> str:
+    if not issue.strip():
+        raise click.BadParameter("must not be empty", param_hint="ISSUE")
+    return issue

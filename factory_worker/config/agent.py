@@ -1,0 +1,114 @@
+"""``agent.*``: the agent program, what it is given, and a staged dispatch's stages; re-exported by
+:mod:`factory_worker.config.settings`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from factory_worker.config.stages import StageSettings, TriageSettings, check_pipeline, default_stage
+
+#: What an agent gets of the worker's environment by default (HOME is its own directory unless listed).
+DEFAULT_AGENT_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a user or group: a name or a number
+
+
+def _json_list(v: Any, what: str, hint: str = "") -> Any:
+    """A list of strings from a list or its JSON text (an env var), else ValueError naming ``what``."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise ValueError(f"must be a JSON list of {what}{hint}") from None
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"must be a JSON list of {what}")
+    return v
+
+
+class AgentSettings(BaseModel):
+    """The agent program: an argv list (never a shell string), its timeout, where its logs go, and what it is
+    given (see :mod:`factory_worker.agents.sandbox`): a fresh directory, an allowlisted environment, its own
+    uid/gid."""
+
+    command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [sys.executable, os.path.abspath("examples/agent.py"), "{id}"], min_length=1
+    )
+    timeout_s: float = Field(600.0, gt=0)
+    log_dir: Path = Path(".factory/logs")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="an agent log is cut at this size")
+    log_retention_s: float = Field(
+        7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed (0: kept)"
+    )
+    term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    workdir_root: Path = Field(Path(".factory/work"), description="each dispatch runs in a fresh directory here")
+    keep_workdir: bool = Field(False, description="keep a dispatch's directory after its run (debugging)")
+    env_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets"
+    )
+    user: str | None = Field(None, description="run agents as this user (name or uid); default: the worker's")
+    group: str | None = Field(None, description="the agents' group (name or gid); default: agent.user's group")
+    # -- staged dispatch (stage_settings.py): one claim, many stages ---------------------------------------
+    stages: list[StageSettings] = Field(
+        default_factory=list,
+        description="ordered named stages (replace agent.command): implementers, then a reviewer...",
+    )
+    triage: TriageSettings | None = Field(None, description="a command choosing the stages (JSON on stdout)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="a triage below this escalates (needs-human)")
+    max_rounds: int = Field(3, ge=1, le=20, description="rounds of one attempt (a rejection starts the next)")
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> "AgentSettings":
+        check_pipeline(self.stages, self.triage)
+        return self
+
+    @property
+    def staged(self) -> bool:
+        """A staged dispatch (``factory.agent.stage`` tasks), or the one ``agent.command`` as before."""
+        return bool(self.stages or self.triage)
+
+    def pipeline(self) -> list[StageSettings]:
+        """The stages, in order (``agent.command`` as the one stage when only a triage is set)."""
+        return list(self.stages) or [default_stage(self.command, self.timeout_s)]
+
+    def stage(self, name: str) -> StageSettings | None:
+        return next((s for s in self.pipeline() if s.name == name), None)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, v: Any) -> Any:
+        v = _json_list(v, "strings (an argv)", ", not a shell string")
+        if v and not v[0].strip():
+            raise ValueError("argv[0] must not be empty")
+        return v
+
+    @field_validator("env_allowlist", mode="before")
+    @classmethod
+    def _env_names(cls, v: Any) -> Any:
+        v = _json_list(v, "variable names")
+        bad = [x for x in v if not _ENV_NAME.match(x)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name")
+        return v
+
+    @field_validator("user", "group", mode="before")
+    @classmethod
+    def _id(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not _ID.match(v):
+            raise ValueError("must be a name or a number")
+        if v in ("root", "0") or (v.isdigit() and int(v) == 0):
+            raise ValueError("must not be root (it could read every credential of the worker)")
+        if info.field_name == "group" and info.data.get("user") is None:
+            raise ValueError("needs agent.user (FACTORY_AGENT__USER): a group alone does not isolate an agent")
+        return v

@@ -1,0 +1,427 @@
+"""The dispatch ledger: fenced claims with leases, backoff, parking, done markers, explain.
+
+Every write is one Lua script (see ``lua/``): ``claim`` gates a whole batch in one round trip and is the
+only place that decides whether an issue may be dispatched (dry runs and :meth:`Ledger.explain` run it in
+its read-only mode); ``renew``, ``complete``, ``fail`` and ``release`` are compare-and-set on the claim's
+token, so a stale holder gets a :class:`~factory_worker.ledger.scripts.StaleClaimError` and changes nothing.
+Time is Redis server time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import redis
+
+from factory_worker.config.settings import DispatchSettings, Settings
+from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
+from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.redis_client import server_now_ms
+from factory_worker.ledger.scripts import LedgerError, Reply, StaleClaimError, checked, scripts_for
+from factory_worker.ledger.states import Begin, Gate
+
+# the ledger's result types are this module's API too
+from factory_worker.ledger.types import WAITING, Claim, ClaimBatch, Explanation, FailResult, Rider, Skip, fence_of  # noqa: F401
+from factory_worker.ledger.views import STATES, LedgerViews, done_markers  # noqa: F401 - this module's API too
+from factory_worker.ledger.views import as_int as _int
+
+__all__ = [
+    "Claim",
+    "ClaimBatch",
+    "Explanation",
+    "FailResult",
+    "Ledger",
+    "LedgerError",
+    "LedgerLostError",
+    "Skip",
+    "StaleClaimError",
+    "STATES",
+    "fence_of",
+]
+
+log = logging.getLogger(__name__)
+
+#: Issues per claim script call; a larger batch is split (each call is still one round trip).
+MAX_BATCH = 1000
+
+
+class Ledger(LedgerViews):
+    """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        dispatch: DispatchSettings,
+        rng: Callable[[], float] = random.random,
+        outbox: bool = False,
+    ) -> None:
+        self.r = client
+        self.keys = keys
+        self.cfg = dispatch
+        self.rng = rng
+        #: write tracker events to the outbox with each transition (``tracker.write_back``)
+        self.outbox = "1" if outbox else "0"
+        self._s = scripts_for(client)
+        self.guard = LedgerGuard(client, keys)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "Ledger":
+        from factory_worker.ledger.redis_client import client as make_client
+
+        return cls(
+            client or make_client(settings),
+            Keys(settings.namespace),
+            settings.dispatch,
+            outbox=settings.tracker.write_back,
+        )
+
+    @property
+    def lease_ms(self) -> int:
+        """The running lease (from ``begin``, renewed while the agent runs)."""
+        return max(1, int(self.cfg.lease_ttl_s * 1000))
+
+    @property
+    def queue_lease_ms(self) -> int:
+        """The lease of a claim whose agent message waits in the broker (until ``begin``)."""
+        return max(1, int((self.cfg.queue_lease_s or self.cfg.lease_ttl_s) * 1000))
+
+    def now_ms(self) -> int:
+        return server_now_ms(self.r)
+
+    # -- claims ---------------------------------------------------------------------------------------
+    def claim(
+        self, issues: Sequence[str], dry_run: bool = False, fleet_slots: bool = False, enough_waiting: int = 0
+    ) -> ClaimBatch:
+        """Gate ``issues`` and claim every claimable one; one script call (round trip) per batch.
+
+        ``dry_run``: the same decisions, nothing written (``claims`` are what would be claimed).
+        ``fleet_slots``: also bound the in-flight count by the live workers' agent slots (the loop always
+        does; a bare ledger, e.g. in tests and benchmarks of the protocol, may not).
+        ``enough_waiting``: gate in batches of that many and stop once that many issues wait for room (the
+        fleet is full: nothing after them could be claimed); the rest are counted in ``unexamined``. The loop
+        passes its backlog's size, so a big backlog is not gated in full every poll.
+        """
+        out = ClaimBatch(dry_run=dry_run, fleet_slots=fleet_slots)
+        items = [str(i) for i in issues]
+        size, waiting = enough_waiting or MAX_BATCH, 0
+        for start in range(0, len(items), size):
+            gated = len(out.skipped)
+            self._claim_chunk(items[start : start + size], out)
+            waiting += sum(s.reason in WAITING for s in out.skipped[gated:])
+            if enough_waiting and waiting >= enough_waiting:
+                out.unexamined = max(0, len(items) - start - size)
+                break
+        return out
+
+    def _claim_chunk(self, issues: list[str], out: ClaimBatch) -> None:
+        if not issues:
+            return
+        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
+            generation = self.guard.peek() if out.dry_run else self.guard.generation
+            reply, acked = self._write(
+                "claim",
+                issues,
+                acks=not out.dry_run,
+                generation=generation,
+                queue_lease_ms=self.queue_lease_ms,
+                max_in_flight=self.cfg.max_in_flight,
+                owner=uuid.uuid4().hex,
+                mode="dry" if out.dry_run else "claim",
+                use_slots="1" if out.fleet_slots else "0",
+            )
+            if reply.status != "ledger-lost":
+                break
+            self.guard.lost(reply.values[0])  # raises LedgerLostError unless the new ledger was accepted
+        else:
+            raise LedgerLostError(self.guard.generation, reply.values[0])
+        claims, skipped = out.claims, out.skipped
+        for issue, entry in zip(issues, reply.values):
+            if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
+                if acked:
+                    claims.append(Claim(issue, entry, fence_of(entry)))
+                else:
+                    skipped.append(self._unacked(issue, entry))
+                continue
+            code, _, rest = entry.partition(":")
+            if code == Gate.CLAIMABLE:
+                claims.append(Claim(issue, "", _int(rest)))
+            else:
+                skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
+
+    def _unacked(self, issue: str, token: str) -> Skip:
+        """A claim too few replicas acknowledged: a failover could lose it, so it is released unused (no
+        attempt counted) and the issue waits for the next pass."""
+        try:  # not waiting for acks again: with a replica down that would stall the loop for every claim
+            self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED, outbox=self.outbox)
+        except redis.RedisError:
+            log.warning("could not release unacknowledged claim %s on %s; its lease ends it", token, issue)
+        self._count_quietly("claims_unacked")
+        return Skip(issue, Gate.UNACKED, {"token": token, "min_replica_acks": self.cfg.min_replica_acks})
+
+    # -- replica acknowledgements ----------------------------------------------------------------------
+    def _write(
+        self,
+        name: str,
+        items: Sequence[str] = (),
+        acks: bool = True,
+        touch: bool = False,
+        rider: Rider | None = None,
+        **args: Any,
+    ) -> tuple[Reply, bool]:
+        """Run script ``name``; with ``min_replica_acks`` (and ``acks``) in one pipeline with ``WAIT`` on the
+        same connection, so the wait covers this write. Returns (reply, acknowledged). ``touch`` adds a write
+        that always replicates (a counter), for a retry whose script may write nothing. ``rider``: commands
+        sent in the same round trip, after the script (sent once, whatever the script answers)."""
+        script, n = self._s[name], self.cfg.min_replica_acks
+        wait = bool(n and acks)
+        if not wait and rider is None:
+            return script(self.keys, items, **args), True
+        pipe = self.r.pipeline(transaction=False)
+        script.queue(pipe, self.keys, items, **args)
+        if touch:
+            pipe.hincrby(self.keys.counters, "replica_ack_retries", 1)
+        first = len(pipe)
+        if rider is not None:
+            rider.queue(pipe)
+        last = len(pipe)
+        if wait:
+            pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
+        if rider is not None:
+            rider.sent = True  # from here on it may have run: a retry (its reply lost) must not send it again
+        out = pipe.execute(raise_on_error=False)
+        if rider is not None:
+            rider.replies = out[first:last]  # a rider's own error stays a value: the settle itself went
+        for reply in out[:first] + out[last:]:
+            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+        if isinstance(out[0], redis.exceptions.NoScriptError):  # a restarted Redis: load it, send it alone
+            script.load()
+            return self._write(name, items, acks, **args)  # the touch (a counter) went already
+        return script.parse(out[0]), int(out[-1]) >= n if wait else True
+
+    def _settle(self, name: str, issue: str, token: str, rider: Rider | None = None, **args: Any) -> Reply:
+        """A settle (complete, fail, release) by token, acknowledged by ``min_replica_acks`` replicas.
+
+        Unacknowledged, it is sent again until acknowledged or one lease has passed: after a failover that
+        lost the first write the claim is still ours on the new primary and the repeat applies it; when the
+        first write did survive, the repeat finds the claim gone and the first reply stands. Connection
+        errors in between (the failover itself) are waited out. After one lease it is logged and counted
+        (``settles_unacked``) and the reply stands: the write is on the primary, and only a second failover
+        before a replica catches up could still lose it.
+        """
+        args["outbox"] = self.outbox
+        reply, acked = self._write(name, token=token, issue=issue, rider=rider, **args)
+        checked(reply, issue, token)
+        return self._confirm(name, issue, token, reply, acked, **args)
+
+    def _confirm(self, name: str, issue: str, token: str, reply: Reply, acked: bool, **args: Any) -> Reply:
+        """Repeat an unacknowledged write by token (see :meth:`_settle`) until a replica acknowledges it or one
+        lease has passed; a repeat that applies (``ok``) replaces ``reply``, one the claim refuses to its new
+        holder raises :class:`StaleClaimError`, any other keeps ``reply`` (the first write survived)."""
+        deadline = time.monotonic() + self.cfg.lease_ttl_s
+        while not acked:
+            if time.monotonic() > deadline:
+                log.error(
+                    "%s of %s by %s: fewer than %d replica(s) acknowledged it within %gs",
+                    name,
+                    issue,
+                    token,
+                    self.cfg.min_replica_acks,
+                    self.cfg.lease_ttl_s,
+                )
+                self._count_quietly("settles_unacked")
+                break
+            try:
+                again, acked = self._write(name, touch=True, token=token, issue=issue, **args)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable while confirming %s of %s (%s); retrying", name, issue, exc)
+                time.sleep(0.2)
+                continue
+            if again.status == "ok":
+                reply = again  # the first write was lost with a failed primary: this one counts
+            elif again.status == "held":
+                checked(again, issue, token)  # lost, and the issue was claimed again meanwhile
+        return reply
+
+    def _count_quietly(self, counter: str) -> None:
+        try:
+            self.r.hincrby(self.keys.counters, counter, 1)
+        except redis.RedisError:
+            log.warning("could not count %s", counter)
+
+    @staticmethod
+    def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
+        a = parts[0]
+        b = parts[1] if len(parts) > 1 else ""
+        if code == Gate.DONE:
+            return {"fence": _int(a), "completed_ms": _int(b)}
+        if code == Gate.IN_FLIGHT:
+            return {"lease_left_ms": _int(a)}
+        if code == Gate.BACKOFF:
+            return {"until_ms": _int(a), "attempts": _int(b)}
+        if code == Gate.PARKED:
+            return {"parked_ms": _int(a), "attempts": _int(b)}
+        if code == Gate.MAX_IN_FLIGHT:
+            return {"in_flight": _int(a), "cap": _int(b)}
+        if code == Gate.NO_FREE_SLOT:
+            return {"in_flight": _int(a), "slots": _int(b)}
+        return {}
+
+    def renew(self, issue: str, token: str) -> int:
+        """Extend the lease of ``token``'s claim; returns the new expiry (ms). Stale -> StaleClaimError."""
+        reply = self._s["renew"](self.keys, token=token, lease_ms=self.lease_ms, issue=issue)
+        return int(checked(reply, issue, token).values[0])
+
+    def begin(self, issue: str, token: str, task_id: str = "", hostname: str = "", pid: int = 0) -> Begin:
+        """Start the agent for ``token``'s claim; also renews the lease.
+
+        Returns ``started`` (once per token), ``duplicate`` (an agent already started for this token),
+        ``revoked`` (``task_id`` was revoked) or ``killed`` (the loop is killed). When started, the agent
+        task's record (written by the loop when it sent the task) becomes ``running`` and the task is listed
+        as running. Stale or superseded token -> StaleClaimError.
+        """
+        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
+            reply, acked = self._write(
+                "begin",
+                generation=self.guard.generation,
+                token=token,
+                lease_ms=self.lease_ms,
+                issue=issue,
+                task_id=task_id,
+                hostname=hostname,
+                worker_pid=pid,
+                outbox=self.outbox,
+            )
+            if reply.status != "ledger-lost":
+                break
+            self.guard.lost(reply.values[0])
+        else:
+            raise LedgerLostError(self.guard.generation, reply.values[0])
+        checked(reply, issue, token)
+        if reply.status == "ok" and not acked:
+            log.warning(
+                "begin of %s by %s not acknowledged by %d replica(s): not starting it",
+                issue,
+                token,
+                self.cfg.min_replica_acks,
+            )
+            return Begin.UNACKED
+        return Begin.STARTED if reply.status == "ok" else Begin(reply.status)
+
+    def complete(self, issue: str, token: str, rider: Rider | None = None) -> None:
+        """Mark ``issue`` done for good (the holder only). ``rider``: see :class:`Rider`."""
+        self._settle("complete", issue, token, rider)
+        log.info("issue %s done (fence %s)", issue, fence_of(token))
+
+    def fail(self, issue: str, token: str, error: str = "", rider: Rider | None = None) -> FailResult:
+        """Count a failed attempt: a backoff window, or parked after ``max_attempts``."""
+        cfg = self.cfg
+        reply = self._settle(
+            "fail",
+            issue,
+            token,
+            rider,
+            backoff_base_ms=int(cfg.backoff_base_s * 1000),
+            backoff_max_ms=int(cfg.backoff_max_s * 1000),
+            max_attempts=cfg.max_attempts,
+            jitter=repr(cfg.backoff_jitter * self.rng()),
+            error=(error or "failed")[: Keys.ERROR_MAX_CHARS],
+        )
+        state, at, attempts = reply.values
+        log.info("issue %s failed attempt %s -> %s", issue, attempts, state)
+        return FailResult(issue, state, int(attempts), int(at))
+
+    def release(self, issue: str, token: str, reason: str = "interrupted", rider: Rider | None = None) -> None:
+        """Free the claim without counting an attempt (no backoff penalty)."""
+        self._settle("release", issue, token, rider, reason=reason)
+        log.info("issue %s released (%s)", issue, reason)
+
+    def current_token(self, issue: str) -> str | None:
+        """The token of the live claim on ``issue``, if any."""
+        return self.r.get(self.keys.claim(issue))
+
+    # -- operator actions -----------------------------------------------------------------------------
+    def retry(self, issue: str) -> dict[str, Any]:
+        """Unpark ``issue`` / end its backoff with a fresh attempt budget. Done issues are refused."""
+        reply = self._s["retry"](self.keys, issue=issue, outbox=self.outbox)
+        if reply.status == "done":
+            raise LedgerError(f"issue {issue!r} is done; done is final and cannot be retried")
+        was_parked, attempts, had_backoff = reply.values
+        return {
+            "issue": issue,
+            "was_parked": bool(int(was_parked)),
+            "attempts_before": int(attempts),
+            "had_backoff": bool(int(had_backoff)),
+        }
+
+    # -- reading --------------------------------------------------------------------------------------
+    def explain(self, issue: str) -> Explanation:
+        """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
+        the fleet's slots as the loop counts them), with the details (holder, last error) read beside it."""
+        batch = self.claim([issue], dry_run=True, fleet_slots=True)
+        k = self.keys
+        token, attempts, error = (
+            self.r.get(k.claim(issue)),
+            self.r.hget(k.attempts, issue),
+            self.r.hget(k.errors, issue),
+        )
+        n = _int(attempts)
+        if batch.claims:
+            return Explanation(issue, Gate.CLAIMABLE, f"claimable now ({n} failed attempts so far)", {"attempts": n})
+        skip = batch.skipped[0]
+        d = dict(skip.detail)
+        if skip.reason == Gate.DONE:
+            return Explanation(issue, Gate.DONE, f"done (fence {d['fence']}); never dispatched again", d)
+        if skip.reason == Gate.IN_FLIGHT:
+            left = max(d["lease_left_ms"], 0)
+            fence = fence_of(token) if token else None
+            return Explanation(
+                issue,
+                Gate.IN_FLIGHT,
+                f"held by token {token} (fence {fence}) for {left / 1000:.1f}s more",
+                {"token": token, "fence": fence, "until_ms": self.now_ms() + left},
+            )
+        if skip.reason == Gate.PARKED and (error or "").startswith("needs-human"):
+            return Explanation(
+                issue,
+                Gate.PARKED,
+                f"escalated to a human ({error}); no attempt counted; run `factory-worker retry {issue}` to release it",
+                {"attempts": n, "parked_ms": d["parked_ms"], "reason": "needs-human", "last_error": error},
+            )
+        if skip.reason == Gate.PARKED:
+            return Explanation(
+                issue,
+                Gate.PARKED,
+                f"parked after {n} attempts; last error: {error or '-'}; "
+                f"run `factory-worker retry {issue}` to try again",
+                {"attempts": n, "parked_ms": d["parked_ms"], "last_error": error},
+            )
+        if skip.reason == Gate.BACKOFF:
+            left = (d["until_ms"] - self.now_ms()) / 1000
+            return Explanation(
+                issue,
+                Gate.BACKOFF,
+                f"backing off for {max(left, 0):.1f}s more after attempt {n}; last error: {error or '-'}",
+                {"attempts": n, "until_ms": d["until_ms"], "last_error": error},
+            )
+        if skip.reason == Gate.MAX_IN_FLIGHT:
+            return Explanation(
+                issue,
+                Gate.MAX_IN_FLIGHT,
+                f"claimable, but the in-flight cap is reached ({d['in_flight']}/{d['cap']})",
+                {**d, "attempts": n},
+            )
+        if skip.reason == Gate.NO_FREE_SLOT:
+            return Explanation(
+                issue,
+                Gate.NO_FREE_SLOT,
+                f"claimable, but no free agent slot ({d['in_flight']} in "
+                f"flight, {d['slots']} slots on live agent workers)",
+                {**d, "attempts": n},
+            )
+        return Explanation(issue, skip.reason, f"not dispatched: the loop is {skip.reason}", {"attempts": n})

@@ -1,0 +1,113 @@
+"""Read-only views of the dispatch ledger: issue-by-issue listings, counters, gauges and the done markers
+(:class:`LedgerViews`, mixed into :class:`~factory_worker.ledger.core.Ledger`; the writes are ``ledger.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import redis
+
+from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.states import LedgerState
+from factory_worker.ledger.types import fence_in
+from factory_worker.loop.status import as_int, gauge_commands, parse_counters, parse_gauges
+
+#: The states ``entries`` lists (``dispatches --state``).
+STATES = tuple(s.value for s in LedgerState)
+
+
+def done_markers(r: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
+    """Every (issue, done marker) of the ledger: its done buckets, then the legacy single done hash."""
+    for bucket in r.scan_iter(match=keys.done_bucket_pattern(), count=1000):
+        yield from r.hscan_iter(bucket)
+    yield from r.hscan_iter(keys.done)
+
+
+_int = as_int
+
+
+class LedgerViews:
+    """What a ledger shows; needs ``r``, ``keys``, ``now_ms()`` and ``current_token(issue)`` from its class."""
+
+    r: redis.Redis
+    keys: Keys
+
+    def now_ms(self) -> int:  # pragma: no cover - the Ledger's
+        raise NotImplementedError
+
+    def current_token(self, issue: str) -> str | None:  # pragma: no cover - the Ledger's
+        raise NotImplementedError
+
+    def entries(self, state: str) -> list[dict[str, Any]]:
+        """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
+        k = self.keys
+        now = self.now_ms()
+        if state == "in-flight":
+            rows = self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True)
+            out = []
+            for i, s in rows:
+                token = self.current_token(i)
+                out.append(
+                    {
+                        "issue": i,
+                        "state": state,
+                        "until_ms": int(s),
+                        "token": token,
+                        "fence": fence_in(token),
+                        "attempts": _int(self.r.hget(k.attempts, i)),
+                        **({"stage": st} if (st := self.r.hget(k.stages(i), "stage")) else {}),
+                    }
+                )
+            return out
+        if state == "backoff":
+            rows = self.r.zrangebyscore(k.backoff, f"({now}", "+inf", withscores=True)
+            return [
+                {
+                    "issue": i,
+                    "state": state,
+                    "until_ms": int(s),
+                    "attempts": _int(self.r.hget(k.attempts, i)),
+                    "last_error": self.r.hget(k.errors, i),
+                }
+                for i, s in rows
+            ]
+        if state == "parked":
+            return [
+                {
+                    "issue": i,
+                    "state": state,
+                    "parked_ms": _int(v),
+                    "attempts": _int(self.r.hget(k.attempts, i)),
+                    "last_error": self.r.hget(k.errors, i),
+                }
+                for i, v in sorted(self.r.hgetall(k.parked).items())
+            ]
+        if state == "done":
+            out = []
+            for i, v in self.done_markers():
+                fence, _, at = v.partition(":")
+                out.append({"issue": i, "state": state, "fence": _int(fence), "completed_ms": _int(at)})
+            return sorted(out, key=lambda e: e["issue"])
+        raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
+
+    def all_entries(self, states: Iterable[str] = STATES) -> list[dict[str, Any]]:
+        return [e for s in states for e in self.entries(s)]
+
+    def counters(self) -> dict[str, int]:
+        """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
+        return parse_counters(self.r.hgetall(self.keys.counters))
+
+    def gauges(self) -> dict[str, int]:
+        """How many issues are in flight, backing off, parked, done now."""
+        p = self.r.pipeline(transaction=False)
+        for command in gauge_commands(self.keys, self.now_ms()):
+            p.execute_command(*command)
+        return parse_gauges(p.execute())
+
+    def done_marker(self, issue: str) -> str | None:
+        """``<fence>:<completed_ms>`` when ``issue`` is done (its bucket, else the legacy hash)."""
+        return self.r.hget(self.keys.done_bucket(issue), issue) or self.r.hget(self.keys.done, issue)
+
+    def done_markers(self) -> Iterator[tuple[str, str]]:
+        """Every (issue, done marker): the buckets, then the legacy hash (``SCAN``/``HSCAN``, no big reply)."""
+        yield from done_markers(self.r, self.keys)

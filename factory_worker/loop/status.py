@@ -1,0 +1,270 @@
+"""What ``loop-status`` shows: read in a few pipelined round trips through any client, and its text.
+
+:func:`read` takes a ``send(commands) -> replies`` function that sends raw commands in one round trip and
+returns Redis's replies as sent (bulk strings as bytes, error replies as exception values): the full CLI,
+``metrics`` and ``up`` use :func:`redis_py_sender`; the CLI's early path (:mod:`.quick`) its own socket, before
+redis-py, pydantic and click are loaded. So both answer with the same dict, built here only. The other
+readers of these keys (``control.run``, ``ledger.gauges``, ``guard.status``, ``presence``) share the parsing
+below. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Sequence
+
+from factory_worker.ledger.contracts import source
+from factory_worker.ledger.keys import Keys
+from factory_worker.loop import heartbeat
+
+#: Sends raw commands in one round trip; their replies, in order (errors as exception values).
+Sender = Callable[[Sequence[Sequence[Any]]], list[Any]]
+COUNTERS = ("claimed", "deduped", "backed_off", "parked", "completed", "released")
+RUN_INTS = ("max_iterations", "iterations_done", "failures", "consecutive_failures", "started_ms", "finished_ms")
+SCAN_COUNT = 500
+
+
+def text(value: Any) -> Any:
+    """A reply as text: bytes decoded (bad UTF-8 replaced), lists and dicts decoded inside, the rest as is."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [text(v) for v in value]
+    if isinstance(value, dict):
+        return {text(k): text(v) for k, v in value.items()}
+    return value
+
+
+def as_dict(flat: Any) -> dict[str, str]:
+    """An ``HGETALL`` reply (a flat list, or redis-py's dict) as a dict of text."""
+    if isinstance(flat, dict):
+        return text(flat)
+    items = text(flat or [])
+    return dict(zip(items[::2], items[1::2]))
+
+
+def as_int(v: Any, default: int = 0) -> int:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return default
+
+
+def raise_errors(replies: list[Any]) -> list[Any]:
+    """``replies`` of a :data:`Sender`, unless one is an error reply: then that is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+# -- the parsing the other readers share ---------------------------------------------------------------
+def parse_run(raw: dict[str, str]) -> dict[str, Any] | None:
+    """A run record (``control.run``) from its hash: JSON fields decoded, counts as ints."""
+    if not raw:
+        return None
+    rec: dict[str, Any] = dict(raw)
+    for name in ("task_ids", "last_report"):
+        if name in rec:
+            try:
+                rec[name] = json.loads(rec[name])
+            except ValueError:
+                pass
+    for name in RUN_INTS:
+        if name in rec:
+            rec[name] = int(rec[name])
+    return rec
+
+
+def parse_counters(raw: dict[str, str]) -> dict[str, int]:
+    """The ledger counters (``ledger.counters``), the usual ones present as 0 when never counted."""
+    base = dict.fromkeys(COUNTERS, 0)
+    base.update({name: as_int(v) for name, v in raw.items()})
+    return base
+
+
+def gauge_commands(keys: Keys, now_ms: int) -> list[tuple[Any, ...]]:
+    """The commands behind :func:`parse_gauges` (``ledger.gauges`` sends the same)."""
+    return [
+        ("ZCOUNT", keys.inflight, Keys.live_from(now_ms), "+inf"),
+        ("ZCOUNT", keys.backoff, f"({now_ms}", "+inf"),
+        ("HLEN", keys.parked),
+        ("GET", keys.done_count),
+        ("HLEN", keys.done),
+    ]
+
+
+def parse_gauges(replies: Sequence[Any]) -> dict[str, int]:
+    inflight, backoff, parked, done, legacy = replies
+    return {
+        "in_flight": int(inflight),
+        "backoff": int(backoff),
+        "parked": int(parked),
+        "done": as_int(text(done)) + int(legacy),
+    }
+
+
+def parse_guard(generation: Any, lost: dict[str, str]) -> dict[str, Any]:
+    """``{generation, lost: {generation: {by, at_ms, current}}, ledger_lost}`` (``guard.status``)."""
+    out = {}
+    for gen, raw in lost.items():
+        try:
+            out[gen] = json.loads(raw)
+        except ValueError:
+            out[gen] = {}
+    return {"generation": text(generation), "lost": out, "ledger_lost": bool(out)}
+
+
+def parse_objects(values: Sequence[Any]) -> list[dict[str, Any]]:
+    """Presence values: the JSON objects among them (anything else is skipped)."""
+    out = []
+    for raw in values:
+        try:
+            rec = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def parse_workers(values: Sequence[Any]) -> list[dict[str, Any]]:
+    """Worker presence values, sorted by host name (``presence.live_workers``)."""
+    return sorted(parse_objects(values), key=lambda w: str(w.get("hostname", "")))
+
+
+# -- loop-status ---------------------------------------------------------------------------------------
+def _scan_workers(keys: Keys, cursor: Any) -> tuple[Any, ...]:
+    return ("SCAN", cursor, "MATCH", keys.worker_pattern(), "COUNT", SCAN_COUNT)
+
+
+def read(
+    send: Sender, keys: Keys, stale_after_s: float, write_back: bool, redis_shown: str
+) -> tuple[dict[str, Any], int]:
+    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost."""
+    first = [
+        ("GET", keys.heartbeat),
+        ("TIME",),
+        ("GET", keys.current_run),
+        ("GET", keys.loop_lease),
+        ("HGETALL", keys.kill),
+        ("HGETALL", keys.paused),
+        ("HGETALL", keys.counters),
+        ("HGET", keys.ledger, "generation"),
+        ("HGETALL", keys.ledger_lost),
+        ("EVAL", source("fleet_slots"), 1, keys.slots),
+    ]
+    if write_back:
+        first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)]
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, *outbox = raise_errors(
+        send(first)
+    )
+    live = heartbeat.judge(hb_raw, time_reply, stale_after_s)
+    now = heartbeat.time_ms(time_reply)
+    run_id = live.heartbeat.run_id if live.heartbeat else text(current)
+    second = [_scan_workers(keys, 0), *gauge_commands(keys, now)]
+    scanned, *gauges = raise_errors(send(second + ([("HGETALL", keys.run(run_id))] if run_id else [])))
+    run_raw = gauges.pop() if run_id else None
+    worker_keys, cursor = list(scanned[1]), int(scanned[0])
+    while cursor:
+        cursor_raw, more = raise_errors(send([_scan_workers(keys, cursor)]))[0]
+        cursor = int(cursor_raw)
+        worker_keys += more
+    values = raise_errors(send([("MGET", *worker_keys)]))[0] if worker_keys else []
+    run = parse_run(as_dict(run_raw)) if run_id else None
+    guard = parse_guard(generation, as_dict(lost))
+    status = {
+        "redis": redis_shown,
+        "namespace": keys.namespace,
+        "liveness": live.state,
+        "live": live.live,
+        "age_s": None if live.age_s is None else round(live.age_s, 3),
+        "heartbeat": live.heartbeat.as_dict() if live.heartbeat else None,
+        "run": run,
+        "lease_holder": text(holder),
+        "killed": as_dict(kill) or None,
+        "paused": as_dict(paused) or None,
+        "counters": parse_counters(as_dict(counters)),
+        "ledger": parse_gauges(gauges),
+        "workers": parse_workers(text(values)),
+        "agent_slots": int(slots[1]),
+        "last_iteration_worker": (run or {}).get("last_worker"),
+        "ledger_guard": guard,
+        "outbox": {"pending": int(outbox[0]), "parked": int(outbox[1])} if write_back else None,
+        "ledger_lost": guard["ledger_lost"],
+    }
+    return status, 0 if live.live and not guard["ledger_lost"] else 1
+
+
+def redis_py_sender(r: Any) -> Sender:
+    """A :data:`Sender` over a redis-py client's own connection pool (replies undecoded, as sent). A pooled
+    connection that a Redis restart broke is replaced once, as redis-py's own retry would."""
+    import redis
+
+    def once(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        pool = r.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands([list(c) for c in commands]))
+            out: list[Any] = []
+            for _ in commands:
+                try:
+                    out.append(conn.read_response(disable_decoding=True))
+                except redis.ResponseError as exc:  # an error reply is a value here
+                    out.append(exc)
+            return out
+        except BaseException:
+            conn.disconnect()  # a half-read reply stream must not go back to the pool
+            raise
+        finally:
+            pool.release(conn)
+
+    def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        try:
+            return once(commands)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return once(commands)  # the commands only read: sending them again is safe
+
+    return send
+
+
+# -- its text --------------------------------------------------------------------------------------------
+def lines(
+    d: dict[str, Any], style: Callable[[str, str], str], esc: Callable[[Any], str], when: Callable[[Any], str]
+) -> list[str]:
+    """``loop-status``'s text: ``style(text, "red")`` marks words up (rich markup, or nothing), ``esc`` makes
+    stored text safe to show (markup escaped, control bytes as ``\\xNN``), ``when`` shows a ms timestamp."""
+    hb = d["heartbeat"] or {}
+    out = [
+        f"redis: {esc(d['redis'])} namespace {esc(d['namespace'])}",
+        f"loop: {style(d['liveness'], 'bold')}" + (f" (heartbeat {d['age_s']}s old)" if hb else ""),
+    ]
+    if d["ledger_lost"]:
+        gens = ", ".join(sorted(d["ledger_guard"]["lost"]))
+        out.append(
+            f"{style('ledger lost', 'red')}: processes worked in generation {esc(gens)}, Redis holds "
+            f"{esc(d['ledger_guard']['generation'] or 'none')}; safe mode (nothing is claimed or started): "
+            "check Redis, then `factory-worker ledger accept`"
+        )
+    if hb:
+        out.append(
+            f"run {esc(hb['run_id'])}: {hb['status']} iteration {hb['iteration']}/{hb['max_iterations']}"
+            f" on {esc(hb['hostname'])} pid {hb['pid']}"
+        )
+    if d["killed"]:
+        k = d["killed"]
+        out.append(
+            f"{style('killed', 'red')} at {when(k.get('at_ms'))} by {esc(k.get('by'))}: run start-loop to resume"
+        )
+    if d["paused"]:
+        p = d["paused"]
+        out.append(f"{style('paused', 'yellow')} at {when(p.get('at_ms'))} by {esc(p.get('by'))}")
+    out.append("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
+    out.append("counters: " + ", ".join(f"{esc(k)}={v}" for k, v in sorted(d["counters"].items())))
+    out.append(
+        f"workers: {', '.join(esc(w.get('hostname')) for w in d['workers']) or 'none'}; "
+        f"agent slots {d['agent_slots']}; last iteration on {esc(d['last_iteration_worker'] or '-')}"
+    )
+    if d["outbox"] is not None:
+        out.append(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, {d['outbox']['parked']} parked")
+    return out

@@ -1,0 +1,198 @@
+"""Prometheus metrics of a factory loop, read from Redis at scrape time (``factory-worker metrics``).
+
+No global state: every scrape runs :func:`snapshot` (the same data as ``loop-status``) through a
+:class:`FactoryCollector` registered in its own :class:`~prometheus_client.CollectorRegistry`. A scrape
+while Redis is down answers ``factory_redis_up 0`` instead of failing. :func:`serve` runs the HTTP
+endpoint until SIGINT/SIGTERM (on 127.0.0.1 unless an address is given: ``:PORT`` or ``0.0.0.0:PORT`` for every
+interface); the signal handler only sets a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import redis
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from factory_worker.context import Context
+
+log = logging.getLogger(__name__)
+
+#: Counter names in the shared counters hash that describe the loop rather than the ledger.
+LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched")
+LIVENESS_STATES = ("live", "stale", "stopping", "missing")
+
+
+def _is_loop_counter(name: str) -> bool:
+    return name.startswith(LOOP_COUNTER_PREFIXES)
+
+
+def snapshot(ctx: Context) -> dict[str, Any]:
+    """Everything the metrics show, as plain data (what ``metrics --json`` prints)."""
+    from factory_worker.ops.operations import loop_status
+
+    status, _ = loop_status(ctx)
+    counters = status["counters"]
+    report = (status.get("run") or {}).get("last_report")
+    duration = report.get("duration_s") if isinstance(report, dict) else None
+    return {
+        "ledger_events": {k: v for k, v in sorted(counters.items()) if not _is_loop_counter(k)},
+        "loop_counters": {k: v for k, v in sorted(counters.items()) if _is_loop_counter(k)},
+        "issues": dict(status["ledger"]),
+        "liveness": status["liveness"],
+        "live": bool(status["live"]),
+        "heartbeat_age_s": status["age_s"],
+        "iteration_duration_s": float(duration) if isinstance(duration, (int, float)) else None,
+        "workers_live": len(status["workers"]),
+        "killed": bool(status["killed"]),
+        "ledger_lost": bool(status["ledger_lost"]),
+        "paused": bool(status["paused"]),
+        "outbox": status.get("outbox"),
+    }
+
+
+class FactoryCollector(Collector):
+    """Reads Redis on every ``collect()``; nothing is cached between scrapes."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def describe(self) -> list[Metric]:
+        return []  # metrics depend on Redis contents; do not collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("factory_redis_up", "1 when the last scrape could read Redis")
+        try:
+            snap = snapshot(self.ctx)
+        except redis.RedisError as exc:
+            log.warning("scrape could not read Redis: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families(snap)
+
+
+def families(snap: dict[str, Any]) -> Iterator[Metric]:
+    """Metric families for one :func:`snapshot`."""
+    events = CounterMetricFamily(
+        "factory_ledger_events", "Ledger events since the namespace was created", labels=["event"]
+    )
+    for name, v in snap["ledger_events"].items():
+        events.add_metric([name], v)
+    yield events
+    loop = CounterMetricFamily(
+        "factory_loop_counters", "Loop counters (kickoffs skipped, runs, iterations)", labels=["name"]
+    )
+    for name, v in snap["loop_counters"].items():
+        loop.add_metric([name], v)
+    yield loop
+    issues = GaugeMetricFamily("factory_issues", "Issues in each ledger state now", labels=["state"])
+    for state, v in snap["issues"].items():
+        issues.add_metric([state], v)
+    yield issues
+    yield GaugeMetricFamily("factory_loop_live", "1 when the loop heartbeat is live", value=int(snap["live"]))
+    status = GaugeMetricFamily("factory_loop_status", "Loop liveness (1 for the current state)", labels=["status"])
+    for s in LIVENESS_STATES:
+        status.add_metric([s], int(snap["liveness"] == s))
+    yield status
+    if snap["heartbeat_age_s"] is not None:
+        yield GaugeMetricFamily(
+            "factory_heartbeat_age_seconds", "Age of the loop heartbeat (Redis clock)", value=snap["heartbeat_age_s"]
+        )
+    if snap["iteration_duration_s"] is not None:
+        yield GaugeMetricFamily(
+            "factory_iteration_duration_seconds", "Duration of the last iteration", value=snap["iteration_duration_s"]
+        )
+    yield GaugeMetricFamily("factory_workers_live", "Workers with a live heartbeat key", value=snap["workers_live"])
+    yield GaugeMetricFamily("factory_loop_killed", "1 while the loop is killed", value=int(snap["killed"]))
+    yield GaugeMetricFamily("factory_loop_paused", "1 while the loop is paused", value=int(snap["paused"]))
+    yield GaugeMetricFamily(
+        "factory_ledger_lost",
+        "1 while a process reports its ledger lost (safe mode)",
+        value=int(snap.get("ledger_lost", False)),
+    )
+    if snap.get("outbox"):
+        yield GaugeMetricFamily(
+            "factory_outbox_pending", "Tracker events not yet delivered (write-back)", value=snap["outbox"]["pending"]
+        )
+        yield GaugeMetricFamily(
+            "factory_outbox_parked", "Tracker events given up after their attempts", value=snap["outbox"]["parked"]
+        )
+
+
+def registry_for(ctx: Context) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(FactoryCollector(ctx))
+    return reg
+
+
+def render(ctx: Context) -> str:
+    """The metrics in the Prometheus text exposition format."""
+    return generate_latest(registry_for(ctx)).decode("utf-8")
+
+
+#: Hosts that mean "every interface": only ever bound when the user wrote one of them (or ``:PORT``).
+ALL_INTERFACES = ("0.0.0.0", "::")
+DEFAULT_HOST = "127.0.0.1"
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``"9108"`` -> ``("127.0.0.1", 9108)`` (loopback unless asked otherwise); ``":9108"`` -> ``("0.0.0.0",
+    9108)`` (every interface, stated by the empty host); ``"10.0.0.5:9108"``, ``"[::1]:9108"`` as written."""
+    text = (addr or "").strip()
+    host, sep, port_s = text.rpartition(":")
+    if not sep:
+        host, port_s = DEFAULT_HOST, text
+    elif not host:
+        host = ALL_INTERFACES[0]
+    host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536 or (":" in host and not text.startswith("[")):
+        raise click.BadParameter(
+            f"{addr!r}: expected PORT (127.0.0.1), HOST:PORT, or :PORT for every interface", param_hint="--serve"
+        )
+    return host, int(port_s)
+
+
+class _Stop:
+    requested = False
+
+
+def serve(ctx: Context, host: str, port: int, poll_s: float = 0.2) -> int:
+    """Serve ``/metrics`` on ``host:port`` until SIGINT/SIGTERM; returns 0."""
+    server, thread = start_http_server(port, addr=host, registry=registry_for(ctx))
+    stop = _Stop()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop.requested = True  # only a flag: the loop below does the stopping
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bound = server.server_address
+    print(f"factory-worker: serving metrics on http://{bound[0]}:{bound[1]}/metrics", file=sys.stderr, flush=True)
+    if host in ALL_INTERFACES:
+        log.warning(
+            "metrics are served on every interface (%s): whoever reaches port %d reads them; "
+            "bind 127.0.0.1 or firewall it unless that is intended",
+            host,
+            port,
+        )
+    try:
+        while not stop.requested:
+            time.sleep(poll_s)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    log.info("metrics server stopped")
+    return 0

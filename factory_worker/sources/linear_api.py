@@ -1,0 +1,119 @@
+"""A small client of Linear's GraphQL API, shared by the Linear source and the Linear writer.
+
+One POST per operation to ``source.linear.api_url`` with ``{"query", "variables"}``, the API key in
+``Authorization`` (never logged, never in an error). What Linear documents and this client maps:
+
+- ``200`` with ``data``: the answer. ``200`` (or ``400``) with ``errors``: the first error's message; an
+  error whose ``extensions.code`` is ``RATELIMITED`` is a rate limit, one whose ``extensions.type`` or code
+  says the entity was not found (``InvalidInput``/``Entity not found``) is permanent.
+- ``429``, or ``RATELIMITED``: wait for ``Retry-After`` (s or an HTTP date), else
+  ``X-RateLimit-Requests-Reset`` (epoch ms), else 60 s, capped at ``max_retry_after_s`` (``github_http.retry_wait_s``);
+  until then :meth:`LinearAPI.call` raises without sending.
+- ``401``/``403``: the key is missing, wrong or lacks access (not permanent: the operator can fix it).
+- ``5xx``, timeouts and connection errors: :class:`LinearError`, retried by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import httpx
+
+from factory_worker.sources.github_http import retry_wait_s
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "factory-worker"
+DEFAULT_WAIT_S = 60.0
+#: Linear's workflow-state types that end an issue: never ready, never moved by write-back.
+CLOSED_TYPES = ("completed", "canceled")
+
+
+class LinearError(Exception):
+    """A call failed. ``retry_after``: Linear asked for this wait (s); ``permanent``: retrying cannot help."""
+
+    def __init__(self, message: str, retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after, self.permanent = retry_after, permanent
+
+
+class LinearAPI:
+    """Calls one GraphQL endpoint with one key; holds off every call while a rate limit lasts."""
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str | None,
+        timeout_s: float = 10.0,
+        max_retry_after_s: float = 300.0,
+        client: httpx.Client | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api_url, self.max_retry_after_s, self.clock = api_url, max_retry_after_s, clock
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = token
+        self.http = client or httpx.Client(headers=headers, timeout=timeout_s, follow_redirects=False)
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+
+    def __repr__(self) -> str:  # never the key
+        return f"LinearAPI({self.api_url!r})"
+
+    def call(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``data`` of one operation, or :class:`LinearError` (one line, no key)."""
+        op = _operation(query)
+        with self._lock:
+            left = self._not_before - self.clock()
+        if left > 0:
+            raise LinearError(f"linear {op}: rate limited, next call in {left:.0f}s", retry_after=left)
+        try:
+            resp = self.http.post(self.api_url, json={"query": query, "variables": variables or {}})
+        except httpx.HTTPError as exc:
+            raise LinearError(f"linear {op}: {type(exc).__name__}") from None
+        body = _json(resp)
+        errors = body.get("errors") if isinstance(body, dict) else None
+        codes = {str((e.get("extensions") or {}).get("code", "")).upper() for e in errors or [] if isinstance(e, dict)}
+        if resp.status_code == 429 or "RATELIMITED" in codes:
+            wait = retry_wait_s(
+                resp.headers,
+                self.clock(),
+                self.max_retry_after_s,
+                DEFAULT_WAIT_S,
+                reset_header="x-ratelimit-requests-reset",
+                reset_unit_s=0.001,
+            )
+            with self._lock:
+                self._not_before = max(self._not_before, self.clock() + wait)
+            log.warning("linear %s: rate limited; holding off %.0fs", op, wait)
+            raise LinearError(
+                f"linear {op}: rate limited (HTTP {resp.status_code}), retry in {wait:.0f}s", retry_after=wait
+            )
+        if errors:
+            first = errors[0] if isinstance(errors[0], dict) else {}
+            message = str(first.get("message", "error"))[:200].splitlines()[0] if first.get("message") else "error"
+            ext = first.get("extensions") or {}
+            gone = "not found" in message.lower() or str(ext.get("type", "")).lower() == "invalid input"
+            raise LinearError(f"linear {op}: HTTP {resp.status_code}: {message}", permanent=gone)
+        if resp.status_code >= 300:
+            raise LinearError(f"linear {op}: HTTP {resp.status_code}")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise LinearError(f"linear {op}: HTTP {resp.status_code}: no data in the reply")
+        return data
+
+
+def _operation(query: str) -> str:
+    """``query Issues(...)`` -> ``Issues``: names a call in errors and logs."""
+    words = query.split(None, 2)
+    return words[1].split("(")[0] if len(words) > 1 else "call"
+
+
+def _json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None

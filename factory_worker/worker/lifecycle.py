@@ -1,0 +1,237 @@
+"""Celery's side of a worker's and a beat's life: a bootstep, a beat scheduler, and signal receivers.
+
+Signal receivers only set flags, release by token or (at a worker's start) refuse to start; the threads
+here do the acting.
+
+- :class:`WorkerPresence`, a worker bootstep, runs one thread from worker start to shutdown that publishes the
+  worker's presence and, once a warm shutdown was requested, writes its shutdown deadline once (see
+  :mod:`factory_worker.loop.presence`). ``worker_shutting_down`` runs inside Celery's signal handler, so it only
+  sets :attr:`WorkerPresence.shutdown_requested`. Agents running here poll the deadline and, past it, are
+  terminated and their claims released as interrupted.
+- :class:`BeatScheduler`, Celery's ``PersistentScheduler`` that also keeps the beat's presence key fresh on
+  its ticks (as redbeat keeps its lock from its scheduler), so ``doctor`` can see two live beats.
+- ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
+  task-id -> (issue, token) mapping in Redis, never a thread-local token.
+- ``celeryd_init`` refuses to start a worker that would run agents but cannot isolate them as configured
+  (``agent.user`` it cannot switch to): agents never run as the worker by accident.
+- ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
+  never outlives the worker that started it, even when the worker is SIGKILLed.
+
+All of them take their context from :func:`factory_worker.context.current` and survive a Redis blip: the
+presence keys' expiry tells the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery import bootsteps, signals
+from celery.beat import PersistentScheduler
+
+from factory_worker.context import current
+from factory_worker.loop.presence import (
+    beat_ttl_s,
+    clear_beat,
+    clear_worker,
+    publish_beat,
+    publish_slots,
+    publish_worker,
+    write_shutdown_deadline,
+)
+
+log = logging.getLogger(__name__)
+
+
+def agent_slots(worker: Any) -> int:
+    """How many agents ``worker`` can run at once: its concurrency if it consumes the agent queue (one
+    process kept for the loop's short tasks when it consumes the loop queue too), else 0."""
+    keys = current().keys
+    try:
+        consumed = set(worker.app.amqp.queues.consume_from)
+    except Exception:  # noqa: BLE001 - no queue selection: it consumes every declared queue
+        consumed = {keys.agent_queue, keys.loop_queue}
+    if keys.agent_queue not in consumed:
+        return 0
+    c = int(getattr(worker, "concurrency", None) or 1)
+    return max(1, c - 1) if keys.loop_queue in consumed else c
+
+
+class WorkerPresence(bootsteps.StartStopStep):
+    """Worker bootstep: a liveness thread from start to stop; the shutdown deadline once asked to stop.
+
+    It starts after the pool (``requires``), so the pool's processes are forked before the thread runs; a
+    process forked later (a replaced child) builds its own context (``context._forget_in_child``)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    #: set from Celery's signal handler (``worker_shutting_down``): a plain bool, nothing else
+    shutdown_requested = False
+    #: the step of this process's worker, closed by ``worker_shutdown``
+    running: "WorkerPresence | None" = None
+    #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
+    agents_as: str | None = None
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.node = getattr(parent, "hostname", None) or socket.gethostname()
+        self.started_ms = int(time.time() * 1000)
+        self.closing = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.outbox_thread: threading.Thread | None = None
+        self.slots = 0
+
+    def start(self, parent: Any) -> None:
+        WorkerPresence.running = self
+        self.slots = agent_slots(parent)
+        if self.slots and WorkerPresence.agents_as:
+            log.info("%s", WorkerPresence.agents_as)
+        self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
+        self.thread.start()
+        ctx = current()
+        if ctx.settings.tracker.write_back:  # this worker also delivers the tracker outbox
+            from factory_worker.writeback.outbox import run_sender
+
+            self.outbox_thread = threading.Thread(
+                target=run_sender,
+                name="factory-outbox",
+                daemon=True,
+                args=(ctx, f"{self.node}/{os.getpid()}", self.closing),
+            )
+            self.outbox_thread.start()
+
+    def finish(self) -> None:
+        """End the thread and remove this worker's keys (from ``worker_shutdown``: after the pool stopped).
+
+        Not a bootstep ``stop``: the worker blueprint may stop this step before the pool has waited for its
+        running agents, and the thread must live on to write the shutdown deadline they poll.
+        """
+        self.closing.set()
+        for thread in (self.thread, self.outbox_thread):
+            if thread is not None:
+                thread.join(timeout=2)
+        try:
+            ctx = current()
+            clear_worker(ctx, self.node)
+        except Exception:  # noqa: BLE001 - the keys expire anyway
+            log.warning("could not remove worker keys", exc_info=True)
+
+    def _run(self) -> None:
+        ctx = current()
+        interval = ctx.settings.worker.heartbeat_interval_s
+        next_beat, deadline_written = 0.0, False
+        while not self.closing.is_set():
+            try:
+                if WorkerPresence.shutdown_requested and not deadline_written:
+                    write_shutdown_deadline(ctx, self.node)
+                    deadline_written, next_beat = True, 0.0
+                if time.monotonic() >= next_beat:
+                    publish_worker(ctx, self.node, self.started_ms, WorkerPresence.shutdown_requested)
+                    # a worker shutting down starts nothing new: its slots leave the fleet at once
+                    publish_slots(ctx, self.node, 0 if WorkerPresence.shutdown_requested else self.slots)
+                    next_beat = time.monotonic() + interval
+            except Exception:  # noqa: BLE001 - Redis down: keep trying, the key's TTL tells the truth
+                log.warning("worker presence: Redis write failed", exc_info=True)
+                next_beat = time.monotonic() + min(interval, 1.0)
+            self.closing.wait(0.1)
+
+
+class BeatScheduler(PersistentScheduler):
+    """Celery's persistent scheduler that also keeps this beat's presence key fresh (every TTL/3)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._next_presence = 0.0
+        super().__init__(*args, **kwargs)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        delay = super().tick(*args, **kwargs)
+        now = time.monotonic()
+        if now >= self._next_presence:
+            try:
+                ctx = current()
+                publish_beat(ctx)
+                every = beat_ttl_s(ctx) / 3
+            except Exception:  # noqa: BLE001 - Redis down: the key's TTL tells the truth
+                log.warning("beat presence: Redis write failed", exc_info=True)
+                every = 1.0
+            self._next_presence = now + every
+        return min(delay, max(0.1, self._next_presence - now))
+
+    def close(self) -> None:
+        try:
+            clear_beat(current())
+        except Exception:  # noqa: BLE001
+            pass
+        super().close()
+
+
+@signals.celeryd_init.connect
+def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker that consumes the agent queue but cannot run agents as ``agent.user`` (or reach its working
+    directory root) exits 2 with one line naming the setting (:func:`factory_worker.agents.sandbox.check_isolation`).
+    A bad configuration is left to ``app``'s own check; a loop-only worker never runs agents."""
+    import sys
+
+    from celery.utils.text import str_to_list
+
+    from factory_worker.agents.sandbox import check_isolation, running_as
+    from factory_worker.config.settings import ConfigError
+    from factory_worker.ledger.keys import Keys
+
+    try:
+        settings = current().settings
+    except ConfigError:
+        return
+    queue, opts = Keys(settings.namespace).agent_queue, options or {}
+    included, excluded = str_to_list(opts.get("queues") or []), str_to_list(opts.get("exclude_queues") or [])
+    if (included and queue not in included) or queue in excluded:
+        return
+    try:
+        ident = check_isolation(settings.agent)
+    except (ConfigError, OSError) as exc:
+        print(f"factory_worker: {exc}", file=sys.__stderr__, flush=True)
+        sys.exit(2)
+    WorkerPresence.agents_as = (
+        f"agents run as {running_as(ident)} in fresh directories under "
+        f"{settings.agent.workdir_root}"
+    )  # logged once logging is set up
+
+
+@signals.worker_process_init.connect
+def on_worker_process_init(**_: Any) -> None:
+    """A pool process dies with its worker (even by SIGKILL), and so, through PDEATHSIG, do its agents."""
+    from factory_worker.agents.process import die_with_parent
+
+    die_with_parent()
+
+
+@signals.worker_shutting_down.connect
+def on_worker_shutting_down(sig: Any = None, how: Any = None, exitcode: Any = None, **_: Any) -> None:
+    WorkerPresence.shutdown_requested = True  # flag only: we are inside a signal handler
+
+
+@signals.worker_shutdown.connect
+def on_worker_shutdown(**_: Any) -> None:
+    if WorkerPresence.running is not None:
+        WorkerPresence.running.finish()
+
+
+@signals.task_revoked.connect
+def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """A revoked agent task (queued or terminated) frees its claim by token, without a backoff."""
+    task = getattr(request, "task", None) or getattr(request, "name", None)
+    task_id = getattr(request, "id", None)
+    if task not in ("factory.agent.run", "factory.agent.stage") or not task_id:
+        return
+    from factory_worker.dispatch.single import release_task_claim
+
+    try:
+        issue = release_task_claim(current(), task_id, reason="interrupted", only_if_queued=True)
+        if issue:
+            log.info("revoked agent task %s: claim on %s released", task_id, issue)
+    except Exception:  # noqa: BLE001 - the lease TTL frees it anyway
+        log.warning("could not release the claim of revoked task %s", task_id, exc_info=True)

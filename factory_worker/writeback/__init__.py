@@ -1,0 +1,1 @@
+"""Tracker write-back: the outbox and its GitHub and Linear writers."""

@@ -1,0 +1,116 @@
+"""Write-back to Linear: what the outbox (``outbox.py``) delivers, as workflow-state moves and a comment.
+
+Per event, on issue ``<identifier>`` of ``source.linear.team`` (GraphQL, ``linear_api.py``):
+
+- ``dispatched``: moved to ``working_state`` ("In Progress"); comment with the dispatch (its fence)
+- ``done``: moved to ``done_state`` ("Done"); comment
+- ``parked``: moved to ``parked_state`` when set (else it stays where it is: out of the ready states, so the
+  source does not list it again); comment with the attempt and the error
+- ``backoff``, ``released``, ``retried``: moved back to the first ready state (``states[0]``, "Todo"), so
+  the loop sees it again; comment (not for ``retried``)
+
+An event retried after a newer event of its issue (``Event.superseded``) only comments. Idempotent, so
+at-least-once delivery is exactly-once on the tracker: a move to the state the issue is in is
+skipped; an issue in a ``completed`` or ``canceled`` state is never moved (a late or retried ``dispatched``
+cannot reopen a done issue); every comment carries the marker ``<!-- factory-worker:<token>:<event> -->``
+(``tracker.marker``) and is created only when none of the issue's comments has it yet.
+
+Errors: rate limits -> retry after Linear's reset; 5xx, timeouts, connection errors, 401/403 -> retry with
+backoff; an unknown issue or state name -> permanent (the event is parked).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from factory_worker.config.settings import SourceSettings, TrackerSettings, secret_from_env
+from factory_worker.sources.linear_api import CLOSED_TYPES, LinearAPI, LinearError
+from factory_worker.writeback.github import comment_body, marker
+from factory_worker.writeback.outbox import DeliveryError, Event
+
+log = logging.getLogger(__name__)
+
+#: Comments read per page when looking for a marker (Linear's largest page), and at most this many pages.
+COMMENTS_PAGE = 250
+MAX_COMMENT_PAGES = 20
+
+_COMMENTS = (
+    f"comments(first: {COMMENTS_PAGE}, after: $after) {{ nodes {{ body }} pageInfo {{ hasNextPage endCursor }} }}"
+)
+ISSUE = (
+    "query IssueForWrite($id: String!, $after: String) { issue(id: $id) { id identifier state { name type } "
+    f"{_COMMENTS} }} }}"
+)
+COMMENTS = f"query Comments($id: String!, $after: String) {{ issue(id: $id) {{ {_COMMENTS} }} }}"
+STATES = "query States($team: String!) { workflowStates(filter: {team: {key: {eq: $team}}}) { nodes { id name } } }"
+MOVE = "mutation Move($id: String!, $state: String!) { issueUpdate(id: $id, input: {stateId: $state}) { success } }"
+COMMENT = (
+    "mutation Comment($issue: String!, $body: String!) { commentCreate(input: {issueId: $issue, body: $body}) "
+    "{ success } }"
+)
+
+
+class LinearWriter:
+    """Delivers outbox events to one Linear team."""
+
+    def __init__(self, source: SourceSettings, tracker: TrackerSettings, api: LinearAPI | None = None) -> None:
+        cfg = source.linear
+        if not cfg.team:
+            raise ValueError("tracker write-back needs source.linear.team (FACTORY_SOURCE__LINEAR__TEAM)")
+        self.cfg, self.tracker = cfg, tracker
+        self.api = api or LinearAPI(
+            cfg.api_url, secret_from_env(cfg.token_env), tracker.timeout_s, cfg.max_retry_after_s
+        )
+        self._state_ids: dict[str, str] | None = None
+
+    def target_state(self, event: str) -> str | None:
+        c = self.cfg
+        return {
+            "dispatched": c.working_state,
+            "done": c.done_state,
+            "parked": c.parked_state,
+            "backoff": c.ready_state,
+            "released": c.ready_state,
+            "retried": c.ready_state,
+        }.get(event)
+
+    def deliver(self, event: Event) -> None:
+        issue = self._call(ISSUE, {"id": event.issue}).get("issue")
+        if not isinstance(issue, dict) or not issue.get("id"):
+            raise DeliveryError(f"linear issue {event.issue!r} not found", permanent=True)
+        if self.tracker.comments and event.event != "retried":  # first: a state that cannot be set keeps it
+            if not self._has_marker(issue, marker(event)):
+                self._call(COMMENT, {"issue": issue["id"], "body": comment_body(event)})
+        state = issue.get("state") or {}
+        target = None if event.superseded else self.target_state(event.event)
+        if target and state.get("name") != target and state.get("type") not in CLOSED_TYPES:
+            self._call(MOVE, {"id": issue["id"], "state": self._state_id(target)})
+
+    def _has_marker(self, issue: dict[str, Any], mark: str) -> bool:
+        """Whether a comment of ``issue`` carries ``mark``: its first page came with the issue, the next
+        pages are read while they exist (at most MAX_COMMENT_PAGES)."""
+        page = issue.get("comments") or {}
+        for _ in range(MAX_COMMENT_PAGES):
+            if any(mark in str(c.get("body", "")) for c in page.get("nodes") or [] if isinstance(c, dict)):
+                return True
+            info = page.get("pageInfo") or {}
+            if not info.get("hasNextPage") or not info.get("endCursor"):
+                return False
+            found = self._call(COMMENTS, {"id": issue["id"], "after": info["endCursor"]}).get("issue") or {}
+            page = found.get("comments") or {}
+        return False
+
+    def _state_id(self, name: str) -> str:
+        if self._state_ids is None or name not in self._state_ids:
+            nodes = (self._call(STATES, {"team": self.cfg.team}).get("workflowStates") or {}).get("nodes") or []
+            self._state_ids = {str(n.get("name")): str(n.get("id")) for n in nodes if isinstance(n, dict)}
+        if name not in self._state_ids:
+            raise DeliveryError(f"linear team {self.cfg.team} has no workflow state {name!r}", permanent=True)
+        return self._state_ids[name]
+
+    def _call(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.api.call(query, variables)
+        except LinearError as exc:
+            raise DeliveryError(str(exc), retry_after=exc.retry_after, permanent=exc.permanent) from None
