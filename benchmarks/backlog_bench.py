@@ -69,7 +69,7 @@ class QueueWatch:
             self.longest = max(self.longest, int(self.r.llen(self.queue)))
             time.sleep(0.005)
 
-    def __enter__(self) -> "QueueWatch":
+    def __enter__(self) -> QueueWatch:
         self._thread.start()
         return self
 

@@ -25,10 +25,10 @@ import time
 from typing import Any
 
 import redis
-from _harness import emit, make_parser, make_say, percentile, session  # noqa: I001 (puts the repo on sys.path)
+from _harness import emit, make_parser, make_say, percentile, session
 
-from factory_worker.ledger.keys import Keys  # noqa: E402
-from factory_worker.loop import heartbeat  # noqa: E402
+from factory_worker.ledger.keys import Keys
+from factory_worker.loop import heartbeat
 
 PY = sys.executable
 say = make_say("cli_bench")

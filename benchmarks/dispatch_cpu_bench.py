@@ -19,8 +19,9 @@ import functools
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from _harness import add_keep_tmp, emit, factory_env, issue_line, make_parser, make_say, redis_cpu_s, run_session
 

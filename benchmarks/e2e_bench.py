@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+import redis
 from _harness import (
     PY,
     BenchError,
@@ -60,9 +60,9 @@ from _harness import (
 )
 from _harness import factory_env as harness_factory_env
 
-from factory_worker.config.settings import DispatchSettings  # noqa: E402
-from factory_worker.ledger.core import Ledger  # noqa: E402
-from factory_worker.ledger.keys import Keys  # noqa: E402
+from factory_worker.config.settings import DispatchSettings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
 
 POLL_S = 0.02
 

@@ -51,7 +51,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+import redis
 from _harness import (
     PY,
     BenchError,
@@ -73,10 +73,10 @@ from _harness import (
 from _harness import factory_env as harness_factory_env
 from _harness import issue_line as harness_issue_line
 
-from factory_worker.config.settings import load_settings  # noqa: E402
-from factory_worker.ledger.core import Ledger  # noqa: E402
-from factory_worker.ledger.keys import Keys  # noqa: E402
-from harness import run_ctl  # noqa: E402
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
+from harness import run_ctl
 
 KILL_TARGET_S = 1.0
 
@@ -193,7 +193,7 @@ class EventTap:
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name="kill-bench-events", daemon=True)
 
-    def start(self) -> "EventTap":
+    def start(self) -> EventTap:
         self.thread.start()
         return self
 
@@ -220,7 +220,7 @@ class EventTap:
             with self.app.connection_for_read() as conn:
                 self.receiver = self.app.events.Receiver(conn, handlers={"*": self._on})
                 self.receiver.capture(limit=None, timeout=None, wakeup=False)
-        except Exception as exc:  # noqa: BLE001 - reported; the worker log is the fallback
+        except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
     def stop(self) -> None:

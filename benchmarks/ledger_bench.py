@@ -28,15 +28,16 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
-import redis  # noqa: E402  (after _harness: it puts the repository root on sys.path)
+import redis
 from _harness import emit, make_parser, session, unlink_matching
 
-from factory_worker.config.settings import load_settings  # noqa: E402
-from factory_worker.ledger.core import Ledger  # noqa: E402
-from factory_worker.ledger.keys import Keys  # noqa: E402
+from factory_worker.config.settings import load_settings
+from factory_worker.ledger.core import Ledger
+from factory_worker.ledger.keys import Keys
 
 TARGETS = {"speedup_vs_per_item": 20.0, "fraction_of_ceiling": 0.3, "done_marker_bytes_per_issue": 100.0}
 LEASE_S = 300

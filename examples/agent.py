@@ -16,7 +16,7 @@ import random
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", issue_id).lstrip(".") or "_"
     fails = "always-fails" in labels
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     what = "gave up (always-fails)" if fails else "worked on"
     line = (
         f"{stamp} pid={os.getpid()} token={os.environ.get('FACTORY_DISPATCH_TOKEN', '?')} {what} {issue_id}: {title!r}"

@@ -33,7 +33,7 @@ class Context:
     """Everything an iteration, an agent task or a CLI command needs, built from settings (lazily)."""
 
     def __init__(
-        self, settings: Settings, redis_client: redis.Redis | None = None, source: "IssueSource | None" = None
+        self, settings: Settings, redis_client: redis.Redis | None = None, source: IssueSource | None = None
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
@@ -57,25 +57,25 @@ class Context:
         return client_from_url(url)
 
     @cached_property
-    def ledger(self) -> "Ledger":
+    def ledger(self) -> Ledger:
         from factory_worker.ledger.core import Ledger
 
         return Ledger(self.redis, self.keys, self.settings.dispatch, outbox=self.settings.tracker.write_back)
 
     @cached_property
-    def control(self) -> "LoopControl":
+    def control(self) -> LoopControl:
         from factory_worker.loop.control import LoopControl
 
         return LoopControl(self.redis, self.settings)
 
     @cached_property
-    def notifier(self) -> "Notifier":
+    def notifier(self) -> Notifier:
         from factory_worker.chat.notify import Notifier
 
         return Notifier.from_settings(self.settings.notify)
 
     @property
-    def source(self) -> "IssueSource":
+    def source(self) -> IssueSource:
         if self._source is None:
             from factory_worker.sources import load_source
 

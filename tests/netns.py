@@ -133,7 +133,7 @@ class Fleet:
     workers: dict[str, CeleryProc] = field(default_factory=dict)  # host name -> its agent worker
     clients: list[redis.Redis] = field(default_factory=list)
 
-    def build(self) -> "Fleet":
+    def build(self) -> Fleet:
         sweep_stale()
         self.redis = RedisServer(self.root / "redis").start()
         self.hosts = create_hosts(self.n_hosts)
@@ -203,7 +203,7 @@ class Fleet:
         for step in steps:
             try:
                 step()
-            except Exception as exc:  # noqa: BLE001 - go on removing the rest
+            except Exception as exc:
                 errors.append(exc)
         if errors:
             raise errors[0]

@@ -46,7 +46,7 @@ class SentinelCluster:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"sentinel://{hosts}/{MASTER}/0"
 
-    def start(self) -> "SentinelCluster":
+    def start(self) -> SentinelCluster:
         self.primary.start()
         self.replica.start()
         wait_until(lambda: replica_acks(self.primary.client()), 15, what="replica acknowledging")
@@ -122,7 +122,7 @@ class SentinelCluster:
         self.replica.stop()
         self.primary.stop()
 
-    def __enter__(self) -> "SentinelCluster":
+    def __enter__(self) -> SentinelCluster:
         try:
             return self.start()
         except BaseException:

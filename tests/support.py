@@ -181,7 +181,7 @@ def read_events(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def warm_shutdown(worker: "CeleryProc", window_s: float) -> float:
+def warm_shutdown(worker: CeleryProc, window_s: float) -> float:
     """SIGTERM ``worker`` and wait for it to exit (at most ``window_s`` + 10 s); returns how long it took."""
     t0 = time.monotonic()
     worker.signal(signal.SIGTERM)
@@ -298,7 +298,7 @@ class DeathWatch:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "DeathWatch":
+    def __enter__(self) -> DeathWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,9 +29,9 @@ import select
 import signal
 import subprocess
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from factory_worker.agents.base import AgentResult, Dispatch
 from factory_worker.agents.lease import LeaseKeeper, helpers_after_s
@@ -125,7 +125,7 @@ class CommandAgent:
                 )
             else:
                 workdir, issue_json = dispatch.workdir, dispatch.workdir / ISSUE_FILE
-        except Exception as exc:  # noqa: BLE001 - disk full, bad root, unserializable data: a failed attempt
+        except Exception as exc:
             return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
         try:
             env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
@@ -169,7 +169,7 @@ class CommandAgent:
             log_fd = open_log(log_path)
         except OSError as exc:
             return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
         header = (
             f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
             f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from factory_worker.ledger.scripts import StaleClaimError
 
@@ -64,7 +64,7 @@ class LeaseKeeper:
     def started(self) -> bool:
         return self._thread.ident is not None
 
-    def start(self) -> "LeaseKeeper":
+    def start(self) -> LeaseKeeper:
         """Renew and read the flags in the thread from now on. The supervisor starts it once the agent outlives
         :func:`helpers_after_s`: a shorter agent needs no renew and no flag read, and costs no thread."""
         if not self.started:
@@ -95,7 +95,7 @@ class LeaseKeeper:
         while not self._closing.wait(self.tick_s):
             try:
                 reason = self._should_stop()
-            except Exception:  # noqa: BLE001 - a Redis blip: the lease decides
+            except Exception:
                 log.warning("issue %s: reading the stop flags failed; carrying on", self.issue_id, exc_info=True)
                 reason = None
             if reason is not None and self.stop_reason is None:
@@ -108,7 +108,7 @@ class LeaseKeeper:
             except StaleClaimError as exc:
                 self.lost = str(exc)
                 return
-            except Exception as exc:  # noqa: BLE001 - e.g. Redis unreachable: the lease may still be valid
+            except Exception as exc:
                 log.warning("issue %s: renewing the claim failed (retrying): %s", self.issue_id, exc)
                 next_renew = time.monotonic() + self.tick_s
                 continue

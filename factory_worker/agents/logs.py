@@ -63,7 +63,7 @@ class LogRelay:
     def started(self) -> bool:
         return self.thread.ident is not None
 
-    def start(self) -> "LogRelay":
+    def start(self) -> LogRelay:
         """Relay in the thread from now on (the supervisor starts it once an agent outlives a few ticks: the
         pipe's buffer holds a short agent's output until :meth:`finish`)."""
         if not self.started:

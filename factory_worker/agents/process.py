@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from factory_worker.agents.sandbox import Identity
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prctl() -> Callable[..., int] | None:
     """libc's prctl, resolved in the parent so the forked child only makes the call."""
     if not sys.platform.startswith("linux"):
@@ -40,7 +41,7 @@ def _prctl() -> Callable[..., int] | None:
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setpriv() -> str | None:
     """util-linux ``setpriv`` when it supports ``--pdeathsig`` (Linux), else None.
 
@@ -59,7 +60,7 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in helptext else None
 
 
-def launch(argv: list[str], ident: "Identity | None" = None) -> tuple[list[str], dict[str, Any]]:
+def launch(argv: list[str], ident: Identity | None = None) -> tuple[list[str], dict[str, Any]]:
     """The argv to exec and the extra ``Popen`` arguments that make the agent die with its supervisor
     (PDEATHSIG) and, with ``ident``, run as that uid/gid with no supplementary groups.
 
@@ -82,7 +83,7 @@ def launch(argv: list[str], ident: "Identity | None" = None) -> tuple[list[str],
     return argv, extra
 
 
-def as_user(argv: list[str], ident: "Identity") -> tuple[list[str], dict[str, Any]]:
+def as_user(argv: list[str], ident: Identity) -> tuple[list[str], dict[str, Any]]:
     """The argv and ``Popen`` arguments that run a helper command as ``ident`` (no PDEATHSIG needed)."""
     setpriv = _setpriv()
     if setpriv is not None:

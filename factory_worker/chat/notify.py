@@ -25,7 +25,8 @@ import os
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ class Notifier:
         self._redact = _RedactUrl(webhook_url) if webhook_url else None
 
     @classmethod
-    def from_settings(cls, settings: "NotifySettings") -> "Notifier":
+    def from_settings(cls, settings: NotifySettings) -> Notifier:
         """A notifier for ``settings``; a disabled one (``enabled`` False) when ``webhook_url`` is unset."""
         return cls(settings.webhook_url, timeout_s=settings.timeout_s, events=settings.events)
 

@@ -134,7 +134,7 @@ class Conversation:
             except SlackError as exc:
                 wait = min(self.cfg.poll_max_s, max(wait * 2, exc.retry_after or 0))
                 log.warning("Slack thread %s: %s; next read in %.1fs", self.thread_ts, exc, wait)
-            except Exception:  # noqa: BLE001 - a watcher must not die silently, nor take the agent with it
+            except Exception:
                 log.exception("Slack thread %s: watcher error", self.thread_ts)
                 wait = self.cfg.poll_max_s
 

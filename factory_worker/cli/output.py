@@ -8,14 +8,15 @@ OSC 8 link reaches an operator's terminal. Used by :mod:`factory_worker.cli.comm
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from factory_worker.cli.text import printable, ts  # noqa: F401 - this module's API too
+from factory_worker.cli.text import printable, ts
 
 console = Console()
 

@@ -21,9 +21,10 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from factory_worker.cli.text import one_line, ts
@@ -206,7 +207,7 @@ def kill_first(
         fields = kill_record(live.heartbeat.run_id, by, now_ms)
         status.raise_errors(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
         return EarlyKill(live.heartbeat.run_id, by, now_ms, target.keys.namespace, target.url)
-    except Exception as exc:  # noqa: BLE001 - never in the way: the full command decides and reports
+    except Exception as exc:
         log.debug("early kill not written (%s); the full command decides", exc)
         return None
     finally:
@@ -219,7 +220,7 @@ def _connect(target: Target | None) -> _Resp | None:
         return None
     try:
         conn = _Resp(target.host, target.port, CONNECT_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - refused, unresolvable, a bad host name (IDNA): the full command reports
+    except Exception:
         return None
     setup: list[list[Any]] = []
     if target.password is not None:
@@ -230,7 +231,7 @@ def _connect(target: Target | None) -> _Resp | None:
         if setup:
             status.raise_errors(conn.pipeline(*setup))
         return conn
-    except Exception:  # noqa: BLE001 - a wrong password, a bad database: the full command reports it
+    except Exception:
         conn.close()
         return None
 
@@ -255,7 +256,7 @@ def status_first(
         data, code = status.read(
             lambda cmds: conn.pipeline(*cmds), target.keys, target.stale_after_s, False, mask_url(target.url)
         )
-    except Exception as exc:  # noqa: BLE001 - never in the way: the full command answers and reports
+    except Exception as exc:
         log.debug("early loop-status not answered (%s); the full command answers", exc)
         return None
     finally:
@@ -269,7 +270,7 @@ def status_first(
             style = (lambda t, tag: f"\x1b[{_ANSI[tag]}m{t}\x1b[0m") if colour else (lambda t, tag: t)
             text = "".join(line + "\n" for line in status.lines(data, style, one_line, ts))
         _write(out, text)
-    except Exception as exc:  # noqa: BLE001 - a closed or broken stdout: one line, exit 2, as the full CLI
+    except Exception as exc:
         print(f"factory-worker: error: cannot write the answer: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return code

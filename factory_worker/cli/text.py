@@ -4,7 +4,7 @@ untrusted text made safe for a terminal, and Redis-clock timestamps."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -24,6 +24,6 @@ def one_line(v: Any) -> str:
 def ts(ms: Any) -> str:
     """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
     try:
-        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (TypeError, ValueError):
         return "-"

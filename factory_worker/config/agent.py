@@ -65,7 +65,7 @@ class AgentSettings(BaseModel):
     max_rounds: int = Field(3, ge=1, le=20, description="rounds of one attempt (a rejection starts the next)")
 
     @model_validator(mode="after")
-    def _pipeline(self) -> "AgentSettings":
+    def _pipeline(self) -> AgentSettings:
         check_pipeline(self.stages, self.triage)
         return self
 

@@ -54,7 +54,7 @@ def read_secret_file(var: str, path: str) -> str:
     return _strip_newline(text)
 
 
-def secret_from_env(name: str, environ: "os._Environ[str] | dict[str, str] | None" = None) -> str | None:
+def secret_from_env(name: str, environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:
     """``$name``, else the contents of the file ``$name_FILE`` names; None when neither is set (or empty)."""
     env = os.environ if environ is None else environ
     value, path = env.get(name), env.get(name + SUFFIX)

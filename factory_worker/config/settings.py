@@ -28,7 +28,7 @@ from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from factory_worker.config.files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
 from factory_worker.config.source import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
-from factory_worker.config.urls import DEFAULT_REDIS_URL  # noqa: F401 - this module's API too
+from factory_worker.config.urls import DEFAULT_REDIS_URL
 from factory_worker.ledger.keys import NAMESPACE_PATTERN
 from factory_worker.loop.heartbeat import DEFAULT_STALE_AFTER_S
 
@@ -64,7 +64,7 @@ class LoopSettings(BaseModel):
         return self.interval_s / max(1, iterations)
 
     @model_validator(mode="after")
-    def _stale_after_interval(self) -> "LoopSettings":
+    def _stale_after_interval(self) -> LoopSettings:
         if self.stale_after_s <= self.interval_s:
             raise ValueError("stale_after_s must be greater than interval_s (an idle loop would look stale)")
         return self
@@ -94,7 +94,7 @@ class DispatchSettings(BaseModel):
     replica_ack_timeout_s: float = Field(1.0, gt=0, description="how long one WAIT for replica acks may block")
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> "DispatchSettings":
+    def _backoff_order(self) -> DispatchSettings:
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be >= backoff_base_s")
         return self
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         return urls.validate(v)
 
     @model_validator(mode="after")
-    def _agent_dies_before_its_lease(self) -> "Settings":
+    def _agent_dies_before_its_lease(self) -> Settings:
         """Without a renew an agent is stopped at lease - margin - term_grace after the last renew sent, so
         it is gone (SIGKILL included) before its claim can expire; that must leave more than one renew
         interval (lease / 3), or every agent would be stopped before its first renew."""
@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _write_back_needs_a_tracker(self) -> "Settings":
+    def _write_back_needs_a_tracker(self) -> Settings:
         if self.tracker.write_back and self.source.kind not in ("github", "linear"):
             raise ValueError(
                 f"tracker.write_back (FACTORY_TRACKER__WRITE_BACK) needs a tracker source, but "
@@ -209,7 +209,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _queue_lease_default(self) -> "Settings":
+    def _queue_lease_default(self) -> Settings:
         if self.dispatch.queue_lease_s is None:  # outlive a message the broker may redeliver after this
             self.dispatch.queue_lease_s = self.worker.visibility_timeout_s + 60.0
         return self

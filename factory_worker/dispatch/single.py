@@ -63,7 +63,7 @@ class StopCheck:
             p = self.ctx.redis.pipeline(transaction=False)
             p.get(k.agent_stop(self.task_id)).get(k.worker_shutdown(self.hostname)).time()
             stop, deadline, (sec, usec) = p.execute()
-        except Exception:  # noqa: BLE001 - Redis blip: keep running, the lease decides
+        except Exception:
             log.warning("could not read stop flags for %s", self.task_id, exc_info=True)
             return None
         if stop:
@@ -120,7 +120,7 @@ def execute(
         res = runner.run(
             dispatch, renew=lambda: ctx.ledger.renew(issue.id, token), should_stop=StopCheck(ctx, task_id, hostname)
         )
-    except Exception as exc:  # noqa: BLE001 - contained: a failed attempt, never an unsettled claim
+    except Exception as exc:
         error = f"could not run the agent: {type(exc).__name__}: {exc}"
         log.error("agent task %s for %s: %s", task_id, issue_id, error)
         result.update(
@@ -149,7 +149,7 @@ def execute(
             # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
             popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if len(rider.replies) > CLEAN_UP_COMMANDS else {}
             result["refilled"] = refill(ctx, send, run_id, **popped)
-        except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
+        except Exception:
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
 
@@ -181,7 +181,7 @@ def _hand_over(
         return {"outcome": Settled.STALE, "settled": Settled.STALE}
     except StageUnackedError:  # released, no attempt counted: nothing ran
         return {"outcome": Begin.UNACKED, "settled": Settled.RELEASED}
-    except Exception as exc:  # noqa: BLE001 - a poisoned issue (or a failed send, already released)
+    except Exception as exc:
         error = f"could not hand over to the stages: {type(exc).__name__}: {exc}"
         log.error("agent task %s for %s: %s", task_id, issue_id, error)
         return {
@@ -198,7 +198,7 @@ def _hand_over(
             log.warning("could not clean up after %s", task_id)
 
 
-def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> "Conversation | None":
+def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> Conversation | None:
     """With ``slack.channel`` set: the dispatch's Slack thread and the inbox its replies go to (the agent gets
     ``FACTORY_INBOX``); None when Slack is off or failed (the agent runs anyway)."""
     if not ctx.settings.slack.channel:

@@ -15,7 +15,8 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -76,7 +77,7 @@ def _open_thread(ctx: Context, stages: StageLedger, issue: Issue, token: str, ta
 
     try:
         thread = open_thread(ctx.settings.slack, issue.id, issue.title, task_id, plan)
-    except Exception as exc:  # noqa: BLE001 - Slack never stops a dispatch (a token file gone, a bad URL)
+    except Exception as exc:
         log.warning("issue %s: no Slack thread (%s: %s)", issue.id, type(exc).__name__, exc)
         return
     if thread:
@@ -101,7 +102,7 @@ def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: A
         return None
     try:
         conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
-    except Exception as exc:  # noqa: BLE001 - Slack never stops a stage (a token file gone, a bad URL)
+    except Exception as exc:
         log.warning("stage task %s: no Slack thread (%s: %s)", task_id, type(exc).__name__, exc)
         conversation = None
     if conversation is None:
@@ -124,7 +125,7 @@ def _tell(tell: Callable[[str], None] | None, text: str) -> None:
         return
     try:
         tell(text)
-    except Exception as exc:  # noqa: BLE001 - best effort (post() already logs Slack's own errors)
+    except Exception as exc:
         log.warning("could not post in the Slack thread: %s: %s", type(exc).__name__, exc)
 
 
@@ -147,7 +148,7 @@ def _send(
         try:
             ctx.redis.zrem(ctx.keys.queued, task_id)
             ctx.ledger.release(issue.id, token, reason="send-failed")
-        except Exception:  # noqa: BLE001 - the lease (or the lost-message sweep) frees it anyway
+        except Exception:
             log.warning("could not release %s after a failed send", issue.id, exc_info=True)
         raise
 
@@ -221,7 +222,7 @@ def run_stage(
             error=res.error or None,
             log=str(res.log_path) if res.log_path else None,
         )
-    except Exception as exc:  # noqa: BLE001 - contained: a failed attempt, never an unsettled claim
+    except Exception as exc:
         decision = Decision("fail", "failed", error=f"could not run stage {stage!r}: {type(exc).__name__}: {exc}")
         log.error("stage task %s for %s: %s", task_id, issue_id, decision.error)
     tell = conversation.post if conversation is not None else None
@@ -236,7 +237,7 @@ def run_stage(
     if send is not None and result.get("settled") not in (None, "next", Settled.LEASE_LOST):
         try:
             result["refilled"] = refill(ctx, send, run_id)
-        except Exception:  # noqa: BLE001 - the next poll dispatches it anyway
+        except Exception:
             log.warning("could not refill the slot freed by %s", task_id, exc_info=True)
     return result
 

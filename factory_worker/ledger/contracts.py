@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ _LUA = Path(__file__).with_name("lua")
 NAMES = tuple(sorted(p.stem for p in _LUA.glob("*.lua") if not p.name.startswith("_")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _entry(name: str) -> tuple[Contract, str]:
     """One script, read and parsed on first use (the CLI's early path needs one, not all)."""
     if name not in NAMES:

@@ -13,7 +13,8 @@ import logging
 import random
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 
@@ -25,7 +26,7 @@ from factory_worker.ledger.scripts import LedgerError, Reply, StaleClaimError, c
 from factory_worker.ledger.states import Begin, Gate
 
 # the ledger's result types are this module's API too
-from factory_worker.ledger.types import WAITING, Claim, ClaimBatch, Explanation, FailResult, Rider, Skip, fence_of  # noqa: F401
+from factory_worker.ledger.types import WAITING, Claim, ClaimBatch, Explanation, FailResult, Rider, Skip, fence_of
 from factory_worker.ledger.views import STATES, LedgerViews, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
 
@@ -70,7 +71,7 @@ class Ledger(LedgerViews):
         self.guard = LedgerGuard(client, keys)
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "Ledger":
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Ledger:
         from factory_worker.ledger.redis_client import client as make_client
 
         return cls(

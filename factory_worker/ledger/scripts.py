@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import redis
 from redis.commands.core import Script
@@ -117,7 +118,7 @@ class BoundScript:
         return Reply(status, list(raw[1:]))
 
 
-_registered: "weakref.WeakKeyDictionary[Any, dict[str, BoundScript]]" = weakref.WeakKeyDictionary()
+_registered: weakref.WeakKeyDictionary[Any, dict[str, BoundScript]] = weakref.WeakKeyDictionary()
 
 
 def scripts_for(client: redis.Redis) -> Mapping[str, BoundScript]:

@@ -3,8 +3,9 @@ settle (:class:`Rider`); :mod:`.ledger` re-exports them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from factory_worker.ledger.states import Gate
 

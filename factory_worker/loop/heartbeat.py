@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from factory_worker.ledger.keys import Keys
@@ -44,7 +44,7 @@ class Heartbeat:
     updated_at_ms: int
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Heartbeat":
+    def from_dict(cls, data: Any) -> Heartbeat:
         """Strict: every field present with its exact JSON type (a number as a string, a bool as a number,
         a negative count, an empty run id or an unknown status raise ``ValueError``); extra fields ignored."""
         if not isinstance(data, dict):
@@ -97,7 +97,7 @@ def make(run_id: str, status: Status, iteration: int, max_iterations: int, now_m
         max_iterations=max_iterations,
         hostname=socket.gethostname(),
         pid=os.getpid(),
-        updated_at=datetime.fromtimestamp(now_ms / 1000, tz=timezone.utc).isoformat(),
+        updated_at=datetime.fromtimestamp(now_ms / 1000, tz=UTC).isoformat(),
         updated_at_ms=now_ms,
     )
 

@@ -10,8 +10,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from factory_worker.context import Context
 from factory_worker.ledger.core import WAITING, Claim
@@ -116,7 +117,7 @@ def _sweep(ctx: Context) -> None:
         forget_dead_agents(ctx)
         if ctx.broker_redis is not None:
             release_lost_messages(ctx, ctx.broker_redis, ctx.keys.agent_queue)
-    except Exception:  # noqa: BLE001 - housekeeping: the next iteration tries again
+    except Exception:
         log.warning("could not sweep what dead workers and lost messages left", exc_info=True)
 
 
@@ -149,7 +150,7 @@ def dispatch_claims(
             try:
                 ctx.redis.zrem(ctx.keys.queued, task_id)
                 ctx.ledger.release(claim.issue, claim.token, reason="send-failed")
-            except Exception:  # noqa: BLE001 - best effort, the lease TTL frees it anyway
+            except Exception:
                 log.exception("could not release unsent claim on %s", claim.issue)
         raise
     finally:
@@ -255,7 +256,7 @@ def run_iteration(
     try:
         report = iterate(ctx, send, run_id=run_id, iteration=index)
         failed = False
-    except Exception as exc:  # noqa: BLE001 - recorded on the run; the breaker decides
+    except Exception as exc:
         log.exception("iteration %d of run %s failed", index, run_id)
         report = IterationReport(run_id=run_id, iteration=index, error=f"{type(exc).__name__}: {exc}")
         failed = True

@@ -11,7 +11,8 @@ below. Standard library only.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from factory_worker.ledger.contracts import source
 from factory_worker.ledger.keys import Keys

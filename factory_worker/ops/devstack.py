@@ -21,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from factory_worker.config.settings import Settings
 from factory_worker.config.urls import mask_url
@@ -210,7 +211,7 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
             if time.monotonic() >= next_status:
                 try:
                     print(_status_line(settings, url), flush=True)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     print(f"[status] unavailable: {exc}", flush=True)
                 next_status = time.monotonic() + STATUS_EVERY_S
             time.sleep(0.2)

@@ -201,7 +201,7 @@ def check_broker(c: Checkup) -> Iterator[Finding]:
     try:
         with Connection(kombu_url, connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, interval_step=0.2, timeout=BROKER_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
+    except Exception as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         yield _finding(
             "broker",

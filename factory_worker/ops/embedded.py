@@ -105,7 +105,7 @@ class RedisServer:
             host="127.0.0.1", port=self.port, password=self.password, decode_responses=True, socket_timeout=5
         )
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700 if self.private else 0o777)
         if self.private:
             make_private(self.directory)
@@ -171,7 +171,7 @@ class RedisServer:
         self.stop(sig)
         self.start()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from factory_worker.cli.quick import EarlyKill, who
 from factory_worker.config.urls import mask_url
@@ -48,7 +49,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
         return e
     try:
         issue = ctx.source.get(issue_id)
-    except Exception as exc:  # noqa: BLE001 - the source may be down: say so and answer from the ledger
+    except Exception as exc:
         return replace(e, detail={**e.detail, "source_error": f"{type(exc).__name__}: {exc}"})
     if issue is None:
         return Explanation(
@@ -138,7 +139,7 @@ def kill_loop(
         try:
             revoke(pending)
             revoked_sent = True
-        except Exception as exc:  # noqa: BLE001 - the Redis revoke list already stops them
+        except Exception as exc:
             revoke_error = f"{type(exc).__name__}: {exc}"
             log.warning("celery revoke failed (the Redis revoke list still applies): %s", revoke_error)
     if run_id and (between or not ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}")):

@@ -34,7 +34,7 @@ def _check(obj: object, what: str) -> IssueSource:
     return obj  # type: ignore[return-value]
 
 
-def _load_tracker(kind: str, settings: "SourceSettings") -> IssueSource:
+def _load_tracker(kind: str, settings: SourceSettings) -> IssueSource:
     """The ``github`` or ``linear`` source, imported only when asked for."""
     try:
         if kind == "github":
@@ -51,7 +51,7 @@ def _load_tracker(kind: str, settings: "SourceSettings") -> IssueSource:
         raise SourceError(f"source kind {kind!r} failed to start: {_first_line(exc)}") from None
 
 
-def _load_class(spec: str, settings: "SourceSettings") -> IssueSource:
+def _load_class(spec: str, settings: SourceSettings) -> IssueSource:
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise SourceError(f"source kind {spec!r}: expected 'file', 'github' or 'module:Class'")
@@ -73,7 +73,7 @@ def _load_class(spec: str, settings: "SourceSettings") -> IssueSource:
     return _check(obj, repr(spec))
 
 
-def load_source(settings: "SourceSettings") -> IssueSource:
+def load_source(settings: SourceSettings) -> IssueSource:
     """Build the issue source ``settings.kind`` names; raise :class:`SourceError` (one line) if it can't."""
     kind = settings.kind
     if kind == "file":

@@ -21,9 +21,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -60,7 +61,7 @@ def _validate(obj: Any, where: str, out: _Parsed) -> None:
         out.issues.append((Issue.model_validate(obj), where))
     except ValidationError as exc:
         out.errors.append(f"{where}: {_one_line(validation_reason(exc))}")
-    except Exception as exc:  # noqa: BLE001 - one poisoned item never stalls the others
+    except Exception as exc:
         out.errors.append(f"{where}: rejected: {type(exc).__name__}: {_one_line(str(exc))}")
 
 

@@ -37,7 +37,8 @@ import logging
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import ValidationError
@@ -101,7 +102,7 @@ class GitHubSource:
         self.stats = {"requests": 0, "not_modified": 0}
 
     @classmethod
-    def from_settings(cls, settings: "SourceSettings") -> "GitHubSource":
+    def from_settings(cls, settings: SourceSettings) -> GitHubSource:
         """Build from :class:`SourceSettings`; the token is read from ``$<github_token_env>``."""
         repo = (settings.github_repo or "").strip()
         if not REPO_RE.match(repo):

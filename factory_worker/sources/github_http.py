@@ -11,8 +11,9 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-from datetime import datetime, timezone
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def origin(url: str) -> tuple[str, str]:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _seconds(value: str, now: float, parse: Callable[[str, float], float]) -> float | None:

@@ -23,7 +23,8 @@ errors raise :class:`SourceError` with one line, never the key. A malformed node
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -56,7 +57,7 @@ class LinearSource:
 
     def __init__(
         self,
-        cfg: "LinearSettings",
+        cfg: LinearSettings,
         ready_states: Iterable[str] = ("ready",),
         api: LinearAPI | None = None,
         token: str | None = None,
@@ -70,7 +71,7 @@ class LinearSource:
         self._labels = {x.casefold() for x in cfg.labels}
 
     @classmethod
-    def from_settings(cls, settings: "SourceSettings") -> "LinearSource":
+    def from_settings(cls, settings: SourceSettings) -> LinearSource:
         cfg = settings.linear
         return cls(cfg, settings.ready_states, token=secret_from_env(cfg.token_env))
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from factory_worker.ledger.states import Gate
 from factory_worker.sources.base import Issue
@@ -106,7 +107,7 @@ class Rules:
     linear_project: str | None = None
 
     @classmethod
-    def from_settings(cls, s: "SourceSettings") -> "Rules":
+    def from_settings(cls, s: SourceSettings) -> Rules:
         return cls(
             ready_states=tuple(s.ready_states),
             required_labels=tuple(s.required_labels),

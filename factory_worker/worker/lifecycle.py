@@ -53,7 +53,7 @@ def agent_slots(worker: Any) -> int:
     keys = current().keys
     try:
         consumed = set(worker.app.amqp.queues.consume_from)
-    except Exception:  # noqa: BLE001 - no queue selection: it consumes every declared queue
+    except Exception:
         consumed = {keys.agent_queue, keys.loop_queue}
     if keys.agent_queue not in consumed:
         return 0
@@ -72,7 +72,7 @@ class WorkerPresence(bootsteps.StartStopStep):
     #: set from Celery's signal handler (``worker_shutting_down``): a plain bool, nothing else
     shutdown_requested = False
     #: the step of this process's worker, closed by ``worker_shutdown``
-    running: "WorkerPresence | None" = None
+    running: WorkerPresence | None = None
     #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
     agents_as: str | None = None
 
@@ -117,7 +117,7 @@ class WorkerPresence(bootsteps.StartStopStep):
         try:
             ctx = current()
             clear_worker(ctx, self.node)
-        except Exception:  # noqa: BLE001 - the keys expire anyway
+        except Exception:
             log.warning("could not remove worker keys", exc_info=True)
 
     def _run(self) -> None:
@@ -134,7 +134,7 @@ class WorkerPresence(bootsteps.StartStopStep):
                     # a worker shutting down starts nothing new: its slots leave the fleet at once
                     publish_slots(ctx, self.node, 0 if WorkerPresence.shutdown_requested else self.slots)
                     next_beat = time.monotonic() + interval
-            except Exception:  # noqa: BLE001 - Redis down: keep trying, the key's TTL tells the truth
+            except Exception:
                 log.warning("worker presence: Redis write failed", exc_info=True)
                 next_beat = time.monotonic() + min(interval, 1.0)
             self.closing.wait(0.1)
@@ -155,7 +155,7 @@ class BeatScheduler(PersistentScheduler):
                 ctx = current()
                 publish_beat(ctx)
                 every = beat_ttl_s(ctx) / 3
-            except Exception:  # noqa: BLE001 - Redis down: the key's TTL tells the truth
+            except Exception:
                 log.warning("beat presence: Redis write failed", exc_info=True)
                 every = 1.0
             self._next_presence = now + every
@@ -164,7 +164,7 @@ class BeatScheduler(PersistentScheduler):
     def close(self) -> None:
         try:
             clear_beat(current())
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         super().close()
 
@@ -233,5 +233,5 @@ def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
         issue = release_task_claim(current(), task_id, reason="interrupted", only_if_queued=True)
         if issue:
             log.info("revoked agent task %s: claim on %s released", task_id, issue)
-    except Exception:  # noqa: BLE001 - the lease TTL frees it anyway
+    except Exception:
         log.warning("could not release the claim of revoked task %s", task_id, exc_info=True)

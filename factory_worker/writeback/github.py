@@ -154,7 +154,7 @@ def _wait(headers: httpx.Headers) -> float | None:
     return None
 
 
-def writer_for(source: SourceSettings, tracker: TrackerSettings) -> "GitHubWriter | LinearWriter":
+def writer_for(source: SourceSettings, tracker: TrackerSettings) -> GitHubWriter | LinearWriter:
     """The writer of the configured source: GitHub or Linear (settings refuse write-back for any other)."""
     if source.kind == "linear":
         from factory_worker.writeback.linear import LinearWriter

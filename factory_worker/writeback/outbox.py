@@ -22,8 +22,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import redis
 
@@ -56,7 +57,7 @@ class Event:
         return f"{self.token or self.id}:{self.event}"
 
     @classmethod
-    def from_entry(cls, entry_id: str, raw: dict[str, str]) -> "Event":
+    def from_entry(cls, entry_id: str, raw: dict[str, str]) -> Event:
         core = {k: raw.get(k, "") for k in ("event", "issue", "token")}
         rest = {k: v for k, v in raw.items() if k not in core}
         return cls(entry_id, core["event"], core["issue"], core["token"], rest)
@@ -149,7 +150,7 @@ class OutboxSender:
                 self.writer.deliver(event)
             except DeliveryError as exc:
                 self._failed(event, attempts + 1, exc, now_ms, report)
-            except Exception as exc:  # noqa: BLE001 - a writer bug must not stop the sender
+            except Exception as exc:
                 self._failed(event, attempts + 1, DeliveryError(f"{type(exc).__name__}: {exc}"), now_ms, report)
             else:
                 self._done(entry_id)
@@ -230,6 +231,6 @@ def run_sender(ctx: Any, consumer: str, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             sender.drain()
-        except Exception:  # noqa: BLE001 - Redis or a writer down: the next drain tries again
+        except Exception:
             log.warning("outbox: drain failed", exc_info=True)
         stop.wait(ctx.settings.tracker.poll_s)

@@ -55,7 +55,7 @@ def _assert_no_overlapping_agent_runs(by_issue: dict[str, list[dict]]) -> None:
                 spans.append((starts[e["pid"]], e["t"]))
         assert len(spans) == len(starts), issue
         spans.sort()
-        for (s1, e1), (s2, _) in zip(spans, spans[1:]):
+        for (_, e1), (s2, _) in zip(spans, spans[1:]):
             assert s2 >= e1, f"{issue}: overlapping agent runs"
 
 
@@ -80,7 +80,7 @@ def _assert_runs_never_overlapped(ctx: Context, real_redis) -> None:
             runs.append((rec["started_ms"], rec.get("finished_ms") or 10**15, rec["status"]))
     runs.sort()
     assert len(runs) >= 2
-    for (s1, e1, _), (s2, _, _) in zip(runs, runs[1:]):
+    for (_, e1, _), (s2, _, _) in zip(runs, runs[1:]):
         assert s2 >= e1, "two runs were live at once"
 
 

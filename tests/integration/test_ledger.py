@@ -41,7 +41,7 @@ def _racer(url: str, namespace: str, issues: list[str], batch: int, seed: int, b
             for s in res.skipped:
                 skips[s.reason] = skips.get(s.reason, 0) + 1
         out.put(("ok", claims, skips))
-    except BaseException as exc:  # noqa: BLE001 - report to the parent instead of hanging it
+    except BaseException as exc:
         out.put(("error", repr(exc), {}))
 
 

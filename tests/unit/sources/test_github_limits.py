@@ -99,7 +99,7 @@ def test_a_poll_cut_short_keeps_the_last_complete_polls_pages_and_no_more(gh):
         src.poll()
         failing = {"left": 2}
 
-        def cut(req: Req) -> Reply:
+        def cut(req: Req, failing: dict[str, int] = failing) -> Reply:
             failing["left"] -= 1
             return ok(req) if failing["left"] >= 0 else Reply(500, {})
 
