@@ -14,55 +14,16 @@ from typing import Any
 import click
 import redis
 
-from factory_worker import __version__
+from factory_worker.cli import ledger as _ledger_commands  # noqa: F401  (registers the ledger's commands on ``cli``)
+from factory_worker.cli.group import cli, json_opt, load, open_context, tasks_for
 from factory_worker.cli.output import Exit, console, emit, table, ts
 from factory_worker.cli.text import one_line
-from factory_worker.config.settings import MAX_ITERATIONS_CEILING, ConfigError, Settings, load_settings
-from factory_worker.context import Context
+from factory_worker.config.settings import MAX_ITERATIONS_CEILING, ConfigError
 from factory_worker.ledger.core import LedgerError
 from factory_worker.loop import status
 from factory_worker.sources.base import SourceError
 
 log = logging.getLogger(__name__)
-
-
-def _settings() -> Settings:
-    return load_settings()
-
-
-def _context() -> Context:
-    ctx = Context(_settings())
-    ctx.redis.ping()  # fail fast (exit 2) when Redis is unreachable
-    return ctx
-
-
-def _tasks(ctx: Context) -> Any:
-    """The Celery tasks module, bound to the configured app and to ``ctx`` (for commands that send)."""
-    from factory_worker.context import set_current
-    from factory_worker.worker import app as _app  # noqa: F401  (configures the Celery app the shared tasks bind to)
-    from factory_worker.worker import tasks
-
-    set_current(ctx)
-    return tasks
-
-
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Settings come from FACTORY_* variables (FACTORY_REDIS_URL, FACTORY_NAMESPACE, ...) or "
-    "factory.toml. Every command but `up` takes --json. Errors: one line on stderr, exit 2.",
-)
-@click.version_option(__version__, prog_name="factory-worker")
-@click.option("-v", "--verbose", is_flag=True, help="log at INFO")
-def cli(verbose: bool) -> None:
-    """Control a factory_worker loop (needs only Redis; the broker for revoke and start-loop)."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-
-
-json_opt = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
 @cli.command("loop-status")
@@ -71,7 +32,7 @@ def loop_status_cmd(as_json: bool) -> None:
     """Heartbeat, liveness, run and counters. Exit 0 live, 1 not live, 2 error."""
     from factory_worker.ops.operations import loop_status
 
-    data, code = loop_status(_context())
+    data, code = loop_status(open_context())
 
     def human(d: dict[str, Any]) -> None:
         from rich.markup import escape
@@ -94,7 +55,7 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
     from factory_worker.ops.operations import kill_loop
 
     data, code = kill_loop(
-        _context(), force=force, release_agents=release_agents, revoke=_revoke, early=(obj or {}).get("early_kill")
+        open_context(), force=force, release_agents=release_agents, revoke=_revoke, early=(obj or {}).get("early_kill")
     )
 
     def human(d: dict[str, Any]) -> None:
@@ -133,8 +94,8 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
     """Clear a kill and start a run now (overlap policy applies). Exit 0 started, 1 skipped."""
     from factory_worker.ops.operations import start_loop
 
-    ctx = _context()
-    start_run = _tasks(ctx).start_run
+    ctx = open_context()
+    start_run = tasks_for(ctx).start_run
     data, code = start_loop(ctx, lambda n, by: start_run(n, by=by, clear_kill=True), max_iterations)
 
     def human(d: dict[str, Any]) -> None:
@@ -161,8 +122,8 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
 @json_opt
 def run_once_cmd(dry_run: bool, as_json: bool) -> None:
     """One iteration in this process; prints the IterationReport. Exit 0."""
-    ctx = _context()
-    send = None if dry_run else _tasks(ctx).send_agent
+    ctx = open_context()
+    send = None if dry_run else tasks_for(ctx).send_agent
     from factory_worker.loop.iteration import (
         iterate,  # here, not at the top: loop-status and kill-loop start faster without it
     )
@@ -196,7 +157,7 @@ def pause_cmd(as_json: bool) -> None:
     """Claim nothing new; running agents go on; the run stays alive. Exit 0."""
     from factory_worker.ops.operations import set_paused
 
-    data, code = set_paused(_context(), True)
+    data, code = set_paused(open_context(), True)
     emit(data, as_json, lambda d: click.echo("paused" if d["changed"] else "already paused"), code)
 
 
@@ -206,7 +167,7 @@ def resume_cmd(as_json: bool) -> None:
     """Undo pause. Exit 0."""
     from factory_worker.ops.operations import set_paused
 
-    data, code = set_paused(_context(), False)
+    data, code = set_paused(open_context(), False)
     emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
 
 
@@ -216,7 +177,7 @@ def doctor_cmd(as_json: bool) -> None:
     """Check a deployment's Redis and Celery settings. Exit 0 all good, 1 findings, 2 error."""
     from factory_worker.ops.doctor import format_report, run_doctor
 
-    data, code = run_doctor(_settings())
+    data, code = run_doctor(load())
     emit(data, as_json, lambda d: click.echo(format_report(d)), code)
 
 
@@ -234,7 +195,7 @@ def metrics_cmd(serve_addr: str | None, as_json: bool) -> None:
     """Print the Prometheus metrics once, or serve them with --serve PORT (127.0.0.1). Exit 0."""
     from factory_worker.ops.metrics import parse_addr, render, serve, snapshot
 
-    ctx = _context()
+    ctx = open_context()
     if serve_addr:
         host, port = parse_addr(serve_addr)
         raise Exit(serve(ctx, host, port))
@@ -253,7 +214,7 @@ def up_cmd(no_flower: bool, workers: int, concurrency: int) -> None:
     worker(s), beat, Flower (127.0.0.1:5555). Ctrl-C stops everything; exit 0."""
     from factory_worker.ops.devstack import run_stack
 
-    raise Exit(run_stack(_settings(), flower=not no_flower, workers=workers, concurrency=concurrency))
+    raise Exit(run_stack(load(), flower=not no_flower, workers=workers, concurrency=concurrency))
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:
@@ -311,6 +272,3 @@ def _error(message: str, early_kill: Any, as_json: bool = False) -> int:
     if as_json:
         click.echo(json.dumps({"error": message, "exit": 2}))
     return 2
-
-
-from factory_worker.cli import ledger as cli_ledger  # noqa: E402,F401  (registers the ledger's commands on ``cli``)

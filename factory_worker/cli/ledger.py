@@ -1,5 +1,5 @@
 """The control CLI's ledger commands: audit, ledger accept, dispatches, explain, retry (registered on
-:data:`factory_worker.cli.commands.cli`, a thin view over the ledger like the rest)."""
+:data:`factory_worker.cli.group.cli`, a thin view over the ledger like the rest)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from factory_worker.cli.commands import _context, cli, json_opt
+from factory_worker.cli.group import cli, json_opt, open_context
 from factory_worker.cli.output import emit, printable, table, ts
 from factory_worker.ledger.core import STATES
 
@@ -19,7 +19,7 @@ def audit_cmd(as_json: bool) -> None:
     """Check the ledger's invariants; print every violation. Exit 0 clean, 1 violations, 2 error."""
     from factory_worker.ledger.audit import audit
 
-    ctx = _context()
+    ctx = open_context()
     data = audit(ctx.redis, ctx.keys)
 
     def human(d: dict[str, Any]) -> None:
@@ -44,7 +44,7 @@ def ledger_accept_cmd(as_json: bool) -> None:
     """Adopt the current ledger after a loss: safe mode ends (done issues it lost may run again). Exit 0."""
     from factory_worker.ledger import guard
 
-    ctx = _context()
+    ctx = open_context()
     data = guard.accept(ctx.redis, ctx.keys)
     emit(
         data,
@@ -66,7 +66,7 @@ def _clip(text: str, limit: int) -> str:
 @json_opt
 def dispatches_cmd(state: str | None, as_json: bool) -> None:
     """The ledger, issue by issue. Exit 0."""
-    ctx = _context()
+    ctx = open_context()
     rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
 
@@ -96,7 +96,7 @@ def explain_cmd(issue: str, as_json: bool) -> None:
     """Why ISSUE is or is not dispatched now. Exit 0."""
     from factory_worker.ops.operations import explain
 
-    e = explain(_context(), _issue_arg(issue))
+    e = explain(open_context(), _issue_arg(issue))
     emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")))
 
 
@@ -105,7 +105,7 @@ def explain_cmd(issue: str, as_json: bool) -> None:
 @json_opt
 def retry_cmd(issue: str, as_json: bool) -> None:
     """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
-    data = _context().ledger.retry(_issue_arg(issue))
+    data = open_context().ledger.retry(_issue_arg(issue))
 
     def human(d: dict[str, Any]) -> None:
         if d["was_parked"]:

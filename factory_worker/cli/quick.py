@@ -28,8 +28,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from factory_worker.cli.text import one_line, ts
+from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S
 from factory_worker.config.urls import DEFAULT_REDIS_URL, mask_url
 from factory_worker.config.urls import validate as validate_url
+from factory_worker.ledger import records
 from factory_worker.ledger.keys import NAMESPACE_PATTERN, Keys
 from factory_worker.loop import heartbeat, status
 
@@ -115,7 +117,7 @@ def plain_target(environ: Mapping[str, str], cwd: Path | None = None) -> Target 
     if not (1 <= len(namespace) <= 64 and NAMESPACE_PATTERN.fullmatch(namespace)):
         return None
     try:
-        stale = float(environ.get("FACTORY_LOOP__STALE_AFTER_S", heartbeat.DEFAULT_STALE_AFTER_S))
+        stale = float(environ.get("FACTORY_LOOP__STALE_AFTER_S", DEFAULT_STALE_AFTER_S))
         text = environ.get("FACTORY_REDIS_URL", DEFAULT_REDIS_URL)  # "" is an error, not the default
         url = urlsplit(validate_url(text))  # the full loader's own check, then only plain redis:// URLs
         if not text.startswith("redis://") or url.query or url.fragment or not url.hostname or not stale > 0:
@@ -198,14 +200,14 @@ def kill_first(
     if target is None or conn is None:
         return None
     try:
-        raw, time_reply = status.raise_errors(conn.pipeline(["GET", target.keys.heartbeat], ["TIME"]))
+        raw, time_reply = records.raise_errors(conn.pipeline(["GET", target.keys.heartbeat], ["TIME"]))
         live = heartbeat.judge(raw, time_reply, target.stale_after_s)
         if not live.live or live.heartbeat is None:
             return None
         by = who()
-        now_ms = heartbeat.time_ms(time_reply)
+        now_ms = records.time_ms(time_reply)
         fields = kill_record(live.heartbeat.run_id, by, now_ms)
-        status.raise_errors(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
+        records.raise_errors(conn.pipeline(["HSET", target.keys.kill, *(x for kv in fields.items() for x in kv)]))
         return EarlyKill(live.heartbeat.run_id, by, now_ms, target.keys.namespace, target.url)
     except Exception as exc:
         log.debug("early kill not written (%s); the full command decides", exc)
@@ -229,7 +231,7 @@ def _connect(target: Target | None) -> _Resp | None:
         setup.append(["SELECT", target.db])
     try:
         if setup:
-            status.raise_errors(conn.pipeline(*setup))
+            records.raise_errors(conn.pipeline(*setup))
         return conn
     except Exception:
         conn.close()

@@ -24,13 +24,13 @@ from pydantic_settings import (
 
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
+from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S
 
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from factory_worker.config.files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
 from factory_worker.config.source import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
 from factory_worker.config.urls import DEFAULT_REDIS_URL
 from factory_worker.ledger.keys import NAMESPACE_PATTERN
-from factory_worker.loop.heartbeat import DEFAULT_STALE_AFTER_S
 
 log = logging.getLogger(__name__)
 

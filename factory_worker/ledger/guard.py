@@ -25,9 +25,9 @@ from typing import Any
 import redis
 
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import parse_guard
 from factory_worker.ledger.redis_client import server_now_ms
 from factory_worker.ledger.scripts import LedgerError
-from factory_worker.loop.status import parse_guard
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from redis.sentinel import Sentinel
 
 from factory_worker.config.settings import Settings
 from factory_worker.config.urls import mask_url, parse_sentinel_url
-from factory_worker.loop.heartbeat import time_ms
+from factory_worker.ledger.records import time_ms
 
 __all__ = ["SOCKET_TIMEOUT_S", "client", "client_from_url", "mask_url", "server_now_ms"]
 

@@ -9,9 +9,9 @@ from typing import Any
 import redis
 
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import as_int, gauge_commands, parse_counters, parse_gauges
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
-from factory_worker.loop.status import as_int, gauge_commands, parse_counters, parse_gauges
 
 #: The states ``entries`` lists (``dispatches --state``).
 STATES = tuple(s.value for s in LedgerState)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import time_ms
 
 if TYPE_CHECKING:
     import redis
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 Status = Literal["running", "idle", "stopping"]
 STATUSES = ("running", "idle", "stopping")
 #: ``loop.stale_after_s``'s default: a heartbeat older than this is stale.
-DEFAULT_STALE_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,6 @@ def liveness(hb: Heartbeat | None, now_ms: int, stale_after_s: float) -> Livenes
     if age > stale_after_s:
         return Liveness("stale", age, hb)
     return Liveness("live", age, hb)
-
-
-def time_ms(time_reply: Any) -> int:
-    """Redis ``TIME``'s reply ``(seconds, microseconds)`` in ms."""
-    sec, usec = time_reply
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 def judge(raw: str | bytes | None, time_reply: Any, stale_after_s: float) -> Liveness:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import SCAN_COUNT, parse_objects, parse_workers
 from factory_worker.ledger.redis_client import server_now_ms
 from factory_worker.ledger.scripts import scripts_for
-from factory_worker.loop.status import SCAN_COUNT, parse_objects, parse_workers
 
 if TYPE_CHECKING:
     from factory_worker.context import Context
