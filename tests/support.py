@@ -241,9 +241,9 @@ class Recorder:
 
 def assert_audit_clean(redis_url: str, namespace: str) -> None:
     """The ledger's invariants hold (``factory-worker audit``): every chaos test ends with this."""
-    from factory_worker.ledger.audit import audit
     from factory_worker.ledger.keys import Keys
     from factory_worker.ledger.redis_client import client_from_url
+    from factory_worker.ops.audit import audit
 
     client = client_from_url(redis_url)
     try:

@@ -16,25 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 
+from factory_worker.config.leases import margin_s, stop_lead_s  # noqa: F401 - this module's API too
 from factory_worker.ledger.scripts import StaleClaimError
 
 log = logging.getLogger(__name__)
-
-
-def margin_s(lease_ttl_s: float) -> float:
-    """Safety margin before a lease's end: a tenth of the lease, at most 1 s."""
-    return min(1.0, 0.1 * lease_ttl_s)
 
 
 def helpers_after_s(renew_interval_s: float) -> float:
     """When the supervisor starts an agent's helper threads (the :class:`LeaseKeeper`, the log relay): well
     before the first renew is due and the first stop-flag read (``agent_task.STOP_POLL_S``), at most 0.1 s."""
     return min(0.1, renew_interval_s / 2)
-
-
-def stop_lead_s(lease_ttl_s: float, term_grace_s: float) -> float:
-    """How long after a successful renew was sent the agent may run on without another one."""
-    return lease_ttl_s - margin_s(lease_ttl_s) - term_grace_s
 
 
 class LeaseKeeper:

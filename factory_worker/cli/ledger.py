@@ -17,7 +17,7 @@ from factory_worker.ledger.core import STATES
 @json_opt
 def audit_cmd(as_json: bool) -> None:
     """Check the ledger's invariants; print every violation. Exit 0 clean, 1 violations, 2 error."""
-    from factory_worker.ledger.audit import audit
+    from factory_worker.ops.audit import audit
 
     ctx = open_context()
     data = audit(ctx.redis, ctx.keys)

@@ -15,7 +15,6 @@ does everything, as before. Standard library only.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from factory_worker.config.urls import validate as validate_url
 from factory_worker.ledger import records
 from factory_worker.ledger.keys import NAMESPACE_PATTERN, Keys
 from factory_worker.loop import heartbeat, status
+from factory_worker.loop.kill import EarlyKill, kill_record, who
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ CONNECT_TIMEOUT_S = 1.0
 _FLAGS = {"--force", "--release-agents", "--json"}
 #: The only settings ``loop-status`` may have to be answered early (:func:`status_first`).
 STATUS_SETTINGS = frozenset({"FACTORY_REDIS_URL", "FACTORY_NAMESPACE"})
-
-
-def who() -> str:
-    """``user@host:pid`` of the operator (or process) acting."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = os.environ.get("USER", "unknown")
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
-
-
-def kill_record(run_id: str | None, by: str, at_ms: int, reason: str = "kill-loop") -> dict[str, str]:
-    """The ``kill`` hash's fields (``control.LoopControl.set_kill`` writes the same)."""
-    return {"run_id": run_id or "", "by": by, "at_ms": str(at_ms), "reason": reason}
 
 
 @dataclass(frozen=True)
@@ -67,17 +53,6 @@ class Target:
     password: str | None
     keys: Keys
     stale_after_s: float
-    url: str
-
-
-@dataclass(frozen=True)
-class EarlyKill:
-    """A kill written by :func:`kill_first`: the run it names and who killed it."""
-
-    run_id: str
-    by: str
-    at_ms: int
-    namespace: str
     url: str
 
 

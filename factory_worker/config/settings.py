@@ -24,13 +24,13 @@ from pydantic_settings import (
 
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
-from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S
+from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S, NAMESPACE_PATTERN
 
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from factory_worker.config.files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
+from factory_worker.config.leases import margin_s, stop_lead_s
 from factory_worker.config.source import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
 from factory_worker.config.urls import DEFAULT_REDIS_URL
-from factory_worker.ledger.keys import NAMESPACE_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,6 @@ class Settings(BaseSettings):
         """Without a renew an agent is stopped at lease - margin - term_grace after the last renew sent, so
         it is gone (SIGKILL included) before its claim can expire; that must leave more than one renew
         interval (lease / 3), or every agent would be stopped before its first renew."""
-        from factory_worker.agents.lease import margin_s, stop_lead_s
-
         lease, grace = self.dispatch.lease_ttl_s, self.agent.term_grace_s
         if stop_lead_s(lease, grace) <= lease / 3:
             need = (grace + margin_s(lease)) * 1.5

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from factory_worker.config.settings import AgentSettings
 from factory_worker.config.stages import REJECT_EXIT, TRIAGE
+from factory_worker.ledger.stages import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +43,6 @@ class TriageVerdict(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("names a stage twice")
         return v
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where an attempt is (``stage.lua`` start's reply): the step being run and what it was given."""
-
-    step: int
-    stage: str
-    round: int = 1
-    retries: int = 0
-    plan: list[str] = field(default_factory=list)
-    feedback: str = ""
-    workdir: str = ""
-    history: str = ""
-    thread: str = ""  # the attempt's Slack thread, "<channel>:<ts>" ("" without Slack)
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ slot. Nothing else in the package spells a key by hand: see docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 
+from factory_worker.config.defaults import NAMESPACE_PATTERN  # noqa: F401 - this module's API too
+
 #: What a namespace may be (``FACTORY_NAMESPACE``, 1-64 characters): it is in every key name.
-NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)

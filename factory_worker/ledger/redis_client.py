@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import redis
 from redis.sentinel import Sentinel
 
@@ -55,3 +58,34 @@ def client(settings: Settings, **kwargs: object) -> redis.Redis:
 def server_now_ms(r: redis.Redis) -> int:
     """Redis server time in ms: the one clock every worker shares."""
     return time_ms(r.time())
+
+
+def redis_py_sender(r: redis.Redis) -> Callable[[Sequence[Sequence[Any]]], list[Any]]:
+    """A :data:`factory_worker.loop.status.Sender` over a redis-py client's own connection pool (replies undecoded, as sent). A pooled
+    connection that a Redis restart broke is replaced once, as redis-py's own retry would."""
+
+    def once(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        pool = r.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands([list(c) for c in commands]))
+            out: list[Any] = []
+            for _ in commands:
+                try:
+                    out.append(conn.read_response(disable_decoding=True))
+                except redis.ResponseError as exc:  # an error reply is a value here
+                    out.append(exc)
+            return out
+        except BaseException:
+            conn.disconnect()  # a half-read reply stream must not go back to the pool
+            raise
+        finally:
+            pool.release(conn)
+
+    def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
+        try:
+            return once(commands)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return once(commands)  # the commands only read: sending them again is safe
+
+    return send

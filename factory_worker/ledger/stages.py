@@ -8,17 +8,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from factory_worker.dispatch.decisions import Progress
 from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.scripts import Reply, checked
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where an attempt is (``stage.lua`` start's reply): the step being run and what it was given."""
+
+    step: int
+    stage: str
+    round: int = 1
+    retries: int = 0
+    plan: list[str] = field(default_factory=list)
+    feedback: str = ""
+    workdir: str = ""
+    history: str = ""
+    thread: str = ""  # the attempt's Slack thread, "<channel>:<ts>" ("" without Slack)
+
 
 _ARGS = (
     "op",

@@ -16,7 +16,6 @@ from typing import Any
 
 import redis
 
-from factory_worker.cli.quick import kill_record, who
 from factory_worker.config.settings import MAX_ITERATIONS_CEILING, Settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import parse_run
@@ -24,6 +23,7 @@ from factory_worker.ledger.redis_client import server_now_ms
 from factory_worker.ledger.scripts import scripts_for
 from factory_worker.ledger.states import RunStatus
 from factory_worker.loop import heartbeat
+from factory_worker.loop.kill import kill_record, who
 from factory_worker.loop.presence import worker_alive
 
 log = logging.getLogger(__name__)

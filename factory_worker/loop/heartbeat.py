@@ -114,9 +114,7 @@ def write(
 ) -> Heartbeat:
     """Publish the heartbeat (timestamped by the Redis clock) with an expiry of ``ttl_s``; ``where``: keep its
     hostname and pid (the loop worker's, when a CLI ends the run it was running) instead of this process's."""
-    from factory_worker.ledger.redis_client import server_now_ms
-
-    hb = make(run_id, status, iteration, max_iterations, server_now_ms(r))
+    hb = make(run_id, status, iteration, max_iterations, time_ms(r.time()))
     if where is not None:
         hb = replace(hb, hostname=where.hostname, pid=where.pid)
     r.set(keys.heartbeat, hb.to_json(), px=max(1, int(ttl_s * 1000)))

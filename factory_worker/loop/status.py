@@ -2,7 +2,7 @@
 
 :func:`read` takes a ``send(commands) -> replies`` function that sends raw commands in one round trip and
 returns Redis's replies as sent (bulk strings as bytes, error replies as exception values): the full CLI,
-``metrics`` and ``up`` use :func:`redis_py_sender`; the CLI's early path (:mod:`.quick`) its own socket, before
+``metrics`` and ``up`` use :func:`factory_worker.ledger.redis_client.redis_py_sender`; the CLI's early path (:mod:`.quick`) its own socket, before
 redis-py, pydantic and click are loaded. So both answer with the same dict, built here only. The other
 readers of these keys (``control.run``, ``ledger.gauges``, ``guard.status``, ``presence``) share the parsing
 below. Standard library only.
@@ -95,38 +95,6 @@ def read(
         "ledger_lost": guard["ledger_lost"],
     }
     return status, 0 if live.live and not guard["ledger_lost"] else 1
-
-
-def redis_py_sender(r: Any) -> Sender:
-    """A :data:`Sender` over a redis-py client's own connection pool (replies undecoded, as sent). A pooled
-    connection that a Redis restart broke is replaced once, as redis-py's own retry would."""
-    import redis
-
-    def once(commands: Sequence[Sequence[Any]]) -> list[Any]:
-        pool = r.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(conn.pack_commands([list(c) for c in commands]))
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response(disable_decoding=True))
-                except redis.ResponseError as exc:  # an error reply is a value here
-                    out.append(exc)
-            return out
-        except BaseException:
-            conn.disconnect()  # a half-read reply stream must not go back to the pool
-            raise
-        finally:
-            pool.release(conn)
-
-    def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
-        try:
-            return once(commands)
-        except (redis.ConnectionError, redis.TimeoutError):
-            return once(commands)  # the commands only read: sending them again is safe
-
-    return send
 
 
 # -- its text --------------------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from factory_worker.cli.quick import EarlyKill, who
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
+from factory_worker.ledger.redis_client import redis_py_sender
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import heartbeat, status
+from factory_worker.loop.kill import EarlyKill, who
 from factory_worker.loop.presence import live_workers, worker_alive
 from factory_worker.sources.rules import Rules
 
@@ -30,7 +31,7 @@ def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
     """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost
     (:func:`factory_worker.loop.status.read`, the reader the CLI's early path uses too)."""
     return status.read(
-        status.redis_py_sender(ctx.redis),
+        redis_py_sender(ctx.redis),
         ctx.keys,
         ctx.settings.loop.stale_after_s,
         ctx.settings.tracker.write_back,

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from factory_worker.cli.quick import kill_first, kill_record
+from factory_worker.cli.quick import kill_first
 from factory_worker.context import Context
 from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.keys import Keys
+from factory_worker.loop.kill import kill_record
 from factory_worker.ops.embedded import free_port
 from tests.conftest import roomy_fleet
 from tests.support import ROOT, ctl, factory_env, pid_alive, settings_from, stack_env, wait_until, write_issues

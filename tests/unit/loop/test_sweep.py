@@ -9,7 +9,6 @@ import pytest
 
 from factory_worker.config.settings import load_settings
 from factory_worker.context import Context
-from factory_worker.ledger.audit import audit
 from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.states import Begin
 from factory_worker.loop.sweep import (
@@ -19,6 +18,7 @@ from factory_worker.loop.sweep import (
     forget_dead_agents,
     release_lost_messages,
 )
+from factory_worker.ops.audit import audit
 from tests.conftest import roomy_fleet
 
 QUEUE = "t.agents"

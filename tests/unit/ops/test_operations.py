@@ -43,7 +43,7 @@ def test_loop_status_and_metrics_show_the_tracker_outbox_backlog(fake_redis, mak
 
 def test_an_early_kill_for_another_loop_is_not_taken_for_this_one(ctx):
     """kill_loop finishes an early kill only when it went to this command's Redis and namespace."""
-    from factory_worker.cli.quick import EarlyKill
+    from factory_worker.loop.kill import EarlyKill
     from factory_worker.ops.operations import kill_loop
 
     kick = ctx.control.start_run(3, by="test")
@@ -151,7 +151,7 @@ def test_release_agents_after_a_kill_is_not_refused(ctx, clock):
 def test_a_run_its_iteration_ended_after_the_early_kill_is_reported_killed(ctx):
     """The early path wrote the kill; the run's next iteration saw it and ended the run (killed) before the full
     command looked: that run was killed by this command, so it is reported and its tasks revoked."""
-    from factory_worker.cli.quick import EarlyKill, kill_record
+    from factory_worker.loop.kill import EarlyKill, kill_record
     from factory_worker.ops.operations import kill_loop
 
     kick = ctx.control.start_run(3, by="test")

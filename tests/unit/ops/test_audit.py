@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from factory_worker.ledger.audit import audit
 from factory_worker.ledger.core import Ledger
+from factory_worker.ops.audit import audit
 from tests.conftest import roomy_fleet
 
 
