@@ -1,4 +1,10 @@
-"""Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
+"""sources/: where issues come from. The IssueSource protocol and the Issue model, the file, GitHub and
+Linear sources (and their HTTP helpers and Linear API client), the eligibility rules, and :func:`load_source`
+to pick one by kind.
+
+May import: ledger (the closed vocabularies), config.
+
+Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
 
 ``kind`` is ``file`` (:class:`FileSource`), ``github`` or ``linear`` (``sources/github.py`` /
 ``sources/linear.py``, imported only when asked for) or ``module:Class`` (any importable class taking the
