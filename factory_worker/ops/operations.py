@@ -15,6 +15,7 @@ from factory_worker.cli.quick import EarlyKill, who
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
+from factory_worker.ledger.redis_client import decoded_hash, decoded_members
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import heartbeat, status
 from factory_worker.loop.presence import live_workers, worker_alive
@@ -72,7 +73,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
 
 def _with_stage(ctx: Context, e: Explanation) -> Explanation:
     """A staged dispatch's progress beside the gate's answer: which stage (step, round) it is at or resumes at."""
-    p = ctx.redis.hgetall(ctx.keys.stages(e.issue))
+    p = decoded_hash(ctx.redis.hgetall(ctx.keys.stages(e.issue)))
     if not p.get("stage"):
         return e
     stage = {
@@ -182,7 +183,7 @@ def _refusal(ctx: Context, live: heartbeat.Liveness) -> str:
 
 def running_agent_tasks(ctx: Context) -> list[str]:
     """The task ids of every agent running now, whichever run dispatched it."""
-    return sorted(ctx.redis.smembers(ctx.keys.agents))
+    return sorted(decoded_members(ctx.redis.smembers(ctx.keys.agents)))
 
 
 def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:
@@ -191,7 +192,7 @@ def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None)
     if not task_ids:
         return []
     grace = grace_s if grace_s is not None else ctx.settings.agent.term_grace_s + 2.0
-    records = {t: ctx.redis.hgetall(ctx.keys.agent_task(t)) for t in task_ids}
+    records = {t: decoded_hash(ctx.redis.hgetall(ctx.keys.agent_task(t))) for t in task_ids}
     p = ctx.redis.pipeline(transaction=False)
     for t in task_ids:
         p.set(ctx.keys.agent_stop(t), who(), ex=ctx.keys.AGENT_STOP_TTL_S)
