@@ -147,7 +147,7 @@ def execute(
             p = ctx.redis.pipeline(transaction=False)
             _clean_up(ctx, p, task_id, pop=refilling and not rider.sent)  # idempotent, but never pop twice
             rider.replies = p.execute()
-    if refilling:
+    if refilling and send is not None:  # refilling implies a sender: said again for the type checker
         try:
             # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
             popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if len(rider.replies) > CLEAN_UP_COMMANDS else {}

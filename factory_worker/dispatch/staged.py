@@ -377,7 +377,7 @@ def run_inline(
         queue.append((task_id, stage, step))
 
     hand_over(ctx, f"inline-{uuid.uuid4().hex}", issue, token, run_id, send)
-    results = []
+    results: list[dict[str, Any]] = []
     while queue and len(results) < max_steps:
         task_id, stage, step = queue.pop(0)
         results.append(

@@ -92,7 +92,7 @@ class LoopControl:
         return changed
 
     def is_revoked(self, task_id: str | None) -> bool:
-        return bool(task_id) and bool(self.r.sismember(self.keys.revoked, task_id))
+        return bool(task_id and self.r.sismember(self.keys.revoked, task_id))
 
     def revoke_ids(self, task_ids: list[str]) -> None:
         if task_ids:
@@ -249,7 +249,7 @@ class LoopControl:
         p.hget(key, "consecutive_failures")
         return int(p.execute()[-1] or 0)
 
-    def end_heartbeat(self, run_id: str, status: str) -> None:
+    def end_heartbeat(self, run_id: str, status: heartbeat.Status) -> None:
         """The heartbeat of ``run_id``'s end: ``idle`` (finished: live until stale) or ``stopping`` (not live;
         also instead of idle while the loop is killed); left alone when it belongs to a newer run."""
         if status == "idle" and self.kill_info():  # a killed loop is not live, whoever ends its last run

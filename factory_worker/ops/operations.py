@@ -109,6 +109,7 @@ def kill_loop(
             mask_url(ctx.settings.effective_redis_url),
         )
         early = None
+    run_id: str | None
     if early is not None:
         run_id, by, killed_at = early.run_id, early.by, early.at_ms
     else:
