@@ -21,6 +21,8 @@ from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.redis_client import client as make_client
 
 if TYPE_CHECKING:
+    from redis import Redis  # in the class body below, ``redis`` is the property
+
     from factory_worker.chat.notify import Notifier
     from factory_worker.ledger.core import Ledger
     from factory_worker.loop.control import LoopControl
@@ -45,7 +47,7 @@ class Context:
         return self._redis or make_client(self.settings)
 
     @cached_property
-    def broker_redis(self) -> redis.Redis | None:
+    def broker_redis(self) -> Redis | None:
         """A client of the broker's Redis (the ledger's client when they are one); None for another broker."""
         url = self.settings.effective_broker_url
         if url == self.settings.effective_redis_url:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (a .venv with the project and its test extras), check the house (ruff, ruff format, the import
-# contracts), and run the whole test suite. A failed check fails the run after the suite has run too.
+# contracts, mypy), and run the whole test suite. A failed check fails the run after the suite has run too.
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ check() {
 check .venv/bin/ruff check --quiet .
 check .venv/bin/ruff format --check --quiet .
 check .venv/bin/lint-imports --no-cache
-# mypy joins once it is clean (next commit)
+check .venv/bin/mypy
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -119,7 +119,7 @@ class CommandAgent:
         issue, start = dispatch.issue, time.monotonic()
         owned = dispatch.workdir is None  # a staged dispatch's directory is its caller's to make and remove
         try:
-            if owned:
+            if dispatch.workdir is None:  # owned (said again for the type checker)
                 workdir, issue_json = make_workdir(
                     self.settings, dispatch.dispatch_id, issue, self.ident, safe_name(dispatch.dispatch_id)
                 )

@@ -41,28 +41,30 @@ class AgentSettings(BaseModel):
     command: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [sys.executable, os.path.abspath("examples/agent.py"), "{id}"], min_length=1
     )
-    timeout_s: float = Field(600.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)
     log_dir: Path = Path(".factory/logs")
-    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="an agent log is cut at this size")
+    log_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="an agent log is cut at this size")
     log_retention_s: float = Field(
-        7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed (0: kept)"
+        default=7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed (0: kept)"
     )
-    term_grace_s: float = Field(5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
-    workdir_root: Path = Field(Path(".factory/work"), description="each dispatch runs in a fresh directory here")
-    keep_workdir: bool = Field(False, description="keep a dispatch's directory after its run (debugging)")
+    term_grace_s: float = Field(default=5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    workdir_root: Path = Field(
+        default=Path(".factory/work"), description="each dispatch runs in a fresh directory here"
+    )
+    keep_workdir: bool = Field(default=False, description="keep a dispatch's directory after its run (debugging)")
     env_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets"
     )
-    user: str | None = Field(None, description="run agents as this user (name or uid); default: the worker's")
-    group: str | None = Field(None, description="the agents' group (name or gid); default: agent.user's group")
+    user: str | None = Field(default=None, description="run agents as this user (name or uid); default: the worker's")
+    group: str | None = Field(default=None, description="the agents' group (name or gid); default: agent.user's group")
     # -- staged dispatch (stage_settings.py): one claim, many stages ---------------------------------------
     stages: list[StageSettings] = Field(
         default_factory=list,
         description="ordered named stages (replace agent.command): implementers, then a reviewer...",
     )
-    triage: TriageSettings | None = Field(None, description="a command choosing the stages (JSON on stdout)")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="a triage below this escalates (needs-human)")
-    max_rounds: int = Field(3, ge=1, le=20, description="rounds of one attempt (a rejection starts the next)")
+    triage: TriageSettings | None = Field(default=None, description="a command choosing the stages (JSON on stdout)")
+    min_confidence: float = Field(default=0.5, ge=0, le=1, description="a triage below this escalates (needs-human)")
+    max_rounds: int = Field(default=3, ge=1, le=20, description="rounds of one attempt (a rejection starts the next)")
 
     @model_validator(mode="after")
     def _pipeline(self) -> AgentSettings:

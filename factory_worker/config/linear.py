@@ -17,29 +17,29 @@ TEAM_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 class LinearSettings(BaseModel):
     """Which Linear issues are work, and what write-back does to them."""
 
-    api_url: str = Field("https://api.linear.app/graphql", description="Linear's GraphQL endpoint")
+    api_url: str = Field(default="https://api.linear.app/graphql", description="Linear's GraphQL endpoint")
     token_env: str = Field(
-        "LINEAR_API_KEY",
+        default="LINEAR_API_KEY",
         min_length=1,
         description="name of the env var holding the API key "
         "(sent as 'Authorization: <key>'; an OAuth token as 'Bearer <token>'); *_FILE works too",
     )
-    team: str | None = Field(None, description="the team's key, e.g. ENG (required for kind=linear)")
-    project: str | None = Field(None, max_length=200, description="only issues of this project (its name)")
+    team: str | None = Field(default=None, description="the team's key, e.g. ENG (required for kind=linear)")
+    project: str | None = Field(default=None, max_length=200, description="only issues of this project (its name)")
     states: list[str] = Field(
         default_factory=lambda: ["Todo"], min_length=1, description="workflow states whose issues are ready (names)"
     )
     labels: list[str] = Field(default_factory=list, description="an issue needs all of them (any case)")
-    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one request")
+    timeout_s: float = Field(default=10.0, gt=0, description="HTTP timeout of one request")
     max_retry_after_s: float = Field(
-        300.0, gt=0, le=86400, allow_inf_nan=False, description="longest pause a rate-limit reply can impose"
+        default=300.0, gt=0, le=86400, allow_inf_nan=False, description="longest pause a rate-limit reply can impose"
     )
     # -- write-back (tracker.write_back): workflow states an issue is moved to --------------------------------
-    working_state: str | None = Field("In Progress", description="when an agent starts it; None: not moved")
-    done_state: str | None = Field("Done", description="when it is done; None: not moved")
-    parked_state: str | None = Field(None, description="when it is parked; None: not moved (comment only)")
+    working_state: str | None = Field(default="In Progress", description="when an agent starts it; None: not moved")
+    done_state: str | None = Field(default="Done", description="when it is done; None: not moved")
+    parked_state: str | None = Field(default=None, description="when it is parked; None: not moved (comment only)")
     poll_working_state: bool | None = Field(
-        None,
+        default=None,
         description="also poll issues in working_state (the ledger says "
         "whether an agent has one); default: when tracker.write_back is on",
     )

@@ -41,18 +41,18 @@ MAX_ITERATIONS_CEILING = 1000
 class LoopSettings(BaseModel):
     """The bounded loop: how often beat kicks off a run and how long a run is."""
 
-    interval_s: float = Field(10.0, gt=0, description="seconds between beat kickoffs")
-    max_iterations: int = Field(3, ge=1, le=MAX_ITERATIONS_CEILING, description="iterations per run")
-    stale_after_s: float = Field(DEFAULT_STALE_AFTER_S, gt=0, description="heartbeat older than this is stale")
-    breaker_failures: int = Field(3, ge=1, description="consecutive failed iterations that stop a run")
-    heartbeat_ttl_s: float = Field(120.0, gt=0, description="expiry of the heartbeat key")
-    lease_ttl_s: float = Field(60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
-    run_retention_s: float = Field(3600.0, ge=10, description="how long a run record is kept after its start")
+    interval_s: float = Field(default=10.0, gt=0, description="seconds between beat kickoffs")
+    max_iterations: int = Field(default=3, ge=1, le=MAX_ITERATIONS_CEILING, description="iterations per run")
+    stale_after_s: float = Field(default=DEFAULT_STALE_AFTER_S, gt=0, description="heartbeat older than this is stale")
+    breaker_failures: int = Field(default=3, ge=1, description="consecutive failed iterations that stop a run")
+    heartbeat_ttl_s: float = Field(default=120.0, gt=0, description="expiry of the heartbeat key")
+    lease_ttl_s: float = Field(default=60.0, gt=0, description="loop lease TTL (renewed by every iteration)")
+    run_retention_s: float = Field(default=3600.0, ge=10, description="how long a run record is kept after its start")
     iteration_spacing_s: float | None = Field(
-        None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
+        default=None, ge=0, description="pause between a run's iterations; default interval_s / max_iterations"
     )
     end_idle_runs: bool = Field(
-        True,
+        default=True,
         description="end a run at an iteration with nothing to dispatch and nothing waiting for room "
         "(fewer idle loop tasks; a newly ready issue then waits for the next kickoff)",
     )
@@ -73,25 +73,25 @@ class LoopSettings(BaseModel):
 class DispatchSettings(BaseModel):
     """The dispatch ledger: leases, the in-flight cap, attempts and backoff."""
 
-    max_in_flight: int = Field(8, ge=1, description="cluster-wide cap on claimed issues")
-    lease_ttl_s: float = Field(30.0, gt=0, description="claim lease, renewed while the agent runs")
+    max_in_flight: int = Field(default=8, ge=1, description="cluster-wide cap on claimed issues")
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="claim lease, renewed while the agent runs")
     queue_lease_s: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="lease of a claim whose agent message waits in the broker (until begin); "
         "default: the broker visibility timeout + 60 s",
     )
-    max_attempts: int = Field(3, ge=1, description="failed attempts before an issue is parked")
-    backoff_base_s: float = Field(5.0, ge=0, description="first backoff window")
-    backoff_max_s: float = Field(300.0, ge=0, description="largest backoff window")
-    backoff_jitter: float = Field(0.1, ge=0, le=1, description="up to this fraction is added to a window")
+    max_attempts: int = Field(default=3, ge=1, description="failed attempts before an issue is parked")
+    backoff_base_s: float = Field(default=5.0, ge=0, description="first backoff window")
+    backoff_max_s: float = Field(default=300.0, ge=0, description="largest backoff window")
+    backoff_jitter: float = Field(default=0.1, ge=0, le=1, description="up to this fraction is added to a window")
     min_replica_acks: int = Field(
-        0,
+        default=0,
         ge=0,
         description="replicas that must acknowledge a claim, a begin and a "
         "settle (Redis WAIT) before it counts; 0: do not wait",
     )
-    replica_ack_timeout_s: float = Field(1.0, gt=0, description="how long one WAIT for replica acks may block")
+    replica_ack_timeout_s: float = Field(default=1.0, gt=0, description="how long one WAIT for replica acks may block")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DispatchSettings:
@@ -103,32 +103,34 @@ class DispatchSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """Worker-side timings: soft shutdown window and the worker liveness key."""
 
-    soft_shutdown_s: float = Field(20.0, ge=0, description="warm shutdown window for running agents")
+    soft_shutdown_s: float = Field(default=20.0, ge=0, description="warm shutdown window for running agents")
     shutdown_margin_s: float = Field(
-        2.5, ge=0, description="agents are stopped this long before the window ends (claims released, pool stopped)"
+        default=2.5,
+        ge=0,
+        description="agents are stopped this long before the window ends (claims released, pool stopped)",
     )
-    heartbeat_interval_s: float = Field(5.0, gt=0)
-    heartbeat_ttl_s: float = Field(15.0, gt=0)
-    visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis broker visibility timeout")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0)
+    visibility_timeout_s: float = Field(default=3600.0, gt=0, description="Redis broker visibility timeout")
 
 
 class SlackSettings(BaseModel):
     """A Slack thread per dispatch (``slack.py``): opened when the agent starts, its end posted in it, human
     replies delivered to the running agent (``FACTORY_INBOX``). Off unless a channel is set."""
 
-    channel: str | None = Field(None, description="channel id (C...) to open dispatch threads in; unset = off")
-    token_env: str = Field("SLACK_BOT_TOKEN", description="name of the env var holding the bot token")
-    api_url: str = Field("https://slack.com/api", description="Slack Web API base URL")
-    poll_s: float = Field(5.0, gt=0, description="how often a thread is read for replies")
-    poll_max_s: float = Field(60.0, gt=0, description="longest wait between reads after errors / Retry-After")
-    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one Slack call")
+    channel: str | None = Field(default=None, description="channel id (C...) to open dispatch threads in; unset = off")
+    token_env: str = Field(default="SLACK_BOT_TOKEN", description="name of the env var holding the bot token")
+    api_url: str = Field(default="https://slack.com/api", description="Slack Web API base URL")
+    poll_s: float = Field(default=5.0, gt=0, description="how often a thread is read for replies")
+    poll_max_s: float = Field(default=60.0, gt=0, description="longest wait between reads after errors / Retry-After")
+    timeout_s: float = Field(default=5.0, gt=0, description="HTTP timeout of one Slack call")
 
 
 class NotifySettings(BaseModel):
     """Optional Slack-compatible webhook notifications (off unless a URL is set)."""
 
     webhook_url: str | None = None
-    timeout_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
     events: list[str] = Field(
         default_factory=lambda: ["dispatched", "done", "parked", "stale", "killed", "ledger-lost"]
     )
@@ -138,20 +140,20 @@ class TrackerSettings(BaseModel):
     """Write-back to the issue tracker through the outbox (``outbox.py``): labels and a comment per event."""
 
     write_back: bool = Field(
-        False,
+        default=False,
         description="report dispatched/done/backoff/parked/released/retried to the tracker (GitHub or Linear source)",
     )
-    comments: bool = Field(True, description="also post a comment per event (labels are always set)")
-    max_attempts: int = Field(8, ge=1, description="delivery attempts of one event before it is parked")
-    backoff_base_s: float = Field(2.0, ge=0, description="first wait after a failed delivery")
-    backoff_max_s: float = Field(300.0, ge=0, description="longest wait between deliveries")
-    poll_s: float = Field(1.0, gt=0, description="how often each worker's sender looks for events")
+    comments: bool = Field(default=True, description="also post a comment per event (labels are always set)")
+    max_attempts: int = Field(default=8, ge=1, description="delivery attempts of one event before it is parked")
+    backoff_base_s: float = Field(default=2.0, ge=0, description="first wait after a failed delivery")
+    backoff_max_s: float = Field(default=300.0, ge=0, description="longest wait between deliveries")
+    poll_s: float = Field(default=1.0, gt=0, description="how often each worker's sender looks for events")
     takeover_s: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         description="an event pending this long with another worker's sender is taken over (that worker presumed dead)",
     )
-    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one tracker request")
+    timeout_s: float = Field(default=10.0, gt=0, description="HTTP timeout of one tracker request")
 
 
 class Settings(BaseSettings):
@@ -161,9 +163,9 @@ class Settings(BaseSettings):
         env_prefix="FACTORY_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    redis_url: str | None = Field(None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
-    broker_url: str | None = Field(None, description="Celery broker; defaults to redis_url")
-    namespace: str = Field("factory", min_length=1, max_length=64, pattern=NAMESPACE_PATTERN.pattern)
+    redis_url: str | None = Field(default=None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
+    broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
+    namespace: str = Field(default="factory", min_length=1, max_length=64, pattern=NAMESPACE_PATTERN.pattern)
     loop: LoopSettings = Field(default_factory=LoopSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)

@@ -31,29 +31,33 @@ class SourceSettings(BaseModel):
     """Where issues come from (``file``: a .jsonl/.json file or a directory, ``github`` or ``module:Class``) and
     which of them the factory may work on: the eligibility rules (``sources/rules.py``), for every kind."""
 
-    kind: str = Field("file", min_length=1)
+    kind: str = Field(default="file", min_length=1)
     path: Path = Path("examples/issues.jsonl")
     ready_states: list[str] = Field(default_factory=lambda: ["ready"], min_length=1)
     required_labels: list[str] = Field(default_factory=list, description="an issue needs all of them (any case)")
     excluded_labels: list[str] = Field(default_factory=list, description="an issue with one of them is out")
-    title_prefix: str = Field("", max_length=200, description="a title must start with it, e.g. '[factory]'")
-    id_pattern: str | None = Field(None, max_length=500, description="a regex the issue id must fullmatch")
+    title_prefix: str = Field(default="", max_length=200, description="a title must start with it, e.g. '[factory]'")
+    id_pattern: str | None = Field(default=None, max_length=500, description="a regex the issue id must fullmatch")
     author_associations: list[str] = Field(
         default_factory=list,
         description="GitHub author_association values allowed (OWNER, MEMBER, COLLABORATOR...); [] = any",
     )
-    done_label: str = Field("factory:done", validate_default=True, description="an issue with it is not ready")
-    parked_label: str = Field("factory:parked", validate_default=True, description="an issue with it is not ready")
-    working_label: str = Field("factory:working", min_length=1, description="tracker write-back: an agent works it")
-    github_repo: str | None = Field(None, description="owner/name for kind=github")
+    done_label: str = Field(default="factory:done", validate_default=True, description="an issue with it is not ready")
+    parked_label: str = Field(
+        default="factory:parked", validate_default=True, description="an issue with it is not ready"
+    )
+    working_label: str = Field(
+        default="factory:working", min_length=1, description="tracker write-back: an agent works it"
+    )
+    github_repo: str | None = Field(default=None, description="owner/name for kind=github")
     github_labels: list[str] = Field(default_factory=list)
     github_api_url: str = "https://api.github.com"
-    github_token_env: str = Field("GITHUB_TOKEN", description="name of the env var holding the token")
+    github_token_env: str = Field(default="GITHUB_TOKEN", description="name of the env var holding the token")
     github_max_retry_after_s: float = Field(
-        300.0, gt=0, le=86400, allow_inf_nan=False, description="longest pause a rate-limit reply can impose"
+        default=300.0, gt=0, le=86400, allow_inf_nan=False, description="longest pause a rate-limit reply can impose"
     )
     github_all_open_issues: bool = Field(
-        False, validate_default=True, description="kind=github without a label filter: every open issue"
+        default=False, validate_default=True, description="kind=github without a label filter: every open issue"
     )
     linear: LinearSettings = Field(
         default_factory=LinearSettings,

@@ -61,15 +61,15 @@ class StageSettings(BaseModel):
 
     name: str = Field(description="lower-case letters, digits, - and _ (at most 40)")
     command: Annotated[list[str], NoDecode] = Field(description="argv, as agent.command")
-    timeout_s: float | None = Field(None, gt=0, description="default: agent.timeout_s")
+    timeout_s: float | None = Field(default=None, gt=0, description="default: agent.timeout_s")
     on_failure: Literal["fail", "retry", "back"] = Field(
-        "fail",
+        default="fail",
         description="a failure (non-zero exit other than 3, timeout, signal): fail the attempt, retry "
         "this stage (up to `retries` times), or go back to `back_to` with the output",
     )
-    retries: int = Field(1, ge=0, le=10, description="retries of this stage per attempt (on_failure = retry)")
+    retries: int = Field(default=1, ge=0, le=10, description="retries of this stage per attempt (on_failure = retry)")
     back_to: str | None = Field(
-        None,
+        default=None,
         description="the earlier stage a rejection (exit 3) or on_failure = back "
         "goes to; default: the stage before this one",
     )
@@ -93,7 +93,7 @@ class TriageSettings(BaseModel):
     """Triage: a command whose output is JSON ``{"stages": [...], "confidence": 0..1, "reason": "..."}``."""
 
     command: Annotated[list[str], NoDecode] = Field(description="argv, as agent.command")
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
 
     model_config = {"extra": "forbid"}
 

@@ -35,7 +35,7 @@ class TriageVerdict(BaseModel):
 
     stages: list[str] = Field(min_length=1, max_length=20)
     confidence: float = Field(ge=0, le=1)
-    reason: str = Field("", max_length=2000)
+    reason: str = Field(default="", max_length=2000)
 
     @field_validator("stages")
     @classmethod

@@ -20,6 +20,7 @@ from factory_worker.chat.slack import Conversation, ended_text
 from factory_worker.context import Context
 from factory_worker.ledger.core import Rider
 from factory_worker.ledger.guard import LedgerLostError
+from factory_worker.ledger.redis_client import decoded_hash
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.ledger.states import Begin, Outcome, Settled
 from factory_worker.loop.iteration import Sender, refill
@@ -61,7 +62,9 @@ class StopCheck:
         k = self.ctx.keys
         try:
             p = self.ctx.redis.pipeline(transaction=False)
-            p.get(k.agent_stop(self.task_id)).get(k.worker_shutdown(self.hostname)).time()
+            p.get(k.agent_stop(self.task_id))
+            p.get(k.worker_shutdown(self.hostname))
+            p.time()
             stop, deadline, (sec, usec) = p.execute()
         except Exception:
             log.warning("could not read stop flags for %s", self.task_id, exc_info=True)
@@ -144,7 +147,7 @@ def execute(
             p = ctx.redis.pipeline(transaction=False)
             _clean_up(ctx, p, task_id, pop=refilling and not rider.sent)  # idempotent, but never pop twice
             rider.replies = p.execute()
-    if refilling:
+    if refilling and send is not None:  # refilling implies a sender: said again for the type checker
         try:
             # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
             popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if len(rider.replies) > CLEAN_UP_COMMANDS else {}
@@ -192,7 +195,9 @@ def _hand_over(
     finally:
         try:
             p = ctx.redis.pipeline(transaction=False)
-            p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
+            p.srem(ctx.keys.agents, task_id)
+            p.delete(ctx.keys.agent_task(task_id))
+            p.delete(ctx.keys.agent_stop(task_id))
             p.execute()
         except redis.RedisError:
             log.warning("could not clean up after %s", task_id)
@@ -305,7 +310,7 @@ def release_task_claim(
     ``only_if_queued``: leave it alone when its agent is running (a discarded duplicate of a message whose
     twin runs elsewhere must not free the running agent's claim).
     """
-    rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
+    rec = decoded_hash(ctx.redis.hgetall(ctx.keys.agent_task(task_id)))
     if not rec.get("issue") or not rec.get("token"):
         return None
     if only_if_queued and rec.get("state") == "running":

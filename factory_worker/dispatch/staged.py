@@ -352,7 +352,9 @@ def _forget_task(ctx: Context, task_id: str, queued_only: bool = False) -> None:
         p = ctx.redis.pipeline(transaction=False)
         p.zrem(ctx.keys.queued, task_id)
         if not queued_only:
-            p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id)).delete(ctx.keys.agent_stop(task_id))
+            p.srem(ctx.keys.agents, task_id)
+            p.delete(ctx.keys.agent_task(task_id))
+            p.delete(ctx.keys.agent_stop(task_id))
         p.execute()
     except redis.RedisError:
         log.warning("could not clean up after task %s", task_id, exc_info=True)
@@ -375,7 +377,7 @@ def run_inline(
         queue.append((task_id, stage, step))
 
     hand_over(ctx, f"inline-{uuid.uuid4().hex}", issue, token, run_id, send)
-    results = []
+    results: list[dict[str, Any]] = []
     while queue and len(results) < max_steps:
         task_id, stage, step = queue.pop(0)
         results.append(

@@ -21,7 +21,7 @@ import redis
 from factory_worker.config.settings import DispatchSettings, Settings
 from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.redis_client import server_now_ms
+from factory_worker.ledger.redis_client import decoded, server_now_ms
 from factory_worker.ledger.scripts import LedgerError, Reply, StaleClaimError, checked, scripts_for
 from factory_worker.ledger.states import Begin, Gate
 
@@ -344,7 +344,7 @@ class Ledger(LedgerViews):
 
     def current_token(self, issue: str) -> str | None:
         """The token of the live claim on ``issue``, if any."""
-        return self.r.get(self.keys.claim(issue))
+        return decoded(self.r.get(self.keys.claim(issue)))
 
     # -- operator actions -----------------------------------------------------------------------------
     def retry(self, issue: str) -> dict[str, Any]:
@@ -367,9 +367,9 @@ class Ledger(LedgerViews):
         batch = self.claim([issue], dry_run=True, fleet_slots=True)
         k = self.keys
         token, attempts, error = (
-            self.r.get(k.claim(issue)),
+            decoded(self.r.get(k.claim(issue))),
             self.r.hget(k.attempts, issue),
-            self.r.hget(k.errors, issue),
+            decoded(self.r.hget(k.errors, issue)),
         )
         n = _int(attempts)
         if batch.claims:

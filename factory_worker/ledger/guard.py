@@ -26,7 +26,7 @@ import redis
 
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import parse_guard
-from factory_worker.ledger.redis_client import server_now_ms
+from factory_worker.ledger.redis_client import decoded_hash, server_now_ms
 from factory_worker.ledger.scripts import LedgerError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def ensure_generation(r: redis.Redis, keys: Keys) -> str:
 
 def status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     """``{generation, lost: {generation: {by, at_ms, current}}, ledger_lost}`` for loop-status and metrics."""
-    return parse_guard(r.hget(keys.ledger, "generation"), r.hgetall(keys.ledger_lost) or {})
+    return parse_guard(r.hget(keys.ledger, "generation"), decoded_hash(r.hgetall(keys.ledger_lost)) or {})
 
 
 def accept(r: redis.Redis, keys: Keys) -> dict[str, Any]:

@@ -3,17 +3,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast, overload
 
 import redis
 from redis.sentinel import Sentinel
+from redis.typing import EncodableT
 
 from factory_worker.config.settings import Settings
 from factory_worker.config.urls import mask_url, parse_sentinel_url
 from factory_worker.ledger.records import time_ms
 
-__all__ = ["SOCKET_TIMEOUT_S", "client", "client_from_url", "mask_url", "server_now_ms"]
+__all__ = [
+    "SOCKET_TIMEOUT_S",
+    "client",
+    "client_from_url",
+    "decoded",
+    "decoded_hash",
+    "decoded_members",
+    "decoded_scored",
+    "hash_mapping",
+    "mask_url",
+    "server_now_ms",
+]
 
 #: Socket timeouts keep the CLI and the loop from hanging on a dead server.
 SOCKET_TIMEOUT_S = 5.0
@@ -21,7 +33,7 @@ SOCKET_TIMEOUT_S = 5.0
 
 def client_from_url(url: str, **kwargs: object) -> redis.Redis:
     """A ``decode_responses`` client for ``url`` with bounded timeouts and health checks."""
-    opts: dict[str, object] = {
+    opts: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": SOCKET_TIMEOUT_S,
@@ -34,7 +46,7 @@ def client_from_url(url: str, **kwargs: object) -> redis.Redis:
     return redis.Redis.from_url(url, **opts)
 
 
-def _sentinel_client(url: str, opts: dict[str, object]) -> redis.Redis:
+def _sentinel_client(url: str, opts: dict[str, Any]) -> redis.Redis:
     """A client of the master that the sentinels name; after a failover its connections fail once and
     reconnect to the new master (redis-py's ``SentinelConnectionPool`` asks the sentinels again)."""
     target = parse_sentinel_url(url)
@@ -89,3 +101,46 @@ def redis_py_sender(r: redis.Redis) -> Callable[[Sequence[Sequence[Any]]], list[
             return once(commands)  # the commands only read: sending them again is safe
 
     return send
+
+
+# -- replies ------------------------------------------------------------------------------------------------
+# Every client of this package decodes its replies (``decode_responses=True``: above, the embedded server's,
+# the tests' fakeredis): a reply is ``str``, never ``bytes``. redis-py types a reply by its command alone
+# (``bytes | str``), whatever the client decodes; these say what ours are. For the type checker only: no
+# conversion, no copy (a client that did not decode would hand bytes through them unchanged).
+
+
+@overload
+def decoded(reply: bytes | str) -> str: ...
+@overload
+def decoded(reply: bytes | str | None) -> str | None: ...
+def decoded(reply: bytes | str | None) -> str | None:
+    """A string reply (``GET``, ``HGET``...) of a decoding client."""
+    return cast("str | None", reply)
+
+
+def decoded_hash(reply: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """An ``HGETALL`` reply of a decoding client."""
+    return cast("dict[str, str]", reply)
+
+
+@overload
+def decoded_members(reply: set[bytes | str]) -> set[str]: ...
+@overload
+def decoded_members(reply: list[Any]) -> list[str]: ...
+def decoded_members(reply: set[bytes | str] | list[Any]) -> set[str] | list[str]:
+    """A set or list reply (``SMEMBERS``, ``HKEYS``, ``ZRANGE`` without scores...) of a decoding client. A
+    list is ``list[Any]`` here: redis-py types ``ZRANGE``'s reply with and without scores as one union."""
+    return cast("set[str] | list[str]", reply)
+
+
+def decoded_scored(reply: list[Any]) -> list[tuple[str, float]]:
+    """A ``ZRANGE``/``ZRANGEBYSCORE ... WITHSCORES`` reply (RESP2, the default score cast) of a decoding client:
+    (member, score) pairs. redis-py types the reply of both forms as one union, whichever was asked for."""
+    return cast("list[tuple[str, float]]", reply)
+
+
+def hash_mapping(fields: Mapping[str, EncodableT]) -> Mapping[EncodableT, EncodableT]:
+    """``fields`` as ``hset(..., mapping=)`` takes them. Its parameter is a ``Mapping`` (invariant in the key)
+    of ``EncodableT`` keys, which a ``dict[str, str]`` variable does not match; a dict literal does."""
+    return cast("Mapping[EncodableT, EncodableT]", fields)

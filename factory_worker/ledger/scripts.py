@@ -83,14 +83,15 @@ class BoundScript:
         klist, alist = self.keys_args(keys, items, **args)
         return self.parse(self._script(keys=klist, args=alist))
 
-    def keys_args(self, keys: Keys, items: Iterable[Any] = (), **args: Any) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV for one call, in the contract's order."""
+    def keys_args(self, keys: Keys, items: Iterable[Any] = (), **args: Any) -> tuple[list[bytes | str], list[Any]]:
+        """KEYS (the fixed ones encoded once, as bytes) and ARGV for one call, in the contract's order."""
         c = self.contract
         items = list(items)
         template = self._templates.get(keys)
         if template is None:  # hot: a dispatch makes ~8 script calls of 5-15 keys, most of them fixed
             template = self._templates[keys] = [s if s.param else s.build(keys).encode() for s in c.keys]
-        klist = [k if isinstance(k, bytes) else k.build(keys, args.get(k.param)) for k in template]
+        # a KeySpec left in the template has a param (the others were built and encoded above)
+        klist = [k if isinstance(k, bytes) else k.build(keys, args.get(k.param or "")) for k in template]
         if c.each_keys:  # hot on a big backlog: bind each key builder once, not once per item
             builders = [getattr(keys, spec.member) for spec in c.each_keys]
             klist += [build(str(item)) for item in items for build in builders]

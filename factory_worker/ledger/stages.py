@@ -15,6 +15,7 @@ import redis
 
 from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.redis_client import decoded_hash
 from factory_worker.ledger.scripts import Reply, checked
 
 log = logging.getLogger(__name__)
@@ -215,4 +216,4 @@ class StageLedger:
 
     def progress(self, issue: str) -> dict[str, str]:
         """The raw progress hash of ``issue`` (explain, tests)."""
-        return self.ledger.r.hgetall(self.keys.stages(issue))
+        return decoded_hash(self.ledger.r.hgetall(self.keys.stages(issue)))

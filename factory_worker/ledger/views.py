@@ -10,6 +10,7 @@ import redis
 
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import as_int, gauge_commands, parse_counters, parse_gauges
+from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
 
@@ -44,7 +45,7 @@ class LedgerViews:
         k = self.keys
         now = self.now_ms()
         if state == "in-flight":
-            rows = self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True)
+            rows = decoded_scored(self.r.zrangebyscore(k.inflight, Keys.live_from(now), "+inf", withscores=True))
             out = []
             for i, s in rows:
                 token = self.current_token(i)
@@ -61,7 +62,7 @@ class LedgerViews:
                 )
             return out
         if state == "backoff":
-            rows = self.r.zrangebyscore(k.backoff, f"({now}", "+inf", withscores=True)
+            rows = decoded_scored(self.r.zrangebyscore(k.backoff, f"({now}", "+inf", withscores=True))
             return [
                 {
                     "issue": i,
@@ -96,7 +97,7 @@ class LedgerViews:
 
     def counters(self) -> dict[str, int]:
         """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
-        return parse_counters(self.r.hgetall(self.keys.counters))
+        return parse_counters(decoded_hash(self.r.hgetall(self.keys.counters)))
 
     def gauges(self) -> dict[str, int]:
         """How many issues are in flight, backing off, parked, done now."""
@@ -107,7 +108,7 @@ class LedgerViews:
 
     def done_marker(self, issue: str) -> str | None:
         """``<fence>:<completed_ms>`` when ``issue`` is done (its bucket, else the legacy hash)."""
-        return self.r.hget(self.keys.done_bucket(issue), issue) or self.r.hget(self.keys.done, issue)
+        return decoded(self.r.hget(self.keys.done_bucket(issue), issue) or self.r.hget(self.keys.done, issue))
 
     def done_markers(self) -> Iterator[tuple[str, str]]:
         """Every (issue, done marker): the buckets, then the legacy hash (``SCAN``/``HSCAN``, no big reply)."""

@@ -19,7 +19,7 @@ import redis
 from factory_worker.config.settings import MAX_ITERATIONS_CEILING, Settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import parse_run
-from factory_worker.ledger.redis_client import server_now_ms
+from factory_worker.ledger.redis_client import decoded, decoded_hash, hash_mapping, server_now_ms
 from factory_worker.ledger.scripts import scripts_for
 from factory_worker.ledger.states import RunStatus
 from factory_worker.loop import heartbeat
@@ -78,10 +78,10 @@ class LoopControl:
 
     # -- kill / pause ---------------------------------------------------------------------------------
     def kill_info(self) -> dict[str, str] | None:
-        return self.r.hgetall(self.keys.kill) or None
+        return decoded_hash(self.r.hgetall(self.keys.kill)) or None
 
     def pause_info(self) -> dict[str, str] | None:
-        return self.r.hgetall(self.keys.paused) or None
+        return decoded_hash(self.r.hgetall(self.keys.paused)) or None
 
     def set_paused(self, paused: bool, by: str | None = None) -> bool:
         """Pause or resume; returns whether anything changed."""
@@ -92,18 +92,19 @@ class LoopControl:
         return changed
 
     def is_revoked(self, task_id: str | None) -> bool:
-        return bool(task_id) and bool(self.r.sismember(self.keys.revoked, task_id))
+        return bool(task_id and self.r.sismember(self.keys.revoked, task_id))
 
     def revoke_ids(self, task_ids: list[str]) -> None:
         if task_ids:
             p = self.r.pipeline(transaction=True)
-            p.sadd(self.keys.revoked, *task_ids).expire(self.keys.revoked, self.keys.REVOKED_TTL_S)
+            p.sadd(self.keys.revoked, *task_ids)
+            p.expire(self.keys.revoked, self.keys.REVOKED_TTL_S)
             p.execute()
 
     def set_kill(self, run_id: str | None, by: str, reason: str = "kill-loop") -> int:
         """Write the kill record; returns its time (ms, Redis server clock)."""
         now = server_now_ms(self.r)
-        self.r.hset(self.keys.kill, mapping=kill_record(run_id, by, now, reason))
+        self.r.hset(self.keys.kill, mapping=hash_mapping(kill_record(run_id, by, now, reason)))
         return now
 
     def _clear_seen_kill(self, seen: dict[str, str] | None) -> bool:
@@ -113,15 +114,15 @@ class LoopControl:
 
     # -- runs -----------------------------------------------------------------------------------------
     def current_run_id(self) -> str | None:
-        return self.r.get(self.keys.current_run)
+        return decoded(self.r.get(self.keys.current_run))
 
     def run(self, run_id: str | None) -> dict[str, Any] | None:
         if not run_id:
             return None
-        return parse_run(self.r.hgetall(self.keys.run(run_id)))
+        return parse_run(decoded_hash(self.r.hgetall(self.keys.run(run_id))))
 
     def lease_holder(self) -> str | None:
-        return self.r.get(self.keys.loop_lease)
+        return decoded(self.r.get(self.keys.loop_lease))
 
     def start_run(self, max_iterations: int | None = None, by: str = "beat", clear_kill: bool = False) -> Kickoff:
         """Take the loop lease and write the run record; SKIP (counted) if killed or a run is live. A pause
@@ -187,7 +188,7 @@ class LoopControl:
         before its worker died), that iteration finds the run ended and stops: claims stay gated by the
         ledger, so the overlap can never dispatch twice."""
         old = self.lease_holder()
-        holder = self.r.hget(self.keys.run(old), "holder") if old else None
+        holder = decoded(self.r.hget(self.keys.run(old), "holder")) if old else None
         if not holder or worker_alive(self.r, self.keys, holder):
             return False
         if self._s["lease_takeover"](self.keys, old_run_id=old, new_run_id=run_id, lease_ms=ttl_ms).status != "ok":
@@ -199,7 +200,7 @@ class LoopControl:
     def abandon_start(self, kick: Kickoff, error: str) -> None:
         """The chain could not be sent: end the run, free the lease, and restore a kill start-loop cleared."""
         if kick.cleared_kill:
-            self.r.hset(self.keys.kill, mapping=kick.cleared_kill)
+            self.r.hset(self.keys.kill, mapping=hash_mapping(kick.cleared_kill))
         self.end_run(str(kick.run_id), RunStatus.FAILED, f"could not send the chain: {error}")
 
     def begin_iteration(
@@ -220,7 +221,7 @@ class LoopControl:
         return {"ok": None, "lost-lease": "lost the loop lease", "ended": "the run has ended"}[reply.status]
 
     def run_status(self, run_id: str) -> str | None:
-        return self.r.hget(self.keys.run(run_id), "status")
+        return decoded(self.r.hget(self.keys.run(run_id), "status"))
 
     def record_iteration(
         self, run_id: str, index: int, report: dict[str, Any], failed: bool, worker: str | None = None
@@ -238,7 +239,8 @@ class LoopControl:
             },
         )
         if failed:
-            p.hincrby(key, "failures", 1).hincrby(key, "consecutive_failures", 1)
+            p.hincrby(key, "failures", 1)
+            p.hincrby(key, "consecutive_failures", 1)
             p.hset(key, "last_error", str(report.get("error", ""))[: self.keys.ERROR_MAX_CHARS])
             p.hincrby(self.keys.counters, "iterations_failed", 1)
         else:
@@ -247,7 +249,7 @@ class LoopControl:
         p.hget(key, "consecutive_failures")
         return int(p.execute()[-1] or 0)
 
-    def end_heartbeat(self, run_id: str, status: str) -> None:
+    def end_heartbeat(self, run_id: str, status: heartbeat.Status) -> None:
         """The heartbeat of ``run_id``'s end: ``idle`` (finished: live until stale) or ``stopping`` (not live;
         also instead of idle while the loop is killed); left alone when it belongs to a newer run."""
         if status == "idle" and self.kill_info():  # a killed loop is not live, whoever ends its last run

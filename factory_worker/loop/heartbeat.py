@@ -49,7 +49,7 @@ class Heartbeat:
         a negative count, an empty run id or an unknown status raise ``ValueError``); extra fields ignored."""
         if not isinstance(data, dict):
             raise ValueError(f"not an object: {type(data).__name__}")
-        values = {}
+        values: dict[str, Any] = {}  # typed by the checks below, field by field
         for f in fields(cls):
             if f.name not in data:
                 raise ValueError(f"{f.name}: missing")
@@ -57,7 +57,7 @@ class Heartbeat:
             want = str if f.type in ("str", "Status") else int
             if type(v) is not want:  # exactly: bool is not an int here, nor 1.5
                 raise ValueError(f"{f.name}: expected {want.__name__}, got {type(v).__name__}")
-            if want is str:
+            if isinstance(v, str):
                 v.encode("utf-8")  # a lone surrogate ("\ud800" is valid JSON) is no text: UnicodeEncodeError
             values[f.name] = v
         if not values["run_id"]:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 from factory_worker.context import Context
 from factory_worker.ledger.core import WAITING, Claim
@@ -171,7 +171,8 @@ def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[
     p = ctx.redis.pipeline(transaction=True)
     p.delete(ctx.keys.backlog)
     if waiting:
-        p.rpush(ctx.keys.backlog, *waiting).pexpire(ctx.keys.backlog, ttl_ms)
+        p.rpush(ctx.keys.backlog, *waiting)
+        p.pexpire(ctx.keys.backlog, ttl_ms)
     p.execute()
 
 
@@ -187,7 +188,8 @@ def refill(ctx: Context, send: Sender, run_id: str | None = None, tries: int = 5
     ``popped``: the first backlog entry, already popped by the caller (in a round trip it made anyway).
     """
     for _ in range(tries):
-        raw, popped = (ctx.redis.lpop(ctx.keys.backlog) if popped is _POP else popped), _POP
+        # LPOP without a count: one element or None (redis-py types it as one with LPOP's list-of-count form)
+        raw, popped = (cast("str | None", ctx.redis.lpop(ctx.keys.backlog)) if popped is _POP else popped), _POP
         if raw is None:
             return None
         issue = Issue.model_validate_json(raw)

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from factory_worker.context import Context
+from factory_worker.ledger.redis_client import decoded_hash, decoded_members
 from factory_worker.ledger.scripts import scripts_for
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,15 @@ def forget_dead_agents(ctx: Context) -> list[str]:
     task whose claim is gone has no agent left; a live worker's clean-up that comes after this finds nothing
     to do. Returns the task ids dropped."""
     dropped = []
-    for task_id in ctx.redis.smembers(ctx.keys.agents):
-        rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
+    for task_id in decoded_members(ctx.redis.smembers(ctx.keys.agents)):
+        rec = decoded_hash(ctx.redis.hgetall(ctx.keys.agent_task(task_id)))
         if rec.get("issue") and rec.get("token") and ctx.ledger.current_token(rec["issue"]) == rec["token"]:
             continue  # still held: its agent may be running, its lease has not run out yet
         if rec.get("issue") and rec.get("token"):
             _forget_started(ctx, rec["issue"], rec["token"])
         p = ctx.redis.pipeline(transaction=False)
-        p.srem(ctx.keys.agents, task_id).delete(ctx.keys.agent_task(task_id))
+        p.srem(ctx.keys.agents, task_id)
+        p.delete(ctx.keys.agent_task(task_id))
         p.execute()
         dropped.append(task_id)
     if dropped:
@@ -83,7 +85,7 @@ def release_lost_messages(
     from the queue and the unacked hash twice, :data:`RECHECK_S` apart.
     """
     now_s = time.time() if now_s is None else now_s
-    old = ctx.redis.zrangebyscore(ctx.keys.queued, "-inf", int((now_s - LOST_AFTER_S) * 1000))
+    old = decoded_members(ctx.redis.zrangebyscore(ctx.keys.queued, "-inf", int((now_s - LOST_AFTER_S) * 1000)))
     if not old:
         return []
     suspects = [t for t in old if t not in broker_task_ids(broker, queue)]
@@ -94,7 +96,7 @@ def release_lost_messages(
     released = []
     script = scripts_for(ctx.redis)["release_queued"]
     for task_id in suspects:
-        rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
+        rec = decoded_hash(ctx.redis.hgetall(ctx.keys.agent_task(task_id)))
         if not rec.get("issue") or not rec.get("token"):
             ctx.redis.zrem(ctx.keys.queued, task_id)
             continue

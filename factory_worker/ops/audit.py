@@ -26,7 +26,7 @@ import redis
 
 from factory_worker.ledger.core import done_markers
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.redis_client import server_now_ms
+from factory_worker.ledger.redis_client import decoded, server_now_ms
 from factory_worker.ledger.types import fence_in
 from factory_worker.loop.presence import worker_alive
 
@@ -52,7 +52,7 @@ def _claim_issues(r: redis.Redis, keys: Keys) -> dict[str, str]:
     prefix = keys.claim("")
     names = list(r.scan_iter(match=keys.claim("*"), count=1000))
     tokens = r.mget(names) if names else []
-    return {n[len(prefix) :]: t for n, t in zip(names, tokens) if t is not None}
+    return {n[len(prefix) :]: decoded(t) for n, t in zip(names, tokens) if t is not None}
 
 
 def _snapshot(r: redis.Redis, keys: Keys) -> dict[str, Any]:
@@ -60,8 +60,13 @@ def _snapshot(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     # done, never as done-and-in-flight; everything else comes from one atomic pipeline after it
     done = dict(done_markers(r, keys))
     p = r.pipeline(transaction=True)
-    p.time().zrange(keys.inflight, 0, -1, withscores=True).hgetall(keys.started)
-    p.zrange(keys.backoff, 0, -1, withscores=True).hkeys(keys.parked).hgetall(keys.fences).smembers(keys.agents)
+    p.time()
+    p.zrange(keys.inflight, 0, -1, withscores=True)
+    p.hgetall(keys.started)
+    p.zrange(keys.backoff, 0, -1, withscores=True)
+    p.hkeys(keys.parked)
+    p.hgetall(keys.fences)
+    p.smembers(keys.agents)
     (sec, usec), inflight, started, backoff, parked, fences, agents = p.execute()
     now = int(sec) * 1000 + int(usec) // 1000
     return {
@@ -100,7 +105,7 @@ def _violations(r: redis.Redis, keys: Keys, snap: dict[str, Any]) -> Iterator[Vi
         if issue in done and int(fence) < _fence(done[issue]):
             yield Violation("fence-below-done", issue, f"fence {fence} < done fence {_fence(done[issue])}")
     for task_id in sorted(snap["agents"]):
-        host = r.hget(keys.agent_task(task_id), "hostname")
+        host = decoded(r.hget(keys.agent_task(task_id), "hostname"))
         if not host or not worker_alive(r, keys, host):
             yield Violation(
                 "agent-on-dead-worker",

@@ -77,8 +77,8 @@ def check_eviction(c: Checkup) -> Iterator[Finding]:
     try:
         policy = _config_get(c.r, "maxmemory-policy")
     except _NoConfig as exc:
-        policy = str(_info(c.r, "memory").get("maxmemory_policy", "")) or None
-        if policy is None:
+        policy = str(_info(c.r, "memory").get("maxmemory_policy", ""))
+        if not policy:
             yield _finding(
                 "eviction",
                 "info",

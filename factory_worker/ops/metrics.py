@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import click
 import redis
@@ -176,7 +176,8 @@ def serve(ctx: Context, host: str, port: int, poll_s: float = 0.2) -> int:
         stop.requested = True  # only a flag: the loop below does the stopping
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bound = server.server_address
+    # the bound socket's name: a str host (typeshed types it as what bind() accepts, bytes too)
+    bound = cast("tuple[str, int] | tuple[str, int, int, int]", server.server_address)
     print(f"factory-worker: serving metrics on http://{bound[0]}:{bound[1]}/metrics", file=sys.stderr, flush=True)
     if host in ALL_INTERFACES:
         log.warning(

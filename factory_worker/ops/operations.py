@@ -14,7 +14,7 @@ from typing import Any
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
-from factory_worker.ledger.redis_client import redis_py_sender
+from factory_worker.ledger.redis_client import decoded_hash, decoded_members, redis_py_sender
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import heartbeat, status
 from factory_worker.loop.kill import EarlyKill, who
@@ -73,7 +73,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
 
 def _with_stage(ctx: Context, e: Explanation) -> Explanation:
     """A staged dispatch's progress beside the gate's answer: which stage (step, round) it is at or resumes at."""
-    p = ctx.redis.hgetall(ctx.keys.stages(e.issue))
+    p = decoded_hash(ctx.redis.hgetall(ctx.keys.stages(e.issue)))
     if not p.get("stage"):
         return e
     stage = {
@@ -109,6 +109,7 @@ def kill_loop(
             mask_url(ctx.settings.effective_redis_url),
         )
         early = None
+    run_id: str | None
     if early is not None:
         run_id, by, killed_at = early.run_id, early.by, early.at_ms
     else:
@@ -183,7 +184,7 @@ def _refusal(ctx: Context, live: heartbeat.Liveness) -> str:
 
 def running_agent_tasks(ctx: Context) -> list[str]:
     """The task ids of every agent running now, whichever run dispatched it."""
-    return sorted(ctx.redis.smembers(ctx.keys.agents))
+    return sorted(decoded_members(ctx.redis.smembers(ctx.keys.agents)))
 
 
 def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:
@@ -192,7 +193,7 @@ def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None)
     if not task_ids:
         return []
     grace = grace_s if grace_s is not None else ctx.settings.agent.term_grace_s + 2.0
-    records = {t: ctx.redis.hgetall(ctx.keys.agent_task(t)) for t in task_ids}
+    records = {t: decoded_hash(ctx.redis.hgetall(ctx.keys.agent_task(t))) for t in task_ids}
     p = ctx.redis.pipeline(transaction=False)
     for t in task_ids:
         p.set(ctx.keys.agent_stop(t), who(), ex=ctx.keys.AGENT_STOP_TTL_S)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from factory_worker.sources.base import Issue, IssueSource, PollResult, SourceError
 from factory_worker.sources.file import FileSource
@@ -65,7 +65,7 @@ def _load_class(spec: str, settings: SourceSettings) -> IssueSource:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while importing
         raise SourceError(f"source kind {spec!r}: cannot import {module_name}: {_first_line(exc)}") from None
-    cls = module
+    cls: Any = module
     for part in class_name.split("."):
         cls = getattr(cls, part, None)
         if cls is None:

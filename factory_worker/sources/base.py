@@ -43,11 +43,11 @@ class Issue(BaseModel):
     id: str = Field(min_length=1, max_length=256)
     title: str = Field(max_length=MAX_TITLE_CHARS)
     state: str = Field(max_length=256)
-    body: str = Field("", max_length=MAX_BODY_CHARS)
+    body: str = Field(default="", max_length=MAX_BODY_CHARS)
     labels: list[str] = Field(default_factory=list, max_length=256)
     updated_at: str | None = None
     #: who opened it, as GitHub says (``OWNER``, ``MEMBER``, ``COLLABORATOR``, ``NONE``...); None when unknown
-    author_association: str | None = Field(None, max_length=64)
+    author_association: str | None = Field(default=None, max_length=64)
 
     @field_validator("id")
     @classmethod

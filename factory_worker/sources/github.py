@@ -234,9 +234,10 @@ class GitHubSource:
         raw_labels = item.get("labels") or []
         if not isinstance(raw_labels, list):
             raise ValueError("'labels' is not a list")
-        names = [lb.get("name") if isinstance(lb, dict) else lb for lb in raw_labels]
-        names = [n for n in names if isinstance(n, str)]
-        gh_state = item.get("state") if isinstance(item.get("state"), str) else "open"
+        found = [lb.get("name") if isinstance(lb, dict) else lb for lb in raw_labels]
+        names = [n for n in found if isinstance(n, str)]
+        raw_state = item.get("state")
+        gh_state = raw_state if isinstance(raw_state, str) else "open"
         state = self.ready_state if gh_state == "open" and self._has_labels(names) else gh_state
         try:
             author = item.get("author_association")
@@ -247,7 +248,7 @@ class GitHubSource:
                 body=item.get("body") or "",
                 labels=names,
                 updated_at=item.get("updated_at"),
-                url=item.get("html_url"),
+                **{"url": item.get("html_url")},  # an extra field (Issue allows extras): not in its signature
                 author_association=author if isinstance(author, str) else None,
             )
         except ValidationError as exc:
@@ -273,9 +274,10 @@ class GitHubSource:
 
     def _walk_pages(self, result: PollResult) -> None:
         """Follow the ``next`` links (at most MAX_PAGES, never the same one twice) into ``result``."""
-        params: dict[str, Any] | None = {"state": "open", "per_page": PER_PAGE}
+        first: dict[str, Any] = {"state": "open", "per_page": PER_PAGE}
         if self.labels:
-            params["labels"] = ",".join(self.labels)
+            first["labels"] = ",".join(self.labels)
+        params: dict[str, Any] | None = first
         url: str | None = f"{self.api_url}/repos/{self.repo}/issues"
         index, pages, visited = 0, 0, set()
         while url:

@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 
 from factory_worker.config.settings import TrackerSettings
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.redis_client import decoded
 from factory_worker.ledger.scripts import scripts_for
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class OutboxSender:
                 if "NOGROUP" in str(exc):  # the stream is gone (ledger lost, emptied Redis): make it again
                     self._group_ready = False
                 raise
-            for _stream, rows in read:
+            for _stream, rows in cast("list[list[Any]]", read):  # the RESP2 shape (the default): [[stream, rows]]
                 out.extend(rows)
             if start == "0":  # between the two: what a dead consumer left pending
                 idle_ms = int(self.cfg.takeover_s * 1000)
@@ -158,14 +159,15 @@ class OutboxSender:
         return report
 
     def _retry_state(self, entry_id: str) -> tuple[int, int]:
-        raw = self.r.hget(self.keys.outbox_retry, entry_id) or ""
+        raw = decoded(self.r.hget(self.keys.outbox_retry, entry_id)) or ""
         attempts, _, rest = raw.partition(":")
         not_before = rest.partition(":")[0]
         return (int(attempts) if attempts.isdigit() else 0), (int(not_before) if not_before.isdigit() else 0)
 
     def _done(self, entry_id: str) -> None:
         p = self.r.pipeline(transaction=True)
-        p.xack(self.keys.outbox, GROUP, entry_id).xdel(self.keys.outbox, entry_id)
+        p.xack(self.keys.outbox, GROUP, entry_id)
+        p.xdel(self.keys.outbox, entry_id)
         p.hdel(self.keys.outbox_retry, entry_id)
         p.execute()
 
@@ -183,7 +185,8 @@ class OutboxSender:
             }
             p = self.r.pipeline(transaction=True)
             p.hset(self.keys.outbox_parked, event.id, json.dumps(record))
-            p.xack(self.keys.outbox, GROUP, event.id).xdel(self.keys.outbox, event.id)
+            p.xack(self.keys.outbox, GROUP, event.id)
+            p.xdel(self.keys.outbox, event.id)
             p.hdel(self.keys.outbox_retry, event.id)
             p.execute()
             log.error(
@@ -215,7 +218,8 @@ class OutboxSender:
 def backlog(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     """What ``loop-status`` and the metrics show: events not yet delivered, and parked ones."""
     p = client.pipeline(transaction=False)
-    p.xlen(keys.outbox).hlen(keys.outbox_parked)
+    p.xlen(keys.outbox)
+    p.hlen(keys.outbox_parked)
     pending, parked = p.execute()
     return {"pending": int(pending), "parked": int(parked)}
 
