@@ -91,9 +91,13 @@ def validate(url: str) -> str:
         parse_sentinel_url(url)
         return url
     try:
-        urlsplit(url).port  # noqa: B018 - raises on a bad port
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
         raise ValueError(f"bad URL: {exc}") from None
+    if any(k.lower() == "protocol" and v.strip() not in ("", "2") for k, v in parse_qsl(parts.query)):
+        # RESP3 changes the shape of replies every reader parses (XREADGROUP becomes a map, HGETALL...)
+        raise ValueError("protocol=3 (RESP3) is not supported: the ledger reads RESP2 replies; remove ?protocol=")
     return url
 
 

@@ -178,7 +178,8 @@ def serve(ctx: Context, host: str, port: int, poll_s: float = 0.2) -> int:
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # the bound socket's name: a str host (typeshed types it as what bind() accepts, bytes too)
     bound = cast("tuple[str, int] | tuple[str, int, int, int]", server.server_address)
-    print(f"factory-worker: serving metrics on http://{bound[0]}:{bound[1]}/metrics", file=sys.stderr, flush=True)
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # an IPv6 address in a URL is bracketed
+    print(f"factory-worker: serving metrics on http://{shown}:{bound[1]}/metrics", file=sys.stderr, flush=True)
     if host in ALL_INTERFACES:
         log.warning(
             "metrics are served on every interface (%s): whoever reaches port %d reads them; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from factory_worker.config import urls
 from factory_worker.config.settings import ConfigError, load_settings
 from factory_worker.config.urls import SentinelURL, mask_url, parse_sentinel_url
 from factory_worker.worker.transport import broker_options, transport_for
@@ -63,3 +64,14 @@ def test_the_broker_defaults_to_a_sentinel_ledger_url():
     conf = celery_config(load_settings(redis_url="sentinel://h1:26379/mymaster/0"))
     assert conf["broker_url"] == "sentinel://h1:26379/0"
     assert conf["broker_transport_options"]["master_name"] == "mymaster"
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0?protocol=3", "rediss://h/0?Protocol=3", "unix:///s.sock?protocol=3"])
+def test_resp3_is_refused_in_one_line(url):
+    """RESP3 changes the replies every reader parses (the outbox's XREADGROUP would become a map)."""
+    with pytest.raises(ValueError, match="protocol=3"):
+        urls.validate(url)
+
+
+def test_resp2_spelt_out_is_accepted():
+    assert urls.validate("redis://h:6379/0?protocol=2") == "redis://h:6379/0?protocol=2"
