@@ -2,10 +2,16 @@
 fields and status codes: list a repository's issues (``GET /repos/{o}/{r}/issues``: ``number``, ``title``,
 ``body``, ``labels[].name``, ``state``, ``html_url``, ``updated_at``; ``Link: rel="next"`` paging), add labels
 (``POST .../issues/{n}/labels`` -> 200 with the labels), remove one (``DELETE .../labels/{name}`` -> 200, or
-404 ``Label does not exist``), list comments (``GET .../comments?per_page&page`` with ``Link``), create one
-(``POST .../comments`` -> 201). Faults: ``fail(method, path_part, status, times, headers)`` answers the next
-matching requests with that status (429/5xx with ``Retry-After``...), ``delay_comment_s`` holds a comment's
-201 *after* storing it (a client killed meanwhile never sees it)."""
+404 ``Label does not exist``), list an issue's labels (``GET .../labels``), list comments (``GET .../comments``
+with the parameters GitHub documents for it, and only those: ``since`` (updated at or after), ``per_page``
+(at most 100), ``page``; ascending ids; ``Link: rel="next"``; anything else, e.g. ``sort`` or ``direction``,
+is ignored as GitHub ignores it), create one (``POST .../comments`` -> 201 with ``id``, ``created_at``,
+``updated_at``). Faults: ``fail(method, path_part, status, times, headers)`` answers the next matching
+requests with that status (429/5xx with ``Retry-After``...), ``delay_comment_s`` holds a comment's 201
+*after* storing it (a client killed meanwhile never sees it), ``lose(method, path_part, every, stall_s)``
+applies matching requests and loses every ``every``-th answer (the connection closes without one, or with
+``stall_s`` the answer comes that late), ``hold(method, path_part, s)`` waits before applying (a slow
+GitHub: the write lands late). ``clock`` stamps comments (settable)."""
 
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-from tests.fake_http import FakeServer, Response, read_body
+from tests.fake_http import LOST, FakeServer, Response, read_body
 
 
 @dataclass
@@ -28,6 +35,9 @@ class FakeIssue:
     labels: set[str] = field(default_factory=set)
     comments: list[str] = field(default_factory=list)
     state: str = "open"
+    #: per comment (by position): (created_at, updated_at) in epoch seconds; a comment without one (a test
+    #: appended its body) counts as written long ago
+    stamps: list[tuple[float, float]] = field(default_factory=list)
 
 
 class FakeGitHub(FakeServer):
@@ -37,8 +47,13 @@ class FakeGitHub(FakeServer):
         self.lock = threading.Lock()
         self.faults: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str]] = []
+        #: (method, path, query parameters) of every request
+        self.queries: list[tuple[str, str, dict[str, list[str]]]] = []
         self.delay_comment_s = 0.0
         self.comments_per_page = 100
+        self.losses: list[dict[str, Any]] = []
+        self.holds: list[dict[str, Any]] = []
+        self.clock = time.time
         super().__init__()
 
     @property
@@ -49,6 +64,32 @@ class FakeGitHub(FakeServer):
         with self.lock:
             issue = self.issues[number] = FakeIssue(number, title, set(labels))
             return issue
+
+    def comment(self, number: int, body: str, at: float | None = None) -> None:
+        """A comment by someone else, written at ``at`` (default now)."""
+        with self.lock:
+            issue = self.issues[number]
+            when = self.clock() if at is None else at
+            issue.stamps.extend([(0.0, 0.0)] * (len(issue.comments) - len(issue.stamps)))
+            issue.comments.append(body)
+            issue.stamps.append((when, when))
+
+    def lose(self, method: str, path_part: str, every: int = 1, stall_s: float = 0.0) -> None:
+        """Apply every matching request, then lose every ``every``-th answer: the connection closes without
+        one (``stall_s`` 0) or the answer comes ``stall_s`` late (after the client gave up)."""
+        with self.lock:
+            self.losses.append({"method": method, "part": path_part, "every": every, "stall_s": stall_s, "n": 0})
+
+    def hold(self, method: str, path_part: str, seconds: float, times: int = 1) -> None:
+        """The next ``times`` matching requests wait ``seconds`` *before* they are applied."""
+        with self.lock:
+            self.holds.append({"method": method, "part": path_part, "s": seconds, "times": times})
+
+    def labels_of(self, number: int) -> set[str]:
+        """The issue's labels as GitHub answers ``GET .../labels`` (the final read of a test)."""
+        status, body, _ = self.handle("GET", f"/repos/{self.repo}/issues/{number}/labels?per_page=100", None)
+        assert status == 200, body
+        return {x["name"] for x in body}
 
     def fail(
         self, method: str, path_part: str, status: int, times: int = 1, headers: dict[str, str] | None = None
@@ -71,6 +112,7 @@ class FakeGitHub(FakeServer):
         parts = urlsplit(raw_path)
         path, query = parts.path, parse_qs(parts.query)
         self.requests.append((method, path))
+        self.queries.append((method, path, query))
         fault = self._fault(method, path)
         if fault:
             return fault["status"], {"message": "fault injected"}, fault["headers"]
@@ -103,6 +145,8 @@ class FakeGitHub(FakeServer):
 
     def _labels(self, method: str, issue: FakeIssue, name: str | None, body: Any) -> tuple[int, Any, dict[str, str]]:
         with self.lock:
+            if method == "GET" and name is None:
+                return 200, [{"name": n} for n in sorted(issue.labels)], {}
             if method == "POST" and name is None:
                 issue.labels.update(body.get("labels", []))
                 return 200, [{"name": n} for n in sorted(issue.labels)], {}
@@ -118,21 +162,63 @@ class FakeGitHub(FakeServer):
     ) -> tuple[int, Any, dict[str, str]]:
         if method == "POST":
             with self.lock:
+                now = self.clock()
+                issue.stamps.extend([(0.0, 0.0)] * (len(issue.comments) - len(issue.stamps)))
                 issue.comments.append(body["body"])
+                issue.stamps.append((now, now))
                 n = len(issue.comments)
             if self.delay_comment_s:
                 time.sleep(self.delay_comment_s)  # stored, but the client waits for its 201
-            return 201, {"id": n, "body": body["body"]}, {}
-        per = min(int(query.get("per_page", ["30"])[0]), self.comments_per_page)
+            return 201, {"id": n, "body": body["body"], "created_at": _iso(now), "updated_at": _iso(now)}, {}
+        if method != "GET":
+            return 405, {"message": "Method Not Allowed"}, {}
+        per = min(int(query.get("per_page", ["30"])[0]), 100, self.comments_per_page)
         page = int(query.get("page", ["1"])[0])
+        since = _parse_iso(query["since"][0]) if "since" in query else None
         with self.lock:
-            rows = [{"id": i + 1, "body": b} for i, b in enumerate(issue.comments)]
+            stamps = issue.stamps + [(0.0, 0.0)] * (len(issue.comments) - len(issue.stamps))
+            rows = [
+                {"id": i + 1, "body": b, "created_at": _iso(c), "updated_at": _iso(u)}
+                for i, (b, (c, u)) in enumerate(zip(issue.comments, stamps))
+                if since is None or u >= since
+            ]
         chunk = rows[(page - 1) * per : page * per]
         headers = {}
         if page * per < len(rows):
-            headers["Link"] = f'<{self.url}{path}?per_page={per}&page={page + 1}>; rel="next"'
+            rest = {k: v[0] for k, v in query.items() if k != "page"}
+            headers["Link"] = f'<{self.url}{path}?{urlencode({**rest, "page": page + 1})}>; rel="next"'
         return 200, chunk, headers
+
+    def _matching(self, rules: list[dict[str, Any]], method: str, path: str) -> dict[str, Any] | None:
+        with self.lock:
+            return next(
+                (r for r in rules if r["method"] == method and r["part"] in path and r.get("times", 1) > 0), None
+            )
 
     def route(self, handler: BaseHTTPRequestHandler) -> Response:
         raw = read_body(handler)
-        return self.handle(handler.command, handler.path, json.loads(raw) if raw else None)
+        method, path = handler.command, urlsplit(handler.path).path
+        hold = self._matching(self.holds, method, path)
+        if hold:
+            with self.lock:
+                hold["times"] -= 1
+            time.sleep(hold["s"])
+        answer = self.handle(method, handler.path, json.loads(raw) if raw else None)
+        loss = self._matching(self.losses, method, path)
+        if loss:
+            with self.lock:
+                loss["n"] += 1
+                lost = loss["n"] % loss["every"] == 0
+            if lost and loss["stall_s"]:
+                time.sleep(loss["stall_s"])  # applied; its answer comes after the client gave up
+            elif lost:
+                return LOST, None, {}  # applied; the client never learns it
+        return answer
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(value: str) -> float:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()

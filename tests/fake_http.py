@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Response = tuple[int, Any, dict[str, str]]
+#: the status a ``route`` returns for "applied, but the answer never reaches the client"
+LOST = -1
 
 
 def read_body(handler: BaseHTTPRequestHandler) -> bytes:
@@ -25,7 +27,8 @@ class FakeServer:
     """A local HTTP server in a daemon thread; ``url`` is its base (``http://127.0.0.1:<port>``).
 
     ``stall_s``: every request is handled, then answered that late (a slow or hung service: the client's
-    timeout fires after the server did the work)."""
+    timeout fires after the server did the work). A ``route`` that returns the status :data:`LOST` has done
+    the work and sends no answer: the connection is closed (an answer lost on the way back)."""
 
     stall_s = 0.0
 
@@ -54,6 +57,9 @@ class FakeServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 status, payload, headers = fake.route(self)
+                if status == LOST:
+                    self.close_connection = True  # no status line at all: the client sees the connection end
+                    return
                 if fake.stall_s:
                     time.sleep(fake.stall_s)
                 data = json.dumps(payload).encode()

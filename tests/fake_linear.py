@@ -1,8 +1,10 @@
 """A local fake of Linear's GraphQL API: the operations factory_worker sends, answered with the fields Linear
 documents (developers.linear.app: ``issues(filter, first, after)`` with ``nodes`` and
 ``pageInfo { hasNextPage endCursor }``; ``Issue { id identifier title description url updatedAt state { name
-type } labels { nodes { name } } team { key } project { name } comments { nodes { body } } }``;
-``workflowStates``; ``issueUpdate(id, input: {stateId})``; ``commentCreate(input: {issueId, body})``).
+type } labels { nodes { name } } team { key } project { name } comments(first, filter: {body: {contains}})
+{ nodes { id } } }``; ``workflowStates`` (with each type the schema names: triage, backlog, unstarted,
+started, completed, canceled, duplicate); ``issueUpdate(id, input: {stateId})``; ``commentCreate(input:
+{issueId, body})``).
 
 It is not a GraphQL engine: a request is routed by its operation name (``query Issues(...)`` -> ``Issues``)
 and answered from its variables. Errors as Linear sends them: ``{"errors": [{"message", "extensions":
@@ -23,11 +25,13 @@ from typing import Any
 from tests.fake_http import FakeServer, Response, read_body
 
 STATES = {
+    "Triage": "triage",
     "Backlog": "backlog",
     "Todo": "unstarted",
     "In Progress": "started",
     "Done": "completed",
     "Canceled": "canceled",
+    "Duplicate": "duplicate",
 }
 
 
@@ -53,7 +57,6 @@ class FakeLinear(FakeServer):
         self.requests: list[tuple[str, str | None]] = []
         self.faults: list[dict[str, Any]] = []
         self.delay_comment_s = 0.0
-        self.comments_page = 250
         super().__init__()
 
     @property
@@ -123,7 +126,7 @@ class FakeLinear(FakeServer):
             return 400, {"errors": [{"message": f"Unknown operation {op}"}]}, {}
         return handler_fn(variables)
 
-    def _node(self, i: FakeLinearIssue, comments: bool | str = False) -> dict[str, Any]:
+    def _node(self, i: FakeLinearIssue, containing: str | None = None) -> dict[str, Any]:
         node = {
             "id": i.id,
             "identifier": i.identifier,
@@ -136,14 +139,9 @@ class FakeLinear(FakeServer):
             "team": {"key": i.team},
             "project": {"name": i.project} if i.project else None,
         }
-        if comments is not False:  # a page of comments from the cursor ``comments`` (an index; True: 0)
-            start = 0 if comments is True else int(comments)
-            page = i.comments[start : start + self.comments_page]
-            more = start + self.comments_page < len(i.comments)
-            node["comments"] = {
-                "nodes": [{"body": b} for b in page],
-                "pageInfo": {"hasNextPage": more, "endCursor": str(start + len(page))},
-            }
+        if containing is not None:  # comments(first: 1, filter: {body: {contains: ...}})
+            hits = [{"id": f"comment-{n}"} for n, b in enumerate(i.comments) if containing in b]
+            node["comments"] = {"nodes": hits[:1]}
         return node
 
     def _op_Issues(self, v: dict[str, Any]) -> Response:
@@ -171,7 +169,7 @@ class FakeLinear(FakeServer):
     def _find(self, key: str) -> FakeLinearIssue | None:
         return self.issues.get(key) or next((i for i in self.issues.values() if i.id == key), None)
 
-    def _op_Issue(self, v: dict[str, Any], comments: bool | str = False) -> Response:
+    def _op_Issue(self, v: dict[str, Any], containing: str | None = None) -> Response:
         with self.lock:
             issue = self._find(str(v.get("id")))
             if issue is None:
@@ -183,13 +181,16 @@ class FakeLinear(FakeServer):
                     },
                     {},
                 )
-            return 200, {"data": {"issue": self._node(issue, comments)}}, {}
+            return 200, {"data": {"issue": self._node(issue, containing)}}, {}
 
     def _op_IssueForWrite(self, v: dict[str, Any]) -> Response:
-        return self._op_Issue(v, comments=v.get("after") or True)
+        if not isinstance(v.get("marker"), str):
+            message = 'Variable "$marker" of required type "String!" was not provided.'
+            return 400, {"errors": [{"message": message}]}, {}
+        return self._op_Issue(v, containing=v["marker"])
 
-    def _op_Comments(self, v: dict[str, Any]) -> Response:
-        return self._op_Issue(v, comments=v.get("after") or True)
+    def _op_IssueState(self, v: dict[str, Any]) -> Response:
+        return self._op_Issue(v)
 
     def _op_States(self, v: dict[str, Any]) -> Response:
         nodes = [{"id": sid, "name": name} for name, sid in self.state_ids.items()]

@@ -196,8 +196,9 @@ class Keys:
 
     @property
     def outbox_newest(self) -> str:
-        """Hash issue -> id of the newest outbox event handed to the writer (``outbox_newest.lua``): an older
-        event retried later comments but leaves labels and workflow state to the newer one. Expires
+        """Hash issue -> ``<entry id>|<event>`` of the newest outbox event handed to the writer
+        (``outbox_newest.lua``): an older event retried later comments but writes the newer one's labels or
+        workflow state, and a delivery during which a newer one was handed over writes them again. Expires
         ``OUTBOX_NEWEST_TTL_S`` after its last write (far past any event's retries)."""
         return self._k("outbox", "newest")
 

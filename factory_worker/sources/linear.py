@@ -11,8 +11,9 @@ so an issue carrying the factory's done or parked label is not ready.
 Issue fields: ``id`` = the identifier (``ENG-123``, what people write and what ``explain`` takes),
 ``title``, ``body`` (the description), ``labels`` (names), ``updated_at``, ``url``; ``linear_id`` (the UUID)
 and ``team``/``project`` ride along. A ready issue gets ``state = ready_states[0]`` like GitHub's, other
-issues (only from :meth:`LinearSource.get`) keep Linear's state name; an issue in a ``completed`` or
-``canceled`` state is never ready, whatever the settings say.
+issues (only from :meth:`LinearSource.get`) keep Linear's state name; an issue in a closed state (any type
+but ``triage``, ``backlog``, ``unstarted``, ``started``: ``completed``, ``canceled``, ``duplicate``...) is
+never ready, whatever the settings say.
 
 Rate limits and errors (``linear_api.py``): a rate-limited reply holds every call off until its reset,
 ``poll()`` raising :class:`SourceError` meanwhile (the loop's breaker backs off); 5xx, timeouts and GraphQL
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 
 from factory_worker.config.settings import secret_from_env
 from factory_worker.sources.base import Issue, PollResult, SourceError, validation_reason
-from factory_worker.sources.linear_api import CLOSED_TYPES, LinearAPI, LinearError
+from factory_worker.sources.linear_api import LinearAPI, LinearError, is_open
 
 if TYPE_CHECKING:
     from factory_worker.config.linear import LinearSettings
@@ -138,11 +139,7 @@ class LinearSource:
         state = node.get("state") or {}
         labels = [str(lb.get("name")) for lb in (node.get("labels") or {}).get("nodes") or [] if isinstance(lb, dict)]
         name, kind = str(state.get("name") or ""), str(state.get("type") or "")
-        ready = (
-            name.casefold() in self._ready
-            and kind not in CLOSED_TYPES
-            and self._labels <= {x.casefold() for x in labels}
-        )
+        ready = name.casefold() in self._ready and is_open(kind) and self._labels <= {x.casefold() for x in labels}
         return Issue.model_validate(
             {
                 "id": node["identifier"],

@@ -29,8 +29,14 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "factory-worker"
 DEFAULT_WAIT_S = 60.0
-#: Linear's workflow-state types that end an issue: never ready, never moved by write-back.
-CLOSED_TYPES = ("completed", "canceled")
+#: Linear's workflow-state types of an open issue. Every other type ends it (``completed``, ``canceled``,
+#: ``duplicate``, and any type Linear adds): never ready, never moved by write-back.
+OPEN_TYPES = ("triage", "backlog", "unstarted", "started")
+
+
+def is_open(state_type: object) -> bool:
+    """Whether a workflow state of this type leaves the issue open (a missing or unknown type: closed)."""
+    return state_type in OPEN_TYPES
 
 
 class LinearError(Exception):

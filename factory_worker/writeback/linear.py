@@ -9,11 +9,15 @@ Per event, on issue ``<identifier>`` of ``source.linear.team`` (GraphQL, ``linea
 - ``backoff``, ``released``, ``retried``: moved back to the first ready state (``states[0]``, "Todo"), so
   the loop sees it again; comment (not for ``retried``)
 
-An event retried after a newer event of its issue (``Event.superseded``) only comments. Idempotent, so
-at-least-once delivery is exactly-once on the tracker: a move to the state the issue is in is
-skipped; an issue in a ``completed`` or ``canceled`` state is never moved (a late or retried ``dispatched``
-cannot reopen a done issue); every comment carries the marker ``<!-- factory-worker:<token>:<event> -->``
-(``tracker.marker``) and is created only when none of the issue's comments has it yet.
+An event retried after a newer event of its issue (``Event.superseded``) comments and moves the issue where
+the newer event puts it (``Event.shows``; :meth:`LinearWriter.settle` moves alone). Idempotent, so
+at-least-once delivery is exactly-once on the tracker: a move to the state the issue is in is skipped; an
+issue in a closed state (any type but ``triage``, ``backlog``, ``unstarted``, ``started``: ``completed``,
+``canceled``, ``duplicate``... see ``linear_api.is_open``) is never moved (a late or retried event cannot
+reopen a done or duplicate issue); every comment carries the marker ``<!-- factory-worker:<dispatch
+id>:<event> -->`` (``tracker.marker``) and is created only when none of the issue's comments has it: the
+issue is read with its comments filtered by that marker (``body: {contains}``), one request however many
+comments it has.
 
 Errors: rate limits -> retry after Linear's reset; 5xx, timeouts, connection errors, 401/403 -> retry with
 backoff; an unknown issue or state name -> permanent (the event is parked).
@@ -25,24 +29,17 @@ import logging
 from typing import Any
 
 from factory_worker.config.settings import SourceSettings, TrackerSettings, secret_from_env
-from factory_worker.sources.linear_api import CLOSED_TYPES, LinearAPI, LinearError
+from factory_worker.sources.linear_api import LinearAPI, LinearError, is_open
 from factory_worker.writeback.github import comment_body, marker
 from factory_worker.writeback.outbox import DeliveryError, Event
 
 log = logging.getLogger(__name__)
 
-#: Comments read per page when looking for a marker (Linear's largest page), and at most this many pages.
-COMMENTS_PAGE = 250
-MAX_COMMENT_PAGES = 20
-
-_COMMENTS = (
-    f"comments(first: {COMMENTS_PAGE}, after: $after) {{ nodes {{ body }} pageInfo {{ hasNextPage endCursor }} }}"
-)
 ISSUE = (
-    "query IssueForWrite($id: String!, $after: String) { issue(id: $id) { id identifier state { name type } "
-    f"{_COMMENTS} }} }}"
+    "query IssueForWrite($id: String!, $marker: String!) { issue(id: $id) { id identifier state { name type } "
+    "comments(first: 1, filter: {body: {contains: $marker}}) { nodes { id } } } }"
 )
-COMMENTS = f"query Comments($id: String!, $after: String) {{ issue(id: $id) {{ {_COMMENTS} }} }}"
+STATE = "query IssueState($id: String!) { issue(id: $id) { id identifier state { name type } } }"
 STATES = "query States($team: String!) { workflowStates(filter: {team: {key: {eq: $team}}}) { nodes { id name } } }"
 MOVE = "mutation Move($id: String!, $state: String!) { issueUpdate(id: $id, input: {stateId: $state}) { success } }"
 COMMENT = (
@@ -76,30 +73,28 @@ class LinearWriter:
         }.get(event)
 
     def deliver(self, event: Event) -> None:
-        issue = self._call(ISSUE, {"id": event.issue}).get("issue")
-        if not isinstance(issue, dict) or not issue.get("id"):
-            raise DeliveryError(f"linear issue {event.issue!r} not found", permanent=True)
+        issue = self._issue(ISSUE, {"id": event.issue, "marker": marker(event)})
         if self.tracker.comments and event.event != "retried":  # first: a state that cannot be set keeps it
-            if not self._has_marker(issue, marker(event)):
+            found = issue.get("comments") if isinstance(issue.get("comments"), dict) else {}
+            if not found.get("nodes"):
                 self._call(COMMENT, {"issue": issue["id"], "body": comment_body(event)})
-        state = issue.get("state") or {}
-        target = None if event.superseded else self.target_state(event.event)
-        if target and state.get("name") != target and state.get("type") not in CLOSED_TYPES:
-            self._call(MOVE, {"id": issue["id"], "state": self._state_id(target)})
+        self._move(issue, event.shows)
 
-    def _has_marker(self, issue: dict[str, Any], mark: str) -> bool:
-        """Whether a comment of ``issue`` carries ``mark``: its first page came with the issue, the next
-        pages are read while they exist (at most MAX_COMMENT_PAGES)."""
-        page = issue.get("comments") or {}
-        for _ in range(MAX_COMMENT_PAGES):
-            if any(mark in str(c.get("body", "")) for c in page.get("nodes") or [] if isinstance(c, dict)):
-                return True
-            info = page.get("pageInfo") or {}
-            if not info.get("hasNextPage") or not info.get("endCursor"):
-                return False
-            found = self._call(COMMENTS, {"id": issue["id"], "after": info["endCursor"]}).get("issue") or {}
-            page = found.get("comments") or {}
-        return False
+    def settle(self, issue_id: str, event: str) -> None:
+        """Move ``issue_id`` where ``event`` puts it, without a comment."""
+        self._move(self._issue(STATE, {"id": issue_id}), event)
+
+    def _issue(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        issue = self._call(query, variables).get("issue")
+        if not isinstance(issue, dict) or not issue.get("id"):
+            raise DeliveryError(f"linear issue {variables['id']!r} not found", permanent=True)
+        return issue
+
+    def _move(self, issue: dict[str, Any], event: str) -> None:
+        state = issue.get("state") if isinstance(issue.get("state"), dict) else {}
+        target = self.target_state(event)
+        if target and state.get("name") != target and is_open(state.get("type")):
+            self._call(MOVE, {"id": issue["id"], "state": self._state_id(target)})
 
     def _state_id(self, name: str) -> str:
         if self._state_ids is None or name not in self._state_ids:

@@ -14,10 +14,21 @@ it is *parked* in ``{ns}:outbox:parked`` with its last error, like an issue. At-
 exactly-once as seen on the tracker because a writer makes each delivery idempotent (labels are sets; a
 comment carries a marker the writer looks for before posting, see ``tracker.py``). Write-back never blocks
 dispatch: the ledger does not wait for the tracker.
+
+Order per issue (``outbox_newest.lua``): a failed event backs off while later events of its issue go on, so
+before handing an event over the sender learns whether a newer event of the issue was handed over already;
+then the event is ``superseded``: it comments, and the labels or state it writes are the newer one's
+(``Event.shows``). Two senders may deliver two events of one issue at once, so after a delivery the sender
+looks again: when a newer event was handed over meanwhile (its labels may have been written before ours
+landed) it writes that event's labels or state once more (``Writer.settle``), also when the delivery
+failed. An entry read as new (``>``) was never handed to any sender, and no other sender can take it over
+before it has been pending ``tracker.takeover_s``: for half of that it is ``fresh``, and no comment of it can
+exist yet.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -37,6 +48,9 @@ log = logging.getLogger(__name__)
 
 GROUP = "writers"
 BATCH = 50
+#: A delivery writes a newer event's labels again at most this many times (each time a newer event was
+#: handed over while it wrote).
+SETTLE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -48,14 +62,39 @@ class Event:
     issue: str
     token: str = ""
     fields: dict[str, str] = field(default_factory=dict)
-    #: a newer event of the same issue was handed to the writer already: comment, but leave the labels or
-    #: workflow state to that newer event (it was retried after it, see ``outbox_newest.lua``)
+    #: a newer event of the same issue was handed to the writer already (this one was retried after it, see
+    #: ``outbox_newest.lua``): comment, but write the labels or workflow state of ``newest``, not its own
     superseded: bool = False
+    #: the name of that newer event ('' when unknown: then no labels or state are written)
+    newest: str = ""
+    #: read as a new entry (never handed to a writer before), and no other sender may take it over before
+    #: this time (``time.monotonic()``): until then nothing of it is on the tracker but what this delivery
+    #: wrote (the writer need not look for its comment); 0: unknown
+    fresh_until: float = 0.0
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() < self.fresh_until
+
+    @property
+    def dispatch_id(self) -> str:
+        """The dispatch as the tracker may see it: ``<fence>-<16 hex of sha256(token)>``, stable across the
+        retries of an event, unique per dispatch (also after a lost ledger restarts the fences), and not the
+        token (which stays in Redis and with the agent); the entry id for an event without a dispatch."""
+        if not self.token:
+            return self.id
+        fence = self.token.partition(":")[0]
+        return f"{fence}-{hashlib.sha256(self.token.encode()).hexdigest()[:16]}"
+
+    @property
+    def shows(self) -> str:
+        """The event whose labels or workflow state this delivery writes: its own, or the newer one's."""
+        return self.newest if self.superseded else self.event
 
     @property
     def key(self) -> str:
-        """What makes a delivery unique on the tracker: (dispatch, event); the entry id when no dispatch."""
-        return f"{self.token or self.id}:{self.event}"
+        """What makes a delivery unique on the tracker: (dispatch id, event)."""
+        return f"{self.dispatch_id}:{self.event}"
 
     @classmethod
     def from_entry(cls, entry_id: str, raw: dict[str, str]) -> Event:
@@ -75,7 +114,11 @@ class DeliveryError(Exception):
 
 class Writer(Protocol):
     def deliver(self, event: Event) -> None:
-        """Apply ``event`` to the tracker idempotently; :class:`DeliveryError` when it did not happen."""
+        """Apply ``event`` to the tracker idempotently (the labels or state of ``event.shows``, its comment);
+        :class:`DeliveryError` when it did not happen."""
+
+    def settle(self, issue: str, event: str) -> None:
+        """Write the labels or workflow state that ``event`` leaves on ``issue`` (no comment)."""
 
 
 @dataclass
@@ -83,6 +126,8 @@ class DrainReport:
     delivered: int = 0
     retried: int = 0
     parked: int = 0
+    #: times a newer event's labels or state were written again after a delivery
+    settled: int = 0
 
 
 class OutboxSender:
@@ -111,9 +156,11 @@ class OutboxSender:
                 raise
         self._group_ready = True
 
-    def _entries(self) -> list[tuple[str, dict[str, str] | None]]:
-        out: list[tuple[str, dict[str, str] | None]] = []
+    def _entries(self) -> list[tuple[str, dict[str, str] | None, float]]:
+        """(entry id, fields or None when deleted, fresh until) of what to look at now."""
+        out: list[tuple[str, dict[str, str] | None, float]] = []
         for start in ("0", ">"):  # this consumer's pending (retries), then new entries
+            fresh_until = time.monotonic() + self.cfg.takeover_s / 2 if start == ">" else 0.0
             try:
                 read = self.r.xreadgroup(GROUP, self.consumer, {self.keys.outbox: start}, count=BATCH) or []
             except redis.ResponseError as exc:
@@ -121,42 +168,70 @@ class OutboxSender:
                     self._group_ready = False
                 raise
             for _stream, rows in cast("list[list[Any]]", read):  # the RESP2 shape (the default): [[stream, rows]]
-                out.extend(rows)
+                out.extend((i, f, fresh_until) for i, f in rows)
             if start == "0":  # between the two: what a dead consumer left pending
                 idle_ms = int(self.cfg.takeover_s * 1000)
                 claimed = self.r.xautoclaim(self.keys.outbox, GROUP, self.consumer, idle_ms, "0-0", count=BATCH)
-                out.extend(claimed[1])
+                out.extend((i, f, 0.0) for i, f in claimed[1])
         seen: set[str] = set()
-        return [(i, f) for i, f in out if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
+        return [e for e in out if not (e[0] in seen or seen.add(e[0]))]  # type: ignore[func-returns-value]
 
     def drain(self) -> DrainReport:
         """Deliver what is due now; returns what happened."""
         self._ensure_group()
         report = DrainReport()
         now_ms = int(self.clock() * 1000)
-        for entry_id, raw in self._entries():
+        for entry_id, raw, fresh_until in self._entries():
             if raw is None:  # deleted while pending (parked or delivered by a consumer presumed dead)
                 self.r.xack(self.keys.outbox, GROUP, entry_id)
                 continue
             attempts, not_before = self._retry_state(entry_id)
             if not_before > now_ms:
                 continue
-            event = Event.from_entry(entry_id, raw)
-            newest = self._s["outbox_newest"](
-                self.keys, issue=event.issue, entry_id=entry_id, ttl_ms=Keys.OUTBOX_NEWEST_TTL_S * 1000
-            ).values[0]
+            event = replace(Event.from_entry(entry_id, raw), fresh_until=fresh_until)
+            newest, newest_id, name = self._s["outbox_newest"](
+                self.keys,
+                issue=event.issue,
+                entry_id=entry_id,
+                event=event.event,
+                ttl_ms=Keys.OUTBOX_NEWEST_TTL_S * 1000,
+            ).values
             if not int(newest):
-                event = replace(event, superseded=True)
-            try:
-                self.writer.deliver(event)
-            except DeliveryError as exc:
-                self._failed(event, attempts + 1, exc, now_ms, report)
-            except Exception as exc:
-                self._failed(event, attempts + 1, DeliveryError(f"{type(exc).__name__}: {exc}"), now_ms, report)
+                event = replace(event, superseded=True, newest=_text(name))
+            error = self._attempt(self.writer.deliver, event)
+            # also after a failed delivery: its label writes may have landed after a newer event's, and this
+            # entry may be delivered (and gone) by another sender that took it over meanwhile
+            error = self._attempt(lambda e: self._settle(e, _text(newest_id), report), event) or error
+            if error is not None:
+                self._failed(event, attempts + 1, error, now_ms, report)
             else:
                 self._done(entry_id)
                 report.delivered += 1
         return report
+
+    @staticmethod
+    def _attempt(step: Callable[[Event], None], event: Event) -> DeliveryError | None:
+        try:
+            step(event)
+        except DeliveryError as exc:
+            return exc
+        except Exception as exc:
+            return DeliveryError(f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _settle(self, event: Event, wrote: str, report: DrainReport) -> None:
+        """After ``event``'s delivery wrote the labels or state of entry ``wrote`` (the newest when it was handed
+        over): while a newer event of the issue has been handed over since, write that one's too. Its own
+        delivery may have written them before ours landed (two senders delivering one issue at once)."""
+        if not event.shows:
+            return  # it wrote none
+        for _ in range(SETTLE_ROUNDS):
+            newest_id, _, name = _text(self.r.hget(self.keys.outbox_newest, event.issue)).partition("|")
+            if not name or _order(newest_id) <= _order(wrote):
+                return
+            self.writer.settle(event.issue, name)
+            report.settled += 1
+            wrote = newest_id
 
     def _retry_state(self, entry_id: str) -> tuple[int, int]:
         raw = decoded(self.r.hget(self.keys.outbox_retry, entry_id)) or ""
@@ -173,6 +248,9 @@ class OutboxSender:
 
     def _failed(self, event: Event, attempts: int, exc: DeliveryError, now_ms: int, report: DrainReport) -> None:
         error = str(exc)[: Keys.ERROR_MAX_CHARS]
+        if not self.r.xrange(self.keys.outbox, event.id, event.id, count=1):  # another sender that took it
+            self.r.xack(self.keys.outbox, GROUP, event.id)  # over delivered (or parked) it meanwhile
+            return
         if exc.permanent or attempts >= self.cfg.max_attempts:
             record = {
                 "event": event.event,
@@ -213,6 +291,16 @@ class OutboxSender:
             error,
         )
         report.retried += 1
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream id ``<ms>-<seq>`` as a sortable pair ((0, 0) when malformed)."""
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq)) if ms.isdigit() and seq.isdigit() else (0, 0)
 
 
 def backlog(client: redis.Redis, keys: Keys) -> dict[str, Any]:

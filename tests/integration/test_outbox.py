@@ -14,6 +14,7 @@ from factory_worker.writeback.github import GitHubWriter, marker
 from factory_worker.writeback.outbox import GROUP, Event, OutboxSender, backlog
 from tests.conftest import roomy_fleet
 from tests.fake_github import FakeGitHub
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -117,13 +118,17 @@ def test_delivery_sets_labels_and_posts_one_comment_per_event(real_redis, ledger
 
 
 def test_a_delivery_repeated_after_a_crash_does_not_comment_twice(real_redis, ledger, settings, gh):
+    import time
+
     gh.add(1, "one")
     a = ledger.claim(["1"]).claims[0]
     ledger.begin("1", a.token, "t1")
-    entry_id, raw = real_redis.xrange(ledger.keys.outbox)[0]
+    sender(real_redis, settings, consumer="dead")._ensure_group()
+    ((_, [(entry_id, raw)]),) = real_redis.xreadgroup(GROUP, "dead", {ledger.keys.outbox: ">"}, count=10)
     writer = GitHubWriter(settings.source, settings.tracker)
     writer.deliver(Event.from_entry(entry_id, raw))  # posted, then the worker "died" before the ack
-    assert sender(real_redis, settings).drain().delivered == 1  # delivered again...
+    time.sleep(settings.tracker.takeover_s + 0.1)
+    assert sender(real_redis, settings, consumer="alive").drain().delivered == 1  # delivered again...
     assert len(gh.issues[1].comments) == 1  # ...but seen once on the tracker
     assert marker(Event.from_entry(entry_id, raw)) in gh.issues[1].comments[0]
 
@@ -134,9 +139,35 @@ def test_marker_found_on_a_later_comments_page(real_redis, ledger, settings, gh)
     a = ledger.claim(["1"]).claims[0]
     ledger.begin("1", a.token, "t1")
     entry_id, raw = real_redis.xrange(ledger.keys.outbox)[0]
-    issue.comments.extend(["x", "y", "z", "w", "posted " + marker(Event.from_entry(entry_id, raw))])
-    sender(real_redis, settings).drain()
+    for body in ["x", "y", "z", "w", "posted " + marker(Event.from_entry(entry_id, raw))]:
+        gh.comment(1, body)
+    GitHubWriter(settings.source, settings.tracker).deliver(Event.from_entry(entry_id, raw))  # not fresh
     assert len(issue.comments) == 5
+
+
+def test_a_busy_issue_gets_one_comment_per_event_in_a_few_requests(real_redis, ledger, settings, gh):
+    """An issue with 2,050 comments from others; the dispatched comment's answer is lost once. The sender's
+    retry finds the comment among those written since the event (one page), and never posts it twice."""
+    import time
+
+    issue = gh.add(1, "busy")
+    for n in range(2050):
+        gh.comment(1, f"+1 ({n})", at=time.time() - 3600 + n)
+    now = [1_000.0]
+    s = sender(real_redis, settings, clock=lambda: now[0])
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    gh.lose("POST", "/comments", every=1)
+    assert s.drain().retried == 1  # posted; the answer lost
+    gh.losses.clear()
+    now[0] += 60
+    assert s.drain().delivered == 1
+    ledger.complete("1", a.token)
+    assert s.drain().delivered == 1
+    kinds = [c.split("**")[1] for c in issue.comments[2050:]]
+    lists = [p for m, p in gh.requests if m == "GET" and p.endswith("/comments")]
+    print(f"\nbusy issue: {len(lists)} comment list requests for 3 deliveries, comments {kinds}")
+    assert kinds == ["dispatched", "done"] and len(lists) == 1
 
 
 def _started_with_a_failing_label(real_redis, ledger, settings, gh):
@@ -178,6 +209,164 @@ def test_an_event_retried_after_a_newer_one_comments_but_leaves_the_labels_to_it
     assert s.drain().delivered == 1  # dispatched, late: its comment, not its label
     assert gh.issues[1].labels == {"agent", "factory:done"}
     assert [c.split("**")[1] for c in gh.issues[1].comments] == ["done", "dispatched"]
+
+
+def _drain_until_empty(real_redis, keys, senders, now):
+    for _ in range(50):
+        for s in senders:
+            s.drain()
+        now[0] += 60  # past every backoff
+        if backlog(real_redis, keys)["pending"] == 0:
+            return
+    raise AssertionError(f"the outbox did not empty: {backlog(real_redis, keys)}")
+
+
+def test_labels_end_as_the_ledger_ended_when_no_label_write_is_answered(real_redis, ledger, settings, gh):
+    """GitHub applies every label write and every answer is lost. Done, parked, failed-then-done and a
+    late (superseded) dispatched: a final read of each issue's labels shows what the ledger ended with."""
+    for n in (1, 2, 3, 4):
+        gh.add(n, f"issue {n}")
+    for method in ("POST", "DELETE"):
+        gh.lose(method, "/labels")
+    now = [1_000.0]
+    s = sender(real_redis, settings, clock=lambda: now[0])
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    s.drain()
+    ledger.complete("1", a.token)
+    b = ledger.claim(["2"]).claims[0]
+    for attempt in range(3):  # parked at the dispatch's max_attempts (3)
+        ledger.begin("2", b.token, f"t2-{attempt}")
+        if ledger.fail("2", b.token, "exit 1").state == "parked":
+            break
+        real_redis.zadd(ledger.keys.backoff, {"2": 0})
+        b = ledger.claim(["2"]).claims[0]
+    c = ledger.claim(["3"]).claims[0]
+    ledger.begin("3", c.token, "t3")
+    ledger.fail("3", c.token, "exit 1")
+    real_redis.zadd(ledger.keys.backoff, {"3": 0})
+    c = ledger.claim(["3"]).claims[0]
+    ledger.begin("3", c.token, "t3b")
+    ledger.complete("3", c.token)
+    d = ledger.claim(["4"]).claims[0]
+    ledger.begin("4", d.token, "t4")
+    gh.fail("POST", "/issues/4/comments", 502)  # dispatched fails; done goes first, dispatched comes late
+    s.drain()
+    ledger.complete("4", d.token)
+    _drain_until_empty(real_redis, ledger.keys, [s], now)
+    assert {n: gh.labels_of(n) for n in gh.issues} == {
+        1: {"agent", "factory:done"},
+        2: {"agent", "factory:parked"},
+        3: {"agent", "factory:done"},
+        4: {"agent", "factory:done"},
+    }
+    assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
+    assert [c.split("**")[1] for c in gh.issues[4].comments] == ["dispatched", "done"]
+
+
+def test_two_senders_delivering_one_issue_at_once_end_with_the_newest_labels(real_redis, ledger, settings, gh):
+    """Sender A delivers dispatched and GitHub is slow to apply its label; meanwhile the issue is done and
+    sender B delivers that: A's working label lands after B took it off. A looks again after its delivery
+    and writes done's labels once more."""
+    import threading
+
+    gh.add(1, "one")
+    a_sender, b_sender = sender(real_redis, settings, "A"), sender(real_redis, settings, "B")
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    gh.hold("POST", "/issues/1/labels", 1.5)  # the working label lands 1.5 s after it was sent
+    reports = []
+    t = threading.Thread(target=lambda: reports.append(a_sender.drain()))
+    t.start()
+    try:
+        wait_until(lambda: gh.holds[0]["times"] == 0, 5, what="A's label write on its way")
+        ledger.complete("1", a.token)
+        assert b_sender.drain().delivered == 1  # done, while A's write is still on its way
+    finally:
+        t.join(10)
+    assert gh.labels_of(1) == {"agent", "factory:done"}
+    assert (reports[0].delivered, reports[0].settled) == (1, 1)
+    assert sorted(c.split("**")[1] for c in gh.issues[1].comments) == ["dispatched", "done"]
+
+
+def test_an_event_taken_over_mid_delivery_comments_once_and_its_late_label_is_undone(real_redis, ledger, settings, gh):
+    """Sender A reads dispatched and its label write hangs past ``takeover_s``: sender B takes the event over
+    and delivers it, then done. A's working label lands last, and A's delivery then fails (GitHub 502 on the
+    comments): A neither comments twice (its event is no longer fresh) nor leaves the working label on."""
+    import threading
+    import time
+
+    gh.add(1, "one")
+    a_sender, b_sender = sender(real_redis, settings, "A"), sender(real_redis, settings, "B")
+    a = ledger.claim(["1"]).claims[0]
+    ledger.begin("1", a.token, "t1")
+    gh.hold("POST", "/issues/1/labels", 1.5)
+    t = threading.Thread(target=a_sender.drain)
+    t.start()
+    try:
+        wait_until(lambda: gh.holds[0]["times"] == 0, 5, what="A's label write on its way")
+        time.sleep(settings.tracker.takeover_s + 0.1)
+        assert b_sender.drain().delivered == 1  # B took dispatched over
+        ledger.complete("1", a.token)
+        assert b_sender.drain().delivered == 1  # and done
+        gh.fail("GET", "/issues/1/comments", 502)  # A's look for its comment
+    finally:
+        t.join(10)
+    assert gh.labels_of(1) == {"agent", "factory:done"}
+    assert [c.split("**")[1] for c in gh.issues[1].comments] == ["dispatched", "done"]
+    assert not real_redis.hlen(ledger.keys.outbox_retry)  # A's failure of an entry B delivered: no retry left
+    assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_three_senders_lost_answers_and_slow_writes_end_with_the_ledgers_labels(real_redis, ledger, settings, gh, seed):
+    """Three sender threads (three workers) deliver while issues start and end; every third write's answer is
+    lost after it was applied and some label writes land late. Every done issue ends done, never working."""
+    import random
+    import threading
+    import time
+
+    rnd = random.Random(seed)
+    for n in range(1, 13):
+        gh.add(n, f"issue {n}")
+    for method in ("POST", "DELETE"):
+        gh.lose(method, "/", every=3)
+    cfg = settings.tracker.model_copy(
+        update={"max_attempts": 30, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 1.0}
+    )
+    stop = threading.Event()
+
+    def deliver(name):
+        s = OutboxSender(real_redis, ledger.keys, cfg, GitHubWriter(settings.source, cfg), name)
+        while not stop.is_set():
+            s.drain()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=deliver, args=(f"w{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        todo, running = [str(n) for n in range(1, 13)], {}
+        while todo or running:
+            if rnd.random() < 0.3:
+                gh.hold("POST", "/labels", rnd.random() * 0.3)  # this label lands late
+            if rnd.random() < 0.5 and todo and len(running) < 3:
+                issue = todo.pop(0)
+                claim = ledger.claim([issue]).claims[0]
+                ledger.begin(issue, claim.token, f"t{issue}")
+                running[issue] = claim.token
+            elif running:
+                issue = rnd.choice(sorted(running))
+                ledger.complete(issue, running.pop(issue))
+            time.sleep(rnd.random() * 0.05)
+        wait_until(lambda: backlog(real_redis, ledger.keys)["pending"] == 0, 60, what="the outbox delivered")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    labels = {n: gh.labels_of(n) - {"agent"} for n in gh.issues}
+    assert labels == {n: {"factory:done"} for n in gh.issues}
+    assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}
 
 
 def test_poison_events_are_parked_with_their_error(real_redis, ledger, settings, gh):

@@ -153,3 +153,27 @@ def test_with_write_back_an_emptied_ledger_reruns_no_done_issue(redis_url, real_
     starts = Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "start")
     assert starts == Counter({"1": 1, "2": 1, "3": 1, "4": 1}), f"a done issue ran again: {starts}"
     assert res.returncode == 0
+
+
+def test_labels_end_as_the_ledger_ended_when_no_label_write_is_answered(
+    redis_url, real_redis, namespace, tmp_path, procs, gh
+):
+    """Every label write is applied by GitHub and its answer lost; two workers (two senders) deliver. In the
+    end every done issue carries the done label and not the working label, the parked one the parked label,
+    as a final read of every issue's labels says."""
+    for n in range(1, 10):
+        gh.add(n, f"issue {n}")
+    gh.add(10, "fails once", ("agent", "fails-once"))
+    gh.add(11, "fails once too", ("agent", "fails-once"))
+    gh.add(12, "always fails", ("agent", "always-fails"))
+    for method in ("POST", "DELETE"):
+        gh.lose(method, "/labels")
+    env = _env(redis_url, namespace, tmp_path, gh, FACTORY_TRACKER__MAX_ATTEMPTS="3")
+    ledger = _fleet(env, tmp_path, procs, real_redis, 3)
+    procs.append(CeleryProc("worker", env, tmp_path, "w2", extra=["-c", "3"]))
+    wait_until(lambda: _settled(ledger, 12), 120, what="every issue settled and reported")
+    labels = {n: gh.labels_of(n) - {"agent", "fails-once", "always-fails"} for n in gh.issues}
+    lost = sum(1 for m, p in gh.requests if m in ("POST", "DELETE") and "/labels" in p)
+    print(f"\nlabels after {lost} label writes, every answer lost: {labels}; outbox {backlog(real_redis, ledger.keys)}")
+    assert labels == {**{n: {"factory:done"} for n in range(1, 12)}, 12: {"factory:parked"}}
+    assert backlog(real_redis, ledger.keys) == {"pending": 0, "parked": 0}

@@ -224,11 +224,45 @@ def test_with_write_back_the_working_state_is_polled_too(linear):
     assert load_source(settings(linear).source).poll().issues == []  # a human's "In Progress" is not ours
 
 
-def test_the_marker_is_found_on_a_later_page_of_comments(linear, writer):
-    issue = linear.add("ENG-1", "a busy issue", comments=[f"human {n}" for n in range(5)])
-    linear.comments_page = 2
-    writer.deliver(event("dispatched"))
-    issue.comments.extend(f"later {n}" for n in range(4))  # the marker is now on page 1 of 6
-    writer.deliver(event("dispatched"))
+def test_the_marker_is_found_in_one_request_however_many_comments_an_issue_has(linear, writer):
+    """2,050 comments from others: the writer asks Linear for the comment carrying its marker (a filter on
+    the body), one request per delivery, instead of paging through them."""
+    issue = linear.add("ENG-1", "a busy issue", comments=[f"human {n}" for n in range(2050)])
+    linear.delay_comment_s = 1.0
+    s = settings(linear, write_back=True)
+    slow = LinearWriter(s.source, s.tracker, api=LinearAPI(linear.url, TOKEN, 0.3, clock=Clock()))
+    with pytest.raises(DeliveryError):  # created, its answer lost
+        slow.deliver(event("dispatched"))
+    linear.delay_comment_s = 0.0
+    issue.comments.extend(f"later {n}" for n in range(500))
+    before = len(linear.requests)
+    writer.deliver(event("dispatched"))  # the retry
     assert sum(marker(event("dispatched")) in c for c in issue.comments) == 1
-    assert linear.ops("Comments") >= 3
+    assert [op for op, _ in linear.requests[before:]] == ["IssueForWrite", "States", "Move"]
+
+
+def test_an_issue_in_any_closed_state_is_never_moved(linear, writer):
+    """Linear's schema names the state types completed, canceled and duplicate (and may add more): a state
+    of any type but triage/backlog/unstarted/started is closed. Late events of every kind leave a duplicate
+    where it is (once back in Todo it would be polled as ready and an agent would run on it)."""
+    dup = linear.add("ENG-1", "marked duplicate", state="Duplicate")
+    for kind in ("dispatched", "backoff", "released", "retried", "done", "parked"):
+        writer.deliver(event(kind))
+        assert dup.state == "Duplicate", kind
+    writer.settle("ENG-1", "backoff")
+    assert dup.state == "Duplicate" and linear.ops("Move") == 0
+    linear.add("ENG-2", "triaged", state="Triage")
+    writer.deliver(event("dispatched", issue="ENG-2"))
+    assert linear.issues["ENG-2"].state == "In Progress"  # triage is open: moved
+
+
+def test_an_issue_in_any_closed_state_is_never_ready(linear):
+    dup = linear.add("ENG-1", "marked duplicate", state="Duplicate")
+    src = source(linear, states=["Todo", "Duplicate"])
+    assert src.poll().issues == []  # a duplicate is not ready even when its state's name is listed
+    for kind in ("duplicate", "archived-someday", None):  # nor is any type that is not an open one
+        node = {**linear._node(dup), "state": {"name": "Todo", "type": kind}}
+        assert src._issue(node).state == "Todo", kind
+    for kind in ("triage", "backlog", "unstarted", "started"):
+        node = {**linear._node(dup), "state": {"name": "Todo", "type": kind}}
+        assert src._issue(node).state == "ready", kind

@@ -3,6 +3,9 @@ a slow GitHub, 5xx and 429, and the marker that keeps a retried event to one com
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from factory_worker.config.settings import load_settings
@@ -66,3 +69,53 @@ def test_an_issue_github_does_not_have_is_a_permanent_failure(gh):
     with pytest.raises(DeliveryError) as gone:
         writer(gh).deliver(done("404"))
     assert gone.value.permanent
+
+
+def _comment_lists(gh: FakeGitHub) -> list[dict]:
+    return [q for m, p, q in gh.queries if m == "GET" and p.endswith("/comments")]
+
+
+def test_a_lost_comment_answer_on_a_busy_issue_posts_once_reading_one_page(gh):
+    """2,050 comments from others before the event, 500 after the factory's: the retry of an event whose
+    comment answer was lost finds that comment on the first page of the comments since the event (GitHub
+    lists an issue's comments oldest first and takes only ``since``, ``per_page``, ``page``)."""
+    issue = gh.add(7, "busy")
+    now = time.time()
+    for n in range(2050):
+        gh.comment(7, f"me too {n}", at=now - 86400 + n)
+    ev = Event("1-0", "dispatched", "7", "3:abc.0", {"at_ms": str(int(now * 1000)), "attempt": "1"})
+    gh.lose("POST", "/comments", every=1)  # GitHub stores the comment; the answer never comes
+    w = writer(gh)
+    with pytest.raises(DeliveryError):
+        w.deliver(ev)
+    gh.losses.clear()
+    for n in range(500):
+        gh.comment(7, f"flood {n}")
+    before = len(_comment_lists(gh))
+    w.deliver(ev)  # the outbox's retry
+    assert sum(marker(ev) in c for c in issue.comments) == 1
+    lists = _comment_lists(gh)[before:]
+    assert len(lists) == 1, f"{len(lists)} list requests for one delivery"
+    assert set(lists[0]) <= {"since", "per_page", "page"}  # what issues/list-comments documents
+
+
+def test_a_fresh_event_posts_without_listing_comments(gh):
+    gh.add(7, "t")
+    writer(gh).deliver(Event("1-0", "done", "7", "3:abc.0", {}, fresh_until=time.monotonic() + 60))
+    assert _comment_lists(gh) == [] and len(gh.issues[7].comments) == 1
+
+
+def test_the_marker_carries_a_dispatch_id_not_the_token(gh):
+    issue = gh.add(7, "t")
+    token = "3:0123456789abcdef0123456789abcdef.0"
+    w = writer(gh)
+    w.deliver(Event("1-0", "dispatched", "7", token, {}))
+    w.deliver(Event("1-0", "dispatched", "7", token, {}))  # a retry of the same event: the same marker
+    assert len(issue.comments) == 1
+    body = issue.comments[0]
+    assert token not in body and token.split(":")[1].split(".")[0] not in body
+    marks = re.findall(r"<!-- factory-worker:(\S+) -->", body)
+    assert marks and marks[0].startswith("3-") and marks[0].endswith(":dispatched")
+    # a lost ledger starts the fences again: another dispatch with fence 3 comments again
+    w.deliver(Event("2-0", "dispatched", "7", "3:fedcba9876543210fedcba9876543210.0", {}))
+    assert len(issue.comments) == 2
