@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 
 from factory_worker.config.settings import SourceSettings, TrackerSettings, secret_from_env
 from factory_worker.sources.github_http import iso
-from factory_worker.writeback.outbox import DeliveryError, Event
-
-if TYPE_CHECKING:
-    from factory_worker.writeback.linear import LinearWriter
+from factory_worker.writeback.events import DeliveryError, Event, comment_body, marker
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +56,6 @@ MARKER_PAGES = 3
 MARKER_SKEW_S = 60.0
 USER_AGENT = "factory-worker write-back"
 PERMANENT = (404, 410, 422)
-
-
-def marker(event: Event) -> str:
-    return f"<!-- factory-worker:{event.key} -->"
-
-
-def comment_body(event: Event) -> str:
-    """The comment for ``event``: one line of facts, then the marker. Error text is the ledger's own
-    (truncated, from the agent's exit), fenced so it renders as text."""
-    f = event.fields
-    fence = event.token.partition(":")[0] if event.token else ""
-    facts = [f"**{event.event}**"]
-    if fence:
-        facts.append(f"dispatch {fence}")
-    if f.get("attempt"):
-        facts.append(f"attempt {f['attempt']}")
-    if f.get("reason"):
-        facts.append(f"reason: {f['reason']}")
-    body = "factory-worker: " + ", ".join(facts)
-    if f.get("error"):
-        body += "\n\n```\n" + f["error"].replace("```", "'''") + "\n```"
-    return body + "\n\n" + marker(event)
 
 
 class GitHubWriter:
@@ -222,12 +197,3 @@ def _wait(headers: httpx.Headers) -> float | None:
     if reset and reset.isdigit():
         return max(0.0, int(reset) - time.time())
     return None
-
-
-def writer_for(source: SourceSettings, tracker: TrackerSettings) -> GitHubWriter | LinearWriter:
-    """The writer of the configured source: GitHub or Linear (settings refuse write-back for any other)."""
-    if source.kind == "linear":
-        from factory_worker.writeback.linear import LinearWriter
-
-        return LinearWriter(source, tracker)
-    return GitHubWriter(source, tracker)

@@ -30,8 +30,7 @@ from typing import Any
 
 from factory_worker.config.settings import SourceSettings, TrackerSettings, secret_from_env
 from factory_worker.sources.linear_api import LinearAPI, LinearError, is_open
-from factory_worker.writeback.github import comment_body, marker
-from factory_worker.writeback.outbox import DeliveryError, Event
+from factory_worker.writeback.events import DeliveryError, Event, comment_body, marker
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,8 @@ class LinearWriter:
     def deliver(self, event: Event) -> None:
         issue = self._issue(ISSUE, {"id": event.issue, "marker": marker(event)})
         if self.tracker.comments and event.event != "retried":  # first: a state that cannot be set keeps it
-            found = issue.get("comments") if isinstance(issue.get("comments"), dict) else {}
-            if not found.get("nodes"):
+            found = issue.get("comments")
+            if not (isinstance(found, dict) and found.get("nodes")):
                 self._call(COMMENT, {"issue": issue["id"], "body": comment_body(event)})
         self._move(issue, event.shows)
 
@@ -91,7 +90,8 @@ class LinearWriter:
         return issue
 
     def _move(self, issue: dict[str, Any], event: str) -> None:
-        state = issue.get("state") if isinstance(issue.get("state"), dict) else {}
+        state = issue.get("state")
+        state = state if isinstance(state, dict) else {}
         target = self.target_state(event)
         if target and state.get("name") != target and is_open(state.get("type")):
             self._call(MOVE, {"id": issue["id"], "state": self._state_id(target)})

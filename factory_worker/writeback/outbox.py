@@ -28,14 +28,13 @@ exist yet.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import redis
 
@@ -43,6 +42,7 @@ from factory_worker.config.settings import TrackerSettings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.redis_client import decoded
 from factory_worker.ledger.scripts import scripts_for
+from factory_worker.writeback.events import DeliveryError, Event, Writer
 
 log = logging.getLogger(__name__)
 
@@ -51,74 +51,6 @@ BATCH = 50
 #: A delivery writes a newer event's labels again at most this many times (each time a newer event was
 #: handed over while it wrote).
 SETTLE_ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class Event:
-    """One outbox entry: ``event`` about ``issue`` by dispatch ``token`` (empty for ``retried``)."""
-
-    id: str
-    event: str
-    issue: str
-    token: str = ""
-    fields: dict[str, str] = field(default_factory=dict)
-    #: a newer event of the same issue was handed to the writer already (this one was retried after it, see
-    #: ``outbox_newest.lua``): comment, but write the labels or workflow state of ``newest``, not its own
-    superseded: bool = False
-    #: the name of that newer event ('' when unknown: then no labels or state are written)
-    newest: str = ""
-    #: read as a new entry (never handed to a writer before), and no other sender may take it over before
-    #: this time (``time.monotonic()``): until then nothing of it is on the tracker but what this delivery
-    #: wrote (the writer need not look for its comment); 0: unknown
-    fresh_until: float = 0.0
-
-    @property
-    def fresh(self) -> bool:
-        return time.monotonic() < self.fresh_until
-
-    @property
-    def dispatch_id(self) -> str:
-        """The dispatch as the tracker may see it: ``<fence>-<16 hex of sha256(token)>``, stable across the
-        retries of an event, unique per dispatch (also after a lost ledger restarts the fences), and not the
-        token (which stays in Redis and with the agent); the entry id for an event without a dispatch."""
-        if not self.token:
-            return self.id
-        fence = self.token.partition(":")[0]
-        return f"{fence}-{hashlib.sha256(self.token.encode()).hexdigest()[:16]}"
-
-    @property
-    def shows(self) -> str:
-        """The event whose labels or workflow state this delivery writes: its own, or the newer one's."""
-        return self.newest if self.superseded else self.event
-
-    @property
-    def key(self) -> str:
-        """What makes a delivery unique on the tracker: (dispatch id, event)."""
-        return f"{self.dispatch_id}:{self.event}"
-
-    @classmethod
-    def from_entry(cls, entry_id: str, raw: dict[str, str]) -> Event:
-        core = {k: raw.get(k, "") for k in ("event", "issue", "token")}
-        rest = {k: v for k, v in raw.items() if k not in core}
-        return cls(entry_id, core["event"], core["issue"], core["token"], rest)
-
-
-class DeliveryError(Exception):
-    """A delivery failed. ``retry_after``: the tracker asked for this wait (s); ``permanent``: it cannot
-    pass by retrying (the event is parked at once)."""
-
-    def __init__(self, message: str, retry_after: float | None = None, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.retry_after, self.permanent = retry_after, permanent
-
-
-class Writer(Protocol):
-    def deliver(self, event: Event) -> None:
-        """Apply ``event`` to the tracker idempotently (the labels or state of ``event.shows``, its comment);
-        :class:`DeliveryError` when it did not happen."""
-
-    def settle(self, issue: str, event: str) -> None:
-        """Write the labels or workflow state that ``event`` leaves on ``issue`` (no comment)."""
 
 
 @dataclass
@@ -201,7 +133,8 @@ class OutboxSender:
             error = self._attempt(self.writer.deliver, event)
             # also after a failed delivery: its label writes may have landed after a newer event's, and this
             # entry may be delivered (and gone) by another sender that took it over meanwhile
-            error = self._attempt(lambda e: self._settle(e, _text(newest_id), report), event) or error
+            settle_to = _text(newest_id)
+            error = self._attempt(lambda e: self._settle(e, settle_to, report), event) or error  # noqa: B023 - called at once
             if error is not None:
                 self._failed(event, attempts + 1, error, now_ms, report)
             else:
@@ -315,7 +248,7 @@ def backlog(client: redis.Redis, keys: Keys) -> dict[str, Any]:
 def run_sender(ctx: Any, consumer: str, stop: threading.Event) -> None:
     """A worker's sender thread (started by the worker bootstep when ``tracker.write_back`` is on): drain
     every ``tracker.poll_s`` until ``stop`` is set. ``ctx``: the process's :class:`~factory_worker.context.Context`."""
-    from factory_worker.writeback.github import writer_for
+    from factory_worker.writeback.writers import writer_for
 
     sender = OutboxSender(
         ctx.redis, ctx.keys, ctx.settings.tracker, writer_for(ctx.settings.source, ctx.settings.tracker), consumer

@@ -10,8 +10,9 @@ import pytest
 from factory_worker.config.settings import load_settings
 from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.keys import Keys
-from factory_worker.writeback.github import GitHubWriter, marker
-from factory_worker.writeback.outbox import GROUP, Event, OutboxSender, backlog
+from factory_worker.writeback.events import Event, marker
+from factory_worker.writeback.github import GitHubWriter
+from factory_worker.writeback.outbox import GROUP, OutboxSender, backlog
 from tests.conftest import roomy_fleet
 from tests.fake_github import FakeGitHub
 from tests.support import wait_until

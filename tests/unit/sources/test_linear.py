@@ -13,9 +13,9 @@ from factory_worker.sources import SourceError, load_source
 from factory_worker.sources.linear import LinearSource
 from factory_worker.sources.linear_api import LinearAPI
 from factory_worker.sources.rules import Rules
-from factory_worker.writeback.github import marker, writer_for
+from factory_worker.writeback.events import DeliveryError, Event, marker
 from factory_worker.writeback.linear import LinearWriter
-from factory_worker.writeback.outbox import DeliveryError, Event
+from factory_worker.writeback.writers import writer_for
 from tests.fake_linear import FakeLinear
 
 TOKEN = "lin_api_test"

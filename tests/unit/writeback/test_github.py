@@ -9,8 +9,8 @@ import time
 import pytest
 
 from factory_worker.config.settings import load_settings
-from factory_worker.writeback.github import GitHubWriter, marker
-from factory_worker.writeback.outbox import DeliveryError, Event
+from factory_worker.writeback.events import DeliveryError, Event, marker
+from factory_worker.writeback.github import GitHubWriter
 from tests.fake_github import FakeGitHub
 
 
