@@ -42,7 +42,8 @@ class LedgerView:
 
     def current_token(self, issue: str) -> str | None:
         """The token of the live claim on ``issue``, if any."""
-        return self.r.get(self.keys.claim(issue))
+        token = self.r.get(self.keys.claim(issue))
+        return None if token is None else str(token)
 
     def entries(self, state: str) -> list[dict[str, Any]]:
         """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
