@@ -4,16 +4,17 @@ Every write is one Lua script (see ``lua/``): ``claim`` gates a whole batch in o
 only place that decides whether an issue may be dispatched (dry runs and :meth:`Ledger.explain` run it in
 its read-only mode); ``renew``, ``complete``, ``fail`` and ``release`` are compare-and-set on the claim's
 token, so a stale holder gets a :class:`~factory_worker.ledger.scripts.StaleClaimError` and changes nothing.
-Time is Redis server time.
+Time is Redis server time. How each kind of write is sent (replica acknowledgements, the ledger-loss guard,
+the repeats of a settle) is :mod:`~factory_worker.ledger.writes`; what the ledger shows is
+:mod:`~factory_worker.ledger.views`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -21,14 +22,15 @@ import redis
 from factory_worker.config.settings import DispatchSettings, Settings
 from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.redis_client import decoded, server_now_ms
-from factory_worker.ledger.scripts import LedgerError, Reply, StaleClaimError, checked, scripts_for
+from factory_worker.ledger.redis_client import decoded
+from factory_worker.ledger.scripts import LedgerError, StaleClaimError, checked
 from factory_worker.ledger.states import Begin, Gate
 
 # the ledger's result types are this module's API too
 from factory_worker.ledger.types import WAITING, Claim, ClaimBatch, Explanation, FailResult, Rider, Skip, fence_of
-from factory_worker.ledger.views import STATES, LedgerViews, done_markers  # noqa: F401 - this module's API too
+from factory_worker.ledger.views import STATES, LedgerView, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
+from factory_worker.ledger.writes import LedgerWrites
 
 __all__ = [
     "Claim",
@@ -38,6 +40,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerLostError",
+    "Rider",
     "Skip",
     "StaleClaimError",
     "STATES",
@@ -50,8 +53,13 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 
 
-class Ledger(LedgerViews):
-    """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters."""
+class Ledger:
+    """Claims, fencing, renew, complete, fail/backoff, park, release, explain, listing and counters.
+
+    Its parts, public for the stage ledger and for tests: ``guard`` (the generation this process works in),
+    ``writes`` (:class:`~factory_worker.ledger.writes.LedgerWrites`: how each kind of write is sent) and ``view``
+    (:class:`~factory_worker.ledger.views.LedgerView`: the read side, whose answers the reading methods here give).
+    """
 
     def __init__(
         self,
@@ -65,10 +73,9 @@ class Ledger(LedgerViews):
         self.keys = keys
         self.cfg = dispatch
         self.rng = rng
-        #: write tracker events to the outbox with each transition (``tracker.write_back``)
-        self.outbox = "1" if outbox else "0"
-        self._s = scripts_for(client)
         self.guard = LedgerGuard(client, keys)
+        self.writes = LedgerWrites(client, keys, dispatch, self.guard, outbox)
+        self.view = LedgerView(client, keys)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Ledger:
@@ -82,6 +89,15 @@ class Ledger(LedgerViews):
         )
 
     @property
+    def outbox(self) -> str:
+        """``"1"`` when each transition also writes its tracker event to the outbox (``tracker.write_back``)."""
+        return self.writes.outbox
+
+    @outbox.setter
+    def outbox(self, value: str) -> None:
+        self.writes.outbox = value
+
+    @property
     def lease_ms(self) -> int:
         """The running lease (from ``begin``, renewed while the agent runs)."""
         return max(1, int(self.cfg.lease_ttl_s * 1000))
@@ -90,9 +106,6 @@ class Ledger(LedgerViews):
     def queue_lease_ms(self) -> int:
         """The lease of a claim whose agent message waits in the broker (until ``begin``)."""
         return max(1, int((self.cfg.queue_lease_s or self.cfg.lease_ttl_s) * 1000))
-
-    def now_ms(self) -> int:
-        return server_now_ms(self.r)
 
     # -- claims ---------------------------------------------------------------------------------------
     def claim(
@@ -122,138 +135,31 @@ class Ledger(LedgerViews):
     def _claim_chunk(self, issues: list[str], out: ClaimBatch) -> None:
         if not issues:
             return
-        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
-            generation = self.guard.peek() if out.dry_run else self.guard.generation
-            reply, acked = self._write(
-                "claim",
-                issues,
-                acks=not out.dry_run,
-                generation=generation,
-                queue_lease_ms=self.queue_lease_ms,
-                max_in_flight=self.cfg.max_in_flight,
-                owner=uuid.uuid4().hex,
-                mode="dry" if out.dry_run else "claim",
-                use_slots="1" if out.fleet_slots else "0",
-            )
-            if reply.status != "ledger-lost":
-                break
-            self.guard.lost(reply.values[0])  # raises LedgerLostError unless the new ledger was accepted
+        args = {
+            "queue_lease_ms": self.queue_lease_ms,
+            "max_in_flight": self.cfg.max_in_flight,
+            "owner": uuid.uuid4().hex,
+            "use_slots": "1" if out.fleet_slots else "0",
+        }
+        if out.dry_run:
+            reply, acked = self.writes.guarded_dry("claim", issues, mode="dry", **args), True
         else:
-            raise LedgerLostError(self.guard.generation, reply.values[0])
+            reply, acked = self.writes.guarded("claim", issues, mode="claim", **args)
         claims, skipped = out.claims, out.skipped
         for issue, entry in zip(issues, reply.values):
             if entry[:1].isdigit():  # a token "<fence>:<owner>.<i>"
                 if acked:
                     claims.append(Claim(issue, entry, fence_of(entry)))
-                else:
-                    skipped.append(self._unacked(issue, entry))
+                else:  # too few replicas acknowledged it: released unused, the issue waits for the next pass
+                    self.writes.release_unacked(issue, entry, "claims_unacked")
+                    detail = {"token": entry, "min_replica_acks": self.cfg.min_replica_acks}
+                    skipped.append(Skip(issue, Gate.UNACKED, detail))
                 continue
             code, _, rest = entry.partition(":")
             if code == Gate.CLAIMABLE:
                 claims.append(Claim(issue, "", _int(rest)))
             else:
                 skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
-
-    def _unacked(self, issue: str, token: str) -> Skip:
-        """A claim too few replicas acknowledged: a failover could lose it, so it is released unused (no
-        attempt counted) and the issue waits for the next pass."""
-        try:  # not waiting for acks again: with a replica down that would stall the loop for every claim
-            self._s["release"](self.keys, token=token, issue=issue, reason=Gate.UNACKED, outbox=self.outbox)
-        except redis.RedisError:
-            log.warning("could not release unacknowledged claim %s on %s; its lease ends it", token, issue)
-        self._count_quietly("claims_unacked")
-        return Skip(issue, Gate.UNACKED, {"token": token, "min_replica_acks": self.cfg.min_replica_acks})
-
-    # -- replica acknowledgements ----------------------------------------------------------------------
-    def _write(
-        self,
-        name: str,
-        items: Sequence[str] = (),
-        acks: bool = True,
-        touch: bool = False,
-        rider: Rider | None = None,
-        **args: Any,
-    ) -> tuple[Reply, bool]:
-        """Run script ``name``; with ``min_replica_acks`` (and ``acks``) in one pipeline with ``WAIT`` on the
-        same connection, so the wait covers this write. Returns (reply, acknowledged). ``touch`` adds a write
-        that always replicates (a counter), for a retry whose script may write nothing. ``rider``: commands
-        sent in the same round trip, after the script (sent once, whatever the script answers)."""
-        script, n = self._s[name], self.cfg.min_replica_acks
-        wait = bool(n and acks)
-        if not wait and rider is None:
-            return script(self.keys, items, **args), True
-        pipe = self.r.pipeline(transaction=False)
-        script.queue(pipe, self.keys, items, **args)
-        if touch:
-            pipe.hincrby(self.keys.counters, "replica_ack_retries", 1)
-        first = len(pipe)
-        if rider is not None:
-            rider.queue(pipe)
-        last = len(pipe)
-        if wait:
-            pipe.execute_command("WAIT", n, max(1, int(self.cfg.replica_ack_timeout_s * 1000)))
-        if rider is not None:
-            rider.sent = True  # from here on it may have run: a retry (its reply lost) must not send it again
-        out = pipe.execute(raise_on_error=False)
-        if rider is not None:
-            rider.replies = out[first:last]  # a rider's own error stays a value: the settle itself went
-        for reply in out[:first] + out[last:]:
-            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
-                raise reply
-        if isinstance(out[0], redis.exceptions.NoScriptError):  # a restarted Redis: load it, send it alone
-            script.load()
-            return self._write(name, items, acks, **args)  # the touch (a counter) went already
-        return script.parse(out[0]), int(out[-1]) >= n if wait else True
-
-    def _settle(self, name: str, issue: str, token: str, rider: Rider | None = None, **args: Any) -> Reply:
-        """A settle (complete, fail, release) by token, acknowledged by ``min_replica_acks`` replicas.
-
-        Unacknowledged, it is sent again until acknowledged or one lease has passed: after a failover that
-        lost the first write the claim is still ours on the new primary and the repeat applies it; when the
-        first write did survive, the repeat finds the claim gone and the first reply stands. Connection
-        errors in between (the failover itself) are waited out. After one lease it is logged and counted
-        (``settles_unacked``) and the reply stands: the write is on the primary, and only a second failover
-        before a replica catches up could still lose it.
-        """
-        args["outbox"] = self.outbox
-        reply, acked = self._write(name, token=token, issue=issue, rider=rider, **args)
-        checked(reply, issue, token)
-        return self._confirm(name, issue, token, reply, acked, **args)
-
-    def _confirm(self, name: str, issue: str, token: str, reply: Reply, acked: bool, **args: Any) -> Reply:
-        """Repeat an unacknowledged write by token (see :meth:`_settle`) until a replica acknowledges it or one
-        lease has passed; a repeat that applies (``ok``) replaces ``reply``, one the claim refuses to its new
-        holder raises :class:`StaleClaimError`, any other keeps ``reply`` (the first write survived)."""
-        deadline = time.monotonic() + self.cfg.lease_ttl_s
-        while not acked:
-            if time.monotonic() > deadline:
-                log.error(
-                    "%s of %s by %s: fewer than %d replica(s) acknowledged it within %gs",
-                    name,
-                    issue,
-                    token,
-                    self.cfg.min_replica_acks,
-                    self.cfg.lease_ttl_s,
-                )
-                self._count_quietly("settles_unacked")
-                break
-            try:
-                again, acked = self._write(name, touch=True, token=token, issue=issue, **args)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unavailable while confirming %s of %s (%s); retrying", name, issue, exc)
-                time.sleep(0.2)
-                continue
-            if again.status == "ok":
-                reply = again  # the first write was lost with a failed primary: this one counts
-            elif again.status == "held":
-                checked(again, issue, token)  # lost, and the issue was claimed again meanwhile
-        return reply
-
-    def _count_quietly(self, counter: str) -> None:
-        try:
-            self.r.hincrby(self.keys.counters, counter, 1)
-        except redis.RedisError:
-            log.warning("could not count %s", counter)
 
     @staticmethod
     def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
@@ -275,7 +181,7 @@ class Ledger(LedgerViews):
 
     def renew(self, issue: str, token: str) -> int:
         """Extend the lease of ``token``'s claim; returns the new expiry (ms). Stale -> StaleClaimError."""
-        reply = self._s["renew"](self.keys, token=token, lease_ms=self.lease_ms, issue=issue)
+        reply = self.writes.call("renew", token=token, lease_ms=self.lease_ms, issue=issue)
         return int(checked(reply, issue, token).values[0])
 
     def begin(self, issue: str, token: str, task_id: str = "", hostname: str = "", pid: int = 0) -> Begin:
@@ -286,23 +192,16 @@ class Ledger(LedgerViews):
         task's record (written by the loop when it sent the task) becomes ``running`` and the task is listed
         as running. Stale or superseded token -> StaleClaimError.
         """
-        for _ in range(2):  # a second try only after adopting a ledger an operator accepted
-            reply, acked = self._write(
-                "begin",
-                generation=self.guard.generation,
-                token=token,
-                lease_ms=self.lease_ms,
-                issue=issue,
-                task_id=task_id,
-                hostname=hostname,
-                worker_pid=pid,
-                outbox=self.outbox,
-            )
-            if reply.status != "ledger-lost":
-                break
-            self.guard.lost(reply.values[0])
-        else:
-            raise LedgerLostError(self.guard.generation, reply.values[0])
+        reply, acked = self.writes.guarded(
+            "begin",
+            token=token,
+            lease_ms=self.lease_ms,
+            issue=issue,
+            task_id=task_id,
+            hostname=hostname,
+            worker_pid=pid,
+            outbox=self.outbox,
+        )
         checked(reply, issue, token)
         if reply.status == "ok" and not acked:
             log.warning(
@@ -316,13 +215,13 @@ class Ledger(LedgerViews):
 
     def complete(self, issue: str, token: str, rider: Rider | None = None) -> None:
         """Mark ``issue`` done for good (the holder only). ``rider``: see :class:`Rider`."""
-        self._settle("complete", issue, token, rider)
+        self.writes.settle("complete", issue, token, rider)
         log.info("issue %s done (fence %s)", issue, fence_of(token))
 
     def fail(self, issue: str, token: str, error: str = "", rider: Rider | None = None) -> FailResult:
         """Count a failed attempt: a backoff window, or parked after ``max_attempts``."""
         cfg = self.cfg
-        reply = self._settle(
+        reply = self.writes.settle(
             "fail",
             issue,
             token,
@@ -339,17 +238,13 @@ class Ledger(LedgerViews):
 
     def release(self, issue: str, token: str, reason: str = "interrupted", rider: Rider | None = None) -> None:
         """Free the claim without counting an attempt (no backoff penalty)."""
-        self._settle("release", issue, token, rider, reason=reason)
+        self.writes.settle("release", issue, token, rider, reason=reason)
         log.info("issue %s released (%s)", issue, reason)
-
-    def current_token(self, issue: str) -> str | None:
-        """The token of the live claim on ``issue``, if any."""
-        return decoded(self.r.get(self.keys.claim(issue)))
 
     # -- operator actions -----------------------------------------------------------------------------
     def retry(self, issue: str) -> dict[str, Any]:
         """Unpark ``issue`` / end its backoff with a fresh attempt budget. Done issues are refused."""
-        reply = self._s["retry"](self.keys, issue=issue, outbox=self.outbox)
+        reply = self.writes.call("retry", issue=issue, outbox=self.outbox)
         if reply.status == "done":
             raise LedgerError(f"issue {issue!r} is done; done is final and cannot be retried")
         was_parked, attempts, had_backoff = reply.values
@@ -360,7 +255,37 @@ class Ledger(LedgerViews):
             "had_backoff": bool(int(had_backoff)),
         }
 
-    # -- reading --------------------------------------------------------------------------------------
+    # -- reading (the answers of ``view``) -------------------------------------------------------------
+    def now_ms(self) -> int:
+        return self.view.now_ms()
+
+    def current_token(self, issue: str) -> str | None:
+        """The token of the live claim on ``issue``, if any."""
+        return self.view.current_token(issue)
+
+    def entries(self, state: str) -> list[dict[str, Any]]:
+        """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
+        return self.view.entries(state)
+
+    def all_entries(self, states: Iterable[str] = STATES) -> list[dict[str, Any]]:
+        return self.view.all_entries(states)
+
+    def counters(self) -> dict[str, int]:
+        """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
+        return self.view.counters()
+
+    def gauges(self) -> dict[str, int]:
+        """How many issues are in flight, backing off, parked, done now."""
+        return self.view.gauges()
+
+    def done_marker(self, issue: str) -> str | None:
+        """``<fence>:<completed_ms>`` when ``issue`` is done (its bucket, else the legacy hash)."""
+        return self.view.done_marker(issue)
+
+    def done_markers(self) -> Iterator[tuple[str, str]]:
+        """Every (issue, done marker): the buckets, then the legacy hash (``SCAN``/``HSCAN``, no big reply)."""
+        return self.view.done_markers()
+
     def explain(self, issue: str) -> Explanation:
         """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
         the fleet's slots as the loop counts them), with the details (holder, last error) read beside it."""

@@ -75,7 +75,12 @@ class Opened:
 
 
 class StageLedger:
-    """Stage progress of claims: open (after begin), start a step, hand over to the next, escalate."""
+    """Stage progress of claims: open (after begin), start a step, hand over to the next, escalate.
+
+    It writes through the ledger's public parts only: ``ledger.writes`` (:class:`~factory_worker.ledger.writes.
+    LedgerWrites`: the acknowledged ``stage.lua`` call, its repeat, the settle of an escalation, the release of an
+    unacknowledged claim), the lease lengths and the client ``ledger.r``.
+    """
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -98,7 +103,7 @@ class StageLedger:
             worker_pid=0,
         )
         values.update(args)
-        reply, acked = self.ledger._write("stage", **values)
+        reply, acked = self.ledger.writes.acked("stage", **values)
         return checked(reply, issue, token), values, acked
 
     def _unacked(self, op: str, issue: str, token: str) -> None:
@@ -111,11 +116,7 @@ class StageLedger:
             token,
             self.ledger.cfg.min_replica_acks,
         )
-        self.ledger._count_quietly("stages_unacked")
-        try:  # not waiting for acks again (a replica down would hold the task for a lease): as for a claim
-            self.ledger._s["release"](self.keys, token=token, issue=issue, reason="unacked", outbox=self.ledger.outbox)
-        except redis.RedisError:
-            log.warning("could not release %s after an unacknowledged stage %s; its lease ends it", issue, op)
+        self.ledger.writes.release_unacked(issue, token, "stages_unacked")
 
     def open(
         self, issue: str, token: str, task_id: str, run_id: str | None, first_stage: str, plan: list[str], workdir: str
@@ -206,12 +207,12 @@ class StageLedger:
         )
         if reply.status == "ok" and not acked:  # a finished step lost in a failover would run again: repeat
             rest = {k: v for k, v in values.items() if k not in ("token", "issue")}
-            reply = self.ledger._confirm("stage", issue, token, reply, acked, **rest)
+            reply = self.ledger.writes.confirm("stage", issue, token, reply, acked, **rest)
         return int(reply.values[0]) if reply.status == "ok" else None
 
     def escalate(self, issue: str, token: str, error: str) -> None:
         """Park ``issue`` for a human (``needs-human``): no attempt counted, progress gone (holder only)."""
-        self.ledger._settle("escalate", issue, token, error=error[: Keys.ERROR_MAX_CHARS])
+        self.ledger.writes.settle("escalate", issue, token, error=error[: Keys.ERROR_MAX_CHARS])
         log.info("issue %s escalated: %s", issue, error)
 
     def progress(self, issue: str) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Read-only views of the dispatch ledger: issue-by-issue listings, counters, gauges and the done markers
-(:class:`LedgerViews`, mixed into :class:`~factory_worker.ledger.core.Ledger`; the writes are ``ledger.py``)."""
+"""The read side of the dispatch ledger: issue-by-issue listings, counters, gauges, the done markers, the live
+token of an issue and the server clock (:class:`LedgerView`, a plain class on a client and the key names; the
+:class:`~factory_worker.ledger.core.Ledger` holds one and answers its reads with it). Nothing here writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import redis
 
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import as_int, gauge_commands, parse_counters, parse_gauges
-from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored
+from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored, server_now_ms
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
 
@@ -28,17 +29,21 @@ def done_markers(r: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
 _int = as_int
 
 
-class LedgerViews:
-    """What a ledger shows; needs ``r``, ``keys``, ``now_ms()`` and ``current_token(issue)`` from its class."""
+class LedgerView:
+    """What a ledger shows, read from ``r`` under the key names ``keys`` (no other dependency)."""
 
-    r: redis.Redis
-    keys: Keys
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r = r
+        self.keys = keys
 
-    def now_ms(self) -> int:  # pragma: no cover - the Ledger's
-        raise NotImplementedError
+    def now_ms(self) -> int:
+        """Redis server time (ms): the clock every lease and backoff is measured by."""
+        return server_now_ms(self.r)
 
-    def current_token(self, issue: str) -> str | None:  # pragma: no cover - the Ledger's
-        raise NotImplementedError
+    def current_token(self, issue: str) -> str | None:
+        """The token of the live claim on ``issue``, if any."""
+        token = self.r.get(self.keys.claim(issue))
+        return None if token is None else str(token)
 
     def entries(self, state: str) -> list[dict[str, Any]]:
         """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""

@@ -77,6 +77,14 @@ class LoopControl:
         self.r.hincrby(self.keys.counters, name, n)
 
     # -- kill / pause ---------------------------------------------------------------------------------
+    def liveness(self) -> heartbeat.Liveness:
+        """The loop's liveness now: its heartbeat judged on the Redis clock (``loop.stale_after_s``)."""
+        return heartbeat.check(self.r, self.keys, self.settings.loop.stale_after_s)
+
+    def running_agents(self) -> list[str]:
+        """The task ids of every agent running now (``{ns}:agents``), whichever run dispatched it."""
+        return sorted(str(t) for t in self.r.smembers(self.keys.agents))
+
     def kill_info(self) -> dict[str, str] | None:
         return decoded_hash(self.r.hgetall(self.keys.kill)) or None
 

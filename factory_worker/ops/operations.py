@@ -14,10 +14,10 @@ from typing import Any
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
-from factory_worker.ledger.redis_client import decoded_hash, decoded_members, redis_py_sender
+from factory_worker.ledger.redis_client import decoded_hash, redis_py_sender
 from factory_worker.ledger.states import Gate, RunStatus
-from factory_worker.loop import heartbeat, status
-from factory_worker.loop.kill import EarlyKill, who
+from factory_worker.loop import status
+from factory_worker.loop.kill import EarlyKill, Kill, Refused, kill_plan, kill_target, who
 from factory_worker.loop.presence import live_workers, worker_alive
 from factory_worker.sources.rules import Rules
 
@@ -99,92 +99,49 @@ def kill_loop(
     """Kill the live run and keep the loop stopped. Exit 1 (refused) when nothing is live, unless forced.
 
     ``early``: the kill record :func:`factory_worker.cli.quick.kill_first` already wrote (the loop was live then):
-    this does the rest for that kill (the loop may have begun to stop since)."""
-    if early is not None and (early.namespace, early.url) != (ctx.keys.namespace, ctx.settings.effective_redis_url):
-        log.error(
-            "the early kill went to namespace %s at %s, not this command's %s at %s: deciding again",
-            early.namespace,
-            mask_url(early.url),
-            ctx.keys.namespace,
-            mask_url(ctx.settings.effective_redis_url),
-        )
-        early = None
-    run_id: str | None
-    if early is not None:
-        run_id, by, killed_at = early.run_id, early.by, early.at_ms
+    this does the rest for that kill (the loop may have begun to stop since). What the kill means is decided by
+    loop control (:mod:`factory_worker.loop.kill`); this carries it out and reports."""
+    kill: Kill
+    if early is not None and early.went_to(ctx.keys.namespace, ctx.settings.effective_redis_url):
+        kill = early
     else:
-        live = heartbeat.check(ctx.redis, ctx.keys, ctx.settings.loop.stale_after_s)
-        # a killed loop's agents can still be stopped: kill-loop --release-agents after a kill-loop
-        again = release_agents and ctx.control.kill_info() is not None
-        if not live.live and not force and not again:
-            return {"killed": None, "refused": _refusal(ctx, live)}, 1
-        run_id = (live.heartbeat.run_id if live.heartbeat else None) or ctx.control.current_run_id()
+        if early is not None:
+            log.error(
+                "the early kill went to namespace %s at %s, not this command's %s at %s: deciding again",
+                early.namespace,
+                mask_url(early.url),
+                ctx.keys.namespace,
+                mask_url(ctx.settings.effective_redis_url),
+            )
+        target = kill_target(ctx.control, force, release_agents)
+        if isinstance(target, Refused):
+            return target.answer(), 1
         by = who()
-        killed_at = ctx.control.set_kill(run_id, by)
-    newest = ctx.control.current_run_id()
-    if newest and newest != run_id and ctx.control.run_status(newest) == RunStatus.RUNNING:
-        run_id = newest  # a kickoff started a run just before the kill was set: that is the run to kill
-    run = ctx.control.run(run_id) or {}
-    # the loop was live between runs when its last run had ended before the kill: nothing to end or revoke. A
-    # run that ended at or after the kill (its iteration saw the early kill first) was killed by this command.
-    between = run.get("status") not in (None, RunStatus.RUNNING) and int(run.get("finished_ms") or 0) < killed_at
-    task_ids = [] if between else [t for t in run.get("task_ids", []) if isinstance(t, str)]
-    # every running agent, not only the killed run's: runs are short and agents outlive the run that sent them
-    agent_ids = running_agent_tasks(ctx) if release_agents else []
-    ctx.control.revoke_ids(task_ids)  # all of them, durably: iterations check this set first
-    # Celery's revoke is broadcast to every worker and kept in memory: only the tasks not yet run need it.
-    pending = (
-        task_ids[max(0, int(run.get("iterations_done", 0)) - 1) :] if run.get("status") == RunStatus.RUNNING else []
-    )
-    revoked_sent, revoke_error = False, None
-    if revoke is not None and pending:
-        try:
-            revoke(pending)
-            revoked_sent = True
-        except Exception as exc:
-            revoke_error = f"{type(exc).__name__}: {exc}"
-            log.warning("celery revoke failed (the Redis revoke list still applies): %s", revoke_error)
-    if run_id and (between or not ctx.control.end_run(run_id, RunStatus.KILLED, f"kill-loop by {by}")):
+        kill = Kill(target.run_id, by, ctx.control.set_kill(target.run_id, by))
+    plan = kill_plan(ctx.control, kill, release_agents)
+    ctx.control.revoke_ids(list(plan.revoke))  # all of them, durably: iterations check this set first
+    revoked_sent, revoke_error = _celery_revoke(revoke, plan.celery_revoke)
+    if plan.run_id and not (plan.ends_run and ctx.control.end_run(plan.run_id, RunStatus.KILLED, plan.reason)):
         # between runs, or the run ended on its own meanwhile (an iteration that began before the kill found
         # nothing to do), or its record is gone: the kill stands, so the heartbeat must not say idle (live)
-        ctx.control.end_heartbeat(run_id, "stopping")
-    released = stop_agents(ctx, agent_ids, grace_s) if release_agents else []
-    killed = None if between else run_id
-    ctx.notifier.send_event("killed", run_id=killed, by=by)
+        ctx.control.end_heartbeat(plan.run_id, "stopping")
+    released = stop_agents(ctx, list(plan.agents), grace_s)
+    ctx.notifier.send_event("killed", run_id=plan.killed, by=kill.by)
     ctx.notifier.close()
-    out = {
-        "killed": killed,
-        "loop_killed": True,
-        "last_run": {"run_id": run_id, "status": run["status"]} if between else None,
-        "revoked": task_ids,
-        "released_agents": released,
-        "by": by,
-        "celery_revoke_sent": revoked_sent,
-    }
-    if revoke_error:
-        out["celery_revoke_error"] = revoke_error
-    return out, 0
+    return plan.answer(released, revoked_sent, revoke_error), 0
 
 
-def _refusal(ctx: Context, live: heartbeat.Liveness) -> str:
-    """Why kill-loop finds nothing to kill (one line)."""
-    kill = ctx.control.kill_info()
-    if kill:
-        return (
-            f"the loop is already killed (by {kill.get('by', '?')}, run {kill.get('run_id') or '-'}); "
-            "kill-loop --release-agents also stops its running agents; start-loop resumes it"
-        )
-    why = {
-        "missing": "no heartbeat (missing, malformed or expired)",
-        "stale": f"heartbeat is stale ({live.age_s:.1f}s old)" if live.age_s is not None else "stale",
-        "stopping": "the run is already stopping",
-    }.get(live.state, live.state)
-    return f"no live run: {why}; use --force to kill anyway"
-
-
-def running_agent_tasks(ctx: Context) -> list[str]:
-    """The task ids of every agent running now, whichever run dispatched it."""
-    return sorted(decoded_members(ctx.redis.smembers(ctx.keys.agents)))
+def _celery_revoke(revoke: Revoker | None, task_ids: tuple[str, ...]) -> tuple[bool, str | None]:
+    """Send Celery's revoke for ``task_ids`` (none: nothing sent); (sent, the error when it failed)."""
+    if revoke is None or not task_ids:
+        return False, None
+    try:
+        revoke(list(task_ids))
+        return True, None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("celery revoke failed (the Redis revoke list still applies): %s", error)
+        return False, error
 
 
 def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None) -> list[dict[str, Any]]:

@@ -170,7 +170,7 @@ def test_scripts_are_registered_once_per_client(real_redis, redis_server, keys, 
     assert scripts_for(real_redis) is regs
     assert set(regs) == set(NAMES)
     a, b = Ledger(real_redis, keys, cfg), Ledger(real_redis, keys, cfg)
-    assert a._s is regs and b._s is regs
+    assert a.writes.scripts is regs and b.writes.scripts is regs
     other = redis_server.client()
     assert scripts_for(other) is not regs
     assert {n: s.sha for n, s in scripts_for(other).items()} == {n: s.sha for n, s in regs.items()}
