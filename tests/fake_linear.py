@@ -10,6 +10,8 @@ It is not a GraphQL engine: a request is routed by its operation name (``query I
 and answered from its variables. Errors as Linear sends them: ``{"errors": [{"message", "extensions":
 {"code": "RATELIMITED"}}]}`` with ``X-RateLimit-Requests-Reset`` (epoch ms), HTTP 429, 5xx, 401 for a wrong
 key, an error for an unknown issue, slow answers. ``requests`` records (operation, Authorization header).
+Malformed answers (what a test feeds a source): ``tamper[identifier]`` rewrites that issue's node as sent
+(any JSON value), ``tamper_page`` the ``issues`` object of every ``Issues`` page.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -57,6 +60,9 @@ class FakeLinear(FakeServer):
         self.requests: list[tuple[str, str | None]] = []
         self.faults: list[dict[str, Any]] = []
         self.delay_comment_s = 0.0
+        self.comments_page = 250
+        self.tamper: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        self.tamper_page: Callable[[dict[str, Any]], Any] | None = None
         super().__init__()
 
     @property
@@ -158,13 +164,16 @@ class FakeLinear(FakeServer):
                 and (project is None or i.project == project)
             ]
             start, first = int(v.get("after") or 0), min(int(v.get("first") or 50), 250)
-            chunk = [self._node(i) for i in rows[start : start + first]]
+            chunk = [self._sent(i) for i in rows[start : start + first]]
         more = start + first < len(rows)
-        return (
-            200,
-            {"data": {"issues": {"nodes": chunk, "pageInfo": {"hasNextPage": more, "endCursor": str(start + first)}}}},
-            {},
-        )
+        page = {"nodes": chunk, "pageInfo": {"hasNextPage": more, "endCursor": str(start + first)}}
+        return 200, {"data": {"issues": self.tamper_page(page) if self.tamper_page else page}}, {}
+
+    def _sent(self, i: FakeLinearIssue, containing: str | None = None) -> Any:
+        """The node as sent: ``tamper`` may rewrite it (a malformed answer)."""
+        node = self._node(i, containing)
+        fn = self.tamper.get(i.identifier)
+        return fn(node) if fn else node
 
     def _find(self, key: str) -> FakeLinearIssue | None:
         return self.issues.get(key) or next((i for i in self.issues.values() if i.id == key), None)
@@ -181,7 +190,7 @@ class FakeLinear(FakeServer):
                     },
                     {},
                 )
-            return 200, {"data": {"issue": self._node(issue, containing)}}, {}
+            return 200, {"data": {"issue": self._sent(issue, containing)}}, {}
 
     def _op_IssueForWrite(self, v: dict[str, Any]) -> Response:
         if not isinstance(v.get("marker"), str):

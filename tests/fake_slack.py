@@ -4,7 +4,8 @@ fields and status codes: ``chat.postMessage`` (JSON ``channel``, ``text``, ``thr
 ``conversations.replies`` (``channel``, ``ts``, ``oldest``, ``limit``, ``cursor`` -> ``{"ok": true,
 "messages": [parent, replies...], "has_more", "response_metadata": {"next_cursor"}}``; messages carry
 ``ts``, ``user`` or ``bot_id``, ``text``). Rate limiting is HTTP 429 with ``Retry-After`` (seconds). Faults:
-``fail(method, status, times, headers)``; every read is recorded in ``reads`` (time, thread ts)."""
+``fail(method, status, times, headers)``; every read is recorded in ``reads`` (time, thread ts), every post in
+``posts`` (time, thread ts or "", text); ``stall_s`` makes every answer late (slow pages)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class FakeSlack(FakeServer):
         self.lock = threading.Lock()
         self.threads: dict[str, list[dict[str, Any]]] = {}
         self.reads: list[tuple[float, str]] = []
+        self.posts: list[tuple[float, str, str]] = []
         self.faults: list[dict[str, Any]] = []
         self.page_size = page_size
         self._n = 0
@@ -69,6 +71,8 @@ class FakeSlack(FakeServer):
         return 200, {"ok": False, "error": "unknown_method"}, {}
 
     def _post(self, p: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        with self.lock:
+            self.posts.append((time.time(), str(p.get("thread_ts") or ""), str(p.get("text", ""))))
         if p.get("channel") != CHANNEL:
             return 200, {"ok": False, "error": "channel_not_found"}, {}
         with self.lock:

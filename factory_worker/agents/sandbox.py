@@ -254,15 +254,18 @@ def remove_shared_workdir(agent: AgentSettings, name: str, ident: Identity | Non
 
 def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, name: str) -> Path:
     """The file a dispatch's human replies are appended to (``FACTORY_INBOX``): beside the dispatch's
-    directory in the worker's root (0711), owned by the worker (which appends to it), readable by the agent's
-    group only (0640); the caller removes it when the dispatch ends."""
+    directory in the worker's root (0711), owned by the worker (which appends to it), 0600 whatever the umask,
+    or 0640 with the agent's group when agents run as their own user (``agent.user``: the agent must read it);
+    the caller removes it when the dispatch ends (the watcher never creates it: ``slack.Conversation``)."""
     root = check_workdir_root(agent, ident)
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", dispatch_id)[-40:]
     path = root / f"inbox-{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:40]}-{safe}.jsonl"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    mode = 0o600 if ident is None else 0o640
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         if ident is not None:
             os.fchown(fd, -1, ident.gid)
+        os.fchmod(fd, mode)  # the mode asked for, not what a umask (UMask=0077, or 000) made of it
     finally:
         os.close(fd)
     return path

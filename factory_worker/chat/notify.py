@@ -12,9 +12,10 @@ into the caller. ``close(timeout)`` sends what it can within ``timeout`` then st
 idempotent and registered with :mod:`atexit`.
 
 Messages for the loop's events are built by :func:`format_message` (``dispatched``, ``done``, ``parked``,
-``stale``, ``killed``); every interpolated value is untrusted text and goes through :func:`escape`
-(Slack's control characters ``& < >`` become ``&amp; &lt; &gt;``, so a title cannot ping ``<!channel>`` or
-forge a link) and is squeezed to one line of bounded length.
+``stale``, ``killed``); every interpolated value is untrusted text and goes through :func:`clean`:
+:func:`escape` (Slack's control characters ``& < >`` become ``&amp; &lt; &gt;``, so a title cannot ping
+``<!channel>`` or forge a link) and squeezed to one line of bounded length. The dispatch threads
+(``slack.py``) post through the same :func:`clean`.
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ def escape(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _clean(text: Any, limit: int = 200) -> str:
-    """One line, at most ``limit`` characters, escaped."""
+def clean(text: Any, limit: int = 200) -> str:
+    """Untrusted text for a Slack message, the notifier's and every dispatch thread's (``slack.py``): one line,
+    at most ``limit`` characters, escaped (:func:`escape`)."""
     line = " ".join(str(text).split())
     if len(line) > limit:
         line = line[: limit - 1] + "…"
     return escape(line)
+
+
+_clean = clean
 
 
 def format_dispatched(issue_id: str, title: str = "", run_id: str | None = None) -> str:

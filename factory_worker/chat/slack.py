@@ -9,25 +9,49 @@ local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens t
 The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
 (backing off to ``slack.poll_max_s`` on errors, never sooner than a ``Retry-After``) and appends every new
 human reply (not the bot's own messages) as one JSON line ``{"ts", "user", "text"}`` to the dispatch's inbox
-file, whose path the agent gets in ``FACTORY_INBOX``. It ends with its dispatch — done, failed, stopped by
-kill-loop ``--release-agents`` or a warm shutdown (the agent task stops it before settling and waits for it),
-or with the worker process (it is a daemon thread of it) — and no read happens after :meth:`Conversation.close`
-returns. Slack failures never stop or fail an agent: they are logged.
+file, whose path the agent gets in ``FACTORY_INBOX``. A line is pure ASCII JSON (:func:`inbox_line`): every
+line break a reader could split on (``\\n``, ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028,
+U+2029) is escaped, so one reply is one line for any reader (``splitlines()`` included).
+
+It ends with its dispatch — done, failed, stopped by kill-loop ``--release-agents`` or a warm shutdown (the
+agent task stops it before settling and waits for it), or with the worker process (it is a daemon thread of
+it). The stop flag is checked before every page of a read, so after :meth:`Conversation.close` at most the
+call already in flight completes (close waits for it, up to ``slack.timeout_s`` + 1 s); its answer is dropped.
+The inbox is written only while the dispatch runs: the stop flag and each append share a lock, and an
+append opens the file without creating it, so once close() returned nothing is written, and an inbox the
+dispatch removed is never made again. Slack failures never stop or fail an agent: they are logged.
+
+Every text the factory posts goes through :func:`factory_worker.chat.notify.clean` (the notifier's own: Slack's
+``& < >`` escaped, one line, bounded): an issue id or title like ``<!channel>`` or ``<https://evil|the fix>``
+is shown as typed, never a ping or a disguised link.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from factory_worker.chat.notify import clean
 from factory_worker.config.settings import SlackSettings, secret_from_env
 
 log = logging.getLogger(__name__)
+
+
+#: Pages of one thread read at most per read (a server handing out cursors forever cannot hold the watcher).
+MAX_PAGES = 100
+
+
+def inbox_line(message: dict[str, Any]) -> str:
+    """One reply as one inbox line: JSON with every non-ASCII character escaped (``ensure_ascii``), so no line
+    separator of any reader (U+2028, U+2029, U+0085; the ASCII ones are escaped by JSON anyway) and no lone
+    surrogate reaches the file raw."""
+    return json.dumps(message, ensure_ascii=True) + "\n"
 
 
 class SlackError(Exception):
@@ -84,6 +108,8 @@ class Conversation:
         self.last_ts = "0"
         self.polls = 0
         self._stop = threading.Event()
+        #: held by each append to the inbox and by close() setting the stop flag: no append after close()
+        self._writing = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def open(self, text: str) -> bool:
@@ -118,10 +144,19 @@ class Conversation:
             log.warning("could not post in the Slack thread %s: %s", self.thread_ts, exc)
 
     def close(self, final: str | None = None) -> None:
-        """Stop watching (no read after this returns), then post ``final`` in the thread."""
-        self._stop.set()
+        """Stop watching, then post ``final`` in the thread. Nothing is written to the inbox once this began
+        (an append in progress ends first); no call starts after it, and the one in flight, if any, is waited
+        for (at most ``timeout_s`` + 1 s) and its answer dropped."""
+        with self._writing:
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.cfg.timeout_s + 1)
+            if self._thread.is_alive():
+                log.warning(
+                    "Slack thread %s: a read still waits for Slack after %.1fs; its answer is dropped",
+                    self.thread_ts,
+                    self.cfg.timeout_s + 1,
+                )
         if final:
             self.post(final)
 
@@ -139,12 +174,16 @@ class Conversation:
                 wait = self.cfg.poll_max_s
 
     def read_once(self) -> int:
-        """Read the thread once; append new human replies to the inbox. Returns how many."""
+        """Read the thread once; append new human replies to the inbox. Returns how many (0 once stopped:
+        the stop flag is checked before every page, and nothing read is written after it)."""
         if self._stop.is_set():
             return 0
         self.polls += 1
-        new, cursor = [], None
-        while True:
+        new: list[dict[str, Any]] = []
+        cursor = None
+        for _ in range(MAX_PAGES):
+            if self._stop.is_set():  # the dispatch ended between two pages: read no further
+                return 0
             params: dict[str, Any] = {
                 "channel": self.channel,
                 "ts": self.thread_ts,
@@ -154,19 +193,45 @@ class Conversation:
             if cursor:
                 params["cursor"] = cursor
             body = self.client.call("conversations.replies", "GET", **params)
-            for m in body.get("messages", []):
+            messages = body.get("messages", [])
+            if not isinstance(messages, list):
+                raise SlackError("conversations.replies: messages is not a list")
+            for m in messages:
+                if not isinstance(m, dict):
+                    continue
                 ts = str(m.get("ts", ""))
                 if ts > self.last_ts and ts != self.thread_ts and not m.get("bot_id") and m.get("user"):
-                    new.append({"ts": ts, "user": m["user"], "text": str(m.get("text", ""))})
-            cursor = (body.get("response_metadata") or {}).get("next_cursor")
+                    new.append({"ts": ts, "user": str(m["user"]), "text": str(m.get("text", ""))})
+            meta = body.get("response_metadata")
+            cursor = meta.get("next_cursor") if isinstance(meta, dict) else None
             if not cursor:
                 break
         new.sort(key=lambda m: m["ts"])
-        if new:
-            with open(self.inbox, "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(m, ensure_ascii=False) + "\n" for m in new)
+        if new and self._append(new):
             self.last_ts = new[-1]["ts"]
-        return len(new)
+            return len(new)
+        return 0
+
+    def _append(self, messages: list[dict[str, Any]]) -> bool:
+        """Append ``messages`` to the inbox, unless the dispatch ended (stop flag) or removed it: the file is
+        opened without ``O_CREAT`` (and never through a symlink), so it is never made again."""
+        data = "".join(inbox_line(m) for m in messages).encode("ascii")
+        with self._writing:
+            if self._stop.is_set():
+                return False
+            try:
+                fd = os.open(self.inbox, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                log.warning("Slack thread %s: the inbox %s is gone; the watcher stops", self.thread_ts, self.inbox)
+                self._stop.set()
+                return False
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        return True
 
 
 def open_conversation(
@@ -176,9 +241,10 @@ def open_conversation(
     if not cfg.channel:
         return None
     conv = Conversation(cfg, SlackClient(cfg), inbox)
+    note = (" " if attempt_note[:1].isspace() else "") + clean(attempt_note, 100)  # its leading blank kept
     text = (
-        f"factory-worker: agent started on {issue_id}: {title[:200]} (dispatch {task_id}{attempt_note}); "
-        "reply in this thread to talk to it"
+        f"factory-worker: agent started on {clean(issue_id, 64)}: {clean(title)} (dispatch "
+        f"{clean(task_id, 64)}{note}); reply in this thread to talk to it"
     )
     return conv if conv.open(text) else None
 
@@ -193,9 +259,9 @@ def open_thread(cfg: SlackSettings, issue_id: str, title: str, task_id: str, pla
         body = conv.client.call(
             "chat.postMessage",
             channel=conv.channel,
-            text=f"factory-worker: agents started on {issue_id}: {title[:200]} (dispatch "
-            f"{task_id}; stages {' -> '.join(plan)}); reply in this thread to talk to "
-            "the running stage",
+            text=f"factory-worker: agents started on {clean(issue_id, 64)}: {clean(title)} "
+            f"(dispatch {clean(task_id, 64)}; stages {clean(' -> '.join(plan), 300)}); "
+            "reply in this thread to talk to the running stage",
         )
     except SlackError as exc:
         log.warning("could not open the Slack thread: %s", exc)
@@ -229,15 +295,17 @@ def ended_text(settled: str, error: str = "") -> str:
         "stale": "stopped: its claim was lost",
         "lease-lost": "stopped: its claim was lost",
     }
-    text = f"factory-worker: {words.get(settled, settled)}"
-    return text + (f" ({error[:300]})" if error and settled in ("backoff", "parked") else "")
+    text = f"factory-worker: {words.get(settled) or clean(settled, 64)}"
+    return text + (f" ({clean(error, 300)})" if error and settled in ("backoff", "parked") else "")
 
 
 __all__ = [
     "Conversation",
     "SlackClient",
     "SlackError",
+    "clean",
     "ended_text",
+    "inbox_line",
     "join_conversation",
     "open_conversation",
     "open_thread",

@@ -85,8 +85,9 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
 
 
 def _natural(text: str) -> list[Any]:
-    """Sort key: EX-2 before EX-10."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+    """Sort key: EX-2 before EX-10. Runs of digits compare by value without int() (any length, any script's
+    digits: an id from the ledger is whatever is stored), the rest as text."""
+    return [(len(p.lstrip("0")), p.lstrip("0")) if n % 2 else (0, p) for n, p in enumerate(re.split(r"(\d+)", text))]
 
 
 @cli.command("explain")

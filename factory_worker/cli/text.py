@@ -22,8 +22,11 @@ def one_line(v: Any) -> str:
 
 
 def ts(ms: Any) -> str:
-    """A Redis-clock ms timestamp as UTC text; ``-`` when it is not one."""
+    """A Redis-clock ms timestamp as UTC text; ``-`` when there is none, ``invalid`` when what is stored is not
+    one (garbage, ``inf``, a year past 9999: never an exception)."""
+    if ms is None or ms == "":
+        return "-"
     try:
         return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (TypeError, ValueError):
-        return "-"
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "invalid"

@@ -140,8 +140,10 @@ def execute(
         )
     finally:
         if conversation is not None:  # no read of the thread after this; then its end is told
-            conversation.close(ended_text(str(result.get("settled", "")), str(result.get("error") or "")))
-            conversation.inbox.unlink(missing_ok=True)
+            try:
+                conversation.close(ended_text(str(result.get("settled", "")), str(result.get("error") or "")))
+            finally:  # the inbox goes with its dispatch (the stopped watcher never makes it again)
+                conversation.inbox.unlink(missing_ok=True)
         refilling = send is not None and result.get("settled") != Settled.LEASE_LOST
         if not rider.replies:  # no settle was sent (a lost lease, Redis gone), or its answer was lost
             p = ctx.redis.pipeline(transaction=False)

@@ -23,6 +23,7 @@ import redis
 from factory_worker.agents import AgentRunner, Dispatch
 from factory_worker.agents.command import safe_name
 from factory_worker.agents.sandbox import remove_shared_workdir, shared_workdir, write_feedback
+from factory_worker.chat.notify import clean
 from factory_worker.config.stages import TRIAGE
 from factory_worker.context import Context
 from factory_worker.dispatch.decisions import Decision, Progress, decide, read_output
@@ -108,7 +109,11 @@ def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: A
     if conversation is None:
         inbox.unlink(missing_ok=True)
         return None
-    _tell(conversation.post, f"factory-worker: stage {prog.stage} started (step {prog.step}, round {prog.round})")
+    _tell(
+        conversation.post,
+        f"factory-worker: stage {clean(prog.stage, 64)} started (step {clean(prog.step, 20)}, "
+        f"round {clean(prog.round, 20)})",
+    )
     return conversation
 
 
@@ -314,7 +319,9 @@ def _act(
             return {**out, "settled": Settled.STALE}
         if new_step is None:
             return {**out, "settled": "moved"}
-        _tell(tell, f"factory-worker: stage {prog.stage} {d.outcome}; next: {d.stage}")  # before it can start
+        _tell(
+            tell, f"factory-worker: stage {clean(prog.stage, 64)} {clean(d.outcome, 64)}; next: {clean(d.stage, 64)}"
+        )  # before it can start
         _send(ctx, send_stage, next_id, Issue.model_validate(issue_data), token, d.stage, new_step, run_id)
         log.info(
             "issue %s: step %d (%s) %s -> step %d (%s, round %d)",

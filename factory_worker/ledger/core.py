@@ -22,12 +22,23 @@ import redis
 from factory_worker.config.settings import DispatchSettings, Settings
 from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import INVALID, shown
 from factory_worker.ledger.redis_client import decoded
 from factory_worker.ledger.scripts import LedgerError, StaleClaimError, checked
 from factory_worker.ledger.states import Begin, Gate
 
 # the ledger's result types are this module's API too
-from factory_worker.ledger.types import WAITING, Claim, ClaimBatch, Explanation, FailResult, Rider, Skip, fence_of
+from factory_worker.ledger.types import (
+    WAITING,
+    Claim,
+    ClaimBatch,
+    Explanation,
+    FailResult,
+    Rider,
+    Skip,
+    fence_in,
+    fence_of,
+)
 from factory_worker.ledger.views import STATES, LedgerView, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
 from factory_worker.ledger.writes import LedgerWrites
@@ -156,27 +167,28 @@ class Ledger:
                     skipped.append(Skip(issue, Gate.UNACKED, detail))
                 continue
             code, _, rest = entry.partition(":")
-            if code == Gate.CLAIMABLE:
-                claims.append(Claim(issue, "", _int(rest)))
+            if code == Gate.CLAIMABLE:  # a dry run's fence: "invalid" when the stored one is not a number
+                claims.append(Claim(issue, "", shown(rest)))
             else:
                 skipped.append(Skip(issue, code, self._skip_detail(code, rest.split(":"))))
 
     @staticmethod
     def _skip_detail(code: str, parts: list[str]) -> dict[str, Any]:
+        """The numbers in a skip, as stored: an int, or ``invalid`` (``records.shown``: ``inf``, garbage)."""
         a = parts[0]
-        b = parts[1] if len(parts) > 1 else ""
+        b = parts[1] if len(parts) > 1 else None
         if code == Gate.DONE:
-            return {"fence": _int(a), "completed_ms": _int(b)}
+            return {"fence": shown(a), "completed_ms": shown(b)}
         if code == Gate.IN_FLIGHT:
-            return {"lease_left_ms": _int(a)}
+            return {"lease_left_ms": _int(a)}  # PTTL's own reply
         if code == Gate.BACKOFF:
-            return {"until_ms": _int(a), "attempts": _int(b)}
+            return {"until_ms": shown(a), "attempts": shown(b)}
         if code == Gate.PARKED:
-            return {"parked_ms": _int(a), "attempts": _int(b)}
+            return {"parked_ms": shown(a), "attempts": shown(b)}
         if code == Gate.MAX_IN_FLIGHT:
-            return {"in_flight": _int(a), "cap": _int(b)}
+            return {"in_flight": shown(a), "cap": shown(b)}
         if code == Gate.NO_FREE_SLOT:
-            return {"in_flight": _int(a), "slots": _int(b)}
+            return {"in_flight": shown(a), "slots": shown(b)}
         return {}
 
     def renew(self, issue: str, token: str) -> int:
@@ -296,7 +308,7 @@ class Ledger:
             self.r.hget(k.attempts, issue),
             decoded(self.r.hget(k.errors, issue)),
         )
-        n = _int(attempts)
+        n = shown(attempts)  # an int, or "invalid": shown as stored, never raised
         if batch.claims:
             return Explanation(issue, Gate.CLAIMABLE, f"claimable now ({n} failed attempts so far)", {"attempts": n})
         skip = batch.skipped[0]
@@ -305,13 +317,15 @@ class Ledger:
             return Explanation(issue, Gate.DONE, f"done (fence {d['fence']}); never dispatched again", d)
         if skip.reason == Gate.IN_FLIGHT:
             left = max(d["lease_left_ms"], 0)
-            fence = fence_of(token) if token else None
+            fence = (fence_in(token) if fence_in(token) is not None else INVALID) if token else None
             return Explanation(
                 issue,
                 Gate.IN_FLIGHT,
                 f"held by token {token} (fence {fence}) for {left / 1000:.1f}s more",
                 {"token": token, "fence": fence, "until_ms": self.now_ms() + left},
             )
+        if skip.reason == Gate.PARKED and d["parked_ms"] == INVALID:
+            error = f"{error or '-'} (and its parked-at time is invalid: not a number)"
         if skip.reason == Gate.PARKED and (error or "").startswith("needs-human"):
             return Explanation(
                 issue,
@@ -328,11 +342,15 @@ class Ledger:
                 {"attempts": n, "parked_ms": d["parked_ms"], "last_error": error},
             )
         if skip.reason == Gate.BACKOFF:
-            left = (d["until_ms"] - self.now_ms()) / 1000
+            for_s = (
+                f"for {max((d['until_ms'] - self.now_ms()) / 1000, 0):.1f}s more"
+                if d["until_ms"] != INVALID
+                else "until a time that is invalid (its score is not a number)"
+            )
             return Explanation(
                 issue,
                 Gate.BACKOFF,
-                f"backing off for {max(left, 0):.1f}s more after attempt {n}; last error: {error or '-'}",
+                f"backing off {for_s} after attempt {n}; last error: {error or '-'}",
                 {"attempts": n, "until_ms": d["until_ms"], "last_error": error},
             )
         if skip.reason == Gate.MAX_IN_FLIGHT:

@@ -6,6 +6,7 @@ socket (:mod:`factory_worker.cli.quick`): bytes or text, flat lists or dicts. St
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,11 +36,67 @@ def as_dict(flat: Any) -> dict[str, str]:
     return dict(zip(items[::2], items[1::2]))
 
 
+#: What a reader shows for a stored number that is not one (see :func:`number`).
+INVALID = "invalid"
+#: Redis's integers are 64-bit: nothing the factory counts, scores or stamps is larger.
+INT_MAX = 2**63 - 1
+_NUMBER_CHARS = 32
+
+
+def number(v: Any) -> int | None:
+    """A stored number (a reply: bytes, str, int or float) as an int when it is a finite number within Redis's
+    64-bit integers (``"12"``, ``" 7 "``, ``"1.5"`` -> 1, a zset score), else None: garbage, ``inf``, ``nan``,
+    ``1e999``, ``9223372036854775808`` and beyond, non-ASCII digits. Never raises."""
+    if isinstance(v, bytes):
+        v = v.decode("ascii", "replace")
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float):
+        if not math.isfinite(v) or abs(v) > INT_MAX:
+            return None
+        v = int(v)
+    elif isinstance(v, str):
+        text = v.strip()
+        if not text or len(text) > _NUMBER_CHARS or not text.isascii():
+            return None
+        try:
+            v = int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                return None
+            if not math.isfinite(f) or abs(f) > INT_MAX:
+                return None
+            v = int(f)
+    if not isinstance(v, int):
+        return None
+    return v if -INT_MAX - 1 <= v <= INT_MAX else None
+
+
 def as_int(v: Any, default: int = 0) -> int:
-    try:
-        return int(float(v))
-    except (TypeError, ValueError):
+    """:func:`number`, ``default`` when it is none (for arithmetic on what is stored: never raises)."""
+    n = number(v)
+    return default if n is None else n
+
+
+def shown(v: Any, default: Any = 0) -> Any:
+    """What a reader shows for a stored number: ``default`` when missing (None), the int, or :data:`INVALID`
+    when something is stored that is not one."""
+    if v is None:
         return default
+    n = number(v)
+    return INVALID if n is None else n
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(raw: Any) -> Any:
+    """Stored JSON, strictly: ``NaN`` / ``Infinity`` (which Python's parser accepts) raise ValueError, so nothing
+    read is printed as JSON no strict parser reads."""
+    return json.loads(raw, parse_constant=_no_constant)
 
 
 def raise_errors(replies: list[Any]) -> list[Any]:
@@ -58,19 +115,20 @@ def parse_run(raw: dict[str, str]) -> dict[str, Any] | None:
     for name in ("task_ids", "last_report"):
         if name in rec:
             try:
-                rec[name] = json.loads(rec[name])
-            except ValueError:
+                rec[name] = loads(rec[name])
+            except (ValueError, RecursionError):
                 pass
     for name in RUN_INTS:
         if name in rec:
-            rec[name] = int(rec[name])
+            rec[name] = shown(rec[name])  # an int, or "invalid": readers do arithmetic through as_int
     return rec
 
 
-def parse_counters(raw: dict[str, str]) -> dict[str, int]:
-    """The ledger counters (``ledger.counters``), the usual ones present as 0 when never counted."""
-    base = dict.fromkeys(COUNTERS, 0)
-    base.update({name: as_int(v) for name, v in raw.items()})
+def parse_counters(raw: dict[str, str]) -> dict[str, Any]:
+    """The ledger counters (``ledger.counters``), the usual ones present as 0 when never counted; a value that
+    is not a number is :data:`INVALID`."""
+    base: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
+    base.update({name: shown(v) for name, v in raw.items()})
     return base
 
 
@@ -85,13 +143,14 @@ def gauge_commands(keys: Keys, now_ms: int) -> list[tuple[Any, ...]]:
     ]
 
 
-def parse_gauges(replies: Sequence[Any]) -> dict[str, int]:
+def parse_gauges(replies: Sequence[Any]) -> dict[str, Any]:
     inflight, backoff, parked, done, legacy = replies
+    counted = shown(text(done))
     return {
         "in_flight": int(inflight),
         "backoff": int(backoff),
         "parked": int(parked),
-        "done": as_int(text(done)) + int(legacy),
+        "done": counted if counted == INVALID else counted + int(legacy),
     }
 
 
@@ -100,8 +159,8 @@ def parse_guard(generation: Any, lost: dict[str, str]) -> dict[str, Any]:
     out = {}
     for gen, raw in lost.items():
         try:
-            out[gen] = json.loads(raw)
-        except ValueError:
+            out[gen] = loads(raw)
+        except (ValueError, RecursionError):
             out[gen] = {}
     return {"generation": text(generation), "lost": out, "ledger_lost": bool(out)}
 
@@ -111,8 +170,8 @@ def parse_objects(values: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for raw in values:
         try:
-            rec = json.loads(raw) if raw else None
-        except ValueError:
+            rec = loads(raw) if raw else None
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict):
             out.append(rec)

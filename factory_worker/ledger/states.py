@@ -35,6 +35,7 @@ class Gate(StrEnum):
     NOT_IN_SOURCE = "not-in-source"  # explain only: the source does not have it
     NOT_READY = "not-ready"  # explain only: the source has it, not ready (its state, or a factory:done/parked label)
     OUT_OF_SCOPE = "out-of-scope"  # explain only: the source has it, but an eligibility rule (source.*) excludes it
+    MALFORMED = "malformed"  # explain only: the source has it, malformed: every poll skips it (the reason in the text)
 
 
 class RunStatus(StrEnum):

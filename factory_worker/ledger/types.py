@@ -25,7 +25,11 @@ def fence_in(value: str | None) -> int | None:
     """The fence at the head of ``value`` (a token, or a done marker ``<fence>:<completed_ms>``); None when it
     has none (missing or malformed): for readers that show or check what is stored, never for a write."""
     head = (value or "").partition(":")[0]
-    return int(head) if head.isdigit() else None
+    # ASCII digits only ("²".isdigit() is True, int() refuses it), and no more than a 64-bit counter holds
+    if not (head.isascii() and head.isdigit() and len(head) <= 19):
+        return None
+    fence = int(head)
+    return fence if fence <= 2**63 - 1 else None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The read side of the dispatch ledger: issue-by-issue listings, counters, gauges, the done markers, the live
 token of an issue and the server clock (:class:`LedgerView`, a plain class on a client and the key names; the
-:class:`~factory_worker.ledger.core.Ledger` holds one and answers its reads with it). Nothing here writes."""
+:class:`~factory_worker.ledger.core.Ledger` holds one and answers its reads with it). Nothing here writes. A stored
+number that is not one (a score of ``inf``, ``1e999`` attempts, a garbage marker) is listed as ``invalid``
+(``records.shown``), never an exception."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import redis
 
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.records import as_int, gauge_commands, parse_counters, parse_gauges
+from factory_worker.ledger.records import INVALID, as_int, gauge_commands, parse_counters, parse_gauges, shown
 from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored, server_now_ms
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
@@ -27,6 +29,14 @@ def done_markers(r: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
 
 
 _int = as_int
+
+
+def _fence(token: str | None) -> Any:
+    """The fence of a stored token: None without one, :data:`INVALID` when it has none that can be read."""
+    if token is None:
+        return None
+    fence = fence_in(token)
+    return INVALID if fence is None else fence
 
 
 class LedgerView:
@@ -58,10 +68,10 @@ class LedgerView:
                     {
                         "issue": i,
                         "state": state,
-                        "until_ms": int(s),
+                        "until_ms": shown(s),
                         "token": token,
-                        "fence": fence_in(token),
-                        "attempts": _int(self.r.hget(k.attempts, i)),
+                        "fence": _fence(token),
+                        "attempts": shown(self.r.hget(k.attempts, i)),
                         **({"stage": st} if (st := self.r.hget(k.stages(i), "stage")) else {}),
                     }
                 )
@@ -72,8 +82,8 @@ class LedgerView:
                 {
                     "issue": i,
                     "state": state,
-                    "until_ms": int(s),
-                    "attempts": _int(self.r.hget(k.attempts, i)),
+                    "until_ms": shown(s),
+                    "attempts": shown(self.r.hget(k.attempts, i)),
                     "last_error": self.r.hget(k.errors, i),
                 }
                 for i, s in rows
@@ -83,8 +93,8 @@ class LedgerView:
                 {
                     "issue": i,
                     "state": state,
-                    "parked_ms": _int(v),
-                    "attempts": _int(self.r.hget(k.attempts, i)),
+                    "parked_ms": shown(v),
+                    "attempts": shown(self.r.hget(k.attempts, i)),
                     "last_error": self.r.hget(k.errors, i),
                 }
                 for i, v in sorted(self.r.hgetall(k.parked).items())
@@ -93,18 +103,18 @@ class LedgerView:
             out = []
             for i, v in self.done_markers():
                 fence, _, at = v.partition(":")
-                out.append({"issue": i, "state": state, "fence": _int(fence), "completed_ms": _int(at)})
+                out.append({"issue": i, "state": state, "fence": shown(fence), "completed_ms": shown(at)})
             return sorted(out, key=lambda e: e["issue"])
         raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
 
     def all_entries(self, states: Iterable[str] = STATES) -> list[dict[str, Any]]:
         return [e for s in states for e in self.entries(s)]
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         """Ledger counters: claimed, deduped, backed_off, parked, completed, released, ... (one hash)."""
         return parse_counters(decoded_hash(self.r.hgetall(self.keys.counters)))
 
-    def gauges(self) -> dict[str, int]:
+    def gauges(self) -> dict[str, Any]:
         """How many issues are in flight, backing off, parked, done now."""
         p = self.r.pipeline(transaction=False)
         for command in gauge_commands(self.keys, self.now_ms()):

@@ -18,7 +18,7 @@ import redis
 
 from factory_worker.config.settings import MAX_ITERATIONS_CEILING, Settings
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.records import parse_run
+from factory_worker.ledger.records import as_int, parse_run
 from factory_worker.ledger.redis_client import decoded, decoded_hash, hash_mapping, server_now_ms
 from factory_worker.ledger.scripts import scripts_for
 from factory_worker.ledger.states import RunStatus
@@ -271,8 +271,8 @@ class LoopControl:
                 self.keys,
                 run_id,
                 status,
-                int(rec.get("iterations_done", 0)),
-                int(rec.get("max_iterations", 0)),
+                max(0, as_int(rec.get("iterations_done"))),
+                max(0, as_int(rec.get("max_iterations"))),
                 ttl,
                 where=current,
             )

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 Status = Literal["running", "idle", "stopping"]
 STATUSES = ("running", "idle", "stopping")
 #: ``loop.stale_after_s``'s default: a heartbeat older than this is stale.
+#: The largest number a heartbeat field may hold (Redis's 64-bit integers).
+MAX_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Heartbeat:
     @classmethod
     def from_dict(cls, data: Any) -> Heartbeat:
         """Strict: every field present with its exact JSON type (a number as a string, a bool as a number,
-        a negative count, an empty run id or an unknown status raise ``ValueError``); extra fields ignored."""
+        a negative count, a number beyond 64 bits, an empty run id or an unknown status raise ``ValueError``);
+        extra fields ignored."""
         if not isinstance(data, dict):
             raise ValueError(f"not an object: {type(data).__name__}")
         values: dict[str, Any] = {}  # typed by the checks below, field by field
@@ -67,6 +70,9 @@ class Heartbeat:
         for name in ("iteration", "max_iterations", "updated_at_ms"):
             if values[name] < 0:
                 raise ValueError(f"{name}: negative")
+        for name in ("iteration", "max_iterations", "pid", "updated_at_ms"):
+            if abs(values[name]) > MAX_INT:  # no clock or count is that large: ages would overflow a float
+                raise ValueError(f"{name}: beyond a 64-bit integer")
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:

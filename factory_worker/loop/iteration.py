@@ -17,12 +17,13 @@ from typing import Any, cast
 from factory_worker.context import Context
 from factory_worker.ledger.core import WAITING, Claim
 from factory_worker.ledger.guard import LedgerLostError
+from factory_worker.ledger.records import as_int
 from factory_worker.ledger.scripts import scripts_for
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import heartbeat
 from factory_worker.loop.control import Kickoff
 from factory_worker.loop.sweep import forget_dead_agents, release_lost_messages
-from factory_worker.sources.base import Issue
+from factory_worker.sources.base import Issue, PollResult, SourceError
 from factory_worker.sources.rules import Rules
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def iterate(
     if not dry_run and ctx.control.pause_info():  # a dry run asks the gate, which says "paused" per issue
         report.stopped = "paused"
         return report
-    polled = ctx.source.poll()
-    report.skipped.extend({"issue": e.split(":", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
+    polled = _poll(ctx)
+    report.skipped.extend({"issue": e.split(": ", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
     screened = Rules.from_settings(ctx.settings.source).screen(polled.issues)
     report.ruled_out, report.ruled_out_examples = screened.ruled_out, screened.examples
     issues = {i.id: i for i in screened.issues}
@@ -109,6 +110,23 @@ def iterate(
         report.dispatched = len(report.dispatches)
     _sweep(ctx)
     return report
+
+
+def _poll(ctx: Context) -> PollResult:
+    """The source's poll. A malformed item is one line in ``errors`` (the sources report and skip it); any
+    exception is the source failing as a whole: a :class:`SourceError` in one line (the iteration is recorded
+    as failed, ``run-once`` prints it), whatever a custom source raised."""
+    try:
+        polled = ctx.source.poll()
+    except SourceError:
+        raise
+    except Exception as exc:
+        log.warning("the source's poll failed", exc_info=True)
+        text = (str(exc).splitlines() or [""])[0]
+        raise SourceError(f"source poll failed: {type(exc).__name__}{': ' + text if text else ''}") from exc
+    if not isinstance(polled, PollResult):
+        raise SourceError(f"source poll returned {type(polled).__name__}, not a PollResult")
+    return polled
 
 
 def _sweep(ctx: Context) -> None:
@@ -248,7 +266,7 @@ def run_iteration(
     if stop:
         ctx.control.end_run(run_id, *stop)
         return IterationReport(run_id=run_id, iteration=index, stopped=stop[1]), False
-    max_it = int(rec.get("max_iterations", cfg.max_iterations))
+    max_it = as_int(rec.get("max_iterations"), cfg.max_iterations)
     gap = cfg.spacing_s(max_it) if index + 1 < max_it else 0.0
     reason = ctx.control.begin_iteration(run_id, index + 1, max_it, gap, worker)
     if reason:

@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from factory_worker.ledger.records import as_int
 from factory_worker.ledger.states import RunStatus
 
 if TYPE_CHECKING:
@@ -155,9 +156,9 @@ def kill_plan(control: LoopControl, kill: Kill, release_agents: bool = False) ->
         run_id = newest  # a kickoff started a run just before the kill was set: that is the run to kill
     run = control.run(run_id) or {}
     status = run.get("status")
-    between = status not in (None, RunStatus.RUNNING) and int(run.get("finished_ms") or 0) < kill.at_ms
+    between = status not in (None, RunStatus.RUNNING) and as_int(run.get("finished_ms")) < kill.at_ms
     task_ids = () if between else tuple(t for t in run.get("task_ids", []) if isinstance(t, str))
-    not_run = task_ids[max(0, int(run.get("iterations_done", 0)) - 1) :] if status == RunStatus.RUNNING else ()
+    not_run = task_ids[max(0, as_int(run.get("iterations_done")) - 1) :] if status == RunStatus.RUNNING else ()
     agents = tuple(control.running_agents()) if release_agents else ()
     return KillPlan(kill, run_id, between, status if between else None, task_ids, not_run, agents)
 

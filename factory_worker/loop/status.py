@@ -5,7 +5,9 @@ returns Redis's replies as sent (bulk strings as bytes, error replies as excepti
 ``metrics`` and ``up`` use :func:`factory_worker.ledger.redis_client.redis_py_sender`; the CLI's early path (:mod:`.quick`) its own socket, before
 redis-py, pydantic and click are loaded. So both answer with the same dict, built here only. The other
 readers of these keys (``control.run``, ``ledger.gauges``, ``guard.status``, ``presence``) share the parsing
-below. Standard library only.
+below, and its readers of stored numbers (:func:`number`, :func:`as_int`, :func:`shown`): a counter, score or
+marker that is not a finite integer within Redis's 64-bit range (``inf``, ``1e999``, 400 digits, garbage) is
+shown as :data:`INVALID`, never an exception. Standard library only.
 """
 
 from __future__ import annotations

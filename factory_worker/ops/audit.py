@@ -8,6 +8,8 @@ Checks (each a name in the report):
 - ``started-not-claimed``: an issue marked as having a started agent is held by that very token;
 - ``done-and-*``: a done issue is never in flight, backing off or parked;
 - ``fence-below-done``: no fence counter is below the fence of the issue's done marker;
+- ``invalid-number``: every fence counter, done marker (``<fence>:<completed_ms>``) and in-flight or backoff
+  score is a finite integer within Redis's 64-bit range (``inf``, ``1e999`` or garbage is reported, never raised);
 - ``agent-on-dead-worker``: every agent task listed as running belongs to a worker whose presence is live.
 
 A live fleet moves while it is read, so a violation is reported only if a second read, ``recheck_s``
@@ -26,6 +28,7 @@ import redis
 
 from factory_worker.ledger.core import done_markers
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.records import number
 from factory_worker.ledger.redis_client import decoded, server_now_ms
 from factory_worker.ledger.types import fence_in
 from factory_worker.loop.presence import worker_alive
@@ -69,9 +72,11 @@ def _snapshot(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     p.smembers(keys.agents)
     (sec, usec), inflight, started, backoff, parked, fences, agents = p.execute()
     now = int(sec) * 1000 + int(usec) // 1000
+    scores = {"in-flight": dict(inflight), "backoff": dict(backoff)}
     return {
         "now": now,
         "claims": _claim_issues(r, keys),
+        "scores": scores,
         "inflight": {i for i, s in inflight if s >= Keys.live_from(now)},
         "started": started,
         "done": done,
@@ -101,8 +106,9 @@ def _violations(r: redis.Redis, keys: Keys, snap: dict[str, Any]) -> Iterator[Vi
     ):
         for issue in sorted(members & set(done)):
             yield Violation(f"done-and-{name}", issue, f"done ({done[issue]}) but also {name}")
+    yield from _invalid_numbers(snap)
     for issue, fence in sorted(snap["fences"].items()):
-        if issue in done and int(fence) < _fence(done[issue]):
+        if issue in done and number(fence) is not None and int(fence) < _fence(done[issue]):
             yield Violation("fence-below-done", issue, f"fence {fence} < done fence {_fence(done[issue])}")
     for task_id in sorted(snap["agents"]):
         host = decoded(r.hget(keys.agent_task(task_id), "hostname"))
@@ -112,6 +118,24 @@ def _violations(r: redis.Redis, keys: Keys, snap: dict[str, Any]) -> Iterator[Vi
                 task_id,
                 f"listed as running on {host or 'an unknown worker'}, which has no live presence",
             )
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _invalid_numbers(snap: dict[str, Any]) -> Iterator[Violation]:
+    for issue, fence in sorted(snap["fences"].items()):
+        if number(fence) is None:
+            yield Violation("invalid-number", issue, f"its fence counter holds {_shown(fence)}, not a number")
+    for issue, marker in sorted(snap["done"].items()):
+        if fence_in(marker) is None or number(marker.partition(":")[2]) is None:
+            yield Violation("invalid-number", issue, f"its done marker is {_shown(marker)}, not <fence>:<completed_ms>")
+    for name, scores in snap["scores"].items():
+        for issue, score in sorted(scores.items()):
+            if number(score) is None:
+                yield Violation("invalid-number", issue, f"its {name} score is {_shown(score)}, not a time in ms")
 
 
 def audit(r: redis.Redis, keys: Keys, recheck_s: float = 0.5) -> dict[str, Any]:

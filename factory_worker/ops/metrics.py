@@ -1,6 +1,7 @@
 """Prometheus metrics of a factory loop, read from Redis at scrape time (``factory-worker metrics``).
 
-No global state: every scrape runs :func:`snapshot` (the same data as ``loop-status``) through a
+A counter or gauge whose stored value is not a number (``invalid`` in ``loop-status``) is left out of the
+scrape and logged. No global state: every scrape runs :func:`snapshot` (the same data as ``loop-status``) through a
 :class:`FactoryCollector` registered in its own :class:`~prometheus_client.CollectorRegistry`. A scrape
 while Redis is down answers ``factory_redis_up 0`` instead of failing. :func:`serve` runs the HTTP
 endpoint until SIGINT/SIGTERM (on 127.0.0.1 unless an address is given: ``:PORT`` or ``0.0.0.0:PORT`` for every
@@ -10,6 +11,7 @@ interface); the signal handler only sets a flag.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -42,7 +44,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     status, _ = loop_status(ctx)
     counters = status["counters"]
     report = (status.get("run") or {}).get("last_report")
-    duration = report.get("duration_s") if isinstance(report, dict) else None
+    duration = _seconds(report.get("duration_s")) if isinstance(report, dict) else None
     return {
         "ledger_events": {k: v for k, v in sorted(counters.items()) if not _is_loop_counter(k)},
         "loop_counters": {k: v for k, v in sorted(counters.items()) if _is_loop_counter(k)},
@@ -50,13 +52,34 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "liveness": status["liveness"],
         "live": bool(status["live"]),
         "heartbeat_age_s": status["age_s"],
-        "iteration_duration_s": float(duration) if isinstance(duration, (int, float)) else None,
+        "iteration_duration_s": duration,
         "workers_live": len(status["workers"]),
         "killed": bool(status["killed"]),
         "ledger_lost": bool(status["ledger_lost"]),
         "paused": bool(status["paused"]),
         "outbox": status.get("outbox"),
     }
+
+
+def _seconds(value: Any) -> float | None:
+    """A stored duration as a finite float, else None (a huge int, ``inf`` or text is left out)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _samples(values: dict[str, Any], what: str) -> Iterator[tuple[str, int]]:
+    """The integer values; one that is not (``invalid``: see ``records.shown``) is left out of the scrape and
+    logged, as Prometheus has no sample for "not a number we can trust"."""
+    for name, v in values.items():
+        if isinstance(v, int) and not isinstance(v, bool):
+            yield name, v
+        else:
+            log.warning("metrics: %s %r holds no valid number (%r); left out", what, name, v)
 
 
 class FactoryCollector(Collector):
@@ -87,17 +110,17 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
     events = CounterMetricFamily(
         "factory_ledger_events", "Ledger events since the namespace was created", labels=["event"]
     )
-    for name, v in snap["ledger_events"].items():
+    for name, v in _samples(snap["ledger_events"], "counter"):
         events.add_metric([name], v)
     yield events
     loop = CounterMetricFamily(
         "factory_loop_counters", "Loop counters (kickoffs skipped, runs, iterations)", labels=["name"]
     )
-    for name, v in snap["loop_counters"].items():
+    for name, v in _samples(snap["loop_counters"], "counter"):
         loop.add_metric([name], v)
     yield loop
     issues = GaugeMetricFamily("factory_issues", "Issues in each ledger state now", labels=["state"])
-    for state, v in snap["issues"].items():
+    for state, v in _samples(snap["issues"], "gauge"):
         issues.add_metric([state], v)
     yield issues
     yield GaugeMetricFamily("factory_loop_live", "1 when the loop heartbeat is live", value=int(snap["live"]))

@@ -14,11 +14,13 @@ from typing import Any
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
+from factory_worker.ledger.records import shown
 from factory_worker.ledger.redis_client import decoded_hash, redis_py_sender
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import status
 from factory_worker.loop.kill import EarlyKill, Kill, Refused, kill_plan, kill_target, who
 from factory_worker.loop.presence import live_workers, worker_alive
+from factory_worker.sources.base import MalformedIssue
 from factory_worker.sources.rules import Rules
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,14 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
         return e
     try:
         issue = ctx.source.get(issue_id)
+    except MalformedIssue as exc:  # what every poll skips, with the poll's reason
+        return Explanation(
+            issue_id,
+            Gate.MALFORMED,
+            f"malformed in the source, so every poll skips it: "
+            f"{(str(exc).splitlines() or [''])[0]} (the ledger alone says: {e.state})",
+            {**e.detail, "malformed": str(exc)},
+        )
     except Exception as exc:
         return replace(e, detail={**e.detail, "source_error": f"{type(exc).__name__}: {exc}"})
     if issue is None:
@@ -78,8 +88,8 @@ def _with_stage(ctx: Context, e: Explanation) -> Explanation:
         return e
     stage = {
         "stage": p["stage"],
-        "step": int(p.get("step") or 0),
-        "round": int(p.get("round") or 1),
+        "step": shown(p.get("step")),
+        "round": shown(p.get("round"), 1),
         "stage_state": p.get("state"),
         "stage_history": p.get("history") or "",
     }

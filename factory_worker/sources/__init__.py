@@ -17,7 +17,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from factory_worker.sources.base import Issue, IssueSource, PollResult, SourceError
+from factory_worker.sources.base import Issue, IssueSource, MalformedIssue, PollResult, SourceError
 from factory_worker.sources.file import FileSource
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FileSource", "Issue", "IssueSource", "PollResult", "SourceError", "load_source"]
+__all__ = ["FileSource", "Issue", "IssueSource", "MalformedIssue", "PollResult", "SourceError", "load_source"]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -89,13 +89,23 @@ def validation_reason(exc: ValidationError) -> str:
 
 
 class SourceError(Exception):
-    """The source as a whole is unavailable (missing file, HTTP failure): the iteration fails."""
+    """The source as a whole is unavailable (missing file, HTTP failure, a malformed page): the iteration fails."""
+
+
+class MalformedIssue(ValueError):
+    """``get(id)``: the source has this issue but it is malformed, so every poll skips it; the message is the
+    reason the poll gives (``explain`` shows it)."""
 
 
 @runtime_checkable
 class IssueSource(Protocol):
     """Anything with ``poll()`` returning the issues in a ready state; ``get(id)`` finds one issue by id or
-    None. The loop applies the eligibility rules (``rules.py``) on top: a source need not know them."""
+    None (or raises :class:`MalformedIssue` for one the polls skip as malformed). The loop applies the
+    eligibility rules (``rules.py``) on top: a source need not know them.
+
+    A poll reports each malformed item in ``PollResult.errors`` and goes on; it raises only when the source
+    as a whole fails (:class:`SourceError`). The loop turns any other exception of a poll into a
+    :class:`SourceError` too, so the iteration is recorded as failed and ``run-once`` says it in one line."""
 
     def poll(self) -> PollResult: ...
 

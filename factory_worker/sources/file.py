@@ -8,7 +8,8 @@
 A malformed item (bad JSON, not an object, a missing or mistyped field) is reported as one line
 ``path:LINE: reason`` (``path: item N: reason`` for a ``.json`` array, N being the 0-based index), logged
 as a warning, and skipped; the other items are unaffected. When two items share an id the first one (in
-file order) wins and the later ones are reported. Issue text is data only: nothing in it is evaluated.
+file order) wins and the later ones are reported. :meth:`FileSource.get` of an id known only from malformed
+items raises :class:`MalformedIssue` with its line. Issue text is data only: nothing in it is evaluated.
 
 Parsed files are cached by (inode, size, mtime): polling an unchanged 10k-issue file costs a ``stat`` and
 one pass over the cached issues, and warnings for a bad file are logged once per change, not per poll.
@@ -28,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from factory_worker.sources.base import Issue, PollResult, SourceError, validation_reason
+from factory_worker.sources.base import Issue, MalformedIssue, PollResult, SourceError, validation_reason
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class _Parsed:
     stamp: tuple[int, int, int] | None
     issues: list[tuple[Issue, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: id -> its error line, for items with a readable id that failed validation (``get`` says why)
+    malformed: dict[str, str] = field(default_factory=dict)
     data: bytes | None = None  # kept only for a recently modified file (not cacheable by its stamp)
 
 
@@ -59,10 +62,14 @@ def _validate(obj: Any, where: str, out: _Parsed) -> None:
         return
     try:
         out.issues.append((Issue.model_validate(obj), where))
+        return
     except ValidationError as exc:
         out.errors.append(f"{where}: {_one_line(validation_reason(exc))}")
     except Exception as exc:
         out.errors.append(f"{where}: rejected: {type(exc).__name__}: {_one_line(str(exc))}")
+    ident = obj.get("id")
+    if isinstance(ident, str) and 0 < len(ident) <= 256:
+        out.malformed.setdefault(ident, out.errors[-1])
 
 
 def _parse_jsonl(path: Path, data: bytes, out: _Parsed) -> None:
@@ -113,7 +120,7 @@ class FileSource:
         self._cache: dict[Path, _Parsed] = {}
         self._lock = threading.Lock()
         self._merged_parts: list[_Parsed] = []
-        self._merged: tuple[dict[str, Issue], list[str]] | None = None
+        self._merged: tuple[dict[str, Issue], list[str], dict[str, str]] | None = None
 
     def __repr__(self) -> str:
         return f"FileSource({str(self.path)!r}, ready_states={sorted(self.ready_states)!r})"
@@ -154,8 +161,9 @@ class FileSource:
         self._cache[path] = parsed
         return parsed
 
-    def _load(self) -> tuple[dict[str, Issue], list[str]]:
-        """Every valid issue by id (first occurrence wins) and every problem, in file order."""
+    def _load(self) -> tuple[dict[str, Issue], list[str], dict[str, str]]:
+        """Every valid issue by id (first occurrence wins), every problem in file order, and the error line of
+        each id known only from malformed items."""
         with self._lock:
             files = self._files()
             top_level = files == [self.path]
@@ -171,8 +179,11 @@ class FileSource:
             by_id: dict[str, Issue] = {}
             first_at: dict[str, str] = {}
             errors: list[str] = []
+            malformed: dict[str, str] = {}
             for part in parsed:
                 errors.extend(part.errors)
+                for ident, line in part.malformed.items():
+                    malformed.setdefault(ident, line)
                 for issue, where in part.issues:
                     if issue.id in by_id:
                         msg = f"{where}: duplicate id {issue.id!r} (first at {first_at[issue.id]}); skipped"
@@ -181,16 +192,23 @@ class FileSource:
                         continue
                     by_id[issue.id] = issue
                     first_at[issue.id] = where
-            self._merged_parts, self._merged = parsed, (by_id, errors)
-            return by_id, errors
+            for ident in set(malformed) & set(by_id):
+                del malformed[ident]
+            self._merged_parts, self._merged = parsed, (by_id, errors, malformed)
+            return self._merged
 
     # -- IssueSource -----------------------------------------------------------------------------
     def poll(self) -> PollResult:
         """The issues whose state is ready, in file order, plus one line per skipped item."""
-        by_id, errors = self._load()
+        by_id, errors, _ = self._load()
         ready = [i for i in by_id.values() if i.state in self.ready_states]
         return PollResult(issues=ready, errors=list(errors), seen=len(by_id))
 
     def get(self, issue_id: str) -> Issue | None:
-        """The issue with this id, whatever its state, or None."""
-        return self._load()[0].get(issue_id)
+        """The issue with this id, whatever its state, or None; :class:`MalformedIssue` (the poll's line) when
+        the id is known only from items that failed validation."""
+        by_id, _, malformed = self._load()
+        issue = by_id.get(issue_id)
+        if issue is None and issue_id in malformed:
+            raise MalformedIssue(malformed[issue_id])
+        return issue

@@ -27,8 +27,9 @@ A 2xx that reports ``X-RateLimit-Remaining: 0`` also sets it, so the next call d
 
 Errors: HTTP errors, connection errors, a non-JSON body or a page that is not a JSON array raise
 :class:`SourceError` with one line (status, repo; the token never appears). A malformed item (not an
-object, missing/mistyped ``number`` or ``title``...) is reported in ``PollResult.errors`` as
-``github:<repo>#<index>: reason`` (index 0-based across pages) and skipped.
+object, missing/mistyped ``number``, ``title``, ``labels`` or ``html_url``..., or whatever else fails on it) is
+reported in ``PollResult.errors`` as ``github:<repo>#<index>: reason`` (index 0-based across pages) and
+skipped: one item never ends the poll. :meth:`GitHubSource.get` of one raises :class:`MalformedIssue`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import httpx
 from pydantic import ValidationError
 
 from factory_worker.config.settings import secret_from_env
-from factory_worker.sources.base import Issue, PollResult, SourceError
+from factory_worker.sources.base import Issue, MalformedIssue, PollResult, SourceError
 from factory_worker.sources.github_http import Page, PageCache, iso, origin, retry_wait_s
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ class GitHubSource:
             raise self._fail(f"HTTP {status} from GET {resp.request.url.path}{hint}")
         try:
             payload = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             ctype = headers.get("content-type", "?")
             raise self._fail(f"response is not JSON (HTTP {status}, content-type {ctype})") from None
         if headers.get("x-ratelimit-remaining") == "0":
@@ -234,13 +235,14 @@ class GitHubSource:
         raw_labels = item.get("labels") or []
         if not isinstance(raw_labels, list):
             raise ValueError("'labels' is not a list")
-        found = [lb.get("name") if isinstance(lb, dict) else lb for lb in raw_labels]
-        names = [n for n in found if isinstance(n, str)]
-        raw_state = item.get("state")
-        gh_state = raw_state if isinstance(raw_state, str) else "open"
+        names = [_label_name(lb, n) for n, lb in enumerate(raw_labels)]
+        for name in ("state", "html_url", "author_association"):
+            if item.get(name) is not None and not isinstance(item.get(name), str):
+                raise ValueError(f"'{name}' is not a string")
+        gh_state = item.get("state") or "open"
         state = self.ready_state if gh_state == "open" and self._has_labels(names) else gh_state
+        url, author = item.get("html_url"), item.get("author_association")
         try:
-            author = item.get("author_association")
             return Issue(
                 id=str(number),
                 title=item["title"],
@@ -248,8 +250,8 @@ class GitHubSource:
                 body=item.get("body") or "",
                 labels=names,
                 updated_at=item.get("updated_at"),
-                **{"url": item.get("html_url")},  # an extra field (Issue allows extras): not in its signature
-                author_association=author if isinstance(author, str) else None,
+                **{"url": url},  # an extra field (Issue allows extras): not in its signature
+                author_association=author,
             )
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -300,6 +302,9 @@ class GitHubSource:
                 except ValueError as exc:
                     result.errors.append(f"{where}: {exc}")
                     continue
+                except Exception as exc:
+                    result.errors.append(f"{where}: rejected: {type(exc).__name__}: {_first_line(exc)}")
+                    continue
                 result.seen += 1
                 if issue.state == self.ready_state:
                     result.issues.append(issue)
@@ -316,5 +321,17 @@ class GitHubSource:
             return None
         try:
             return self._to_issue(payload)
-        except ValueError as exc:
-            raise self._fail(f"issue {issue_id}: malformed payload: {exc}") from None
+        except Exception as exc:
+            raise MalformedIssue(self._scrub(f"github:{self.repo}#{issue_id}: {_first_line(exc)}")) from None
+
+
+def _label_name(label: Any, n: int) -> str:
+    """A label as the API gives it: its name, or an object with a string ``name``; else ValueError."""
+    name = label.get("name") if isinstance(label, dict) else label
+    if not isinstance(name, str):
+        raise ValueError(f"labels[{n}]: expected a name or an object with a string 'name'")
+    return name
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

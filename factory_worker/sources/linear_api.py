@@ -83,7 +83,10 @@ class LinearAPI:
             raise LinearError(f"linear {op}: {type(exc).__name__}") from None
         body = _json(resp)
         errors = body.get("errors") if isinstance(body, dict) else None
-        codes = {str((e.get("extensions") or {}).get("code", "")).upper() for e in errors or [] if isinstance(e, dict)}
+        errors = (
+            [e if isinstance(e, dict) else {} for e in errors] if isinstance(errors, list) else ([{}] if errors else [])
+        )  # a malformed reply's errors still fail the call, in one line
+        codes = {str(_obj(e.get("extensions")).get("code", "")).upper() for e in errors}
         if resp.status_code == 429 or "RATELIMITED" in codes:
             wait = retry_wait_s(
                 resp.headers,
@@ -100,9 +103,9 @@ class LinearAPI:
                 f"linear {op}: rate limited (HTTP {resp.status_code}), retry in {wait:.0f}s", retry_after=wait
             )
         if errors:
-            first = errors[0] if isinstance(errors[0], dict) else {}
-            message = str(first.get("message", "error"))[:200].splitlines()[0] if first.get("message") else "error"
-            ext = first.get("extensions") or {}
+            first = errors[0]
+            message = (str(first.get("message") or "").strip()[:200].splitlines() or ["error"])[0]
+            ext = _obj(first.get("extensions"))
             gone = "not found" in message.lower() or str(ext.get("type", "")).lower() == "invalid input"
             raise LinearError(f"linear {op}: HTTP {resp.status_code}: {message}", permanent=gone)
         if resp.status_code >= 300:
@@ -122,5 +125,10 @@ def _operation(query: str) -> str:
 def _json(resp: httpx.Response) -> Any:
     try:
         return resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return None
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is an object, else ``{}``: a reply's envelope of the wrong shape is read as empty."""
+    return value if isinstance(value, dict) else {}

@@ -286,7 +286,9 @@ def test_a_staged_dispatch_keeps_one_slack_thread_and_a_reply_reaches_the_runnin
     assert [r["settled"] for r in res] == ["next", "done"]
     assert len(threads) == 1  # one thread for the whole attempt
     texts = [m["text"] for m in next(iter(threads.values())) if m.get("bot_id")]
-    assert texts[0].startswith("factory-worker: agents started on I-0") and "implement -> review" in texts[0]
+    assert (
+        texts[0].startswith("factory-worker: agents started on I-0") and "implement -&gt; review" in texts[0]
+    )  # Slack shows ->
     assert texts[1:] == [
         "factory-worker: stage implement started (step 1, round 1)",
         "factory-worker: stage implement ok; next: review",

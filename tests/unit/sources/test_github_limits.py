@@ -53,7 +53,9 @@ def test_author_association_is_mapped_by_poll_and_get(gh):
     ]
     gh.route = lambda req: Reply(200, items if req.path.endswith("/issues") else items[1])
     src = source(gh)
-    assert [i.author_association for i in src.poll().issues] == ["OWNER", "NONE", None, None]
+    polled = src.poll()
+    assert [i.author_association for i in polled.issues] == ["OWNER", "NONE", None]
+    assert polled.errors == ["github:o/r#3: 'author_association' is not a string"]  # a wrong type: skipped
     assert src.get("2").author_association == "NONE"
 
 

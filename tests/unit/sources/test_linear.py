@@ -85,7 +85,7 @@ def test_a_malformed_node_is_reported_and_skipped(linear):
     linear.add("ENG-2", "x" * 2000)  # longer than an issue title may be
     polled = source(linear).poll()
     assert [i.id for i in polled.issues] == ["ENG-1"]
-    assert len(polled.errors) == 1 and polled.errors[0].startswith("linear:ENG#1: title")
+    assert len(polled.errors) == 1 and polled.errors[0].startswith("linear:ENG#1 (ENG-2): title")
 
 
 def test_a_rate_limit_holds_every_call_off_until_its_reset(linear):
