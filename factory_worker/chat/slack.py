@@ -8,7 +8,8 @@ local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens t
 
 The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
 (backing off to ``slack.poll_max_s`` on errors, never sooner than a ``Retry-After``) and appends every new
-human reply (not the bot's own messages) as one JSON line ``{"ts", "user", "text"}`` to the dispatch's inbox
+human reply (not the bot's own messages) as one JSON line ``{"source": "slack", "ts", "user", "text"}`` (the
+format of :mod:`.inbox`) to the dispatch's inbox
 file, whose path the agent gets in ``FACTORY_INBOX``. It ends with its dispatch — done, failed, stopped by
 kill-loop ``--release-agents`` or a warm shutdown (the agent task stops it before settling and waits for it),
 or with the worker process (it is a daemon thread of it) — and no read happens after :meth:`Conversation.close`
@@ -157,7 +158,7 @@ class Conversation:
             for m in body.get("messages", []):
                 ts = str(m.get("ts", ""))
                 if ts > self.last_ts and ts != self.thread_ts and not m.get("bot_id") and m.get("user"):
-                    new.append({"ts": ts, "user": m["user"], "text": str(m.get("text", ""))})
+                    new.append({"source": "slack", "ts": ts, "user": m["user"], "text": str(m.get("text", ""))})
             cursor = (body.get("response_metadata") or {}).get("next_cursor")
             if not cursor:
                 break
