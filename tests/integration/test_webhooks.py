@@ -7,6 +7,7 @@ recorder here (the Celery path is tests/integration/test_webhooks_e2e.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -461,8 +462,6 @@ def test_a_comment_reaches_the_running_agents_inbox_within_a_second(make_ctx, re
             settle(receiver)
     finally:
         relay.close()
-    import json
-
     (line,) = [json.loads(x) for x in inbox.read_text().splitlines()]
     assert took < 1.0, took
     assert line == {
@@ -507,8 +506,6 @@ def test_linear_comments_commands_need_a_team_member(make_ctx, real_redis):
             wait_until(lambda: stopped, 5, interval=0.05, what="the member's stop")
     assert [e["did"] for e in receiver.done] == ["refused", "refused", "refused", "stop", "inbox"]
     assert stopped == [[task_id]]
-    import json
-
     (line,) = [json.loads(x) for x in real_redis.lrange(ctx.keys.inbox(task_id), 0, -1)]
     assert line["source"] == "linear" and line["user"] == "Gus" and line["text"] == "try the other endpoint"
     assert line["issue"] == "ENG-1"
