@@ -71,7 +71,7 @@ class WebhookSettings(BaseModel):
         """Whether a dispatch gets a ``FACTORY_INBOX`` fed with tracker comments."""
         if self.inbox is not None:
             return self.inbox
-        return self.github_secret is not None or self.linear_secret is not None
+        return self.secret("github") is not None or self.secret("linear") is not None
 
     def secret(self, service: str) -> bytes | None:
         """The signing secret of ``service`` (``github``, ``linear``, ``slack``) as bytes; None when unset or empty."""

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PATHS = {f"/webhooks/{s}": s for s in Service}
 #: Requests handled at once; one more is answered 503 without being read.
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 32
 #: The answer path's Redis timeouts (the dedupe ``SET NX``): an answer never waits longer than this on Redis.
 FAST_REDIS_TIMEOUT_S = 0.5
 RETRY_AFTER_S = 5
