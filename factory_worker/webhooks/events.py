@@ -168,6 +168,8 @@ def linear_event(headers: Mapping[str, str], payload: Mapping[str, Any], body: b
     if action != "create":
         return ignored(f"Comment.{action} is not a new comment")
     ref = _dict(data.get("issue")).get("identifier") or data.get("issueId")
+    if not ref:  # a comment on a project update or a document: no issue of ours
+        return ignored("a comment on something else than an issue")
     actor, user = _dict(payload.get("actor")), _dict(data.get("user"))
     comment = Comment(
         body=str(data.get("body") or ""),
@@ -180,9 +182,10 @@ def linear_event(headers: Mapping[str, str], payload: Mapping[str, Any], body: b
 
 
 def slack_event(payload: Mapping[str, Any]) -> Event:
-    """An ``event_callback`` (``url_verification`` is answered before this)."""
+    """An ``event_callback`` (``url_verification`` is answered before this); any other type (``app_rate_limited``)
+    is acknowledged and ignored, with no delivery id (nothing to remember)."""
     if payload.get("type") != "event_callback":
-        raise Refused(400, f"unknown Slack payload type {str(payload.get('type'))[:40]!r}")
+        return Event(Service.SLACK, Kind.IGNORED, "", why=f"Slack payload type {str(payload.get('type'))[:40]!r}")
     delivery = _text(payload.get("event_id"), "event_id")
     name = str(_dict(payload.get("event")).get("type") or "")
     return Event(Service.SLACK, Kind.IGNORED, delivery, name, why="Slack events are acknowledged only")

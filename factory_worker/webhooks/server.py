@@ -138,6 +138,10 @@ class Receiver:
         return events.slack_event(payload)
 
     def _queue(self, event: Event) -> Answer:
+        if not event.delivery:  # nothing to act on and nothing to remember
+            self.count(str(event.kind))
+            log.info("%s delivery: nothing to do (%s)", event.service, event.why)
+            return 200, {"ok": True, "did": str(event.kind)}
         key = self.ctx.keys.webhook_seen(str(event.service), events.digest(event.delivery))
         try:
             first = self.fast.set(key, 1, nx=True, ex=self.cfg.dedupe_ttl_s)

@@ -132,3 +132,21 @@ def test_settings_secrets_are_never_shown_and_may_come_from_files(tmp_path, monk
         load_settings()
     monkeypatch.setenv("FACTORY_WEBHOOKS__COMMAND_ASSOCIATIONS", '["owner"]')
     assert load_settings().webhooks.command_associations == ["OWNER"]
+
+
+def test_what_is_not_ours_is_acknowledged_not_refused():
+    """A refusal makes the service retry (and Linear disables a webhook that keeps failing): a well-formed
+    delivery that is not for the factory is a 200 with nothing done, never a 4xx."""
+    comment = fw.linear_comment("ENG-1", "on a project update")
+    del comment["data"]["issue"], comment["data"]["issueId"]
+    headers, body = fw.linear(comment)
+    assert events.linear_event(headers, json.loads(body), body, "linear").kind == Kind.IGNORED
+    rate_limited = {
+        "token": "t",
+        "team_id": "T1",
+        "minute_rate_limited": 1518467820,
+        "api_app_id": "A1",
+        "type": "app_rate_limited",
+    }
+    e = events.slack_event(rate_limited)
+    assert e.kind == Kind.IGNORED and e.delivery == ""
