@@ -21,7 +21,8 @@ from factory_worker.loop.iteration import dispatch_claims
 from factory_worker.loop.presence import publish_slots
 from factory_worker.ops.operations import stop_agents
 from factory_worker.sources.base import Issue, PollResult
-from factory_worker.webhooks.server import Receiver, make_server
+from factory_worker.webhooks.receiver import Receiver
+from factory_worker.webhooks.server import make_server
 from tests import fake_webhooks as fw
 from tests.support import Recorder, wait_until
 
@@ -509,3 +510,44 @@ def test_linear_comments_commands_need_a_team_member(make_ctx, real_redis):
     (line,) = [json.loads(x) for x in real_redis.lrange(ctx.keys.inbox(task_id), 0, -1)]
     assert line["source"] == "linear" and line["user"] == "Gus" and line["text"] == "try the other endpoint"
     assert line["issue"] == "ENG-1"
+
+
+def test_a_trickling_or_lengthless_request_is_cut_off(make_ctx, real_redis):
+    """The body is due whole within webhooks.read_timeout_s, however slowly it trickles (408); a request without
+    Content-Length is refused (411) before anything is read."""
+    import socket
+
+    ctx = make_ctx(Source(), **github_settings(read_timeout_s=1.0))
+    with receiving(ctx) as (receiver, port):
+        before = snapshot(real_redis)
+        h, b = fw.github("issues", fw.github_issue(1))
+        head = "".join(f"{k}: {v}\r\n" for k, v in h.items())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"POST /webhooks/github HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(b)}\r\n\r\n".encode()
+            )
+            t0 = time.monotonic()
+            answer = b""
+            for i in range(len(b)):  # one byte every 0.3 s: each read is in time, the whole is not
+                try:
+                    sock.sendall(b[i : i + 1])
+                except OSError:
+                    break
+                time.sleep(0.3)
+                sock.setblocking(False)
+                try:
+                    answer += sock.recv(4096)
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+                if answer:
+                    break
+            took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.0 408"), answer[:80]
+        assert took < 2.5, took
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"POST /webhooks/github HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.0 411")
+        settle(receiver)
+        assert snapshot(real_redis) == before and not receiver.done
