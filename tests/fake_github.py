@@ -1,6 +1,7 @@
 """A stateful local fake of the GitHub REST API parts factory_worker uses, built from GitHub's documented
 fields and status codes: list a repository's issues (``GET /repos/{o}/{r}/issues``: ``number``, ``title``,
-``body``, ``labels[].name``, ``state``, ``html_url``, ``updated_at``; ``Link: rel="next"`` paging), add labels
+``body``, ``labels[].name``, ``state``, ``html_url``, ``updated_at``; ``Link: rel="next"`` paging), get one
+(``GET .../issues/{n}``, the same fields), add labels
 (``POST .../issues/{n}/labels`` -> 200 with the labels), remove one (``DELETE .../labels/{name}`` -> 200, or
 404 ``Label does not exist``), list an issue's labels (``GET .../labels``), list comments (``GET .../comments``
 with the parameters GitHub documents for it, and only those: ``since`` (updated at or after), ``per_page``
@@ -119,29 +120,32 @@ class FakeGitHub(FakeServer):
         base = f"/repos/{self.repo}/issues"
         if method == "GET" and path == base:
             with self.lock:
-                items = [
-                    {
-                        "number": i.number,
-                        "title": i.title,
-                        "body": "",
-                        "state": i.state,
-                        "labels": [{"name": n} for n in sorted(i.labels)],
-                        "html_url": f"https://x/{i.number}",
-                        "updated_at": "2026-01-01T00:00:00Z",
-                    }
-                    for i in self.issues.values()
-                    if i.state == "open"
-                ]
+                items = [self._item(i) for i in self.issues.values() if i.state == "open"]
             return 200, items, {}
         m = re.fullmatch(re.escape(base) + r"/(\d+)(/labels(?:/(.+))?|/comments)?", path)
         if not m or int(m.group(1)) not in self.issues:
             return 404, {"message": "Not Found"}, {}
         issue = self.issues[int(m.group(1))]
+        if not m.group(2) and method == "GET":  # get an issue
+            with self.lock:
+                return 200, self._item(issue), {}
         if m.group(2) and m.group(2).startswith("/labels"):
             return self._labels(method, issue, unquote(m.group(3)) if m.group(3) else None, body)
         if m.group(2) == "/comments":
             return self._comments(method, issue, query, body, path)
         return 405, {"message": "Method Not Allowed"}, {}
+
+    @staticmethod
+    def _item(i: FakeIssue) -> dict[str, Any]:
+        return {
+            "number": i.number,
+            "title": i.title,
+            "body": "",
+            "state": i.state,
+            "labels": [{"name": n} for n in sorted(i.labels)],
+            "html_url": f"https://x/{i.number}",
+            "updated_at": "2026-01-01T00:00:00Z",
+        }
 
     def _labels(self, method: str, issue: FakeIssue, name: str | None, body: Any) -> tuple[int, Any, dict[str, str]]:
         with self.lock:

@@ -63,6 +63,8 @@ class FakeLinear(FakeServer):
         self.comments_page = 250
         self.tamper: dict[str, Callable[[dict[str, Any]], Any]] = {}
         self.tamper_page: Callable[[dict[str, Any]], Any] | None = None
+        #: user id -> the ``User`` fields the webhook receiver asks for (``id active guest teams { nodes { key } }``)
+        self.users: dict[str, dict[str, Any]] = {}
         super().__init__()
 
     @property
@@ -200,6 +202,20 @@ class FakeLinear(FakeServer):
 
     def _op_IssueState(self, v: dict[str, Any]) -> Response:
         return self._op_Issue(v)
+
+    def _op_CommandUser(self, v: dict[str, Any]) -> Response:
+        with self.lock:
+            user = self.users.get(str(v.get("id")))
+        if user is None:
+            return (
+                200,
+                {
+                    "data": None,
+                    "errors": [{"message": "Entity not found: User", "extensions": {"type": "invalid input"}}],
+                },
+                {},
+            )
+        return 200, {"data": {"user": user}}, {}
 
     def _op_States(self, v: dict[str, Any]) -> Response:
         nodes = [{"id": sid, "name": name} for name, sid in self.state_ids.items()]

@@ -8,8 +8,9 @@ local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens t
 
 The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
 (backing off to ``slack.poll_max_s`` on errors, never sooner than a ``Retry-After``) and appends every new
-human reply (not the bot's own messages) as one JSON line ``{"ts", "user", "text"}`` to the dispatch's inbox
-file, whose path the agent gets in ``FACTORY_INBOX``. A line is pure ASCII JSON (:func:`inbox_line`): every
+human reply (not the bot's own messages) as one JSON line ``{"source": "slack", "ts", "user", "text"}`` (the
+format of :mod:`.inbox`) to the dispatch's inbox
+file, whose path the agent gets in ``FACTORY_INBOX``. A line is pure ASCII JSON (:func:`.inbox.inbox_line`): every
 line break a reader could split on (``\\n``, ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028,
 U+2029) is escaped, so one reply is one line for any reader (``splitlines()`` included).
 
@@ -28,15 +29,14 @@ is shown as typed, never a ping or a disguised link.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from factory_worker.chat.inbox import append, inbox_line
 from factory_worker.chat.notify import clean
 from factory_worker.config.settings import SlackSettings, secret_from_env
 
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Pages of one thread read at most per read (a server handing out cursors forever cannot hold the watcher).
 MAX_PAGES = 100
-
-
-def inbox_line(message: dict[str, Any]) -> str:
-    """One reply as one inbox line: JSON with every non-ASCII character escaped (``ensure_ascii``), so no line
-    separator of any reader (U+2028, U+2029, U+0085; the ASCII ones are escaped by JSON anyway) and no lone
-    surrogate reaches the file raw."""
-    return json.dumps(message, ensure_ascii=True) + "\n"
 
 
 class SlackError(Exception):
@@ -201,7 +194,7 @@ class Conversation:
                     continue
                 ts = str(m.get("ts", ""))
                 if ts > self.last_ts and ts != self.thread_ts and not m.get("bot_id") and m.get("user"):
-                    new.append({"ts": ts, "user": str(m["user"]), "text": str(m.get("text", ""))})
+                    new.append({"source": "slack", "ts": ts, "user": str(m["user"]), "text": str(m.get("text", ""))})
             meta = body.get("response_metadata")
             cursor = meta.get("next_cursor") if isinstance(meta, dict) else None
             if not cursor:
@@ -213,24 +206,15 @@ class Conversation:
         return 0
 
     def _append(self, messages: list[dict[str, Any]]) -> bool:
-        """Append ``messages`` to the inbox, unless the dispatch ended (stop flag) or removed it: the file is
-        opened without ``O_CREAT`` (and never through a symlink), so it is never made again."""
-        data = "".join(inbox_line(m) for m in messages).encode("ascii")
+        """Append ``messages`` to the inbox, unless the dispatch ended (stop flag) or removed it
+        (:func:`.inbox.append`: never made again)."""
         with self._writing:
             if self._stop.is_set():
                 return False
-            try:
-                fd = os.open(self.inbox, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
+            if not append(self.inbox, messages):
                 log.warning("Slack thread %s: the inbox %s is gone; the watcher stops", self.thread_ts, self.inbox)
                 self._stop.set()
                 return False
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
         return True
 
 

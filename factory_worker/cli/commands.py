@@ -15,6 +15,7 @@ import click
 import redis
 
 from factory_worker.cli import ledger as _ledger_commands  # noqa: F401  (registers the ledger's commands on ``cli``)
+from factory_worker.cli import webhooks as _webhooks_command  # noqa: F401  (registers ``webhooks`` on ``cli``)
 from factory_worker.cli.group import cli, json_opt, load, open_context, tasks_for
 from factory_worker.cli.output import Exit, console, emit, table, ts
 from factory_worker.cli.text import one_line

@@ -30,9 +30,10 @@ def open_context() -> Context:
 def tasks_for(ctx: Context) -> Any:
     """The Celery tasks module, bound to the configured app and to ``ctx`` (for commands that send)."""
     from factory_worker.context import set_current
-    from factory_worker.worker import app as _app  # noqa: F401  (configures the Celery app the shared tasks bind to)
+    from factory_worker.worker import app as _app  # configures the Celery app the shared tasks bind to
     from factory_worker.worker import tasks
 
+    _app.app.set_default()  # Celery's current app is per thread: a thread that sends (webhooks) finds it too
     set_current(ctx)
     return tasks
 

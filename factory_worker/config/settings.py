@@ -31,6 +31,7 @@ from factory_worker.config.files import ConfigError, FileSecretsSource, agent_ui
 from factory_worker.config.leases import margin_s, stop_lead_s
 from factory_worker.config.source import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
 from factory_worker.config.urls import DEFAULT_REDIS_URL
+from factory_worker.config.webhooks import WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class Settings(BaseSettings):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)
     slack: SlackSettings = Field(default_factory=SlackSettings)
+    webhooks: WebhookSettings = Field(default_factory=lambda: WebhookSettings.model_validate({}))
 
     @field_validator("redis_url", "broker_url")
     @classmethod

@@ -16,7 +16,8 @@ from typing import Any
 import redis
 
 from factory_worker.agents import AgentRunner, CommandAgent, Dispatch
-from factory_worker.chat.slack import Conversation, ended_text
+from factory_worker.chat.inbox import AgentInbox
+from factory_worker.chat.slack import ended_text
 from factory_worker.context import Context
 from factory_worker.ledger.core import Rider
 from factory_worker.ledger.guard import LedgerLostError
@@ -205,27 +206,33 @@ def _hand_over(
             log.warning("could not clean up after %s", task_id)
 
 
-def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> Conversation | None:
-    """With ``slack.channel`` set: the dispatch's Slack thread and the inbox its replies go to (the agent gets
-    ``FACTORY_INBOX``); None when Slack is off or failed (the agent runs anyway)."""
-    if not ctx.settings.slack.channel:
+def _converse(ctx: Context, runner: AgentRunner, dispatch: Dispatch) -> AgentInbox | None:
+    """The dispatch's ``FACTORY_INBOX`` and what feeds it: with ``slack.channel`` set its Slack thread (the
+    humans' replies), with tracker comments relayed (``webhooks.relays_comments``) the comments on its issue.
+    None when both are off, or failed (the agent runs anyway)."""
+    relay_comments = ctx.settings.webhooks.relays_comments
+    if not ctx.settings.slack.channel and not relay_comments:
         return None
     from factory_worker.agents.sandbox import make_inbox
+    from factory_worker.chat.inbox import TrackerRelay
     from factory_worker.chat.slack import open_conversation
 
     try:
         inbox = make_inbox(ctx.settings.agent, dispatch.dispatch_id, getattr(runner, "ident", None), dispatch.issue.id)
     except OSError as exc:
-        log.warning("no Slack thread for %s: its inbox could not be made (%s)", dispatch.dispatch_id, exc)
+        log.warning("no inbox for %s: it could not be made (%s)", dispatch.dispatch_id, exc)
         return None
-    conversation = open_conversation(
-        ctx.settings.slack, inbox, dispatch.issue.id, dispatch.issue.title, dispatch.dispatch_id
-    )
-    if conversation is None:
+    conversation = None
+    if ctx.settings.slack.channel:
+        conversation = open_conversation(
+            ctx.settings.slack, inbox, dispatch.issue.id, dispatch.issue.title, dispatch.dispatch_id
+        )
+    if conversation is None and not relay_comments:
         inbox.unlink(missing_ok=True)
         return None
+    relay = TrackerRelay(ctx.redis, ctx.keys, dispatch.dispatch_id, inbox).start() if relay_comments else None
     dispatch.env["FACTORY_INBOX"] = str(inbox)
-    return conversation
+    return AgentInbox(inbox, conversation, relay)
 
 
 def _begin(ctx: Context, issue_id: str, token: str, task_id: str, hostname: str) -> str:

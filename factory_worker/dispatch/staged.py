@@ -89,32 +89,39 @@ def _open_thread(ctx: Context, stages: StageLedger, issue: Issue, token: str, ta
 
 
 def _converse(ctx: Context, prog: Progress, task_id: str, issue: Issue, ident: Any) -> Any:
-    """One stage run's side of the attempt's thread: its inbox (``FACTORY_INBOX``) fed by a watcher, and
-    the stage's start posted; None without a thread (the stage runs anyway)."""
-    if not (ctx.settings.slack.channel and prog.thread):
+    """One stage run's inbox (``FACTORY_INBOX``): fed by a watcher of the attempt's Slack thread (the stage's
+    start posted in it) and / or the relay of the comments on its issue (``webhooks.relays_comments``); None
+    when neither is on or both failed (the stage runs anyway)."""
+    slack = bool(ctx.settings.slack.channel and prog.thread)
+    relay_comments = ctx.settings.webhooks.relays_comments
+    if not slack and not relay_comments:
         return None
     from factory_worker.agents.sandbox import make_inbox
+    from factory_worker.chat.inbox import AgentInbox, TrackerRelay
     from factory_worker.chat.slack import join_conversation
 
     try:
         inbox = make_inbox(ctx.settings.agent, task_id, ident, issue.id)
     except OSError as exc:
-        log.warning("stage task %s: no Slack inbox (%s)", task_id, exc)
+        log.warning("stage task %s: no inbox (%s)", task_id, exc)
         return None
-    try:
-        conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
-    except Exception as exc:
-        log.warning("stage task %s: no Slack thread (%s: %s)", task_id, type(exc).__name__, exc)
-        conversation = None
-    if conversation is None:
+    conversation = None
+    if slack:
+        try:
+            conversation = join_conversation(ctx.settings.slack, inbox, prog.thread)
+        except Exception as exc:
+            log.warning("stage task %s: no Slack thread (%s: %s)", task_id, type(exc).__name__, exc)
+    if conversation is None and not relay_comments:
         inbox.unlink(missing_ok=True)
         return None
-    _tell(
-        conversation.post,
-        f"factory-worker: stage {clean(prog.stage, 64)} started (step {clean(prog.step, 20)}, "
-        f"round {clean(prog.round, 20)})",
-    )
-    return conversation
+    if conversation is not None:
+        _tell(
+            conversation.post,
+            f"factory-worker: stage {clean(prog.stage, 64)} started (step {clean(prog.step, 20)}, "
+            f"round {clean(prog.round, 20)})",
+        )
+    relay = TrackerRelay(ctx.redis, ctx.keys, task_id, inbox).start() if relay_comments else None
+    return AgentInbox(inbox, conversation, relay)
 
 
 def _stage_end_text(result: dict[str, Any]) -> str:

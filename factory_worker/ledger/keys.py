@@ -41,6 +41,10 @@ class Keys:
     STAGE_PROGRESS_TTL_S = 7 * 24 * 3600
     #: A stage's feedback (the output of a rejecting or failing stage) is kept to this many bytes.
     FEEDBACK_MAX_BYTES = 64 * 1024
+    #: ``inbox(task_id)`` expires this long after its last line (its dispatch's relay drains and deletes it).
+    INBOX_TTL_S = 3600
+    #: ``inbox(task_id)`` keeps at most this many undelivered lines (the oldest go first).
+    INBOX_MAX_LINES = 1000
 
     @staticmethod
     def live_from(now_ms: int) -> int:
@@ -222,6 +226,17 @@ class Keys:
     def agent_stop(self, task_id: str) -> str:
         """String flag: the agent of this task must stop and release its claim as interrupted."""
         return self._k("agent", task_id, "stop")
+
+    def inbox(self, task_id: str) -> str:
+        """List of JSON lines for the running agent of this task (tracker comments, from the webhook receiver):
+        the dispatch's relay moves them into its ``FACTORY_INBOX`` file. At most INBOX_MAX_LINES, INBOX_TTL_S."""
+        return self._k("agent", task_id, "inbox")
+
+    # -- webhooks -------------------------------------------------------------------------------------
+    def webhook_seen(self, service: str, delivery: str) -> str:
+        """String with expiry (``webhooks.dedupe_ttl_s``): a delivery of ``service`` already accepted, by the
+        SHA-256 of its delivery id (``SET NX``): a redelivery is acknowledged and ignored."""
+        return self._k("webhook", service, delivery)
 
     @property
     def ledger(self) -> str:

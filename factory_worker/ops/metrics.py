@@ -29,7 +29,7 @@ from factory_worker.context import Context
 log = logging.getLogger(__name__)
 
 #: Counter names in the shared counters hash that describe the loop rather than the ledger.
-LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched")
+LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched", "webhook_")
 LIVENESS_STATES = ("live", "stale", "stopping", "missing")
 
 
@@ -114,7 +114,7 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
         events.add_metric([name], v)
     yield events
     loop = CounterMetricFamily(
-        "factory_loop_counters", "Loop counters (kickoffs skipped, runs, iterations)", labels=["name"]
+        "factory_loop_counters", "Loop counters (kickoffs skipped, runs, iterations, webhook events)", labels=["name"]
     )
     for name, v in _samples(snap["loop_counters"], "counter"):
         loop.add_metric([name], v)

@@ -40,6 +40,7 @@ def test_replies_reach_the_inbox_in_order_and_the_bots_own_messages_do_not(slack
     slack.reply(conv.thread_ts, "second", user="U2")
     wait_until(lambda: len(lines(inbox)) == 2, 5, interval=0.05, what="two replies in the inbox")
     assert [(m["user"], m["text"]) for m in lines(inbox)] == [("U0HUMAN", "first"), ("U2", "second")]
+    assert {m["source"] for m in lines(inbox)} == {"slack"}  # the inbox format of every channel (chat/inbox.py)
     slack.reply(conv.thread_ts, "third")
     wait_until(lambda: len(lines(inbox)) == 3, 5, interval=0.05, what="a later reply")
     conv.close(ended_text("done"))

@@ -126,3 +126,60 @@ def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_th
         assert agent_task.settle(ctx, "I-0", claim.token, "ok") == settled
         assert ctx.ledger.explain("I-0").state == "done"
     assert max(b - a for a, b in zip(tries, tries[1:])) <= 1.0
+
+
+def test_with_tracker_comments_relayed_every_dispatch_gets_an_inbox_fed_from_redis(ctx, tmp_path):
+    """``webhooks.inbox`` on, Slack off: the agent still gets FACTORY_INBOX, and what the webhook receiver queues
+    for its task (``chat.inbox.deliver``) is in the file while it runs; the list is gone when the dispatch ends."""
+    import json
+    import threading
+
+    from factory_worker.chat.inbox import deliver
+    from harness import wait_until
+
+    ctx.settings.webhooks.inbox = True
+    seen = tmp_path / "seen.jsonl"
+    script = (
+        "import os, time\n"
+        "inbox = os.environ['FACTORY_INBOX']\n"
+        "deadline = time.time() + 10\n"
+        "while time.time() < deadline and not open(inbox).read().strip():\n"
+        "    time.sleep(0.02)\n"
+        f"open({str(seen)!r}, 'w').write(open(inbox).read())\n"
+    )
+    claim = ctx.ledger.claim(["I-0"]).claims[0]
+
+    def comment() -> None:
+        wait_until(lambda: ctx.redis.sismember(ctx.keys.agents, "task-9"), 10, interval=0.02, what="the agent running")
+        line = {"source": "github", "ts": "t1", "user": "bob", "text": "use the blue one", "issue": "I-0", "url": ""}
+        assert deliver(ctx.redis, ctx.keys, ["task-9"], line) == 1
+
+    helper = threading.Thread(target=comment, daemon=True)
+    helper.start()
+    out = execute(
+        ctx,
+        "task-9",
+        {"id": "I-0", "title": "t", "state": "ready"},
+        claim.token,
+        runner=make_runner(ctx, [sys.executable, "-c", script]),
+    )
+    helper.join(10)
+    assert out["settled"] == "done"
+    assert [json.loads(x)["text"] for x in seen.read_text().splitlines()] == ["use the blue one"]
+    assert json.loads(seen.read_text())["source"] == "github"
+    assert not ctx.redis.exists(ctx.keys.inbox("task-9"))
+    assert not list((tmp_path / "work").glob("inbox-*"))  # the file goes with its dispatch
+
+
+def test_without_slack_or_relayed_comments_no_inbox(ctx, tmp_path):
+    seen = tmp_path / "env"
+    script = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('FACTORY_INBOX', '-'))"
+    claim = ctx.ledger.claim(["I-0"]).claims[0]
+    out = execute(
+        ctx,
+        "task-8",
+        {"id": "I-0", "title": "t", "state": "ready"},
+        claim.token,
+        runner=make_runner(ctx, [sys.executable, "-c", script]),
+    )
+    assert out["settled"] == "done" and seen.read_text() == "-"

@@ -298,3 +298,35 @@ def test_a_staged_dispatch_keeps_one_slack_thread_and_a_reply_reaches_the_runnin
     review = next(r for r in records(out) if r["stage"] == "review" and r["event"] == "start")
     assert json.loads(review["inbox"].splitlines()[0])["text"] == "use the v2 API"
     assert not ctx.redis.exists(ctx.keys.stages("I-0"))  # done: progress (and its thread ref) gone
+
+
+def test_a_staged_dispatch_gets_the_comments_relayed_to_its_running_stage(ctx, tmp_path, out):
+    """``webhooks.inbox`` on, Slack off: the running stage's FACTORY_INBOX receives what the webhook receiver
+    queued for that stage's task."""
+    import threading
+
+    from factory_worker.chat.inbox import deliver
+    from harness import wait_until
+
+    c = staged(ctx, tmp_path, triage=False)
+    c.settings.webhooks.inbox = True
+
+    def review_task() -> str | None:
+        for t in c.redis.smembers(c.keys.agents):
+            if c.redis.hget(c.keys.agent_task(t), "stage") == "review":
+                return t
+        return None
+
+    def comment() -> None:
+        task_id = wait_until(review_task, 20, interval=0.02, what="the review running")
+        deliver(c.redis, c.keys, [task_id], {"source": "linear", "ts": "t", "user": "Ada", "text": "ship it"})
+
+    helper = threading.Thread(target=comment, daemon=True)
+    helper.start()
+    res = run_inline(c, Issue(id="I-0", title="t", state="ready", labels=["wait-inbox"]), begun(c, "I-0"))
+    helper.join(20)
+    assert [r["settled"] for r in res] == ["next", "done"]
+    review = next(r for r in records(out) if r["stage"] == "review" and r["event"] == "start")
+    assert [(json.loads(x)["source"], json.loads(x)["text"]) for x in review["inbox"].splitlines()] == [
+        ("linear", "ship it")
+    ]

@@ -239,7 +239,7 @@ def check_factory_worker(argv: list[str], where: str) -> str:
     name = argv[1]
     assert name in cli.commands, f"{where}: factory-worker has no command {name!r}"
     ctx = cli.commands[name].make_context(name, argv[2:])  # raises on an unknown option or bad value
-    if name == "metrics" and ctx.params.get("serve_addr"):
+    if name in ("metrics", "webhooks") and ctx.params.get("serve_addr"):
         from factory_worker.ops.metrics import parse_addr
 
         parse_addr(ctx.params["serve_addr"])
@@ -270,7 +270,7 @@ def test_every_command_exists_and_parses() -> None:
             else:
                 seen["factory-worker"].add(check_factory_worker(call, where))
     assert {"worker", "beat", "flower", "inspect"} <= seen["celery"]
-    assert {"metrics", "doctor"} <= seen["factory-worker"]
+    assert {"metrics", "doctor", "webhooks"} <= seen["factory-worker"]
 
 
 def test_every_workload_runs_something() -> None:
@@ -804,12 +804,14 @@ def _policy_for(labels: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def test_network_policies_admit_only_what_is_documented() -> None:
-    """Every pod is under a deny-all-ingress policy; Redis admits the factory pods only, Flower and the
-    exporter only pods carrying their access label, on their one port; workers and beat admit nothing."""
+    """Every pod is under a deny-all-ingress policy; Redis admits the factory pods only, Flower, the exporter and
+    the webhook receiver only pods carrying their access label, on their one port; workers and beat admit
+    nothing."""
     expected = {
         "redis": (6379, {"app.kubernetes.io/name": "factory-worker"}, False),
         "flower": (5555, {"factory-worker/flower-access": "true"}, True),
         "metrics": (9108, {"factory-worker/metrics-access": "true"}, True),
+        "webhooks": (8080, {"factory-worker/webhooks-access": "true"}, True),
     }
     for doc in workloads():
         labels = doc["spec"]["template"]["metadata"]["labels"]
