@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Response = tuple[int, Any, dict[str, str]]
+#: A status that sends no answer at all: the connection is closed after the request was handled (a lost answer).
+DROP = 0
 
 
 def read_body(handler: BaseHTTPRequestHandler) -> bytes:
@@ -56,6 +58,9 @@ class FakeServer:
                 status, payload, headers = fake.route(self)
                 if fake.stall_s:
                     time.sleep(fake.stall_s)
+                if status == DROP:  # applied, never answered: the client sees the connection close
+                    self.close_connection = True
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -194,11 +194,11 @@ class Workspace:
             self._reclaimed.add(mirror.url)
         base, base_sha = mirror.base(self.settings.base)
         start, how = self._start(mirror, branch, base_sha)
-        force = self._free(mirror, branch)
+        self._free(mirror, branch)
         tree = trees.Tree.at(self.trees_dir, mirror.path, tree_name(branch, attempt))
         lock = HeldLock(tree.lock_path, {"mirror": str(mirror.path), "branch": branch, "at": time.time()})
         try:
-            trees.add(self.git, mirror.path, tree, branch, start, force)
+            trees.add(self.git, mirror.path, tree, branch, start)
             trees.give(mirror.path, tree, branch, owner)
             make_result_file(tree.result_path, owner[1] if owner else None)
         except BaseException:
@@ -231,19 +231,17 @@ class Workspace:
             return remote, "remote"
         return base_sha, "base"
 
-    def _free(self, mirror: Mirror, branch: str) -> bool:
-        """Make sure no other worktree holds ``branch``: an orphan's is reclaimed; a kept one is checked out
-        beside (True: ``--force``); a live dispatch's or a foreign one is an error."""
+    def _free(self, mirror: Mirror, branch: str) -> None:
+        """Make sure no other worktree holds ``branch``: an orphan's is reclaimed, a kept one is detached from
+        it; a live dispatch's or a foreign one is an error."""
         if not trees.holders(mirror.path, branch):
-            return False
+            return
         trees.reclaim(mirror.path, self.trees_dir)
-        force = False
+        tip = mirror.tip(f"refs/heads/{branch}")
         for admin in trees.holders(mirror.path, branch):
-            if (self.trees_dir / f"{admin.name}.kept").exists():
-                force = True
+            if (self.trees_dir / f"{admin.name}.kept").exists() and trees.detach(admin, tip):
                 continue
-            raise WorkspaceError(f"branch {branch} is checked out in another live worktree ({admin.name})")
-        return force
+            raise WorkspaceError(f"branch {branch} is checked out in another worktree ({admin.name}): not ours to free")
 
     def _dirs(self, owner: trees.Owner | None) -> None:
         with self._lock:
@@ -353,8 +351,9 @@ class Workspace:
         prepared.released = True
         keep = self.keep if keep is None else keep
         try:
-            if keep:
+            if keep:  # detached, so that the issue's next attempt can check its branch out
                 prepared.tree.kept_path.write_text(prepared.branch + "\n")
+                trees.detach(prepared.tree.admin, self.git.rev(prepared.mirror, f"refs/heads/{prepared.branch}"))
                 log.info("kept the worktree %s (%s)", prepared.tree.path, prepared.branch)
             else:
                 trees.remove(prepared.tree, prepared.owner)

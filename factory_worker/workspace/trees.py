@@ -78,12 +78,28 @@ def holders(mirror: Path, branch: str) -> list[Path]:
     return found
 
 
-def add(git: Git, mirror: Path, tree: Tree, branch: str, start: str, force: bool) -> None:
+def add(git: Git, mirror: Path, tree: Tree, branch: str, start: str) -> None:
     """``git worktree add -B branch <tree> <start>``: the branch (re)set to ``start``, checked out there."""
-    args = ["worktree", "add", "--quiet", *(["--force"] if force else []), "-B", branch, str(tree.path), start]
+    args = ["worktree", "add", "--quiet", "-B", branch, str(tree.path), start]
     git.run(args, git_dir=mirror, what=f"worktree add {tree.name}")
     if not (tree.admin / "gitdir").is_file():
         raise RuntimeError(f"git made the worktree {tree.path} but not its admin directory {tree.admin}")
+
+
+def detach(admin: Path, sha: str | None) -> bool:
+    """Point a kept worktree's HEAD at ``sha`` instead of its branch (its files stay as they are), so that
+    the branch can be checked out again; False when it cannot be written."""
+    if sha is None:
+        return False
+    tmp = admin / f"HEAD.factory-{os.getpid()}"
+    try:
+        tmp.write_text(sha + "\n")
+        os.replace(tmp, admin / "HEAD")
+        return True
+    except OSError as exc:
+        log.warning("could not detach the kept worktree %s: %s", admin, exc)
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def give(mirror: Path, tree: Tree, branch: str, owner: Owner | None) -> None:
