@@ -8,8 +8,9 @@ surrogate) is *reported* (:func:`read_result`'s second value, one line) and chan
 outcome. Unknown fields are ignored (agents may write more).
 
 The file is made by the worker before the agent starts, beside the worktree (not in it: ``git add -A`` would
-commit it): owned by the worker, mode 0660 with the agent's group (the agent can write and read it, not chmod it; it cannot replace it with a link, the directory is the worker's). Read with
-``O_NOFOLLOW``, only a regular file.
+commit it): owned by the worker, mode 0660 with the agent's group (the agent can write and read it, not chmod
+it, and not replace it with a link: the directory is the worker's). Read with ``O_NOFOLLOW``, only a regular
+file.
 """
 
 from __future__ import annotations
