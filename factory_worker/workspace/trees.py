@@ -117,12 +117,11 @@ def give(mirror: Path, tree: Tree, branch: str, owner: Owner | None) -> None:
                 os.lchown(os.path.join(here, entry), uid, gid)
     heads = mirror / "refs" / "heads"
     ref = heads / branch
-    folder = ref.parent
-    while True:  # the namespace directories, e.g. refs/heads/factory/
-        _share(folder, gid, 0o2775)
-        if folder == heads:
-            break
+    folder = ref.parent  # the namespace directories (refs/heads/factory/), not refs/heads itself unless the
+    _share(folder, gid, 0o2775)  # template has no prefix: the agent updates its ref with a lock file beside it
+    while folder != heads and folder.parent != heads:
         folder = folder.parent
+        _share(folder, gid, 0o2775)
     if ref.is_file():
         os.lchown(ref, uid, gid)
     objects = mirror / "objects"

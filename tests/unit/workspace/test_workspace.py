@@ -291,6 +291,9 @@ def test_the_worktree_belongs_to_the_agent_who_can_commit_in_it(open_dir, remote
         assert (st.st_uid, st.st_gid) == NOBODY, path
     assert p.cwd.stat().st_mode & 0o777 == 0o700
     assert p.mirror.stat().st_uid == 0 and (p.mirror / "config").stat().st_uid == 0  # not the agent's
+    heads = p.mirror / "refs" / "heads"
+    assert (heads / "factory").stat().st_mode & 0o020 and (heads / "factory").stat().st_gid == NOBODY[1]
+    assert not heads.stat().st_mode & 0o022  # its own namespace only: refs/heads itself stays the worker's
     agent_commits(p, {"by-agent.txt": "x"}, "agent's own commit", owner=NOBODY)
     leftover = p.cwd / "left.txt"
     subprocess.run(
