@@ -241,7 +241,10 @@ class Workspace:
         for admin in trees.holders(mirror.path, branch):
             if (self.trees_dir / f"{admin.name}.kept").exists() and trees.detach(admin, tip):
                 continue
-            raise WorkspaceError(f"branch {branch} is checked out in another worktree ({admin.name}): not ours to free")
+            raise WorkspaceError(
+                f"branch {branch} is in use by another worktree ({admin.name}): a live dispatch's, or one the "
+                "factory did not make"
+            )
 
     def _dirs(self, owner: trees.Owner | None) -> None:
         with self._lock:

@@ -109,6 +109,11 @@ class Mirror:
         started = time.time()
         self._net(["fetch", "--prune", "--quiet", "origin"], self.path, f"fetch of {self.url}")
         (self.path / _STAMP).write_text(repr(started))
+        if self.git.rev(self.path, "refs/remotes/origin/HEAD") is None:  # cloned empty: it may have one now
+            try:
+                self._net(["remote", "set-head", "origin", "--auto"], self.path, f"default branch of {self.url}")
+            except GitError as exc:
+                log.warning("%s", exc)
 
     def base(self, base: str | None) -> tuple[str, str]:
         """(branch name, commit) to branch from: ``base`` as the remote's branch, else as a commit; None: the

@@ -355,3 +355,28 @@ def test_pull_request_once_per_issue_through_publish(tmp_path, remote):
             (pr,) = gh.open_pulls(f"factory/{n}")
             assert pr.title == f"PR {n} v2" and pr.base == "main"
             assert f"did {n}" in pr.body and f"Closes #{n}" in pr.body
+
+
+def test_a_repository_cloned_empty_gets_its_default_branch_later(tmp_path):
+    remote = tmp_path / "empty.git"
+    git("init", "--quiet", "--bare", "--initial-branch=main", str(remote))
+    ws = workspace(tmp_path, repo_url=f"file://{remote}")
+    with pytest.raises(WorkspaceError, match="no default branch"):
+        ws.prepare(issue("e"), 1)
+    seed = tmp_path / "seed"
+    git("clone", "--quiet", str(remote), str(seed))
+    (seed / "f").write_text("x")
+    git("add", "f", cwd=seed)
+    git("commit", "--quiet", "-m", "first", cwd=seed)
+    git("push", "--quiet", "origin", "HEAD:main", cwd=seed)
+    p = ws.prepare(issue("e"), 2)
+    assert (p.cwd / "f").exists() and p.base == "main"
+    ws.release(p)
+
+
+def test_a_live_dispatch_of_the_same_branch_is_refused(tmp_path, remote):
+    ws = workspace(tmp_path, repo_url=f"file://{remote}")
+    p = ws.prepare(issue("dup"), 1)
+    with pytest.raises(WorkspaceError, match="in use by another worktree"):
+        workspace(tmp_path, repo_url=f"file://{remote}").prepare(issue("dup"), 1)
+    ws.release(p)
