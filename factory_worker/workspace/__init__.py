@@ -32,15 +32,9 @@ by an askpass helper); what the agent left uncommitted is committed by git runni
 """
 
 from factory_worker.config.workspace import NoChanges, Route
-from factory_worker.workspace.core import (
-    Prepared,
-    Published,
-    PublishError,
-    Unroutable,
-    Workspace,
-    WorkspaceError,
-)
+from factory_worker.workspace.core import Workspace
 from factory_worker.workspace.result import ResultFile
+from factory_worker.workspace.types import Prepared, Published, PublishError, Unroutable, WorkspaceError
 
 __all__ = [
     "NoChanges",
