@@ -12,7 +12,17 @@ requests with that status (429/5xx with ``Retry-After``...), ``delay_comment_s``
 *after* storing it (a client killed meanwhile never sees it), ``lose(method, path_part, every, stall_s)``
 applies matching requests and loses every ``every``-th answer (the connection closes without one, or with
 ``stall_s`` the answer comes that late), ``hold(method, path_part, s)`` waits before applying (a slow
-GitHub: the write lands late). ``clock`` stamps comments (settable)."""
+GitHub: the write lands late). ``clock`` stamps comments (settable).
+
+Pull requests (``/repos/{o}/{r}/pulls``, GitHub's ``pulls/list``, ``pulls/create``, ``pulls/get``,
+``pulls/update``): list with ``state`` (default ``open``), ``head`` (``owner:branch``), ``base``, ``per_page``
+/ ``page`` and ``Link`` paging -> 200 with ``number``, ``html_url``, ``url``, ``state``, ``title``, ``body``,
+``draft``, ``head{label,ref,sha}``, ``base{label,ref}``; create (``head`` and ``base`` required, ``title``)
+-> 201 with a ``Location`` header, or 422 ``Validation Failed`` (a missing field, an open pull request for
+that head and base exists already, or the head branch does not exist when ``branches`` is given); get and
+update (``title``, ``body``, ``state``, ``base``) -> 200, or 404. Numbers are shared with issues.
+``drop_every = n`` answers every n-th request whose path contains ``drop_part`` (and method is in
+``drop_methods`` when set) with nothing: the request is applied, then the connection closed (a lost answer)."""
 
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
@@ -41,6 +52,18 @@ class FakeIssue:
     stamps: list[tuple[float, float]] = field(default_factory=list)
 
 
+@dataclass
+class FakePull:
+    number: int
+    title: str
+    head: str
+    base: str
+    body: str = ""
+    state: str = "open"
+    draft: bool = False
+    updates: int = 0
+
+
 class FakeGitHub(FakeServer):
     def __init__(self, repo: str = "acme/widgets") -> None:
         self.repo = repo
@@ -55,6 +78,12 @@ class FakeGitHub(FakeServer):
         self.losses: list[dict[str, Any]] = []
         self.holds: list[dict[str, Any]] = []
         self.clock = time.time
+        self.pulls: dict[int, FakePull] = {}
+        self.pulls_per_page = 30
+        #: ``branch -> exists?`` of the repository (None: every head branch exists)
+        self.branches: Callable[[str], bool] | None = None
+        self.drop_every, self.drop_part, self.drop_methods = 0, "/pulls", None
+        self.dropped, self._drop_seen = 0, 0
         super().__init__()
 
     @property
@@ -117,6 +146,8 @@ class FakeGitHub(FakeServer):
         fault = self._fault(method, path)
         if fault:
             return fault["status"], {"message": "fault injected"}, fault["headers"]
+        if path.startswith(f"/repos/{self.repo}/pulls"):
+            return self._pulls(method, path, query, body)
         base = f"/repos/{self.repo}/issues"
         if method == "GET" and path == base:
             with self.lock:
@@ -199,6 +230,110 @@ class FakeGitHub(FakeServer):
                 (r for r in rules if r["method"] == method and r["part"] in path and r.get("times", 1) > 0), None
             )
 
+
+    # -- pull requests ------------------------------------------------------------------------------------
+    def open_pulls(self, head: str | None = None) -> list[FakePull]:
+        with self.lock:
+            return [p for p in self.pulls.values() if p.state == "open" and (head is None or p.head == head)]
+
+    def _pull_json(self, p: FakePull) -> dict[str, Any]:
+        owner = self.repo.split("/")[0]
+        return {
+            "url": f"{self.url}/repos/{self.repo}/pulls/{p.number}",
+            "html_url": f"https://github.example/{self.repo}/pull/{p.number}",
+            "number": p.number,
+            "state": p.state,
+            "title": p.title,
+            "body": p.body,
+            "draft": p.draft,
+            "head": {"label": f"{owner}:{p.head}", "ref": p.head, "sha": "0" * 40},
+            "base": {"label": f"{owner}:{p.base}", "ref": p.base},
+            "user": {"login": "factory"},
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+        }
+
+    @staticmethod
+    def _invalid(field: str, code: str, message: str | None = None) -> Response:
+        error = {"resource": "PullRequest", "field": field, "code": code}
+        if message:
+            error["message"] = message
+        doc = "https://docs.github.com/rest/pulls/pulls#create-a-pull-request"
+        return 422, {"message": "Validation Failed", "errors": [error], "documentation_url": doc}, {}
+
+    def _pulls(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Response:
+        base = f"/repos/{self.repo}/pulls"
+        one = re.fullmatch(re.escape(base) + r"/(\d+)", path)
+        if path == base and method == "GET":
+            state = query.get("state", ["open"])[0]
+            head = query.get("head", [None])[0]
+            want_base = query.get("base", [None])[0]
+            owner = self.repo.split("/")[0]
+            with self.lock:
+                rows = [
+                    self._pull_json(p)
+                    for p in sorted(self.pulls.values(), key=lambda p: -p.number)
+                    if (state == "all" or p.state == state)
+                    and (head is None or f"{owner}:{p.head}" == head)
+                    and (want_base is None or p.base == want_base)
+                ]
+            per = min(int(query.get("per_page", ["30"])[0]), 100, self.pulls_per_page)
+            page = int(query.get("page", ["1"])[0])
+            headers = {}
+            if page * per < len(rows):
+                headers["Link"] = f'<{self.url}{base}?per_page={per}&page={page + 1}>; rel="next"'
+            return 200, rows[(page - 1) * per : page * per], headers
+        if path == base and method == "POST":
+            body = body or {}
+            for field_name in ("head", "base", "title"):
+                if not isinstance(body.get(field_name), str) or not body[field_name]:
+                    return self._invalid(field_name, "missing_field")
+            if self.branches is not None and not self.branches(body["head"]):
+                return self._invalid("head", "invalid")
+            with self.lock:
+                for p in self.pulls.values():
+                    if p.state == "open" and p.head == body["head"] and p.base == body["base"]:
+                        owner = self.repo.split("/")[0]
+                        return self._invalid("", "custom", f"A pull request already exists for {owner}:{p.head}.")
+                number = max([0, *self.issues, *self.pulls]) + 1
+                p = self.pulls[number] = FakePull(
+                    number,
+                    body["title"],
+                    body["head"],
+                    body["base"],
+                    body.get("body") or "",
+                    draft=bool(body.get("draft")),
+                )
+                return 201, self._pull_json(p), {"Location": f"{self.url}{base}/{number}"}
+        if one and method in ("GET", "PATCH"):
+            with self.lock:
+                p = self.pulls.get(int(one.group(1)))
+                if p is None:
+                    return 404, {"message": "Not Found"}, {}
+                if method == "PATCH":
+                    body = body or {}
+                    if body.get("state") not in (None, "open", "closed"):
+                        return self._invalid("state", "invalid")
+                    for key in ("title", "body", "state", "base"):
+                        if isinstance(body.get(key), str):
+                            setattr(p, key, body[key])
+                    p.updates += 1
+                return 200, self._pull_json(p), {}
+        return 404, {"message": "Not Found"}, {}
+
+    def _drop(self, method: str, path: str) -> bool:
+        """Is this request's answer to be lost (``drop_every``)?"""
+        if not self.drop_every or self.drop_part not in path:
+            return False
+        if self.drop_methods is not None and method not in self.drop_methods:
+            return False
+        with self.lock:
+            self._drop_seen += 1
+            if self._drop_seen % self.drop_every:
+                return False
+            self.dropped += 1
+            return True
+
     def route(self, handler: BaseHTTPRequestHandler) -> Response:
         raw = read_body(handler)
         method, path = handler.command, urlsplit(handler.path).path
@@ -208,6 +343,8 @@ class FakeGitHub(FakeServer):
                 hold["times"] -= 1
             time.sleep(hold["s"])
         answer = self.handle(method, handler.path, json.loads(raw) if raw else None)
+        if self._drop(method, path):
+            return LOST, None, {}
         loss = self._matching(self.losses, method, path)
         if loss:
             with self.lock:

@@ -32,6 +32,7 @@ from factory_worker.config.leases import margin_s, stop_lead_s
 from factory_worker.config.source import GITHUB_ASSOCIATIONS, SourceSettings  # noqa: F401 - this module's API too
 from factory_worker.config.urls import DEFAULT_REDIS_URL
 from factory_worker.config.webhooks import WebhookSettings
+from factory_worker.config.workspace import NoChanges, WorkspaceSettings  # noqa: F401 - this module's API too
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class Settings(BaseSettings):
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)
     slack: SlackSettings = Field(default_factory=SlackSettings)
     webhooks: WebhookSettings = Field(default_factory=lambda: WebhookSettings.model_validate({}))
+    workspace: WorkspaceSettings = Field(default_factory=lambda: WorkspaceSettings.model_validate({}))
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -208,6 +210,11 @@ class Settings(BaseSettings):
             )
         if self.source.linear.poll_working_state is None:  # write-back moves issues out of the ready states
             self.source.linear.poll_working_state = self.tracker.write_back
+        return self
+
+    @model_validator(mode="after")
+    def _workspace_defaults(self) -> Settings:
+        self.workspace.resolve(self.source)  # the token variable, API and repository default to the source's
         return self
 
     @model_validator(mode="after")
