@@ -70,11 +70,9 @@ class Job:
     @property
     def label(self) -> str:
         """How the logs name this task."""
-        return (
-            f"stage task {self.task_id} ({self.stage} of {self.issue_id})"
-            if self.staged
-            else (f"agent task {self.task_id} for {self.issue_id}")
-        )
+        if self.staged:
+            return f"stage task {self.task_id} ({self.stage} of {self.issue_id})"
+        return f"agent task {self.task_id} for {self.issue_id}"
 
     def result(self) -> dict[str, Any]:
         """The start of the task's result: which issue and task (and, for a stage, which step)."""

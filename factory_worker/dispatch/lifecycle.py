@@ -13,7 +13,6 @@ instead of being re-dispatched every lease.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -22,7 +21,7 @@ import redis
 
 from factory_worker.agents.sandbox import remove_shared_workdir
 from factory_worker.chat.slack import Conversation, ended_text
-from factory_worker.context import Context
+from factory_worker.dispatch.claims import settle
 from factory_worker.dispatch.decisions import Decision, Move, decide, decide_single, read_output
 from factory_worker.dispatch.job import Job
 from factory_worker.dispatch.steps import converse, dispatch_for, make_runner, run_step, tell
@@ -135,8 +134,10 @@ def act(
             log.warning("late escalation of %s rejected: %s", job.issue_id, exc)
             settled = Settled.STALE
         out.update(escalated=True)
-    else:
-        settled = settle(job, Outcome.OK if d.kind == Move.COMPLETE else Outcome.FAILED, d.error, rider)
+    elif d.kind == Move.COMPLETE:
+        settled = settle(job, Outcome.OK, d.error, rider)
+    else:  # a failed attempt: a single agent's as its run's outcome (timeout, signalled, ...), a stage's as failed
+        settled = settle(job, d.outcome if prog is None else Outcome.FAILED, d.error, rider)
     if prog is not None and settled != Settled.STALE:  # the attempt ended: its shared directory goes
         remove_shared_workdir(job.ctx.settings.agent, prog.workdir, ident)
     return {**out, "settled": settled}
@@ -223,74 +224,3 @@ def forget(job: Job, queued: bool = False, ran: bool = True, pop: bool = False, 
         return
     if rider is not None:
         rider.replies = replies
-
-
-def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) -> Settled:
-    """Write an agent's outcome to the ledger by token; a stale token changes nothing.
-
-    A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
-    then, and giving up early would make the issue run again. The last try is made at that deadline (a
-    Sentinel promotion that ends just before it still gets the outcome). The deadline counts from the
-    agent's end, so it can pass the claim's real end by up to one renew interval; such a try is fenced.
-    """
-    deadline = time.monotonic() + job.ctx.settings.dispatch.lease_ttl_s
-    delay = 0.1
-    while True:
-        try:
-            return _settle_once(job, outcome, error, rider)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            wait = min(delay, left)
-            log.warning("Redis unavailable while settling %s (%s); retrying in %.1fs", job.issue_id, exc, wait)
-            time.sleep(wait)
-            delay = min(delay * 2, 1.0)
-
-
-def _settle_once(job: Job, outcome: str, error: str, rider: Rider | None) -> Settled:
-    ctx, issue_id, token = job.ctx, job.issue_id, job.token
-    if rider is not None and rider.sent:  # a retry after a connection error: the rider went already
-        rider = None
-    try:
-        if outcome == Outcome.OK:
-            ctx.ledger.complete(issue_id, token, rider)
-            ctx.notifier.send_event("done", issue_id=issue_id)
-            return Settled.DONE
-        if outcome == Outcome.LEASE_LOST:
-            return Settled.LEASE_LOST
-        if outcome == Outcome.INTERRUPTED:
-            ctx.ledger.release(issue_id, token, reason=ReleaseReason.INTERRUPTED, rider=rider)
-            return Settled.RELEASED
-        failed = ctx.ledger.fail(issue_id, token, error or outcome, rider)
-        if failed.state == Settled.PARKED:
-            ctx.notifier.send_event("parked", issue_id=issue_id, attempts=failed.attempts, last_error=error)
-        return Settled(failed.state)
-    except StaleClaimError as exc:
-        log.warning("late %s for %s rejected: %s", outcome, issue_id, exc)
-        return Settled.STALE
-
-
-def release_quietly(ctx: Context, issue_id: str, token: str, reason: str) -> bool:
-    """Release by token; False (and nothing changed) when the token no longer holds the claim."""
-    try:
-        ctx.ledger.release(issue_id, token, reason=reason)
-        return True
-    except StaleClaimError:
-        return False
-
-
-def release_task_claim(
-    ctx: Context, task_id: str, reason: str = ReleaseReason.INTERRUPTED, only_if_queued: bool = False
-) -> str | None:
-    """Release the claim of agent or stage task ``task_id`` by its recorded token (used on revoke/teardown).
-
-    ``only_if_queued``: leave it alone when its agent is running (a discarded duplicate of a message whose
-    twin runs elsewhere must not free the running agent's claim).
-    """
-    rec = ctx.redis.hgetall(ctx.keys.agent_task(task_id))
-    if not rec.get("issue") or not rec.get("token"):
-        return None
-    if only_if_queued and rec.get("state") == "running":
-        return None
-    return rec["issue"] if release_quietly(ctx, rec["issue"], rec["token"], reason) else None

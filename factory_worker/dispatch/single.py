@@ -13,8 +13,9 @@ import logging
 import os
 from typing import Any
 
+from factory_worker.dispatch.claims import release_quietly
 from factory_worker.dispatch.job import Job
-from factory_worker.dispatch.lifecycle import forget, release_quietly, run
+from factory_worker.dispatch.lifecycle import forget, run
 from factory_worker.dispatch.staged import hand_over_claim
 from factory_worker.ledger.guard import LedgerLostError
 from factory_worker.ledger.scripts import StaleClaimError

@@ -22,8 +22,9 @@ import redis
 from factory_worker.agents.command import safe_name
 from factory_worker.config.stages import TRIAGE
 from factory_worker.context import Context
+from factory_worker.dispatch.claims import settle
 from factory_worker.dispatch.job import Job, StageSender
-from factory_worker.dispatch.lifecycle import forget, new_stage_task_id, run, send_stage_task, settle
+from factory_worker.dispatch.lifecycle import forget, new_stage_task_id, run, send_stage_task
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.ledger.stages import StageLedger, StageUnackedError
 from factory_worker.ledger.states import Begin, Outcome, ReleaseReason, Settled, StageStart

@@ -91,6 +91,14 @@ class ReleaseReason(StrEnum):
     MESSAGE_LOST = "message-lost"  # its task's message is gone from the broker (the sweep)
 
 
+class TaskState(StrEnum):
+    """An agent or stage task's record (``agent:<task_id>``): written ``queued`` when its message is sent,
+    ``running`` once ``begin.lua`` / ``stage.lua`` start it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
 class Begin(StrEnum):
     """What ``begin.lua`` said to an agent task about to start."""
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from factory_worker.agents import CommandAgent
+from factory_worker.dispatch.claims import release_task_claim
 from factory_worker.dispatch.job import Job
-from factory_worker.dispatch.lifecycle import release_task_claim
 from factory_worker.dispatch.single import execute
 from factory_worker.loop.iteration import iterate
 from tests.support import Recorder
@@ -106,7 +106,7 @@ def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_th
     the backoff's last wait is cut to land on the deadline instead of giving up a wait early."""
     import redis
 
-    from factory_worker.dispatch import lifecycle as agent_task
+    from factory_worker.dispatch import claims as agent_task
 
     clock = [0.0]
     monkeypatch.setattr(agent_task.time, "monotonic", lambda: clock[0])
@@ -130,3 +130,20 @@ def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_th
         assert agent_task.settle(Job(ctx, "task-0", {"id": "I-0"}, claim.token), "ok") == settled
         assert ctx.ledger.explain("I-0").state == "done"
     assert max(b - a for a, b in zip(tries, tries[1:])) <= 1.0
+
+
+@pytest.mark.parametrize("outcome", ["timeout", "signalled"])
+def test_a_failed_run_without_an_error_is_recorded_with_its_outcome(ctx, outcome):
+    """The ledger's last error of a failed attempt is the run's error, else its outcome word (the one-stage
+    case of the lifecycle settles a single agent's failure as its run's outcome, not as a bare ``failed``)."""
+    from factory_worker.agents import AgentResult
+
+    class Ends:
+        def run(self, dispatch, renew, should_stop, on_start=None):
+            return AgentResult(outcome, None, 0.0, None, "")
+
+    claim = ctx.ledger.claim(["I-0"]).claims[0]
+    out = execute(Job(ctx, "agent-y", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=Ends()))
+    assert (out["outcome"], out["settled"], out["error"]) == (outcome, "backoff", "")
+    e = ctx.ledger.explain("I-0")
+    assert e.state == "backoff" and outcome in e.text, e
