@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from factory_worker.agents import AgentRunner
 from factory_worker.agents.command import safe_name
 from factory_worker.config.stages import TRIAGE
 from factory_worker.context import Context
@@ -130,7 +131,7 @@ def run_inline(
     ctx: Context,
     issue: Issue,
     token: str,
-    runner: Any = None,
+    runner: AgentRunner | None = None,
     run_id: str | None = None,
     hostname: str = "inline",
     max_steps: int = 100,
