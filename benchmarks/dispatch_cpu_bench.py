@@ -2,7 +2,7 @@
 
 ``backlog_bench`` shows that the factory's pool processes spend ~3 ms of CPU per issue against ~0.5 ms for
 plain Celery. This takes the agent task's own part apart, in this process, on a fresh redis-server:
-``agent_task.execute`` for ``--n`` issues in a row (agent ``true``, the refill's send recorded instead of
+``dispatch.single.execute`` for ``--n`` issues in a row (agent ``true``, the refill's send recorded instead of
 published, so each execute refills the next as on a worker), timing each part with ``time.process_time``
 (CPU of this process; the agent's own CPU is reported apart, as reaped children).
 
@@ -32,7 +32,7 @@ WARMUP = 50
 def _parts() -> list[tuple[Any, str, str]]:
     """(owner, attribute, label) of each timed part, imported only once the environment is set."""
     from factory_worker.agents import command
-    from factory_worker.dispatch import single as agent_task
+    from factory_worker.dispatch import lifecycle
     from factory_worker.ledger import core as ledger
     from factory_worker.loop import iteration as loop
 
@@ -46,8 +46,8 @@ def _parts() -> list[tuple[Any, str, str]]:
         (command, "open_log", "    open_log"),
         (command.CommandAgent, "_supervise", "  _supervise"),
         (command.CommandAgent, "_result", "  _result"),
-        (agent_task, "settle", "settle (complete.lua + clean-up + pop)"),
-        (agent_task, "refill", "refill"),
+        (lifecycle, "settle", "settle (complete.lua + clean-up + pop)"),
+        (lifecycle, "refill", "refill"),
         (ledger.Ledger, "claim", "  ledger.claim (claim.lua)"),
         (loop, "_remember_agent_tasks", "  queue_tasks.lua"),
     ]
@@ -75,6 +75,7 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
 
     from factory_worker.config.settings import load_settings
     from factory_worker.context import Context
+    from factory_worker.dispatch.job import Job
     from factory_worker.dispatch.single import execute
     from factory_worker.loop.iteration import dispatch_claims
     from factory_worker.loop.presence import publish_slots
@@ -94,7 +95,7 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
 
     def one() -> None:
         task_id, issue, claim = queued.pop(0)
-        res = execute(ctx, task_id, issue.as_json_dict(), claim.token, "bench", hostname="bench", send=send)
+        res = execute(Job(ctx, task_id, issue.as_json_dict(), claim.token, "bench", hostname="bench", send=send))
         if res.get("settled") != "done" or not queued:
             raise SystemExit(f"dispatch_cpu_bench: an execute did not complete and refill: {res}")
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = out.pop("_labels")
 
     def human() -> None:
-        print(f"dispatch_cpu_bench: agent_task.execute x {out['n']} (agent true), CPU of this process")
+        print(f"dispatch_cpu_bench: dispatch.single.execute x {out['n']} (agent true), CPU of this process")
         print(
             f"  per execute: {out['execute_cpu_ms']:.3f} ms CPU ({out['execute_wall_ms']:.3f} ms wall); "
             f"the agent's own process: {out['agent_process_cpu_ms']:.3f} ms; redis-server: "

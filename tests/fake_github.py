@@ -230,7 +230,6 @@ class FakeGitHub(FakeServer):
                 (r for r in rules if r["method"] == method and r["part"] in path and r.get("times", 1) > 0), None
             )
 
-
     # -- pull requests ------------------------------------------------------------------------------------
     def open_pulls(self, head: str | None = None) -> list[FakePull]:
         with self.lock:

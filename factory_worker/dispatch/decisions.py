@@ -1,5 +1,6 @@
-"""What a staged dispatch does once a stage has ended: the next stage, a round back with feedback, done, a
-failed attempt, an escalation to a human. Pure decisions (no Redis, no Celery); ``stage_task.py`` acts on them.
+"""What a dispatch does once a step has ended: the next stage, a round back with feedback, done, a failed
+attempt, an escalation to a human. Pure decisions (no Redis, no Celery); ``lifecycle.finish`` acts on them.
+A single agent is the one-stage case (:func:`decide_single`): done, failed, released or lost.
 
 * Triage (optional, step 1) prints JSON ``{"stages": [...], "confidence": 0..1, "reason": "..."}`` (validated by
   :class:`TriageVerdict`); invalid output is a failed attempt with a clear error; a confidence below
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -23,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from factory_worker.config.settings import AgentSettings
 from factory_worker.config.stages import REJECT_EXIT, TRIAGE
 from factory_worker.ledger.stages import Progress
+from factory_worker.ledger.states import Outcome, StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,24 @@ class TriageVerdict(BaseModel):
         return v
 
 
+class Move(StrEnum):
+    """A :class:`Decision`'s kind: what the claim does after a step."""
+
+    NEXT = "next"  # hand over to the next stage (the claim stays held)
+    COMPLETE = "complete"  # done for good
+    FAIL = "fail"  # a failed attempt: backoff, parked after max_attempts
+    ESCALATE = "escalate"  # parked for a human (needs-human), no attempt counted
+    RELEASE = "release"  # interrupted: no attempt counted, progress kept
+    LOST = "lost"  # the claim is not ours: nothing is written
+
+
 @dataclass(frozen=True)
 class Decision:
-    """What to do after a step: ``next`` (hand over to ``stage``), ``complete``, ``fail``, ``escalate``,
-    ``release`` (interrupted: no attempt counted, progress kept) or ``lost`` (the claim is not ours: nothing)."""
+    """What to do after a step (:class:`Move`), and with what: the next ``stage`` and its round, retries,
+    plan and feedback; the error of a failure or an escalation."""
 
-    kind: str
-    outcome: str = ""  # the finished step's outcome, for the history (ok, rejected, failed, timeout, ...)
+    kind: Move
+    outcome: str = ""  # the finished step's outcome for the history: an Outcome or a StageOutcome word
     stage: str = ""
     round: int = 1
     retries: int = 0
@@ -103,56 +117,65 @@ def back_target(back_to: str | None, plan: list[str], stage: str) -> str:
     return plan[i - 1] if i > 0 else stage
 
 
+def decide_single(outcome: str, error: str) -> Decision:
+    """The move after a single agent's run (the one-stage case of :func:`decide`, without progress)."""
+    if outcome == Outcome.LEASE_LOST:
+        return Decision(Move.LOST, outcome, error=error)
+    if outcome == Outcome.INTERRUPTED:
+        return Decision(Move.RELEASE, outcome, error=error)
+    return Decision(Move.COMPLETE if outcome == Outcome.OK else Move.FAIL, outcome, error=error)
+
+
 def decide(
     agent: AgentSettings, prog: Progress, outcome: str, exit_code: int | None, error: str, output: str
 ) -> Decision:
     """The next move after step ``prog.step`` (stage ``prog.stage``) ended with ``outcome``."""
-    if outcome == "lease-lost":
-        return Decision("lost", outcome)
-    if outcome == "interrupted":
-        return Decision("release", outcome, error=error)
+    if outcome == Outcome.LEASE_LOST:
+        return Decision(Move.LOST, outcome)
+    if outcome == Outcome.INTERRUPTED:
+        return Decision(Move.RELEASE, outcome, error=error)
     names = [s.name for s in agent.pipeline()]
     if prog.stage == TRIAGE:
-        if outcome != "ok":
-            return Decision("fail", outcome, error=f"triage failed: {error or outcome}")
+        if outcome != Outcome.OK:
+            return Decision(Move.FAIL, outcome, error=f"triage failed: {error or outcome}")
         try:
             verdict = parse_triage(output, names)
         except ValueError as exc:
-            return Decision("fail", "invalid", error=str(exc))
+            return Decision(Move.FAIL, StageOutcome.INVALID, error=str(exc))
         if verdict.confidence < agent.min_confidence:
             why = (
                 f"needs-human: triage confidence {verdict.confidence:g} < agent.min_confidence "
                 f"{agent.min_confidence:g}: {verdict.reason or 'no reason given'}"
             )
-            return Decision("escalate", "escalated", error=why)
-        return Decision("next", "ok", stage=verdict.stages[0], plan=list(verdict.stages))
+            return Decision(Move.ESCALATE, StageOutcome.ESCALATED, error=why)
+        return Decision(Move.NEXT, Outcome.OK, stage=verdict.stages[0], plan=list(verdict.stages))
     plan = prog.plan or names
     cfg = agent.stage(prog.stage)
     if cfg is None:
-        return Decision("fail", outcome, error=f"stage {prog.stage!r} is no longer configured (agent.stages)")
-    if outcome == "ok":
+        return Decision(Move.FAIL, outcome, error=f"stage {prog.stage!r} is no longer configured (agent.stages)")
+    if outcome == Outcome.OK:
         nxt = following(plan, prog.stage)
         if nxt is None:
-            return Decision("complete", "ok")
-        return Decision("next", "ok", stage=nxt, round=prog.round, feedback=prog.feedback)
-    rejected = outcome == "failed" and exit_code == REJECT_EXIT
+            return Decision(Move.COMPLETE, Outcome.OK)
+        return Decision(Move.NEXT, Outcome.OK, stage=nxt, round=prog.round, feedback=prog.feedback)
+    rejected = outcome == Outcome.FAILED and exit_code == REJECT_EXIT
     if rejected or cfg.on_failure == "back":
-        word = "rejected" if rejected else outcome
+        word = StageOutcome.REJECTED if rejected else outcome
         if prog.round >= agent.max_rounds:
             return Decision(
-                "fail",
+                Move.FAIL,
                 word,
                 error=f"stage {prog.stage!r} {word} in round {prog.round} of "
                 f"agent.max_rounds={agent.max_rounds}: {error or outcome}",
             )
         return Decision(
-            "next", word, stage=back_target(cfg.back_to, plan, prog.stage), round=prog.round + 1, feedback=output
+            Move.NEXT, word, stage=back_target(cfg.back_to, plan, prog.stage), round=prog.round + 1, feedback=output
         )
     if cfg.on_failure == "retry" and prog.retries < cfg.retries:
         return Decision(
-            "next", outcome, stage=prog.stage, round=prog.round, retries=prog.retries + 1, feedback=prog.feedback
+            Move.NEXT, outcome, stage=prog.stage, round=prog.round, retries=prog.retries + 1, feedback=prog.feedback
         )
-    return Decision("fail", outcome, error=f"stage {prog.stage!r}: {error or outcome}")
+    return Decision(Move.FAIL, outcome, error=f"stage {prog.stage!r}: {error or outcome}")
 
 
 def read_output(log_path: Path | None, limit: int) -> str:

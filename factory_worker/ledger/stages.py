@@ -17,6 +17,8 @@ from factory_worker.ledger.core import Ledger
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.redis_client import decoded_hash
 from factory_worker.ledger.scripts import Reply, checked
+from factory_worker.ledger.states import StageStart
+from factory_worker.ledger.types import Rider
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,12 @@ class StageLedger:
         self.ledger = ledger
         self.keys: Keys = ledger.keys
 
-    def _call(self, op: str, issue: str, token: str, **args: Any) -> tuple[Reply, dict[str, Any], bool]:
+    def _call(
+        self, op: str, issue: str, token: str, rider: Rider | None = None, **args: Any
+    ) -> tuple[Reply, dict[str, Any], bool]:
         """Run ``stage.lua``'s ``op``; with ``dispatch.min_replica_acks``, in one pipeline with ``WAIT`` (as the
-        ledger's own writes). Returns (reply, the script's arguments, acknowledged)."""
+        ledger's own writes); ``rider``: commands sent in the same round trip (:class:`Rider`). Returns (reply,
+        the script's arguments, acknowledged)."""
         values: dict[str, Any] = dict.fromkeys(_ARGS, "")
         values.update(
             op=op,
@@ -103,7 +108,7 @@ class StageLedger:
             worker_pid=0,
         )
         values.update(args)
-        reply, acked = self.ledger.writes.acked("stage", **values)
+        reply, acked = self.ledger.writes.acked("stage", rider=rider, **values)
         return checked(reply, issue, token), values, acked
 
     def _unacked(self, op: str, issue: str, token: str) -> None:
@@ -151,24 +156,24 @@ class StageLedger:
 
     def start(
         self, issue: str, token: str, task_id: str, step: int, stage: str, hostname: str, pid: int
-    ) -> tuple[str, Progress | None]:
-        """Start step ``step`` (``stage``): ``("ok", progress)``, or ``("moved" | "duplicate" | "revoked" |
-        "killed" | "unacked", None)``: nothing may run (revoked / killed: the caller releases the claim;
-        unacked: released here)."""
+    ) -> tuple[StageStart, Progress | None]:
+        """Start step ``step`` (``stage``): ``(OK, progress)``, or ``(MOVED | DUPLICATE | REVOKED | KILLED |
+        UNACKED, None)``: nothing may run (revoked / killed: the caller releases the claim; unacked: released
+        here). See :class:`~factory_worker.ledger.states.StageStart`."""
         reply, _, acked = self._call(
             "start", issue, token, task_id=task_id, step=step, stage=stage, hostname=hostname, worker_pid=pid
         )
-        if reply.status != "ok":
-            return reply.status, None
+        if reply.status != StageStart.OK:
+            return StageStart(reply.status), None
         if not acked:
             self._unacked("start", issue, token)
-            return "unacked", None
+            return StageStart.UNACKED, None
         rnd, retries, plan, feedback, workdir, history, thread = reply.values
         try:
             names = [str(x) for x in json.loads(plan or "[]")]
         except ValueError:
             names = []
-        return "ok", Progress(
+        return StageStart.OK, Progress(
             step, stage, int(rnd), int(retries), names, feedback or "", workdir or "", history or "", thread or ""
         )
 
@@ -185,15 +190,17 @@ class StageLedger:
         task_id: str,
         run_id: str | None,
         plan: list[str] | None = None,
+        rider: Rider | None = None,
     ) -> int | None:
         """Finish step ``step`` with ``outcome`` and make ``stage`` the next (pending) step, run by ``task_id``
         (recorded queued). Returns the new step, or None when step ``step`` is not running by ``token`` (a
-        duplicate's late result). The claim's lease becomes the queue lease."""
+        duplicate's late result). The claim's lease becomes the queue lease. ``rider``: see :class:`Rider`."""
         feedback_bytes = feedback.encode("utf-8", "replace")[-Keys.FEEDBACK_MAX_BYTES :]
         reply, values, acked = self._call(
             "next",
             issue,
             token,
+            rider,
             step=step,
             outcome=outcome,
             stage=stage,
@@ -210,9 +217,10 @@ class StageLedger:
             reply = self.ledger.writes.confirm("stage", issue, token, reply, acked, **rest)
         return int(reply.values[0]) if reply.status == "ok" else None
 
-    def escalate(self, issue: str, token: str, error: str) -> None:
-        """Park ``issue`` for a human (``needs-human``): no attempt counted, progress gone (holder only)."""
-        self.ledger.writes.settle("escalate", issue, token, error=error[: Keys.ERROR_MAX_CHARS])
+    def escalate(self, issue: str, token: str, error: str, rider: Rider | None = None) -> None:
+        """Park ``issue`` for a human (``needs-human``): no attempt counted, progress gone (holder only).
+        ``rider``: see :class:`Rider`."""
+        self.ledger.writes.settle("escalate", issue, token, rider, error=error[: Keys.ERROR_MAX_CHARS])
         log.info("issue %s escalated: %s", issue, error)
 
     def progress(self, issue: str) -> dict[str, str]:

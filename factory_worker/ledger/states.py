@@ -50,7 +50,7 @@ class RunStatus(StrEnum):
 
 
 class Outcome(StrEnum):
-    """How an agent run ended."""
+    """How an agent run ended (and the ``outcome`` of the agent task that ran it)."""
 
     OK = "ok"  # exit 0
     FAILED = "failed"  # non-zero exit (or it could not be started)
@@ -58,10 +58,20 @@ class Outcome(StrEnum):
     SIGNALLED = "signalled"
     LEASE_LOST = "lease-lost"  # the claim was no longer ours: stopped, nothing written
     INTERRUPTED = "interrupted"  # operator stop, worker shutdown, revoke: released, no attempt counted
+    STAGED = "staged"  # no agent ran in this task: it handed its claim over to the stage tasks
+
+
+class StageOutcome(StrEnum):
+    """How a stage's step ended, where its decision says more than the run's :class:`Outcome` (the attempt's
+    history ``step:stage:outcome``, the stage task's ``outcome``)."""
+
+    REJECTED = "rejected"  # exit 3 (REJECT_EXIT): back to ``back_to`` with the output as feedback
+    INVALID = "invalid"  # a triage whose output is no valid verdict
+    ESCALATED = "escalated"  # a triage below ``agent.min_confidence``: parked for a human
 
 
 class Settled(StrEnum):
-    """What the ledger recorded for an agent task (``agent_task.settle``)."""
+    """What the ledger recorded for an agent or stage task (its ``settled``: ``dispatch.lifecycle.finish``)."""
 
     DONE = "done"
     BACKOFF = "backoff"
@@ -69,6 +79,25 @@ class Settled(StrEnum):
     RELEASED = "released"
     LEASE_LOST = "lease-lost"
     STALE = "stale"  # a late write by a token that no longer holds the claim: nothing changed
+    NEXT = "next"  # a stage handed the claim over to the next step (the claim stays held)
+    MOVED = "moved"  # a late result of a step the attempt has moved past (a duplicate's): nothing changed
+
+
+class ReleaseReason(StrEnum):
+    """Why a claim was released without counting an attempt (``release.lua``'s reason, ``released_<reason>``)."""
+
+    INTERRUPTED = "interrupted"  # operator stop, worker shutdown, revoke, a killed loop at begin or start
+    UNACKED = "unacked"  # a begin, stage open or start too few replicas acknowledged
+    SEND_FAILED = "send-failed"  # its task could not be sent
+    MESSAGE_LOST = "message-lost"  # its task's message is gone from the broker (the sweep)
+
+
+class TaskState(StrEnum):
+    """An agent or stage task's record (``agent:<task_id>``): written ``queued`` when its message is sent,
+    ``running`` once ``begin.lua`` / ``stage.lua`` start it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
 
 
 class Begin(StrEnum):
@@ -79,3 +108,15 @@ class Begin(StrEnum):
     REVOKED = "revoked"
     KILLED = "killed"
     UNACKED = "unacked"  # started, but too few replicas acknowledged it (min_replica_acks): do not run
+    LEDGER_LOST = "ledger-lost"  # the ledger is not the one this fleet wrote (safe mode): nothing starts
+
+
+class StageStart(StrEnum):
+    """What ``stage.lua``'s ``start`` said to a stage task about to run its step (``StageLedger.start``)."""
+
+    OK = "ok"
+    MOVED = "moved"  # the attempt is at another step (this one finished, or there is no progress)
+    DUPLICATE = "duplicate"  # the step runs already (a redelivered twin)
+    REVOKED = "revoked"  # the task was revoked: the caller releases the claim
+    KILLED = "killed"  # the loop is killed: the caller releases the claim
+    UNACKED = "unacked"  # started, but too few replicas acknowledged it: released, nothing runs

@@ -68,9 +68,10 @@ class LedgerWrites:
         """Run script ``name`` alone; no replica is waited for."""
         return self.scripts[name](self.keys, items, **args)
 
-    def acked(self, name: str, items: Sequence[str] = (), **args: Any) -> Written:
-        """Run script ``name``; with ``min_replica_acks``, in one pipeline with ``WAIT`` (one round trip)."""
-        return self._send(name, items, args, None, self.waits)
+    def acked(self, name: str, items: Sequence[str] = (), rider: Rider | None = None, **args: Any) -> Written:
+        """Run script ``name`` (then ``rider``'s commands); with ``min_replica_acks``, in one pipeline with
+        ``WAIT`` (one round trip)."""
+        return self._send(name, items, args, rider, self.waits)
 
     def guarded(self, name: str, items: Sequence[str] = (), **args: Any) -> Written:
         """An acknowledged write of a script that compares the ledger's generation (``ARGV generation``) with

@@ -19,7 +19,7 @@ from factory_worker.ledger.core import WAITING, Claim
 from factory_worker.ledger.guard import LedgerLostError
 from factory_worker.ledger.records import as_int
 from factory_worker.ledger.scripts import scripts_for
-from factory_worker.ledger.states import Gate, RunStatus
+from factory_worker.ledger.states import Gate, ReleaseReason, RunStatus
 from factory_worker.loop import heartbeat
 from factory_worker.loop.control import Kickoff
 from factory_worker.loop.sweep import forget_dead_agents, release_lost_messages
@@ -167,7 +167,7 @@ def dispatch_claims(
         for task_id, claim in list(zip(task_ids, claims))[len(sent) :]:
             try:
                 ctx.redis.zrem(ctx.keys.queued, task_id)
-                ctx.ledger.release(claim.issue, claim.token, reason="send-failed")
+                ctx.ledger.release(claim.issue, claim.token, reason=ReleaseReason.SEND_FAILED)
             except Exception:
                 log.exception("could not release unsent claim on %s", claim.issue)
         raise

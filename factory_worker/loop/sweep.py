@@ -24,6 +24,7 @@ import redis
 from factory_worker.context import Context
 from factory_worker.ledger.redis_client import decoded_hash, decoded_members
 from factory_worker.ledger.scripts import scripts_for
+from factory_worker.ledger.states import ReleaseReason
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def release_lost_messages(
         if not rec.get("issue") or not rec.get("token"):
             ctx.redis.zrem(ctx.keys.queued, task_id)
             continue
-        reply = script(ctx.keys, token=rec["token"], issue=rec["issue"], task_id=task_id, reason="message-lost")
+        reply = script(
+            ctx.keys, token=rec["token"], issue=rec["issue"], task_id=task_id, reason=ReleaseReason.MESSAGE_LOST
+        )
         if reply.status == "ok":
             released.append(task_id)
             log.warning(

@@ -180,7 +180,8 @@ def stop_agents(ctx: Context, task_ids: list[str], grace_s: float | None = None)
             if rec.get("hostname") and worker_alive(ctx.redis, ctx.keys, rec["hostname"]):
                 released_by = "pending (its worker is alive and still stopping it)"
             else:
-                from factory_worker.dispatch.single import release_task_claim  # lazily: status commands need none of it
+                # lazily: status commands need none of it
+                from factory_worker.dispatch.claims import release_task_claim
 
                 released_by = "ctl" if release_task_claim(ctx, t) is not None else "lease expiry"
                 ctx.redis.srem(ctx.keys.agents, t)  # its worker is gone: nobody else will clean this entry

@@ -227,7 +227,7 @@ def on_task_revoked(request: Any = None, terminated: bool = False, **_: Any) -> 
     task_id = getattr(request, "id", None)
     if task not in ("factory.agent.run", "factory.agent.stage") or not task_id:
         return
-    from factory_worker.dispatch.single import release_task_claim
+    from factory_worker.dispatch.claims import release_task_claim
 
     try:
         issue = release_task_claim(current(), task_id, reason="interrupted", only_if_queued=True)

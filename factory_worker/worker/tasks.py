@@ -1,4 +1,4 @@
-"""The Celery tasks: thin views over :mod:`loop` and :mod:`agent_task`.
+"""The Celery tasks: thin views over :mod:`factory_worker.loop` and :mod:`factory_worker.dispatch`.
 
 ``factory.loop.kickoff`` -> chain of ``factory.loop.iteration`` x N -> ``factory.loop.finish``;
 ``factory.agent.run`` runs one agent for one claim (or, staged, hands the claim over to its
@@ -16,8 +16,9 @@ from typing import Any
 from celery import chain, shared_task
 
 from factory_worker.context import current
-from factory_worker.dispatch import single as agent_task
-from factory_worker.dispatch import staged as stage_task
+from factory_worker.dispatch.job import Job, message_issue
+from factory_worker.dispatch.single import execute
+from factory_worker.dispatch.staged import run_stage
 from factory_worker.ledger.core import Claim, fence_of
 from factory_worker.ledger.states import Settled
 from factory_worker.loop import iteration as loop
@@ -123,18 +124,16 @@ def agent_run(
     the reason as its exception text, raised only after the ledger is settled (never a Celery retry: the
     ledger's backoff decides); done -> SUCCESS. ``throws`` keeps it one log line, no traceback.
     """
-    data = issue or {"id": issue_id, "title": "", "state": "ready"}
-    result = agent_task.execute(
-        current(),
-        self.request.id,
-        data,
-        token,
-        run_id,
-        hostname=self.request.hostname,
-        send=send_agent,
-        send_stage=send_stage,
+    return _truthful(execute(_job(self.request, issue_id, token, run_id, issue)))
+
+
+def _job(request: Any, issue_id: str, token: str, run_id: str | None, issue: Any, **step: Any) -> Job:
+    """The dispatch an agent or stage task's message carries, on this worker (which refills and hands over
+    by sending tasks)."""
+    data = message_issue(issue_id, issue)
+    return Job(
+        current(), request.id, data, token, run_id, request.hostname, send=send_agent, send_stage=send_stage, **step
     )
-    return _truthful(result)
 
 
 def _truthful(result: dict[str, Any]) -> dict[str, Any]:
@@ -158,17 +157,4 @@ def agent_stage(
 
     Like ``factory.agent.run``: FAILURE when the attempt failed or was parked (escalated), after the ledger
     is settled; a stage that hands over (a rejection included) is a SUCCESS naming the next stage."""
-    data = issue or {"id": issue_id, "title": "", "state": "ready"}
-    result = stage_task.run_stage(
-        current(),
-        self.request.id,
-        data,
-        token,
-        stage,
-        int(step),
-        run_id,
-        hostname=self.request.hostname,
-        send_stage=send_stage,
-        send=send_agent,
-    )
-    return _truthful(result)
+    return _truthful(run_stage(_job(self.request, issue_id, token, run_id, issue, stage=stage, step=int(step))))

@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from factory_worker.agents import CommandAgent
-from factory_worker.dispatch.single import execute, release_task_claim
+from factory_worker.dispatch.claims import release_task_claim
+from factory_worker.dispatch.job import Job
+from factory_worker.dispatch.single import execute
 from factory_worker.loop.iteration import iterate
 from tests.support import Recorder
 
@@ -20,7 +22,7 @@ def make_runner(ctx, argv):
 def test_execute_settles_by_token(ctx, argv, state):
     claim = ctx.ledger.claim(["I-0"]).claims[0]
     out = execute(
-        ctx, "task-1", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, argv)
+        Job(ctx, "task-1", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, argv))
     )
     assert out["settled"] == state
     assert ctx.ledger.explain("I-0").state == state
@@ -33,7 +35,7 @@ def test_execute_twice_with_one_token_runs_once(ctx, tmp_path):
     claim = ctx.ledger.claim(["I-0"]).claims[0]
     ctx.ledger.begin("I-0", claim.token)  # a twin message already started this claim's agent
     out = execute(
-        ctx, "task-2", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, argv)
+        Job(ctx, "task-2", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, argv))
     )
     assert out["outcome"] == "duplicate" and not marker.exists()
 
@@ -44,14 +46,14 @@ def test_execute_after_kill_or_revoke_releases_and_runs_nothing(ctx, tmp_path):
     a, b = ctx.ledger.claim(["I-0", "I-1"]).claims[:2]
     ctx.control.revoke_ids(["t-a"])
     assert (
-        execute(ctx, "t-a", {"id": "I-0", "title": "t", "state": "ready"}, a.token, runner=make_runner(ctx, argv))[
+        execute(Job(ctx, "t-a", {"id": "I-0", "title": "t", "state": "ready"}, a.token, runner=make_runner(ctx, argv)))[
             "outcome"
         ]
         == "revoked"
     )
     ctx.control.set_kill(None, "test")
     assert (
-        execute(ctx, "t-b", {"id": "I-1", "title": "t", "state": "ready"}, b.token, runner=make_runner(ctx, argv))[
+        execute(Job(ctx, "t-b", {"id": "I-1", "title": "t", "state": "ready"}, b.token, runner=make_runner(ctx, argv)))[
             "outcome"
         ]
         == "killed"
@@ -65,7 +67,9 @@ def test_stale_message_does_nothing(ctx):
     claim = ctx.ledger.claim(["I-0"]).claims[0]
     ctx.ledger.release("I-0", claim.token)
     out = execute(
-        ctx, "task-3", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, ["true"])
+        Job(
+            ctx, "task-3", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=make_runner(ctx, ["true"])
+        )
     )
     assert out["outcome"] == "stale"
     assert ctx.ledger.explain("I-0").state == "claimable"
@@ -88,7 +92,7 @@ def test_an_exception_between_begin_and_the_agent_start_is_a_failed_attempt_not_
             raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
 
     claim = ctx.ledger.claim(["I-0"]).claims[0]
-    out = execute(ctx, "agent-x", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=Exploding())
+    out = execute(Job(ctx, "agent-x", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=Exploding()))
     assert out["outcome"] == "failed" and out["settled"] == "backoff" and "UnicodeEncodeError" in out["error"]
     assert ctx.ledger.explain("I-0").state == "backoff"
     assert ctx.ledger.current_token("I-0") is None  # settled, not left held until its lease runs out
@@ -102,7 +106,7 @@ def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_th
     the backoff's last wait is cut to land on the deadline instead of giving up a wait early."""
     import redis
 
-    from factory_worker.dispatch import single as agent_task
+    from factory_worker.dispatch import claims as agent_task
 
     clock = [0.0]
     monkeypatch.setattr(agent_task.time, "monotonic", lambda: clock[0])
@@ -120,10 +124,10 @@ def test_settle_retries_a_redis_outage_until_the_lease_ends_and_tries_once_at_th
     claim = ctx.ledger.claim(["I-0"]).claims[0]
     if settled is None:
         with pytest.raises(redis.ConnectionError):
-            agent_task.settle(ctx, "I-0", claim.token, "ok")
+            agent_task.settle(Job(ctx, "task-0", {"id": "I-0"}, claim.token), "ok")
         assert tries[-1] == pytest.approx(10.0)  # the last try was at the lease's end
     else:
-        assert agent_task.settle(ctx, "I-0", claim.token, "ok") == settled
+        assert agent_task.settle(Job(ctx, "task-0", {"id": "I-0"}, claim.token), "ok") == settled
         assert ctx.ledger.explain("I-0").state == "done"
     assert max(b - a for a, b in zip(tries, tries[1:])) <= 1.0
 
@@ -157,11 +161,13 @@ def test_with_tracker_comments_relayed_every_dispatch_gets_an_inbox_fed_from_red
     helper = threading.Thread(target=comment, daemon=True)
     helper.start()
     out = execute(
-        ctx,
-        "task-9",
-        {"id": "I-0", "title": "t", "state": "ready"},
-        claim.token,
-        runner=make_runner(ctx, [sys.executable, "-c", script]),
+        Job(
+            ctx,
+            "task-9",
+            {"id": "I-0", "title": "t", "state": "ready"},
+            claim.token,
+            runner=make_runner(ctx, [sys.executable, "-c", script]),
+        )
     )
     helper.join(10)
     assert out["settled"] == "done"
@@ -176,10 +182,29 @@ def test_without_slack_or_relayed_comments_no_inbox(ctx, tmp_path):
     script = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('FACTORY_INBOX', '-'))"
     claim = ctx.ledger.claim(["I-0"]).claims[0]
     out = execute(
-        ctx,
-        "task-8",
-        {"id": "I-0", "title": "t", "state": "ready"},
-        claim.token,
-        runner=make_runner(ctx, [sys.executable, "-c", script]),
+        Job(
+            ctx,
+            "task-8",
+            {"id": "I-0", "title": "t", "state": "ready"},
+            claim.token,
+            runner=make_runner(ctx, [sys.executable, "-c", script]),
+        )
     )
     assert out["settled"] == "done" and seen.read_text() == "-"
+
+
+@pytest.mark.parametrize("outcome", ["timeout", "signalled"])
+def test_a_failed_run_without_an_error_is_recorded_with_its_outcome(ctx, outcome):
+    """The ledger's last error of a failed attempt is the run's error, else its outcome word (the one-stage
+    case of the lifecycle settles a single agent's failure as its run's outcome, not as a bare ``failed``)."""
+    from factory_worker.agents import AgentResult
+
+    class Ends:
+        def run(self, dispatch, renew, should_stop, on_start=None):
+            return AgentResult(outcome, None, 0.0, None, "")
+
+    claim = ctx.ledger.claim(["I-0"]).claims[0]
+    out = execute(Job(ctx, "agent-y", {"id": "I-0", "title": "t", "state": "ready"}, claim.token, runner=Ends()))
+    assert (out["outcome"], out["settled"], out["error"]) == (outcome, "backoff", "")
+    e = ctx.ledger.explain("I-0")
+    assert e.state == "backoff" and outcome in e.text, e

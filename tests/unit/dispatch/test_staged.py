@@ -11,6 +11,7 @@ import pytest
 
 from factory_worker.agents import CommandAgent
 from factory_worker.context import Context
+from factory_worker.dispatch.job import Job
 from factory_worker.dispatch.staged import run_inline, run_stage
 from factory_worker.ledger.core import StaleClaimError
 from factory_worker.ledger.stages import StageLedger
@@ -173,19 +174,22 @@ def test_a_late_stage_result_is_rejected(ctx, tmp_path, out, clock):
     sent = []
     from factory_worker.dispatch.staged import hand_over
 
-    hand_over(ctx, "a-1", Issue(id="I-0", title="t", state="ready"), old, None, lambda *a: sent.append(a))
+    issue = {"id": "I-0", "title": "t", "state": "ready"}
+    hand_over(Job(ctx, "a-1", issue, old, send_stage=lambda *a: sent.append(a)))
     clock.advance(60)  # the claim is gone before the stage task runs (its worker died)
     new = begun(ctx, "I-0")
     task_id, _, _, stage, step, _ = sent[0]
     res = run_stage(
-        ctx,
-        task_id,
-        {"id": "I-0", "title": "t", "state": "ready"},
-        old,
-        stage,
-        step,
-        runner=CommandAgent(ctx.settings.agent, 0.5),
-        send_stage=lambda *a: sent.append(a),
+        Job(
+            ctx,
+            task_id,
+            {"id": "I-0", "title": "t", "state": "ready"},
+            old,
+            stage=stage,
+            step=step,
+            runner=CommandAgent(ctx.settings.agent, 0.5),
+            send_stage=lambda *a: sent.append(a),
+        )
     )
     assert res["outcome"] == "stale" and not records(out)
     assert ctx.ledger.current_token("I-0") == new
