@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,10 +17,13 @@ import redis
 
 from factory_worker.cli import ledger as _ledger_commands  # noqa: F401  (registers the ledger's commands on ``cli``)
 from factory_worker.cli import webhooks as _webhooks_command  # noqa: F401  (registers ``webhooks`` on ``cli``)
-from factory_worker.cli.group import cli, json_opt, load, open_context, tasks_for
+from factory_worker.cli.group import cli, json_opt, load, open_context, recovery_context, tasks_for
 from factory_worker.cli.output import Exit, console, emit, table, ts
 from factory_worker.cli.text import one_line
+from factory_worker.config import essentials
+from factory_worker.config.essentials import Essentials
 from factory_worker.config.settings import MAX_ITERATIONS_CEILING, ConfigError
+from factory_worker.context import Context
 from factory_worker.ledger.core import LedgerError
 from factory_worker.loop import status
 from factory_worker.sources.base import SourceError
@@ -30,10 +34,14 @@ log = logging.getLogger(__name__)
 @cli.command("loop-status")
 @json_opt
 def loop_status_cmd(as_json: bool) -> None:
-    """Heartbeat, liveness, run and counters. Exit 0 live, 1 not live, 2 error."""
-    from factory_worker.ops.operations import loop_status
+    """Heartbeat, liveness, run, counters, and why the loop cannot make progress. Exit 0 live, 1 not, 2 error."""
+    from factory_worker.ledger.redis_client import client_from_url
+    from factory_worker.ops.operations import recovery_status
 
-    data, code = loop_status(open_context())
+    e = essentials.read()  # only the settings it uses: it answers whatever the others say, as the early path
+    r = client_from_url(e.redis_url)
+    r.ping()
+    data, code = recovery_status(r, e)
 
     def human(d: dict[str, Any]) -> None:
         from rich.markup import escape
@@ -55,9 +63,16 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
     """Kill the live run and keep the loop stopped until start-loop. Exit 0 killed, 1 refused, 2 error."""
     from factory_worker.ops.operations import kill_loop
 
+    ctx, e, problem = recovery_context()
     data, code = kill_loop(
-        open_context(), force=force, release_agents=release_agents, revoke=_revoke, early=(obj or {}).get("early_kill")
+        ctx,
+        force=force,
+        release_agents=release_agents,
+        revoke=_revoker(ctx, e, problem),
+        early=(obj or {}).get("early_kill"),
     )
+    if problem:
+        data["settings_error"] = problem
 
     def human(d: dict[str, Any]) -> None:
         if d.get("refused"):
@@ -74,16 +89,35 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
             what = "no run to kill; the loop is killed"
         released = f"; released {len(d['released_agents'])} agent(s)" if release_agents else ""
         click.echo(f"{what}{released}. It stays stopped: run start-loop.")
+        if d.get("celery_revoke_error"):
+            click.echo(
+                f"warning: the Celery revoke was not sent ({d['celery_revoke_error']}); the Redis kill holds: every "
+                "iteration and agent checks it first",
+                err=True,
+            )
+        if problem:
+            click.echo(f"warning: {problem}: kill-loop used only the Redis URL, namespace and broker", err=True)
 
     emit(data, as_json, human, code)
 
 
-def _revoke(task_ids: list[str]) -> None:
-    from factory_worker.worker.app import app
+def _revoker(ctx: Context, e: Essentials, problem: str | None) -> Callable[[list[str]], None]:
+    """Celery's revoke of task ids through the configured broker (the Celery app of the full settings, or when
+    they are invalid one of ``ctx``'s settings); it raises when the broker is unreachable or its URL invalid (the
+    revoke is then not sent: kill-loop says so, and the Redis kill holds)."""
 
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=5)
-        app.control.revoke(task_ids, connection=conn)
+    def revoke(task_ids: list[str]) -> None:
+        bad = [p for p in e.problems if "broker_url" in p]
+        if bad:
+            raise ConfigError(bad[0])
+        from factory_worker.worker import app as celery_app
+
+        app = celery_app.app if problem is None else celery_app.create_app(ctx.settings)
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+            app.control.revoke(task_ids, connection=conn)
+
+    return revoke
 
 
 @cli.command("start-loop")
@@ -158,7 +192,7 @@ def pause_cmd(as_json: bool) -> None:
     """Claim nothing new; running agents go on; the run stays alive. Exit 0."""
     from factory_worker.ops.operations import set_paused
 
-    data, code = set_paused(open_context(), True)
+    data, code = set_paused(recovery_context()[0], True)
     emit(data, as_json, lambda d: click.echo("paused" if d["changed"] else "already paused"), code)
 
 
@@ -168,7 +202,7 @@ def resume_cmd(as_json: bool) -> None:
     """Undo pause. Exit 0."""
     from factory_worker.ops.operations import set_paused
 
-    data, code = set_paused(open_context(), False)
+    data, code = set_paused(recovery_context()[0], False)
     emit(data, as_json, lambda d: click.echo("resumed" if d["changed"] else "was not paused"), code)
 
 

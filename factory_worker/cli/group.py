@@ -13,7 +13,9 @@ from typing import Any
 import click
 
 from factory_worker import __version__
-from factory_worker.config.settings import Settings, load_settings
+from factory_worker.config import essentials
+from factory_worker.config.essentials import Essentials
+from factory_worker.config.settings import ConfigError, Settings, load_settings, recovery_settings
 from factory_worker.context import Context
 
 
@@ -25,6 +27,21 @@ def open_context() -> Context:
     ctx = Context(load())
     ctx.redis.ping()  # fail fast (exit 2) when Redis is unreachable
     return ctx
+
+
+def recovery_context() -> tuple[Context, Essentials, str | None]:
+    """For the recovery commands (``loop-status``, ``kill-loop``, ``pause``, ``resume``): a Context of the full
+    settings when they are valid, else of their own settings alone (:func:`recovery_settings`), their own
+    settings, and the error of the full settings if any. Their own (Redis URL, namespace, stale threshold) must
+    be valid: else :class:`ConfigError`, exit 2, as for every command."""
+    e = essentials.read()
+    try:
+        settings, problem = load(), None
+    except ConfigError as exc:
+        settings, problem = recovery_settings(e), str(exc)
+    ctx = Context(settings)
+    ctx.redis.ping()
+    return ctx, e, problem
 
 
 def tasks_for(ctx: Context) -> Any:

@@ -4,7 +4,7 @@ Sources, highest priority first: ``FACTORY_*`` environment variables (nested wit
 ``FACTORY_DISPATCH__LEASE_TTL_S``) or ``FACTORY_*_FILE`` files holding a value (secrets: never both), then
 an optional TOML file (``FACTORY_CONFIG``, else ``./factory.toml`` when present; refused when someone else
 could change it), then the defaults below. A bad value raises :class:`ConfigError` whose message is one line
-naming the field and its environment variable. Files and their trust: :mod:`.config_files`.
+naming the field and its environment variable. Files and their trust: :mod:`.files` and :mod:`.trust`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydantic_settings import (
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
 from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S, NAMESPACE_PATTERN
+from factory_worker.config.essentials import Essentials
 
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
 from factory_worker.config.files import ConfigError, FileSecretsSource, agent_uid, check_trusted, secret_from_env  # noqa: F401
@@ -247,6 +248,35 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+class _Given(Settings):
+    """Settings from the arguments alone: no environment, file or TOML source (:func:`recovery_settings`)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def recovery_settings(e: Essentials) -> Settings:
+    """Settings made of the recovery commands' own (``e``) and the defaults, for ``kill-loop`` when another
+    setting is invalid: the kill, the revoke (when ``broker_url`` is valid) and the release of agents need no
+    more (nothing is notified: the notifier's settings are the defaults)."""
+    stale = e.stale_after_s
+    return _Given(
+        redis_url=e.redis_url,
+        broker_url=e.broker_url,
+        namespace=e.namespace,
+        loop=LoopSettings(stale_after_s=stale, interval_s=min(LoopSettings().interval_s, stale / 2)),
+        dispatch=DispatchSettings(min_replica_acks=e.min_replica_acks),
+    )
+
+
 def config_file() -> Path | None:
     """The TOML file to read: ``$FACTORY_CONFIG`` (must exist) or ``./factory.toml`` when present."""
     explicit = os.environ.get("FACTORY_CONFIG")
@@ -282,7 +312,7 @@ def load_settings(**overrides: Any) -> Settings:
     """Load and validate settings; raise :class:`ConfigError` with a one-line message when invalid.
 
     Settings may come from ``FACTORY_<SETTING>_FILE`` files; the config file is refused when someone other
-    than this worker's user (or root) could change it, or ``agent.user`` owns it (:mod:`.config_files`)."""
+    than this worker's user (or root) could change it, or ``agent.user`` owns it (:mod:`.files` and :mod:`.trust`)."""
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

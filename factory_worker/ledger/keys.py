@@ -39,6 +39,11 @@ class Keys:
     #: A staged dispatch's progress (``stages(issue)``) expires this long after its last write; it is deleted
     #: when its attempt ends (complete, fail, park, escalation) and kept over a release (to resume).
     STAGE_PROGRESS_TTL_S = 7 * 24 * 3600
+    #: ``stage_history(issue)`` keeps this many steps (the latest), this long after its last write.
+    STAGE_HISTORY_MAX = 50
+    STAGE_HISTORY_TTL_S = 30 * 24 * 3600
+    #: ``loop_failing`` expires this long after the last failed iteration.
+    LOOP_FAILING_TTL_S = 7 * 24 * 3600
     #: A stage's feedback (the output of a rejecting or failing stage) is kept to this many bytes.
     FEEDBACK_MAX_BYTES = 64 * 1024
     #: ``inbox(task_id)`` expires this long after its last line (its dispatch's relay drains and deletes it).
@@ -140,6 +145,14 @@ class Keys:
         ``complete``/``fail``/``escalate``; a new claim of the same attempt resumes from it."""
         return self._k("stage", issue)
 
+    def stage_history(self, issue: str) -> str:
+        """List of JSON objects, oldest first: every step of the issue's staged attempts, ``{attempt, step,
+        stage, round, outcome, at_ms}`` (``outcome`` an Outcome or StageOutcome word; the step that ends an
+        attempt: ``done``, ``failed`` with ``error``, ``escalated``), written by ``stage.lua`` (op next) and
+        ``complete``/``fail``/``escalate``, kept after the attempt ends (STAGE_HISTORY_MAX entries,
+        STAGE_HISTORY_TTL_S) so ``explain`` and ``dispatches`` tell what happened."""
+        return self._k("stagelog", issue)
+
     @property
     def counters(self) -> str:
         """Hash of ledger and loop counters (claimed, deduped, backed_off, parked, completed, ...)."""
@@ -165,6 +178,13 @@ class Keys:
     def paused(self) -> str:
         """Hash {by, at_ms}: present while the loop is paused."""
         return self._k("loop", "paused")
+
+    @property
+    def loop_failing(self) -> str:
+        """Hash {since_ms, last_ms, error, failures, run_id} (LOOP_FAILING_TTL_S): the loop's iterations have
+        failed since ``since_ms`` (the source down, the broker unreachable...); written by every failed
+        iteration, deleted by the next one that succeeds. ``loop-status`` says it."""
+        return self._k("loop", "failing")
 
     @property
     def current_run(self) -> str:

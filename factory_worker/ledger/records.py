@@ -187,3 +187,32 @@ def time_ms(time_reply: Any) -> int:
     """Redis ``TIME``'s reply ``(seconds, microseconds)`` in ms."""
     sec, usec = time_reply
     return int(sec) * 1000 + int(usec) // 1000
+
+
+def parse_failing(raw: dict[str, str]) -> dict[str, Any] | None:
+    """The loop's failing record (``Keys.loop_failing``): since when its iterations fail, the last error."""
+    if not raw:
+        return None
+    out: dict[str, Any] = dict(raw)
+    for name in ("since_ms", "last_ms", "failures"):
+        if name in out:
+            out[name] = shown(out[name])
+    return out
+
+
+def parse_replication(reply: Any) -> dict[str, Any] | None:
+    """``INFO replication``'s role and connected replicas (``{role, connected}``), from its text or redis-py's
+    parsed dict; None when it is an error reply (INFO disabled) or says neither."""
+    if isinstance(reply, Exception) or reply is None:
+        return None
+    if isinstance(reply, dict):
+        fields = {str(k): v for k, v in text(reply).items()}
+    else:
+        fields = {}
+        for line in str(text(reply)).splitlines():
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip()] = value.strip()
+    if "role" not in fields and "connected_slaves" not in fields:
+        return None
+    return {"role": str(fields.get("role", "")), "connected": max(0, as_int(fields.get("connected_slaves")))}

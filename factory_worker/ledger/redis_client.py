@@ -73,32 +73,24 @@ def server_now_ms(r: redis.Redis) -> int:
 
 
 def redis_py_sender(r: redis.Redis) -> Callable[[Sequence[Sequence[Any]]], list[Any]]:
-    """A :data:`factory_worker.loop.status.Sender` over a redis-py client's own connection pool (replies undecoded, as sent). A pooled
-    connection that a Redis restart broke is replaced once, as redis-py's own retry would."""
+    """A :data:`factory_worker.loop.status.Sender` over a redis-py client: a pipeline without a transaction, in
+    one round trip, error replies as values (``execute(raise_on_error=False)``), replies undecoded
+    (``NEVER_DECODE``: a stored value that is not UTF-8 reads as malformed, never as an error) but shaped by
+    redis-py's response callbacks (``TIME`` a tuple, ``HGETALL`` a dict, ``SCAN`` a pair, ``INFO`` a dict), which
+    the readers of :mod:`factory_worker.ledger.records` take as well as raw replies. A pooled connection that a
+    Redis restart broke is replaced once: the commands only read, so sending them again is safe."""
 
     def once(commands: Sequence[Sequence[Any]]) -> list[Any]:
-        pool = r.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(conn.pack_commands([list(c) for c in commands]))
-            out: list[Any] = []
-            for _ in commands:
-                try:
-                    out.append(conn.read_response(disable_decoding=True))
-                except redis.ResponseError as exc:  # an error reply is a value here
-                    out.append(exc)
-            return out
-        except BaseException:
-            conn.disconnect()  # a half-read reply stream must not go back to the pool
-            raise
-        finally:
-            pool.release(conn)
+        pipe = r.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command, NEVER_DECODE=True)
+        return pipe.execute(raise_on_error=False)
 
     def send(commands: Sequence[Sequence[Any]]) -> list[Any]:
         try:
             return once(commands)
         except (redis.ConnectionError, redis.TimeoutError):
-            return once(commands)  # the commands only read: sending them again is safe
+            return once(commands)
 
     return send
 

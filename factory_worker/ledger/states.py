@@ -120,3 +120,32 @@ class StageStart(StrEnum):
     REVOKED = "revoked"  # the task was revoked: the caller releases the claim
     KILLED = "killed"  # the loop is killed: the caller releases the claim
     UNACKED = "unacked"  # started, but too few replicas acknowledged it: released, nothing runs
+
+
+class Liveness(StrEnum):
+    """The loop's state as ``loop-status`` says it: the heartbeat's (``live``, ``stale``, ``stopping``,
+    ``missing``), or ``killed`` while a kill stands (after ``kill-loop``, until ``start-loop``)."""
+
+    LIVE = "live"
+    STALE = "stale"
+    STOPPING = "stopping"
+    MISSING = "missing"
+    KILLED = "killed"
+
+
+class Stuck(StrEnum):
+    """Why the loop cannot make progress (``loop-status``'s ``reason_codes``, ``doctor``'s ``loop`` findings)."""
+
+    KILLED = "killed"  # a kill stands: beat's kickoffs are no-ops until start-loop
+    LEDGER_LOST = "ledger-lost"  # safe mode: nothing is claimed or started
+    NO_WORKER = "no-worker"  # no live worker at all (or every one is shutting down)
+    NO_LOOP_WORKER = "no-loop-worker"  # no live worker consumes <ns>.loop: kickoffs pile up in it
+    LOOP_STARVED = "loop-starved"  # every worker on <ns>.loop has all its processes running agents
+    NO_AGENT_SLOT = "no-agent-slot"  # no live worker consumes <ns>.agents: nothing can be dispatched
+    NO_BEAT = "no-beat"  # no live beat: nothing kicks off runs
+    SOURCE_FAILING = "source-failing"  # the loop's polls fail (since when, the last error)
+    ITERATIONS_FAILING = "iterations-failing"  # iterations fail for another reason (the broker, Redis...)
+    REPLICA_ACKS = "replica-acks"  # dispatch.min_replica_acks above the connected replicas: claims are refused
+    NO_HEARTBEAT = "no-heartbeat"  # none of the above, but no run's heartbeat (missing or expired)
+    HEARTBEAT_STALE = "heartbeat-stale"  # none of the above, but the heartbeat is older than stale_after_s
+    STOPPING = "stopping"  # none of the above, but the last run is stopping (ended, not by a kill)

@@ -246,13 +246,23 @@ class LoopControl:
                 "last_worker": worker or socket.gethostname(),
             },
         )
+        failing = self.keys.loop_failing
         if failed:
+            error = str(report.get("error", ""))[: self.keys.ERROR_MAX_CHARS]
             p.hincrby(key, "failures", 1)
             p.hincrby(key, "consecutive_failures", 1)
-            p.hset(key, "last_error", str(report.get("error", ""))[: self.keys.ERROR_MAX_CHARS])
+            p.hset(key, "last_error", error)
             p.hincrby(self.keys.counters, "iterations_failed", 1)
+            # since when the loop fails, across runs (loop-status says it); the first failure sets since_ms
+            now = server_now_ms(self.r)
+            p.hsetnx(failing, "since_ms", now)
+            p.hset(failing, mapping={"last_ms": now, "error": error, "run_id": run_id})
+            p.hincrby(failing, "failures", 1)
+            p.expire(failing, self.keys.LOOP_FAILING_TTL_S)
         else:
             p.hset(key, "consecutive_failures", 0)
+            if not report.get("stopped"):  # it polled, and that worked (a paused iteration polls nothing)
+                p.delete(failing)
         p.hincrby(self.keys.counters, "iterations", 1)
         p.hget(key, "consecutive_failures")
         return int(p.execute()[-1] or 0)

@@ -2,7 +2,9 @@
 reads the worker keys through :func:`factory_worker.loop.status.read`, on either CLI path.
 
 ``{ns}:worker:<node>`` and ``{ns}:beat:<host>/<pid>`` are JSON with an expiry: a process that dies
-vanishes after the TTL. ``{ns}:shutdown:<node>`` is a warm-shutting-down worker's deadline for its agents.
+vanishes after the TTL. A worker's value also says what it consumes and how busy it is (:class:`WorkerFacts`:
+its queues, pool size, processes running agents, loop tasks waiting for one, its ``min_replica_acks``), so
+``loop-status`` can say why the loop cannot make progress (:mod:`.reasons`). ``{ns}:shutdown:<node>`` is a warm-shutting-down worker's deadline for its agents.
 Written by :mod:`factory_worker.worker.lifecycle` (a worker bootstep and the beat scheduler); read by
 ``loop-status``, ``doctor`` and ``metrics``.
 """
@@ -14,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -30,22 +33,33 @@ log = logging.getLogger(__name__)
 
 
 # -- workers -------------------------------------------------------------------------------------------
-def publish_worker(ctx: Context, node: str, started_ms: int, shutting_down: bool = False) -> None:
+@dataclass(frozen=True)
+class WorkerFacts:
+    """What a worker publishes beside its liveness: the queues it consumes, its pool size, how many of its
+    processes run agents now and how many loop tasks it holds waiting for a free one."""
+
+    queues: tuple[str, ...] = ()
+    concurrency: int = 0
+    agents_running: int = 0
+    loop_waiting: int = 0
+
+
+def publish_worker(
+    ctx: Context, node: str, started_ms: int, shutting_down: bool = False, facts: WorkerFacts | None = None
+) -> None:
     cfg = ctx.settings.worker
-    ctx.redis.set(
-        ctx.keys.worker(node),
-        json.dumps(
-            {
-                "hostname": node,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_ms": started_ms,
-                "updated_ms": server_now_ms(ctx.redis),
-                "shutting_down": shutting_down,
-            }
-        ),
-        px=int(cfg.heartbeat_ttl_s * 1000),
-    )
+    value: dict[str, Any] = {
+        "hostname": node,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_ms": started_ms,
+        "updated_ms": server_now_ms(ctx.redis),
+        "shutting_down": shutting_down,
+        "min_replica_acks": ctx.settings.dispatch.min_replica_acks,
+    }
+    if facts is not None:
+        value.update(asdict(facts), queues=list(facts.queues))
+    ctx.redis.set(ctx.keys.worker(node), json.dumps(value), px=int(cfg.heartbeat_ttl_s * 1000))
 
 
 def worker_alive(r: redis.Redis, keys: Keys, node: str) -> bool:

@@ -1,9 +1,12 @@
 """What ``loop-status`` shows: read in a few pipelined round trips through any client, and its text.
 
 :func:`read` takes a ``send(commands) -> replies`` function that sends raw commands in one round trip and
-returns Redis's replies as sent (bulk strings as bytes, error replies as exception values): the full CLI,
-``metrics`` and ``up`` use :func:`factory_worker.ledger.redis_client.redis_py_sender`; the CLI's early path (:mod:`.quick`) its own socket, before
-redis-py, pydantic and click are loaded. So both answer with the same dict, built here only. The other
+returns Redis's replies (bulk strings as bytes, error replies as exception values; lists, or what redis-py's
+response callbacks make of them: ``TIME`` a tuple, ``HGETALL`` a dict, ``SCAN`` a (cursor, keys) pair,
+``INFO`` a dict): the full CLI, ``metrics`` and ``up`` use
+:func:`factory_worker.ledger.redis_client.redis_py_sender`; the CLI's early path (:mod:`factory_worker.cli.quick`)
+its own socket, before redis-py, pydantic and click are loaded. So both answer with the same dict, built here
+only, with the reasons the loop cannot make progress (:mod:`.reasons`). The other
 readers of these keys (``control.run``, ``ledger.gauges``, ``guard.status``, ``presence``) share the parsing
 below, and its readers of stored numbers (:func:`number`, :func:`as_int`, :func:`shown`): a counter, score or
 marker that is not a finite integer within Redis's 64-bit range (``inf``, ``1e999``, 400 digits, garbage) is
@@ -13,38 +16,88 @@ shown as :data:`INVALID`, never an exception. Standard library only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from factory_worker.config.essentials import Essentials
+from factory_worker.config.urls import mask_url
 from factory_worker.ledger.contracts import source
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import (
     SCAN_COUNT,
     as_dict,
+    as_int,
     gauge_commands,
     parse_counters,
+    parse_failing,
     parse_gauges,
     parse_guard,
+    parse_objects,
+    parse_replication,
     parse_run,
     parse_workers,
     raise_errors,
     text,
     time_ms,
 )
-from factory_worker.loop import heartbeat
+from factory_worker.ledger.states import Liveness, Stuck
+from factory_worker.loop import heartbeat, reasons
 
 #: Sends raw commands in one round trip; their replies, in order (errors as exception values).
 Sender = Callable[[Sequence[Sequence[Any]]], list[Any]]
 
 
 # -- loop-status ---------------------------------------------------------------------------------------
-def _scan_workers(keys: Keys, cursor: Any) -> tuple[Any, ...]:
-    return ("SCAN", cursor, "MATCH", keys.worker_pattern(), "COUNT", SCAN_COUNT)
+@dataclass(frozen=True)
+class Query:
+    """What ``loop-status`` is asked about: the namespace's keys and the few settings it reads (both CLI paths
+    take them from :class:`factory_worker.config.essentials.Essentials`; ``metrics`` and ``up`` from the full
+    settings): the stale threshold, whether to count the tracker outbox, how the Redis URL is shown, this
+    side's ``dispatch.min_replica_acks`` (each worker publishes its own) and whether the broker's queues are
+    lists in this Redis (then the loop queue's waiting tasks are counted)."""
+
+    keys: Keys
+    stale_after_s: float
+    write_back: bool = False
+    redis_shown: str = ""
+    min_replica_acks: int = 0
+    broker_is_ledger: bool = True
+
+    @classmethod
+    def of(cls, e: Essentials) -> Query:
+        """From the recovery commands' settings (both CLI paths)."""
+        return cls(
+            Keys(e.namespace),
+            e.stale_after_s,
+            e.write_back,
+            mask_url(e.redis_url),
+            e.min_replica_acks,
+            e.broker_is_ledger,
+        )
 
 
-def read(
-    send: Sender, keys: Keys, stale_after_s: float, write_back: bool, redis_shown: str
-) -> tuple[dict[str, Any], int]:
-    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost."""
+#: kombu's Redis transport keeps a queue's messages of priority p > 0 in ``<queue>\x06\x16<p>``.
+_PRIORITIES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def _scan(pattern: str, cursor: Any) -> tuple[Any, ...]:
+    return ("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+
+
+def _scan_values(send: Sender, first: Any, pattern: str) -> list[Any]:
+    """The values of the keys ``pattern`` matches, from ``first`` (the reply to its first SCAN) on."""
+    found, cursor = list(first[1]), int(first[0])
+    while cursor:
+        cursor_raw, more = raise_errors(send([_scan(pattern, cursor)]))[0]
+        cursor = int(cursor_raw)
+        found += more
+    return raise_errors(send([("MGET", *found)]))[0] if found else []
+
+
+def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
+    """Heartbeat + liveness + run + kill/pause + counters + workers and beats + the reasons the loop cannot make
+    progress (:mod:`.reasons`); exit 0 live with no reason, else 1."""
+    keys = q.keys
     first = [
         ("GET", keys.heartbeat),
         ("TIME",),
@@ -56,47 +109,64 @@ def read(
         ("HGET", keys.ledger, "generation"),
         ("HGETALL", keys.ledger_lost),
         ("EVAL", source("fleet_slots"), 1, keys.slots),
+        ("HGETALL", keys.loop_failing),
+        ("INFO", "replication"),  # last of these: an error reply (INFO disabled) is a value, replicas unknown
     ]
-    if write_back:
-        first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)]
-    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, *outbox = raise_errors(
-        send(first)
+    info_at = len(first) - 1
+    first += [("LLEN", keys.loop_queue + p) for p in _PRIORITIES] if q.broker_is_ledger else []
+    first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)] if q.write_back else []
+    replies = send(first)
+    info = replies.pop(info_at)
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, failing, *rest = raise_errors(
+        replies
     )
-    live = heartbeat.judge(hb_raw, time_reply, stale_after_s)
+    queued, outbox = (rest[:4], rest[4:]) if q.broker_is_ledger else (None, rest)
+    live = heartbeat.judge(hb_raw, time_reply, q.stale_after_s)
     now = time_ms(time_reply)
     run_id = live.heartbeat.run_id if live.heartbeat else text(current)
-    second = [_scan_workers(keys, 0), *gauge_commands(keys, now)]
-    scanned, *gauges = raise_errors(send(second + ([("HGETALL", keys.run(run_id))] if run_id else [])))
+    second = [_scan(keys.worker_pattern(), 0), _scan(keys.beat("*"), 0), *gauge_commands(keys, now)]
+    scanned, beats_scanned, *gauges = raise_errors(send(second + ([("HGETALL", keys.run(run_id))] if run_id else [])))
     run_raw = gauges.pop() if run_id else None
-    worker_keys, cursor = list(scanned[1]), int(scanned[0])
-    while cursor:
-        cursor_raw, more = raise_errors(send([_scan_workers(keys, cursor)]))[0]
-        cursor = int(cursor_raw)
-        worker_keys += more
-    values = raise_errors(send([("MGET", *worker_keys)]))[0] if worker_keys else []
+    worker_values = _scan_values(send, scanned, keys.worker_pattern())
+    beat_values = _scan_values(send, beats_scanned, keys.beat("*"))
     run = parse_run(as_dict(run_raw)) if run_id else None
     guard = parse_guard(generation, as_dict(lost))
-    status = {
-        "redis": redis_shown,
+    workers = parse_workers(text(worker_values))
+    killed = as_dict(kill) or None
+    state = Liveness.KILLED if killed else Liveness(live.state)
+    status: dict[str, Any] = {
+        "redis": q.redis_shown,
         "namespace": keys.namespace,
-        "liveness": live.state,
-        "live": live.live,
+        "liveness": state,
+        "live": state == Liveness.LIVE,
         "age_s": None if live.age_s is None else round(live.age_s, 3),
         "heartbeat": live.heartbeat.as_dict() if live.heartbeat else None,
         "run": run,
         "lease_holder": text(holder),
-        "killed": as_dict(kill) or None,
+        "killed": killed,
         "paused": as_dict(paused) or None,
         "counters": parse_counters(as_dict(counters)),
         "ledger": parse_gauges(gauges),
-        "workers": parse_workers(text(values)),
+        "workers": workers,
+        "beats": sorted(str(b.get("node", "")) for b in parse_objects(text(beat_values))),
         "agent_slots": int(slots[1]),
         "last_iteration_worker": (run or {}).get("last_worker"),
         "ledger_guard": guard,
-        "outbox": {"pending": int(outbox[0]), "parked": int(outbox[1])} if write_back else None,
+        "outbox": {"pending": int(outbox[0]), "parked": int(outbox[1])} if q.write_back else None,
         "ledger_lost": guard["ledger_lost"],
+        "loop_queue": {
+            "name": keys.loop_queue,
+            "agents": keys.agent_queue,
+            "waiting": sum(int(n) for n in queued) if queued is not None else None,
+        },
+        "failing": parse_failing(as_dict(failing)),
+        "replicas": parse_replication(info),
+        "min_replica_acks": max([q.min_replica_acks, *(max(0, as_int(w.get("min_replica_acks"))) for w in workers)]),
     }
-    return status, 0 if live.live and not guard["ledger_lost"] else 1
+    found = reasons.find(status)
+    status["reasons"] = [why for _, why in found]
+    status["reason_codes"] = [code for code, _ in found]
+    return status, 0 if status["live"] and not found else 1
 
 
 # -- its text --------------------------------------------------------------------------------------------
@@ -130,12 +200,19 @@ def lines(
     if d["paused"]:
         p = d["paused"]
         out.append(f"{style('paused', 'yellow')} at {when(p.get('at_ms'))} by {esc(p.get('by'))}")
+    for code, why in zip(d["reason_codes"], d["reasons"]):
+        if code not in (Stuck.KILLED, Stuck.LEDGER_LOST):  # said above, in their own lines
+            out.append(f"{style('reason', 'red')}: {esc(why)}")
     out.append("ledger: " + ", ".join(f"{k}={v}" for k, v in d["ledger"].items()))
     out.append("counters: " + ", ".join(f"{esc(k)}={v}" for k, v in sorted(d["counters"].items())))
     out.append(
         f"workers: {', '.join(esc(w.get('hostname')) for w in d['workers']) or 'none'}; "
         f"agent slots {d['agent_slots']}; last iteration on {esc(d['last_iteration_worker'] or '-')}"
     )
+    waiting = d["loop_queue"]["waiting"]
+    if waiting:
+        out.append(f"loop queue {esc(d['loop_queue']['name'])}: {waiting} task(s) waiting")
+    out.append(f"beats: {', '.join(esc(b) for b in d['beats']) or 'none'}")
     if d["outbox"] is not None:
         out.append(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, {d['outbox']['parked']} parked")
     return out

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import redis
+
+from factory_worker.config.essentials import Essentials
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
@@ -30,15 +33,27 @@ Revoker = Callable[[list[str]], None]
 
 
 def loop_status(ctx: Context) -> tuple[dict[str, Any], int]:
-    """Heartbeat + liveness + run + kill/pause + counters + workers; exit 0 live, 1 not live or ledger lost
-    (:func:`factory_worker.loop.status.read`, the reader the CLI's early path uses too)."""
+    """Heartbeat + liveness + run + kill/pause + counters + workers + the reasons the loop cannot make progress;
+    exit 0 live with no reason, else 1 (:func:`factory_worker.loop.status.read`, the reader the CLI's early path
+    uses too)."""
+    s = ctx.settings
     return status.read(
         redis_py_sender(ctx.redis),
-        ctx.keys,
-        ctx.settings.loop.stale_after_s,
-        ctx.settings.tracker.write_back,
-        mask_url(ctx.settings.effective_redis_url),
+        status.Query(
+            ctx.keys,
+            s.loop.stale_after_s,
+            s.tracker.write_back,
+            mask_url(s.effective_redis_url),
+            s.dispatch.min_replica_acks,
+            s.effective_broker_url == s.effective_redis_url,
+        ),
     )
+
+
+def recovery_status(r: redis.Redis, e: Essentials) -> tuple[dict[str, Any], int]:
+    """:func:`loop_status` from the recovery commands' settings alone (:mod:`factory_worker.config.essentials`:
+    the full CLI's ``loop-status`` works whatever the other settings say, as the early path does)."""
+    return status.read(redis_py_sender(r), status.Query.of(e))
 
 
 def explain(ctx: Context, issue_id: str) -> Explanation:

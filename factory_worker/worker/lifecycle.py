@@ -35,6 +35,7 @@ from celery.beat import PersistentScheduler
 
 from factory_worker.context import current
 from factory_worker.loop.presence import (
+    WorkerFacts,
     beat_ttl_s,
     clear_beat,
     clear_worker,
@@ -45,6 +46,53 @@ from factory_worker.loop.presence import (
 )
 
 log = logging.getLogger(__name__)
+
+AGENT_TASKS = frozenset({"factory.agent.run", "factory.agent.stage"})
+
+
+class FailureLog:
+    """One log line per kind of failure (its exception class), not a traceback per attempt: a thread that
+    retries a Redis write every second while Redis is gone says so once, and once again when it works."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.seen: set[str] = set()
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        kind = type(exc).__name__
+        if kind not in self.seen:
+            self.seen.add(kind)
+            first = (str(exc).splitlines() or [""])[0]
+            log.warning("%s: Redis write failed (%s: %s); retrying, not logged again", self.what, kind, first)
+
+    def ok(self) -> None:
+        if self.failures:
+            log.warning("%s: Redis writes work again (after %d failed attempt(s))", self.what, self.failures)
+        self.seen.clear()
+        self.failures = 0
+
+
+def busy() -> tuple[int, int]:
+    """This worker's processes running agents now, and loop tasks it holds waiting for a free process
+    (``celery.worker.state``: the requests of this, the worker's main process)."""
+    from celery.worker import state
+
+    for _ in range(3):  # the consumer thread changes these sets as we copy them
+        try:
+            active, reserved = list(state.active_requests), list(state.reserved_requests)
+            break
+        except RuntimeError:
+            continue
+    else:
+        return 0, 0
+    running = {r.id for r in active}
+    agents = sum(1 for r in active if getattr(r, "name", None) in AGENT_TASKS)
+    waiting = sum(
+        1 for r in reserved if r.id not in running and str(getattr(r, "name", "")).startswith("factory.loop.")
+    )
+    return agents, waiting
 
 
 def agent_slots(worker: Any) -> int:
@@ -84,10 +132,17 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.thread: threading.Thread | None = None
         self.outbox_thread: threading.Thread | None = None
         self.slots = 0
+        self.queues: tuple[str, ...] = ()
+        self.concurrency = 0
 
     def start(self, parent: Any) -> None:
         WorkerPresence.running = self
         self.slots = agent_slots(parent)
+        try:
+            self.queues = tuple(sorted(parent.app.amqp.queues.consume_from))
+        except Exception:
+            self.queues = ()
+        self.concurrency = int(getattr(parent, "concurrency", None) or 1)
         if self.slots and WorkerPresence.agents_as:
             log.info("%s", WorkerPresence.agents_as)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
@@ -120,22 +175,29 @@ class WorkerPresence(bootsteps.StartStopStep):
         except Exception:
             log.warning("could not remove worker keys", exc_info=True)
 
+    def facts(self) -> WorkerFacts:
+        agents, waiting = busy()
+        return WorkerFacts(self.queues, self.concurrency, agents, waiting)
+
     def _run(self) -> None:
         ctx = current()
         interval = ctx.settings.worker.heartbeat_interval_s
         next_beat, deadline_written = 0.0, False
+        failures = FailureLog("worker presence")
         while not self.closing.is_set():
             try:
                 if WorkerPresence.shutdown_requested and not deadline_written:
                     write_shutdown_deadline(ctx, self.node)
                     deadline_written, next_beat = True, 0.0
                 if time.monotonic() >= next_beat:
-                    publish_worker(ctx, self.node, self.started_ms, WorkerPresence.shutdown_requested)
+                    stopping = WorkerPresence.shutdown_requested
+                    publish_worker(ctx, self.node, self.started_ms, stopping, self.facts())
                     # a worker shutting down starts nothing new: its slots leave the fleet at once
-                    publish_slots(ctx, self.node, 0 if WorkerPresence.shutdown_requested else self.slots)
+                    publish_slots(ctx, self.node, 0 if stopping else self.slots)
                     next_beat = time.monotonic() + interval
-            except Exception:
-                log.warning("worker presence: Redis write failed", exc_info=True)
+                failures.ok()
+            except Exception as exc:
+                failures.failed(exc)
                 next_beat = time.monotonic() + min(interval, 1.0)
             self.closing.wait(0.1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -77,10 +78,13 @@ def test_with_json_an_error_is_also_a_json_object_on_stdout(env, tmp_path):
 
 
 def test_bad_config_and_bad_arguments_are_one_line_and_exit_2(env):
-    line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
+    """(loop-status, kill-loop, pause and resume need only their own settings: test_recovery.py.)"""
+    line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "dispatches"))
     assert "dispatch.lease_ttl_s" in line and "FACTORY_DISPATCH__LEASE_TTL_S" in line
-    line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "loop-status"))
+    line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "explain", "C-1"))
     assert "agent.command" in line
+    line = one_line_error(ctl({**env, "FACTORY_LOOP__STALE_AFTER_S": "soon"}, "loop-status"))  # one of its own
+    assert "loop.stale_after_s" in line and "FACTORY_LOOP__STALE_AFTER_S" in line
     assert "state" in one_line_error(ctl(env, "dispatches", "--state", "bogus"))
     assert one_line_error(ctl(env, "start-loop", "--max-iterations", "0"))
     assert one_line_error(ctl(env, "no-such-command"))
@@ -236,10 +240,20 @@ def test_no_early_kill_without_a_live_loop_or_with_a_wrong_password(env, real_re
     assert kill_first(["kill-loop"], stopped, ROOT) is None
 
 
-def test_an_error_after_the_early_kill_says_the_kill_stands(env, real_redis):
+def test_an_error_after_the_early_kill_says_the_kill_stands(env, real_redis, monkeypatch, capsys):
+    """Once the early path wrote the kill, an error of the full command (here: Redis gone) says the kill stands."""
+    from factory_worker.cli.commands import main
+
     ctx, run_id = _live_run(env)
-    line = one_line_error(ctl({**env, "FACTORY_AGENT__COMMAND": "rm -rf / ; echo"}, "kill-loop"))
-    assert "agent.command" in line and f"the kill itself was written: run {run_id} is stopped" in line
+    early = kill_first(["kill-loop"], env, ROOT)
+    assert early is not None and real_redis.hget(ctx.keys.kill, "run_id") == run_id
+    for name, value in {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}.items():
+        if name.startswith("FACTORY_"):
+            monkeypatch.setenv(name, value)
+    assert main(["kill-loop"], early_kill=early) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "cannot reach Redis" in line
+    assert f"the kill itself was written: run {run_id} is stopped" in line
     assert real_redis.hget(ctx.keys.kill, "run_id") == run_id
 
 
@@ -274,16 +288,17 @@ def test_loop_status_answered_early_is_the_full_commands_answer(redis_url, real_
     assert early["agent_slots"] == 5 and [w["hostname"] for w in early["workers"]] == ["w1@a", "w2@b"]
     assert early["ledger"] == {"in_flight": 0, "backoff": 1, "parked": 0, "done": 1}
     assert early["run"]["status"] == "running" and early["paused"]["by"] == "op[red]\x1b[2J"
-    # as users run it: answered early, and the same text as the full command (any other setting forces it)
+    # as users run it: answered early, and the same text as the full command (a URL option the early path leaves
+    # to redis-py forces it)
     res = ctl(env, "loop-status")
-    forced = ctl({**env, "FACTORY_LOOP__MAX_ITERATIONS": "3"}, "loop-status")
+    forced = ctl({**env, "FACTORY_REDIS_URL": redis_url + "?socket_read_size=65536"}, "loop-status")
     assert res.returncode == forced.returncode == 1, (res.stderr, forced.stderr)
-    drop_age = lambda text: [ln for ln in text.splitlines() if not ln.startswith("loop: ")]  # noqa: E731
+    drop_age = lambda text: [ln for ln in text.splitlines() if not ln.startswith(("loop: ", "redis: "))]  # noqa: E731
     assert drop_age(res.stdout) == drop_age(forced.stdout)
     assert "\x1b" not in res.stdout and "paused at" in res.stdout and "by op[red]\\x1b[2J" in res.stdout
 
 
-def test_loop_status_is_left_to_the_full_command_when_a_setting_could_be_wrong(redis_url, namespace, tmp_path):
+def test_loop_status_is_answered_early_whatever_the_other_settings_say(redis_url, namespace, tmp_path):
     from factory_worker.cli.quick import status_first
 
     env = factory_env({"FACTORY_REDIS_URL": redis_url, "FACTORY_NAMESPACE": namespace})
@@ -292,19 +307,20 @@ def test_loop_status_is_left_to_the_full_command_when_a_setting_could_be_wrong(r
         {"FACTORY_TRACKER__WRITE_BACK": "true"},
         {"FACTORY_LOOP__STALE_AFTER_S": "5"},
     ):
-        assert status_first(["loop-status"], {**env, **extra}, tmp_path) is None
+        assert status_first(["loop-status"], {**env, **extra}, tmp_path, out=io.StringIO()) == 1  # nothing live
     assert (
         status_first(
             ["loop-status", "--json"], {**env, "FACTORY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, tmp_path
         )
         is None
-    )
-    line = one_line_error(ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status"))
-    assert "FACTORY_DISPATCH__LEASE_TTL_S" in line
+    )  # Redis unreachable: the full command says so (exit 2)
+    res = ctl({**env, "FACTORY_DISPATCH__LEASE_TTL_S": "-1"}, "loop-status", "--json")
+    assert res.returncode == 1 and json.loads(res.stdout)["liveness"] == "missing", res.stderr
 
 
 def test_a_long_lived_status_reader_survives_a_redis_restart(tmp_path, namespace):
     """metrics and `up` read loop-status through one client for hours: a restart must not break it."""
+    from factory_worker.loop import presence
     from factory_worker.ops.embedded import RedisServer
     from factory_worker.ops.operations import loop_status
 
@@ -316,6 +332,11 @@ def test_a_long_lived_status_reader_survives_a_redis_restart(tmp_path, namespace
         server.start()  # the same port: the pooled connection is dead now
         assert loop_status(ctx)[0]["liveness"] == "missing"  # through the dead connection first
         assert ctx.control.start_run(3).started
+        presence.publish_worker(
+            ctx, "w@h", 1, facts=presence.WorkerFacts((ctx.keys.loop_queue, ctx.keys.agent_queue), 2)
+        )
+        presence.publish_slots(ctx, "w@h", 1)
+        presence.publish_beat(ctx)  # a fleet that can make progress: a worker on both queues, a beat
         data, code = loop_status(ctx)
         assert (data["liveness"], code) == ("live", 0)
     finally:
