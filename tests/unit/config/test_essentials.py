@@ -93,7 +93,7 @@ def test_the_same_settings_from_a_toml_file(monkeypatch, clean_env):
     assert isinstance(full, tuple) and full[:3] == ("redis://t:6379/2", "from-toml", 45.0)
     assert early == full
     # the environment over the file, leaf by leaf; FACTORY_CONFIG (relative to the working directory) over ./
-    other = toml(clean_env, '[loop]\nstale_after_s = 80\n[tracker]\nwrite_back = true\n', name="other.toml")
+    other = toml(clean_env, "[loop]\nstale_after_s = 80\n[tracker]\nwrite_back = true\n", name="other.toml")
     full, early = both(monkeypatch, {**GITHUB, "FACTORY_NAMESPACE": "env", "FACTORY_CONFIG": other.name})
     assert isinstance(full, tuple) and full[1:3] == ("env", 80.0) and full[4] is True
     assert early == full
