@@ -6,7 +6,8 @@ unreachable Redis is not a finding: :func:`run_doctor` raises :class:`redis.Conn
 prints one line and exits 2.
 
 Beats announce themselves (:mod:`factory_worker.loop.presence`), so the doctor can tell when more than one
-``celery beat`` is running.
+``celery beat`` is running; workers say which queues they consume, so it reports what ``loop-status`` says
+stops the loop (``loop:<reason>`` findings: no worker on the loop queue, the loop starved, no beat...).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger import guard
 from factory_worker.ledger.redis_client import client as make_client
+from factory_worker.ledger.states import Stuck
 from factory_worker.loop.presence import beat_seen
 
 log = logging.getLogger(__name__)
@@ -285,6 +287,24 @@ def check_replicas(c: Checkup) -> Iterator[Finding]:
         )
 
 
+def check_loop(c: Checkup) -> Iterator[Finding]:
+    """Why the loop cannot make progress, as ``loop-status`` says it (:mod:`factory_worker.loop.reasons`: no
+    worker on the loop queue, no live worker, no agent slot, the loop starved, no beat, the source failing...);
+    a lost ledger and refused replica acknowledgements are the ``ledger-lost`` and ``replicas`` checks'. Only
+    once the namespace has seen its fleet (a run, a worker, a beat, a kill or loop tasks waiting): before a
+    deployment starts, the doctor checks its configuration alone."""
+    from factory_worker.ops.operations import loop_status
+
+    data, _ = loop_status(c.ctx)
+    seen = (data["run"], data["heartbeat"], data["workers"], data["beats"], data["killed"])
+    if not any(seen) and not data["loop_queue"]["waiting"]:
+        return
+    for code, why in zip(data["reason_codes"], data["reasons"]):
+        if code in (Stuck.LEDGER_LOST, Stuck.REPLICA_ACKS):
+            continue
+        yield _finding(f"loop:{code}", "warn" if code == Stuck.KILLED else "error", why)
+
+
 def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
     """Agents run untrusted-steered code: they should run as their own user, with no secret in their env."""
     from factory_worker.agents.sandbox import resolve_identity, secret_like
@@ -332,6 +352,7 @@ CHECKS: tuple[tuple[str, Callable[[Checkup], Iterator[Finding]]], ...] = (
     ("leases", check_leases),
     ("ledger-lost", check_ledger),
     ("replicas", check_replicas),
+    ("loop", check_loop),
     ("agent-isolation", check_agent_isolation),
 )
 

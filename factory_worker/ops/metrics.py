@@ -25,12 +25,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from factory_worker.context import Context
+from factory_worker.ledger.states import Liveness, Stuck
 
 log = logging.getLogger(__name__)
 
 #: Counter names in the shared counters hash that describe the loop rather than the ledger.
 LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched", "webhook_")
-LIVENESS_STATES = ("live", "stale", "stopping", "missing")
+LIVENESS_STATES = tuple(Liveness)
 
 
 def _is_loop_counter(name: str) -> bool:
@@ -58,6 +59,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "ledger_lost": bool(status["ledger_lost"]),
         "paused": bool(status["paused"]),
         "outbox": status.get("outbox"),
+        "stuck": list(status["reason_codes"]),
     }
 
 
@@ -138,6 +140,12 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
         )
     yield GaugeMetricFamily("factory_workers_live", "Workers with a live heartbeat key", value=snap["workers_live"])
     yield GaugeMetricFamily("factory_loop_killed", "1 while the loop is killed", value=int(snap["killed"]))
+    stuck = GaugeMetricFamily(
+        "factory_loop_stuck", "1 for each reason the loop cannot make progress (loop-status)", labels=["reason"]
+    )
+    for reason in Stuck:
+        stuck.add_metric([reason], int(reason in snap["stuck"]))
+    yield stuck
     yield GaugeMetricFamily("factory_loop_paused", "1 while the loop is paused", value=int(snap["paused"]))
     yield GaugeMetricFamily(
         "factory_ledger_lost",
