@@ -89,15 +89,15 @@ def kill_loop_cmd(obj: dict[str, Any] | None, force: bool, release_agents: bool,
             what = "no run to kill; the loop is killed"
         released = f"; released {len(d['released_agents'])} agent(s)" if release_agents else ""
         click.echo(f"{what}{released}. It stays stopped: run start-loop.")
-        if d.get("celery_revoke_error"):
-            click.echo(
-                f"warning: the Celery revoke was not sent ({d['celery_revoke_error']}); the Redis kill holds: every "
-                "iteration and agent checks it first",
-                err=True,
-            )
-        if problem:
-            click.echo(f"warning: {problem}: kill-loop used only the Redis URL, namespace and broker", err=True)
 
+    if data.get("celery_revoke_error"):  # on stderr with --json too (its field says it on stdout)
+        click.echo(
+            f"warning: the Celery revoke was not sent ({data['celery_revoke_error']}); the Redis kill holds: every "
+            "iteration and agent checks it first",
+            err=True,
+        )
+    if problem and not data.get("refused"):
+        click.echo(f"warning: {problem}: kill-loop used only the Redis URL, namespace and broker", err=True)
     emit(data, as_json, human, code)
 
 
