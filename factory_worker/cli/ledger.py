@@ -11,6 +11,8 @@ import click
 from factory_worker.cli.group import cli, json_opt, open_context
 from factory_worker.cli.output import emit, printable, table, ts
 from factory_worker.ledger.core import STATES
+from factory_worker.ledger.records import step_text
+from factory_worker.ledger.states import Gate
 
 
 @cli.command("audit")
@@ -69,6 +71,10 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
     ctx = open_context()
     rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+    last = ctx.ledger.view.last_steps(r["issue"] for r in rows)  # a staged issue's last kept step
+    for r in rows:
+        if r["issue"] in last:
+            r["last_step"] = step_text(last[r["issue"]])
 
     def human(d: list[dict[str, Any]]) -> None:
         shown = [
@@ -76,10 +82,12 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
                 **r,
                 "since/until": ts(r.get("until_ms") or r.get("parked_ms") or r.get("completed_ms")),
                 "last_error": _clip(r.get("last_error") or "", 80) or None,
+                "last_step": _clip(r.get("last_step") or "", 60) or None,
             }
             for r in d
         ]
-        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
+        columns = ["issue", "state", "since/until", "attempts", "fence", "last_error"]
+        table("dispatches", shown, columns + (["last_step"] if last else []))
 
     emit(rows, as_json, human)
 
@@ -94,29 +102,35 @@ def _natural(text: str) -> list[Any]:
 @click.argument("issue")
 @json_opt
 def explain_cmd(issue: str, as_json: bool) -> None:
-    """Why ISSUE is or is not dispatched now. Exit 0."""
+    """Why ISSUE is or is not dispatched now. Exit 0; 1 when neither the ledger nor the source has it."""
     from factory_worker.ops.operations import explain
 
     e = explain(open_context(), _issue_arg(issue))
-    emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")))
+    code = 1 if e.state == Gate.UNKNOWN else 0
+    emit(e.as_dict(), as_json, lambda d: click.echo(printable(f"{d['issue']}: {d['state']}: {d['text']}")), code)
 
 
 @cli.command("retry")
 @click.argument("issue")
 @json_opt
 def retry_cmd(issue: str, as_json: bool) -> None:
-    """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; a done ISSUE is refused (2)."""
-    data = open_context().ledger.retry(_issue_arg(issue))
+    """Give a parked or backing-off ISSUE a fresh attempt budget. Exit 0; 1 when neither the ledger nor the source
+    has it; a done ISSUE is refused (2)."""
+    from factory_worker.ops.operations import retry
+
+    data, code = retry(open_context(), _issue_arg(issue))
 
     def human(d: dict[str, Any]) -> None:
-        if d["was_parked"]:
+        if d["unknown"]:
+            click.echo(printable(f"{issue}: unknown: neither the ledger nor the source has this id"))
+        elif d["was_parked"]:
             click.echo(f"{issue}: unparked (had {d['attempts_before']} attempts); it is claimable again")
         elif d["had_backoff"] or d["attempts_before"]:
             click.echo(f"{issue}: backoff cleared (had {d['attempts_before']} attempts)")
         else:
             click.echo(f"{issue}: nothing to retry (not parked, not backing off, no failed attempts)")
 
-    emit(data, as_json, human)
+    emit(data, as_json, human, code)
 
 
 def _issue_arg(issue: str) -> str:

@@ -216,3 +216,21 @@ def parse_replication(reply: Any) -> dict[str, Any] | None:
     if "role" not in fields and "connected_slaves" not in fields:
         return None
     return {"role": str(fields.get("role", "")), "connected": max(0, as_int(fields.get("connected_slaves")))}
+
+
+def parse_steps(values: Sequence[Any]) -> list[dict[str, Any]]:
+    """Stage history entries (``Keys.stage_history``): the JSON objects among ``values``, numbers checked."""
+    out = []
+    for rec in parse_objects(text(list(values))):
+        step = {name: shown(rec.get(name)) for name in ("attempt", "step", "round", "at_ms")}
+        step.update(stage=str(rec.get("stage", "")), outcome=str(rec.get("outcome", "")))
+        if rec.get("error"):
+            step["error"] = str(rec["error"])
+        out.append(step)
+    return out
+
+
+def step_text(step: dict[str, Any]) -> str:
+    """One kept step in a few words: ``2 review (round 1): rejected``."""
+    error = f" ({step['error']})" if step.get("error") else ""
+    return f"{step['step']} {step['stage']} (round {step['round']}): {step['outcome']}{error}"

@@ -36,6 +36,7 @@ class Gate(StrEnum):
     NOT_READY = "not-ready"  # explain only: the source has it, not ready (its state, or a factory:done/parked label)
     OUT_OF_SCOPE = "out-of-scope"  # explain only: the source has it, but an eligibility rule (source.*) excludes it
     MALFORMED = "malformed"  # explain only: the source has it, malformed: every poll skips it (the reason in the text)
+    UNKNOWN = "unknown"  # explain and retry only: neither the ledger nor the source has it (exit 1)
 
 
 class RunStatus(StrEnum):

@@ -12,7 +12,15 @@ from typing import Any
 import redis
 
 from factory_worker.ledger.keys import Keys
-from factory_worker.ledger.records import INVALID, as_int, gauge_commands, parse_counters, parse_gauges, shown
+from factory_worker.ledger.records import (
+    INVALID,
+    as_int,
+    gauge_commands,
+    parse_counters,
+    parse_gauges,
+    parse_steps,
+    shown,
+)
 from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored, server_now_ms
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
@@ -128,3 +136,34 @@ class LedgerView:
     def done_markers(self) -> Iterator[tuple[str, str]]:
         """Every (issue, done marker): the buckets, then the legacy hash (``SCAN``/``HSCAN``, no big reply)."""
         yield from done_markers(self.r, self.keys)
+
+    def knows(self, issue: str) -> bool:
+        """Whether the ledger holds anything of ``issue``: a claim, a fence, a done marker, attempts or an
+        error, a backoff window, a park, a start, stage progress or history (one round trip). An id it does
+        not know was never claimed here (or its traces are gone: done markers never go)."""
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        p.exists(k.claim(issue), k.stages(issue), k.stage_history(issue))
+        for hashed in (k.fences, k.done_bucket(issue), k.done, k.attempts, k.errors, k.parked, k.started):
+            p.hexists(hashed, issue)
+        p.zscore(k.backoff, issue)
+        p.zscore(k.inflight, issue)
+        return any(p.execute())
+
+    def stage_history(self, issue: str) -> list[dict[str, Any]]:
+        """Every step of ``issue``'s staged attempts that the ledger kept (``Keys.stage_history``), oldest first:
+        ``{attempt, step, stage, round, outcome, at_ms[, error]}``; an entry that is not such an object is left out."""
+        return parse_steps(self.r.lrange(self.keys.stage_history(issue), 0, -1))
+
+    def last_steps(self, issues: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The last kept step of each of ``issues`` that has one (one round trip for all of them)."""
+        wanted = list(issues)
+        p = self.r.pipeline(transaction=False)
+        for issue in wanted:
+            p.lindex(self.keys.stage_history(issue), -1)
+        out = {}
+        for issue, raw in zip(wanted, p.execute()):
+            steps = parse_steps([raw]) if raw is not None else []
+            if steps:
+                out[issue] = steps[0]
+        return out

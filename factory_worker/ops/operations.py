@@ -17,7 +17,7 @@ from factory_worker.config.essentials import Essentials
 from factory_worker.config.urls import mask_url
 from factory_worker.context import Context
 from factory_worker.ledger.core import Explanation
-from factory_worker.ledger.records import shown
+from factory_worker.ledger.records import shown, step_text
 from factory_worker.ledger.redis_client import decoded_hash, redis_py_sender
 from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import status
@@ -56,14 +56,23 @@ def recovery_status(r: redis.Redis, e: Essentials) -> tuple[dict[str, Any], int]
     return status.read(redis_py_sender(r), status.Query.of(e))
 
 
+#: The gate's answers after which the source is asked too: the issue would be dispatched, or the whole loop is
+#: stopped (the issue itself may still be unknown or malformed).
+_ASK_SOURCE = (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT, Gate.KILLED, Gate.PAUSED)
+
+
 def explain(ctx: Context, issue_id: str) -> Explanation:
-    """The gate's answer for ``issue_id``; when the gate would dispatch it, also whether the source has it and
-    whether the eligibility rules let it through (out of scope, or not ready: its state or a factory label).
-    The CLI needs only Redis: an unreachable source is noted, not fatal."""
+    """The gate's answer for ``issue_id``, with a staged issue's kept steps (stage, round, outcome, the last
+    result); when the gate would dispatch it (or the loop is stopped, or the ledger knows nothing of it), also
+    what the source says: ``unknown`` when neither has it (the CLI exits 1), ``malformed`` with the validation
+    reason every poll skips it for, ``not-in-source``, or the eligibility rules' verdict (out of scope, not
+    ready). The CLI needs only Redis: an unreachable source is noted, not fatal."""
     e = ctx.ledger.explain(issue_id)
+    known = ctx.ledger.view.knows(issue_id)
     if e.state == Gate.IN_FLIGHT or (e.state == Gate.CLAIMABLE and ctx.settings.agent.staged):
         e = _with_stage(ctx, e)
-    if e.state not in (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT):
+    e = _with_steps(ctx, e)
+    if known and e.state not in _ASK_SOURCE:
         return e
     try:
         issue = ctx.source.get(issue_id)
@@ -77,6 +86,10 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
         )
     except Exception as exc:
         return replace(e, detail={**e.detail, "source_error": f"{type(exc).__name__}: {exc}"})
+    if issue is None and not known:
+        return Explanation(issue_id, Gate.UNKNOWN, "neither the ledger nor the source has this id", {})
+    if e.state in (Gate.KILLED, Gate.PAUSED):
+        return e
     if issue is None:
         return Explanation(
             issue_id,
@@ -94,6 +107,35 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
             {**e.detail, "rule": verdict.reason},
         )
     return e
+
+
+def retry(ctx: Context, issue_id: str) -> tuple[dict[str, Any], int]:
+    """``factory-worker retry``: a fresh attempt budget (:meth:`Ledger.retry`); exit 1 with ``unknown`` when
+    neither the ledger nor the source has ``issue_id`` (an unreachable source: not unknown, nothing to retry)."""
+    known = ctx.ledger.view.knows(issue_id)
+    data = {**ctx.ledger.retry(issue_id), "unknown": False}
+    if known:
+        return data, 0
+    try:
+        in_source = ctx.source.get(issue_id) is not None
+    except MalformedIssue:
+        in_source = True
+    except Exception as exc:
+        return {**data, "source_error": f"{type(exc).__name__}: {exc}"}, 0
+    return ({**data, "unknown": True}, 1) if not in_source else (data, 0)
+
+
+def _with_steps(ctx: Context, e: Explanation) -> Explanation:
+    """The steps the ledger kept of a staged issue's attempts (stage, round, outcome), the last one's outcome
+    as its last result: the latest attempt's in the text, every kept one in ``detail["steps"]``."""
+    steps = ctx.ledger.view.stage_history(e.issue)
+    if not steps:
+        return e
+    last = steps[-1]
+    latest = [s for s in steps if s["attempt"] == last["attempt"]]
+    told = ", ".join(step_text(s) for s in latest)
+    text = f"{e.text}; attempt {last['attempt']}'s stages: {told}"
+    return replace(e, text=text, detail={**e.detail, "steps": steps, "last_result": step_text(last)})
 
 
 def _with_stage(ctx: Context, e: Explanation) -> Explanation:

@@ -380,3 +380,27 @@ def test_start_loop_without_a_live_worker_warns(env):
     assert res.returncode == 0 and res.stdout.startswith("started run "), res.stdout + res.stderr
     assert "warning: no live worker" in res.stderr and ".loop" in res.stderr
     assert json.loads(ctl(env, "start-loop", "--json").stdout)["live_workers"] == 0  # skipped: a run is live
+
+
+def test_explain_and_retry_of_an_id_known_nowhere_say_unknown_and_exit_1(env, real_redis, tmp_path):
+    res = ctl(env, "explain", "NOPE-1")
+    assert (
+        res.returncode == 1 and res.stdout.strip() == "NOPE-1: unknown: neither the ledger nor the source has this id"
+    )
+    assert json.loads(ctl(env, "explain", "NOPE-1", "--json").stdout)["state"] == "unknown"
+    res = ctl(env, "retry", "NOPE-1")
+    assert res.returncode == 1 and "NOPE-1: unknown" in res.stdout
+    assert ctl(env, "retry", "C-1").returncode == 0  # in the source: nothing to retry, but known
+    assert ctl(env, "kill-loop", "--force").returncode == 0
+    assert ctl(env, "explain", "NOPE-1").returncode == 1  # a killed loop does not make it "killed"
+    assert ctl(env, "explain", "C-1").stdout.startswith("C-1: killed:")
+
+
+def test_an_issue_skipped_as_invalid_is_explained_with_the_validation_reason(env, tmp_path):
+    with open(tmp_path / "issues.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "BIG-1", "title": "x" * 100_000, "state": "ready"}) + "\n")
+    res = ctl(env, "explain", "BIG-1")
+    assert res.returncode == 0 and res.stdout.startswith("BIG-1: malformed: malformed in the source"), res.stdout
+    assert "title: String should have at most 1000 characters" in res.stdout
+    report = json.loads(ctl(env, "run-once", "--dry-run", "--json").stdout)
+    assert any(s["reason"].endswith("title: String should have at most 1000 characters") for s in report["skipped"])

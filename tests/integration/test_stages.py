@@ -133,6 +133,18 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
     assert not Path(starts[0]["workdir"]).exists()  # removed with the attempt
     assert not real_redis.exists(ctx.keys.stages("P-1"))
     assert ctx.ledger.explain("P-1").detail["fence"] == 1
+    # explain and dispatches tell the story: the steps kept after the attempt ended, with their rounds
+    told = json.loads(ctl(env, "explain", "P-1", "--json").stdout)
+    assert [(s["stage"], s["round"], s["outcome"]) for s in told["detail"]["steps"]] == [
+        ("triage", 1, "ok"),
+        ("implement", 1, "ok"),
+        ("review", 1, "rejected"),
+        ("implement", 2, "ok"),
+        ("review", 2, "done"),
+    ]
+    assert told["detail"]["last_result"] == "5 review (round 2): done" and "review (round 1): rejected" in told["text"]
+    done = json.loads(ctl(env, "dispatches", "--state", "done", "--json").stdout)
+    assert [r.get("last_step") for r in done if r["issue"] == "P-1"] == ["5 review (round 2): done"]
 
     # the low-confidence triage escalated: parked, needs-human, no attempt counted, nothing else ran
     assert [r["stage"] for r in records(tmp_path, "P-2")] == ["triage"]
@@ -140,6 +152,7 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
     assert why.returncode == 0, why.stderr
     e = json.loads(why.stdout)
     assert e["state"] == "parked" and "needs-human" in e["text"] and e["detail"]["attempts"] == 0
+    assert e["detail"]["last_result"].startswith("1 triage (round 1): escalated (needs-human")
     assert ctx.ledger.counters()["escalated"] == 1
     # retry releases it: triage runs again (and escalates again)
     assert ctl(env, "retry", "P-2").returncode == 0

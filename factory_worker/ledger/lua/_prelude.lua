@@ -74,3 +74,20 @@ local function queue_task(key, task_id, issue, token, run_id, sent_ms, ttl_ms, e
   redis.call('PEXPIRE', key, ttl_ms)
   redis.call('ZADD', K.queued, sent_ms, task_id)
 end
+
+-- A staged attempt's step, kept after the attempt ends (explain and dispatches show it): one JSON object
+-- {attempt, step, stage, round, outcome[, error], at_ms} from the progress hash K.stages (its current step),
+-- appended to K.stage_history, the latest STAGE_HISTORY_MAX, for STAGE_HISTORY_TTL_MS after the last
+-- (Keys.STAGE_HISTORY_MAX / _TTL_S). Nothing without progress (a single agent's dispatch). Only scripts that
+-- declare K.stages and K.stage_history call it.
+local STAGE_HISTORY_MAX, STAGE_HISTORY_TTL_MS = 50, 2592000000
+local function record_step(outcome, error)
+  local f = redis.call('HMGET', K.stages, 'attempt', 'step', 'stage', 'round')
+  if not f[2] then return end
+  local entry = {attempt = tonumber(f[1]) or 0, step = tonumber(f[2]) or 0, stage = f[3] or '',
+                 round = tonumber(f[4]) or 1, outcome = outcome, at_ms = now_ms()}
+  if error and error ~= '' then entry.error = string.sub(error, 1, 300) end
+  redis.call('RPUSH', K.stage_history, cjson.encode(entry))
+  redis.call('LTRIM', K.stage_history, -STAGE_HISTORY_MAX, -1)
+  redis.call('PEXPIRE', K.stage_history, STAGE_HISTORY_TTL_MS)
+end

@@ -1,5 +1,5 @@
 --[[ complete: the holder marks its issue done, permanently (compare-and-set on the token).
-KEYS: claim(issue) inflight started fences done_bucket(issue) done done_count backoff attempts errors counters stages(issue) outbox
+KEYS: claim(issue) inflight started fences done_bucket(issue) done done_count backoff attempts errors counters stages(issue) stage_history(issue) outbox
 ARGV: token issue outbox
 REPLIES: ok gone held
 Returns {'ok', done_marker} done | {'gone'} no live claim | {'held', current_token} held by another token
@@ -17,6 +17,7 @@ redis.call('HDEL', K.fences, A.issue)
 redis.call('ZREM', K.backoff, A.issue)
 redis.call('HDEL', K.attempts, A.issue)
 redis.call('HDEL', K.errors, A.issue)
+record_step('done')  -- a staged attempt's last step, kept in its history
 redis.call('DEL', K.stages)  -- a staged dispatch's progress ends with its attempt
 redis.call('HINCRBY', K.counters, 'completed', 1)
 emit('done', A.issue, A.token, {'attempt', attempt})

@@ -1,5 +1,5 @@
 --[[ fail: the holder records a failed attempt (compare-and-set on the token); backoff or park.
-KEYS: claim(issue) inflight started backoff parked attempts errors counters stages(issue) outbox
+KEYS: claim(issue) inflight started backoff parked attempts errors counters stages(issue) stage_history(issue) outbox
 ARGV: token issue backoff_base_ms backoff_max_ms max_attempts jitter error outbox
 REPLIES: ok gone held
 jitter is a number in [0, 1): the fraction added to the window.
@@ -10,6 +10,7 @@ local stale = not_holder(A.token)
 if stale then return stale end
 local now = now_ms()
 end_claim(A.issue)
+record_step('failed', A.error)
 redis.call('DEL', K.stages)  -- the next attempt of a staged dispatch starts from its first stage
 local n = redis.call('HINCRBY', K.attempts, A.issue, 1)
 redis.call('HSET', K.errors, A.issue, A.error)

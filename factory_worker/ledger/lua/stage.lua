@@ -1,5 +1,5 @@
 --[[ stage: a staged dispatch's progress through its stages, by token (the claim's holder only).
-KEYS: claim(issue) inflight stages(issue) attempts revoked kill agent_task(task_id) agents queued counters
+KEYS: claim(issue) inflight stages(issue) stage_history(issue) attempts revoked kill agent_task(task_id) agents queued counters
 ARGV: op token issue lease_ms step stage task_id run_id sent_ms hostname worker_pid round retries plan feedback workdir outcome record_ttl_ms progress_ttl_ms thread
 REPLIES: ok moved duplicate revoked killed gone held
 One claim covers every stage of an attempt; K.stages holds where the attempt is, keyed by issue and bound to
@@ -21,7 +21,8 @@ op "start"  (a stage task starts step `step` of stage `stage`): {'moved', step, 
 op "next"   (the task running step `step` finished it with `outcome` and hands over): only while that step
             is running by `token` (else {'moved', step, state}); step + 1 = `stage` becomes pending with
             `round`, `retries`, `plan` (kept when empty) and `feedback`; records and queues the next task
-            `task_id`; lease set to `lease_ms` (the queue lease). -> {'ok', new_step}
+            `task_id`; lease set to `lease_ms` (the queue lease); the finished step is appended to
+            K.stage_history (with its round and outcome). -> {'ok', new_step}
 op "thread" (after open, with Slack on): record the attempt's Slack thread `thread` ("<channel>:<ts>"), kept
             for every later stage and a resumed attempt. -> {'ok'} ({'moved', '', ''} without progress) ]]
 local stale = not_holder(A.token)
@@ -77,6 +78,7 @@ end
 if not cur[1] or cur[1] ~= A.step or cur[3] ~= 'running' or cur[4] ~= A.token then
   return {'moved', cur[1] or '', cur[3] or ''}
 end
+record_step(A.outcome)  -- the finished step, in the issue's history (kept after the attempt)
 local step = tostring(tonumber(cur[1]) + 1)
 local history = redis.call('HGET', p, 'history') or ''
 if history ~= '' then history = history .. ',' end

@@ -9,8 +9,11 @@ def test_explain_says_when_the_source_does_not_have_the_issue_or_it_is_not_ready
     from factory_worker.ops.operations import explain
 
     assert explain(ctx, "I-0").state == "claimable"
-    gone = explain(ctx, "NOPE-1")
+    claim = ctx.ledger.claim(["GONE-1"]).claims[0]  # the ledger knows it (a fence): the source no more
+    ctx.ledger.release("GONE-1", claim.token)
+    gone = explain(ctx, "GONE-1")
     assert gone.state == "not-in-source" and "not in the source" in gone.text
+    assert explain(ctx, "NOPE-1").state == "unknown"  # known nowhere (tests/unit/ops/test_explain.py)
     blocked = explain(ctx, "B-1")
     assert blocked.state == "not-ready" and '"blocked"' in blocked.text
     claim = ctx.ledger.claim(["I-1"]).claims[0]

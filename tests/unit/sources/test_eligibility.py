@@ -84,7 +84,7 @@ def test_a_dry_run_applies_the_same_rules(ruled):
         ("F-6", "not-ready", 'it carries the factory\'s done label "factory:done"'),
         ("F-7", "not-ready", 'it carries the factory\'s parked label "factory:parked"'),
         ("F-8", "not-ready", 'its state in the source is not one of "ready" (it is "blocked")'),
-        ("F-404", "not-in-source", "not in the source"),
+        ("F-404", "unknown", "neither the ledger nor the source has this id"),  # known to the ledger: not-in-source
     ],
 )
 def test_explain_names_the_rule(ruled, issue, state, text):
