@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from factory_worker.config.leases import margin_s, stop_lead_s  # noqa: F401 - this module's API too
+from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.scripts import StaleClaimError
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,14 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         next_renew = self.last_renew_sent + self.renew_interval_s
+        flags = FailureLog(f"issue {self.issue_id}: reading the stop flags", log)
+        renewals = FailureLog(f"issue {self.issue_id}: renewing the claim", log)
         while not self._closing.wait(self.tick_s):
             try:
                 reason = self._should_stop()
-            except Exception:
-                log.warning("issue %s: reading the stop flags failed; carrying on", self.issue_id, exc_info=True)
+                flags.ok()
+            except Exception as exc:
+                flags.failed(exc, "carrying on")
                 reason = None
             if reason is not None and self.stop_reason is None:
                 self.stop_reason = str(reason)
@@ -100,8 +104,9 @@ class LeaseKeeper:
                 self.lost = str(exc)
                 return
             except Exception as exc:
-                log.warning("issue %s: renewing the claim failed (retrying): %s", self.issue_id, exc)
+                renewals.failed(exc)
                 next_renew = time.monotonic() + self.tick_s
                 continue
+            renewals.ok()
             self.last_renew_sent = now
             next_renew = now + self.renew_interval_s

@@ -10,12 +10,18 @@ import redis
 
 from factory_worker.context import Context
 from factory_worker.dispatch.job import Job
+from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.redis_client import decoded_hash
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.ledger.states import Outcome, ReleaseReason, Settled, TaskState
 from factory_worker.ledger.types import Rider
+from factory_worker.loop.presence import SHUTDOWN
 
 log = logging.getLogger(__name__)
+
+#: A settle retried during a warm shutdown gives up this long before the soft-shutdown window ends: what Celery
+#: needs to stop its pool and the worker to exit (about 1.5 s measured with two pool processes).
+SETTLE_MARGIN_S = 2.25
 
 
 def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) -> Settled:
@@ -24,19 +30,35 @@ def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) 
     A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
     then, and giving up early would make the issue run again. The last try is made at that deadline (a
     Sentinel promotion that ends just before it still gets the outcome). The deadline counts from the
-    agent's end, so it can pass the claim's real end by up to one renew interval; such a try is fenced.
+    agent's end, so it can pass the claim's real end by up to one renew interval; such a try is fenced. During
+    the worker's warm shutdown the retries end ``SETTLE_MARGIN_S`` before its window does (the worker must exit
+    in it; an outcome not written is the lease's to end: the issue is claimable again after it).
     """
     deadline = time.monotonic() + job.ctx.settings.dispatch.lease_ttl_s
+    window_end = SHUTDOWN.window_end()  # a warm shutdown: no later than its window (the lease ends the claim)
+    bounded = window_end is not None and window_end - SETTLE_MARGIN_S < deadline
+    if window_end is not None and bounded:
+        deadline = window_end - SETTLE_MARGIN_S
     delay = 0.1
+    failures = FailureLog(f"settling {job.issue_id} (Redis unavailable)", log)
     while True:
         try:
             return _settle_once(job, outcome, error, rider)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             left = deadline - time.monotonic()
+            if left <= 0 and bounded:
+                log.warning(
+                    "%s of %s not written: Redis unavailable until the shutdown window ended; the claim ends with "
+                    "its lease (%gs), then the issue is claimable again",
+                    outcome,
+                    job.issue_id,
+                    job.ctx.settings.dispatch.lease_ttl_s,
+                )
+                return Settled.UNWRITTEN
             if left <= 0:
                 raise
             wait = min(delay, left)
-            log.warning("Redis unavailable while settling %s (%s); retrying in %.1fs", job.issue_id, exc, wait)
+            failures.failed(exc, f"retrying for {left:.1f}s more")
             time.sleep(wait)
             delay = min(delay * 2, 1.0)
 

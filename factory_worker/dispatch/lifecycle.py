@@ -103,7 +103,7 @@ def finish(
                 conversation.close(final)
             finally:  # the inbox goes with its dispatch (the stopped watcher never makes it again)
                 conversation.inbox.unlink(missing_ok=True)
-        refilling = job.send is not None and settled not in (None, Settled.NEXT, Settled.LEASE_LOST)
+        refilling = job.send is not None and settled not in (None, Settled.NEXT, Settled.LEASE_LOST, Settled.UNWRITTEN)
         if not rider.replies:  # nothing was sent (a lost lease, Redis gone), or its answer was lost
             forget(job, pop=refilling and pop and not rider.sent, rider=rider)  # idempotent; never pop twice
     if refilling and job.send is not None:
@@ -226,8 +226,8 @@ def forget(job: Job, queued: bool = False, ran: bool = True, pop: bool = False, 
         p = job.ctx.redis.pipeline(transaction=False)
         bookkeeping(job, p, queued, ran, pop)
         replies = p.execute()
-    except redis.RedisError:
-        log.warning("could not clean up after task %s", job.task_id, exc_info=True)
+    except redis.RedisError as exc:  # one line: a Redis outage is no bug (its records expire)
+        log.warning("could not clean up after task %s (%s: %s)", job.task_id, type(exc).__name__, exc)
         return
     if rider is not None:
         rider.replies = replies

@@ -19,7 +19,9 @@ from factory_worker.chat.slack import Conversation, join_conversation, open_conv
 from factory_worker.config.stages import TRIAGE
 from factory_worker.context import Context
 from factory_worker.dispatch.job import Job
+from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.stages import Progress
+from factory_worker.loop.presence import SHUTDOWN
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,14 @@ class StopCheck:
         self._next = time.monotonic() + STOP_POLL_S  # begin() just checked revoke and kill
         self._reason: str | None = None
         self._deadline: float | None = None  # local monotonic time of the worker's shutdown deadline
+        self._failures = FailureLog(f"reading the stop flags of {task_id}", log)
 
     def __call__(self) -> str | None:
         if self._reason:
             return self._reason
         now = time.monotonic()
-        if self._deadline is not None and now >= self._deadline:
+        local = SHUTDOWN.agents_stop_at()  # this worker's own shutdown, from shared memory: no Redis needed
+        if (self._deadline is not None and now >= self._deadline) or (local is not None and now >= local):
             self._reason = "worker shutdown: soft-shutdown window elapsed"
             return self._reason
         if now < self._next:
@@ -61,8 +65,9 @@ class StopCheck:
             p.get(k.worker_shutdown(self.hostname))
             p.time()
             stop, deadline, (sec, usec) = p.execute()
-        except Exception:
-            log.warning("could not read stop flags for %s", self.task_id, exc_info=True)
+            self._failures.ok()
+        except Exception as exc:
+            self._failures.failed(exc)
             return None
         if stop:
             self._reason = f"stopped by operator ({stop})"

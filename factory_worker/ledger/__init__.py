@@ -6,7 +6,7 @@ It owns: the :class:`Ledger` (claims with fencing tokens, leases, backoff, parki
 repeats of a settle, the release of an unacknowledged claim) and the read side (``views``); the stage ledger
 (``stages``); every key name (``keys``); the closed vocabularies (``states``); the result types (``types``); the
 record parsers every reader shares (``records``); the Lua scripts (``lua/``), their contracts (``contracts``)
-and their registration (``scripts``); the ledger-loss guard (``guard``); the Redis client (``redis_client``).
+and their registration (``scripts``); the ledger-loss guard (``guard``); the Redis client (``redis_client``) and a Redis outage's log (``outage``).
 
 May import: ``factory_worker.config`` only, plus redis-py and hiredis: no other room, never Celery.
 

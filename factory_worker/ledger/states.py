@@ -82,6 +82,7 @@ class Settled(StrEnum):
     STALE = "stale"  # a late write by a token that no longer holds the claim: nothing changed
     NEXT = "next"  # a stage handed the claim over to the next step (the claim stays held)
     MOVED = "moved"  # a late result of a step the attempt has moved past (a duplicate's): nothing changed
+    UNWRITTEN = "unwritten"  # Redis was unreachable until the worker's shutdown window ended: the lease ends the claim
 
 
 class ReleaseReason(StrEnum):

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import socket
+import struct
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,6 +73,44 @@ def clear_worker(ctx: Context, node: str) -> None:
     """A worker's own goodbye at shutdown: its presence, shutdown deadline and slots go at once."""
     ctx.redis.delete(ctx.keys.worker(node), ctx.keys.worker_shutdown(node))
     clear_slots(ctx, node)
+
+
+class LocalShutdown:
+    """A warm shutdown's times, shared with this worker's pool processes without Redis: an anonymous shared
+    mapping made when this module is imported (by the worker's main process, before its pool forks), holding
+    two ``time.monotonic()`` readings (``CLOCK_MONOTONIC``: one clock for every process of the host): when the
+    agents must stop, and when the soft-shutdown window ends. A pool process reads them on every stop check
+    (``dispatch.steps.StopCheck``) and bounds its last writes by them (``dispatch.claims.settle``), so a worker
+    whose Redis vanished during its shutdown still stops its agents and exits within the window."""
+
+    _FORMAT = "dd"
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, struct.calcsize(self._FORMAT))  # MAP_SHARED | MAP_ANONYMOUS
+
+    def begin(self, window_s: float, margin_s: float, now: float | None = None) -> None:
+        """The shutdown was asked for ``now``: agents stop ``margin_s`` before the window of ``window_s`` ends."""
+        start = time.monotonic() if now is None else now
+        self._map[:] = struct.pack(self._FORMAT, start + max(0.0, window_s - margin_s), start + window_s)
+
+    def clear(self) -> None:
+        self._map[:] = struct.pack(self._FORMAT, 0.0, 0.0)
+
+    def _times(self) -> tuple[float, float]:
+        stop, end = struct.unpack(self._FORMAT, self._map[:])
+        return stop, end
+
+    def agents_stop_at(self) -> float | None:
+        """When this worker's agents must have stopped (monotonic), or None: no shutdown asked."""
+        return self._times()[0] or None
+
+    def window_end(self) -> float | None:
+        """When the soft-shutdown window ends (monotonic), or None."""
+        return self._times()[1] or None
+
+
+#: this worker's warm shutdown (written by its main process: ``worker.lifecycle``)
+SHUTDOWN = LocalShutdown()
 
 
 def write_shutdown_deadline(ctx: Context, node: str) -> int:

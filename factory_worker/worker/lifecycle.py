@@ -34,7 +34,9 @@ from celery import bootsteps, signals
 from celery.beat import PersistentScheduler
 
 from factory_worker.context import current
+from factory_worker.ledger.outage import FailureLog
 from factory_worker.loop.presence import (
+    SHUTDOWN,
     WorkerFacts,
     beat_ttl_s,
     clear_beat,
@@ -48,30 +50,6 @@ from factory_worker.loop.presence import (
 log = logging.getLogger(__name__)
 
 AGENT_TASKS = frozenset({"factory.agent.run", "factory.agent.stage"})
-
-
-class FailureLog:
-    """One log line per kind of failure (its exception class), not a traceback per attempt: a thread that
-    retries a Redis write every second while Redis is gone says so once, and once again when it works."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.seen: set[str] = set()
-        self.failures = 0
-
-    def failed(self, exc: BaseException) -> None:
-        self.failures += 1
-        kind = type(exc).__name__
-        if kind not in self.seen:
-            self.seen.add(kind)
-            first = (str(exc).splitlines() or [""])[0]
-            log.warning("%s: Redis write failed (%s: %s); retrying, not logged again", self.what, kind, first)
-
-    def ok(self) -> None:
-        if self.failures:
-            log.warning("%s: Redis writes work again (after %d failed attempt(s))", self.what, self.failures)
-        self.seen.clear()
-        self.failures = 0
 
 
 def busy() -> tuple[int, int]:
@@ -123,6 +101,10 @@ class WorkerPresence(bootsteps.StartStopStep):
     running: WorkerPresence | None = None
     #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
     agents_as: str | None = None
+    #: the soft-shutdown window and its margin (``worker.*``), read at start for the signal receiver
+    window: tuple[float, float] = (0.0, 0.0)
+    #: the longest the worker's goodbye (threads joined, its keys removed) may wait on Redis at the end
+    GOODBYE_S = 1.5
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -143,6 +125,8 @@ class WorkerPresence(bootsteps.StartStopStep):
         except Exception:
             self.queues = ()
         self.concurrency = int(getattr(parent, "concurrency", None) or 1)
+        cfg = current().settings.worker
+        WorkerPresence.window = (cfg.soft_shutdown_s, cfg.shutdown_margin_s)
         if self.slots and WorkerPresence.agents_as:
             log.info("%s", WorkerPresence.agents_as)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
@@ -165,15 +149,25 @@ class WorkerPresence(bootsteps.StartStopStep):
         Not a bootstep ``stop``: the worker blueprint may stop this step before the pool has waited for its
         running agents, and the thread must live on to write the shutdown deadline they poll.
         """
+        log.info("worker shutdown: the pool has stopped; removing this worker's keys")
         self.closing.set()
+        until = time.monotonic() + self.GOODBYE_S  # Redis may be gone: never wait past the window on it
         for thread in (self.thread, self.outbox_thread):
             if thread is not None:
-                thread.join(timeout=2)
+                thread.join(timeout=max(0.0, until - time.monotonic()))
+        goodbye = threading.Thread(target=self._clear, name="factory-worker-goodbye", daemon=True)
+        goodbye.start()
+        goodbye.join(timeout=max(0.1, until - time.monotonic()))
+        if goodbye.is_alive():
+            log.warning(
+                "worker keys not removed within %.1fs (Redis unreachable?): they expire by their TTL", self.GOODBYE_S
+            )
+
+    def _clear(self) -> None:
         try:
-            ctx = current()
-            clear_worker(ctx, self.node)
-        except Exception:
-            log.warning("could not remove worker keys", exc_info=True)
+            clear_worker(current(), self.node)
+        except Exception as exc:
+            log.warning("could not remove worker keys (%s: %s): they expire by their TTL", type(exc).__name__, exc)
 
     def facts(self) -> WorkerFacts:
         agents, waiting = busy()
@@ -181,10 +175,15 @@ class WorkerPresence(bootsteps.StartStopStep):
 
     def _run(self) -> None:
         ctx = current()
-        interval = ctx.settings.worker.heartbeat_interval_s
-        next_beat, deadline_written = 0.0, False
-        failures = FailureLog("worker presence")
+        cfg = ctx.settings.worker
+        interval = cfg.heartbeat_interval_s
+        next_beat, deadline_written, shutdown_begun = 0.0, False, False
+        failures = FailureLog("worker presence: Redis write", log)
         while not self.closing.is_set():
+            if WorkerPresence.shutdown_requested and not shutdown_begun:
+                if SHUTDOWN.window_end() is None:  # the receiver has written it (without Redis) unless a test
+                    SHUTDOWN.begin(cfg.soft_shutdown_s, cfg.shutdown_margin_s)
+                shutdown_begun = True
             try:
                 if WorkerPresence.shutdown_requested and not deadline_written:
                     write_shutdown_deadline(ctx, self.node)
@@ -195,7 +194,7 @@ class WorkerPresence(bootsteps.StartStopStep):
                     # a worker shutting down starts nothing new: its slots leave the fleet at once
                     publish_slots(ctx, self.node, 0 if stopping else self.slots)
                     next_beat = time.monotonic() + interval
-                failures.ok()
+                    failures.ok()
             except Exception as exc:
                 failures.failed(exc)
                 next_beat = time.monotonic() + min(interval, 1.0)
@@ -273,7 +272,12 @@ def on_worker_process_init(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def on_worker_shutting_down(sig: Any = None, how: Any = None, exitcode: Any = None, **_: Any) -> None:
-    WorkerPresence.shutdown_requested = True  # flag only: we are inside a signal handler
+    """Flags only (we are inside a signal handler): the request, and once its times in the shared mapping the
+    pool processes read (no Redis, no lock: a later signal moves nothing)."""
+    WorkerPresence.shutdown_requested = True
+    window, margin = WorkerPresence.window
+    if window and SHUTDOWN.window_end() is None:
+        SHUTDOWN.begin(window, margin)
 
 
 @signals.worker_shutdown.connect
