@@ -145,7 +145,8 @@ def find(d: dict[str, Any]) -> list[Finding]:
             )
         )
     out += workers(d)
-    if not d["beats"]:
+    if not d["beats"] and d["liveness"] != Liveness.LIVE:  # a live run goes on without it (and a flushed
+        # Redis lacks the beat's key until its next refresh): no kickoff is why a loop that is not live stays so
         out.append(
             (Stuck.NO_BEAT, "no live beat: nothing kicks off runs; run exactly one `celery -A factory_worker beat`")
         )

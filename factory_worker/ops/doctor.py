@@ -291,12 +291,12 @@ def check_loop(c: Checkup) -> Iterator[Finding]:
     """Why the loop cannot make progress, as ``loop-status`` says it (:mod:`factory_worker.loop.reasons`: no
     worker on the loop queue, no live worker, no agent slot, the loop starved, no beat, the source failing...);
     a lost ledger and refused replica acknowledgements are the ``ledger-lost`` and ``replicas`` checks'. Only
-    once the namespace has seen its fleet (a run, a worker, a beat, a kill or loop tasks waiting): before a
-    deployment starts, the doctor checks its configuration alone."""
+    once the namespace has seen its fleet (a run, a worker, a kill or loop tasks waiting): before a deployment
+    starts, the doctor checks its configuration alone."""
     from factory_worker.ops.operations import loop_status
 
     data, _ = loop_status(c.ctx)
-    seen = (data["run"], data["heartbeat"], data["workers"], data["beats"], data["killed"])
+    seen = (data["run"], data["heartbeat"], data["workers"], data["killed"])
     if not any(seen) and not data["loop_queue"]["waiting"]:
         return
     for code, why in zip(data["reason_codes"], data["reasons"]):

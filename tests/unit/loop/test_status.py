@@ -76,8 +76,10 @@ def test_the_only_workers_processes_all_running_agents_while_loop_tasks_wait(liv
     assert loop_status(live)[0]["reason_codes"] == []
 
 
-def test_no_beat(live):
+def test_no_beat_is_why_a_loop_that_is_not_live_stays_so(live):
     presence.clear_beat(live)
+    assert loop_status(live)[1] == 0  # the live run goes on without it (a flushed Redis lacks its key a while)
+    live.control.end_run(live.control.current_run_id(), "stopping")
     data, code = loop_status(live)
     assert code == 1 and data["reason_codes"] == ["no-beat"]
 
