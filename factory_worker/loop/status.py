@@ -98,7 +98,7 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
     """Heartbeat + liveness + run + kill/pause + counters + workers and beats + the reasons the loop cannot make
     progress (:mod:`.reasons`); exit 0 live with no reason, else 1."""
     keys = q.keys
-    first = [
+    first: list[tuple[Any, ...]] = [
         ("GET", keys.heartbeat),
         ("TIME",),
         ("GET", keys.current_run),
@@ -110,17 +110,20 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
         ("HGETALL", keys.ledger_lost),
         ("EVAL", source("fleet_slots"), 1, keys.slots),
         ("HGETALL", keys.loop_failing),
-        ("INFO", "replication"),  # last of these: an error reply (INFO disabled) is a value, replicas unknown
     ]
-    info_at = len(first) - 1
-    first += [("LLEN", keys.loop_queue + p) for p in _PRIORITIES] if q.broker_is_ledger else []
     first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)] if q.write_back else []
-    replies = send(first)
-    info = replies.pop(info_at)
-    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, failing, *rest = raise_errors(
-        replies
+    # what may be refused without failing the answer (INFO disabled, an ACL limited to the namespace's keys):
+    # an error reply here is a value, and what it would say unknown
+    optional: list[tuple[Any, ...]] = [("INFO", "replication")]
+    optional += [("LLEN", keys.loop_queue + p) for p in _PRIORITIES] if q.broker_is_ledger else []
+    replies = send(first + optional)
+    info, *queued = replies[len(first) :]
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, failing, *outbox = (
+        raise_errors(replies[: len(first)])
     )
-    queued, outbox = (rest[:4], rest[4:]) if q.broker_is_ledger else (None, rest)
+    waiting = None
+    if q.broker_is_ledger and not any(isinstance(n, Exception) for n in queued):
+        waiting = sum(int(n) for n in queued)
     live = heartbeat.judge(hb_raw, time_reply, q.stale_after_s)
     now = time_ms(time_reply)
     run_id = live.heartbeat.run_id if live.heartbeat else text(current)
@@ -157,7 +160,7 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
         "loop_queue": {
             "name": keys.loop_queue,
             "agents": keys.agent_queue,
-            "waiting": sum(int(n) for n in queued) if queued is not None else None,
+            "waiting": waiting,
         },
         "failing": parse_failing(as_dict(failing)),
         "replicas": parse_replication(info),

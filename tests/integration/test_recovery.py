@@ -156,3 +156,20 @@ def test_through_sentinel_early(sentinel, real_redis, redis_url, namespace):
     res = ctl(env, "kill-loop", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["killed"] == run_id, res.stderr
     assert Keys(namespace).kill and real_redis.hget(ctx.keys.kill, "run_id") == run_id
+
+
+def test_a_user_limited_to_the_namespaces_keys_still_gets_an_answer(real_redis, redis_url, namespace):
+    """An ACL that grants only ``{ns}:*`` keys refuses LLEN of the broker's queue: the count is then unknown."""
+    user = f"ops-{namespace}"
+    real_redis.execute_command("ACL", "SETUSER", user, "on", ">pw", f"~{{{namespace}}}:*", "+@all")
+    try:
+        limited = redis_url.replace("redis://", f"redis://{user}:pw@")
+        env = factory_env({"FACTORY_REDIS_URL": limited, "FACTORY_NAMESPACE": namespace})
+        live_run(redis_url, namespace)
+        code, out, heavy = early(env, "loop-status", "--json")
+        data = json.loads(out)
+        assert (code, heavy, data["liveness"], data["loop_queue"]["waiting"]) == (1, False, "live", None)
+        full = ctl({**env, "FACTORY_REDIS_URL": limited + "?socket_read_size=65536"}, "loop-status", "--json")
+        assert full.returncode == 1 and json.loads(full.stdout)["loop_queue"]["waiting"] is None, full.stderr
+    finally:
+        real_redis.execute_command("ACL", "DELUSER", user)
