@@ -171,3 +171,30 @@ def test_stage_hand_over_is_repeated_until_the_replica_acknowledges(pair):
     assert new_step == 2 and waited >= 0.9  # a finished step is on the replica before the next is sent
     assert replica.client().hget(Keys("acks").stages("A"), "step") == "2"
     assert int(primary.client().hget(Keys("acks").counters, "replica_ack_retries")) >= 1
+
+
+def test_loop_status_says_claims_are_refused_for_want_of_replica_acknowledgements(pair):
+    """After a failover with one replica left, min_replica_acks=2 stops dispatching by design: loop-status says why."""
+    import io
+    import json
+
+    from factory_worker.cli.quick import status_first
+
+    primary, replica = pair
+    env = {"FACTORY_REDIS_URL": primary.url, "FACTORY_NAMESPACE": "acks", "FACTORY_DISPATCH__MIN_REPLICA_ACKS": "2"}
+
+    def answer(environ: dict[str, str]) -> dict:
+        out = io.StringIO()
+        assert status_first(["loop-status", "--json"], environ, Path("/nonexistent"), out=out) == 1
+        return json.loads(out.getvalue())
+
+    data = answer(env)
+    assert data["replicas"] == {"role": "master", "connected": 1} and data["min_replica_acks"] == 2
+    why = data["reasons"][data["reason_codes"].index("replica-acks")]
+    assert "min_replica_acks is 2 but the primary has 1 connected replica(s)" in why
+    assert "replica-acks" not in answer({**env, "FACTORY_DISPATCH__MIN_REPLICA_ACKS": "1"})["reason_codes"]
+    replica.stop()  # the last replica gone: a worker's own setting (published with its presence) says 1
+    primary.client().set(Keys("acks").worker("w@h"), json.dumps({"hostname": "w@h", "min_replica_acks": 1}))
+    wait_until(lambda: primary.client().info("replication")["connected_slaves"] == 0, 10, what="replica gone")
+    data = answer({k: v for k, v in env.items() if k != "FACTORY_DISPATCH__MIN_REPLICA_ACKS"})
+    assert "replica-acks" in data["reason_codes"] and data["min_replica_acks"] == 1
