@@ -236,6 +236,8 @@ def factory_env(
             ["PATH", *sorted(k for k in settings if not k.startswith("FACTORY_"))]
         ),
         "PYTHONPATH": pythonpath(ROOT, *path),
+        # a root worker runs agents only with agent.user written (the benchmark's agents are its own commands)
+        **({"FACTORY_AGENT__USER": "root"} if os.geteuid() == 0 else {}),
     }
     env.update(settings)
     return base_env(env)

@@ -15,6 +15,7 @@ import time_machine
 from factory_worker.config.settings import Settings, load_settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ops.embedded import RedisServer
+from tests.support import AGENT_USER
 
 # Never let a developer's environment or ./factory.toml leak into the suite.
 for _name in [n for n in os.environ if n.startswith("FACTORY_")]:
@@ -113,7 +114,13 @@ def make_settings(namespace: str, tmp_path: Path):
     def _make(**overrides) -> Settings:
         overrides.setdefault("namespace", namespace)
         overrides.setdefault(
-            "agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"], "workdir_root": str(tmp_path / "work")}
+            "agent",
+            {
+                "log_dir": str(tmp_path / "logs"),
+                "command": ["true"],
+                "workdir_root": str(tmp_path / "work"),
+                **AGENT_USER,
+            },
         )
         return load_settings(**overrides)
 

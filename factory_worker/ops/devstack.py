@@ -167,13 +167,22 @@ def flower_auth() -> tuple[str, str]:
     return line.partition("=")[2], f"{path} (0600)"
 
 
-def child_env(name: str, url: str, flower_credentials: str | None) -> dict[str, str]:
-    """A child's environment: ours with the Redis URL; Flower's credentials for Flower only."""
+def child_env(name: str, url: str, flower_credentials: str | None, agents_as_root: bool = False) -> dict[str, str]:
+    """A child's environment: ours with the Redis URL; Flower's credentials for Flower only; agent.user = root
+    when ``up`` runs as root with agent.user unset (see :func:`agents_as_root`)."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
     env.update(FACTORY_REDIS_URL=url, PYTHONUNBUFFERED="1")
+    if agents_as_root:
+        env["FACTORY_AGENT__USER"] = "root"
     if name == "flower" and flower_credentials:
         env["FLOWER_BASIC_AUTH"] = flower_credentials
     return env
+
+
+def agents_as_root(settings: Settings) -> bool:
+    """``up`` run as root with agent.user unset: its agents run as root, as they run as you under your own
+    user (development only), written for its workers as agent.user = root, which a root worker requires."""
+    return os.geteuid() == 0 and settings.agent.user is None
 
 
 def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurrency: int = 4) -> int:
@@ -187,6 +196,13 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
     else:
         print(f"[up] Redis at {mask_url(url)} (FACTORY_REDIS_URL)", flush=True)
     commands = stack_commands(settings, flower, workers, concurrency)
+    as_root = agents_as_root(settings)
+    if as_root:
+        print(
+            "[up] running as root with agent.user unset: agents run as root too (development only; set "
+            "FACTORY_AGENT__USER, e.g. nobody, to isolate them)",
+            flush=True,
+        )
     credentials = None
     if "flower" in commands:
         credentials, where = flower_auth()
@@ -200,7 +216,7 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
     code = 0
     try:
         for name, argv in commands.items():
-            procs[name] = _spawn(name, argv, child_env(name, url, credentials))
+            procs[name] = _spawn(name, argv, child_env(name, url, credentials, as_root))
         next_status = time.monotonic() + STATUS_EVERY_S
         while not _Flags.stop:
             dead = [n for n, p in procs.items() if p.poll() is not None]

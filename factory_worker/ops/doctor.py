@@ -286,7 +286,9 @@ def check_replicas(c: Checkup) -> Iterator[Finding]:
 
 
 def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
-    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env."""
+    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env, in
+    a PID namespace of their own (checked on this host: doctor may not run where the agent workers do)."""
+    from factory_worker.agents.pidns import describe
     from factory_worker.agents.sandbox import resolve_identity, secret_like
     from factory_worker.config.settings import ConfigError
 
@@ -300,12 +302,31 @@ def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
             f"agents: {', '.join(leaks)}; issue text steers agents: remove them "
             "(FACTORY_AGENT__ENV_ALLOWLIST)",
         )
+    contained, uncontained = describe(agent)
+    if uncontained:  # a doctor that is not root cannot make one where a root agent worker could: a note then
+        severity = "warn" if agent.pid_namespace == "off" or os.geteuid() == 0 else "info"
+        yield _finding("agent-isolation", severity, f"{uncontained} (checked on this host, as uid {os.geteuid()})")
     try:
         ident = resolve_identity(agent)
     except ConfigError as exc:
         yield _finding("agent-isolation", "warn", f"{exc} (checked on this host)")
         return
-    if ident is None or ident.uid == os.geteuid():
+    if ident is not None and ident.uid == 0:
+        yield _finding(
+            "agent-isolation",
+            "warn",
+            "agent.user is root: agents run as root, with every credential "
+            "of the worker and the host; set FACTORY_AGENT__USER to an unprivileged user (e.g. nobody)",
+        )
+    elif ident is None and os.geteuid() == 0:
+        yield _finding(
+            "agent-isolation",
+            "error",
+            "agent.user is unset: an agent worker running as root (as this "
+            "doctor does) refuses to run agents; set FACTORY_AGENT__USER to an unprivileged user (e.g. "
+            "nobody), or to root to run them as root anyway",
+        )
+    elif ident is None or ident.uid == os.geteuid():
         yield _finding(
             "agent-isolation",
             "warn",
@@ -318,7 +339,7 @@ def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
             "agent-isolation",
             "info",
             f"agents run as {ident} in fresh directories under "
-            f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s)",
+            f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s), {contained}",
         )
 
 

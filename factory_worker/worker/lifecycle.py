@@ -13,7 +13,9 @@ here do the acting.
 - ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
   task-id -> (issue, token) mapping in Redis, never a thread-local token.
 - ``celeryd_init`` refuses to start a worker that would run agents but cannot isolate them as configured
-  (``agent.user`` it cannot switch to): agents never run as the worker by accident.
+  (``agent.user`` it cannot switch to, or unset on a root worker; ``agent.pid_namespace = required`` where
+  no PID namespace can be made): agents never run as the worker, or as root, by accident. It notes (one
+  warning at start) when agents get no PID namespace of their own.
 - ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
   never outlives the worker that started it, even when the worker is SIGKILLed.
 
@@ -75,6 +77,8 @@ class WorkerPresence(bootsteps.StartStopStep):
     running: WorkerPresence | None = None
     #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
     agents_as: str | None = None
+    #: why they get no PID namespace of their own, when they do not (one warning at start)
+    agents_uncontained: str | None = None
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -90,6 +94,8 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.slots = agent_slots(parent)
         if self.slots and WorkerPresence.agents_as:
             log.info("%s", WorkerPresence.agents_as)
+            if WorkerPresence.agents_uncontained:
+                log.warning("%s", WorkerPresence.agents_uncontained)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
         self.thread.start()
         ctx = current()
@@ -178,6 +184,7 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
 
     from celery.utils.text import str_to_list
 
+    from factory_worker.agents.pidns import describe, use_namespace
     from factory_worker.agents.sandbox import check_isolation, running_as
     from factory_worker.config.settings import ConfigError
     from factory_worker.ledger.keys import Keys
@@ -192,12 +199,14 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
         return
     try:
         ident = check_isolation(settings.agent)
+        use_namespace(settings.agent)  # agent.pid_namespace = required and none can be made: refused
     except (ConfigError, OSError) as exc:
         print(f"factory_worker: {exc}", file=sys.__stderr__, flush=True)
         sys.exit(2)
+    contained, WorkerPresence.agents_uncontained = describe(settings.agent)
     WorkerPresence.agents_as = (
         f"agents run as {running_as(ident)} in fresh directories under "
-        f"{settings.agent.workdir_root}"
+        f"{settings.agent.workdir_root}, {contained}"
     )  # logged once logging is set up
 
 
