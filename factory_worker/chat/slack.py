@@ -9,10 +9,10 @@ local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens t
 ``slack.poll_max_s``).
 
 The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
-(backing off after the ``n``-th error in a row by the one :class:`~factory_worker.net.Backoff`: ``2 * poll_s *
-2**(n-1)`` with equal jitter, at most ``slack.poll_max_s``; never sooner than a ``Retry-After``) and appends every new
-human reply (not the bot's own messages) as one JSON line ``{"source": "slack", "ts", "user", "text"}`` (the
-format of :mod:`.inbox`) to the dispatch's inbox
+(backing off after the ``n``-th error in a row by the one :class:`~factory_worker.net.Backoff`:
+``2 * poll_s * 2**(n-1)`` with equal jitter, at most ``slack.poll_max_s``; never sooner than a ``Retry-After``)
+and appends every new human reply (not the bot's own messages) as one JSON line
+``{"source": "slack", "ts", "user", "text"}`` (the format of :mod:`.inbox`) to the dispatch's inbox
 file, whose path the agent gets in ``FACTORY_INBOX``. A line is pure ASCII JSON (:func:`.inbox.inbox_line`): every
 line break a reader could split on (``\\n``, ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028,
 U+2029) is escaped, so one reply is one line for any reader (``splitlines()`` included).

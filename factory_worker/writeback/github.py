@@ -30,10 +30,10 @@ delivery is exactly-once on the tracker:
   comment. Only more than 300 comments created or edited inside the window push it out (then it is posted,
   and may appear twice).
 
-Errors: 429 and rate-limited 403 -> retry after ``Retry-After`` / ``X-RateLimit-Reset`` (else 60 s; never more
-than ``source.github_max_retry_after_s``, the source's own reading: ``github_http.retry_wait_s``); 5xx, timeouts and
-connection errors -> retry with backoff; 404/410/422 on the issue -> permanent (the event is parked). The
-token is sent only to the configured API origin and never logged.
+Errors: 429 and rate-limited 403 -> retry after ``Retry-After`` / ``X-RateLimit-Reset`` (else 60 s; never
+more than ``source.github_max_retry_after_s``: the source's own reading, ``github_http.retry_wait_s``); 5xx,
+timeouts and connection errors -> retry with backoff; 404/410/422 on the issue -> permanent (the event is
+parked). The token is sent only to the configured API origin and never logged.
 """
 
 from __future__ import annotations

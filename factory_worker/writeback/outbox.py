@@ -10,11 +10,11 @@ Delivering: every worker runs an :class:`OutboxSender` (a thread of the worker b
 claims entries another consumer left pending for ``tracker.takeover_s`` (a worker that died mid-delivery),
 then new ones; each is handed to a :class:`Writer`. Delivered: ``XACK`` + ``XDEL``. Failed: retried after
 ``min(backoff_base_s * 2**(n-1), backoff_max_s)``, or the tracker's ``Retry-After`` when longer (the one
-:class:`~factory_worker.net.Backoff`; ``{ns}:outbox:retry``); after ``tracker.max_attempts`` (or at once for an error that cannot pass)
-it is *parked* in ``{ns}:outbox:parked`` with its last error, like an issue. At-least-once delivery becomes
-exactly-once as seen on the tracker because a writer makes each delivery idempotent (labels are sets; a
-comment carries a marker the writer looks for before posting, see ``tracker.py``). Write-back never blocks
-dispatch: the ledger does not wait for the tracker.
+:class:`~factory_worker.net.Backoff`; ``{ns}:outbox:retry``); after ``tracker.max_attempts`` (or at once for
+an error that cannot pass) it is *parked* in ``{ns}:outbox:parked`` with its last error, like an issue.
+At-least-once delivery becomes exactly-once as seen on the tracker because a writer makes each delivery
+idempotent (labels are sets; a comment carries a marker the writer looks for before posting, see
+``tracker.py``). Write-back never blocks dispatch: the ledger does not wait for the tracker.
 
 Order per issue (``outbox_newest.lua``): a failed event backs off while later events of its issue go on, so
 before handing an event over the sender learns whether a newer event of the issue was handed over already;
