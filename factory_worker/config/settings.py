@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
+from factory_worker.config.budget import BudgetSettings
 from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S, NAMESPACE_PATTERN
 
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
@@ -172,6 +173,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from factory_worker.config.budget import BudgetSettings
 from factory_worker.config.settings import DispatchSettings, Settings
 from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
@@ -39,6 +40,7 @@ from factory_worker.ledger.types import (
     fence_in,
     fence_of,
 )
+from factory_worker.ledger.usage import utc_day
 from factory_worker.ledger.views import STATES, LedgerView, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
 from factory_worker.ledger.writes import LedgerWrites
@@ -79,8 +81,10 @@ class Ledger:
         dispatch: DispatchSettings,
         rng: Callable[[], float] = random.random,
         outbox: bool = False,
+        budget: BudgetSettings | None = None,
     ) -> None:
         self.r = client
+        self.budget = budget or BudgetSettings()
         self.keys = keys
         self.cfg = dispatch
         self.rng = rng
@@ -97,6 +101,7 @@ class Ledger:
             Keys(settings.namespace),
             settings.dispatch,
             outbox=settings.tracker.write_back,
+            budget=settings.budget,
         )
 
     @property
@@ -151,6 +156,8 @@ class Ledger:
             "max_in_flight": self.cfg.max_in_flight,
             "owner": uuid.uuid4().hex,
             "use_slots": "1" if out.fleet_slots else "0",
+            "day": utc_day(),
+            "day_usd": repr(self.budget.day_usd),
         }
         if out.dry_run:
             reply, acked = self.writes.guarded_dry("claim", issues, mode="dry", **args), True
@@ -189,6 +196,8 @@ class Ledger:
             return {"in_flight": shown(a), "cap": shown(b)}
         if code == Gate.NO_FREE_SLOT:
             return {"in_flight": shown(a), "slots": shown(b)}
+        if code == Gate.DAY_BUDGET:
+            return {"spent_usd": a, "day_usd": b}
         return {}
 
     def renew(self, issue: str, token: str) -> int:
@@ -366,6 +375,14 @@ class Ledger:
                 Gate.NO_FREE_SLOT,
                 f"claimable, but no free agent slot ({d['in_flight']} in "
                 f"flight, {d['slots']} slots on live agent workers)",
+                {**d, "attempts": n},
+            )
+        if skip.reason == Gate.DAY_BUDGET:
+            return Explanation(
+                issue,
+                Gate.DAY_BUDGET,
+                f"day budget spent ({d['spent_usd']} of {d['day_usd']} USD today, UTC): "
+                "nothing is claimed until the next UTC day",
                 {**d, "attempts": n},
             )
         return Explanation(issue, skip.reason, f"not dispatched: the loop is {skip.reason}", {"attempts": n})

@@ -46,6 +46,9 @@ class Keys:
     #: ``inbox(task_id)`` keeps at most this many undelivered lines (the oldest go first).
     INBOX_MAX_LINES = 1000
 
+    #: A day's ``spend(day)`` hash lives this long after its last write.
+    SPEND_TTL_S = 8 * 24 * 3600
+
     @staticmethod
     def live_from(now_ms: int) -> int:
         """Lowest ``inflight`` score still live at ``now_ms`` (as ``claim.lua`` counts): Redis keeps a key
@@ -139,6 +142,18 @@ class Keys:
         only by ``stage.lua`` (by token), deleted by
         ``complete``/``fail``/``escalate``; a new claim of the same attempt resumes from it."""
         return self._k("stage", issue)
+
+    def usage(self, issue: str) -> str:
+        """Hash: an issue's usage summed over its attempts (the agents' ``FACTORY_USAGE`` lines): cost_usd,
+        tokens, wall_s (agent run time), lines, malformed. Written by ``usage.lua``; ``retry`` deletes it (a
+        fresh budget)."""
+        return self._k("usage", issue)
+
+    def spend(self, day: str) -> str:
+        """Hash: the fleet's usage in one UTC day (``YYYY-MM-DD``): cost_usd, tokens, lines. Written by
+        ``usage.lua``, read by ``claim.lua`` (``budget.day_usd``); expires :data:`SPEND_TTL_S` after its last
+        write."""
+        return self._k("spend", day)
 
     @property
     def counters(self) -> str:

@@ -1,8 +1,8 @@
 --[[ claim: THE gate. Decide for a batch of candidate issues whether each may be dispatched now, and (mode
 "claim") claim every one that may, atomically. Mode "dry" takes the very same decisions and writes nothing:
 dry runs and `explain` ask this script, so they can never disagree with a real claim.
-KEYS: ledger fences done inflight backoff parked attempts counters kill paused slots started claim(issue)* done_bucket(issue)*
-ARGV: generation queue_lease_ms max_in_flight owner mode use_slots issue*
+KEYS: ledger fences done inflight backoff parked attempts counters kill paused slots started spend(day) claim(issue)* done_bucket(issue)*
+ARGV: generation queue_lease_ms max_in_flight owner mode use_slots day day_usd issue*
 REPLIES: ok ledger-lost
 generation: the ledger generation the caller works in; any other (or none) -> {'ledger-lost', current}.
 started: a new claim clears the started mark a dead holder left (so started marks are live claims only).
@@ -24,6 +24,7 @@ Returns {'ok', entry_1, ..., entry_n}: ONE string per issue, in input order:
   "backoff:<until_ms>:<attempts>"    a failed attempt's backoff window is open
   "max-in-flight:<in_flight>:<cap>"  the cluster-wide cap is reached
   "no-free-slot:<in_flight>:<slots>" every live agent slot is taken (queued + running claims)
+  "day-budget:<spent>:<budget>"      the fleet spent day_usd (> 0) in the UTC day `day` (spend(day))
   "duplicate"                        the same issue appeared earlier in this batch
   "killed" / "paused"                the loop is killed / paused: every issue the above do not describe
 An inflight entry stops counting against the cap only once its score (the lease end) is more than 1 ms in
@@ -39,6 +40,9 @@ end
 local halt = nil  -- the loop-wide stop: checked after what the issue itself is (done, in flight, ...)
 if redis.call('EXISTS', K.kill) == 1 then halt = 'killed'
 elseif redis.call('EXISTS', K.paused) == 1 then halt = 'paused' end
+local day_budget = tonumber(A.day_usd) or 0
+local day_spent = 0
+if day_budget > 0 then day_spent = tonumber(redis.call('HGET', K.spend, 'cost_usd') or '0') or 0 end
 local now = now_ms()
 local lease = tonumber(A.queue_lease_ms)
 local cap = tonumber(A.max_in_flight)
@@ -52,7 +56,7 @@ else
   inflight = redis.call('ZCARD', K.inflight)
 end
 local out, seen = {'ok'}, {}
-local claimed, deduped, s_backoff, s_parked, s_cap, s_slot, s_halt = 0, 0, 0, 0, 0, 0, 0
+local claimed, deduped, s_backoff, s_parked, s_cap, s_slot, s_halt, s_day = 0, 0, 0, 0, 0, 0, 0, 0
 for i = 1, n do
   local issue = ARGV[A_N + i]
   local ckey = KEYS[K_N + (i - 1) * K_E + 1]
@@ -79,6 +83,8 @@ for i = 1, n do
         s_backoff = s_backoff + 1
       elseif halt then
         entry = halt; s_halt = s_halt + 1
+      elseif day_budget > 0 and day_spent >= day_budget then
+        entry = 'day-budget:' .. day_spent .. ':' .. day_budget; s_day = s_day + 1
       elseif inflight >= cap then
         entry = 'max-in-flight:' .. inflight .. ':' .. cap; s_cap = s_cap + 1
       elseif slots and inflight >= slots then
@@ -106,5 +112,6 @@ count('skipped_backoff', s_backoff)
 count('skipped_parked', s_parked)
 count('skipped_cap', s_cap)
 count('skipped_no_slot', s_slot)
+count('skipped_day_budget', s_day)
 if halt then count('skipped_' .. halt, s_halt) end
 return out
