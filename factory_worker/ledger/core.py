@@ -15,6 +15,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -40,7 +41,7 @@ from factory_worker.ledger.types import (
     fence_in,
     fence_of,
 )
-from factory_worker.ledger.usage import utc_day
+from factory_worker.ledger.usage import issue_usage, utc_day
 from factory_worker.ledger.views import STATES, LedgerView, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
 from factory_worker.ledger.writes import LedgerWrites
@@ -309,7 +310,16 @@ class Ledger:
 
     def explain(self, issue: str) -> Explanation:
         """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
-        the fleet's slots as the loop counts them), with the details (holder, last error) read beside it."""
+        the fleet's slots as the loop counts them), with the details (holder, last error, the usage its
+        agents reported: ``usage``) read beside it."""
+        e = self._explain(issue)
+        usage = issue_usage(self.r, self.keys, issue)
+        if usage:
+            spent = f"{e.text}; its agents spent {usage.get('cost_usd', 0)} USD, {usage.get('tokens', 0)} tokens"
+            e = replace(e, text=spent, detail={**e.detail, "usage": usage})
+        return e
+
+    def _explain(self, issue: str) -> Explanation:
         batch = self.claim([issue], dry_run=True, fleet_slots=True)
         k = self.keys
         token, attempts, error = (

@@ -6,12 +6,18 @@ slot. Nothing else in the package spells a key by hand: see docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 
 from factory_worker.config.defaults import NAMESPACE_PATTERN  # noqa: F401 - this module's API too
 
 #: What a namespace may be (``FACTORY_NAMESPACE``, 1-64 characters): it is in every key name.
+
+
+def utc_day(epoch_s: float | None = None) -> str:
+    """The UTC day (``YYYY-MM-DD``) a spend counts in: the ``day`` of :meth:`Keys.spend`."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch_s))
 
 
 @dataclass(frozen=True)

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from factory_worker.config.budget import BudgetSettings
-from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.keys import Keys, utc_day
 from factory_worker.ledger.redis_client import decoded_hash
 from factory_worker.ledger.scripts import scripts_for
 
 log = logging.getLogger(__name__)
 
-
-def utc_day(now: datetime | None = None) -> str:
-    """The UTC day a spend counts in (``YYYY-MM-DD``): the key of ``spend(day)``."""
-    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d")
+__all__ = ["Totals", "add_usage", "day_spend", "issue_usage", "utc_day"]
 
 
 @dataclass(frozen=True)
