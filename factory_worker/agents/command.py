@@ -175,6 +175,7 @@ class CommandAgent:
                 )
             finally:
                 relay.finish()  # the group is gone: the rest is copied, a stray writer cut off; it closes the log
+            keeper.last_usage_read()
             res = self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
             return replace(res, usage=keeper.usage.as_dict())
         finally:

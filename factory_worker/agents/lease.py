@@ -125,7 +125,14 @@ class LeaseKeeper:
             self.last_renew_sent = now
             next_renew = now + self.renew_interval_s
 
-    def _read_usage(self) -> None:
+    def last_usage_read(self) -> None:
+        """After the agent ended (and :meth:`close`): the lines it wrote last, read and reported, with the
+        wall time left; skipped while the thread still runs (a Redis call that hangs: it owns the reader)."""
+        if self.started and self._thread.is_alive():
+            return
+        self._read_usage(final=True)
+
+    def _read_usage(self, final: bool = False) -> None:
         """Read the new usage lines and report each (the wall time rides the first), or the wall time alone
         once :data:`WALL_REPORT_S` passed; a failed report is logged (that line is not sent again: the ledger may
         undercount a line, never count one twice)."""
@@ -137,7 +144,7 @@ class LeaseKeeper:
             self.usage.add(line)
         if self._report is None or self.budget_stop is not None:
             return
-        if not lines and now - self._reported_at < WALL_REPORT_S:
+        if not lines and not final and now - self._reported_at < WALL_REPORT_S:
             return
         for delta in lines or [Usage()]:
             try:

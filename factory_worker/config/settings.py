@@ -95,6 +95,21 @@ class DispatchSettings(BaseModel):
         "settle (Redis WAIT) before it counts; 0: do not wait",
     )
     replica_ack_timeout_s: float = Field(default=1.0, gt=0, description="how long one WAIT for replica acks may block")
+    concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description='concurrency keys: rule -> limit, e.g. {"label:repo:*": 2, "repo": 4}; the gate claims no '
+        "issue whose key holds that many claims (fair between keys with waiting issues)",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: dict[str, int]) -> dict[str, int]:
+        for rule, limit in v.items():
+            if not (rule == "repo" or (rule.startswith("label:") and len(rule) > len("label:"))):
+                raise ValueError(f"{rule!r}: a rule is label:<prefix>* or repo")
+            if isinstance(limit, bool) or limit < 1:
+                raise ValueError(f"{rule!r}: the limit must be an integer >= 1")
+        return v
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DispatchSettings:

@@ -155,6 +155,12 @@ class Keys:
         fresh budget)."""
         return self._k("usage", issue)
 
+    @property
+    def concurrency(self) -> str:
+        """Hash issue -> the concurrency keys it counted against at its last claim (``claim.lua``: joined by
+        ``\\x1f``); read only for live in-flight claims, so a claim's end (or lease) releases its keys."""
+        return self._k("concurrency")
+
     def spend(self, day: str) -> str:
         """Hash: the fleet's usage in one UTC day (``YYYY-MM-DD``): cost_usd, tokens, lines. Written by
         ``usage.lua``, read by ``claim.lua`` (``budget.day_usd``); expires :data:`SPEND_TTL_S` after its last

@@ -31,6 +31,7 @@ class Gate(StrEnum):
     DUPLICATE = "duplicate"
     KILLED = "killed"
     PAUSED = "paused"
+    CONCURRENCY = "concurrency-key"  # a concurrency key of the issue holds its limit of claims
     DAY_BUDGET = "day-budget"  # the fleet spent budget.day_usd in this UTC day: nothing is claimed until the next
     UNACKED = "unacked"  # claimed, but too few replicas acknowledged the claim in time: released, not used
     NOT_IN_SOURCE = "not-in-source"  # explain only: the source does not have it

@@ -81,3 +81,19 @@ def day_spend(client: redis.Redis, keys: Keys, day: str | None = None) -> dict[s
     """The fleet's usage in a UTC day (today by default): cost_usd, tokens, lines."""
     got = _numbers(decoded_hash(client.hgetall(keys.spend(day or utc_day()))))
     return {"day": day or utc_day(), "cost_usd": got.get("cost_usd", 0.0), "tokens": got.get("tokens", 0), **got}
+
+
+def costs(client: redis.Redis, keys: Keys, issues: list[str]) -> dict[str, float | None]:
+    """Each issue's spend over its attempts (None: nothing reported), in one round trip (``dispatches``)."""
+    if not issues:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for issue in issues:
+        pipe.hget(keys.usage(issue), "cost_usd")
+    out: dict[str, float | None] = {}
+    for issue, raw in zip(issues, pipe.execute()):
+        try:
+            out[issue] = None if raw is None else round(float(raw), 6)
+        except ValueError:
+            out[issue] = None
+    return out
