@@ -2,7 +2,8 @@
 (:func:`factory_worker.ledger.usage.add_usage`), and what a budget crossed means for the agent: an issue
 budget stops it as ``budget`` (parked ``needs-human: budget ...``: no further attempt, ``retry`` grants a fresh
 budget); the day's stops claiming (the gate) and lets it finish, unless ``budget.day_hard`` (then it is stopped
-and its claim released, no attempt counted).
+and its claim released, no attempt counted). The run time alone (a report without a line) is sent only when
+``budget.issue_wall_s`` is set: a dispatch without usage lines costs no extra round trip.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def usage_report(job: Job) -> UsageReport:
     ctx, budget, issue = job.ctx, job.ctx.settings.budget, job.issue_id
 
     def report(delta: Usage, wall_s: float) -> tuple[str, str] | None:
+        if not delta.lines and not delta.malformed and not budget.issue_wall_s:
+            return None  # only the run time, and no budget counts it: no round trip
         t = add_usage(
             ctx.redis,
             ctx.keys,

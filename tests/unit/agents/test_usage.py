@@ -138,3 +138,13 @@ def test_a_report_that_says_stop_stops_the_agent_within_a_second(tmp_path, scrip
     assert len(log_lines) <= 6, log_lines  # stopped within ~1 s (a line every 0.2 s) of the 4th
     assert res.usage is not None and res.usage["lines"] >= 4
     json.dumps(res.usage)
+
+
+def test_the_wall_time_is_reported_while_it_runs_and_summed_to_its_duration(tmp_path, script):
+    path = script("import time\nfor n in range(8):\n    print(n, flush=True); time.sleep(0.2)\n", "runs.py")
+    walls: list[float] = []
+    d: Dispatch = dispatch()
+    d.report = lambda delta, wall_s: walls.append(wall_s)
+    res = run(make_agent(tmp_path, [sys.executable, str(path)]), d)
+    assert res.outcome == "ok" and len(walls) >= 2, walls  # once a second, and the rest at the end
+    assert sum(walls) == pytest.approx(res.duration_s, abs=0.3), (walls, res.duration_s)
