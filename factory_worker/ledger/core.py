@@ -441,4 +441,5 @@ def encode_groups(issues: Sequence[str], groups: Mapping[str, Sequence[tuple[str
     """``claim.lua``'s ARGV ``groups``: '' without rules, else a field per issue (see the script)."""
     if groups is None:
         return ""
-    return "\x1e".join("\x1f".join(f"{k}\x1f{int(limit)}" for k, limit in groups.get(i) or ()) for i in issues)
+    fields = "\x1e".join("\x1f".join(f"{k}\x1f{int(limit)}" for k, limit in groups.get(i) or ()) for i in issues)
+    return fields or "\x1e"  # rules, but no key here: still counted (its stale keys dropped at its claim)

@@ -64,9 +64,10 @@ local keyed = A.groups ~= ''
 local held, fields = {}, {}
 if keyed then
   local live = redis.call('ZRANGEBYSCORE', K.inflight, now - 1, '+inf')
-  if #live > 0 then
-    local ks = redis.call('HMGET', K.concurrency, unpack(live))
-    for j = 1, #live do
+  for from = 1, #live, 1000 do  -- HMGET in chunks: unpack() has a limit of a few thousand values
+    local upto = math.min(from + 999, #live)
+    local ks = redis.call('HMGET', K.concurrency, unpack(live, from, upto))
+    for j = 1, upto - from + 1 do
       if ks[j] then
         for key in string.gmatch(ks[j], '[^\31]+') do held[key] = (held[key] or 0) + 1 end
       end

@@ -118,3 +118,15 @@ def test_the_gate_counts_each_key_with_the_cap_fairly_and_a_claims_end_frees_its
     again = ledger.claim(list(spec), groups=g)
     assert sum(c.issue.startswith("A") for c in again.claims) == 2, again
     assert int(ledger.counters()["skipped_concurrency"]) > 0
+
+
+def test_an_issue_claimed_without_a_key_drops_the_keys_of_its_last_claim(fake_redis, keys, make_settings):
+    s = make_settings(dispatch={"max_in_flight": 8})
+    roomy_fleet(fake_redis, keys)
+    ledger = Ledger(fake_redis, keys, s.dispatch)
+    [first] = ledger.claim(["X"], groups={"X": [("repo:x", 1)]}).claims
+    assert fake_redis.hget(keys.concurrency, "X") in ("repo:x", b"repo:x")
+    ledger.release("X", first.token)
+    assert [c.issue for c in ledger.claim(["X"], groups={"X": []}).claims] == ["X"]  # its labels changed
+    assert fake_redis.hget(keys.concurrency, "X") is None
+    assert [c.issue for c in ledger.claim(["Y"], groups={"Y": [("repo:x", 1)]}).claims] == ["Y"]  # X holds none
