@@ -33,6 +33,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,10 +55,12 @@ from factory_worker.agents.sandbox import (
     ISSUE_FILE,
     agent_env,
     agent_identity,
+    make_usage_file,
     make_workdir,
     remove_workdir,
     running_as,
 )
+from factory_worker.agents.usage import UsageFile
 from factory_worker.config.settings import AgentSettings
 from factory_worker.sources.base import Issue
 
@@ -142,28 +145,42 @@ class CommandAgent:
                 workdir, issue_json = dispatch.workdir, dispatch.workdir / ISSUE_FILE
         except Exception as exc:
             return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
+        usage_path: Path | None = None
         try:
             env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
             env.update(dispatch.env)
+            try:
+                usage_path = make_usage_file(self.settings, dispatch.dispatch_id, self.ident)
+            except OSError as exc:
+                return _unprepared(issue.id, "the agent's usage file (FACTORY_USAGE)", exc, start)
+            env["FACTORY_USAGE"] = str(usage_path)
             spawned = self._spawn(dispatch, workdir, env, start)
             if isinstance(spawned, AgentResult):
                 return spawned
             proc, relay = spawned
+            keeper = LeaseKeeper(
+                renew,
+                should_stop,
+                self.renew_interval_s,
+                self.lease_ttl_s,
+                self.settings.term_grace_s,
+                issue.id,
+                start,
+                usage=UsageFile(usage_path),
+                report=dispatch.report,
+            )
             try:
                 outcome, error, lost = self._supervise(
-                    proc,
-                    relay,
-                    start,
-                    renew,
-                    should_stop,
-                    on_start,
-                    issue.id,
-                    dispatch.timeout_s or self.settings.timeout_s,
+                    proc, relay, keeper, start, on_start, issue.id, dispatch.timeout_s or self.settings.timeout_s
                 )
             finally:
                 relay.finish()  # the group is gone: the rest is copied, a stray writer cut off; it closes the log
-            return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
+            keeper.last_usage_read()
+            res = self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
+            return replace(res, usage=keeper.usage.as_dict())
         finally:
+            if usage_path is not None:
+                usage_path.unlink(missing_ok=True)
             if not owned:
                 pass
             elif self.settings.keep_workdir:
@@ -223,17 +240,16 @@ class CommandAgent:
         return proc, relay  # the relay is started by _supervise
 
     # -- supervision -----------------------------------------------------------------------------
-    def _supervise(self, proc, relay, start, renew, should_stop, on_start, issue_id, timeout_s):
-        """Wait for the agent while a :class:`LeaseKeeper` renews and reads the stop flags; stop the group
-        in time if the claim is lost, a stop is asked, it times out, or renewals stopped succeeding.
+    def _supervise(self, proc, relay, keeper, start, on_start, issue_id, timeout_s):
+        """Wait for the agent while its :class:`LeaseKeeper` renews, reads the stop flags and the usage lines;
+        stop the group in time if the claim is lost, a stop is asked, a budget is crossed, it times out, it
+        stalled (no byte of output and no usage line for ``agent.stall_s``), or renewals stopped succeeding.
         The keeper's and the log relay's threads start once the agent outlives :func:`.lease.helpers_after_s`
         (before any renew or flag read is due; a short agent costs no thread). Returns (outcome or None,
         error, status_lost)."""
         outcome, error, lost = None, "", False
         tick = min(0.05, self.renew_interval_s)
-        keeper = LeaseKeeper(
-            renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s, issue_id, start
-        )
+        stall_s = self.settings.stall_s
         helpers_at = time.monotonic() + helpers_after_s(self.renew_interval_s)
         try:
             if on_start is not None:
@@ -256,8 +272,12 @@ class CommandAgent:
                     outcome, error = "lease-lost", keeper.lost
                 elif keeper.stop_reason is not None:
                     outcome, error = "interrupted", keeper.stop_reason
+                elif keeper.budget_stop is not None:
+                    outcome, error = keeper.budget_stop
                 elif now - start >= timeout_s:
                     outcome, error = "timeout", f"agent ran longer than {timeout_s:g}s"
+                elif stall_s and now - max(relay.last_output, keeper.last_usage) >= stall_s:
+                    outcome, error = "failed", f"stalled: no output for {stall_s:g} s"
                 elif now >= keeper.stop_at:
                     outcome, error = (
                         "lease-lost",

@@ -68,6 +68,8 @@ class LogRelay:
     def __init__(self, log_fd: int, cap: int, header: bytes = b"") -> None:
         self.log_fd, self.cap = log_fd, cap
         self.written, self.dropped = 0, 0
+        #: when the agent's output was last seen (monotonic; the supervisor's stall clock, ``agent.stall_s``)
+        self.last_output = time.monotonic()
         self.pipe_fd = self.write_fd = self._wake = self._waker = -1
         try:
             self.pipe_fd, self.write_fd = os.pipe()  # close-on-exec: Popen dups the write end to the agent's 1, 2
@@ -103,6 +105,7 @@ class LogRelay:
         return self
 
     def _copy(self, chunk: bytes) -> None:
+        self.last_output = time.monotonic()
         room = self.cap - self.written
         if room > 0:
             os.write(self.log_fd, chunk[:room])

@@ -281,6 +281,23 @@ def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, n
     return path
 
 
+def make_usage_file(agent: AgentSettings, dispatch_id: str, ident: Identity | None) -> Path:
+    """The file a dispatch's agent appends its usage lines to (``FACTORY_USAGE``): beside the dispatch's
+    directory in the worker's root (0711), owned by the worker (which reads it: the agent cannot swap it for a
+    link), 0600, or 0620 with the agent's group when agents run as their own user; the caller removes it."""
+    root = check_workdir_root(agent, ident)
+    path = root / f"usage-{re.sub(r'[^A-Za-z0-9_-]', '_', dispatch_id)[-60:]}.jsonl"
+    mode = 0o600 if ident is None else 0o620
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if ident is not None:
+            os.fchown(fd, -1, ident.gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return path
+
+
 def agent_env(
     agent: AgentSettings, environ: Mapping[str, str], workdir: Path, issue_json: Path, issue_id: str, token: str
 ) -> dict[str, str]:

@@ -69,6 +69,11 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
     ctx = open_context()
     rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+    from factory_worker.ledger.usage import costs
+
+    spent = costs(ctx.redis, ctx.keys, [r["issue"] for r in rows])
+    for r in rows:
+        r["cost_usd"] = spent.get(r["issue"])
 
     def human(d: list[dict[str, Any]]) -> None:
         shown = [
@@ -79,7 +84,7 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
             }
             for r in d
         ]
-        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "last_error"])
+        table("dispatches", shown, ["issue", "state", "since/until", "attempts", "fence", "cost_usd", "last_error"])
 
     emit(rows, as_json, human)
 

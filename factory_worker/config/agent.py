@@ -48,6 +48,12 @@ class AgentSettings(BaseModel):
         default=7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed (0: kept)"
     )
     term_grace_s: float = Field(default=5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    stall_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="an agent (a stage) with no byte of output and no usage line for this long is stopped "
+        "as a failed attempt (0: never)",
+    )
     workdir_root: Path = Field(
         default=Path(".factory/work"), description="each dispatch runs in a fresh directory here"
     )

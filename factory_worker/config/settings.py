@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
+from factory_worker.config.budget import BudgetSettings
 from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S, NAMESPACE_PATTERN
 
 # ConfigError and secret_from_env (NAME or NAME_FILE, for the sources' tokens) are this module's API too.
@@ -94,6 +95,21 @@ class DispatchSettings(BaseModel):
         "settle (Redis WAIT) before it counts; 0: do not wait",
     )
     replica_ack_timeout_s: float = Field(default=1.0, gt=0, description="how long one WAIT for replica acks may block")
+    concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description='concurrency keys: rule -> limit, e.g. {"label:repo:*": 2, "repo": 4}; the gate claims no '
+        "issue whose key holds that many claims (fair between keys with waiting issues)",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: dict[str, int]) -> dict[str, int]:
+        for rule, limit in v.items():
+            if not (rule == "repo" or (rule.startswith("label:") and len(rule) > len("label:"))):
+                raise ValueError(f"{rule!r}: a rule is label:<prefix>* or repo")
+            if isinstance(limit, bool) or limit < 1:
+                raise ValueError(f"{rule!r}: the limit must be an integer >= 1")
+        return v
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DispatchSettings:
@@ -172,6 +188,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)

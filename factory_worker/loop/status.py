@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from factory_worker.ledger.contracts import source
-from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.keys import Keys, utc_day
 from factory_worker.ledger.records import (
     SCAN_COUNT,
     as_dict,
@@ -56,10 +56,11 @@ def read(
         ("HGET", keys.ledger, "generation"),
         ("HGETALL", keys.ledger_lost),
         ("EVAL", source("fleet_slots"), 1, keys.slots),
+        ("HGET", keys.spend(utc_day()), "cost_usd"),  # today's spend (issue 24)
     ]
     if write_back:
         first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)]
-    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, *outbox = raise_errors(
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, spent, *outbox = raise_errors(
         send(first)
     )
     live = heartbeat.judge(hb_raw, time_reply, stale_after_s)
@@ -95,8 +96,18 @@ def read(
         "ledger_guard": guard,
         "outbox": {"pending": int(outbox[0]), "parked": int(outbox[1])} if write_back else None,
         "ledger_lost": guard["ledger_lost"],
+        "spend_today": {"day": utc_day(), "cost_usd": _usd(spent)},
     }
     return status, 0 if live.live and not guard["ledger_lost"] else 1
+
+
+def _usd(raw: Any) -> Any:
+    """A stored spend (HINCRBYFLOAT's text) as a number, or :data:`INVALID` (never an exception)."""
+    try:
+        value = float(text(raw) or 0)
+    except ValueError:
+        return "invalid"
+    return round(value, 6) if value == value and abs(value) != float("inf") else "invalid"
 
 
 # -- its text --------------------------------------------------------------------------------------------
@@ -136,6 +147,8 @@ def lines(
         f"workers: {', '.join(esc(w.get('hostname')) for w in d['workers']) or 'none'}; "
         f"agent slots {d['agent_slots']}; last iteration on {esc(d['last_iteration_worker'] or '-')}"
     )
+    if d.get("spend_today"):
+        out.append(f"spend today (UTC {d['spend_today']['day']}): {d['spend_today']['cost_usd']} USD")
     if d["outbox"] is not None:
         out.append(f"tracker outbox: {d['outbox']['pending']} event(s) to deliver, {d['outbox']['parked']} parked")
     return out

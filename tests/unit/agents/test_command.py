@@ -540,6 +540,7 @@ def test_the_agent_gets_only_its_allowlist_never_the_workers_credentials(tmp_pat
         "FACTORY_ISSUE_ID",
         "FACTORY_ISSUE_JSON",
         "FACTORY_DISPATCH_TOKEN",
+        "FACTORY_USAGE",  # where it appends its usage lines (issue 24)
     }
     assert env["FACTORY_AGENT_OUTPUT_DIR"] == "/tmp/out" and env["FACTORY_ISSUE_ID"] == "EX-1"
     assert env["PATH"] == os.environ["PATH"] and env["LANG"] == "C.UTF-8"
