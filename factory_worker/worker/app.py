@@ -20,6 +20,7 @@ import beat_schedule
 from factory_worker.config.settings import ConfigError, Settings, load_settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.worker import tasks  # noqa: F401  (registers the shared tasks)
+from factory_worker.worker.lane import LoopLane
 from factory_worker.worker.lifecycle import WorkerPresence
 from factory_worker.worker.transport import broker_options, transport_for
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     if settings is not None:
         app.conf.update(celery_config(settings))
     app.steps["worker"].add(WorkerPresence)
+    app.steps["worker"].add(LoopLane)  # a worker of both queues runs the loop outside its pool
     return app
 
 
