@@ -10,6 +10,7 @@ as one line and exit 2 (see :func:`_refuse_bad_config`). The settings object is 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -74,6 +75,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "timezone": "UTC",
     }
 
+
+#: The columns of Flower's Tasks page (``celery -A factory_worker flower`` imports this module before Flower reads
+#: its ``FLOWER_*`` environment; set ``FLOWER_TASKS_COLUMNS`` to choose others): Flower 2.x shows no args by
+#: default, and the args are where an agent task shows its issue id.
+FLOWER_TASKS_COLUMNS = "name,state,args,exception,received,runtime,worker,uuid"
+os.environ.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_TASKS_COLUMNS)
 
 #: The configuration error found at import, if any (the entry points report it and exit 2).
 CONFIG_ERROR: ConfigError | None = None

@@ -41,11 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tasks(port: int) -> dict[str, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/tasks")
+def _get(port: int, path: str) -> bytes:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     req.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
     with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read())
+        return resp.read()
+
+
+def _tasks(port: int) -> dict[str, dict]:
+    return json.loads(_get(port, "/api/tasks"))
 
 
 def _by_issue(tasks: dict[str, dict], issue: str) -> dict | None:
@@ -147,5 +151,7 @@ def test_flower_shows_failed_interrupted_and_done_agents(redis_url, real_redis, 
     )
     # findable: the issue id first in the shown args; the loop's tasks are not on the page
     assert slow["args"].startswith("['FL-slow'")
+    page = _get(port, "/tasks").decode()
+    assert 'data-column="args"' in page, "the Tasks page shows the args (FLOWER_TASKS_COLUMNS)"
     assert "Task factory.loop.iteration[" in procs[2].log()  # they ran, in the loop worker's pool
     assert not [t for t in tasks.values() if (t.get("name") or "").startswith("factory.loop.")]
