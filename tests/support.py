@@ -45,9 +45,11 @@ class CeleryProc:
         cwd: Path | None = None,
         queues: list[str] | None = None,
         prefix: list[str] | None = None,
+        no_queues: bool = False,
     ) -> None:
-        """``queues``: a worker's queue names (default both of the namespace's); ``prefix``: argv run before
-        ``python -m celery`` that execs it, e.g. ``ip netns exec <name>`` (the pid stays celery's)."""
+        """``queues``: a worker's queue names (default both of the namespace's; ``no_queues``: no ``-Q`` at all,
+        the README's plain command); ``prefix``: argv run before ``python -m celery`` that execs it, e.g.
+        ``ip netns exec <name>`` (the pid stays celery's)."""
         self.kind, self.name = kind, name
         self.log_path = log_dir / f"{name}.log"
         argv = [*(prefix or []), sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
@@ -56,8 +58,7 @@ class CeleryProc:
             argv += [
                 "-n",
                 f"{name}@%h",
-                "-Q",
-                ",".join(queues or [f"{ns}.loop", f"{ns}.agents"]),
+                *([] if no_queues else ["-Q", ",".join(queues or [f"{ns}.loop", f"{ns}.agents"])]),
                 "--without-mingle",
                 "--without-gossip",
                 "-P",

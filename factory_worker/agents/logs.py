@@ -226,3 +226,30 @@ def prune(log_dir: Path, retention_s: float, now: float | None = None, force: bo
     if removed:
         log.info("pruned %d agent log(s) older than %gs under %s", removed, retention_s, log_dir)
     return removed
+
+
+#: what a failed agent task's exception text ends with (:func:`last_lines`): its output's last lines, capped
+TAIL_LINES = 10
+TAIL_LINE_CHARS = 300
+TAIL_CHARS = 2000
+
+
+def last_lines(output: str, lines: int = TAIL_LINES, line_chars: int = TAIL_LINE_CHARS, cap: int = TAIL_CHARS) -> str:
+    """The last ``lines`` non-blank lines of an agent's ``output`` as untrusted text: every control or
+    non-printable character (an ANSI escape, a carriage return, a NUL) shown as its ``\\x..`` / ``\\u....``
+    escape, each line cut at ``line_chars``, the whole at most ``cap`` characters (older lines go first)."""
+    kept: list[str] = []
+    total = 0
+    for raw in reversed([ln for ln in output.splitlines() if ln.strip()][-lines:]):
+        line = _escape(raw)
+        if len(line) > line_chars:
+            line = line[: line_chars - 1] + "…"
+        if total + len(line) + 1 > cap:
+            break
+        kept.append(line)
+        total += len(line) + 1
+    return "\n".join(reversed(kept))
+
+
+def _escape(line: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in line)

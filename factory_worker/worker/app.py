@@ -10,6 +10,7 @@ as one line and exit 2 (see :func:`_refuse_bad_config`). The settings object is 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -20,6 +21,7 @@ import beat_schedule
 from factory_worker.config.settings import ConfigError, Settings, load_settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.worker import tasks  # noqa: F401  (registers the shared tasks)
+from factory_worker.worker.lane import LoopLane
 from factory_worker.worker.lifecycle import WorkerPresence
 from factory_worker.worker.transport import broker_options, transport_for
 
@@ -74,6 +76,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
+#: The columns of Flower's Tasks page (``celery -A factory_worker flower`` imports this module before Flower reads
+#: its ``FLOWER_*`` environment; set ``FLOWER_TASKS_COLUMNS`` to choose others): Flower 2.x shows no args by
+#: default, and the args are where an agent task shows its issue id.
+FLOWER_TASKS_COLUMNS = "name,state,args,exception,received,runtime,worker,uuid"
+os.environ.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_TASKS_COLUMNS)
+
 #: The configuration error found at import, if any (the entry points report it and exit 2).
 CONFIG_ERROR: ConfigError | None = None
 
@@ -90,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     if settings is not None:
         app.conf.update(celery_config(settings))
     app.steps["worker"].add(WorkerPresence)
+    app.steps["worker"].add(LoopLane)  # a worker of both queues runs the loop outside its pool
     return app
 
 
