@@ -1,5 +1,6 @@
-"""factory_worker's Redis broker transport: kombu's, with one bug worked around. Selected by ``app.py``
-(``broker_transport``), never patched into kombu globally.
+"""factory_worker's broker transports: for Redis kombu's, with one bug worked around; for RabbitMQ
+(``amqp://``, ``amqps://``) kombu's py-amqp transport as it is. Selected by ``app.py`` (``broker_transport``),
+never patched into kombu globally.
 
 The bug (kombu's Redis transport, seen up to 5.7; upstream: celery/kombu#582 and #970, the same
 ``AttributeError: 'NoneType' object has no attribute 'hostname'`` on a connection that is already gone):
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 TESTED_UP_TO = (5, 7)
 #: Broker URL schemes served by this module's transports.
 SCHEMES = ("redis", "sentinel")
+#: RabbitMQ: kombu's py-amqp transports (TLS for ``amqps``).
+AMQP_TRANSPORTS = {"amqp": "kombu.transport.pyamqp:Transport", "amqps": "kombu.transport.pyamqp:SSLTransport"}
 
 
 class QoS(kredis.QoS):
@@ -76,8 +79,11 @@ def broker_options(broker_url: str) -> tuple[str, dict[str, object]]:
 
 
 def transport_for(broker_url: str, version: tuple[int, ...] | None = None) -> str | None:
-    """The ``broker_transport`` setting for ``broker_url``: this module's transport, or None (stock)."""
+    """The ``broker_transport`` setting for ``broker_url``: this module's transport, kombu's py-amqp one for
+    RabbitMQ, or None (stock)."""
     scheme = urlsplit(broker_url).scheme
+    if scheme in AMQP_TRANSPORTS:
+        return AMQP_TRANSPORTS[scheme]
     if scheme not in SCHEMES:
         return None
     v = tuple(version or kombu.VERSION[:2])
