@@ -4,12 +4,19 @@ these check what only RabbitMQ's semantics give: an agent task's delivery is ack
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 
 from factory_worker.context import Context
 from factory_worker.ledger.keys import Keys
+from factory_worker.ops.embedded import free_port
 from tests.conftest import roomy_fleet
 from tests.delay_proxy import DelayProxy
 from tests.rabbit import queue_counts
@@ -110,3 +117,54 @@ def test_a_worker_killed_before_begin_answered_leaves_its_message_to_rabbitmq(
     ctx = Context(settings_from(env), real_redis)
     wait_until(lambda: ctx.ledger.explain("B-1").state == "done", 20, what="B-1 done on w2")
     assert [e["issue"] for e in starts(tmp_path)] == ["B-1"]
+
+
+@pytest.mark.parametrize("stack", ["threads+amqp"], indirect=True)
+def test_flower_shows_agent_tasks_through_rabbitmq(stack, redis_url, real_redis, namespace, tmp_path, procs):
+    """Flower, on the RabbitMQ broker, sees the agent task from the worker's events: received, then SUCCESS."""
+    pytest.importorskip("flower")
+    write_issues(tmp_path / "issues.jsonl", [{"id": "FL-1", "title": "t", "state": "ready"}])
+    env = stack_env(redis_url, namespace, tmp_path)
+    w1 = CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"])
+    procs.append(w1)
+    w1.wait_ready()
+    port = free_port()
+    flower_env = {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "factory_worker", "flower", "--address=127.0.0.1", f"--port={port}"],
+        env=flower_env,
+        stdout=open(tmp_path / "flower.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+
+        def tasks() -> dict:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=2) as resp:
+                    return json.load(resp)
+            except OSError:
+                return {}
+
+        wait_until(lambda: tasks() is not None and _flower_up(port), 30, what="flower up")
+        time.sleep(2.0)  # flower's event consumer connects
+        assert ctl(env, "run-once", "--json").returncode == 0
+        seen = wait_until(
+            lambda: [
+                t for t in tasks().values() if t.get("name") == "factory.agent.run" and t.get("state") == "SUCCESS"
+            ],
+            30,
+            what="the agent task's SUCCESS in Flower",
+        )
+        assert "FL-1" in seen[0]["args"]
+    finally:
+        os.killpg(flower.pid, signal.SIGKILL)
+        flower.wait(10)
+
+
+def _flower_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
