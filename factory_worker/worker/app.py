@@ -24,7 +24,7 @@ from factory_worker.ledger.keys import Keys
 from factory_worker.worker import tasks  # noqa: F401  (registers the shared tasks)
 from factory_worker.worker.acks import PrefetchStep
 from factory_worker.worker.lifecycle import WorkerPresence
-from factory_worker.worker.transport import broker_options, transport_for
+from factory_worker.worker.transport import amqp_transport, broker_options, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     amqp = is_amqp(broker)
     return {
         "broker_url": broker,
-        "broker_transport": transport_for(broker),
+        "broker_transport": transport_for(broker) or amqp_transport(broker),
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",

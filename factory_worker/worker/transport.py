@@ -78,12 +78,15 @@ def broker_options(broker_url: str) -> tuple[str, dict[str, object]]:
     return target.kombu_url(), target.transport_options()
 
 
+def amqp_transport(broker_url: str) -> str | None:
+    """kombu's py-amqp transport for a RabbitMQ URL (``amqp://``; TLS for ``amqps://``), named rather than left
+    to kombu's scheme aliases; None for any other URL."""
+    return AMQP_TRANSPORTS.get(urlsplit(broker_url).scheme)
+
+
 def transport_for(broker_url: str, version: tuple[int, ...] | None = None) -> str | None:
-    """The ``broker_transport`` setting for ``broker_url``: this module's transport, kombu's py-amqp one for
-    RabbitMQ, or None (stock)."""
+    """The ``broker_transport`` setting for ``broker_url``: this module's transport, or None (stock)."""
     scheme = urlsplit(broker_url).scheme
-    if scheme in AMQP_TRANSPORTS:
-        return AMQP_TRANSPORTS[scheme]
     if scheme not in SCHEMES:
         return None
     v = tuple(version or kombu.VERSION[:2])
