@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
@@ -22,6 +23,19 @@ from harness import run_ctl as ctl  # noqa: F401
 #: root (its agents are its own scripts under tmp_path, which another user could not read).
 AGENT_USER: dict[str, str] = {"user": "root"} if os.geteuid() == 0 else {}
 AGENT_USER_ENV: dict[str, str] = {"FACTORY_AGENT__USER": "root"} if os.geteuid() == 0 else {}
+
+
+@dataclass
+class Stack:
+    """The worker pool and broker the stack helpers start (set per test by the ``stack`` fixture, tests/conftest.py):
+    :class:`CeleryProc` runs workers with ``-P pool`` and :func:`stack_env` points the broker at ``broker_url``
+    (None: the ledger's Redis)."""
+
+    pool: str = "prefork"
+    broker_url: str | None = None
+
+
+STACK = Stack()
 
 
 def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
@@ -46,10 +60,12 @@ class CeleryProc:
         queues: list[str] | None = None,
         prefix: list[str] | None = None,
         no_queues: bool = False,
+        pool: str | None = None,
     ) -> None:
         """``queues``: a worker's queue names (default both of the namespace's; ``no_queues``: no ``-Q`` at all,
         the README's plain command); ``prefix``: argv run before ``python -m celery`` that execs it, e.g.
-        ``ip netns exec <name>`` (the pid stays celery's)."""
+        ``ip netns exec <name>`` (the pid stays celery's); ``pool``: the worker's ``-P`` (default
+        :data:`STACK`'s)."""
         self.kind, self.name = kind, name
         self.log_path = log_dir / f"{name}.log"
         argv = [*(prefix or []), sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
@@ -62,7 +78,7 @@ class CeleryProc:
                 "--without-mingle",
                 "--without-gossip",
                 "-P",
-                "prefork",
+                pool or STACK.pool,
             ]
         else:
             argv += ["--schedule", str(log_dir / f"{name}-schedule")]
@@ -284,6 +300,8 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
         "AGENT_OUT": str(out),
         **AGENT_USER_ENV,
     }
+    if STACK.broker_url:
+        env["FACTORY_BROKER_URL"] = STACK.broker_url
     env.update(extra)
     return factory_env(env)
 

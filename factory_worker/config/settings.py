@@ -182,7 +182,9 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(default=None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
-    broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
+    broker_url: str | None = Field(
+        default=None, description="Celery broker: Redis (defaults to redis_url) or RabbitMQ (amqp://, amqps://)"
+    )
     namespace: str = Field(default="factory", min_length=1, max_length=64, pattern=NAMESPACE_PATTERN.pattern)
     loop: LoopSettings = Field(default_factory=LoopSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
@@ -196,12 +198,17 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=lambda: WebhookSettings.model_validate({}))
     workspace: WorkspaceSettings = Field(default_factory=lambda: WorkspaceSettings.model_validate({}))
 
-    @field_validator("redis_url", "broker_url")
+    @field_validator("redis_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is None:
             return v
         return urls.validate(v)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        return v if v is None else urls.validate_broker(v)
 
     @model_validator(mode="after")
     def _agent_dies_before_its_lease(self) -> Settings:

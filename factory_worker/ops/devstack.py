@@ -80,7 +80,8 @@ def _status_line(settings: Settings, url: str) -> str:
 def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: int) -> dict[str, list[str]]:
     """The stack's processes by name: one loop worker (``loop``, only ``<ns>.loop``, 2 processes) so the
     loop's kickoff/iteration tasks never wait behind agents, then ``workers`` agent workers (``worker1..N``,
-    only ``<ns>.agents``, ``concurrency`` processes each), beat and (when installed) Flower."""
+    only ``<ns>.agents``, the threads pool with ``concurrency`` slots each: one supervising thread per agent),
+    beat and (when installed) Flower."""
     from factory_worker.worker.app import agent_queue, loop_queue
 
     celery = [sys.executable, "-m", "celery", "-A", "factory_worker"]
@@ -94,6 +95,8 @@ def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: 
                 "INFO",
                 "-n",
                 f"worker{i + 1}@%h",
+                "-P",
+                "threads",
                 "-c",
                 str(concurrency),
                 "-Q",

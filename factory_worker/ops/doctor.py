@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from factory_worker.config.settings import Settings
-from factory_worker.config.urls import mask_url
+from factory_worker.config.urls import is_amqp, mask_url
 from factory_worker.context import Context
 from factory_worker.ledger import guard
 from factory_worker.ledger.redis_client import client as make_client
@@ -207,7 +207,16 @@ def check_broker(c: Checkup) -> Iterator[Finding]:
             "broker",
             "error",
             f"broker {mask_url(url)} unreachable ({detail}); set "
-            "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis",
+            "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis or RabbitMQ (amqp://)",
+        )
+        return
+    if is_amqp(url):
+        yield _finding(
+            "broker",
+            "info",
+            f"broker {mask_url(url)} is RabbitMQ: agent tasks are acknowledged at begin (a dead consumer's "
+            "unstarted messages are redelivered by RabbitMQ; running agents hold no delivery, so "
+            "consumer_timeout never closes their channel); run agent workers with -P threads",
         )
 
 

@@ -30,6 +30,7 @@ from factory_worker.ledger.states import Outcome, Settled
 from factory_worker.loop import iteration as loop
 from factory_worker.loop.control import Kickoff
 from factory_worker.sources.base import Issue
+from factory_worker.worker import acks
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,11 @@ class AgentFailed(Exception):
     """An agent failed, timed out or was parked: the task ends in FAILURE (the ledger is already settled)."""
 
 
-@shared_task(name="factory.agent.run", bind=True, throws=(AgentFailed,))
+#: Agent tasks' worker-side request: acknowledged at begin on RabbitMQ (:mod:`factory_worker.worker.acks`).
+AGENT_REQUEST = "factory_worker.worker.acks:BeginAckRequest"
+
+
+@shared_task(name="factory.agent.run", bind=True, throws=(AgentFailed,), Request=AGENT_REQUEST)
 def agent_run(
     self, issue_id: str, token: str, run_id: str | None = None, issue: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -137,8 +142,18 @@ def _job(request: Any, issue_id: str, token: str, run_id: str | None, issue: Any
     """The dispatch an agent or stage task's message carries, on this worker (which refills and hands over
     by sending tasks)."""
     data = message_issue(issue_id, issue)
+    began = functools.partial(acks.started, request.id)
     return Job(
-        current(), request.id, data, token, run_id, request.hostname, send=send_agent, send_stage=send_stage, **step
+        current(),
+        request.id,
+        data,
+        token,
+        run_id,
+        request.hostname,
+        send=send_agent,
+        send_stage=send_stage,
+        began=began,
+        **step,
     )
 
 
@@ -172,7 +187,7 @@ def _revoked(task: Any, result: dict[str, Any]) -> None:
     raise Ignore()
 
 
-@shared_task(name="factory.agent.stage", bind=True, throws=(AgentFailed,))
+@shared_task(name="factory.agent.stage", bind=True, throws=(AgentFailed,), Request=AGENT_REQUEST)
 def agent_stage(
     self,
     issue_id: str,

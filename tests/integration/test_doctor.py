@@ -295,3 +295,20 @@ def test_a_replica_as_the_ledger_is_an_error_and_a_replica_without_acks_a_note(s
     assert code == 0 and finding["severity"] == "info" and "MIN_REPLICA_ACKS=1" in finding["message"]
     data, code = run_doctor(make_settings(redis_url=replica.url), check_broker=False)
     assert code == 1 and "not the primary" in by_check(data, "replicas")[0]["message"]
+
+
+def test_a_rabbitmq_broker_is_checked_and_explained(start_redis, make_settings, amqp_broker) -> None:
+    """doctor connects to the AMQP broker: reachable -> a note on what RabbitMQ means (no error); a dead port
+    -> the broker error, password masked."""
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, broker_url=amqp_broker))
+    (finding,) = by_check(data, "broker")
+    assert finding["severity"] == "info" and "acknowledged at begin" in finding["message"]
+    assert "guest:guest" not in json.dumps(data)
+    dead = f"amqp://guest:secret@127.0.0.1:{free_port()}/x"
+    t0 = time.monotonic()
+    data, code = run_doctor(make_settings(redis_url=server.url, broker_url=dead))
+    assert time.monotonic() - t0 < 15
+    (finding,) = by_check(data, "broker")
+    assert code == 1 and finding["severity"] == "error" and "RabbitMQ" in finding["message"]
+    assert "secret" not in json.dumps(data)
