@@ -23,8 +23,8 @@ from factory_worker.config.settings import ConfigError, Settings, load_settings
 from factory_worker.config.urls import is_amqp
 from factory_worker.ledger.keys import Keys
 from factory_worker.worker import tasks  # noqa: F401  (registers the shared tasks)
-from factory_worker.worker.lane import LoopLane
 from factory_worker.worker.acks import PrefetchStep
+from factory_worker.worker.lane import LoopLane
 from factory_worker.worker.lifecycle import WorkerPresence
 from factory_worker.worker.transport import amqp_transport, broker_options, transport_for
 
