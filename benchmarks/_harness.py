@@ -173,9 +173,13 @@ def factory_queues(env: dict[str, str], which: str = "loop,agents") -> str:
 
 
 def worker_argv(
-    name: str, concurrency: int, app: str = "factory_worker", queues: str = "factory.loop,factory.agents"
+    name: str,
+    concurrency: int,
+    app: str = "factory_worker",
+    queues: str = "factory.loop,factory.agents",
+    pool: str = "prefork",
 ) -> list[str]:
-    """``celery -A app worker`` (prefork, no mingle/gossip) consuming ``queues``; ready when "ready." is logged."""
+    """``celery -A app worker`` (``pool``, no mingle/gossip) consuming ``queues``; ready when "ready." is logged."""
     return [
         PY,
         "-m",
@@ -192,7 +196,7 @@ def worker_argv(
         "-c",
         str(concurrency),
         "-P",
-        "prefork",
+        pool,
         "--without-mingle",
         "--without-gossip",
     ]
@@ -236,6 +240,8 @@ def factory_env(
             ["PATH", *sorted(k for k in settings if not k.startswith("FACTORY_"))]
         ),
         "PYTHONPATH": pythonpath(ROOT, *path),
+        # a root worker runs agents only with agent.user written (the benchmark's agents are its own commands)
+        **({"FACTORY_AGENT__USER": "root"} if os.geteuid() == 0 else {}),
     }
     env.update(settings)
     return base_env(env)

@@ -7,10 +7,12 @@ published, so each execute refills the next as on a worker), timing each part wi
 (CPU of this process; the agent's own CPU is reported apart, as reaped children).
 
 Prints CPU per execute and per part (parts nest: ``CommandAgent.run`` holds ``_spawn``, and so on), then
-what PDEATHSIG costs per spawn, three ways (none, ``setpriv``, a ``preexec_fn``).
-The wrapper adds ~2 us per timed call. ``--json``: one JSON object.
+what PDEATHSIG costs per spawn, three ways (none, ``setpriv``, a ``preexec_fn``), and what an agent's own PID
+namespace adds (``agent.pid_namespace``: the namespace, ``unshare --mount-proc``, its end), side by side,
+with a uid switch too when run as root. The executes use ``--pid-namespace`` (default auto: a namespace
+where one can be made). The wrapper adds ~2 us per timed call. ``--json``: one JSON object.
 
-Usage: .venv/bin/python benchmarks/dispatch_cpu_bench.py [--n 1000] [--json] [--keep-tmp]
+Usage: .venv/bin/python benchmarks/dispatch_cpu_bench.py [--n 1000] [--pid-namespace auto|off] [--json] [--keep-tmp]
 """
 
 from __future__ import annotations
@@ -66,11 +68,22 @@ def _timed(fn: Callable[..., Any], label: str, acc: Counter, calls: Counter) -> 
     return wrapper
 
 
-def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
+def measure(redis_url: str, tmp: Path, n: int, pid_namespace: str = "auto") -> dict[str, Any]:
     work = tmp / "work"
     work.mkdir()
     (work / "issues.jsonl").write_text("".join(issue_line(f"D-{i:05d}") for i in range(n + WARMUP + 1)))
-    env = factory_env(redis_url, "dispatchcpu", work, ["true"], {"FACTORY_DISPATCH__MAX_IN_FLIGHT": "4"})
+    env = factory_env(
+        redis_url,
+        "dispatchcpu",
+        work,
+        ["true"],
+        {
+            "FACTORY_DISPATCH__MAX_IN_FLIGHT": "4",
+            "FACTORY_AGENT__PID_NAMESPACE": pid_namespace,
+            # the slots published once below outlive the run
+            "FACTORY_WORKER__HEARTBEAT_TTL_S": "3600",
+        },
+    )
     os.environ.update({k: v for k, v in env.items() if k.startswith("FACTORY_")})
 
     from factory_worker.config.settings import load_settings
@@ -117,8 +130,12 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
         for owner, attr, fn in originals:
             setattr(owner, attr, fn)
     labels = [label for _, _, label in _parts()]
+    from factory_worker.agents.pidns import use_namespace
+
     return {
         "n": n,
+        "pid_namespace": pid_namespace,
+        "agents_in_own_pid_namespace": use_namespace(ctx.settings.agent),
         "execute_cpu_ms": round(cpu * 1000 / n, 3),
         "execute_wall_ms": round(wall * 1000 / n, 3),
         "agent_process_cpu_ms": round(children * 1000 / n, 3),
@@ -135,27 +152,54 @@ def measure(redis_url: str, tmp: Path, n: int) -> dict[str, Any]:
 def spawn_costs(n: int = 300) -> dict[str, Any]:
     """CPU per spawn of ``true`` from this process, three ways an agent could get PDEATHSIG: none (the floor),
     ``setpriv --pdeathsig`` (what agents use: vfork, then a second exec), ``prctl`` in a ``preexec_fn`` (a
-    full fork). (parent ms, child ms) each, and this process's RSS, which a fork copies the page tables of."""
+    full fork); then what agents get with a PID namespace of their own (:func:`process.launch` with
+    ``pidns``: ``setpriv --pdeathsig``, ``unshare --mount-proc``, in a new namespace), and both with the
+    uid switch of agent.user when root. (parent ms, child ms, wall ms) each, and this process's RSS, which a
+    fork copies the page tables of. The kernel's work to tear a namespace down runs partly outside the child
+    (RCU, workers): the wall time shows what a spawn waits for it."""
+    import contextlib
     import shutil
     import subprocess
 
-    from factory_worker.agents.process import _preexec, _setpriv
+    from factory_worker.agents.pidns import new_namespace, unavailable
+    from factory_worker.agents.process import _preexec, launch
+    from factory_worker.agents.sandbox import Identity
+    from factory_worker.agents.tools import setpriv as _setpriv
 
     true = shutil.which("true") or "/bin/true"
-    ways = {"true (no PDEATHSIG)": ([true], {}), "preexec_fn prctl + true": ([true], {"preexec_fn": _preexec()})}
+    plain = contextlib.nullcontext
+    ways = {
+        "true (no PDEATHSIG)": ([true], {}, plain),
+        "preexec_fn prctl + true": ([true], {"preexec_fn": _preexec()}, plain),
+    }
     if _setpriv():
-        ways["setpriv --pdeathsig + true"] = ([_setpriv(), "--pdeathsig", "KILL", "--", true], {})
-    out: dict[str, Any] = {"rss_mb": round(_rss_kb() / 1024, 1)}
-    for label, (argv, extra) in ways.items():
-        t0 = os.times()
+        ways["setpriv --pdeathsig + true"] = ([_setpriv(), "--pdeathsig", "KILL", "--", true], {}, plain)
+    nobody = Identity(65534, 65534, "nobody") if os.geteuid() == 0 else None
+    if _setpriv() and nobody:
+        ways["setpriv --reuid --pdeathsig + true"] = (launch([true], nobody)[0], {}, plain)
+    out: dict[str, Any] = {"rss_mb": round(_rss_kb() / 1024, 1), "pid_namespace_unavailable": unavailable()}
+    if unavailable() is None:
+        ways["pid namespace: setpriv + unshare --mount-proc + true"] = (
+            launch([true], None, True)[0],
+            {},
+            new_namespace,
+        )
+        if nobody:
+            ways["pid namespace: ... + setpriv --reuid + true"] = (launch([true], nobody, True)[0], {}, new_namespace)
+    for label, (argv, extra, around) in ways.items():
+        t0, w0 = os.times(), time.perf_counter()
         for _ in range(n):
-            subprocess.run(argv, check=True, **extra)
-        t1 = os.times()
+            with around():
+                proc = subprocess.Popen(argv, **extra)
+            if proc.wait() != 0:
+                raise SystemExit(f"dispatch_cpu_bench: {argv} exited {proc.returncode}")
+        t1, wall = os.times(), time.perf_counter() - w0
         out[label] = {
             "parent_ms": round((t1.user + t1.system - t0.user - t0.system) * 1000 / n, 3),
             "child_ms": round(
                 (t1.children_user + t1.children_system - t0.children_user - t0.children_system) * 1000 / n, 3
             ),
+            "wall_ms": round(wall * 1000 / n, 3),
         }
     return out
 
@@ -177,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = make_parser(__doc__)
     ap.add_argument("--n", type=int, default=1000, help="timed executes (default 1000)")
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    ap.add_argument(
+        "--pid-namespace",
+        default="auto",
+        choices=("auto", "off"),
+        help="agent.pid_namespace of the executes (default auto: their own where one can be made)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     add_keep_tmp(ap)
     args = ap.parse_args(argv)
@@ -184,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def phases(tmp: Path, redis_url: str) -> None:
         say(f"{args.n} executes in this process (after {WARMUP} to warm up), agent true")
-        out.update(measure(redis_url, tmp, args.n))
+        out.update(measure(redis_url, tmp, args.n, args.pid_namespace))
         out["spawn"] = spawn_costs()
 
     code = run_session("dispatch_cpu_bench", "dispatch-cpu-bench-", args.keep_tmp, phases, args.redis_url)
@@ -193,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     labels = out.pop("_labels")
 
     def human() -> None:
-        print(f"dispatch_cpu_bench: dispatch.single.execute x {out['n']} (agent true), CPU of this process")
+        print(
+            f"dispatch_cpu_bench: dispatch.single.execute x {out['n']} (agent true, "
+            f"{'in its own PID namespace' if out['agents_in_own_pid_namespace'] else 'no PID namespace'}), "
+            "CPU of this process"
+        )
         print(
             f"  per execute: {out['execute_cpu_ms']:.3f} ms CPU ({out['execute_wall_ms']:.3f} ms wall); "
             f"the agent's own process: {out['agent_process_cpu_ms']:.3f} ms; redis-server: "
@@ -207,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  spawning `true` from this process ({sp['rss_mb']} MB RSS), CPU per spawn:")
         for label, v in sp.items():
             if isinstance(v, dict):
-                print(f"    {label:<42} parent {v['parent_ms']:.3f} ms  child {v['child_ms']:.3f} ms")
+                print(
+                    f"    {label:<52} parent {v['parent_ms']:.3f} ms  child {v['child_ms']:.3f} ms  "
+                    f"wall {v['wall_ms']:.3f} ms"
+                )
+        if sp["pid_namespace_unavailable"]:
+            print(f"    (no PID namespace here: {sp['pid_namespace_unavailable']})")
 
     return emit(out, args.json, human)
 

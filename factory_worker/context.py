@@ -62,7 +62,13 @@ class Context:
     def ledger(self) -> Ledger:
         from factory_worker.ledger.core import Ledger
 
-        return Ledger(self.redis, self.keys, self.settings.dispatch, outbox=self.settings.tracker.write_back)
+        return Ledger(
+            self.redis,
+            self.keys,
+            self.settings.dispatch,
+            outbox=self.settings.tracker.write_back,
+            budget=self.settings.budget,
+        )
 
     @cached_property
     def control(self) -> LoopControl:

@@ -15,6 +15,8 @@ import time_machine
 from factory_worker.config.settings import Settings, load_settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ops.embedded import RedisServer
+from tests import rabbit
+from tests.support import AGENT_USER, STACK
 
 # Never let a developer's environment or ./factory.toml leak into the suite.
 for _name in [n for n in os.environ if n.startswith("FACTORY_")]:
@@ -113,7 +115,13 @@ def make_settings(namespace: str, tmp_path: Path):
     def _make(**overrides) -> Settings:
         overrides.setdefault("namespace", namespace)
         overrides.setdefault(
-            "agent", {"log_dir": str(tmp_path / "logs"), "command": ["true"], "workdir_root": str(tmp_path / "work")}
+            "agent",
+            {
+                "log_dir": str(tmp_path / "logs"),
+                "command": ["true"],
+                "workdir_root": str(tmp_path / "work"),
+                **AGENT_USER,
+            },
         )
         return load_settings(**overrides)
 
@@ -131,3 +139,26 @@ def procs():
     yield started
     for p in started:
         p.kill()
+
+
+@pytest.fixture(scope="session")
+def amqp_broker() -> Iterator[str]:
+    """A vhost of its own on the local RabbitMQ (127.0.0.1:5672, guest/guest) for this test run, deleted after;
+    the test skips (one line) where none answers."""
+    vhost = rabbit.VHost.create()
+    if isinstance(vhost, str):
+        pytest.skip(vhost)
+    yield vhost.url
+    vhost.delete()
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The worker pool and broker of the stack this test starts (``tests.support.STACK``): parametrize with
+    ``indirect=True`` and ``"<pool>"`` or ``"<pool>+amqp"`` (RabbitMQ, :func:`amqp_broker`)."""
+    kind = getattr(request, "param", "prefork")
+    pool, _, broker = kind.partition("+")
+    url = request.getfixturevalue("amqp_broker") if broker == "amqp" else None
+    STACK.pool, STACK.broker_url = pool, url
+    yield kind
+    STACK.pool, STACK.broker_url = "prefork", None

@@ -63,6 +63,21 @@ def credentials_in_any_environ() -> dict[str, str]:
     return found
 
 
+def signal_parent(ppid: int) -> str:
+    if ppid <= 0:  # its parent is outside its PID namespace (kill(0) would signal its own group)
+        raise ProcessLookupError(f"no parent in sight (ppid {ppid})")
+    os.kill(ppid, 0)
+    return f"signalled {ppid}"
+
+
+def other_processes() -> list[str]:
+    """The processes /proc shows besides this one (in a PID namespace of its own, with its own /proc: none)."""
+    others = [p for p in os.listdir("/proc") if p.isdigit() and p != str(os.getpid())]
+    if not others:
+        raise LookupError("/proc shows no process but this one")
+    return others
+
+
 def main() -> int:
     out, config, env_file, worker_cwd, source_dir = sys.argv[1:6]
     ppid = os.getppid()
@@ -90,7 +105,8 @@ def main() -> int:
         "create a file in the issue source directory", lambda: write(os.path.join(source_dir, "injected.jsonl"), evil)
     )
     attempt("append to the issue source file", lambda: write(os.path.join(source_dir, "issues.jsonl"), evil))
-    attempt("signal the worker", lambda: os.kill(ppid, 0))
+    attempt("signal the worker", lambda: signal_parent(ppid))
+    attempt("list the worker's processes", other_processes)
     report = {
         "uid": os.getuid(),
         "gid": os.getgid(),

@@ -31,6 +31,8 @@ def main() -> int:
         Path(os.environ["FACTORY_FEEDBACK"]).read_text() if os.path.exists(os.environ["FACTORY_FEEDBACK"]) else None
     )
 
+    since = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # see tests.support.host_pid
+
     def rec(event: str, **kw: object) -> None:
         with open(out / "stages.jsonl", "a") as fh:
             fh.write(
@@ -41,6 +43,8 @@ def main() -> int:
                         "event": event,
                         "t": time.time(),
                         "pid": os.getpid(),
+                        "pidns": os.readlink("/proc/self/ns/pid"),
+                        "since": since,
                         "round": int(os.environ["FACTORY_ROUND"]),
                         "step": int(os.environ["FACTORY_STEP"]),
                         "env_stage": os.environ["FACTORY_STAGE"],

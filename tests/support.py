@@ -10,13 +10,32 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
 
 from factory_worker.config.settings import Settings, load_settings
-from harness import ROOT, pid_alive, wait_until  # noqa: F401  (re-exported for the tests)
+from harness import ROOT, pid_alive, wait_until
 from harness import run_ctl as ctl  # noqa: F401
+
+#: A worker running as root runs agents only with agent.user written (issue 20): the suite, root in CI, writes
+#: root (its agents are its own scripts under tmp_path, which another user could not read).
+AGENT_USER: dict[str, str] = {"user": "root"} if os.geteuid() == 0 else {}
+AGENT_USER_ENV: dict[str, str] = {"FACTORY_AGENT__USER": "root"} if os.geteuid() == 0 else {}
+
+
+@dataclass
+class Stack:
+    """The worker pool and broker the stack helpers start (set per test by the ``stack`` fixture, tests/conftest.py):
+    :class:`CeleryProc` runs workers with ``-P pool`` and :func:`stack_env` points the broker at ``broker_url``
+    (None: the ledger's Redis)."""
+
+    pool: str = "prefork"
+    broker_url: str | None = None
+
+
+STACK = Stack()
 
 
 def factory_env(settings_env: dict[str, str]) -> dict[str, str]:
@@ -40,9 +59,13 @@ class CeleryProc:
         cwd: Path | None = None,
         queues: list[str] | None = None,
         prefix: list[str] | None = None,
+        no_queues: bool = False,
+        pool: str | None = None,
     ) -> None:
-        """``queues``: a worker's queue names (default both of the namespace's); ``prefix``: argv run before
-        ``python -m celery`` that execs it, e.g. ``ip netns exec <name>`` (the pid stays celery's)."""
+        """``queues``: a worker's queue names (default both of the namespace's; ``no_queues``: no ``-Q`` at all,
+        the README's plain command); ``prefix``: argv run before ``python -m celery`` that execs it, e.g.
+        ``ip netns exec <name>`` (the pid stays celery's); ``pool``: the worker's ``-P`` (default
+        :data:`STACK`'s)."""
         self.kind, self.name = kind, name
         self.log_path = log_dir / f"{name}.log"
         argv = [*(prefix or []), sys.executable, "-m", "celery", "-A", "factory_worker", kind, "-l", "INFO"]
@@ -51,12 +74,11 @@ class CeleryProc:
             argv += [
                 "-n",
                 f"{name}@%h",
-                "-Q",
-                ",".join(queues or [f"{ns}.loop", f"{ns}.agents"]),
+                *([] if no_queues else ["-Q", ",".join(queues or [f"{ns}.loop", f"{ns}.agents"])]),
                 "--without-mingle",
                 "--without-gossip",
                 "-P",
-                "prefork",
+                pool or STACK.pool,
             ]
         else:
             argv += ["--schedule", str(log_dir / f"{name}-schedule")]
@@ -112,8 +134,9 @@ class CeleryProc:
         return self.proc.returncode
 
 
-# Optional, by environment: AGENT_HOST is added to every record; AGENT_HEARTBEAT_S > 0 appends the time to
-# hb-<pid> in AGENT_OUT that often (the last line bounds when a SIGKILLed agent died); AGENT_TERM_CLEANUP_S > 0
+# Every record names the agent: its pid, PID namespace and start tick (``since``; see host_pid). Optional, by
+# environment: AGENT_HOST is added to every record; AGENT_HEARTBEAT_S > 0 appends the time to the file named by
+# ``hb`` in AGENT_OUT that often (the last line bounds when a SIGKILLed agent died); AGENT_TERM_CLEANUP_S > 0
 # makes SIGTERM record "term", take that long to clean up, then record end with code 143 and exit. Label
 # "waits-for-human": wait up to 30 s for a line in $FACTORY_INBOX (the Slack thread's replies), record "inbox".
 RECORDING_AGENT = r"""
@@ -122,12 +145,15 @@ issue = json.load(open(os.environ["FACTORY_ISSUE_JSON"]))
 out = pathlib.Path(os.environ["AGENT_OUT"])
 iid = os.environ["FACTORY_ISSUE_ID"]
 host = {"host": os.environ["AGENT_HOST"]} if os.environ.get("AGENT_HOST") else {}
+me = {"pid": os.getpid(), "pidns": os.readlink("/proc/self/ns/pid"),
+      "since": int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])}
+me["hb"] = f"hb-{me['pid']}-{me['pidns'][5:-1]}-{me['since']}"
 def rec(event, **kw):
     with open(out / "events.jsonl", "a") as fh:
-        fh.write(json.dumps({"issue": iid, "event": event, "t": time.time(), "pid": os.getpid(),
+        fh.write(json.dumps({"issue": iid, "event": event, "t": time.time(), **me,
                              "token": os.environ["FACTORY_DISPATCH_TOKEN"], **host, **kw}) + "\n")
 def heartbeat(every):
-    with open(out / f"hb-{os.getpid()}", "a") as fh:
+    with open(out / me["hb"], "a") as fh:
         while True:
             fh.write(f"{time.time()}\n")
             fh.flush()
@@ -175,10 +201,65 @@ def write_issues(path: Path, issues: list[dict]) -> None:
 
 
 def read_events(out: Path) -> list[dict]:
+    """The recording agent's events; each ``pid`` as this process sees it (:func:`host_pid`)."""
     p = out / "events.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    for e in events:
+        e["pid"] = host_pid(e)
+    return events
+
+
+#: a test agent's (PID namespace, start tick, pid in it) -> its pid here, once seen
+_HOST_PIDS: dict[tuple, int] = {}
+_OWN_PIDNS = os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else None
+
+
+def host_pid(record: dict) -> int:
+    """The pid of the test agent that wrote ``record`` (``pid``, ``pidns``, ``since``: its start tick), as this
+    process sees it. In a PID namespace of its own (``agent.pid_namespace``, a root worker) every agent is pid
+    1: its pid here is found in /proc, by namespace and start tick, while it lives; an agent first looked up
+    once gone gets a negative number (never alive). The same number for every record of one agent."""
+    ns = record.get("pidns")
+    if ns is None or ns == _OWN_PIDNS:
+        return int(record["pid"])
+    key = (ns, record.get("since"), record["pid"])
+    if key not in _HOST_PIDS:
+        _HOST_PIDS[key] = _find_in_proc(ns, record.get("since"), record["pid"]) or -(len(_HOST_PIDS) + 1)
+    return _HOST_PIDS[key]
+
+
+def marked_alive(marker: str) -> list[int]:
+    """Live processes (as this process sees them, zombies aside) whose command line holds ``marker``: how a
+    test finds what an agent started, in a PID namespace of the agent's or not."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _find_in_proc(ns: str, since: int | None, pid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != ns:
+                continue
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            nspid = next(x for x in Path(f"/proc/{entry}/status").read_text().splitlines() if x.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(stat[19]) == since and int(nspid.split()[-1]) == pid:
+            return int(entry)
+    return None
 
 
 def warm_shutdown(worker: CeleryProc, window_s: float) -> float:
@@ -217,7 +298,10 @@ def stack_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> d
             ["PATH", "AGENT_OUT", "AGENT_SLEEP", "AGENT_HOST", "AGENT_HEARTBEAT_S", "AGENT_TERM_CLEANUP_S"]
         ),
         "AGENT_OUT": str(out),
+        **AGENT_USER_ENV,
     }
+    if STACK.broker_url:
+        env["FACTORY_BROKER_URL"] = STACK.broker_url
     env.update(extra)
     return factory_env(env)
 
@@ -277,7 +361,7 @@ class DeathWatch:
         for pid in pids:
             try:
                 self._fds[os.pidfd_open(pid)] = pid
-            except ProcessLookupError:
+            except OSError:  # ProcessLookupError; EINVAL for an agent looked up once gone (host_pid)
                 pass  # already gone: when is unknown here
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="death-watch", daemon=True)
@@ -317,7 +401,7 @@ def agent_lives(out: Path, heartbeat_s: float, died: dict[int, float] | None = N
         if died and s["pid"] in died:
             end = died[s["pid"]]
         elif end is None:
-            hb = out / f"hb-{s['pid']}"
+            hb = out / s.get("hb", f"hb-{s['pid']}")
             beats = [float(x) for x in hb.read_text().split()] if hb.exists() else []
             end = max([s["t"], *beats]) + heartbeat_s
         lives.append(AgentLife(s["issue"], s["token"], s["pid"], s.get("host"), s["t"], end, code, s["pid"] in termed))

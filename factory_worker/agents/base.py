@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from factory_worker.agents.usage import UsageReport
 from factory_worker.sources.base import Issue
 
 
@@ -17,6 +18,8 @@ class AgentResult:
     duration_s: float
     log_path: Path | None
     error: str = ""
+    #: the attempt's usage lines summed (``FACTORY_USAGE``: :class:`~factory_worker.agents.usage.Usage`)
+    usage: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -37,6 +40,8 @@ class Dispatch:
     timeout_s: float | None = None
     #: the attempt's shared directory (staged dispatch: made and removed by the caller), else a fresh one
     workdir: Path | None = None
+    #: sends each usage line to the ledger and says when a budget stops the agent (None: only summed here)
+    report: UsageReport | None = None
 
 
 class AgentRunner(Protocol):

@@ -11,16 +11,19 @@ Safety rules (issue text is untrusted input):
 Supervision: the agent gets its own session and process group (``pgid == pid``) and, on Linux,
 ``PR_SET_PDEATHSIG(SIGKILL)`` (see :mod:`.process`), so it dies with the thread that started it even if the
 worker is SIGKILLed;
-``run()`` must therefore be called from the thread that stays to supervise it. The supervising loop polls
-for exit without reaping (``waitid(WNOWAIT)``) so the group id cannot be recycled before the group is
-signalled, renews the claim every ``renew_interval_s``, polls ``should_stop()`` and enforces the timeout.
-Stopping is SIGTERM to the group, ``term_grace_s``, then SIGKILL. Whatever happens, no process of the
-group is left running when ``run()`` returns (a process that makes itself a new session escapes the
-group: that is out of reach without cgroups).
+``run()`` must therefore be called from the thread that stays to supervise it. Where the worker can make one
+(``agent.pid_namespace``, :mod:`.pidns`), the agent is PID 1 of its own PID namespace: whatever it started
+ends with it, however it ends. The supervising loop polls for exit without reaping (``waitid(WNOWAIT)``) so
+the group id cannot be recycled before the group is signalled, renews the claim every ``renew_interval_s``,
+polls ``should_stop()`` and enforces the timeout. Stopping is SIGTERM to the group, ``term_grace_s``, then
+SIGKILL (:meth:`CommandAgent.stop_group`). Whatever happens, no process of the group is left running when
+``run()`` returns; without a namespace, a process that made itself a new session escapes the group and
+outlives the agent (its output is cut off: :class:`.logs.LogRelay`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,21 +33,34 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from factory_worker.agents.base import AgentResult, Dispatch
 from factory_worker.agents.lease import LeaseKeeper, helpers_after_s
 from factory_worker.agents.logs import LogRelay, open_log, prune
-from factory_worker.agents.process import exit_state, group_alive, launch, pidfd_of, signal_group, signal_name
+from factory_worker.agents.pidns import new_namespace, use_namespace
+from factory_worker.agents.process import (
+    exit_state,
+    group_alive,
+    launch,
+    live_member,
+    pidfd_of,
+    signal_group,
+    signal_name,
+    term_is_default,
+)
 from factory_worker.agents.sandbox import (
     ISSUE_FILE,
     agent_env,
     agent_identity,
+    make_usage_file,
     make_workdir,
     remove_workdir,
     running_as,
 )
+from factory_worker.agents.usage import UsageFile
 from factory_worker.config.settings import AgentSettings
 from factory_worker.sources.base import Issue
 
@@ -103,6 +119,8 @@ class CommandAgent:
         self.lease_ttl_s = float(lease_ttl_s) if lease_ttl_s else 3 * self.renew_interval_s
         #: who the agent runs as (None: the worker's own user)
         self.ident = agent_identity(settings)
+        #: each agent as PID 1 of its own PID namespace (:mod:`.pidns`)
+        self.pidns = use_namespace(settings)
 
     def log_path(self, dispatch: Dispatch) -> Path:
         """A dispatch's log file: ``<log_dir>/<issue>/<dispatch>.log`` (the worker's; the agent gets an fd)."""
@@ -127,29 +145,42 @@ class CommandAgent:
                 workdir, issue_json = dispatch.workdir, dispatch.workdir / ISSUE_FILE
         except Exception as exc:
             return _unprepared(issue.id, f"the agent's directory under {self.settings.workdir_root}", exc, start)
+        usage_path: Path | None = None
         try:
             env = agent_env(self.settings, os.environ, workdir, issue_json, issue.id, dispatch.token)
             env.update(dispatch.env)
+            try:
+                usage_path = make_usage_file(self.settings, dispatch.dispatch_id, self.ident)
+            except OSError as exc:
+                return _unprepared(issue.id, "the agent's usage file (FACTORY_USAGE)", exc, start)
+            env["FACTORY_USAGE"] = str(usage_path)
             spawned = self._spawn(dispatch, workdir, env, start)
             if isinstance(spawned, AgentResult):
                 return spawned
             proc, relay = spawned
+            keeper = LeaseKeeper(
+                renew,
+                should_stop,
+                self.renew_interval_s,
+                self.lease_ttl_s,
+                self.settings.term_grace_s,
+                issue.id,
+                start,
+                usage=UsageFile(usage_path),
+                report=dispatch.report,
+            )
             try:
                 outcome, error, lost = self._supervise(
-                    proc,
-                    relay,
-                    start,
-                    renew,
-                    should_stop,
-                    on_start,
-                    issue.id,
-                    dispatch.timeout_s or self.settings.timeout_s,
+                    proc, relay, keeper, start, on_start, issue.id, dispatch.timeout_s or self.settings.timeout_s
                 )
             finally:
-                relay.finish()  # the group is gone: the pipe ends (a stray holder is not waited for long)
-                os.close(relay.log_fd)
-            return self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
+                relay.finish()  # the group is gone: the rest is copied, a stray writer cut off; it closes the log
+            keeper.last_usage_read()
+            res = self._result(proc, outcome, error, lost, start, self.log_path(dispatch), issue.id)
+            return replace(res, usage=keeper.usage.as_dict())
         finally:
+            if usage_path is not None:
+                usage_path.unlink(missing_ok=True)
             if not owned:
                 pass
             elif self.settings.keep_workdir:
@@ -165,56 +196,60 @@ class CommandAgent:
         issue, log_path = dispatch.issue, self.log_path(dispatch)
         argv = substitute_argv(anchor_paths(dispatch.command or self.settings.command), issue)
         prune(Path(os.path.abspath(self.settings.log_dir)), self.settings.log_retention_s)
-        try:
-            log_fd = open_log(log_path)
-        except OSError as exc:
-            return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         header = (
             f"# factory agent: issue={issue.id!r} dispatch={dispatch.dispatch_id!r} started={stamp} "
-            f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}\n"
+            f"argv={argv!r} cwd={str(workdir)!r} user={running_as(self.ident)!r}"
+            f"{' pidns=own' if self.pidns else ''}\n"
         ).encode("utf-8", "backslashreplace")
-        os.write(log_fd, header)
-        read_fd, write_fd = os.pipe()
         try:
-            exec_argv, extra = launch(argv, self.ident)
-            proc = subprocess.Popen(
-                exec_argv,
-                stdin=subprocess.DEVNULL,
-                stdout=write_fd,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-                close_fds=True,
-                start_new_session=True,
-                **extra,
-            )
+            relay = LogRelay(open_log(log_path), self.settings.log_max_bytes, header)  # owns the log from here
+        except OSError as exc:
+            return _unprepared(issue.id, f"the agent's log {log_path}", exc, start)
+        try:
+            exec_argv, extra = launch(argv, self.ident, self.pidns)
+            with new_namespace() if self.pidns else contextlib.nullcontext():  # the agent is its PID 1
+                proc = subprocess.Popen(
+                    exec_argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=relay.write_fd,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=workdir,
+                    close_fds=True,
+                    start_new_session=True,
+                    **extra,
+                )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            os.close(read_fd)
             reason = getattr(exc, "strerror", None) or str(exc)
             msg = f"cannot start agent {argv[0]!r}: {reason} (log: {log_path})"
-            os.write(log_fd, f"# {msg}\n".encode("utf-8", "backslashreplace"))
-            os.close(log_fd)
+            relay.note(f"# {msg}\n".encode("utf-8", "backslashreplace"))
+            relay.close()
             log.error("issue %s: %s", issue.id, msg)
             return AgentResult("failed", None, time.monotonic() - start, log_path, msg)
         finally:
-            os.close(write_fd)  # the agent holds the only write end now
-        relay = LogRelay(read_fd, log_fd, self.settings.log_max_bytes, len(header))  # started by _supervise
-        log.info("issue %s: agent started, pid %d, as %s, log %s", issue.id, proc.pid, running_as(self.ident), log_path)
-        return proc, relay
+            relay.spawned()  # the agent holds the only write end now
+        log.info(
+            "issue %s: agent started, pid %d, as %s%s, log %s",
+            issue.id,
+            proc.pid,
+            running_as(self.ident),
+            " in its own PID namespace" if self.pidns else "",
+            log_path,
+        )
+        return proc, relay  # the relay is started by _supervise
 
     # -- supervision -----------------------------------------------------------------------------
-    def _supervise(self, proc, relay, start, renew, should_stop, on_start, issue_id, timeout_s):
-        """Wait for the agent while a :class:`LeaseKeeper` renews and reads the stop flags; stop the group
-        in time if the claim is lost, a stop is asked, it times out, or renewals stopped succeeding.
+    def _supervise(self, proc, relay, keeper, start, on_start, issue_id, timeout_s):
+        """Wait for the agent while its :class:`LeaseKeeper` renews, reads the stop flags and the usage lines;
+        stop the group in time if the claim is lost, a stop is asked, a budget is crossed, it times out, it
+        stalled (no byte of output and no usage line for ``agent.stall_s``), or renewals stopped succeeding.
         The keeper's and the log relay's threads start once the agent outlives :func:`.lease.helpers_after_s`
         (before any renew or flag read is due; a short agent costs no thread). Returns (outcome or None,
         error, status_lost)."""
         outcome, error, lost = None, "", False
         tick = min(0.05, self.renew_interval_s)
-        keeper = LeaseKeeper(
-            renew, should_stop, self.renew_interval_s, self.lease_ttl_s, self.settings.term_grace_s, issue_id, start
-        )
+        stall_s = self.settings.stall_s
         helpers_at = time.monotonic() + helpers_after_s(self.renew_interval_s)
         try:
             if on_start is not None:
@@ -237,8 +272,12 @@ class CommandAgent:
                     outcome, error = "lease-lost", keeper.lost
                 elif keeper.stop_reason is not None:
                     outcome, error = "interrupted", keeper.stop_reason
+                elif keeper.budget_stop is not None:
+                    outcome, error = keeper.budget_stop
                 elif now - start >= timeout_s:
                     outcome, error = "timeout", f"agent ran longer than {timeout_s:g}s"
+                elif stall_s and now - max(relay.last_output, keeper.last_usage) >= stall_s:
+                    outcome, error = "failed", f"stalled: no output for {stall_s:g} s"
                 elif now >= keeper.stop_at:
                     outcome, error = (
                         "lease-lost",
@@ -282,13 +321,23 @@ class CommandAgent:
             return None
 
     def stop_group(self, proc: subprocess.Popen) -> None:
-        """SIGTERM the agent's group, wait ``term_grace_s`` for it to go, then SIGKILL; reap the leader."""
+        """SIGTERM the agent's group, wait ``term_grace_s`` for it to go, then SIGKILL; reap the leader.
+
+        In its own PID namespace the agent is the init, which gets no signal it has no handler for: an agent
+        that neither catches nor ignores SIGTERM would not end, where SIGTERM's default is to end it. So it
+        gets SIGKILL instead as soon as nothing else of its group is left (they got the SIGTERM and
+        ``term_grace_s`` to go); its end ends the whole namespace, what left the group included."""
         pgid = proc.pid
         signal_group(pgid, signal.SIGTERM)  # the leader is running or a zombie: pgid cannot be reused
         deadline = time.monotonic() + self.settings.term_grace_s
+        deaf_init = self.pidns and proc.poll() is None and term_is_default(pgid)
         while True:
             if proc.poll() is not None and not group_alive(pgid):
                 return
+            if deaf_init and not live_member(pgid, but=pgid):
+                signal_group(pgid, signal.SIGKILL)  # as SIGTERM would have ended it
+                deaf_init = False
+                continue
             if time.monotonic() >= deadline:
                 break
             time.sleep(_POLL_S)

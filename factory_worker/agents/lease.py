@@ -7,6 +7,11 @@ when the last successful renew was *sent*, whether the claim was lost, whether a
 supervisor enforces the deadline locally: the agent's whole group is stopped from
 ``last_renew_sent + lease - margin - term_grace`` (SIGTERM, then SIGKILL after ``term_grace``), so it is gone
 before the claim can expire (``margin`` covers clock drift and the kill itself).
+
+With a usage file (``FACTORY_USAGE``, :mod:`.usage`) the keeper also reads the agent's usage lines every tick
+and reports each one (with the wall time since the last report, at least every :data:`WALL_REPORT_S`) to the
+ledger; a report that says stop (a budget crossed) is published as :attr:`LeaseKeeper.budget_stop`, so the
+supervisor stops the agent within a tick or two of the line that crossed it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from factory_worker.agents.usage import Usage, UsageFile, UsageReport
 from factory_worker.config.leases import margin_s, stop_lead_s  # noqa: F401 - this module's API too
 from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.scripts import StaleClaimError
 
 log = logging.getLogger(__name__)
+
+#: The wall time an agent has run is reported at least this often (s) while it runs (``budget.issue_wall_s``).
+WALL_REPORT_S = 1.0
 
 
 def helpers_after_s(renew_interval_s: float) -> float:
@@ -42,6 +51,8 @@ class LeaseKeeper:
         issue_id: str,
         started: float,
         tick_s: float = 0.05,
+        usage: UsageFile | None = None,
+        report: UsageReport | None = None,
     ) -> None:
         self._renew, self._should_stop = renew, should_stop
         self.renew_interval_s, self.lease_ttl_s, self.term_grace_s = renew_interval_s, lease_ttl_s, term_grace_s
@@ -49,6 +60,13 @@ class LeaseKeeper:
         self.last_renew_sent = started  # begin renewed the lease just before the agent started
         self.lost: str | None = None
         self.stop_reason: str | None = None
+        #: (outcome, reason) once a usage report said stop (a budget crossed)
+        self.budget_stop: tuple[str, str] | None = None
+        self.usage_file, self._report = usage, report
+        #: this attempt's usage so far, and when its last line was read (monotonic; the stall clock)
+        self.usage = Usage()
+        self.last_usage = started
+        self._reported_at = started
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{issue_id}"[:60], daemon=True)
 
@@ -95,6 +113,7 @@ class LeaseKeeper:
                 reason = None
             if reason is not None and self.stop_reason is None:
                 self.stop_reason = str(reason)
+            self._read_usage()
             now = time.monotonic()
             if now < next_renew:
                 continue
@@ -110,3 +129,35 @@ class LeaseKeeper:
             renewals.ok()
             self.last_renew_sent = now
             next_renew = now + self.renew_interval_s
+
+    def last_usage_read(self) -> None:
+        """After the agent ended (and :meth:`close`): the lines it wrote last, read and reported, with the
+        wall time left; skipped while the thread still runs (a Redis call that hangs: it owns the reader)."""
+        if self.started and self._thread.is_alive():
+            return
+        self._read_usage(final=True)
+
+    def _read_usage(self, final: bool = False) -> None:
+        """Read the new usage lines and report each (the wall time rides the first), or the wall time alone
+        once :data:`WALL_REPORT_S` passed; a failed report is logged (that line is not sent again: the ledger may
+        undercount a line, never count one twice)."""
+        lines = self.usage_file.read() if self.usage_file is not None else []
+        now = time.monotonic()
+        if lines:
+            self.last_usage = now
+        for line in lines:
+            self.usage.add(line)
+        if self._report is None or self.budget_stop is not None:
+            return
+        if not lines and not final and now - self._reported_at < WALL_REPORT_S:
+            return
+        for delta in lines or [Usage()]:
+            try:
+                verdict = self._report(delta, now - self._reported_at)
+            except Exception as exc:
+                log.warning("issue %s: reporting usage failed: %s", self.issue_id, exc)
+                return
+            self._reported_at = now
+            if verdict is not None:
+                self.budget_stop = verdict
+                return

@@ -1,4 +1,5 @@
-"""Process plumbing for agents: die-with-parent (PDEATHSIG via setpriv or prctl), uid/gid, exit waits, groups.
+"""Process plumbing for agents: die-with-parent (PDEATHSIG via setpriv or prctl), uid/gid, the argv of an agent in its
+own PID namespace (:mod:`.pidns`), exit waits, groups, an init's SIGTERM disposition.
 
 Linux-first: PDEATHSIG ties an agent's life to the thread that started it; a pidfd reports its exit at
 once without reaping it, so its process group id cannot be reused before the group is signalled.
@@ -17,6 +18,9 @@ import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from factory_worker.agents import tools
+from factory_worker.agents.pidns import wrap
 
 if TYPE_CHECKING:
     from factory_worker.agents.sandbox import Identity
@@ -41,26 +45,7 @@ def _prctl() -> Callable[..., int] | None:
     return fn
 
 
-@functools.cache
-def _setpriv() -> str | None:
-    """util-linux ``setpriv`` when it supports ``--pdeathsig`` (Linux), else None.
-
-    Setting PDEATHSIG through ``setpriv`` lets Python start the agent with vfork: a ``preexec_fn`` forces a
-    full fork, which costs ~6 ms in a worker-sized process against ~1.5 ms this way.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    path = shutil.which("setpriv")
-    if path is None:
-        return None
-    try:
-        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if "--pdeathsig" in helptext else None
-
-
-def launch(argv: list[str], ident: Identity | None = None) -> tuple[list[str], dict[str, Any]]:
+def launch(argv: list[str], ident: Identity | None = None, pidns: bool = False) -> tuple[list[str], dict[str, Any]]:
     """The argv to exec and the extra ``Popen`` arguments that make the agent die with its supervisor
     (PDEATHSIG) and, with ``ident``, run as that uid/gid with no supplementary groups.
 
@@ -68,12 +53,33 @@ def launch(argv: list[str], ident: Identity | None = None) -> tuple[list[str], d
     agent runs in its own directory and with its own environment, and runs exactly the program checked.
     ``setpriv`` changes the ids before it sets PDEATHSIG (a uid change clears it); without ``setpriv``,
     ``subprocess`` changes them before the ``preexec_fn`` sets it.
+
+    ``pidns`` (the caller forks it into a new PID namespace, :mod:`.pidns`; needs ``setpriv``): ``setpriv
+    --pdeathsig`` first (the init dies with its supervisor from its first exec on), then ``unshare
+    --mount-proc`` (its own /proc, as root), then ``setpriv`` again for the ids (and PDEATHSIG once more).
     """
     found = shutil.which(argv[0])
     if found is None:
         raise FileNotFoundError(2, "No such file or directory (or not executable)", argv[0])
     argv = [os.path.abspath(found), *argv[1:]]
-    setpriv = _setpriv()
+    setpriv = tools.setpriv()
+    if pidns:
+        if setpriv is None:
+            raise FileNotFoundError(
+                2, "no util-linux setpriv with --pdeathsig (an agent's PID namespace needs it)", "setpriv"
+            )
+        if ident is not None:
+            argv = [
+                setpriv,
+                f"--reuid={ident.uid}",
+                f"--regid={ident.gid}",
+                "--clear-groups",
+                "--pdeathsig",
+                "KILL",
+                "--",
+                *argv,
+            ]
+        return [setpriv, "--pdeathsig", "KILL", "--", *wrap(argv)], {}
     if setpriv is not None:
         ids = [f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups"] if ident is not None else []
         return [setpriv, *ids, "--pdeathsig", "KILL", "--", *argv], {}
@@ -85,7 +91,7 @@ def launch(argv: list[str], ident: Identity | None = None) -> tuple[list[str], d
 
 def as_user(argv: list[str], ident: Identity) -> tuple[list[str], dict[str, Any]]:
     """The argv and ``Popen`` arguments that run a helper command as ``ident`` (no PDEATHSIG needed)."""
-    setpriv = _setpriv()
+    setpriv = tools.setpriv()
     if setpriv is not None:
         return [setpriv, f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups", "--", *argv], {}
     return argv, {"user": ident.uid, "group": ident.gid, "extra_groups": []}
@@ -145,14 +151,14 @@ def exit_state(proc: subprocess.Popen) -> str:
     return "running" if found is None else "exited"
 
 
-def live_member(pgid: int) -> bool:
-    """Is any non-zombie process in group ``pgid``? (Linux /proc; elsewhere assume yes.)"""
+def live_member(pgid: int, but: int | None = None) -> bool:
+    """Is any non-zombie process in group ``pgid`` (other than ``but``)? (Linux /proc; elsewhere assume yes.)"""
     try:
         entries = os.listdir("/proc")
     except OSError:
         return True
     for entry in entries:
-        if not entry.isdigit():
+        if not entry.isdigit() or entry == str(but):
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as fh:
@@ -174,6 +180,20 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return live_member(pgid) if sys.platform.startswith("linux") else True
+
+
+def term_is_default(pid: int) -> bool:
+    """Does ``pid`` neither catch nor ignore SIGTERM? (Linux /proc; False when unknown.) A PID namespace's init
+    never gets a signal it has no handler for, so SIGTERM's default action, ending it, never happens."""
+    bit = 1 << (signal.SIGTERM - 1)
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            masks = {
+                k: int(v, 16) for k, _, v in (line.partition(b":\t") for line in fh) if k in (b"SigIgn", b"SigCgt")
+            }
+    except (OSError, ValueError):
+        return False
+    return len(masks) == 2 and not (masks[b"SigIgn"] | masks[b"SigCgt"]) & bit
 
 
 def signal_name(sig: int) -> str:

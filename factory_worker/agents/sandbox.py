@@ -8,7 +8,8 @@ Issue text steers an agent, so an agent is treated as hostile: it must not reach
   worker's user, 0600/0640) are out of its reach, and it cannot signal the worker. A worker that cannot
   switch users (not root and without CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN) refuses to start agents
   (:class:`~factory_worker.config.settings.ConfigError` naming agent.user): they never run as the worker instead.
-  Unset, agents run as the worker's own user (``doctor`` warns).
+  Unset, agents run as the worker's own user (``doctor`` warns), except that a root worker then refuses to run
+  them: root agents only when ``agent.user = "root"`` is written.
 * **Environment** (:func:`agent_env`): only the names in ``agent.env_allowlist`` that the worker has, plus
   ``FACTORY_ISSUE_ID``, ``FACTORY_ISSUE_JSON``, ``FACTORY_DISPATCH_TOKEN`` and ``HOME`` (the working
   directory unless HOME is listed). Nothing else: no ``FACTORY_*`` setting, no ``*_TOKEN``.
@@ -69,6 +70,8 @@ def resolve_identity(agent: AgentSettings) -> Identity | None:
     """agent.user / agent.group as numbers on this host; None when agent.user is unset."""
     if agent.user is None:
         return None
+    if agent.user == "root":  # written on purpose (the settings map uid 0 to it): the worker's root itself
+        return Identity(0, 0, "root")
     try:
         entry = pwd.getpwuid(int(agent.user)) if agent.user.isdigit() else pwd.getpwnam(agent.user)
     except KeyError:
@@ -102,8 +105,15 @@ def missing_caps() -> list[str]:
 
 def agent_identity(agent: AgentSettings) -> Identity | None:
     """The identity to start agents with; None: the worker's own (agent.user unset, or the worker's uid and gid
-    already). Raises :class:`ConfigError` naming agent.user when this worker cannot switch to it."""
+    already). Raises :class:`ConfigError` naming agent.user when this worker cannot switch to it, and when it
+    runs as root with agent.user unset: agents would run as root without anyone having chosen it."""
     ident = resolve_identity(agent)
+    if ident is None and os.geteuid() == 0:
+        raise ConfigError(
+            "agent.user is unset and this worker runs as root: agents would run as root, with every "
+            "credential of the worker; set FACTORY_AGENT__USER to an unprivileged user (e.g. nobody), "
+            "or to root to run them as root anyway"
+        )
     if ident is None or (ident.uid, ident.gid) == (os.geteuid(), os.getegid()):
         return None
     missing = missing_caps()
@@ -266,6 +276,23 @@ def make_inbox(agent: AgentSettings, dispatch_id: str, ident: Identity | None, n
         if ident is not None:
             os.fchown(fd, -1, ident.gid)
         os.fchmod(fd, mode)  # the mode asked for, not what a umask (UMask=0077, or 000) made of it
+    finally:
+        os.close(fd)
+    return path
+
+
+def make_usage_file(agent: AgentSettings, dispatch_id: str, ident: Identity | None) -> Path:
+    """The file a dispatch's agent appends its usage lines to (``FACTORY_USAGE``): beside the dispatch's
+    directory in the worker's root (0711), owned by the worker (which reads it: the agent cannot swap it for a
+    link), 0600, or 0620 with the agent's group when agents run as their own user; the caller removes it."""
+    root = check_workdir_root(agent, ident)
+    path = root / f"usage-{re.sub(r'[^A-Za-z0-9_-]', '_', dispatch_id)[-60:]}.jsonl"
+    mode = 0o600 if ident is None else 0o620
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if ident is not None:
+            os.fchown(fd, -1, ident.gid)
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
     return path

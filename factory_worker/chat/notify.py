@@ -5,7 +5,11 @@
 counted) and returns at once; one daemon thread, started on first use (and again in a forked child, e.g. a
 Celery prefork process), POSTs ``{"text": text, **fields}`` (``fields`` may carry Slack's ``blocks``,
 ``username``... and must be JSON-serialisable) with the configured timeout. Only events listed in
-``settings.events`` are sent. Failures (HTTP status >= 300, timeouts, refused connections) are counted in
+``settings.events`` are sent. A webhook that answers 429 (rate limited; Slack allows about one message a
+second) gets the message again after the wait it asks (``Retry-After``, read by the one reader of
+:mod:`factory_worker.net`; the one :class:`~factory_worker.net.Backoff` when it says none, at most
+:data:`RATE_LIMIT_BACKOFF` ``.max_s``), at most :data:`RATE_LIMIT_SENDS` sends in all and never past
+``close()``. Failures (HTTP status >= 300, timeouts, refused connections) are counted in
 ``notifier.stats`` (``sent``, ``failed``, ``dropped``) and logged at WARNING with the webhook's host only:
 the URL's path is a secret, and it is also redacted from httpx's own request log lines. Nothing here raises
 into the caller. ``close(timeout)`` sends what it can within ``timeout`` then stops the thread; it is
@@ -30,6 +34,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from factory_worker.net import Backoff, retry_after_s
+
 if TYPE_CHECKING:
     import httpx
 
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("dispatched", "done", "parked", "stale", "killed", "ledger-lost")
 QUEUE_SIZE = 256
+#: Sends of one message at most while the webhook answers 429, and the waits between them.
+RATE_LIMIT_SENDS = 3
+RATE_LIMIT_BACKOFF = Backoff(1.0, 10.0)
 _STOP = object()
 
 
@@ -167,6 +176,8 @@ class Notifier:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._closed = False
+        #: set by close(): a wait for a rate limit ends at once
+        self._closing = threading.Event()
         self._deadline: float | None = None
         self._redact = _RedactUrl(webhook_url) if webhook_url else None
 
@@ -259,6 +270,30 @@ class Notifier:
                 self._count("dropped")
 
     def _send(self, client: httpx.Client, payload: dict[str, Any]) -> None:
+        """Send one message; again after a 429 (see the module docstring). Counted once: sent or failed."""
+        for send in range(1, RATE_LIMIT_SENDS + 1):
+            resp = self._post(client, payload)
+            if resp is None:
+                return
+            if 200 <= resp.status_code < 300:
+                self._count("sent")
+                return
+            if resp.status_code != 429 or send == RATE_LIMIT_SENDS or not self._wait_out(resp, send):
+                self._count("failed")
+                log.warning("notify: webhook %s answered HTTP %d", self.host, resp.status_code)
+                return
+
+    def _wait_out(self, resp: httpx.Response, send: int) -> bool:
+        """Wait as the 429 asks before the next send; False when close() came (or would come) first."""
+        asked = retry_after_s(resp.headers, time.time(), RATE_LIMIT_BACKOFF.max_s)
+        wait = RATE_LIMIT_BACKOFF.wait_s(send, asked)
+        if self._deadline is not None and time.monotonic() + wait >= self._deadline:
+            return False
+        log.info("notify: webhook %s rate limited; sending again in %.1fs", self.host, wait)
+        return not self._closing.wait(wait)
+
+    def _post(self, client: httpx.Client, payload: dict[str, Any]) -> httpx.Response | None:
+        """One POST; None when it got no answer (counted failed and logged)."""
         import httpx
 
         timeout = self.timeout_s
@@ -269,16 +304,12 @@ class Notifier:
         except httpx.TimeoutException:
             self._count("failed")
             log.warning("notify: webhook %s timed out after %.1fs", self.host, timeout)
-            return
+            return None
         except Exception as exc:  # connection refused, DNS, TLS, unserialisable fields...
             self._count("failed")
             log.warning("notify: webhook %s failed: %s", self.host, type(exc).__name__)
-            return
-        if 200 <= resp.status_code < 300:
-            self._count("sent")
-        else:
-            self._count("failed")
-            log.warning("notify: webhook %s answered HTTP %d", self.host, resp.status_code)
+            return None
+        return resp
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what can be sent within ``timeout`` seconds, then stop the thread. Idempotent."""
@@ -287,6 +318,7 @@ class Notifier:
                 return
             self._closed = True
             thread = self._thread if self._pid == os.getpid() else None
+        self._closing.set()
         try:
             atexit.unregister(self.close)
         except Exception:

@@ -4,12 +4,15 @@ humans' replies delivered to the running agent.
 Slack Web API (bot token from the env var ``slack.token_env``, base URL ``slack.api_url`` so tests use a
 local fake): ``chat.postMessage`` (``channel``, ``text``, ``thread_ts``) opens the thread and posts in it;
 ``conversations.replies`` (``channel``, ``ts``, ``oldest``, ``cursor``) reads it. Slack answers HTTP 200 with
-``{"ok": false, "error": ...}`` for API errors and HTTP 429 with ``Retry-After`` (seconds) when rate limited.
+``{"ok": false, "error": ...}`` for API errors and HTTP 429 with ``Retry-After`` (seconds) when rate limited
+(read by the one reader, :func:`factory_worker.net.retry_after_s`: seconds or an HTTP date, at most
+``slack.poll_max_s``).
 
 The watcher (:class:`Conversation`) is a thread of the agent task: it reads the thread every ``slack.poll_s``
-(backing off to ``slack.poll_max_s`` on errors, never sooner than a ``Retry-After``) and appends every new
-human reply (not the bot's own messages) as one JSON line ``{"source": "slack", "ts", "user", "text"}`` (the
-format of :mod:`.inbox`) to the dispatch's inbox
+(backing off after the ``n``-th error in a row by the one :class:`~factory_worker.net.Backoff`:
+``2 * poll_s * 2**(n-1)`` with equal jitter, at most ``slack.poll_max_s``; never sooner than a ``Retry-After``)
+and appends every new human reply (not the bot's own messages) as one JSON line
+``{"source": "slack", "ts", "user", "text"}`` (the format of :mod:`.inbox`) to the dispatch's inbox
 file, whose path the agent gets in ``FACTORY_INBOX``. A line is pure ASCII JSON (:func:`.inbox.inbox_line`): every
 line break a reader could split on (``\\n``, ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028,
 U+2029) is escaped, so one reply is one line for any reader (``splitlines()`` included).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ import httpx
 from factory_worker.chat.inbox import append, inbox_line
 from factory_worker.chat.notify import clean
 from factory_worker.config.settings import SlackSettings, secret_from_env
+from factory_worker.net import Backoff, HttpError, Jitter, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,8 @@ log = logging.getLogger(__name__)
 MAX_PAGES = 100
 
 
-class SlackError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+class SlackError(HttpError):
+    """A Web API call failed (``retry_after``: Slack's ``Retry-After``, at most ``slack.poll_max_s``)."""
 
 
 class SlackClient:
@@ -71,9 +74,10 @@ class SlackClient:
         except httpx.HTTPError as exc:
             raise SlackError(f"{method}: {type(exc).__name__}") from None
         if resp.status_code == 429:
-            raise SlackError(f"{method}: rate limited", retry_after=_seconds(resp.headers.get("retry-after")))
+            wait = retry_after_s(resp.headers, time.time(), self.cfg.poll_max_s)
+            raise SlackError(f"{method}: rate limited", retry_after=wait, status=429)
         if resp.status_code >= 300:
-            raise SlackError(f"{method}: HTTP {resp.status_code}")
+            raise SlackError(f"{method}: HTTP {resp.status_code}", status=resp.status_code)
         try:
             body = resp.json()
         except ValueError:
@@ -81,14 +85,6 @@ class SlackClient:
         if not body.get("ok"):
             raise SlackError(f"{method}: {body.get('error', 'not ok')}")
         return body
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        wait = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return wait if wait is not None and 0 <= wait < float("inf") else None
 
 
 class Conversation:
@@ -154,13 +150,15 @@ class Conversation:
             self.post(final)
 
     def _watch(self) -> None:
-        wait = self.cfg.poll_s
+        wait, failed = self.cfg.poll_s, 0
+        backoff = Backoff(2 * self.cfg.poll_s, self.cfg.poll_max_s, Jitter.EQUAL)
         while not self._stop.wait(wait):
             try:
                 self.read_once()
-                wait = self.cfg.poll_s
+                wait, failed = self.cfg.poll_s, 0
             except SlackError as exc:
-                wait = min(self.cfg.poll_max_s, max(wait * 2, exc.retry_after or 0))
+                failed += 1
+                wait = backoff.wait_s(failed, exc.retry_after)
                 log.warning("Slack thread %s: %s; next read in %.1fs", self.thread_ts, exc, wait)
             except Exception:
                 log.exception("Slack thread %s: watcher error", self.thread_ts)

@@ -71,8 +71,12 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
     ctx = open_context()
     rows = ctx.ledger.entries(state) if state else ctx.ledger.all_entries()
     rows.sort(key=lambda r: (STATES.index(r["state"]), _natural(r["issue"])))
+    from factory_worker.ledger.usage import costs
+
+    spent = costs(ctx.redis, ctx.keys, [r["issue"] for r in rows])
     last = ctx.ledger.view.last_steps(r["issue"] for r in rows)  # a staged issue's last kept step
     for r in rows:
+        r["cost_usd"] = spent.get(r["issue"])
         if r["issue"] in last:
             r["last_step"] = step_text(last[r["issue"]])
 
@@ -86,7 +90,7 @@ def dispatches_cmd(state: str | None, as_json: bool) -> None:
             }
             for r in d
         ]
-        columns = ["issue", "state", "since/until", "attempts", "fence", "last_error"]
+        columns = ["issue", "state", "since/until", "attempts", "fence", "cost_usd", "last_error"]
         table("dispatches", shown, columns + (["last_step"] if last else []))
 
     emit(rows, as_json, human)

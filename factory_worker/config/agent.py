@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -48,6 +48,12 @@ class AgentSettings(BaseModel):
         default=7 * 24 * 3600.0, ge=0, description="agent logs older than this are removed (0: kept)"
     )
     term_grace_s: float = Field(default=5.0, ge=0, description="SIGTERM -> SIGKILL grace for an agent's group")
+    stall_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="an agent (a stage) with no byte of output and no usage line for this long is stopped "
+        "as a failed attempt (0: never)",
+    )
     workdir_root: Path = Field(
         default=Path(".factory/work"), description="each dispatch runs in a fresh directory here"
     )
@@ -55,8 +61,17 @@ class AgentSettings(BaseModel):
     env_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_AGENT_ENV), description="the worker's variables an agent gets"
     )
-    user: str | None = Field(default=None, description="run agents as this user (name or uid); default: the worker's")
+    user: str | None = Field(
+        default=None,
+        description="run agents as this user (name or uid); default: the worker's, "
+        "and a root worker refuses to run agents unless this says root",
+    )
     group: str | None = Field(default=None, description="the agents' group (name or gid); default: agent.user's group")
+    pid_namespace: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description="each agent as PID 1 of its own PID namespace: when the worker can make one (auto), "
+        "always (required: else it refuses to start), never (off)",
+    )
     # -- staged dispatch (stage_settings.py): one claim, many stages ---------------------------------------
     stages: list[StageSettings] = Field(
         default_factory=list,
@@ -109,8 +124,13 @@ class AgentSettings(BaseModel):
             v = str(v)
         if not isinstance(v, str) or not _ID.match(v):
             raise ValueError("must be a name or a number")
-        if v in ("root", "0") or (v.isdigit() and int(v) == 0):
+        root = v == "root" or (v.isdigit() and int(v) == 0)
+        if info.field_name == "user":
+            return "root" if root else v  # root only when written: agents then hold every credential of the worker
+        if root:
             raise ValueError("must not be root (it could read every credential of the worker)")
-        if info.field_name == "group" and info.data.get("user") is None:
+        if info.data.get("user") is None:
             raise ValueError("needs agent.user (FACTORY_AGENT__USER): a group alone does not isolate an agent")
+        if info.data.get("user") == "root":
+            raise ValueError("needs an agent.user other than root (agents as root run as the worker itself)")
         return v

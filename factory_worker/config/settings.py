@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 from factory_worker.config import urls
 from factory_worker.config.agent import DEFAULT_AGENT_ENV, AgentSettings  # noqa: F401 - this module's API too
+from factory_worker.config.budget import BudgetSettings
 from factory_worker.config.defaults import DEFAULT_STALE_AFTER_S, NAMESPACE_PATTERN
 from factory_worker.config.essentials import Essentials
 
@@ -95,6 +96,21 @@ class DispatchSettings(BaseModel):
         "settle (Redis WAIT) before it counts; 0: do not wait",
     )
     replica_ack_timeout_s: float = Field(default=1.0, gt=0, description="how long one WAIT for replica acks may block")
+    concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description='concurrency keys: rule -> limit, e.g. {"label:repo:*": 2, "repo": 4}; the gate claims no '
+        "issue whose key holds that many claims (fair between keys with waiting issues)",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: dict[str, int]) -> dict[str, int]:
+        for rule, limit in v.items():
+            if not (rule == "repo" or (rule.startswith("label:") and len(rule) > len("label:"))):
+                raise ValueError(f"{rule!r}: a rule is label:<prefix>* or repo")
+            if isinstance(limit, bool) or limit < 1:
+                raise ValueError(f"{rule!r}: the limit must be an integer >= 1")
+        return v
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DispatchSettings:
@@ -167,12 +183,15 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(default=None, description="the ledger's Redis; default redis://127.0.0.1:6379/0")
-    broker_url: str | None = Field(default=None, description="Celery broker; defaults to redis_url")
+    broker_url: str | None = Field(
+        default=None, description="Celery broker: Redis (defaults to redis_url) or RabbitMQ (amqp://, amqps://)"
+    )
     namespace: str = Field(default="factory", min_length=1, max_length=64, pattern=NAMESPACE_PATTERN.pattern)
     loop: LoopSettings = Field(default_factory=LoopSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tracker: TrackerSettings = Field(default_factory=TrackerSettings)
@@ -180,12 +199,17 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=lambda: WebhookSettings.model_validate({}))
     workspace: WorkspaceSettings = Field(default_factory=lambda: WorkspaceSettings.model_validate({}))
 
-    @field_validator("redis_url", "broker_url")
+    @field_validator("redis_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is None:
             return v
         return urls.validate(v)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        return v if v is None else urls.validate_broker(v)
 
     @model_validator(mode="after")
     def _agent_dies_before_its_lease(self) -> Settings:

@@ -1,4 +1,4 @@
-"""Redis URLs: the schemes factory_worker accepts, Sentinel URLs parsed, and passwords masked for display.
+"""Redis and broker URLs: the schemes factory_worker accepts, Sentinel URLs parsed, and passwords masked for display.
 
 No Redis or kombu import here: the settings validate URLs with it, and the CLI imports it cheaply.
 
@@ -6,6 +6,9 @@ No Redis or kombu import here: the settings validate URLs with it, and the CLI i
 names a Redis Sentinel deployment: the sentinels to ask (port 26379 by default), the master's service name
 and the database. The password is the master's (and replicas'); the sentinels' own password, when they
 have one, is ``sentinel_password``.
+
+The broker (``FACTORY_BROKER_URL``) may also be RabbitMQ: ``amqp://user:password@host:5672/<vhost>`` or
+``amqps://`` (TLS), served by kombu's py-amqp transport; the ledger stays on Redis (:func:`validate_broker`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 #: The ledger's Redis when ``FACTORY_REDIS_URL`` is not set.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+#: RabbitMQ broker URLs (the broker only: the ledger needs Redis).
+AMQP_SCHEMES = ("amqp://", "amqps://")
 SENTINEL_PORT = 26379
 
 
@@ -98,6 +103,28 @@ def validate(url: str) -> str:
     if any(k.lower() == "protocol" and v.strip() not in ("", "2") for k, v in parse_qsl(parts.query)):
         # RESP3 changes the shape of replies every reader parses (XREADGROUP becomes a map, HGETALL...)
         raise ValueError("protocol=3 (RESP3) is not supported: the ledger reads RESP2 replies; remove ?protocol=")
+    return url
+
+
+def is_amqp(url: str) -> bool:
+    """``url`` names a RabbitMQ broker (``amqp://``, ``amqps://``)."""
+    return url.startswith(AMQP_SCHEMES)
+
+
+def validate_broker(url: str) -> str:
+    """A broker URL: one the ledger would take (:func:`validate`), or RabbitMQ's ``amqp://`` / ``amqps://``;
+    ValueError with a one-line reason otherwise."""
+    if not is_amqp(url):
+        if not url.startswith(SCHEMES):
+            raise ValueError("must start with redis://, rediss://, unix://, sentinel://, amqp:// or amqps://")
+        return validate(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("an amqp:// URL needs a host: amqp://user:password@host:5672/<vhost>")
     return url
 
 

@@ -123,6 +123,8 @@ def decide_single(outcome: str, error: str) -> Decision:
         return Decision(Move.LOST, outcome, error=error)
     if outcome == Outcome.INTERRUPTED:
         return Decision(Move.RELEASE, outcome, error=error)
+    if outcome == Outcome.BUDGET:
+        return Decision(Move.ESCALATE, outcome, error=error)
     return Decision(Move.COMPLETE if outcome == Outcome.OK else Move.FAIL, outcome, error=error)
 
 
@@ -134,6 +136,8 @@ def decide(
         return Decision(Move.LOST, outcome)
     if outcome == Outcome.INTERRUPTED:
         return Decision(Move.RELEASE, outcome, error=error)
+    if outcome == Outcome.BUDGET:
+        return Decision(Move.ESCALATE, outcome, error=error)
     names = [s.name for s in agent.pipeline()]
     if prog.stage == TRIAGE:
         if outcome != Outcome.OK:

@@ -8,6 +8,7 @@ body is a failed attempt, not a task that dies with its claim held).
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from factory_worker.agents import AgentRunner
 from factory_worker.context import Context
 from factory_worker.loop.iteration import Sender
 from factory_worker.sources.base import Issue
+
+log = logging.getLogger(__name__)
 
 #: Sends one ``factory.agent.stage`` task: (task_id, issue, token, stage, step, run_id) -> None; raises on failure.
 StageSender = Callable[[str, Issue, str, str, int, "str | None"], None]
@@ -34,7 +37,9 @@ class Job:
     """One agent task (``step`` 0) or stage task (``stage``, ``step`` >= 1) of a claim, on this worker.
 
     ``send`` refills the slot the job frees from the backlog once its claim is settled; ``send_stage`` sends
-    the next stage task (a staged dispatch). ``runner`` defaults to the configured command agent."""
+    the next stage task (a staged dispatch); ``began`` is called once ``begin`` (a stage: its start) answered,
+    whatever it said (a RabbitMQ worker acknowledges the task's message then). ``runner`` defaults to the
+    configured command agent."""
 
     ctx: Context
     task_id: str
@@ -45,12 +50,21 @@ class Job:
     runner: AgentRunner | None = None
     send: Sender | None = None
     send_stage: StageSender | None = None
+    began: Callable[[], None] | None = None
     stage: str = ""
     step: int = 0
 
     def __post_init__(self) -> None:
         if not self.hostname:  # a Celery request without one
             object.__setattr__(self, "hostname", socket.gethostname())
+
+    def begun(self) -> None:
+        """``begin`` answered: tell the worker (:attr:`began`); a failure here never stops the dispatch."""
+        if self.began is not None:
+            try:
+                self.began()
+            except Exception:
+                log.warning("%s: could not acknowledge its message at begin", self.label, exc_info=True)
 
     @cached_property
     def issue_id(self) -> str:

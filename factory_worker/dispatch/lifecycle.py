@@ -71,6 +71,8 @@ def run(job: Job, prog: Progress | None = None) -> dict[str, Any]:
             log=str(res.log_path) if res.log_path else None,
             error=res.error if prog is None else (res.error or None),
         )
+        if res.usage is not None:
+            result["usage"] = res.usage
     except Exception as exc:
         what = "the agent" if prog is None else f"stage {job.stage!r}"
         decision = Decision(Move.FAIL, Outcome.FAILED, error=f"could not run {what}: {type(exc).__name__}: {exc}")

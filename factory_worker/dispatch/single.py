@@ -32,6 +32,7 @@ def execute(job: Job) -> dict[str, Any]:
     is handed over to its stage tasks (:func:`factory_worker.dispatch.staged.hand_over`), which settle it.
     """
     began = begin(job)
+    job.begun()
     if began != Begin.STARTED:  # it never starts: off the queued set now rather than at the loop's next sweep
         forget(job, queued=True, ran=False)
         return {**job.result(), "outcome": began}

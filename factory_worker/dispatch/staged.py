@@ -106,7 +106,9 @@ def run_stage(job: Job) -> dict[str, Any]:
         status, prog = stages.start(
             job.issue_id, job.token, job.task_id, job.step, job.stage, job.hostname, os.getpid()
         )
+        job.begun()
     except StaleClaimError as exc:
+        job.begun()
         log.warning("%s does nothing: %s", job.label, exc)
         ctx.control.count("stage_tasks_noop")
         forget(job, queued=True, ran=False)

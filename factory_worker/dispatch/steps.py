@@ -19,6 +19,7 @@ from factory_worker.chat.slack import Conversation, join_conversation, open_conv
 from factory_worker.config.stages import TRIAGE
 from factory_worker.context import Context
 from factory_worker.dispatch.job import Job
+from factory_worker.dispatch.usage import usage_report
 from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.stages import Progress
 from factory_worker.loop.presence import SHUTDOWN
@@ -165,6 +166,7 @@ def tell(conversation: Conversation | AgentInbox | None, text: str) -> None:
 def run_step(job: Job, runner: AgentRunner, dispatch: Dispatch) -> AgentResult:
     """Run the step's agent to its end, renewing the claim by token and polling the stop flags."""
     ctx, issue_id, token = job.ctx, dispatch.issue.id, job.token
+    dispatch.report = usage_report(job)
     return runner.run(
         dispatch, renew=lambda: ctx.ledger.renew(issue_id, token), should_stop=StopCheck(ctx, job.task_id, job.hostname)
     )

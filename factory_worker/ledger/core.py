@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
 
+from factory_worker.config.budget import BudgetSettings
 from factory_worker.config.settings import DispatchSettings, Settings
 from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
@@ -39,6 +41,7 @@ from factory_worker.ledger.types import (
     fence_in,
     fence_of,
 )
+from factory_worker.ledger.usage import issue_usage, utc_day
 from factory_worker.ledger.views import STATES, LedgerView, done_markers  # noqa: F401 - this module's API too
 from factory_worker.ledger.views import as_int as _int
 from factory_worker.ledger.writes import LedgerWrites
@@ -79,8 +82,10 @@ class Ledger:
         dispatch: DispatchSettings,
         rng: Callable[[], float] = random.random,
         outbox: bool = False,
+        budget: BudgetSettings | None = None,
     ) -> None:
         self.r = client
+        self.budget = budget or BudgetSettings()
         self.keys = keys
         self.cfg = dispatch
         self.rng = rng
@@ -97,6 +102,7 @@ class Ledger:
             Keys(settings.namespace),
             settings.dispatch,
             outbox=settings.tracker.write_back,
+            budget=settings.budget,
         )
 
     @property
@@ -120,7 +126,12 @@ class Ledger:
 
     # -- claims ---------------------------------------------------------------------------------------
     def claim(
-        self, issues: Sequence[str], dry_run: bool = False, fleet_slots: bool = False, enough_waiting: int = 0
+        self,
+        issues: Sequence[str],
+        dry_run: bool = False,
+        fleet_slots: bool = False,
+        enough_waiting: int = 0,
+        groups: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     ) -> ClaimBatch:
         """Gate ``issues`` and claim every claimable one; one script call (round trip) per batch.
 
@@ -130,20 +141,28 @@ class Ledger:
         ``enough_waiting``: gate in batches of that many and stop once that many issues wait for room (the
         fleet is full: nothing after them could be claimed); the rest are counted in ``unexamined``. The loop
         passes its backlog's size, so a big backlog is not gated in full every poll.
+        ``groups``: each issue's concurrency keys and their limits (``dispatch.concurrency``,
+        :func:`factory_worker.sources.concurrency.groups`); the gate claims none whose key holds its limit of live
+        claims, counted in the same script as the cap. The issues are then gated round-robin between their
+        first keys (:func:`fair_order`), so one key's backlog cannot take every slot.
         """
         out = ClaimBatch(dry_run=dry_run, fleet_slots=fleet_slots)
         items = [str(i) for i in issues]
+        if groups is not None:
+            items = fair_order(items, groups)
         size, waiting = enough_waiting or MAX_BATCH, 0
         for start in range(0, len(items), size):
             gated = len(out.skipped)
-            self._claim_chunk(items[start : start + size], out)
+            self._claim_chunk(items[start : start + size], out, groups)
             waiting += sum(s.reason in WAITING for s in out.skipped[gated:])
             if enough_waiting and waiting >= enough_waiting:
                 out.unexamined = max(0, len(items) - start - size)
                 break
         return out
 
-    def _claim_chunk(self, issues: list[str], out: ClaimBatch) -> None:
+    def _claim_chunk(
+        self, issues: list[str], out: ClaimBatch, groups: Mapping[str, Sequence[tuple[str, int]]] | None = None
+    ) -> None:
         if not issues:
             return
         args = {
@@ -151,6 +170,9 @@ class Ledger:
             "max_in_flight": self.cfg.max_in_flight,
             "owner": uuid.uuid4().hex,
             "use_slots": "1" if out.fleet_slots else "0",
+            "day": utc_day(),
+            "day_usd": repr(self.budget.day_usd),
+            "groups": encode_groups(issues, groups),
         }
         if out.dry_run:
             reply, acked = self.writes.guarded_dry("claim", issues, mode="dry", **args), True
@@ -189,6 +211,10 @@ class Ledger:
             return {"in_flight": shown(a), "cap": shown(b)}
         if code == Gate.NO_FREE_SLOT:
             return {"in_flight": shown(a), "slots": shown(b)}
+        if code == Gate.DAY_BUDGET:
+            return {"spent_usd": a, "day_usd": b}
+        if code == Gate.CONCURRENCY:
+            return {"held": shown(a), "limit": shown(b), "key": ":".join(parts[2:])}
         return {}
 
     def renew(self, issue: str, token: str) -> int:
@@ -298,10 +324,19 @@ class Ledger:
         """Every (issue, done marker): the buckets, then the legacy hash (``SCAN``/``HSCAN``, no big reply)."""
         return self.view.done_markers()
 
-    def explain(self, issue: str) -> Explanation:
+    def explain(self, issue: str, groups: Mapping[str, Sequence[tuple[str, int]]] | None = None) -> Explanation:
         """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
-        the fleet's slots as the loop counts them), with the details (holder, last error) read beside it."""
-        batch = self.claim([issue], dry_run=True, fleet_slots=True)
+        the fleet's slots as the loop counts them), with the details (holder, last error, the usage its
+        agents reported: ``usage``) read beside it."""
+        e = self._explain(issue, groups)
+        usage = issue_usage(self.r, self.keys, issue)
+        if usage:
+            spent = f"{e.text}; its agents spent {usage.get('cost_usd', 0)} USD, {usage.get('tokens', 0)} tokens"
+            e = replace(e, text=spent, detail={**e.detail, "usage": usage})
+        return e
+
+    def _explain(self, issue: str, groups: Mapping[str, Sequence[tuple[str, int]]] | None) -> Explanation:
+        batch = self.claim([issue], dry_run=True, fleet_slots=True, groups=groups)
         k = self.keys
         token, attempts, error = (
             decoded(self.r.get(k.claim(issue))),
@@ -368,4 +403,43 @@ class Ledger:
                 f"flight, {d['slots']} slots on live agent workers)",
                 {**d, "attempts": n},
             )
+        if skip.reason == Gate.CONCURRENCY:
+            return Explanation(
+                issue,
+                Gate.CONCURRENCY,
+                f"claimable, but concurrency key {d['key']} at its limit {d['limit']}",
+                {**d, "attempts": n},
+            )
+        if skip.reason == Gate.DAY_BUDGET:
+            return Explanation(
+                issue,
+                Gate.DAY_BUDGET,
+                f"day budget spent ({d['spent_usd']} of {d['day_usd']} USD today, UTC): "
+                "nothing is claimed until the next UTC day",
+                {**d, "attempts": n},
+            )
         return Explanation(issue, skip.reason, f"not dispatched: the loop is {skip.reason}", {"attempts": n})
+
+
+def fair_order(issues: list[str], groups: Mapping[str, Sequence[tuple[str, int]]]) -> list[str]:
+    """``issues`` round-robin between their first concurrency keys (each key's issues in their order; issues
+    without a key form one more group), so the gate meets every key's next issue before a key's second."""
+    queues: dict[str | None, list[str]] = {}
+    for issue in issues:
+        keys = groups.get(issue) or ()
+        queues.setdefault(keys[0][0] if keys else None, []).append(issue)
+    if len(queues) < 2:
+        return issues
+    out: list[str] = []
+    lanes = list(queues.values())
+    for i in range(max(len(q) for q in lanes)):
+        out.extend(q[i] for q in lanes if i < len(q))
+    return out
+
+
+def encode_groups(issues: Sequence[str], groups: Mapping[str, Sequence[tuple[str, int]]] | None) -> str:
+    """``claim.lua``'s ARGV ``groups``: '' without rules, else a field per issue (see the script)."""
+    if groups is None:
+        return ""
+    fields = "\x1e".join("\x1f".join(f"{k}\x1f{int(limit)}" for k, limit in groups.get(i) or ()) for i in issues)
+    return fields or "\x1e"  # rules, but no key here: still counted (its stale keys dropped at its claim)

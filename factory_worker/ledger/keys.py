@@ -6,12 +6,18 @@ slot. Nothing else in the package spells a key by hand: see docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 
 from factory_worker.config.defaults import NAMESPACE_PATTERN  # noqa: F401 - this module's API too
 
 #: What a namespace may be (``FACTORY_NAMESPACE``, 1-64 characters): it is in every key name.
+
+
+def utc_day(epoch_s: float | None = None) -> str:
+    """The UTC day (``YYYY-MM-DD``) a spend counts in: the ``day`` of :meth:`Keys.spend`."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch_s))
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Keys:
     INBOX_TTL_S = 3600
     #: ``inbox(task_id)`` keeps at most this many undelivered lines (the oldest go first).
     INBOX_MAX_LINES = 1000
+
+    #: A day's ``spend(day)`` hash lives this long after its last write.
+    SPEND_TTL_S = 8 * 24 * 3600
 
     @staticmethod
     def live_from(now_ms: int) -> int:
@@ -152,6 +161,24 @@ class Keys:
         ``complete``/``fail``/``escalate``, kept after the attempt ends (STAGE_HISTORY_MAX entries,
         STAGE_HISTORY_TTL_S) so ``explain`` and ``dispatches`` tell what happened."""
         return self._k("stagelog", issue)
+
+    def usage(self, issue: str) -> str:
+        """Hash: an issue's usage summed over its attempts (the agents' ``FACTORY_USAGE`` lines): cost_usd,
+        tokens, wall_s (agent run time), lines, malformed. Written by ``usage.lua``; ``retry`` deletes it (a
+        fresh budget)."""
+        return self._k("usage", issue)
+
+    @property
+    def concurrency(self) -> str:
+        """Hash issue -> the concurrency keys it counted against at its last claim (``claim.lua``: joined by
+        ``\\x1f``); read only for live in-flight claims, so a claim's end (or lease) releases its keys."""
+        return self._k("concurrency")
+
+    def spend(self, day: str) -> str:
+        """Hash: the fleet's usage in one UTC day (``YYYY-MM-DD``): cost_usd, tokens, lines. Written by
+        ``usage.lua``, read by ``claim.lua`` (``budget.day_usd``); expires :data:`SPEND_TTL_S` after its last
+        write."""
+        return self._k("spend", day)
 
     @property
     def counters(self) -> str:

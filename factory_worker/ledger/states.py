@@ -31,6 +31,8 @@ class Gate(StrEnum):
     DUPLICATE = "duplicate"
     KILLED = "killed"
     PAUSED = "paused"
+    CONCURRENCY = "concurrency-key"  # a concurrency key of the issue holds its limit of claims
+    DAY_BUDGET = "day-budget"  # the fleet spent budget.day_usd in this UTC day: nothing is claimed until the next
     UNACKED = "unacked"  # claimed, but too few replicas acknowledged the claim in time: released, not used
     NOT_IN_SOURCE = "not-in-source"  # explain only: the source does not have it
     NOT_READY = "not-ready"  # explain only: the source has it, not ready (its state, or a factory:done/parked label)
@@ -59,6 +61,7 @@ class Outcome(StrEnum):
     SIGNALLED = "signalled"
     LEASE_LOST = "lease-lost"  # the claim was no longer ours: stopped, nothing written
     INTERRUPTED = "interrupted"  # operator stop, worker shutdown, revoke: released, no attempt counted
+    BUDGET = "budget"  # an issue budget (budget.issue_*) was crossed: parked needs-human, no further attempt
     STAGED = "staged"  # no agent ran in this task: it handed its claim over to the stage tasks
 
 

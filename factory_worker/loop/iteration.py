@@ -24,6 +24,7 @@ from factory_worker.loop import heartbeat
 from factory_worker.loop.control import Kickoff
 from factory_worker.loop.sweep import forget_dead_agents, release_lost_messages
 from factory_worker.sources.base import Issue, PollResult, SourceError
+from factory_worker.sources.concurrency import groups
 from factory_worker.sources.rules import Rules
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,11 @@ def iterate(
     report.pulled = len(issues)
     try:
         batch = ctx.ledger.claim(
-            list(issues), dry_run=dry_run, fleet_slots=True, enough_waiting=0 if dry_run else ctx.keys.BACKLOG_MAX
+            list(issues),
+            dry_run=dry_run,
+            fleet_slots=True,
+            enough_waiting=0 if dry_run else ctx.keys.BACKLOG_MAX,
+            groups=groups(ctx.settings, issues.values()),
         )
     except LedgerLostError as exc:  # safe mode: claim nothing, tell the team once, keep the loop alive
         report.stopped = "ledger lost"
@@ -179,11 +184,14 @@ def dispatch_claims(
 
 
 def _remember_backlog(ctx: Context, issues: dict[str, Issue], skipped: Iterable[Any]) -> None:
-    """Replace the backlog with this poll's ready issues that wait for room (source order, at most
+    """Replace the backlog with this poll's ready issues that wait for room, or for a slot of their concurrency
+    key (the gate's order: source order, round-robin between keys; at most
     ``Keys.BACKLOG_MAX``; it expires after max(60 s, two intervals), so a stopped loop leaves nothing behind)."""
     waiting = [
         issues[s.issue].model_dump_json()
-        for s in itertools.islice((s for s in skipped if s.reason in WAITING), ctx.keys.BACKLOG_MAX)
+        for s in itertools.islice(
+            (s for s in skipped if s.reason in WAITING or s.reason == Gate.CONCURRENCY), ctx.keys.BACKLOG_MAX
+        )
     ]
     ttl_ms = int(max(60.0, 2 * ctx.settings.loop.interval_s) * 1000)
     p = ctx.redis.pipeline(transaction=True)
@@ -211,13 +219,15 @@ def refill(ctx: Context, send: Sender, run_id: str | None = None, tries: int = 5
         if raw is None:
             return None
         issue = Issue.model_validate_json(raw)
-        batch = ctx.ledger.claim([issue.id], fleet_slots=True)
+        batch = ctx.ledger.claim([issue.id], fleet_slots=True, groups=groups(ctx.settings, [issue]))
         if batch.claims:
             dispatch_claims(ctx, send, batch.claims, {issue.id: issue}, run_id, counter="refilled")
             return issue.id
         if batch.skipped[0].reason in (*WAITING, Gate.KILLED, Gate.PAUSED):
             ctx.redis.lpush(ctx.keys.backlog, raw)
             return None
+        if batch.skipped[0].reason == Gate.CONCURRENCY:  # its key is full: behind the others, the next one tried
+            ctx.redis.rpush(ctx.keys.backlog, raw)
     return None
 
 

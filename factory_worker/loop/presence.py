@@ -44,6 +44,8 @@ class WorkerFacts:
     concurrency: int = 0
     agents_running: int = 0
     loop_waiting: int = 0
+    #: the loop's tasks run outside its pool (``worker.lane``): agents never hold them up
+    loop_lane: bool = False
 
 
 def publish_worker(

@@ -5,8 +5,9 @@ standard library only (the CLI's early path computes them too).
 
 What a worker publishes beside its liveness (:func:`factory_worker.loop.presence.publish_worker`) makes them
 decidable: the queues it consumes, its pool size, how many of its processes run agents and how many loop
-tasks it holds waiting for a process. A worker of an older version publishes none of it: it is taken to
-consume both queues and to have room (no finding is made from what it does not say).
+tasks it holds waiting for a process, whether its loop lane runs the loop's tasks outside its pool (then agents
+never starve the loop). A worker of an older version publishes none of it: it is taken to consume both queues
+and to have room (no finding is made from what it does not say).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def _count(worker: dict[str, Any], name: str) -> int:
 
 
 def starved(worker: dict[str, Any]) -> bool:
-    """Every process of ``worker``'s pool runs an agent: a loop task it is given waits for one to end."""
+    """Every process of ``worker``'s pool runs an agent: a loop task it is given waits for one to end (never
+    with its loop lane: the loop's tasks run outside the pool)."""
+    if worker.get("loop_lane"):
+        return False
     size = _count(worker, "concurrency")
     return size > 0 and _count(worker, "agents_running") >= size
 

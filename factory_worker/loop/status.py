@@ -22,7 +22,7 @@ from typing import Any
 from factory_worker.config.essentials import Essentials
 from factory_worker.config.urls import mask_url
 from factory_worker.ledger.contracts import source
-from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.keys import Keys, utc_day
 from factory_worker.ledger.records import (
     SCAN_COUNT,
     as_dict,
@@ -110,6 +110,7 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
         ("HGETALL", keys.ledger_lost),
         ("EVAL", source("fleet_slots"), 1, keys.slots),
         ("HGETALL", keys.loop_failing),
+        ("HGET", keys.spend(utc_day()), "cost_usd"),  # today's spend (issue 24)
     ]
     first += [("XLEN", keys.outbox), ("HLEN", keys.outbox_parked)] if q.write_back else []
     # what may be refused without failing the answer (INFO disabled, an ACL limited to the namespace's keys):
@@ -118,7 +119,7 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
     optional += [("LLEN", keys.loop_queue + p) for p in _PRIORITIES] if q.broker_is_ledger else []
     replies = send(first + optional)
     info, *queued = replies[len(first) :]
-    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, failing, *outbox = (
+    hb_raw, time_reply, current, holder, kill, paused, counters, generation, lost, slots, failing, spent, *outbox = (
         raise_errors(replies[: len(first)])
     )
     waiting = None
@@ -165,11 +166,21 @@ def read(send: Sender, q: Query) -> tuple[dict[str, Any], int]:
         "failing": parse_failing(as_dict(failing)),
         "replicas": parse_replication(info),
         "min_replica_acks": max([q.min_replica_acks, *(max(0, as_int(w.get("min_replica_acks"))) for w in workers)]),
+        "spend_today": {"day": utc_day(), "cost_usd": _usd(spent)},
     }
     found = reasons.find(status)
     status["reasons"] = [why for _, why in found]
     status["reason_codes"] = [code for code, _ in found]
     return status, 0 if status["live"] and not found else 1
+
+
+def _usd(raw: Any) -> Any:
+    """A stored spend (HINCRBYFLOAT's text) as a number, or :data:`INVALID` (never an exception)."""
+    try:
+        value = float(text(raw) or 0)
+    except ValueError:
+        return "invalid"
+    return round(value, 6) if value == value and abs(value) != float("inf") else "invalid"
 
 
 # -- its text --------------------------------------------------------------------------------------------
@@ -212,6 +223,8 @@ def lines(
         f"workers: {', '.join(esc(w.get('hostname')) for w in d['workers']) or 'none'}; "
         f"agent slots {d['agent_slots']}; last iteration on {esc(d['last_iteration_worker'] or '-')}"
     )
+    if d.get("spend_today"):
+        out.append(f"spend today (UTC {d['spend_today']['day']}): {d['spend_today']['cost_usd']} USD")
     waiting = d["loop_queue"]["waiting"]
     if waiting:
         out.append(f"loop queue {esc(d['loop_queue']['name'])}: {waiting} task(s) waiting")

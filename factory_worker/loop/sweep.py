@@ -8,7 +8,9 @@ leaves behind, which nothing else would ever clean up.
   popping the message and recording it as unacked, a Redis failover that lost it). Without this such a
   claim would wait for its queue lease (by default the visibility timeout + 60 s) before the gate could
   grant it again. The release is atomic with ``begin.lua`` (``release_queued.lua``), so an agent that does
-  start was never released, and a message that was only late runs nothing.
+  start was never released, and a message that was only late runs nothing. Redis brokers only: on RabbitMQ
+  (``amqp://``) a dead consumer's unacknowledged delivery is redelivered by RabbitMQ itself, and agent tasks
+  are acknowledged only once ``begin`` answered (``worker/acks.py``), so the loop skips this sweep there.
 """
 
 from __future__ import annotations

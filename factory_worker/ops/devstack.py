@@ -80,7 +80,8 @@ def _status_line(settings: Settings, url: str) -> str:
 def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: int) -> dict[str, list[str]]:
     """The stack's processes by name: one loop worker (``loop``, only ``<ns>.loop``, 2 processes) so the
     loop's kickoff/iteration tasks never wait behind agents, then ``workers`` agent workers (``worker1..N``,
-    only ``<ns>.agents``, ``concurrency`` processes each), beat and (when installed) Flower."""
+    only ``<ns>.agents``, the threads pool with ``concurrency`` slots each: one supervising thread per agent),
+    beat and (when installed) Flower."""
     from factory_worker.worker.app import agent_queue, loop_queue
 
     celery = [sys.executable, "-m", "celery", "-A", "factory_worker"]
@@ -94,6 +95,8 @@ def stack_commands(settings: Settings, flower: bool, workers: int, concurrency: 
                 "INFO",
                 "-n",
                 f"worker{i + 1}@%h",
+                "-P",
+                "threads",
                 "-c",
                 str(concurrency),
                 "-Q",
@@ -167,13 +170,22 @@ def flower_auth() -> tuple[str, str]:
     return line.partition("=")[2], f"{path} (0600)"
 
 
-def child_env(name: str, url: str, flower_credentials: str | None) -> dict[str, str]:
-    """A child's environment: ours with the Redis URL; Flower's credentials for Flower only."""
+def child_env(name: str, url: str, flower_credentials: str | None, agents_as_root: bool = False) -> dict[str, str]:
+    """A child's environment: ours with the Redis URL; Flower's credentials for Flower only; agent.user = root
+    when ``up`` runs as root with agent.user unset (see :func:`agents_as_root`)."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
     env.update(FACTORY_REDIS_URL=url, PYTHONUNBUFFERED="1")
+    if agents_as_root:
+        env["FACTORY_AGENT__USER"] = "root"
     if name == "flower" and flower_credentials:
         env["FLOWER_BASIC_AUTH"] = flower_credentials
     return env
+
+
+def agents_as_root(settings: Settings) -> bool:
+    """``up`` run as root with agent.user unset: its agents run as root, as they run as you under your own
+    user (development only), written for its workers as agent.user = root, which a root worker requires."""
+    return os.geteuid() == 0 and settings.agent.user is None
 
 
 def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurrency: int = 4) -> int:
@@ -187,6 +199,13 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
     else:
         print(f"[up] Redis at {mask_url(url)} (FACTORY_REDIS_URL)", flush=True)
     commands = stack_commands(settings, flower, workers, concurrency)
+    as_root = agents_as_root(settings)
+    if as_root:
+        print(
+            "[up] running as root with agent.user unset: agents run as root too (development only; set "
+            "FACTORY_AGENT__USER, e.g. nobody, to isolate them)",
+            flush=True,
+        )
     credentials = None
     if "flower" in commands:
         credentials, where = flower_auth()
@@ -200,7 +219,7 @@ def run_stack(settings: Settings, flower: bool = True, workers: int = 1, concurr
     code = 0
     try:
         for name, argv in commands.items():
-            procs[name] = _spawn(name, argv, child_env(name, url, credentials))
+            procs[name] = _spawn(name, argv, child_env(name, url, credentials, as_root))
         next_status = time.monotonic() + STATUS_EVERY_S
         while not _Flags.stop:
             dead = [n for n, p in procs.items() if p.poll() is not None]

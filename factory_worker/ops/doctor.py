@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from factory_worker.config.settings import Settings
-from factory_worker.config.urls import mask_url
+from factory_worker.config.urls import is_amqp, mask_url
 from factory_worker.context import Context
 from factory_worker.ledger import guard
 from factory_worker.ledger.redis_client import client as make_client
@@ -209,7 +209,16 @@ def check_broker(c: Checkup) -> Iterator[Finding]:
             "broker",
             "error",
             f"broker {mask_url(url)} unreachable ({detail}); set "
-            "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis",
+            "FACTORY_BROKER_URL (defaults to FACTORY_REDIS_URL) to a reachable Redis or RabbitMQ (amqp://)",
+        )
+        return
+    if is_amqp(url):
+        yield _finding(
+            "broker",
+            "info",
+            f"broker {mask_url(url)} is RabbitMQ: agent tasks are acknowledged at begin (a dead consumer's "
+            "unstarted messages are redelivered by RabbitMQ; running agents hold no delivery, so "
+            "consumer_timeout never closes their channel); run agent workers with -P threads",
         )
 
 
@@ -306,7 +315,9 @@ def check_loop(c: Checkup) -> Iterator[Finding]:
 
 
 def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
-    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env."""
+    """Agents run untrusted-steered code: they should run as their own user, with no secret in their env, in
+    a PID namespace of their own (checked on this host: doctor may not run where the agent workers do)."""
+    from factory_worker.agents.pidns import describe
     from factory_worker.agents.sandbox import resolve_identity, secret_like
     from factory_worker.config.settings import ConfigError
 
@@ -320,12 +331,31 @@ def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
             f"agents: {', '.join(leaks)}; issue text steers agents: remove them "
             "(FACTORY_AGENT__ENV_ALLOWLIST)",
         )
+    contained, uncontained = describe(agent)
+    if uncontained:  # a doctor that is not root cannot make one where a root agent worker could: a note then
+        severity = "warn" if agent.pid_namespace == "off" or os.geteuid() == 0 else "info"
+        yield _finding("agent-isolation", severity, f"{uncontained} (checked on this host, as uid {os.geteuid()})")
     try:
         ident = resolve_identity(agent)
     except ConfigError as exc:
         yield _finding("agent-isolation", "warn", f"{exc} (checked on this host)")
         return
-    if ident is None or ident.uid == os.geteuid():
+    if ident is not None and ident.uid == 0:
+        yield _finding(
+            "agent-isolation",
+            "warn",
+            "agent.user is root: agents run as root, with every credential "
+            "of the worker and the host; set FACTORY_AGENT__USER to an unprivileged user (e.g. nobody)",
+        )
+    elif ident is None and os.geteuid() == 0:
+        yield _finding(
+            "agent-isolation",
+            "error",
+            "agent.user is unset: an agent worker running as root (as this "
+            "doctor does) refuses to run agents; set FACTORY_AGENT__USER to an unprivileged user (e.g. "
+            "nobody), or to root to run them as root anyway",
+        )
+    elif ident is None or ident.uid == os.geteuid():
         yield _finding(
             "agent-isolation",
             "warn",
@@ -338,7 +368,7 @@ def check_agent_isolation(c: Checkup) -> Iterator[Finding]:
             "agent-isolation",
             "info",
             f"agents run as {ident} in fresh directories under "
-            f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s)",
+            f"{agent.workdir_root}, with {len(agent.env_allowlist)} allowlisted variable(s), {contained}",
         )
 
 

@@ -59,6 +59,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "ledger_lost": bool(status["ledger_lost"]),
         "paused": bool(status["paused"]),
         "outbox": status.get("outbox"),
+        "spend_today": status.get("spend_today"),
         "stuck": list(status["reason_codes"]),
     }
 
@@ -152,6 +153,11 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
         "1 while a process reports its ledger lost (safe mode)",
         value=int(snap.get("ledger_lost", False)),
     )
+    spend = (snap.get("spend_today") or {}).get("cost_usd")
+    if isinstance(spend, int | float):
+        yield GaugeMetricFamily(
+            "factory_spend_today_usd", "What the agents reported spending in this UTC day (FACTORY_USAGE)", value=spend
+        )
     if snap.get("outbox"):
         yield GaugeMetricFamily(
             "factory_outbox_pending", "Tracker events not yet delivered (write-back)", value=snap["outbox"]["pending"]

@@ -23,6 +23,7 @@ from factory_worker.ledger.states import Gate, RunStatus
 from factory_worker.loop import status
 from factory_worker.loop.kill import EarlyKill, Kill, Refused, kill_plan, kill_target, who
 from factory_worker.loop.presence import live_workers, worker_alive
+from factory_worker.sources import concurrency
 from factory_worker.sources.base import MalformedIssue
 from factory_worker.sources.rules import Rules
 
@@ -106,6 +107,8 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
             f"{verdict.text} (the ledger alone says: {e.state})",
             {**e.detail, "rule": verdict.reason},
         )
+    if ctx.settings.dispatch.concurrency and e.state == Gate.CLAIMABLE:  # the gate again, with the issue's keys
+        e = ctx.ledger.explain(issue_id, concurrency.groups(ctx.settings, [issue]))
     return e
 
 

@@ -2,7 +2,7 @@
 Linear sources (and their HTTP helpers and Linear API client), the eligibility rules, and :func:`load_source`
 to pick one by kind.
 
-May import: ledger (the closed vocabularies), config.
+May import: ledger (the closed vocabularies), config, net (the one HTTP edge).
 
 Issue sources: the protocol, the built-in file source, and :func:`load_source` to pick one by kind.
 

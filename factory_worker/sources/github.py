@@ -46,7 +46,7 @@ from pydantic import ValidationError
 
 from factory_worker.config.settings import secret_from_env
 from factory_worker.sources.base import Issue, MalformedIssue, PollResult, SourceError
-from factory_worker.sources.github_http import Page, PageCache, iso, origin, retry_wait_s
+from factory_worker.sources.github_http import Page, PageCache, iso, origin, rate_limited, retry_wait_s
 
 if TYPE_CHECKING:
     from factory_worker.config.settings import SourceSettings
@@ -191,8 +191,7 @@ class GitHubSource:
         if status == 304 and cached:
             self.stats["not_modified"] += 1
             return cached.payload, cached.next_url
-        limited = headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers
-        if status == 429 or (status == 403 and limited):
+        if rate_limited(status, headers):
             until = self._set_retry(headers, status)
             raise SourceError(f"GitHub rate limit: retry after {iso(until)} (HTTP {status}, repo {self.repo})")
         if allow_404 and status in (404, 410):

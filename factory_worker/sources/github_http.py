@@ -1,4 +1,6 @@
-"""HTTP helpers of the GitHub source: how long a rate-limit reply may make it wait, and its page cache.
+"""HTTP helpers of GitHub's clients (the source, the writer, the pull requests): what is a rate limit and how
+long it may make them wait (the one reader of :mod:`factory_worker.net`, with GitHub's reset header), and
+the source's page cache.
 
 Both bound what a server reply can do to us: a ``Retry-After`` of ``inf``, a year, a date in 2999 or
 garbage never stops the source for longer than ``source.github_max_retry_after_s`` (so it never needs a
@@ -8,18 +10,16 @@ change from one poll to the next.
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-log = logging.getLogger(__name__)
+from factory_worker import net
+from factory_worker.net import DEFAULT_RETRY_S, GITHUB_RESETS
 
-#: Wait after a rate-limit reply that says nothing usable about how long (seconds, before the cap).
-DEFAULT_RETRY_S = 60.0
+log = logging.getLogger(__name__)
 
 
 def origin(url: str) -> tuple[str, str]:
@@ -32,64 +32,20 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _seconds(value: str, now: float, parse: Callable[[str, float], float]) -> float | None:
-    """``parse(value, now)`` as a wait in seconds; None when unusable (garbage, NaN, a negative delay)."""
-    try:
-        wait = parse(value.strip(), now)
-    except (TypeError, ValueError, OverflowError, IndexError):
-        return None
-    if math.isnan(wait):
-        return None
-    return wait
+def rate_limited(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether GitHub's answer is a rate limit (primary or secondary): a 429, or a 403 that carries
+    ``Retry-After`` or ``X-RateLimit-Remaining: 0``. Every GitHub client of ours (source, writer, pull
+    requests) reads an answer so."""
+    return status == 429 or (
+        status == 403 and ("retry-after" in headers or headers.get("x-ratelimit-remaining") == "0")
+    )
 
 
-def _delta_or_date(value: str, now: float) -> float:
-    """``Retry-After``: delay seconds (not negative) or an HTTP date (one in the past means now)."""
-    try:
-        delay = float(value)
-    except ValueError:
-        date = email.utils.parsedate_to_datetime(value)  # ValueError/TypeError when it is not a date
-        if date.tzinfo is None:
-            raise ValueError("a date without a zone") from None
-        return max(0.0, date.timestamp() - now)
-    if delay < 0:
-        raise ValueError("a negative delay")
-    return delay
-
-
-def _epoch(value: str, now: float, unit_s: float = 1.0) -> float:
-    """``X-RateLimit-Reset``: the epoch time the window resets, in ``unit_s`` (one in the past means now)."""
-    reset = float(value)
-    if reset < 0 or math.isnan(reset):
-        raise ValueError("not an epoch time")
-    return max(0.0, reset * unit_s - now)
-
-
-def retry_wait_s(
-    headers: Any,
-    now: float,
-    cap: float,
-    default: float = DEFAULT_RETRY_S,
-    reset_header: str = "x-ratelimit-reset",
-    reset_unit_s: float = 1.0,
-) -> float:
-    """Seconds to wait before the next request, always within ``[0, cap]``.
-
-    ``Retry-After`` (delay seconds or an HTTP date), else ``reset_header`` (an epoch time in ``reset_unit_s``:
-    GitHub's ``X-RateLimit-Reset`` in seconds, Linear's ``X-RateLimit-Requests-Reset`` in milliseconds), else
-    ``default``. A header that is not usable (garbage, ``nan``, a negative delay, a date without a zone)
-    is ignored, so the next one applies; ``inf`` and huge values are cut to ``cap``."""
-    wait = None
-    retry_after, reset = headers.get("retry-after"), headers.get(reset_header)
-    if retry_after:
-        wait = _seconds(retry_after, now, _delta_or_date)
-    if wait is None and reset:
-        wait = _seconds(reset, now, lambda v, n: _epoch(v, n, reset_unit_s))
-    if wait is None:
-        wait = default
-    if wait > cap:
-        log.info("rate-limit wait of %s s cut to %s s (the source's max_retry_after_s)", wait, cap)
-    return min(max(wait, 0.0), cap)
+def retry_wait_s(headers: Mapping[str, str], now: float, cap: float, default: float = DEFAULT_RETRY_S) -> float:
+    """Seconds to wait after GitHub's rate-limit answer, always within ``[0, cap]``: ``Retry-After`` (delay
+    seconds or an HTTP date), else ``X-RateLimit-Reset`` (epoch seconds) while ``X-RateLimit-Remaining`` is
+    0 (or absent), else ``default``; the one reader of :mod:`factory_worker.net.retry_after`."""
+    return net.retry_wait_s(headers, now, cap, default, GITHUB_RESETS)
 
 
 class Page(NamedTuple):

@@ -7,8 +7,9 @@ One POST per operation to ``source.linear.api_url`` with ``{"query", "variables"
   error whose ``extensions.code`` is ``RATELIMITED`` is a rate limit, one whose ``extensions.type`` or code
   says the entity was not found (``InvalidInput``/``Entity not found``) is permanent.
 - ``429``, or ``RATELIMITED``: wait for ``Retry-After`` (s or an HTTP date), else
-  ``X-RateLimit-Requests-Reset`` (epoch ms), else 60 s, capped at ``max_retry_after_s`` (``github_http.retry_wait_s``);
-  until then :meth:`LinearAPI.call` raises without sending.
+  ``X-RateLimit-Requests-Reset`` / ``X-RateLimit-Complexity-Reset`` (epoch ms) of a spent budget, else 60 s,
+  capped at ``max_retry_after_s`` (the one reader, :func:`factory_worker.net.retry_wait_s`); until then
+  :meth:`LinearAPI.call` raises without sending.
 - ``401``/``403``: the key is missing, wrong or lacks access (not permanent: the operator can fix it).
 - ``5xx``, timeouts and connection errors: :class:`LinearError`, retried by the caller.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from factory_worker.sources.github_http import retry_wait_s
+from factory_worker.net import LINEAR_RESETS, HttpError, retry_wait_s
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,8 @@ def is_open(state_type: object) -> bool:
     return state_type in OPEN_TYPES
 
 
-class LinearError(Exception):
+class LinearError(HttpError):
     """A call failed. ``retry_after``: Linear asked for this wait (s); ``permanent``: retrying cannot help."""
-
-    def __init__(self, message: str, retry_after: float | None = None, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.retry_after, self.permanent = retry_after, permanent
 
 
 class LinearAPI:
@@ -88,31 +85,28 @@ class LinearAPI:
         )  # a malformed reply's errors still fail the call, in one line
         codes = {str(_obj(e.get("extensions")).get("code", "")).upper() for e in errors}
         if resp.status_code == 429 or "RATELIMITED" in codes:
-            wait = retry_wait_s(
-                resp.headers,
-                self.clock(),
-                self.max_retry_after_s,
-                DEFAULT_WAIT_S,
-                reset_header="x-ratelimit-requests-reset",
-                reset_unit_s=0.001,
-            )
+            wait = retry_wait_s(resp.headers, self.clock(), self.max_retry_after_s, DEFAULT_WAIT_S, LINEAR_RESETS)
             with self._lock:
                 self._not_before = max(self._not_before, self.clock() + wait)
             log.warning("linear %s: rate limited; holding off %.0fs", op, wait)
             raise LinearError(
-                f"linear {op}: rate limited (HTTP {resp.status_code}), retry in {wait:.0f}s", retry_after=wait
+                f"linear {op}: rate limited (HTTP {resp.status_code}), retry in {wait:.0f}s",
+                retry_after=wait,
+                status=resp.status_code,
             )
         if errors:
             first = errors[0]
             message = (str(first.get("message") or "").strip()[:200].splitlines() or ["error"])[0]
             ext = _obj(first.get("extensions"))
             gone = "not found" in message.lower() or str(ext.get("type", "")).lower() == "invalid input"
-            raise LinearError(f"linear {op}: HTTP {resp.status_code}: {message}", permanent=gone)
+            raise LinearError(
+                f"linear {op}: HTTP {resp.status_code}: {message}", permanent=gone, status=resp.status_code
+            )
         if resp.status_code >= 300:
-            raise LinearError(f"linear {op}: HTTP {resp.status_code}")
+            raise LinearError(f"linear {op}: HTTP {resp.status_code}", status=resp.status_code)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, dict):
-            raise LinearError(f"linear {op}: HTTP {resp.status_code}: no data in the reply")
+            raise LinearError(f"linear {op}: HTTP {resp.status_code}: no data in the reply", status=resp.status_code)
         return data
 
 

@@ -28,6 +28,7 @@ from factory_worker.context import Context
 from factory_worker.ledger.guard import LedgerLostError
 from factory_worker.loop.iteration import Sender, dispatch_claims
 from factory_worker.sources.base import Issue
+from factory_worker.sources.concurrency import groups
 from factory_worker.sources.rules import Rules
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def gate_issue(ctx: Context, send: Sender, ref: str, issue: Issue | None = None)
     if ruled is not None:
         return GatePass(issue.id, Verdict.RULED_OUT, str(ruled))
     try:
-        batch = ctx.ledger.claim([issue.id], fleet_slots=True)
+        batch = ctx.ledger.claim([issue.id], fleet_slots=True, groups=groups(ctx.settings, [issue]))
     except LedgerLostError as exc:  # safe mode: the loop tells the team; nothing is claimed here either
         return GatePass(issue.id, Verdict.LEDGER_LOST, str(exc))
     if not batch.claims:

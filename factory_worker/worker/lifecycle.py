@@ -13,7 +13,9 @@ here do the acting.
 - ``task_revoked`` fires in the pool's parent: it releases the revoked agent task's claim through the
   task-id -> (issue, token) mapping in Redis, never a thread-local token.
 - ``celeryd_init`` refuses to start a worker that would run agents but cannot isolate them as configured
-  (``agent.user`` it cannot switch to): agents never run as the worker by accident.
+  (``agent.user`` it cannot switch to, or unset on a root worker; ``agent.pid_namespace = required`` where
+  no PID namespace can be made): agents never run as the worker, or as root, by accident. It notes (one
+  warning at start) when agents get no PID namespace of their own.
 - ``worker_process_init`` makes each pool process die with the worker (PR_SET_PDEATHSIG), so an agent
   never outlives the worker that started it, even when the worker is SIGKILLed.
 
@@ -46,6 +48,7 @@ from factory_worker.loop.presence import (
     publish_worker,
     write_shutdown_deadline,
 )
+from factory_worker.worker.lane import LoopLane
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,8 @@ class WorkerPresence(bootsteps.StartStopStep):
     running: WorkerPresence | None = None
     #: who this worker's agents run as (checked at ``celeryd_init``; None: it runs no agents)
     agents_as: str | None = None
+    #: why they get no PID namespace of their own, when they do not (one warning at start)
+    agents_uncontained: str | None = None
     #: the soft-shutdown window and its margin (``worker.*``), read at start for the signal receiver
     window: tuple[float, float] = (0.0, 0.0)
     #: the longest the worker's goodbye (threads joined, its keys removed) may wait on Redis at the end
@@ -116,6 +121,7 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.slots = 0
         self.queues: tuple[str, ...] = ()
         self.concurrency = 0
+        self.lane: LoopLane | None = None
 
     def start(self, parent: Any) -> None:
         WorkerPresence.running = self
@@ -125,10 +131,13 @@ class WorkerPresence(bootsteps.StartStopStep):
         except Exception:
             self.queues = ()
         self.concurrency = int(getattr(parent, "concurrency", None) or 1)
+        self.lane = next((step for step in getattr(parent, "steps", []) if isinstance(step, LoopLane)), None)
         cfg = current().settings.worker
         WorkerPresence.window = (cfg.soft_shutdown_s, cfg.shutdown_margin_s)
         if self.slots and WorkerPresence.agents_as:
             log.info("%s", WorkerPresence.agents_as)
+            if WorkerPresence.agents_uncontained:
+                log.warning("%s", WorkerPresence.agents_uncontained)
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
         self.thread.start()
         ctx = current()
@@ -170,8 +179,16 @@ class WorkerPresence(bootsteps.StartStopStep):
             log.warning("could not remove worker keys (%s: %s): they expire by their TTL", type(exc).__name__, exc)
 
     def facts(self) -> WorkerFacts:
+        """What this worker consumes and how busy it is: its consumer's queues and, while its loop lane's thread
+        lives, the loop queue the lane took off the consumer (a dead lane consumes nothing: loop-status says
+        that no worker consumes the loop queue)."""
         agents, waiting = busy()
-        return WorkerFacts(self.queues, self.concurrency, agents, waiting)
+        lane = self.lane
+        on_lane = lane is not None and lane.queue is not None and lane.thread is not None and lane.thread.is_alive()
+        queues = (
+            tuple(sorted({*self.queues, lane.queue})) if on_lane and lane is not None and lane.queue else self.queues
+        )
+        return WorkerFacts(queues, self.concurrency, agents, waiting, on_lane)
 
     def _run(self) -> None:
         ctx = current()
@@ -239,6 +256,7 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
 
     from celery.utils.text import str_to_list
 
+    from factory_worker.agents.pidns import describe, use_namespace
     from factory_worker.agents.sandbox import check_isolation, running_as
     from factory_worker.config.settings import ConfigError
     from factory_worker.ledger.keys import Keys
@@ -253,12 +271,14 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
         return
     try:
         ident = check_isolation(settings.agent)
+        use_namespace(settings.agent)  # agent.pid_namespace = required and none can be made: refused
     except (ConfigError, OSError) as exc:
         print(f"factory_worker: {exc}", file=sys.__stderr__, flush=True)
         sys.exit(2)
+    contained, WorkerPresence.agents_uncontained = describe(settings.agent)
     WorkerPresence.agents_as = (
         f"agents run as {running_as(ident)} in fresh directories under "
-        f"{settings.agent.workdir_root}"
+        f"{settings.agent.workdir_root}, {contained}"
     )  # logged once logging is set up
 
 

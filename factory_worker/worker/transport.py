@@ -1,5 +1,6 @@
-"""factory_worker's Redis broker transport: kombu's, with one bug worked around. Selected by ``app.py``
-(``broker_transport``), never patched into kombu globally.
+"""factory_worker's broker transports: for Redis kombu's, with one bug worked around; for RabbitMQ
+(``amqp://``, ``amqps://``) kombu's py-amqp transport as it is. Selected by ``app.py`` (``broker_transport``),
+never patched into kombu globally.
 
 The bug (kombu's Redis transport, seen up to 5.7; upstream: celery/kombu#582 and #970, the same
 ``AttributeError: 'NoneType' object has no attribute 'hostname'`` on a connection that is already gone):
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 TESTED_UP_TO = (5, 7)
 #: Broker URL schemes served by this module's transports.
 SCHEMES = ("redis", "sentinel")
+#: RabbitMQ: kombu's py-amqp transports (TLS for ``amqps``).
+AMQP_TRANSPORTS = {"amqp": "kombu.transport.pyamqp:Transport", "amqps": "kombu.transport.pyamqp:SSLTransport"}
 
 
 class QoS(kredis.QoS):
@@ -73,6 +76,12 @@ def broker_options(broker_url: str) -> tuple[str, dict[str, object]]:
         return broker_url, {}
     target = parse_sentinel_url(broker_url)
     return target.kombu_url(), target.transport_options()
+
+
+def amqp_transport(broker_url: str) -> str | None:
+    """kombu's py-amqp transport for a RabbitMQ URL (``amqp://``; TLS for ``amqps://``), named rather than left
+    to kombu's scheme aliases; None for any other URL."""
+    return AMQP_TRANSPORTS.get(urlsplit(broker_url).scheme)
 
 
 def transport_for(broker_url: str, version: tuple[int, ...] | None = None) -> str | None:

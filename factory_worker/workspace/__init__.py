@@ -5,8 +5,8 @@ branch given to the agent's uid/gid and removed after the run, the reclaim of wh
 agent's result file, and publishing: the agent's leftovers committed, the branch pushed with the worker's
 credential, one pull request per issue through GitHub's REST API.
 
-May import: sources (the ``Issue`` model), config. Never loop/, dispatch/, worker/ or Celery: it is a core a
-test drives with real git and no broker.
+May import: sources (the ``Issue`` model, GitHub's rate-limit reading), config, net (the one HTTP edge). Never
+loop/, dispatch/, worker/ or Celery: it is a core a test drives with real git and no broker.
 
 The API the dispatch calls (one :class:`Workspace` per worker process, ``Workspace.from_settings(settings)``;
 ``enabled`` is False without ``workspace.repo_url`` / ``repos``: then nothing changes for agents):

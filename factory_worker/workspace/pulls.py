@@ -6,8 +6,9 @@ an open pull request of the branch is updated (``PATCH .../pulls/{number}``, onl
 differ); none is created (``POST .../pulls`` -> 201). A lost answer (timeout, connection reset, a 5xx, a
 worker SIGKILLed between GitHub's 201 and reading it) is retried from the *find*, so the request GitHub did
 apply is found, not repeated; a 422 to the create (GitHub: "A pull request already exists") is a find again.
-Another 4xx is permanent. The token is sent to the configured API origin only (redirects are not followed)
-and never logged.
+Between two tries :data:`BACKOFF`, never sooner than GitHub asked (a rate limit, ``github_http.rate_limited``:
+``github_http.retry_wait_s``; any other answer's ``Retry-After``), at most :data:`MAX_WAIT_S`. Another 4xx is
+permanent. The token is sent to the configured API origin only (redirects are not followed) and never logged.
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ from typing import Any
 
 import httpx
 
+from factory_worker.net import Backoff, HttpError, retry_after_s
+from factory_worker.sources.github_http import rate_limited, retry_wait_s
+
 log = logging.getLogger(__name__)
 
 USER_AGENT = "factory-worker workspace"
 RETRY_STATUS = (429, 500, 502, 503, 504)
+#: The longest wait between two tries (a rate limit's included): a publish runs inside a dispatch.
+MAX_WAIT_S = 30.0
+BACKOFF = Backoff(0.25, MAX_WAIT_S)
 
 
-class PullRequestError(Exception):
+class PullRequestError(HttpError):
     """The pull request could not be made sure of; ``permanent`` when retrying cannot help (4xx)."""
-
-    def __init__(self, message: str, permanent: bool = False, retry_after: str | None = None) -> None:
-        super().__init__(message)
-        self.permanent, self.retry_after = permanent, retry_after
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class PullRequests:
         last: Exception | None = None
         for attempt in range(self.tries):
             if attempt:
-                self.sleep(_wait(last, attempt))
+                self.sleep(BACKOFF.wait_s(attempt, getattr(last, "retry_after", None)))
             try:
                 pr = self.find(branch)
                 if pr is not None:
@@ -124,10 +127,11 @@ class PullRequests:
 def _check(res: httpx.Response, what: str) -> None:
     if res.status_code < 300:
         return
-    permanent = 400 <= res.status_code < 500 and res.status_code not in RETRY_STATUS
-    if res.status_code == 403 and res.headers.get("x-ratelimit-remaining") == "0":
-        permanent = False
-    raise PullRequestError(f"{what}: {res.status_code} {_message(res)}", permanent, res.headers.get("retry-after"))
+    status, limited = res.status_code, rate_limited(res.status_code, res.headers)
+    permanent = 400 <= status < 500 and status not in RETRY_STATUS and not limited
+    now = time.time()  # a rate limit's wait (60 s when it says none), else any Retry-After (a 503's)
+    wait = retry_wait_s(res.headers, now, MAX_WAIT_S) if limited else retry_after_s(res.headers, now, MAX_WAIT_S)
+    raise PullRequestError(f"{what}: {status} {_message(res)}", wait, permanent, status)
 
 
 def _message(res: httpx.Response) -> str:
@@ -141,16 +145,6 @@ def _message(res: httpx.Response) -> str:
     errors = errors if isinstance(errors, list) else []
     details = "; ".join(str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict))
     return (str(data.get("message") or res.reason_phrase) + (f" ({details})" if details else ""))[:300]
-
-
-def _wait(last: Exception | None, attempt: int) -> float:
-    hint = getattr(last, "retry_after", None)
-    try:
-        if hint is not None:
-            return min(max(float(hint), 0.0), 30.0)
-    except ValueError:
-        pass
-    return min(0.25 * 2 ** (attempt - 1), 5.0)
 
 
 def _short(exc: Exception | None) -> str:

@@ -2,5 +2,5 @@
 worker, never lost, never twice) and its writers for GitHub (labels and a comment) and Linear (workflow states
 and a comment).
 
-May import: sources (the Linear API client), ledger, config.
+May import: sources (the Linear API client, GitHub's rate-limit reading), ledger, config, net (the one HTTP edge).
 """

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from factory_worker.net import HttpError
+
 
 @dataclass(frozen=True)
 class Event:
@@ -60,13 +62,9 @@ class Event:
         return cls(entry_id, core["event"], core["issue"], core["token"], rest)
 
 
-class DeliveryError(Exception):
-    """A delivery failed. ``retry_after``: the tracker asked for this wait (s); ``permanent``: it cannot
-    pass by retrying (the event is parked at once)."""
-
-    def __init__(self, message: str, retry_after: float | None = None, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.retry_after, self.permanent = retry_after, permanent
+class DeliveryError(HttpError):
+    """A delivery failed. ``retry_after``: the tracker asked for this wait (s, within the writer's cap);
+    ``permanent``: it cannot pass by retrying (the event is parked at once); ``status``: the tracker's answer."""
 
 
 class Writer(Protocol):

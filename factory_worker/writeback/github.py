@@ -30,9 +30,10 @@ delivery is exactly-once on the tracker:
   comment. Only more than 300 comments created or edited inside the window push it out (then it is posted,
   and may appear twice).
 
-Errors: 429 and rate-limited 403 -> retry after ``Retry-After`` / ``X-RateLimit-Reset``; 5xx, timeouts and
-connection errors -> retry with backoff; 404/410/422 on the issue -> permanent (the event is parked). The
-token is sent only to the configured API origin and never logged.
+Errors: 429 and rate-limited 403 -> retry after ``Retry-After`` / ``X-RateLimit-Reset`` (else 60 s; never
+more than ``source.github_max_retry_after_s``: the source's own reading, ``github_http.retry_wait_s``); 5xx,
+timeouts and connection errors -> retry with backoff; 404/410/422 on the issue -> permanent (the event is
+parked). The token is sent only to the configured API origin and never logged.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 
 from factory_worker.config.settings import SourceSettings, TrackerSettings, secret_from_env
-from factory_worker.sources.github_http import iso
+from factory_worker.sources.github_http import iso, rate_limited, retry_wait_s
 from factory_worker.writeback.events import DeliveryError, Event, comment_body, marker
 
 log = logging.getLogger(__name__)
@@ -157,16 +158,14 @@ class GitHubWriter:
             raise _Unsure(f"{method} {self._path(url)}: {type(exc).__name__}") from None
         if resp.status_code < 300 or (missing_ok and resp.status_code == 404):
             return resp
-        where = f"{method} {self._path(url)}: HTTP {resp.status_code}"
-        limited = resp.status_code == 429 or (
-            resp.status_code == 403
-            and (resp.headers.get("retry-after") or resp.headers.get("x-ratelimit-remaining") == "0")
-        )
-        if limited:
-            raise DeliveryError(f"{where} (rate limited)", retry_after=_wait(resp.headers))
-        if resp.status_code >= 500:
-            raise _Unsure(where)
-        raise DeliveryError(where, permanent=resp.status_code in PERMANENT)
+        status = resp.status_code
+        where = f"{method} {self._path(url)}: HTTP {status}"
+        if rate_limited(status, resp.headers):
+            wait = retry_wait_s(resp.headers, time.time(), self.source.github_max_retry_after_s)
+            raise DeliveryError(f"{where} (rate limited)", retry_after=wait, status=status)
+        if status >= 500:
+            raise _Unsure(where, status=status)
+        raise DeliveryError(where, permanent=status in PERMANENT, status=status)
 
     def _path(self, url: str) -> str:
         return urlsplit(url).path
@@ -183,17 +182,3 @@ def _objects(resp: httpx.Response) -> list[dict[str, Any]]:
 
 class _Unsure(DeliveryError):
     """No answer, or a 5xx: the request may or may not have been applied (retried like any failure)."""
-
-
-def _wait(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if value:
-        try:
-            wait = float(value)
-            return wait if 0 <= wait < float("inf") else None
-        except ValueError:
-            return None
-    reset = headers.get("x-ratelimit-reset")
-    if reset and reset.isdigit():
-        return max(0.0, int(reset) - time.time())
-    return None

@@ -108,4 +108,4 @@ class LinearWriter:
         try:
             return self.api.call(query, variables)
         except LinearError as exc:
-            raise DeliveryError(str(exc), retry_after=exc.retry_after, permanent=exc.permanent) from None
+            raise DeliveryError(str(exc), exc.retry_after, exc.permanent, exc.status) from None

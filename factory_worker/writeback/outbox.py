@@ -8,12 +8,13 @@ one entry to the stream ``{ns}:outbox`` in the same script (``emit`` in ``lua/_p
 Delivering: every worker runs an :class:`OutboxSender` (a thread of the worker bootstep, see
 ``lifecycle.py``) in the consumer group ``writers``. A drain reads this consumer's pending entries (retries),
 claims entries another consumer left pending for ``tracker.takeover_s`` (a worker that died mid-delivery),
-then new ones; each is handed to a :class:`Writer`. Delivered: ``XACK`` + ``XDEL``. Failed: retried with
-backoff (``{ns}:outbox:retry``); after ``tracker.max_attempts`` (or at once for an error that cannot pass)
-it is *parked* in ``{ns}:outbox:parked`` with its last error, like an issue. At-least-once delivery becomes
-exactly-once as seen on the tracker because a writer makes each delivery idempotent (labels are sets; a
-comment carries a marker the writer looks for before posting, see ``tracker.py``). Write-back never blocks
-dispatch: the ledger does not wait for the tracker.
+then new ones; each is handed to a :class:`Writer`. Delivered: ``XACK`` + ``XDEL``. Failed: retried after
+``min(backoff_base_s * 2**(n-1), backoff_max_s)``, or the tracker's ``Retry-After`` when longer (the one
+:class:`~factory_worker.net.Backoff`; ``{ns}:outbox:retry``); after ``tracker.max_attempts`` (or at once for
+an error that cannot pass) it is *parked* in ``{ns}:outbox:parked`` with its last error, like an issue.
+At-least-once delivery becomes exactly-once as seen on the tracker because a writer makes each delivery
+idempotent (labels are sets; a comment carries a marker the writer looks for before posting, see
+``tracker.py``). Write-back never blocks dispatch: the ledger does not wait for the tracker.
 
 Order per issue (``outbox_newest.lua``): a failed event backs off while later events of its issue go on, so
 before handing an event over the sender learns whether a newer event of the issue was handed over already;
@@ -42,6 +43,7 @@ from factory_worker.config.settings import TrackerSettings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.redis_client import decoded
 from factory_worker.ledger.scripts import scripts_for
+from factory_worker.net import Backoff
 from factory_worker.writeback.events import DeliveryError, Event, Writer
 
 log = logging.getLogger(__name__)
@@ -210,9 +212,7 @@ class OutboxSender:
             )
             report.parked += 1
             return
-        wait_s = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempts - 1))
-        if exc.retry_after is not None:
-            wait_s = min(self.cfg.backoff_max_s, max(wait_s, exc.retry_after))
+        wait_s = Backoff(self.cfg.backoff_base_s, self.cfg.backoff_max_s).wait_s(attempts, exc.retry_after)
         self.r.hset(self.keys.outbox_retry, event.id, f"{attempts}:{now_ms + int(wait_s * 1000)}:{error}")
         log.warning(
             "tracker event %s (%s of %s) not delivered (attempt %d), retrying in %.1fs: %s",

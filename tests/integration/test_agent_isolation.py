@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from factory_worker.agents.pidns import unavailable
 from factory_worker.ledger.core import Ledger
-from tests.support import CeleryProc, ctl, settings_from, stack_env, wait_until, write_issues
+from tests.support import AGENT_USER, CeleryProc, ctl, settings_from, stack_env, wait_until, write_issues
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = ROOT / "tests" / "hostile_agent.py"
@@ -35,6 +36,8 @@ pytestmark = [
 ]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="running agents as another user needs root")
 needs_py3 = pytest.mark.skipif(PY3 is None, reason="no /usr/bin/python3 for the agent's user to run")
+NO_PIDNS = unavailable()
+needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=f"no PID namespace for agents here: {NO_PIDNS}")
 ATTEMPTS = (
     "read /proc/$PPID/environ",
     "find a credential in any /proc/*/environ",
@@ -46,6 +49,7 @@ ATTEMPTS = (
     "create a file in the issue source directory",
     "append to the issue source file",
     "signal the worker",
+    "list the worker's processes",
 )
 GIVEN_ENV = {"PATH", "HOME", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
 
@@ -80,7 +84,7 @@ class Site:
             "DEPLOY_API_TOKEN": self.marker,
         }
 
-    def agent_settings(self, user: str | None) -> dict[str, str]:
+    def agent_settings(self, user: str | None, pidns: str = "auto") -> dict[str, str]:
         argv = [
             PY3 or "python3",
             str(HOSTILE),
@@ -96,6 +100,7 @@ class Site:
             "FACTORY_AGENT__WORKDIR_ROOT": str(self.root / "work"),
             "FACTORY_AGENT__LOG_DIR": str(self.root / "logs"),
             "FACTORY_AGENT__ENV_ALLOWLIST": json.dumps(["PATH"]),
+            "FACTORY_AGENT__PID_NAMESPACE": pidns,
         }
         if user is not None:
             env["FACTORY_AGENT__USER"] = user
@@ -133,9 +138,11 @@ def results(report: dict) -> dict[str, dict]:
 
 
 def assert_contained(site: Site, report: dict) -> None:
-    """Every attempt failed, nothing secret reached the report, the worker's files are as they were."""
+    """Every attempt failed, nothing secret reached the report, the worker's files are as they were (the
+    worker's processes are out of sight where the agent gets a PID namespace of its own)."""
     by = results(report)
-    assert not [a for a, r in by.items() if r["succeeded"]], json.dumps(report, indent=1)
+    seen = [a for a, r in by.items() if r["succeeded"]]
+    assert seen == ([] if NO_PIDNS is None else ["list the worker's processes"]), json.dumps(report, indent=1)
     assert site.marker not in json.dumps(report)
     assert (report["uid"], report["gid"], report["groups"]) == (NOBODY, NOBODY, [])
     assert set(report["env"]) - {"LC_CTYPE"} == GIVEN_ENV  # Python sets LC_CTYPE itself under the C locale
@@ -157,13 +164,13 @@ print(json.dumps({"outcome": result.outcome, "error": result.error}))
 """
 
 
-def run_supervised(site: Site, user: str | None) -> dict:
+def run_supervised(site: Site, user: str | None, pidns: str = "auto") -> dict:
     """A worker process (secrets in its environment, cwd = the site) runs the hostile agent via CommandAgent."""
     env = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(ROOT),
         **site.secrets(),
-        **site.agent_settings(user),
+        **site.agent_settings(user, pidns),
         "FACTORY_REDIS_URL": f"redis://:{site.marker}@127.0.0.1:1/0",
     }  # never connected to
     proc = subprocess.run(
@@ -182,12 +189,32 @@ def test_a_hostile_agent_run_as_nobody_reaches_nothing(site):
 
 @needs_py3
 def test_without_agent_user_the_allowlist_still_holds_but_proc_environ_leaks(site):
-    """The control: the same agent as the worker's own user finds the secrets in /proc/$PPID/environ (which is
-    why doctor warns), though its own environment is clean and it runs in its own directory."""
-    by = results(run_supervised(site, None))
+    """The control: the same agent as the worker's own user (root written as such on a root worker), without
+    a PID namespace, finds the secrets in /proc/$PPID/environ (which is why doctor warns), though its own
+    environment is clean and it runs in its own directory."""
+    by = results(run_supervised(site, AGENT_USER.get("user"), pidns="off"))
     assert by["read /proc/$PPID/environ"]["succeeded"] and site.marker in by["read /proc/$PPID/environ"]["detail"]
+    assert by["list the worker's processes"]["succeeded"]
     assert not by["find a credential in its own environment"]["succeeded"]
     assert site.marker in by["read the worker's config file"]["detail"]  # same user: only agent.user stops this
+
+
+@needs_py3
+@needs_pidns
+def test_in_its_own_pid_namespace_an_agent_sees_no_process_of_the_worker(site):
+    """Issue 20: as the worker's own user still, but PID 1 of its own namespace with its own /proc: no
+    /proc/<worker>/environ to read, no process of the worker to list or signal (the files stay readable: only
+    agent.user stops that)."""
+    by = results(run_supervised(site, AGENT_USER.get("user"), pidns="required"))
+    for what in (
+        "read /proc/$PPID/environ",
+        "find a credential in any /proc/*/environ",
+        "list the worker's processes",
+        "list the worker's cwd through /proc/$PPID/cwd",
+        "signal the worker",
+    ):
+        assert not by[what]["succeeded"] and site.marker not in by[what]["detail"], (what, by[what])
+    assert not by["find a credential in its own environment"]["succeeded"]
 
 
 @needs_root
@@ -270,3 +297,63 @@ def test_a_worker_that_cannot_switch_users_refuses_to_start(site, redis_url, nam
     finally:
         loop_only.terminate()
         loop_only.wait(30)
+
+
+def _agent_worker(env: dict, cwd: Path, wrap: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A `celery worker` consuming the agent queue, run to its end (it is expected to refuse to start)."""
+    celery = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "factory_worker",
+        "worker",
+        "-l",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "-c",
+        "1",
+        "-Q",
+        f"{env['FACTORY_NAMESPACE']}.agents",
+    ]
+    return subprocess.run(wrap + celery, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_root
+@pytest.mark.e2e
+def test_a_root_worker_without_agent_user_refuses_to_start(site, redis_url, namespace, tmp_path):
+    """Issue 20: a root agent worker with agent.user unset once ran agents as root; now it exits 2 with one
+    line naming FACTORY_AGENT__USER (agent.user = root, written, runs them: the rest of the suite)."""
+    env = stack_env(redis_url, namespace, tmp_path, **site.agent_settings(None))
+    env.pop("FACTORY_AGENT__USER", None)
+    proc = _agent_worker(env, site.root, [])
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("factory_worker:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert "FACTORY_AGENT__USER" in lines[0] and "runs as root" in lines[0]
+
+
+@needs_root
+@pytest.mark.e2e
+def test_a_worker_that_cannot_make_pid_namespaces_says_so_at_start(site, redis_url, namespace, tmp_path, procs):
+    """Root without CAP_SYS_ADMIN (a container's usual root): one warning at start naming the setting; with
+    agent.pid_namespace = required it refuses to start (exit 2, one line); where it can, the start line says
+    agents get their own namespace."""
+    no_sys_admin = [shutil.which("setpriv") or "setpriv", "--bounding-set=-sys_admin", "--"]
+    env = stack_env(redis_url, namespace, tmp_path, **site.agent_settings("nobody", pidns="required"))
+    proc = _agent_worker(env, site.root, no_sys_admin)
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("factory_worker:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert "FACTORY_AGENT__PID_NAMESPACE=required" in lines[0] and "CAP_SYS_ADMIN" in lines[0]
+    env = stack_env(redis_url, namespace, tmp_path, **site.agent_settings("nobody"))
+    worker = CeleryProc("worker", env, tmp_path, "w-nosysadmin", extra=["-c", "1"], cwd=site.root, prefix=no_sys_admin)
+    procs.append(worker)
+    worker.wait_ready()
+    warned = [x for x in worker.log().splitlines() if "cannot get their own PID namespace here" in x]
+    assert len(warned) == 1 and "FACTORY_AGENT__PID_NAMESPACE" in warned[0] and "WARNING" in warned[0], worker.log()
+    if NO_PIDNS is None:
+        contained = CeleryProc("worker", env, tmp_path, "w-contained", extra=["-c", "1"], cwd=site.root)
+        procs.append(contained)
+        contained.wait_ready()
+        assert "each as PID 1 of its own PID namespace" in contained.log()
+        assert "cannot get their own PID namespace" not in contained.log()

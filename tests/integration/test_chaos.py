@@ -38,6 +38,11 @@ def _ends_with_an_audit(redis_url, namespace, procs):
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(180)]
 
+#: The key chaos tests run on both worker pools and both brokers (the ``stack`` fixture, tests/conftest.py):
+#: agent workers run ``-P threads`` in production, the loop worker prefork; RabbitMQ is the other broker (with
+#: the production pool: prefork on RabbitMQ is covered by tests/integration/test_rabbitmq.py).
+STACKS = pytest.mark.parametrize("stack", ["prefork", "threads", "threads+amqp"], indirect=True)
+
 
 def starts(tmp_path, issue=None):
     return [
@@ -49,8 +54,9 @@ def ok_ends(tmp_path):
     return Counter(e["issue"] for e in read_events(tmp_path / "out") if e["event"] == "end" and e["code"] == 0)
 
 
+@STACKS
 def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(
-    redis_url, real_redis, namespace, tmp_path, procs
+    stack, redis_url, real_redis, namespace, tmp_path, procs
 ):
     write_issues(tmp_path / "issues.jsonl", [{"id": "K-1", "title": "t", "state": "ready", "labels": ["slow-once"]}])
     env = stack_env(redis_url, namespace, tmp_path, FACTORY_DISPATCH__LEASE_TTL_S="3")
@@ -79,8 +85,9 @@ def test_sigkill_worker_kills_its_agent_and_the_issue_runs_again_once(
         ctx.ledger.complete("K-1", first["token"])
 
 
+@STACKS
 def test_sigterm_worker_releases_unfinished_agents_and_the_loop_goes_on(
-    redis_url, real_redis, namespace, tmp_path, procs
+    stack, redis_url, real_redis, namespace, tmp_path, procs
 ):
     issues = [{"id": f"S-{n}", "title": "t", "state": "ready", "labels": ["slow-once"]} for n in range(2)]
     write_issues(tmp_path / "issues.jsonl", issues)
@@ -128,7 +135,8 @@ def _stack_after_done(redis_url, real_redis, namespace, tmp_path, procs, prefix:
     return path, env, ctx
 
 
-def test_kill_loop_stops_dispatching_and_start_loop_resumes(redis_url, real_redis, namespace, tmp_path, procs):
+@STACKS
+def test_kill_loop_stops_dispatching_and_start_loop_resumes(stack, redis_url, real_redis, namespace, tmp_path, procs):
     path, env, ctx = _stack_after_done(
         redis_url, real_redis, namespace, tmp_path, procs, "A", 4, FACTORY_LOOP__MAX_ITERATIONS="50"
     )
@@ -201,7 +209,10 @@ def test_kill_loop_refuses_stale_and_malformed_heartbeats(redis_url, real_redis,
     assert forced.returncode == 0 and real_redis.exists(ctx.keys.kill)
 
 
-def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(redis_url, real_redis, namespace, tmp_path, procs):
+@STACKS
+def test_kill_loop_release_agents_stops_every_agent_and_frees_claims(
+    stack, redis_url, real_redis, namespace, tmp_path, procs
+):
     issues = [{"id": f"L-{n}", "title": "t", "state": "ready", "labels": ["slow"]} for n in range(3)]
     write_issues(tmp_path / "issues.jsonl", issues)
     # one iteration per run: the agents outlive the run that sent them, and kill-loop kills a later run

@@ -138,6 +138,20 @@ def test_up_runs_prints_no_secret_and_the_cli_works_from_the_url_file(tmp_path):
     password = (tmp_path / ".factory/redis.password").read_text().strip()
     assert code == 0 and password not in text and password not in status.stdout + status.stderr, text[-2000:]
     assert "embedded Redis stopped" in text
+    # as root with agent.user unset, up says its agents run as root (its workers get agent.user = root, which
+    # a root worker requires: without it they would refuse to run agents and up would stop)
+    assert ("agents run as root too" in text) == (os.geteuid() == 0)
+
+
+def test_up_writes_agent_user_root_for_its_workers_only_when_root_left_it_unset(monkeypatch):
+    from factory_worker.config.settings import load_settings
+
+    for name in [n for n in os.environ if n.startswith("FACTORY_")]:
+        monkeypatch.delenv(name)
+    unset, nobody = load_settings(), load_settings(agent={"user": "nobody"})
+    assert devstack.agents_as_root(unset) == (os.geteuid() == 0) and not devstack.agents_as_root(nobody)
+    assert devstack.child_env("worker1", "redis://x", None, True)["FACTORY_AGENT__USER"] == "root"
+    assert "FACTORY_AGENT__USER" not in devstack.child_env("worker1", "redis://x", None, False)
 
 
 def test_a_second_ctrl_c_forces_the_stop_and_says_so(monkeypatch, capsys):

@@ -25,6 +25,7 @@ from factory_worker.loop.iteration import dispatch_claims
 from factory_worker.loop.presence import publish_slots
 from factory_worker.sources import FileSource
 from factory_worker.sources.base import Issue
+from tests.support import AGENT_USER
 
 pytestmark = [pytest.mark.integration]
 
@@ -35,7 +36,12 @@ def _ctx(make_settings, redis_url: str, tmp_path: Path, staged: bool) -> tuple[C
     issues = [Issue(id=f"D-{i:03d}", title="t", state="ready") for i in range(N + 10)]
     path = tmp_path / "issues.jsonl"
     path.write_text("".join(i.model_dump_json() + "\n" for i in issues))
-    agent: dict[str, Any] = {"command": ["true"], "log_dir": str(tmp_path / "l"), "workdir_root": str(tmp_path / "w")}
+    agent: dict[str, Any] = {
+        "command": ["true"],
+        "log_dir": str(tmp_path / "l"),
+        "workdir_root": str(tmp_path / "w"),
+        **AGENT_USER,
+    }
     if staged:
         agent["stages"] = [{"name": "implement", "command": ["true"]}, {"name": "review", "command": ["true"]}]
     s = make_settings(redis_url=redis_url, source={"path": str(path)}, dispatch={"max_in_flight": 4}, agent=agent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="agents as root, and their namespaces, need a root worker")
 
 
 @pytest.fixture
@@ -59,9 +61,11 @@ def by_check(data: dict, check: str) -> list[dict]:
     return [x for x in data["findings"] if x["check"] == check]
 
 
-def cli(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def cli(
+    args: list[str], env: dict[str, str], timeout: float = 30, wrap: list[str] = ()
+) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "factory-worker"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "factory_worker.ctl"]
+    argv = [*wrap, str(exe)] if exe.exists() else [*wrap, sys.executable, "-m", "factory_worker.ctl"]
     full = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_")} | env
     full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
     return subprocess.run(argv + args, check=False, env=full, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -206,7 +210,8 @@ def test_report_lines_and_json_cli(start_redis, namespace) -> None:
     server = start_redis(appendonly=False, extra=["--maxmemory-policy", "allkeys-lru"])
     env = {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace, "FACTORY_AGENT__USER": "nobody"}
     proc = cli(["doctor"], env)
-    lines = proc.stdout.strip().splitlines()
+    # (not root: a note that this doctor cannot make the agents' PID namespaces; a root agent worker can)
+    lines = [x for x in proc.stdout.strip().splitlines() if not x.startswith("INFO  agent-isolation: agents cannot")]
     assert proc.returncode == 1 and len(lines) == 4, proc.stdout  # 2 problems + the isolation note + the summary
     assert lines[0].startswith("ERROR eviction:") and lines[1].startswith("WARN  persistence:")
     assert lines[2].startswith("INFO  agent-isolation: agents run as nobody")
@@ -218,10 +223,40 @@ def test_report_lines_and_json_cli(start_redis, namespace) -> None:
 
 
 def test_agents_as_the_workers_own_user_are_a_warning(start_redis, make_settings) -> None:
+    """As root it is an error: a root agent worker with agent.user unset refuses to run agents."""
     server = good(start_redis)
     data, code = run_doctor(make_settings(redis_url=server.url, agent={"command": ["true"]}))
+    [finding] = [x for x in by_check(data, "agent-isolation") if "FACTORY_AGENT__USER" in x["message"]]
+    assert code == 1 and finding["severity"] == ("error" if os.geteuid() == 0 else "warn")
+
+
+@needs_root
+def test_agents_as_root_when_written_are_a_warning_and_a_namespace_is_noted(start_redis, make_settings) -> None:
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, agent={"command": ["true"], "user": "root"}))
     [finding] = by_check(data, "agent-isolation")
-    assert code == 1 and finding["severity"] == "warn" and "FACTORY_AGENT__USER" in finding["message"]
+    assert code == 1 and finding["severity"] == "warn" and "agents run as root" in finding["message"]
+    data, code = run_doctor(make_settings(redis_url=server.url))  # agents as nobody, in their own namespaces
+    [finding] = by_check(data, "agent-isolation")
+    assert code == 0 and finding["severity"] == "info" and "own PID namespace" in finding["message"]
+
+
+def test_agents_without_a_pid_namespace_are_reported(start_redis, make_settings, namespace) -> None:
+    """agent.pid_namespace = off is a warning; so is a root doctor that cannot make one (no CAP_SYS_ADMIN,
+    as in a container), each naming FACTORY_AGENT__PID_NAMESPACE (a doctor that is not root: a note)."""
+    server = good(start_redis)
+    data, code = run_doctor(
+        make_settings(redis_url=server.url, agent={"command": ["true"], "user": "nobody", "pid_namespace": "off"})
+    )
+    [finding] = [x for x in by_check(data, "agent-isolation") if "FACTORY_AGENT__PID_NAMESPACE" in x["message"]]
+    assert code == 1 and finding["severity"] == "warn" and "outlive it" in finding["message"]
+    env = {"FACTORY_REDIS_URL": server.url, "FACTORY_NAMESPACE": namespace, "FACTORY_AGENT__USER": "nobody"}
+    drop = [shutil.which("setpriv") or "setpriv", "--bounding-set=-sys_admin", "--"] if os.geteuid() == 0 else []
+    proc = cli(["doctor", "--json"], env, wrap=drop)
+    findings = [x for x in json.loads(proc.stdout)["findings"] if "PID namespace here" in x["message"]]
+    assert len(findings) == 1 and "FACTORY_AGENT__PID_NAMESPACE" in findings[0]["message"], proc.stdout
+    assert findings[0]["severity"] == ("warn" if os.geteuid() == 0 else "info")
+    assert "CAP_SYS_ADMIN" in findings[0]["message"]
 
 
 def test_unreachable_redis_exits_2_with_one_line(namespace) -> None:
@@ -260,3 +295,20 @@ def test_a_replica_as_the_ledger_is_an_error_and_a_replica_without_acks_a_note(s
     assert code == 0 and finding["severity"] == "info" and "MIN_REPLICA_ACKS=1" in finding["message"]
     data, code = run_doctor(make_settings(redis_url=replica.url), check_broker=False)
     assert code == 1 and "not the primary" in by_check(data, "replicas")[0]["message"]
+
+
+def test_a_rabbitmq_broker_is_checked_and_explained(start_redis, make_settings, amqp_broker) -> None:
+    """doctor connects to the AMQP broker: reachable -> a note on what RabbitMQ means (no error); a dead port
+    -> the broker error, password masked."""
+    server = good(start_redis)
+    data, code = run_doctor(make_settings(redis_url=server.url, broker_url=amqp_broker))
+    (finding,) = by_check(data, "broker")
+    assert finding["severity"] == "info" and "acknowledged at begin" in finding["message"]
+    assert "guest:guest" not in json.dumps(data)
+    dead = f"amqp://guest:secret@127.0.0.1:{free_port()}/x"
+    t0 = time.monotonic()
+    data, code = run_doctor(make_settings(redis_url=server.url, broker_url=dead))
+    assert time.monotonic() - t0 < 15
+    (finding,) = by_check(data, "broker")
+    assert code == 1 and finding["severity"] == "error" and "RabbitMQ" in finding["message"]
+    assert "secret" not in json.dumps(data)

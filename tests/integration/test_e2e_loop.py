@@ -14,9 +14,12 @@ from factory_worker.ledger.keys import Keys
 from factory_worker.loop.control import LoopControl
 from factory_worker.worker.app import agent_queue
 from tests.conftest import roomy_fleet
-from tests.support import CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
+from tests.support import STACK, CeleryProc, ctl, read_events, settings_from, stack_env, wait_until, write_issues
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+#: Exactly-once end to end on both worker pools and on RabbitMQ (the ``stack`` fixture, tests/conftest.py).
+STACKS = pytest.mark.parametrize("stack", ["prefork", "threads", "threads+amqp"], indirect=True)
 
 
 def _sixty_issues() -> list[dict]:
@@ -84,7 +87,10 @@ def _assert_runs_never_overlapped(ctx: Context, real_redis) -> None:
         assert s2 >= e1, "two runs were live at once"
 
 
-def test_sixty_issues_done_exactly_once_with_backoff_and_parking(redis_url, real_redis, namespace, tmp_path, procs):
+@STACKS
+def test_sixty_issues_done_exactly_once_with_backoff_and_parking(
+    stack, redis_url, real_redis, namespace, tmp_path, procs
+):
     write_issues(tmp_path / "issues.jsonl", _sixty_issues())
     env = stack_env(redis_url, namespace, tmp_path)
     _start_two_workers_two_beats(env, tmp_path, procs)
@@ -158,7 +164,8 @@ def test_dry_run_dispatches_nothing_and_writes_nothing(redis_url, real_redis, na
     assert real_redis.llen(agent_queue(namespace)) == 0
 
 
-def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, namespace, tmp_path, procs):
+@STACKS
+def test_redelivered_agent_message_runs_the_agent_once(stack, redis_url, real_redis, namespace, tmp_path, procs):
     write_issues(tmp_path / "issues.jsonl", [{"id": "R-1", "title": "t", "state": "ready"}])
     env = stack_env(redis_url, namespace, tmp_path, AGENT_SLEEP="1.0")
     procs.append(CeleryProc("worker", env, tmp_path, "w1", extra=["-c", "2"]))
@@ -168,7 +175,7 @@ def test_redelivered_agent_message_runs_the_agent_once(redis_url, real_redis, na
     claim = ledger.claim(["R-1"]).claims[0]
     from celery import Celery
 
-    sender = Celery(broker=redis_url)
+    sender = Celery(broker=STACK.broker_url or redis_url)
     sender.conf.task_serializer = "json"
     msg = dict(
         args=["R-1", claim.token, None],
@@ -201,8 +208,9 @@ def test_hostile_title_reaches_the_agent_as_plain_text(redis_url, real_redis, na
     assert not list(tmp_path.glob("pwned*"))
 
 
+@STACKS
 def test_flower_sees_failed_agents_as_failure_and_done_ones_as_success(
-    redis_url, real_redis, namespace, tmp_path, procs
+    stack, redis_url, real_redis, namespace, tmp_path, procs
 ):
     """The agent task's Celery state tells the truth (issue 8): failed -> FAILURE with the reason, done -> SUCCESS."""
     write_issues(

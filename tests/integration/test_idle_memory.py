@@ -14,7 +14,7 @@ from tests.support import CeleryProc, assert_audit_clean, settings_from, stack_e
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 N_DONE = 5000
-WATCH_S = 60.0
+WATCH_S = 40.0
 
 
 def _complete_all(ledger: Ledger, ids: list[str]) -> None:

@@ -21,6 +21,7 @@ from tests.support import (
     CeleryProc,
     assert_audit_clean,
     ctl,
+    host_pid,
     pid_alive,
     settings_from,
     stack_env,
@@ -58,6 +59,8 @@ def staged_env(redis_url: str, namespace: str, tmp_path: Path, **extra: str) -> 
 def records(tmp_path: Path, issue: str | None = None, event: str | None = "start") -> list[dict]:
     p = tmp_path / "out" / "stages.jsonl"
     rows = [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+    for r in rows:
+        r["pid"] = host_pid(r)  # the stage's agent as seen here (it is pid 1 in a PID namespace of its own)
     return sorted(
         (r for r in rows if (issue is None or r["issue"] == issue) and (event is None or r["event"] == event)),
         key=lambda r: r["t"],

@@ -1,5 +1,6 @@
---[[ retry: an operator gives a parked or backing-off issue a fresh attempt budget.
-KEYS: done_bucket(issue) done parked backoff attempts errors counters outbox
+--[[ retry: an operator gives a parked or backing-off issue a fresh attempt budget (and a fresh usage budget:
+its usage sums go).
+KEYS: done_bucket(issue) done parked backoff attempts errors counters outbox usage(issue)
 ARGV: issue outbox
 REPLIES: ok done
 Returns {'done', marker} refused: done is final
@@ -12,6 +13,7 @@ local attempts = redis.call('HGET', K.attempts, A.issue) or '0'
 local had_backoff = redis.call('ZREM', K.backoff, A.issue)
 redis.call('HDEL', K.attempts, A.issue)
 redis.call('HDEL', K.errors, A.issue)
+redis.call('DEL', K.usage)
 if was_parked + had_backoff > 0 or tonumber(attempts) > 0 then
   redis.call('HINCRBY', K.counters, 'retried', 1)
   emit('retried', A.issue, '', {'was_parked', was_parked})

@@ -8,16 +8,20 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from factory_worker.agents import AgentResult, CommandAgent, Dispatch
 from factory_worker.agents.command import safe_name, substitute_argv
+from factory_worker.agents.pidns import unavailable
 from factory_worker.config.settings import AgentSettings
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.sources import Issue
+from tests.support import AGENT_USER
 
 ROOT = Path(__file__).resolve().parents[3]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc and prctl")
@@ -39,6 +43,50 @@ def wait_gone(pid: int, timeout: float = 2.0) -> bool:
             return True
         time.sleep(0.02)
     return gone(pid)
+
+
+def survivors(marker: str) -> list[int]:
+    """Live processes (as this process sees them) whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and not gone(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def wait_none(marker: str, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while survivors(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not survivors(marker)
+
+
+@pytest.fixture
+def marks():
+    """Two unique ``sleep`` durations (about 60 s) to find an agent's children by; what is left is killed."""
+    made = [f"6{n}.{uuid.uuid4().int % 10**8:08d}" for n in (0, 1)]
+    yield made
+    for marker in made:
+        for pid in survivors(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+NO_PIDNS = unavailable()
+needs_pidns = pytest.mark.skipif(NO_PIDNS is not None, reason=f"no PID namespace for agents here: {NO_PIDNS}")
+
+
+@pytest.fixture(params=["off", "own"])
+def pidns(request) -> str:
+    """agent.pid_namespace for a test run both ways: off, and each agent in its own (where one can be made)."""
+    if request.param == "own" and NO_PIDNS is not None:
+        pytest.skip(f"no PID namespace for agents here: {NO_PIDNS}")
+    return "off" if request.param == "off" else "required"
 
 
 def wait_file(path: Path, timeout: float = 5.0) -> str:
@@ -64,7 +112,7 @@ def make_agent(
     tmp_path: Path, argv: list[str], renew_interval_s: float = 5.0, lease_ttl_s: float | None = None, **kw
 ) -> CommandAgent:
     kw.setdefault("workdir_root", tmp_path / "work")
-    settings = AgentSettings(command=argv, log_dir=tmp_path / "logs", **kw)
+    settings = AgentSettings(command=argv, log_dir=tmp_path / "logs", **{**AGENT_USER, **kw})
     return CommandAgent(settings, renew_interval_s, lease_ttl_s)
 
 
@@ -103,18 +151,53 @@ def test_nonzero_exit_is_failed(tmp_path, script):
 
 
 def test_killed_by_own_signal_is_signalled(tmp_path, script):
+    """Outside a PID namespace (inside one, an init's own signal without a handler does nothing: the next
+    test)."""
     path = script("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
-    result = run(make_agent(tmp_path, [sys.executable, str(path)]))
+    result = run(make_agent(tmp_path, [sys.executable, str(path)], pid_namespace="off"))
+    assert (result.outcome, result.exit_code) == ("signalled", -9) and "SIGKILL" in result.error
+
+
+@needs_pidns
+def test_in_its_own_namespace_the_signal_that_ended_the_agent_is_recorded(tmp_path, script):
+    """The agent is the worker's own child, PID 1 of its namespace: a crash, and a SIGKILL from outside (the
+    OOM killer, an operator), are what the factory records (no ``unshare --fork`` in between to turn them
+    into an exit code)."""
+    crash = script("import ctypes; ctypes.string_at(0)", name="crash.py")
+    result = run(make_agent(tmp_path, [sys.executable, str(crash)], pid_namespace="required"))
+    assert (result.outcome, result.exit_code) == ("signalled", -signal.SIGSEGV) and "SIGSEGV" in result.error
+    sleeper = script("import time; time.sleep(30)", name="sleeper.py")
+
+    def kill_soon(pid: int) -> None:
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+
+    result = run(make_agent(tmp_path, [sys.executable, str(sleeper)], pid_namespace="required"), on_start=kill_soon)
     assert (result.outcome, result.exit_code) == ("signalled", -9) and "SIGKILL" in result.error
 
 
 GROUP_AGENT = """
-    import signal, subprocess, sys, time
+    import glob, signal, subprocess, sys, time
     if "--ignore-term" in sys.argv:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the grandchild too
-    child = subprocess.Popen(["sleep", "60"])
+    if "--catch-term" in sys.argv:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    child = subprocess.Popen(["sleep", sys.argv[2]])
+    escaped = ""
+    if "--escape" in sys.argv:  # a grandchild in a session of its own: out of the agent's process group
+        mark = sys.argv[sys.argv.index("--escape") + 1]
+        subprocess.run(["setsid", "-f", "sleep", mark], check=True)
+        def cmdline(path):
+            try:
+                return open(path, "rb").read()
+            except OSError:
+                return b""
+        for _ in range(200):  # until it runs (as this agent's /proc shows it)
+            if any(mark.encode() in cmdline(p) for p in glob.glob("/proc/[0-9]*/cmdline")):
+                escaped = " escaped"
+                break
+            time.sleep(0.01)
     with open(sys.argv[1], "w") as fh:
-        fh.write(f"{__import__('os').getpid()} {child.pid}\\n")
+        fh.write(f"{__import__('os').getpid()} {child.pid}{escaped}\\n")
     if "--exit-now" not in sys.argv:
         time.sleep(60)
 """
@@ -122,28 +205,67 @@ GROUP_AGENT = """
 
 @linux_only
 @pytest.mark.parametrize("ignore_term", [False, True])
-def test_timeout_kills_the_whole_group(tmp_path, script, ignore_term):
+def test_timeout_kills_the_whole_group(tmp_path, script, ignore_term, pidns, marks):
     pids = tmp_path / "pids"
-    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids)] + (["--ignore-term"] if ignore_term else [])
+    path = script(GROUP_AGENT)
+    argv = [sys.executable, str(path), str(pids), marks[0]] + (["--ignore-term"] if ignore_term else [])
+    started: list[int] = []
     t0 = time.monotonic()
-    result = run(make_agent(tmp_path, argv, timeout_s=1.0, term_grace_s=0.5))
+    result = run(
+        make_agent(tmp_path, argv, timeout_s=1.0, term_grace_s=0.5, pid_namespace=pidns), on_start=started.append
+    )
     elapsed = time.monotonic() - t0
     assert result.outcome == "timeout" and "longer than 1s" in result.error
-    agent_pid, sleep_pid = map(int, pids.read_text().split())
-    assert gone(agent_pid) and wait_gone(sleep_pid, 1.0)
+    assert pids.exists() and gone(started[0])  # the child had started; the agent is gone
+    assert wait_none(marks[0], 1.0) and not survivors(str(path))
     assert elapsed < (3.0 if ignore_term else 2.5)
     if ignore_term:
         assert result.exit_code == -signal.SIGKILL
 
 
+@needs_pidns
+def test_a_namespaced_agent_that_handles_sigterm_gets_its_grace(tmp_path, script, marks):
+    """The init gets SIGTERM when it has a handler (an init gets no other): it ends as it chooses."""
+    pids = tmp_path / "pids"  # written once its handler is in place: then it is stopped
+    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), marks[0], "--catch-term"]
+    result = run(
+        make_agent(tmp_path, argv, term_grace_s=5, pid_namespace="required"),
+        should_stop=lambda: "stop" if pids.exists() else None,
+    )
+    assert (result.outcome, result.exit_code) == ("interrupted", 7) and result.duration_s < 4
+    assert wait_none(marks[0], 1.0)
+
+
 @linux_only
-def test_leftover_children_are_stopped_after_a_clean_exit(tmp_path, script):
+def test_leftover_children_are_stopped_after_a_clean_exit(tmp_path, script, pidns, marks):
     pids = tmp_path / "pids"
-    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), "--exit-now"]
-    result = run(make_agent(tmp_path, argv, term_grace_s=2))
-    assert result.outcome == "ok"
-    _, sleep_pid = map(int, pids.read_text().split())
-    assert wait_gone(sleep_pid, 1.0)
+    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), marks[0], "--exit-now"]
+    result = run(make_agent(tmp_path, argv, term_grace_s=2, pid_namespace=pidns))
+    assert result.outcome == "ok" and pids.exists()
+    assert wait_none(marks[0], 1.0)
+
+
+@needs_pidns
+@pytest.mark.parametrize("how", ["exits", "timeout"])
+def test_in_its_own_namespace_nothing_the_agent_started_survives_it(tmp_path, script, marks, how):
+    """A grandchild in a session of its own (``setsid -f``) is out of the agent's process group, which is
+    all a stop could reach before: in the agent's namespace it ends with the agent, however the agent ends."""
+    pids = tmp_path / "pids"
+    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), marks[0], "--escape", marks[1]]
+    if how == "exits":
+        argv.append("--exit-now")
+    result = run(make_agent(tmp_path, argv, timeout_s=3.0, term_grace_s=0.5, pid_namespace="required"))
+    assert result.outcome == ("ok" if how == "exits" else "timeout") and "escaped" in pids.read_text()
+    assert not survivors(marks[1]) and not survivors(marks[0])  # gone at once: the kernel ended them
+
+
+def test_without_a_namespace_an_escaped_grandchild_survives(tmp_path, script, marks):
+    """The control: with agent.pid_namespace = off the same grandchild outlives the agent (the fixture ends
+    it)."""
+    pids = tmp_path / "pids"
+    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), marks[0], "--escape", marks[1], "--exit-now"]
+    assert run(make_agent(tmp_path, argv, pid_namespace="off")).outcome == "ok" and "escaped" in pids.read_text()
+    assert wait_none(marks[0], 1.0) and survivors(marks[1])
 
 
 def test_env_vars_and_issue_json(tmp_path, script, monkeypatch):
@@ -233,7 +355,7 @@ def test_renew_errors_other_than_stale_are_retried(tmp_path, script):
 
 
 @linux_only
-def test_stale_claim_on_renew_is_lease_lost(tmp_path, script):
+def test_stale_claim_on_renew_is_lease_lost(tmp_path, script, marks):
     pids = tmp_path / "pids"
     calls = []
 
@@ -242,11 +364,11 @@ def test_stale_claim_on_renew_is_lease_lost(tmp_path, script):
         if len(calls) >= 2:
             raise StaleClaimError("EX-1", "17", "18")
 
-    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids)]
-    result = run(make_agent(tmp_path, argv, renew_interval_s=0.1, term_grace_s=1), renew=renew)
+    argv = [sys.executable, str(script(GROUP_AGENT)), str(pids), marks[0]]
+    started: list[int] = []
+    result = run(make_agent(tmp_path, argv, renew_interval_s=0.1, term_grace_s=1), renew=renew, on_start=started.append)
     assert result.outcome == "lease-lost" and "superseded" in result.error and len(calls) == 2
-    agent_pid, sleep_pid = map(int, pids.read_text().split())
-    assert gone(agent_pid) and wait_gone(sleep_pid, 1.0)
+    assert pids.exists() and gone(started[0]) and wait_none(marks[0], 1.0)
 
 
 def test_should_stop_interrupts(tmp_path, script):
@@ -276,24 +398,29 @@ def test_missing_executable_is_failed(tmp_path):
 
 
 SUPERVISOR = """
-    import sys
+    import os, sys
     from factory_worker.agents import CommandAgent, Dispatch
     from factory_worker.config.settings import AgentSettings
     from factory_worker.sources import Issue
 
-    agent_script, pidfile, log_dir = sys.argv[1:4]
-    settings = AgentSettings(command=[sys.executable, agent_script, pidfile], log_dir=log_dir, timeout_s=120,
-                             workdir_root=log_dir + "-work")
+    agent_script, pidfile, log_dir, pidns, mark = sys.argv[1:6]
+    settings = AgentSettings(command=[sys.executable, agent_script, pidfile, mark], log_dir=log_dir, timeout_s=120,
+                             workdir_root=log_dir + "-work", user=os.environ.get("FW_AGENT_USER") or None,
+                             pid_namespace=pidns)
     issue = Issue(id="P-1", title="pdeathsig", state="ready")
-    CommandAgent(settings, 5).run(Dispatch(issue, "1", "d-1"), lambda: None, lambda: None)
+    CommandAgent(settings, 5).run(Dispatch(issue, "1", "d-1"), lambda: None, lambda: None,
+                                  on_start=lambda pid: open(pidfile + ".host", "w").write(f"{pid}\\n"))
 """
 
 
 @linux_only
-def test_agent_dies_with_its_sigkilled_supervisor(tmp_path, script):
+def test_agent_dies_with_its_sigkilled_supervisor(tmp_path, script, pidns, marks):
+    """PDEATHSIG: the agent dies with the thread that started it, SIGKILLed; in its own namespace, so does
+    a grandchild that left the agent's process group (``setsid -f``)."""
     agent = script(
         """
-        import os, sys, time
+        import os, subprocess, sys, time
+        subprocess.run(["setsid", "-f", "sleep", sys.argv[2]], check=True)
         open(sys.argv[1], "w").write(f"{os.getpid()}\\n")
         time.sleep(60)
     """,
@@ -302,14 +429,19 @@ def test_agent_dies_with_its_sigkilled_supervisor(tmp_path, script):
     supervisor = script(SUPERVISOR, name="supervisor.py")
     pidfile = tmp_path / "agent.pid"
     proc = subprocess.Popen(
-        [sys.executable, str(supervisor), str(agent), str(pidfile), str(tmp_path / "logs")], cwd=ROOT
+        [sys.executable, str(supervisor), str(agent), str(pidfile), str(tmp_path / "logs"), pidns, marks[0]],
+        cwd=ROOT,
+        env={**os.environ, "FW_AGENT_USER": AGENT_USER.get("user", "")},
     )
     try:
-        agent_pid = int(wait_file(pidfile, 10).strip())
-        assert not gone(agent_pid)
+        wait_file(pidfile, 10)
+        agent_pid = int(wait_file(Path(f"{pidfile}.host"), 10).strip())
+        assert not gone(agent_pid) and survivors(marks[0])
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         assert wait_gone(agent_pid, 1.0), "the agent outlived its SIGKILLed supervisor"
+        if pidns != "off":
+            assert wait_none(marks[0], 1.0), "the agent's grandchild outlived its SIGKILLed supervisor"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -326,6 +458,7 @@ def test_example_agent(tmp_path, monkeypatch):
             log_dir=tmp_path / "logs",
             workdir_root=tmp_path / "work",
             env_allowlist=["PATH", "FACTORY_AGENT_OUTPUT_DIR", "FACTORY_AGENT_SLEEP_S"],
+            **AGENT_USER,
         )
         result = CommandAgent(settings, 5).run(dispatch(issue_id, "t", labels=labels), lambda: None, lambda: None)
         assert result.exit_code == code
@@ -342,6 +475,7 @@ def test_an_agent_whose_lease_cannot_be_renewed_is_stopped_before_the_lease_ends
         workdir_root=tmp_path / "work",
         timeout_s=60,
         term_grace_s=1,
+        **AGENT_USER,
     )
     calls = []
 
@@ -406,6 +540,7 @@ def test_the_agent_gets_only_its_allowlist_never_the_workers_credentials(tmp_pat
         "FACTORY_ISSUE_ID",
         "FACTORY_ISSUE_JSON",
         "FACTORY_DISPATCH_TOKEN",
+        "FACTORY_USAGE",  # where it appends its usage lines (issue 24)
     }
     assert env["FACTORY_AGENT_OUTPUT_DIR"] == "/tmp/out" and env["FACTORY_ISSUE_ID"] == "EX-1"
     assert env["PATH"] == os.environ["PATH"] and env["LANG"] == "C.UTF-8"

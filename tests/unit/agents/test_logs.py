@@ -7,8 +7,12 @@ import stat
 import sys
 import time
 
+import pytest
+
+from factory_worker.agents import Dispatch
 from factory_worker.agents.logs import prune
-from tests.unit.agents.test_command import make_agent, run, script  # noqa: F401  (fixture)
+from factory_worker.sources import Issue
+from tests.unit.agents.test_command import make_agent, marks, pidns, run, script, survivors, wait_none  # noqa: F401  (fixtures: marks, pidns, script)
 
 
 def test_a_log_is_private_and_capped_and_a_flood_does_not_block_the_agent(tmp_path, script):
@@ -79,3 +83,37 @@ def test_the_log_root_made_for_the_first_log_is_private_too(tmp_path):
         _os.umask(old)
     for d in ("factory", "factory/logs", "factory/logs/EX-1"):
         assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
+
+
+@pytest.mark.parametrize("a_runs_s", [0, 0.3])  # A's output copied at its end, or by a relay thread
+def test_a_writer_an_agent_left_behind_reaches_no_later_log_or_file(tmp_path, pidns, marks, a_runs_s):
+    """Issue 20: A's agent leaves a process holding its output pipe (A ends once it left A's process group:
+    the file "left"), which starts writing 1 s later. Nothing it writes reaches B's log (the next file the
+    worker opened, which got A's log's fd number back) or any file the worker opens after: A's relay closed
+    the pipe from the reading side when A ended (so the writer gets EPIPE and dies of it), and its fds were
+    never closed while its thread could still use them. In a namespace of its own the writer does not even
+    outlive A. (The old code: FORGED in B's log, both ways.)"""
+    writer = f'touch "$0"; sleep 1; while :; do echo FORGED; sleep 0.1; done # {marks[0]}'
+    a_agent = f'setsid -f sh -c "$0" "$1"; while [ ! -e "$1" ]; do :; done; sleep {a_runs_s}; echo A ends'
+    a = run(make_agent(tmp_path, ["sh", "-c", a_agent, writer, str(tmp_path / "left")], pid_namespace=pidns))
+    assert a.outcome == "ok" and "A ends" in a.log_path.read_text()
+    if pidns != "off":
+        assert not survivors(marks[0])  # ended with A's namespace
+    b_issue = Dispatch(issue=Issue(id="EX-2", title="b", state="ready"), token="18", dispatch_id="task-456")
+    b = run(
+        make_agent(
+            tmp_path, [sys.executable, "-c", "import time; print('B runs'); time.sleep(2.5)"], pid_namespace=pidns
+        ),
+        b_issue,
+    )
+    opened = [tmp_path / f"later-{n}" for n in range(8)]
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) for p in opened]
+    try:
+        time.sleep(0.5)  # the writer, if it lived, writes 5 more lines meanwhile
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert b.outcome == "ok" and "B runs" in b.log_path.read_text()
+    for path in (b.log_path, *opened, a.log_path):
+        assert "FORGED" not in path.read_text().splitlines(), path  # (its argv, in A's header, names it)
+    assert wait_none(marks[0], 1.0), "the writer got no EPIPE: the pipe was still open for reading"

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from factory_worker.agents import CommandAgent, Dispatch
 from factory_worker.agents.sandbox import (
     Identity,
     agent_env,
     agent_identity,
+    check_isolation,
     check_workdir_root,
     make_workdir,
     remove_workdir,
@@ -163,6 +165,30 @@ def test_a_worker_without_cap_setuid_refuses_with_one_line_naming_agent_user():
     assert "CAP_SETGID, CAP_SETUID" in last and "never run as the worker" in last
 
 
+@needs_root
+def test_a_root_worker_refuses_agents_unless_agent_user_says_who(tmp_path):
+    """Issue 20: agent.user unset on a root worker once ran agents as root; now one line naming the setting,
+    and agents as root only when agent.user = root is written."""
+    settings = dict(command=["true"], log_dir=tmp_path / "logs", workdir_root=tmp_path / "work")
+    with pytest.raises(ConfigError) as exc:
+        CommandAgent(AgentSettings(**settings), 1)
+    assert "FACTORY_AGENT__USER" in one_line(exc) and "runs as root" in one_line(exc)
+    agent = CommandAgent(AgentSettings(user="root", **settings), 1)
+    result = agent.run(Dispatch(Issue(id="R-1", title="t", state="ready"), "1", "d-r"), lambda: None, lambda: None)
+    assert result.outcome == "ok" and 'user="the worker\'s own user (uid 0)"' in result.log_path.read_text()
+    with pytest.raises(ConfigError) as exc:  # and check_isolation, which a starting worker runs, says the same
+        check_isolation(AgentSettings(**settings))
+    assert "FACTORY_AGENT__USER" in one_line(exc)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="a worker that is not root (the root case: the test above)")
+def test_a_worker_that_is_not_root_still_runs_agents_as_itself_by_default(tmp_path):
+    result = CommandAgent(
+        AgentSettings(command=["true"], log_dir=tmp_path / "logs", workdir_root=tmp_path / "w"), 1
+    ).run(Dispatch(Issue(id="N-1", title="t", state="ready"), "1", "d-n"), lambda: None, lambda: None)
+    assert result.outcome == "ok"
+
+
 # -- working directory -------------------------------------------------------------------------------------
 @needs_root
 def test_a_fresh_private_directory_owned_by_the_agent_with_the_issue(open_dir):
@@ -246,14 +272,15 @@ def test_the_agent_runs_as_nobody_and_dies_with_its_sigkilled_supervisor(open_di
         s = AgentSettings(command=["/usr/bin/python3", {str(agent)!r}], log_dir={str(open_dir / "logs")!r},
                           workdir_root={str(open_dir / "work")!r}, user="nobody", timeout_s=120)
         CommandAgent(s, 5).run(Dispatch(Issue(id="P-1", title="t", state="ready"), "1", "d-1"), lambda: None,
-                               lambda: None)
+                               lambda: None, on_start=lambda pid: open({str(pidfile) + ".host"!r}, "w").write(str(pid)))
     """)
     proc = subprocess.Popen([sys.executable, "-c", supervisor], env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 15
         while not (pidfile.exists() and pidfile.read_text().endswith("\n")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        pid, uid = map(int, pidfile.read_text().split())
+        _, uid = map(int, pidfile.read_text().split())
+        pid = int(Path(f"{pidfile}.host").read_text())  # as seen here (in its own PID namespace it is 1)
         assert uid == 65534
         proc.kill()
         proc.wait(5)
@@ -273,12 +300,14 @@ def isolation_findings(monkeypatch, **agent) -> list[dict]:
 
     monkeypatch.setenv("GITHUB_TOKEN", "t")
     settings = load_settings(agent={"command": ["true"], **agent})
-    return list(check_agent_isolation(Checkup(settings, None, None, time.time, False)))  # type: ignore[arg-type]
+    found = check_agent_isolation(Checkup(settings, None, None, time.time, False))  # type: ignore[arg-type]
+    return [x for x in found if "PID namespace here" not in x["message"]]  # (a note where it is not root)
 
 
 def test_doctor_warns_when_agents_run_as_the_workers_user(monkeypatch):
-    [finding] = isolation_findings(monkeypatch)
-    assert finding["severity"] == "warn" and "FACTORY_AGENT__USER" in finding["message"]
+    """(An error as root: a root agent worker refuses to run agents with agent.user unset.)"""
+    [finding] = [x for x in isolation_findings(monkeypatch) if "FACTORY_AGENT__USER" in x["message"]]
+    assert finding["severity"] == ("error" if os.geteuid() == 0 else "warn")
 
 
 def test_doctor_warns_about_secret_looking_allowlist_names(monkeypatch):

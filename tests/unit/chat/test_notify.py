@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from factory_worker.chat import notify
 from factory_worker.chat.notify import (
     EVENTS,
     Notifier,
@@ -25,6 +26,7 @@ from factory_worker.chat.notify import (
     format_stale,
 )
 from factory_worker.config.settings import NotifySettings
+from factory_worker.net import Backoff
 
 SECRET = "/services/T0000/B0000/XXsecretXX"
 
@@ -33,6 +35,9 @@ class Hook:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
         self.status = 200
+        #: (status, headers) answered before ``status``, one a request; and when each request came
+        self.answers: list[tuple[int, dict[str, str]]] = []
+        self.times: list[float] = []
         self.delay = 0.0
         self.gate: threading.Event | None = None
         self.url = ""
@@ -50,9 +55,13 @@ def hook() -> Iterator[Hook]:
             if state.delay:
                 time.sleep(state.delay)
             state.bodies.append(json.loads(raw))
-            body = b"ok" if state.status < 300 else b"error"
+            state.times.append(time.monotonic())
+            status, headers = state.answers.pop(0) if state.answers else (state.status, {})
+            body = b"ok" if status < 300 else b"error"
             try:
-                self.send_response(state.status)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -266,3 +275,38 @@ def test_format_message_known_and_unknown():
     assert format_message("custom", a="<b>") == "custom: a=&lt;b&gt;"
     with pytest.raises(TypeError):
         format_message("parked", issue_id="1")  # attempts is required
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    """The waits between sends after a 429 start at 0.05 s (not 1 s), so the tests stay short."""
+    monkeypatch.setattr(notify, "RATE_LIMIT_BACKOFF", Backoff(0.05, 10.0))
+
+
+def test_a_rate_limited_message_is_sent_again_after_retry_after(hook, make, quick_backoff):
+    hook.answers = [(429, {"Retry-After": "1"})]
+    n = make(hook.url)
+    assert n.notify("done", "one")
+    assert wait_for(lambda: n.stats["sent"] == 1, timeout=5.0), n.stats
+    assert hook.bodies == [{"text": "one"}, {"text": "one"}] and n.stats["failed"] == 0
+    assert hook.times[1] - hook.times[0] >= 0.9  # not before Retry-After
+
+
+def test_a_webhook_that_stays_rate_limited_fails_the_message_once(hook, make, quick_backoff, caplog):
+    hook.status = 429
+    n = make(hook.url)
+    n.notify("done", "one")
+    assert wait_for(lambda: n.stats["failed"] == 1, timeout=5.0), n.stats
+    assert len(hook.bodies) == notify.RATE_LIMIT_SENDS and n.stats["sent"] == 0
+    assert "HTTP 429" in caplog.text and SECRET not in caplog.text
+
+
+def test_close_ends_a_rate_limit_wait_at_once(hook, make):
+    hook.answers = [(429, {"Retry-After": "10"})]
+    n = make(hook.url)
+    n.notify("done", "one")
+    assert wait_for(lambda: len(hook.bodies) == 1)
+    t0 = time.monotonic()
+    n.close(timeout=5.0)
+    assert time.monotonic() - t0 < 1.0
+    assert n.stats == {"sent": 0, "failed": 1, "dropped": 0} and len(hook.bodies) == 1

@@ -3,13 +3,14 @@ inbox, Retry-After honoured, and no read once it is closed."""
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import time
 
 import pytest
 
-from factory_worker.chat.slack import Conversation, SlackClient, ended_text, open_conversation
+from factory_worker.chat.slack import Conversation, SlackClient, SlackError, ended_text, open_conversation
 from factory_worker.config.settings import SlackSettings
 from harness import wait_until
 from tests.fake_slack import CHANNEL, FakeSlack
@@ -76,6 +77,27 @@ def test_retry_after_is_honoured_and_reads_go_on_afterwards(slack, tmp_path):
     first_after = min(t for t, ts in slack.reads if ts == conv.thread_ts and t > limited_at + 0.05)
     assert first_after - limited_at >= 0.9  # not before Retry-After
     conv.close()
+
+
+@pytest.mark.parametrize(
+    "retry_after, wait",
+    [
+        ("3", 3),
+        ("inf", 2),
+        ("-1", None),
+        ("later", None),
+        ("date", 1.5),
+    ],
+)
+def test_slacks_retry_after_is_read_by_the_one_reader_within_poll_max(slack, retry_after, wait):
+    """Seconds or an HTTP date, at most ``slack.poll_max_s`` (2 s here); an unusable one leaves the backoff."""
+    if retry_after == "date":  # an HTTP date 1.5 s from now (made when the test runs)
+        retry_after = email.utils.formatdate(time.time() + 1.5, usegmt=True)
+    slack.fail("chat.postMessage", 429, headers={"Retry-After": retry_after})
+    with pytest.raises(SlackError, match="rate limited") as limited:
+        SlackClient(cfg(slack)).call("chat.postMessage", channel=CHANNEL, text="t")
+    assert limited.value.status == 429
+    assert limited.value.retry_after == (None if wait is None else pytest.approx(wait, abs=1))
 
 
 def test_a_failed_open_is_logged_and_the_agent_runs_without_a_thread(slack, tmp_path, caplog):

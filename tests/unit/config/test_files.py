@@ -160,11 +160,23 @@ def test_isolation_settings_from_env(monkeypatch):
     assert AgentSettings(user=1000, group=1000).user == "1000"  # TOML numbers
 
 
+def test_agents_as_root_only_when_written(monkeypatch):
+    """agent.user = root (or uid 0) is a choice one writes (issue 20: a root worker refuses agents without it)."""
+    for value in ("root", "0"):
+        set_env(monkeypatch, {"FACTORY_AGENT__USER": value})
+        assert load_settings().agent.user == "root"
+    assert load_settings(agent={"pid_namespace": "off"}).agent.pid_namespace == "off"
+    assert AgentSettings().pid_namespace == "auto"
+
+
 @pytest.mark.parametrize(
     "env,expected",
     [
-        ({"FACTORY_AGENT__USER": "root"}, "invalid setting agent.user (FACTORY_AGENT__USER): must not be root"),
-        ({"FACTORY_AGENT__USER": "0"}, "invalid setting agent.user (FACTORY_AGENT__USER): must not be root"),
+        (
+            {"FACTORY_AGENT__USER": "root", "FACTORY_AGENT__GROUP": "nogroup"},
+            "invalid setting agent.group (FACTORY_AGENT__GROUP): needs an agent.user other than root",
+        ),
+        ({"FACTORY_AGENT__PID_NAMESPACE": "yes"}, "invalid setting agent.pid_namespace (FACTORY_AGENT__PID_NAMESPACE)"),
         (
             {"FACTORY_AGENT__USER": "a b"},
             "invalid setting agent.user (FACTORY_AGENT__USER): must be a name or a number",

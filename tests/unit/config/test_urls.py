@@ -75,3 +75,37 @@ def test_resp3_is_refused_in_one_line(url):
 
 def test_resp2_spelt_out_is_accepted():
     assert urls.validate("redis://h:6379/0?protocol=2") == "redis://h:6379/0?protocol=2"
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:guest@rabbit:5672/factory", "amqps://u:p@rabbit.example/%2F"])
+def test_rabbitmq_is_a_broker_with_kombus_pyamqp_transport_and_the_ledger_stays_on_redis(url):
+    from factory_worker.worker.app import celery_config
+
+    s = load_settings(broker_url=url)
+    assert s.effective_broker_url == url and s.effective_redis_url.startswith("redis://")
+    conf = celery_config(s)
+    tls = url.startswith("amqps")
+    assert conf["broker_transport"] == f"kombu.transport.pyamqp:{'SSLTransport' if tls else 'Transport'}"
+    # agent tasks are acknowledged at begin (late, then early by worker/acks.py); loop tasks as on Redis
+    assert conf["task_acks_late"] is False
+    assert conf["task_annotations"] == {n: {"acks_late": True} for n in ("factory.agent.run", "factory.agent.stage")}
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    assert "p@" not in mask_url(url) and "guest:guest" not in mask_url(url)
+    with pytest.raises(ConfigError, match="must start with redis://"):
+        load_settings(redis_url=url)  # the ledger is Redis only
+
+
+def test_a_redis_broker_keeps_early_acks_and_the_visibility_timeout():
+    from factory_worker.worker.app import celery_config
+
+    conf = celery_config(load_settings())
+    assert conf["task_annotations"] is None and conf["task_acks_late"] is False
+    assert conf["broker_transport_options"]["visibility_timeout"] == 3600.0
+
+
+@pytest.mark.parametrize(
+    "url, words", [("amqp:///vhost", "needs a host"), ("amqp://h:port/v", "bad URL"), ("kafka://h", "amqp://")]
+)
+def test_a_bad_broker_url_is_one_line(url, words):
+    with pytest.raises(ValueError, match=words):
+        urls.validate_broker(url)

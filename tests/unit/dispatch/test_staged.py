@@ -16,6 +16,7 @@ from factory_worker.dispatch.staged import run_inline, run_stage
 from factory_worker.ledger.core import StaleClaimError
 from factory_worker.ledger.stages import StageLedger
 from factory_worker.sources.base import Issue
+from tests.support import AGENT_USER
 
 AGENT = str(Path(__file__).resolve().parents[2] / "stage_agent.py")
 
@@ -208,6 +209,7 @@ def test_escalation_is_written_back_and_explain_shows_the_stage(fake_redis, make
             "log_dir": str(tmp_path / "l"),
             "workdir_root": str(tmp_path / "w"),
             "stages": [{"name": "implement", "command": ["true"]}],
+            **AGENT_USER,
         },
     )
     ctx = Context(s, fake_redis, FileSource(issues_file))
@@ -232,7 +234,7 @@ def test_the_example_pipeline_runs(fake_redis, make_settings, tmp_path, monkeypa
     monkeypatch.chdir(root)
     monkeypatch.setenv("FACTORY_CONFIG", str(root / "examples" / "pipeline.toml"))
     s = make_settings(
-        agent={"log_dir": str(tmp_path / "logs"), "workdir_root": str(tmp_path / "work")},
+        agent={"log_dir": str(tmp_path / "logs"), "workdir_root": str(tmp_path / "work"), **AGENT_USER},
         dispatch={"lease_ttl_s": 10, "queue_lease_s": 10},
     )
     assert [x.name for x in s.agent.stages] == ["implement", "review"] and s.agent.triage is not None

@@ -348,6 +348,33 @@ def test_devstack_runs_a_loop_worker_and_agent_workers() -> None:
         argv = cmds[f"worker{i}"]
         assert _queues(argv) == {AGENT_QUEUE} and argv[argv.index("-n") + 1] == f"worker{i}@%h"
         assert argv[argv.index("-c") + 1] == "4"
+        assert _pool(argv) == "threads"
+    assert _pool(loop) == "prefork"
+
+
+def _pool(argv: list[str]) -> str:
+    """A celery worker argv's pool (``-P``/``--pool``; prefork when not given)."""
+    for i, tok in enumerate(argv):
+        if tok in ("-P", "--pool"):
+            return argv[i + 1]
+        if tok.startswith("--pool="):
+            return tok.split("=", 1)[1]
+    return "prefork"
+
+
+def test_agent_workers_run_the_threads_pool_with_a_documented_concurrency_and_the_loop_worker_prefork() -> None:
+    """Issue 26: agent workers (compose, k8s, systemd) run ``-P threads -c N`` with N written in docs/deploy.md;
+    the loop worker keeps prefork."""
+    doc = DOC.read_text()
+    argvs = _worker_argvs()
+    for where, argv in argvs:
+        if _queues(argv) == {AGENT_QUEUE}:
+            assert _pool(argv) == "threads", where
+            c = argv[argv.index("-c") + 1]
+            assert c.isdigit() and f"-P threads -c {c}" in doc, where
+        else:
+            assert _pool(argv) == "prefork", where
+    assert sum(_queues(a) == {AGENT_QUEUE} for _, a in argvs) >= 3
 
 
 # -- settings ------------------------------------------------------------------------------------------------

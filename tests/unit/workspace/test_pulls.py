@@ -93,3 +93,21 @@ def test_the_token_goes_to_the_api_only_as_a_header(gh):
     PullRequests(gh.url, "acme/widgets", "s3cret", client=client).ensure("factory/3", "main", "t", "b")
     assert seen and all(auth == "Bearer s3cret" and "s3cret" not in url for url, auth in seen)
     assert all(url.startswith(gh.url) for url, _ in seen)
+
+
+@pytest.mark.parametrize(
+    "status, headers, slept",
+    [
+        (429, {"Retry-After": "4"}, 4.0),
+        (403, {"Retry-After": "3"}, 3.0),  # a secondary rate limit: retried, not permanent
+        (403, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "99999999999"}, 30.0),  # at most MAX_WAIT_S
+        (503, {"Retry-After": "2"}, 2.0),
+        (502, {}, 0.25),  # no ask: the backoff's first window
+    ],
+)
+def test_a_retry_waits_as_github_asks_at_most_max_wait(gh, status, headers, slept):
+    sleeps: list[float] = []
+    gh.fail("GET", "/pulls", status, headers=headers)
+    p = PullRequests(gh.url, "acme/widgets", "tok", client=CLIENT, sleep=sleeps.append)
+    assert p.ensure("factory/9", "main", "t", "b").created
+    assert sleeps == [pytest.approx(slept, abs=1)]

@@ -3,6 +3,7 @@ a slow GitHub, 5xx and 429, and the marker that keeps a retried event to one com
 
 from __future__ import annotations
 
+import email.utils
 import re
 import time
 
@@ -63,6 +64,33 @@ def test_server_errors_and_rate_limits_are_retried_later_never_parked(gh):
     assert limited.value.retry_after == 7 and not limited.value.permanent
     w.deliver(done())
     assert len(issue.comments) == 1
+
+
+def _http_date(value: str) -> str:
+    """``date+N``: the HTTP date N seconds from now (made when the test runs, not when it is collected)."""
+    if not value.startswith("date+"):
+        return value
+    return email.utils.formatdate(time.time() + float(value[5:]), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    "status, headers, wait",
+    [
+        (429, {"Retry-After": "inf"}, 300),  # the source's cap (github_max_retry_after_s), not for ever
+        (429, {"Retry-After": "date+120"}, 120),  # an HTTP date, 120 s from now
+        (403, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(time.time()) + 3600)}, 300),
+        (403, {"Retry-After": "9"}, 9),  # a secondary rate limit
+        (429, {}, 60),  # a rate limit that says nothing: GitHub's minute, as the source waits
+    ],
+)
+def test_a_rate_limit_is_read_as_the_source_reads_it(gh, status, headers, wait):
+    gh.add(7, "t")
+    headers = {k: _http_date(v) for k, v in headers.items()}
+    gh.fail("GET", "/comments", status, headers=headers)
+    with pytest.raises(DeliveryError) as limited:
+        writer(gh).deliver(done())
+    assert limited.value.retry_after == pytest.approx(wait, abs=2)
+    assert not limited.value.permanent and limited.value.status == status
 
 
 def test_an_issue_github_does_not_have_is_a_permanent_failure(gh):
