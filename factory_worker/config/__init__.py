@@ -1,6 +1,8 @@
 """config/: the settings (pydantic-settings models, ``FACTORY_*`` env and TOML loading, validation), settings
-read from files (``*_FILE`` secrets, the trust checks of config files), Redis URLs, and the defaults and lease
-arithmetic the CLI's early path shares (:mod:`.defaults`, :mod:`.leases`: standard library only).
+read from files (``*_FILE`` secrets, the trust checks of config files: :mod:`.trust`), Redis URLs, the recovery
+commands' few settings read from every source (:mod:`.essentials`), and the defaults and lease arithmetic the
+CLI's early path shares (:mod:`.defaults`, :mod:`.leases`; these, :mod:`.trust` and :mod:`.essentials` are
+standard library only).
 
 May import: nothing of factory_worker (the bottom room). Importing this package is cheap: the settings'
 public names (``Settings``, ``load_settings``, ``ConfigError``, ...) load on first use.
