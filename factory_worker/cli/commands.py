@@ -145,7 +145,7 @@ def start_loop_cmd(max_iterations: int | None, as_json: bool) -> None:
         if not d["live_workers"]:
             click.echo(
                 f"warning: no live worker: the run's tasks wait in {ctx.keys.loop_queue} until one starts "
-                "(loop-status says live until the heartbeat goes stale)",
+                "(loop-status says so: no-worker, exit 1)",
                 err=True,
             )
 

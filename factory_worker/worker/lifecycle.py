@@ -179,12 +179,13 @@ class WorkerPresence(bootsteps.StartStopStep):
             log.warning("could not remove worker keys (%s: %s): they expire by their TTL", type(exc).__name__, exc)
 
     def facts(self) -> WorkerFacts:
-        """What this worker consumes and how busy it is: its consumer's queues and, while its loop lane's thread
-        lives, the loop queue the lane took off the consumer (a dead lane consumes nothing: loop-status says
-        that no worker consumes the loop queue)."""
+        """What this worker consumes and how busy it is: its consumer's queues and, unless its loop lane's thread
+        died, the loop queue the lane took off the consumer (a dead lane consumes nothing: loop-status says that
+        no worker consumes the loop queue)."""
         agents, waiting = busy()
         lane = self.lane
-        on_lane = lane is not None and lane.queue is not None and lane.thread is not None and lane.thread.is_alive()
+        # the lane's thread starts with its step (maybe after this one): until then it is about to consume
+        on_lane = lane is not None and lane.queue is not None and (lane.thread is None or lane.thread.is_alive())
         queues = (
             tuple(sorted({*self.queues, lane.queue})) if on_lane and lane is not None and lane.queue else self.queues
         )
