@@ -45,6 +45,13 @@ class Keys:
     INBOX_TTL_S = 3600
     #: ``inbox(task_id)`` keeps at most this many undelivered lines (the oldest go first).
     INBOX_MAX_LINES = 1000
+    #: ``result(issue)`` (an issue's last result) expires this long after it was written.
+    RESULT_TTL_S = 90 * 24 * 3600
+    #: A result's summary keeps this many characters in the ledger and in the ``done`` outbox event.
+    RESULT_SUMMARY_MAX_CHARS = 2000
+    #: Fields of ``counters`` that sum what the agents' results reported: cost (micro-dollars) and tokens.
+    COST_COUNTER = "result_cost_microusd"
+    TOKENS_COUNTER = "result_tokens"
 
     @staticmethod
     def live_from(now_ms: int) -> int:
@@ -139,6 +146,12 @@ class Keys:
         only by ``stage.lua`` (by token), deleted by
         ``complete``/``fail``/``escalate``; a new claim of the same attempt resumes from it."""
         return self._k("stage", issue)
+
+    def result(self, issue: str) -> str:
+        """String (JSON, RESULT_TTL_S): the issue's last result, what its latest settled dispatch made in the
+        workspace: summary, branch, head sha, pull request URL, cost, tokens (``ledger/results.py``); written
+        in the round trip of that dispatch's settle."""
+        return self._k("result", issue)
 
     @property
     def counters(self) -> str:

@@ -3,8 +3,9 @@ again (reclaimed) when the process that made it died.
 
 Files of one dispatch, all in ``<workspace.root>/trees/`` (0711: an agent can enter its own worktree, not list
 the others): ``<name>/`` (the worktree), ``<name>.lock`` (its :class:`~.locks.HeldLock`, with a note naming
-the mirror and branch), ``<name>.result.json`` (``FACTORY_RESULT``), ``<name>.kept`` (kept on request). Its
-administrative directory is ``<mirror>/worktrees/<name>``.
+the mirror and branch), ``<name>.result.json`` (``FACTORY_RESULT``), ``<name>.issue.json``
+(``FACTORY_ISSUE_JSON``), ``<name>.kept`` (kept on request). Its administrative directory is
+``<mirror>/worktrees/<name>``.
 
 **What the agent may write in the mirror** (when it runs as another uid): its own worktree and admin
 directory (chowned to it), its branch's ref file and the directories of the branch namespace (group-writable
@@ -15,17 +16,22 @@ replace the worker's objects). Not the mirror's config, hooks, packs, remote-tra
 **Reclaim** (:func:`reclaim`, under the mirror's lock): a worktree of ours whose lock file can be locked
 (its process is gone: SIGKILL, OOM) and that was not kept is removed with its admin directory, its result file
 and its lock. Only names :data:`~.names.TREE_NAME` produced, under ``trees/``: a worktree someone else made
-from the mirror, or a live dispatch's, is never touched; ``git worktree prune`` is never run.
+from the mirror, or a live dispatch's, is never touched; ``git worktree prune`` is never run. A staged
+attempt's worktree between two stages (its lock free, its note ``staged``) is removed only when the caller's
+``keep`` does not claim it (the attempt is over, or was never recorded).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from factory_worker.workspace.git import Git
 from factory_worker.workspace.locks import note, take_if_free
@@ -34,6 +40,8 @@ from factory_worker.workspace.names import TREE_NAME
 log = logging.getLogger(__name__)
 
 Owner = tuple[int, int]  # (uid, gid)
+#: (worktree name, its lock's note) -> True to keep a staged attempt's worktree whose lock is free
+Keep = Callable[[str, dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Tree:
     lock_path: Path
     result_path: Path
     kept_path: Path
+    issue_path: Path
 
     @classmethod
     def at(cls, trees: Path, mirror: Path, name: str) -> Tree:
@@ -56,6 +65,7 @@ class Tree:
             trees / f"{name}.lock",
             trees / f"{name}.result.json",
             trees / f"{name}.kept",
+            trees / f"{name}.issue.json",
         )
 
 
@@ -144,7 +154,19 @@ def remove(tree: Tree, owner: Owner | None) -> None:
     for path in (tree.path, tree.admin):
         _rmtree(path, owner)
     tree.result_path.unlink(missing_ok=True)
+    tree.issue_path.unlink(missing_ok=True)
     tree.kept_path.unlink(missing_ok=True)
+
+
+def write_issue(tree: Tree, issue: dict[str, Any], owner: Owner | None) -> None:
+    """The issue as JSON beside the worktree (``FACTORY_ISSUE_JSON``; not in it: ``git add -A`` would commit
+    it): the worker's, 0640 with the agent's group (0600 when the agent is the worker's own user)."""
+    fd = os.open(tree.issue_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fh.fileno(), -1, owner[1])
+            os.fchmod(fh.fileno(), 0o640)
+        fh.write(json.dumps(issue, ensure_ascii=False, indent=2) + "\n")
 
 
 def _rmtree(path: Path, owner: Owner | None) -> None:
@@ -188,9 +210,9 @@ def owner_of(path: Path) -> Owner | None:
     return None if st.st_uid == os.geteuid() else (st.st_uid, st.st_gid)
 
 
-def reclaim(mirror: Path, trees: Path) -> list[str]:
+def reclaim(mirror: Path, trees: Path, keep: Keep | None = None) -> list[str]:
     """Remove this mirror's worktrees whose dispatch is gone (see the module); the names removed. The caller
-    holds the mirror's lock."""
+    holds the mirror's lock. ``keep``: asked about a staged attempt's worktree whose lock is free."""
     gone: list[str] = []
     names = set()
     for admin in sorted((mirror / "worktrees").glob("*")):
@@ -211,6 +233,10 @@ def reclaim(mirror: Path, trees: Path) -> list[str]:
         fd = take_if_free(tree.lock_path)
         if fd is None and tree.lock_path.exists():
             continue  # a live dispatch holds it
+        if fd is not None and keep is not None and (held := note(tree.lock_path)).get("staged"):
+            if _kept(keep, name, held):  # between two stages of a live attempt
+                os.close(fd)
+                continue
         try:
             remove(tree, owner_of(tree.path))
             tree.lock_path.unlink(missing_ok=True)
@@ -225,3 +251,11 @@ def reclaim(mirror: Path, trees: Path) -> list[str]:
             tmp.unlink(missing_ok=True)
             os.close(fd)
     return gone
+
+
+def _kept(keep: Keep, name: str, held: dict[str, Any]) -> bool:
+    try:
+        return bool(keep(name, held))
+    except Exception as exc:  # cannot tell (Redis down): keep it, a later reclaim decides
+        log.warning("could not tell whether the staged worktree %s is still in use (%s): kept", name, exc)
+        return True
