@@ -18,6 +18,7 @@ from factory_worker.context import Context
 from factory_worker.dispatch.job import Job
 from factory_worker.dispatch.single import execute
 from factory_worker.dispatch.staged import run_inline
+from factory_worker.ops.metrics import render
 from factory_worker.ops.operations import explain
 from factory_worker.sources import FileSource
 from factory_worker.sources.base import Issue
@@ -128,6 +129,9 @@ def test_the_agent_works_in_its_worktree_and_the_factory_pushes(
     assert record["summary"] == "did I-1" and record["cost_usd"] == 0.25 and record["tokens"] == 100
     counters = ctx.ledger.counters()
     assert counters["result_cost_microusd"] == 250_000 and counters["result_tokens"] == 100
+    metrics = render(ctx)  # the metrics sum them
+    assert "factory_agent_cost_usd_total 0.25" in metrics and "factory_agent_tokens_total 100.0" in metrics
+    assert "result_cost_microusd" not in metrics
     e = ctx.ledger.explain("I-1")
     assert e.state == "done" and e.detail["result"]["head_sha"] == head and "branch factory/I-1" in e.text
     assert ctx.ledger.entries("done")[0]["result"]["summary"] == "did I-1"  # dispatches --json
