@@ -85,7 +85,8 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None, tree: 
     if prog is None:
         if tree is None:
             return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id)
-        return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id, env=tree.env, workdir=tree.cwd)
+        env = tree_env(job, tree)
+        return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id, env=env, workdir=tree.cwd)
     agent = job.ctx.settings.agent
     if prog.stage == TRIAGE and agent.triage is not None:
         command, timeout_s = agent.triage.command, agent.triage.timeout_s
@@ -105,7 +106,7 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None, tree: 
         "FACTORY_STAGE": prog.stage,
         "FACTORY_ROUND": str(prog.round),
         "FACTORY_STEP": str(prog.step),
-        **(tree.env if tree is not None else {}),
+        **(tree_env(job, tree) if tree is not None else {}),
     }
     return Dispatch(
         issue=job.issue,
@@ -116,6 +117,16 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None, tree: 
         timeout_s=timeout_s,
         workdir=workdir,
     )
+
+
+def tree_env(job: Job, tree: Prepared) -> dict[str, str]:
+    """What an agent in worktree ``tree`` gets added: its variables, and ``HOME`` beside the worktree (unless
+    ``HOME`` is allowlisted): a tool's config or cache written to the home directory is not in the worktree,
+    where the factory would commit it."""
+    env = dict(tree.env)
+    if "HOME" not in job.ctx.settings.agent.env_allowlist:
+        env["HOME"] = str(tree.home)
+    return env
 
 
 def converse(job: Job, dispatch: Dispatch, ident: Identity | None, prog: Progress | None) -> AgentInbox | None:

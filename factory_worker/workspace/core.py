@@ -136,6 +136,7 @@ class Workspace:
             trees.give(mirror.path, tree, branch, owner)
             make_result_file(tree.result_path, owner[1] if owner else None)
             trees.write_issue(tree, issue.as_json_dict(), owner)
+            trees.make_home(tree, owner)
         except BaseException:
             trees.remove(tree, owner)
             lock.release()

@@ -4,7 +4,8 @@ again (reclaimed) when the process that made it died.
 Files of one dispatch, all in ``<workspace.root>/trees/`` (0711: an agent can enter its own worktree, not list
 the others): ``<name>/`` (the worktree), ``<name>.lock`` (its :class:`~.locks.HeldLock`, with a note naming
 the mirror and branch), ``<name>.result.json`` (``FACTORY_RESULT``), ``<name>.issue.json``
-(``FACTORY_ISSUE_JSON``), ``<name>.kept`` (kept on request). Its administrative directory is
+(``FACTORY_ISSUE_JSON``), ``<name>.home/`` (the agent's ``HOME``: what its tools write there, a CLI's config
+or cache, is not in the worktree, so never committed), ``<name>.kept`` (kept on request). Its administrative directory is
 ``<mirror>/worktrees/<name>``.
 
 **What the agent may write in the mirror** (when it runs as another uid): its own worktree and admin
@@ -55,6 +56,7 @@ class Tree:
     result_path: Path
     kept_path: Path
     issue_path: Path
+    home: Path
 
     @classmethod
     def at(cls, trees: Path, mirror: Path, name: str) -> Tree:
@@ -66,6 +68,7 @@ class Tree:
             trees / f"{name}.result.json",
             trees / f"{name}.kept",
             trees / f"{name}.issue.json",
+            trees / f"{name}.home",
         )
 
 
@@ -151,11 +154,18 @@ def _share(folder: Path, gid: int, mode: int) -> None:
 
 def remove(tree: Tree, owner: Owner | None) -> None:
     """Remove the worktree, its admin directory and result file (the lock is the caller's, last)."""
-    for path in (tree.path, tree.admin):
+    for path in (tree.path, tree.admin, tree.home):
         _rmtree(path, owner)
     tree.result_path.unlink(missing_ok=True)
     tree.issue_path.unlink(missing_ok=True)
     tree.kept_path.unlink(missing_ok=True)
+
+
+def make_home(tree: Tree, owner: Owner | None) -> None:
+    """The agent's ``HOME`` beside its worktree: 0700, the agent's."""
+    os.mkdir(tree.home, 0o700)
+    if owner is not None and owner != (os.geteuid(), os.getegid()):
+        os.chown(tree.home, *owner)
 
 
 def write_issue(tree: Tree, issue: dict[str, Any], owner: Owner | None) -> None:

@@ -62,6 +62,11 @@ class Prepared:
         return self.tree.result_path
 
     @property
+    def home(self) -> Path:
+        """A ``HOME`` for the agent beside the worktree (what its tools write there is never committed)."""
+        return self.tree.home
+
+    @property
     def env(self) -> dict[str, str]:
         """What the agent's environment gains (never a credential); ``FACTORY_ISSUE_JSON`` is beside the
         worktree, not in it."""

@@ -40,6 +40,7 @@ cwd = pathlib.Path.cwd()
 with open(out / "runs.jsonl", "a") as fh:
     fh.write(json.dumps({"issue": issue["id"], "cwd": str(cwd), "env": dict(os.environ),
                          "files": sorted(p.name for p in cwd.iterdir())}) + "\n")
+pathlib.Path(os.environ["HOME"], ".toolrc").write_text("a tool's config")
 mine = cwd / (issue["id"] + ".txt")
 if mode in ("commit", "leave") and not mine.exists():
     mine.write_text(issue["title"] + "\n")
@@ -117,6 +118,7 @@ def test_the_agent_works_in_its_worktree_and_the_factory_pushes(
     assert run["files"] == [".git", "README.md"]  # the checkout, and nothing of the factory's
     assert Path(env["FACTORY_ISSUE_JSON"]).parent == cwd.parent  # beside the worktree, not in it
     assert Path(env["FACTORY_RESULT"]).parent == cwd.parent
+    assert Path(env["HOME"]).parent == cwd.parent  # a home of its own, not the worktree
     assert SECRET not in json.dumps(env) and "GITHUB_TOKEN" not in env
     assert env["FACTORY_BASE_SHA"] == git(f"--git-dir={path}", "rev-parse", "main")
     assert remote_log(path, "factory/I-1") == ["agent: I-1"]  # exactly its agent's commit
@@ -153,7 +155,7 @@ def test_leftovers_are_committed_and_no_changes_is_done_or_failed(fake_redis, ma
         == "done"
     )
     assert remote_log(path, "factory/I-1") == ["factory: I-1"]  # the result's commit_message
-    assert "I-1.txt" in remote_files(path, "factory/I-1")
+    assert remote_files(path, "factory/I-1") == {"README.md", "I-1.txt"}  # not what it wrote to its HOME
     res = dispatch(ctx, {"id": "I-2", "title": "two", "state": "ready"}, runner(ctx, tmp_path, out, "nothing"))
     assert res["settled"] == "done" and res["workspace"]["no_changes"] is True
     assert ctx.ledger.result("I-2")["no_changes"] is True and "no changes" in ctx.ledger.explain("I-2").text
