@@ -23,7 +23,7 @@ from factory_worker.config.settings import NoChanges, secret_from_env
 from factory_worker.workspace import publish as pub
 from factory_worker.workspace import trees
 from factory_worker.workspace.git import Credential, Git, GitError, write_askpass
-from factory_worker.workspace.locks import HeldLock, LockTimeout, exclusive, note
+from factory_worker.workspace.locks import HeldLock, LockTimeout, exclusive
 from factory_worker.workspace.mirror import Mirror
 from factory_worker.workspace.names import TREE_NAME, branch_for, tree_name
 from factory_worker.workspace.pulls import PullRequestError, PullRequests
@@ -118,7 +118,7 @@ class Workspace:
         self, mirror: Mirror, issue: Issue, branch: str, attempt: int, owner: trees.Owner | None, name: str | None
     ) -> Prepared:
         base, base_sha = mirror.base(self.settings.base)
-        start, how = self._start(mirror, branch, base_sha)
+        start, how = mirror.branch_start(branch, base_sha)
         self._free(mirror, branch)
         tree = trees.Tree.at(self.trees_dir, mirror.path, name or tree_name(branch, attempt))
         about: dict[str, Any] = {
@@ -151,61 +151,15 @@ class Workspace:
     ) -> Prepared | None:
         """The worktree ``name`` an earlier stage of this attempt made and handed over, locked for this stage;
         None when there is none on this root (then a new one is made on the branch, as for a first stage)."""
-        tree = trees.Tree.at(self.trees_dir, mirror.path, name)
-        if not tree.path.is_dir():
+        found = trees.attach(self.trees_dir, mirror.path, name, branch)
+        if found is None:
             return None
-        lock = HeldLock.take(tree.lock_path)
-        if lock is None:
-            if tree.lock_path.exists():
-                raise WorkspaceError(f"the worktree {name} is in use by another dispatch")
-            trees.remove(tree, trees.owner_of(tree.path))  # no lock, so no note to continue from: made again
-            return None
-        try:
-            held = note(tree.lock_path)
-            head = (tree.admin / "HEAD").read_text().strip() if tree.admin.is_dir() else ""
-            if held.get("mirror") != str(mirror.path) or held.get("branch") != branch:
-                raise WorkspaceError(f"the worktree {name} is not {branch}'s of {mirror.url}")
-            if head != f"ref: refs/heads/{branch}" or not all(held.get(k) for k in ("base", "base_sha", "start_sha")):
-                raise WorkspaceError(f"the worktree {name} is not on {branch} any more")
-        except BaseException:
-            lock.release(unlink=False)
-            raise
+        tree, lock, held = found
         log.info("worktree %s on %s: the next stage of the attempt for issue %r", tree.path, branch, issue_id)
+        base, base_sha, start = (str(held[k]) for k in ("base", "base_sha", "start_sha"))
         return Prepared(
-            issue_id,
-            mirror.url,
-            branch,
-            str(held["base"]),
-            str(held["base_sha"]),
-            str(held["start_sha"]),
-            "attempt",
-            attempt,
-            tree,
-            mirror.path,
-            owner,
-            lock,
+            issue_id, mirror.url, branch, base, base_sha, start, "attempt", attempt, tree, mirror.path, owner, lock
         )
-
-    def _start(self, mirror: Mirror, branch: str, base_sha: str) -> tuple[str, str]:
-        """Where the branch starts: this worker's earlier attempt (unpushed commits), the pushed branch, or
-        the base. Both, diverged: the pushed one wins (someone else's commits are not dropped)."""
-        local, remote = mirror.tip(f"refs/heads/{branch}"), mirror.tip(f"refs/remotes/origin/{branch}")
-        if local and remote:
-            if local == remote or mirror.is_ancestor(remote, local):
-                return local, "local"
-            if not mirror.is_ancestor(local, remote):
-                log.warning(
-                    "%s: this worker's %s and the remote's %s diverged: continuing the remote's",
-                    branch,
-                    local[:12],
-                    remote[:12],
-                )
-            return remote, "remote"
-        if local:
-            return local, "local"
-        if remote:
-            return remote, "remote"
-        return base_sha, "base"
 
     def _free(self, mirror: Mirror, branch: str) -> None:
         """Make sure no other worktree holds ``branch``: an orphan's is reclaimed, a kept one is detached from

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from factory_worker.workspace.git import Git
-from factory_worker.workspace.locks import note, take_if_free
+from factory_worker.workspace.locks import HeldLock, note, take_if_free
 from factory_worker.workspace.names import TREE_NAME
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,32 @@ def remove(tree: Tree, owner: Owner | None) -> None:
     tree.result_path.unlink(missing_ok=True)
     tree.issue_path.unlink(missing_ok=True)
     tree.kept_path.unlink(missing_ok=True)
+
+
+def attach(trees: Path, mirror: Path, name: str, branch: str) -> tuple[Tree, HeldLock, dict[str, Any]] | None:
+    """The worktree ``name`` a staged attempt's earlier stage made and handed over, its lock taken by this
+    process, and its lock's note (base, base_sha, start_sha); None when there is none (a lock file missing too:
+    the leftover is removed, the caller makes a new one). RuntimeError when it is in use, or not ``branch``'s."""
+    tree = Tree.at(trees, mirror, name)
+    if not tree.path.is_dir():
+        return None
+    lock = HeldLock.take(tree.lock_path)
+    if lock is None:
+        if tree.lock_path.exists():
+            raise RuntimeError(f"the worktree {name} is in use by another dispatch")
+        remove(tree, owner_of(tree.path))  # no lock, so no note to continue from: made again
+        return None
+    try:
+        held = note(tree.lock_path)
+        head = (tree.admin / "HEAD").read_text().strip() if tree.admin.is_dir() else ""
+        if held.get("mirror") != str(mirror) or held.get("branch") != branch:
+            raise RuntimeError(f"the worktree {name} is not {branch}'s of this mirror")
+        if head != f"ref: refs/heads/{branch}" or not all(held.get(k) for k in ("base", "base_sha", "start_sha")):
+            raise RuntimeError(f"the worktree {name} is not on {branch} any more")
+    except BaseException:
+        lock.release(unlink=False)
+        raise
+    return tree, lock, held
 
 
 def make_home(tree: Tree, owner: Owner | None) -> None:
