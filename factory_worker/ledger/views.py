@@ -14,6 +14,7 @@ import redis
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import INVALID, as_int, gauge_commands, parse_counters, parse_gauges, shown
 from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored, server_now_ms
+from factory_worker.ledger.results import parse_result
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
 
@@ -56,7 +57,24 @@ class LedgerView:
         return None if token is None else str(token)
 
     def entries(self, state: str) -> list[dict[str, Any]]:
-        """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
+        """The ledger issue by issue for ``state`` (one of :data:`STATES`), each with its last ``result`` when
+        it has one (``ledger/results.py``)."""
+        return self.with_results(self._entries(state))
+
+    def with_results(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` (each with an ``issue``), each given its last ``result`` if any: one ``MGET`` per 500."""
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            for row, raw in zip(chunk, self.r.mget([self.keys.result(row["issue"]) for row in chunk])):
+                if (found := parse_result(raw)) is not None:
+                    row["result"] = found
+        return rows
+
+    def result(self, issue: str) -> dict[str, Any] | None:
+        """``issue``'s last result (``ledger/results.py``), or None."""
+        return parse_result(self.r.get(self.keys.result(issue)))
+
+    def _entries(self, state: str) -> list[dict[str, Any]]:
         k = self.keys
         now = self.now_ms()
         if state == "in-flight":

@@ -71,7 +71,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
             f"there in a ready state (the ledger alone says: {e.state})",
             e.detail,
         )
-    verdict = Rules.from_settings(ctx.settings.source).check(issue)
+    verdict = Rules.from_settings(ctx.settings.source, ctx.settings.workspace).check(issue)
     if verdict is not None:
         return Explanation(
             issue_id,
