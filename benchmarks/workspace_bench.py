@@ -9,10 +9,13 @@ Phases:
   cold     a fresh workspace root for every sample: the mirror is cloned, then the worktree made
   warm     one root, the mirror already cloned: a fetch, then the worktree (each sample a new issue)
   release  removing a worktree after its run
+  dispatch the wired dispatch (``dispatch.single.execute`` on fakeredis, the configured command agent): from
+           the claim to the agent's first instruction (a ``sh`` that stamps the time): begin, prepare (cold: a
+           fresh root, so a clone; warm: a fetch), the agent's environment and spawn
 Disk: a worktree's allocated bytes (``du``: the checkout; objects live once in the mirror) and the mirror's.
 
 Options: --files, --file-kb, --commits (the repository), --cold-runs, --warm-runs, --uid (give worktrees to this
-uid, e.g. 65534 when running as root: adds the chown walk), --json.
+uid, e.g. 65534 when running as root: adds the chown walk), --no-dispatch (skip the dispatch phase), --json.
 """
 
 from __future__ import annotations
@@ -81,6 +84,47 @@ def du(path: Path) -> int:
     return total + os.lstat(path).st_blocks * 512
 
 
+def dispatch_to_start(work: Path, url: str, runs: int, cold: bool) -> list[float]:
+    """Seconds from the claim to the agent's first instruction, through ``execute`` (each run a new issue)."""
+    import fakeredis
+
+    from factory_worker.context import Context
+    from factory_worker.dispatch.job import Job
+    from factory_worker.dispatch.single import execute
+    from factory_worker.loop.presence import publish_slots
+
+    stamps = work / "stamps"
+    stamps.mkdir(exist_ok=True)
+    agent = ["sh", "-c", f'date +%s.%N > "{stamps}/$FACTORY_ISSUE_ID"']
+    r = fakeredis.FakeRedis(decode_responses=True)
+    kind = "cold" if cold else "warm"
+
+    def context(n: int) -> Context:
+        settings = load_settings(
+            namespace=f"bench-{kind}-{n}",
+            workspace={"repo_url": url, "root": str(work / f"dispatch-{kind}-{n if cold else 0}")},
+            agent={"command": agent, "log_dir": str(work / "logs"), "workdir_root": str(work / "agents")},
+            dispatch={"max_in_flight": 1000},
+        )
+        ctx = Context(settings, r)
+        publish_slots(ctx, "bench", 1000)
+        return ctx
+
+    out, ctx = [], context(0)
+    for n in range(runs + (0 if cold else 1)):  # warm: a first dispatch clones the mirror
+        if cold:
+            ctx = context(n)
+        iid = f"d{kind}-{n}"
+        t = time.time()
+        claim = ctx.ledger.claim([iid]).claims[0]
+        res = execute(Job(ctx, f"task-{iid}", {"id": iid, "title": "bench", "state": "ready"}, claim.token))
+        if res.get("settled") != "done":
+            raise RuntimeError(f"dispatch {iid}: {res}")
+        if cold or n:
+            out.append(float((stamps / iid).read_text()) - t)
+    return out
+
+
 def workspace(root: Path, url: str) -> Workspace:
     return Workspace.from_settings(load_settings(workspace={"repo_url": url, "root": str(root)}))
 
@@ -93,6 +137,7 @@ def main() -> int:
     ap.add_argument("--cold-runs", type=int, default=3)
     ap.add_argument("--warm-runs", type=int, default=10)
     ap.add_argument("--uid", type=int, default=None, help="give the worktrees to this uid (its group too)")
+    ap.add_argument("--no-dispatch", action="store_true", help="skip the dispatch phase (claim to agent start)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="workspace-bench-"))
@@ -120,12 +165,18 @@ def main() -> int:
             t = time.perf_counter()
             ws.release(p)
             release.append(time.perf_counter() - t)
+        dispatch: dict[str, list[float]] = {"cold": [], "warm": []}
+        if not args.no_dispatch:
+            dispatch["cold"] = dispatch_to_start(work, url, args.cold_runs, cold=True)
+            dispatch["warm"] = dispatch_to_start(work, url, args.warm_runs, cold=False)
         summary = {
             "repository": {"files": args.files, "file_kb": args.file_kb, "commits": args.commits},
             "uid": args.uid,
             "cold_prepare_s": stats(cold),
             "warm_prepare_s": stats(warm),
             "release_s": stats(release),
+            **({} if args.no_dispatch else {"claim_to_agent_cold_s": stats(dispatch["cold"])}),
+            **({} if args.no_dispatch else {"claim_to_agent_warm_s": stats(dispatch["warm"])}),
             "disk_per_dispatch_mib": round(tree_bytes / 2**20, 2),
             "mirror_mib": round(mirror_bytes / 2**20, 2),
         }
@@ -137,7 +188,11 @@ def main() -> int:
                 ("cold_prepare_s", "claim -> worktree ready, cold mirror (clone)"),
                 ("warm_prepare_s", "claim -> worktree ready, warm mirror (fetch)"),
                 ("release_s", "worktree removed after the run"),
+                ("claim_to_agent_cold_s", "dispatch: claim -> agent started, cold mirror"),
+                ("claim_to_agent_warm_s", "dispatch: claim -> agent started, warm mirror"),
             ):
+                if key not in summary:
+                    continue
                 s = summary[key]
                 print(f"{label:48s} median {s['median']:.3f} s (min {s['min']:.3f}, max {s['max']:.3f})")
             print(f"{'disk per dispatch (worktree + admin dir)':48s} {summary['disk_per_dispatch_mib']} MiB")

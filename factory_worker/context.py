@@ -1,4 +1,5 @@
-"""The wiring every task, iteration and CLI command shares: settings, Redis, ledger, loop control, source.
+"""The wiring every task, iteration and CLI command shares: settings, Redis, ledger, loop control, source,
+the workspace.
 
 Celery-free. :class:`Context` builds each part lazily from :class:`~factory_worker.config.settings.Settings`;
 :func:`current` is the one per process (one Redis pool), used by the Celery tasks, the worker bootstep and
@@ -12,13 +13,14 @@ import logging
 import os
 import threading
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from factory_worker.config.settings import Settings, load_settings
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.redis_client import client as make_client
+from factory_worker.ledger.redis_client import decoded
 
 if TYPE_CHECKING:
     from redis import Redis  # in the class body below, ``redis`` is the property
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from factory_worker.ledger.core import Ledger
     from factory_worker.loop.control import LoopControl
     from factory_worker.sources import IssueSource
+    from factory_worker.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,21 @@ class Context:
         from factory_worker.chat.notify import Notifier
 
         return Notifier.from_settings(self.settings.notify)
+
+    @cached_property
+    def workspace(self) -> Workspace:
+        """This process's workspace (``workspace.*``; ``enabled`` is False without a repository): one per
+        process, as its mirrors' fetches coalesce and its locks are taken per process. A staged attempt's
+        worktree is kept between its stages while the attempt's progress still names it."""
+        from factory_worker.workspace import Workspace
+
+        return Workspace.from_settings(self.settings, keep_staged=self._staged_attempt_live)
+
+    def _staged_attempt_live(self, name: str, note: dict[str, Any]) -> bool:
+        issue = note.get("issue")
+        if not isinstance(issue, str) or not issue:
+            return False
+        return decoded(self.redis.hget(self.keys.stages(issue), "workdir")) == name
 
     @property
     def source(self) -> IssueSource:

@@ -13,7 +13,21 @@ import os
 import sys
 
 #: what an agent is given on purpose; any other FACTORY_* variable would be the worker's own
-GIVEN = {"FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
+#: what the agent is given by its documented contract (README, "The agent"): ids and paths, no credential
+GIVEN = {
+    "FACTORY_ISSUE_ID",
+    "FACTORY_ISSUE_JSON",
+    "FACTORY_DISPATCH_TOKEN",
+    "FACTORY_USAGE",
+    "FACTORY_INBOX",
+    "FACTORY_WORKDIR",
+    "FACTORY_FEEDBACK",
+    "FACTORY_RESULT",
+    "FACTORY_REPO_DIR",
+    "FACTORY_BRANCH",
+    "FACTORY_BASE_SHA",
+    "FACTORY_ROUND",
+}
 CREDENTIAL_NAMES = ("FACTORY_REDIS_URL=", "FACTORY_BROKER_URL=", "GITHUB_TOKEN=", "FLOWER_BASIC_AUTH=", "_TOKEN=")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 SETTLE_MARGIN_S = 2.25
 
 
-def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) -> Settled:
-    """Write an agent's outcome to the ledger by token; a stale token changes nothing.
+def settle(
+    job: Job, outcome: str, error: str = "", rider: Rider | None = None, result: dict[str, Any] | None = None
+) -> Settled:
+    """Write an agent's outcome to the ledger by token; a stale token changes nothing. ``result``: what a done
+    dispatch made (its summary and pull request go on the ``done`` event).
 
     A Redis outage (restart, failover) is retried for up to one lease TTL: the claim is still ours until
     then, and giving up early would make the issue run again. The last try is made at that deadline (a
@@ -43,7 +47,7 @@ def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) 
     failures = FailureLog(f"settling {job.issue_id} (Redis unavailable)", log)
     while True:
         try:
-            return _settle_once(job, outcome, error, rider)
+            return _settle_once(job, outcome, error, rider, result)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             left = deadline - time.monotonic()
             if left <= 0 and bounded:
@@ -63,13 +67,13 @@ def settle(job: Job, outcome: str, error: str = "", rider: Rider | None = None) 
             delay = min(delay * 2, 1.0)
 
 
-def _settle_once(job: Job, outcome: str, error: str, rider: Rider | None) -> Settled:
+def _settle_once(job: Job, outcome: str, error: str, rider: Rider | None, result: dict[str, Any] | None) -> Settled:
     ctx, issue_id, token = job.ctx, job.issue_id, job.token
     if rider is not None and rider.sent:  # a retry after a connection error: the rider went already
         rider = None
     try:
         if outcome == Outcome.OK:
-            ctx.ledger.complete(issue_id, token, rider)
+            ctx.ledger.complete(issue_id, token, rider, result)
             ctx.notifier.send_event("done", issue_id=issue_id)
             return Settled.DONE
         if outcome == Outcome.LEASE_LOST:

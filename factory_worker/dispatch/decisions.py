@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -62,7 +63,8 @@ class Move(StrEnum):
 @dataclass(frozen=True)
 class Decision:
     """What to do after a step (:class:`Move`), and with what: the next ``stage`` and its round, retries,
-    plan and feedback; the error of a failure or an escalation."""
+    plan and feedback; the error of a failure or an escalation; what the dispatch made in its workspace
+    (``record``, ``ledger/results.py``: written with the settle)."""
 
     kind: Move
     outcome: str = ""  # the finished step's outcome for the history: an Outcome or a StageOutcome word
@@ -72,6 +74,7 @@ class Decision:
     plan: list[str] | None = None
     feedback: str = ""
     error: str = ""
+    record: dict[str, Any] | None = None
 
 
 def parse_triage(output: str, known: list[str]) -> TriageVerdict:

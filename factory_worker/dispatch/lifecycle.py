@@ -1,10 +1,13 @@
 """The one life of a dispatch's step on a worker, for a single agent and for each stage of a staged attempt.
 
-:func:`run` builds the step (``steps.py``), runs it, decides what its end means (``decisions.py``: a single
-agent is the one-stage case, :func:`decide_single`) and :func:`finish` carries that out by token: complete,
+:func:`run` builds the step (``steps.py``; with a workspace its worktree, ``worktree.py``: prepared before the
+agent, published after an exit 0 that completes the dispatch, released always), runs it, decides what its end
+means (``decisions.py``: a single agent is the one-stage case, :func:`decide_single`) and :func:`finish`
+carries that out by token: complete,
 fail (backoff/park), release, escalate, or hand over to the next stage; with the task's bookkeeping (its
 running entry, record and stop flag) and the refill's first backlog pop riding in that write's round trip
-(:class:`~factory_worker.ledger.types.Rider`); then the freed slot is refilled from the backlog at once
+(:class:`~factory_worker.ledger.types.Rider`), and so does the dispatch's result (``ledger/results.py``); then
+the freed slot is refilled from the backlog at once
 (:func:`factory_worker.loop.iteration.refill`). Nothing between a task's start and its step's end can leave
 the claim unsettled: an exception there is a failed attempt, so a poisoned issue backs off and is parked
 instead of being re-dispatched every lease.
@@ -27,12 +30,15 @@ from factory_worker.dispatch.claims import settle
 from factory_worker.dispatch.decisions import Decision, Move, decide, decide_single, read_output
 from factory_worker.dispatch.job import Job
 from factory_worker.dispatch.steps import converse, dispatch_for, make_runner, run_step, tell
+from factory_worker.dispatch.worktree import Checkout, checkout, failed
 from factory_worker.ledger.keys import Keys
+from factory_worker.ledger.results import queue_result
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.ledger.stages import Progress, StageLedger
 from factory_worker.ledger.states import Outcome, ReleaseReason, Settled
 from factory_worker.ledger.types import Rider
 from factory_worker.loop.iteration import refill
+from factory_worker.workspace import WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +56,51 @@ def run(job: Job, prog: Progress | None = None) -> dict[str, Any]:
     result = job.result()
     conversation: AgentInbox | None = None
     ident = None
+    tree: Checkout | None = None
+    decision: Decision | None = None
     try:
         runner = job.runner or make_runner(job.ctx)
         ident = getattr(runner, "ident", None)
         if prog is not None:
             result["round"] = prog.round
-        dispatch = dispatch_for(job, prog, ident)
-        conversation = converse(job, dispatch, ident, prog)
-        if prog is not None:
-            log.info("issue %s: stage %s (step %d, round %d) starts", job.issue_id, prog.stage, prog.step, prog.round)
-        res = run_step(job, runner, dispatch)
-        if prog is None:
-            decision = decide_single(res.outcome, res.error)
+        tree = checkout(job, prog, ident)
+        if tree is not None and tree.lost:  # the claim went while the worktree was made: nothing runs
+            decision = Decision(Move.LOST, Outcome.LEASE_LOST, error=tree.lost)
         else:
-            output = read_output(res.log_path, Keys.FEEDBACK_MAX_BYTES)
-            decision = decide(job.ctx.settings.agent, prog, res.outcome, res.exit_code, res.error, output)
-        result.update(
-            exit_code=res.exit_code,
-            duration_s=round(res.duration_s, 3),
-            log=str(res.log_path) if res.log_path else None,
-            error=res.error if prog is None else (res.error or None),
-        )
-        if res.usage is not None:
-            result["usage"] = res.usage
+            dispatch = dispatch_for(job, prog, ident, tree.prepared if tree is not None else None)
+            conversation = converse(job, dispatch, ident, prog)
+            if prog is not None:
+                log.info(
+                    "issue %s: stage %s (step %d, round %d) starts", job.issue_id, prog.stage, prog.step, prog.round
+                )
+            res = run_step(job, runner, dispatch)
+            if prog is None:
+                decision = decide_single(res.outcome, res.error)
+            else:
+                output = read_output(res.log_path, Keys.FEEDBACK_MAX_BYTES)
+                decision = decide(job.ctx.settings.agent, prog, res.outcome, res.exit_code, res.error, output)
+            result.update(
+                exit_code=res.exit_code,
+                duration_s=round(res.duration_s, 3),
+                log=str(res.log_path) if res.log_path else None,
+                error=res.error if prog is None else (res.error or None),
+            )
+            if res.usage is not None:
+                result["usage"] = res.usage
+            if tree is not None:  # published (or what it left recorded) before the settle
+                decision = tree.settle(decision)
+    except WorkspaceError as exc:  # the worktree could not be made: nothing ran
+        decision = failed(exc)
+        log.error("%s: %s", job.label, decision.error)
     except Exception as exc:
         what = "the agent" if prog is None else f"stage {job.stage!r}"
         decision = Decision(Move.FAIL, Outcome.FAILED, error=f"could not run {what}: {type(exc).__name__}: {exc}")
         log.error("%s: %s", job.label, decision.error)
+    finally:
+        if tree is not None:  # always, and before the settle: the issue's next dispatch may start at once
+            tree.release(decision)
+            result["workspace"] = tree.shown()
+    assert decision is not None  # every way through the block above decides (a BaseException goes on up)
     return finish(job, decision, result, prog, conversation, ident)
 
 
@@ -94,7 +118,7 @@ def finish(
         log.error("%s: no stage sender to hand over to %s; claim released, progress kept", job.label, d.stage)
         d = replace(d, kind=Move.RELEASE)
     pop = job.send is not None and d.kind not in (Move.NEXT, Move.LOST)
-    rider = Rider(lambda p: bookkeeping(job, p, pop=pop))
+    rider = Rider(lambda p: bookkeeping(job, p, pop=pop, record=d.record))
     try:
         result.update(act(job, d, prog, rider, conversation, ident))
     finally:
@@ -111,7 +135,8 @@ def finish(
     if refilling and job.send is not None:
         try:
             # the popped entry, or (a lost answer: the pop may have run) the refill pops for itself
-            popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if len(rider.replies) > CLEAN_UP_COMMANDS else {}
+            got = pop and len(rider.replies) > CLEAN_UP_COMMANDS
+            popped = {"popped": rider.replies[CLEAN_UP_COMMANDS]} if got else {}
             result["refilled"] = refill(job.ctx, job.send, job.run_id, **popped)
         except Exception:
             log.warning("could not refill the slot freed by %s", job.task_id, exc_info=True)
@@ -141,7 +166,7 @@ def act(
             settled = Settled.STALE
         out.update(escalated=True)
     elif d.kind == Move.COMPLETE:
-        settled = settle(job, Outcome.OK, d.error, rider)
+        settled = settle(job, Outcome.OK, d.error, rider, d.record)
     else:  # a failed attempt: a single agent's as its run's outcome (timeout, signalled, ...), a stage's as failed
         settled = settle(job, d.outcome if prog is None else Outcome.FAILED, d.error, rider)
     if prog is not None and settled != Settled.STALE:  # the attempt ended: its shared directory goes
@@ -209,10 +234,13 @@ def send_stage_task(job: Job, task_id: str, stage: str, step: int) -> None:
         raise
 
 
-def bookkeeping(job: Job, pipe: Any, queued: bool = False, ran: bool = True, pop: bool = False) -> None:
+def bookkeeping(
+    job: Job, pipe: Any, queued: bool = False, ran: bool = True, pop: bool = False, record: dict | None = None
+) -> None:
     """A task's records once it ends, queued on ``pipe``: with ``queued``, off the queued set (a task that never
     started); with ``ran``, off the running set, its record and stop flag gone (:data:`CLEAN_UP_COMMANDS`; a
-    duplicate must not drop those of its running twin); with ``pop``, the refill's first backlog candidate."""
+    duplicate must not drop those of its running twin); with ``pop``, the refill's first backlog candidate;
+    then the dispatch's ``record``, the issue's last result (``ledger/results.py``)."""
     k = job.ctx.keys
     if queued:
         pipe.zrem(k.queued, job.task_id)
@@ -220,6 +248,8 @@ def bookkeeping(job: Job, pipe: Any, queued: bool = False, ran: bool = True, pop
         pipe.srem(k.agents, job.task_id).delete(k.agent_task(job.task_id)).delete(k.agent_stop(job.task_id))
     if pop:
         pipe.lpop(k.backlog)
+    if record is not None:
+        queue_result(pipe, k, job.issue_id, record)
 
 
 def forget(job: Job, queued: bool = False, ran: bool = True, pop: bool = False, rider: Rider | None = None) -> None:

@@ -6,7 +6,10 @@ task, handed over from one to the next through the stage ledger (``ledger/stages
 its current step. Each :func:`run_stage` starts its step by token (at most once; never once the loop is killed
 or the task revoked); then its step runs and ends as any dispatch's (:func:`factory_worker.dispatch.lifecycle.run`:
 the stage's command in the attempt's shared directory, the decision, the hand-over to the next step or the
-settle). Testable without Celery: sending is a callable; :func:`run_inline` runs a whole pipeline in-process.
+settle). With a workspace the attempt's directory is a git worktree on the issue's branch
+(``dispatch/worktree.py``): made by the attempt's first stage, handed from stage to stage on this root, published
+when the last stage completes the attempt. Testable without Celery: sending is a callable; :func:`run_inline`
+runs a whole pipeline in-process.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from factory_worker.dispatch.lifecycle import forget, new_stage_task_id, run, se
 from factory_worker.ledger.scripts import StaleClaimError
 from factory_worker.ledger.stages import StageLedger, StageUnackedError
 from factory_worker.ledger.states import Begin, Outcome, ReleaseReason, Settled, StageStart
+from factory_worker.ledger.types import fence_of
 from factory_worker.sources.base import Issue
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,10 @@ def hand_over(job: Job) -> dict[str, Any]:
     agent = ctx.settings.agent
     plan = [s.name for s in agent.pipeline()]
     first = TRIAGE if agent.triage else plan[0]
-    workdir = f"{safe_name(issue.id, 60)}-{uuid.uuid4().hex[:12]}"
+    if ctx.workspace.enabled:  # the attempt's worktree, made by its first stage (``dispatch/worktree.py``)
+        workdir = ctx.workspace.tree_name(issue, fence_of(job.token))
+    else:
+        workdir = f"{safe_name(issue.id, 60)}-{uuid.uuid4().hex[:12]}"
     next_id = new_stage_task_id()
     stages = StageLedger(ctx.ledger)
     opened = stages.open(issue.id, job.token, next_id, job.run_id, first, plan, workdir)

@@ -1,7 +1,8 @@
 """One step of a dispatch: the agent's run for a single agent, or one stage's run for a staged attempt.
 
-What a step gets (:func:`dispatch_for`: a single agent its fresh directory; a stage its command, timeout, the
-attempt's shared directory, its feedback file and ``FACTORY_STAGE`` / ``_ROUND`` / ``_STEP``), its side of the
+What a step gets (:func:`dispatch_for`: a single agent its fresh directory, or with a workspace its worktree; a
+stage its command, timeout, the attempt's shared directory (with a workspace: the attempt's worktree), its
+feedback file and ``FACTORY_STAGE`` / ``_ROUND`` / ``_STEP``), its side of the
 Slack thread (:func:`converse`: a single agent opens one, a stage joins its attempt's), and the run itself
 (:func:`run_step`: the runner renewing the claim by token and polling the stop flags, :class:`StopCheck`).
 """
@@ -12,7 +13,7 @@ import logging
 import time
 
 from factory_worker.agents import AgentResult, AgentRunner, CommandAgent, Dispatch
-from factory_worker.agents.sandbox import Identity, make_inbox, shared_workdir, write_feedback
+from factory_worker.agents.sandbox import Identity, check_workdir_root, make_inbox, shared_workdir, write_feedback
 from factory_worker.chat.inbox import AgentInbox, TrackerRelay
 from factory_worker.chat.notify import clean
 from factory_worker.chat.slack import Conversation, join_conversation, open_conversation
@@ -23,6 +24,7 @@ from factory_worker.dispatch.usage import usage_report
 from factory_worker.ledger.outage import FailureLog
 from factory_worker.ledger.stages import Progress
 from factory_worker.loop.presence import SHUTDOWN
+from factory_worker.workspace import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,17 @@ class StopCheck:
         return self._reason
 
 
-def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None) -> Dispatch:
+def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None, tree: Prepared | None = None) -> Dispatch:
     """What the runner is given: a single agent's dispatch (``agent.command`` in a fresh directory), or, with
     the attempt's progress ``prog``, the step's stage command in the attempt's shared directory, with its
-    feedback file."""
+    feedback file. With the step's worktree ``tree`` (a workspace), that is the directory (the runner neither
+    makes nor removes it) and its environment is added (``FACTORY_REPO_DIR``... and ``FACTORY_ISSUE_JSON``,
+    beside the worktree: the runner's own, in the directory, would be committed)."""
     if prog is None:
-        return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id)
+        if tree is None:
+            return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id)
+        env = tree_env(job, tree)
+        return Dispatch(issue=job.issue, token=job.token, dispatch_id=job.task_id, env=env, workdir=tree.cwd)
     agent = job.ctx.settings.agent
     if prog.stage == TRIAGE and agent.triage is not None:
         command, timeout_s = agent.triage.command, agent.triage.timeout_s
@@ -94,7 +101,10 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None) -> Dis
         if cfg is None:
             raise ValueError(f"stage {prog.stage!r} is not configured (agent.stages)")
         command, timeout_s = cfg.command, cfg.timeout_s or agent.timeout_s
-    workdir, feedback = shared_workdir(agent, prog.workdir, job.issue, ident)
+    if tree is None:
+        workdir, feedback = shared_workdir(agent, prog.workdir, job.issue, ident)
+    else:  # the feedback file stays beside the attempt directory it would have had
+        workdir, feedback = tree.cwd, check_workdir_root(agent, ident) / f"{prog.workdir}.feedback"
     write_feedback(feedback, prog.feedback, ident)
     env = {
         "FACTORY_WORKDIR": str(workdir),
@@ -102,6 +112,7 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None) -> Dis
         "FACTORY_STAGE": prog.stage,
         "FACTORY_ROUND": str(prog.round),
         "FACTORY_STEP": str(prog.step),
+        **(tree_env(job, tree) if tree is not None else {}),
     }
     return Dispatch(
         issue=job.issue,
@@ -112,6 +123,16 @@ def dispatch_for(job: Job, prog: Progress | None, ident: Identity | None) -> Dis
         timeout_s=timeout_s,
         workdir=workdir,
     )
+
+
+def tree_env(job: Job, tree: Prepared) -> dict[str, str]:
+    """What an agent in worktree ``tree`` gets added: its variables, and ``HOME`` beside the worktree (unless
+    ``HOME`` is allowlisted): a tool's config or cache written to the home directory is not in the worktree,
+    where the factory would commit it."""
+    env = dict(tree.env)
+    if "HOME" not in job.ctx.settings.agent.env_allowlist:
+        env["HOME"] = str(tree.home)
+    return env
 
 
 def converse(job: Job, dispatch: Dispatch, ident: Identity | None, prog: Progress | None) -> AgentInbox | None:

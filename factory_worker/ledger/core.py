@@ -26,6 +26,7 @@ from factory_worker.ledger.guard import LedgerGuard, LedgerLostError
 from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.records import INVALID, shown
 from factory_worker.ledger.redis_client import decoded
+from factory_worker.ledger.results import described
 from factory_worker.ledger.scripts import LedgerError, StaleClaimError, checked
 from factory_worker.ledger.states import Begin, Gate
 
@@ -251,9 +252,23 @@ class Ledger:
             return Begin.UNACKED
         return Begin.STARTED if reply.status == "ok" else Begin(reply.status)
 
-    def complete(self, issue: str, token: str, rider: Rider | None = None) -> None:
-        """Mark ``issue`` done for good (the holder only). ``rider``: see :class:`Rider`."""
-        self.writes.settle("complete", issue, token, rider)
+    def complete(
+        self, issue: str, token: str, rider: Rider | None = None, result: dict[str, Any] | None = None
+    ) -> None:
+        """Mark ``issue`` done for good (the holder only). ``rider``: see :class:`Rider`. ``result``: what the
+        dispatch made (``ledger/results.py``); its summary, pull request, branch and "no changes" ride on the
+        ``done`` outbox event (the tracker's comment)."""
+        r = result or {}
+        self.writes.settle(
+            "complete",
+            issue,
+            token,
+            rider,
+            summary=str(r.get("summary") or "")[: Keys.RESULT_SUMMARY_MAX_CHARS],
+            pr_url=str(r.get("pr_url") or "")[:500],
+            branch=str(r.get("branch") or "")[:500],
+            no_changes="1" if r.get("no_changes") else "",
+        )
         log.info("issue %s done (fence %s)", issue, fence_of(token))
 
     def fail(self, issue: str, token: str, error: str = "", rider: Rider | None = None) -> FailResult:
@@ -316,6 +331,10 @@ class Ledger:
         """How many issues are in flight, backing off, parked, done now."""
         return self.view.gauges()
 
+    def result(self, issue: str) -> dict[str, Any] | None:
+        """``issue``'s last result (summary, branch, head sha, pull request URL, cost, tokens...), or None."""
+        return self.view.result(issue)
+
     def done_marker(self, issue: str) -> str | None:
         """``<fence>:<completed_ms>`` when ``issue`` is done (its bucket, else the legacy hash)."""
         return self.view.done_marker(issue)
@@ -327,13 +346,16 @@ class Ledger:
     def explain(self, issue: str, groups: Mapping[str, Sequence[tuple[str, int]]] | None = None) -> Explanation:
         """Why ``issue`` is or is not dispatched now: the gate's own decision (``claim.lua``, read-only, with
         the fleet's slots as the loop counts them), with the details (holder, last error, the usage its
-        agents reported: ``usage``) read beside it."""
+        agents reported: ``usage``; the last result its workspace made: ``result``) read beside it."""
         e = self._explain(issue, groups)
         usage = issue_usage(self.r, self.keys, issue)
         if usage:
             spent = f"{e.text}; its agents spent {usage.get('cost_usd', 0)} USD, {usage.get('tokens', 0)} tokens"
             e = replace(e, text=spent, detail={**e.detail, "usage": usage})
-        return e
+        result = self.view.result(issue)
+        if result is None:
+            return e
+        return Explanation(e.issue, e.state, f"{e.text}; {described(result)}", {**e.detail, "result": result})
 
     def _explain(self, issue: str, groups: Mapping[str, Sequence[tuple[str, int]]] | None) -> Explanation:
         batch = self.claim([issue], dry_run=True, fleet_slots=True, groups=groups)

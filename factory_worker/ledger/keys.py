@@ -56,6 +56,13 @@ class Keys:
     INBOX_TTL_S = 3600
     #: ``inbox(task_id)`` keeps at most this many undelivered lines (the oldest go first).
     INBOX_MAX_LINES = 1000
+    #: ``result(issue)`` (an issue's last result) expires this long after it was written.
+    RESULT_TTL_S = 90 * 24 * 3600
+    #: A result's summary keeps this many characters in the ledger and in the ``done`` outbox event.
+    RESULT_SUMMARY_MAX_CHARS = 2000
+    #: Fields of ``counters`` that sum what the agents' results reported: cost (micro-dollars) and tokens.
+    COST_COUNTER = "result_cost_microusd"
+    TOKENS_COUNTER = "result_tokens"
 
     #: A day's ``spend(day)`` hash lives this long after its last write.
     SPEND_TTL_S = 8 * 24 * 3600
@@ -179,6 +186,12 @@ class Keys:
         ``usage.lua``, read by ``claim.lua`` (``budget.day_usd``); expires :data:`SPEND_TTL_S` after its last
         write."""
         return self._k("spend", day)
+
+    def result(self, issue: str) -> str:
+        """String (JSON, RESULT_TTL_S): the issue's last result, what its latest settled dispatch made in the
+        workspace: summary, branch, head sha, pull request URL, cost, tokens (``ledger/results.py``); written
+        in the round trip of that dispatch's settle."""
+        return self._k("result", issue)
 
     @property
     def counters(self) -> str:

@@ -22,6 +22,7 @@ from factory_worker.ledger.records import (
     shown,
 )
 from factory_worker.ledger.redis_client import decoded, decoded_hash, decoded_scored, server_now_ms
+from factory_worker.ledger.results import parse_result
 from factory_worker.ledger.states import LedgerState
 from factory_worker.ledger.types import fence_in
 
@@ -64,7 +65,24 @@ class LedgerView:
         return None if token is None else str(token)
 
     def entries(self, state: str) -> list[dict[str, Any]]:
-        """The ledger issue by issue for ``state`` (one of :data:`STATES`)."""
+        """The ledger issue by issue for ``state`` (one of :data:`STATES`), each with its last ``result`` when
+        it has one (``ledger/results.py``)."""
+        return self.with_results(self._entries(state))
+
+    def with_results(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` (each with an ``issue``), each given its last ``result`` if any: one ``MGET`` per 500."""
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            for row, raw in zip(chunk, self.r.mget([self.keys.result(row["issue"]) for row in chunk])):
+                if (found := parse_result(raw)) is not None:
+                    row["result"] = found
+        return rows
+
+    def result(self, issue: str) -> dict[str, Any] | None:
+        """``issue``'s last result (``ledger/results.py``), or None."""
+        return parse_result(self.r.get(self.keys.result(issue)))
+
+    def _entries(self, state: str) -> list[dict[str, Any]]:
         k = self.keys
         now = self.now_ms()
         if state == "in-flight":
@@ -139,11 +157,11 @@ class LedgerView:
 
     def knows(self, issue: str) -> bool:
         """Whether the ledger holds anything of ``issue``: a claim, a fence, a done marker, attempts or an
-        error, a backoff window, a park, a start, stage progress or history (one round trip). An id it does
+        error, a backoff window, a park, a start, stage progress or history, a last result or usage (one round trip). An id it does
         not know was never claimed here (or its traces are gone: done markers never go)."""
         k = self.keys
         p = self.r.pipeline(transaction=False)
-        p.exists(k.claim(issue), k.stages(issue), k.stage_history(issue))
+        p.exists(k.claim(issue), k.stages(issue), k.stage_history(issue), k.result(issue), k.usage(issue))
         for hashed in (k.fences, k.done_bucket(issue), k.done, k.attempts, k.errors, k.parked, k.started):
             p.hexists(hashed, issue)
         p.zscore(k.backoff, issue)

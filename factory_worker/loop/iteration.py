@@ -84,7 +84,7 @@ def iterate(
         return report
     polled = _poll(ctx)
     report.skipped.extend({"issue": e.split(": ", 1)[0], "reason": f"source: {e}"} for e in polled.errors)
-    screened = Rules.from_settings(ctx.settings.source).screen(polled.issues)
+    screened = Rules.from_settings(ctx.settings.source, ctx.settings.workspace).screen(polled.issues)
     report.ruled_out, report.ruled_out_examples = screened.ruled_out, screened.examples
     issues = {i.id: i for i in screened.issues}
     report.pulled = len(issues)

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from factory_worker.context import Context
+from factory_worker.ledger.keys import Keys
 from factory_worker.ledger.states import Liveness, Stuck
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Counter names in the shared counters hash that describe the loop rather than the ledger.
 LOOP_COUNTER_PREFIXES = ("kickoffs_", "runs_", "iterations", "dispatched", "webhook_")
 LIVENESS_STATES = tuple(Liveness)
+#: Counters that sum what the agents' results reported (``ledger/results.py``): their own metrics.
+USAGE_COUNTERS = (Keys.COST_COUNTER, Keys.TOKENS_COUNTER)
 
 
 def _is_loop_counter(name: str) -> bool:
@@ -46,8 +49,11 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     counters = status["counters"]
     report = (status.get("run") or {}).get("last_report")
     duration = _seconds(report.get("duration_s")) if isinstance(report, dict) else None
+    usage = {k: counters.get(k, 0) for k in USAGE_COUNTERS}
     return {
-        "ledger_events": {k: v for k, v in sorted(counters.items()) if not _is_loop_counter(k)},
+        "ledger_events": {
+            k: v for k, v in sorted(counters.items()) if not _is_loop_counter(k) and k not in USAGE_COUNTERS
+        },
         "loop_counters": {k: v for k, v in sorted(counters.items()) if _is_loop_counter(k)},
         "issues": dict(status["ledger"]),
         "liveness": status["liveness"],
@@ -60,6 +66,10 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         "paused": bool(status["paused"]),
         "outbox": status.get("outbox"),
         "spend_today": status.get("spend_today"),
+        "usage": {  # a stored value that is not a number stays as read ("invalid"), and is left out
+            "cost_usd": cost / 1_000_000 if isinstance(cost := usage[Keys.COST_COUNTER], int) else cost,
+            "tokens": usage[Keys.TOKENS_COUNTER],
+        },
         "stuck": list(status["reason_codes"]),
     }
 
@@ -158,6 +168,15 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "factory_spend_today_usd", "What the agents reported spending in this UTC day (FACTORY_USAGE)", value=spend
         )
+    usage = snap.get("usage") or {}
+    for name, what in (("cost_usd", "Cost (USD)"), ("tokens", "Tokens")):
+        value = usage.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield CounterMetricFamily(
+                f"factory_agent_{name}", f"{what} the agents reported in their results (FACTORY_RESULT)", value=value
+            )
+        elif value is not None:
+            log.warning("metrics: agent %s %r holds no valid number; left out", name, value)
     if snap.get("outbox"):
         yield GaugeMetricFamily(
             "factory_outbox_pending", "Tracker events not yet delivered (write-back)", value=snap["outbox"]["pending"]

@@ -63,8 +63,8 @@ _ASK_SOURCE = (Gate.CLAIMABLE, Gate.NO_FREE_SLOT, Gate.MAX_IN_FLIGHT, Gate.KILLE
 
 
 def explain(ctx: Context, issue_id: str) -> Explanation:
-    """The gate's answer for ``issue_id``, with a staged issue's kept steps (stage, round, outcome, the last
-    result); when the gate would dispatch it (or the loop is stopped, or the ledger knows nothing of it), also
+    """The gate's answer for ``issue_id`` (with its last result, :meth:`Ledger.explain`), a staged issue's kept steps
+    (stage, round, outcome); when the gate would dispatch it (or the loop is stopped, or the ledger knows nothing of it), also
     what the source says: ``unknown`` when neither has it (the CLI exits 1), ``malformed`` with the validation
     reason every poll skips it for, ``not-in-source``, or the eligibility rules' verdict (out of scope, not
     ready). The CLI needs only Redis: an unreachable source is noted, not fatal."""
@@ -99,7 +99,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
             f"there in a ready state (the ledger alone says: {e.state})",
             e.detail,
         )
-    verdict = Rules.from_settings(ctx.settings.source).check(issue)
+    verdict = Rules.from_settings(ctx.settings.source, ctx.settings.workspace).check(issue)
     if verdict is not None:
         return Explanation(
             issue_id,
@@ -108,7 +108,7 @@ def explain(ctx: Context, issue_id: str) -> Explanation:
             {**e.detail, "rule": verdict.reason},
         )
     if ctx.settings.dispatch.concurrency and e.state == Gate.CLAIMABLE:  # the gate again, with the issue's keys
-        e = ctx.ledger.explain(issue_id, concurrency.groups(ctx.settings, [issue]))
+        e = _with_steps(ctx, ctx.ledger.explain(issue_id, concurrency.groups(ctx.settings, [issue])))
     return e
 
 
@@ -130,7 +130,7 @@ def retry(ctx: Context, issue_id: str) -> tuple[dict[str, Any], int]:
 
 def _with_steps(ctx: Context, e: Explanation) -> Explanation:
     """The steps the ledger kept of a staged issue's attempts (stage, round, outcome), the last one's outcome
-    as its last result: the latest attempt's in the text, every kept one in ``detail["steps"]``."""
+    as its last step: the latest attempt's in the text, every kept one in ``detail["steps"]``."""
     steps = ctx.ledger.view.stage_history(e.issue)
     if not steps:
         return e
@@ -138,7 +138,7 @@ def _with_steps(ctx: Context, e: Explanation) -> Explanation:
     latest = [s for s in steps if s["attempt"] == last["attempt"]]
     told = ", ".join(step_text(s) for s in latest)
     text = f"{e.text}; attempt {last['attempt']}'s stages: {told}"
-    return replace(e, text=text, detail={**e.detail, "steps": steps, "last_result": step_text(last)})
+    return replace(e, text=text, detail={**e.detail, "steps": steps, "last_step": step_text(last)})
 
 
 def _with_stage(ctx: Context, e: Explanation) -> Explanation:

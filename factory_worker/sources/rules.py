@@ -9,7 +9,9 @@ let through, and ``explain`` asks the same object why an issue is left out. The 
   with it; case-sensitive), ``id_pattern`` (a regex the id must fullmatch), ``author_associations``
   (GitHub's ``author_association`` is one of them; an issue without one is out), and for
   ``kind=linear`` its ``linear.team`` and ``linear.project`` (the poll already asks Linear for them only;
-  ``explain`` of another team's or project's issue says so). An empty rule lets everything through. Labels
+  ``explain`` of another team's or project's issue says so), and with a workspace (``workspace.repo_url`` /
+  ``repos``) its repository (:meth:`WorkspaceSettings.route <factory_worker.config.workspace.WorkspaceSettings.route>`:
+  an issue whose repository cannot be resolved never runs). An empty rule lets everything through. Labels
   compare case-insensitively, as on GitHub.
 * **not ready** (:data:`Gate.NOT_READY`): the state is not one of ``ready_states``, or the issue carries
   the factory's own ``done_label`` / ``parked_label`` (what the factory wrote back is respected).
@@ -33,7 +35,7 @@ from factory_worker.ledger.states import Gate
 from factory_worker.sources.base import Issue
 
 if TYPE_CHECKING:
-    from factory_worker.config.settings import SourceSettings
+    from factory_worker.config.settings import SourceSettings, WorkspaceSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,12 @@ class Rules:
     parked_label: str = "factory:parked"
     linear_team: str | None = None
     linear_project: str | None = None
+    #: the workspace's settings when it is on: an issue must route to a repository
+    workspace: WorkspaceSettings | None = None
 
     @classmethod
-    def from_settings(cls, s: SourceSettings) -> Rules:
+    def from_settings(cls, s: SourceSettings, workspace: WorkspaceSettings | None = None) -> Rules:
+        """The rules of ``source.*`` and, when ``workspace`` is given and on, its routing."""
         return cls(
             ready_states=tuple(s.ready_states),
             required_labels=tuple(s.required_labels),
@@ -119,6 +124,7 @@ class Rules:
             parked_label=s.parked_label,
             linear_team=s.linear.team if s.kind == "linear" else None,
             linear_project=s.linear.project if s.kind == "linear" else None,
+            workspace=workspace if workspace is not None and workspace.enabled else None,
         )
 
     # -- the rules ---------------------------------------------------------------------------------------
@@ -154,6 +160,8 @@ class Rules:
             return Verdict(
                 Gate.OUT_OF_SCOPE, f"not in Linear project {_q(self.linear_project)}", f"it is {_shown(project)}"
             )
+        if self.workspace is not None and (route := self.workspace.route(issue.labels)).url is None:
+            return Verdict(Gate.OUT_OF_SCOPE, route.reason)  # the reason names settings only
         return None
 
     def readiness(self, issue: Issue) -> Verdict | None:

@@ -75,7 +75,7 @@ def gate_issue(ctx: Context, send: Sender, ref: str, issue: Issue | None = None)
         if issue is None:
             verdict = Verdict.NOT_IN_SOURCE if why == "not in the source" else Verdict.SOURCE_ERROR
             return GatePass(ref, verdict, why)
-    ruled = Rules.from_settings(ctx.settings.source).check(issue)
+    ruled = Rules.from_settings(ctx.settings.source, ctx.settings.workspace).check(issue)
     if ruled is not None:
         return GatePass(issue.id, Verdict.RULED_OUT, str(ruled))
     try:

@@ -5,7 +5,9 @@ here do the acting.
 
 - :class:`WorkerPresence`, a worker bootstep, runs one thread from worker start to shutdown that publishes the
   worker's presence and, once a warm shutdown was requested, writes its shutdown deadline once (see
-  :mod:`factory_worker.loop.presence`). ``worker_shutting_down`` runs inside Celery's signal handler, so it only
+  :mod:`factory_worker.loop.presence`); an agent worker with a workspace also reclaims, once at its start, the
+  worktrees its SIGKILLed predecessor on this root left (``Workspace.reclaim``, in a thread of its own: it may
+  wait for a mirror's lock). ``worker_shutting_down`` runs inside Celery's signal handler, so it only
   sets :attr:`WorkerPresence.shutdown_requested`. Agents running here poll the deadline and, past it, are
   terminated and their claims released as interrupted.
 - :class:`BeatScheduler`, Celery's ``PersistentScheduler`` that also keeps the beat's presence key fresh on
@@ -118,6 +120,7 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.closing = threading.Event()
         self.thread: threading.Thread | None = None
         self.outbox_thread: threading.Thread | None = None
+        self.reclaim_thread: threading.Thread | None = None
         self.slots = 0
         self.queues: tuple[str, ...] = ()
         self.concurrency = 0
@@ -141,6 +144,9 @@ class WorkerPresence(bootsteps.StartStopStep):
         self.thread = threading.Thread(target=self._run, name="factory-worker-presence", daemon=True)
         self.thread.start()
         ctx = current()
+        if self.slots and ctx.settings.workspace.enabled:  # what a killed worker on this root left
+            self.reclaim_thread = threading.Thread(target=_reclaim, name="factory-workspace-reclaim", daemon=True)
+            self.reclaim_thread.start()
         if ctx.settings.tracker.write_back:  # this worker also delivers the tracker outbox
             from factory_worker.writeback.outbox import run_sender
 
@@ -219,6 +225,16 @@ class WorkerPresence(bootsteps.StartStopStep):
             self.closing.wait(0.1)
 
 
+def _reclaim() -> None:
+    try:
+        gone = current().workspace.reclaim()
+    except Exception:
+        log.warning("workspace: the reclaim at start failed", exc_info=True)
+        return
+    if gone:
+        log.info("workspace: reclaimed %d worktree(s) left by dispatches that are gone: %s", len(gone), gone)
+
+
 class BeatScheduler(PersistentScheduler):
     """Celery's persistent scheduler that also keeps this beat's presence key fresh (every TTL/3)."""
 
@@ -277,10 +293,14 @@ def refuse_agents_without_isolation(options: dict[str, Any] | None = None, **_: 
         print(f"factory_worker: {exc}", file=sys.__stderr__, flush=True)
         sys.exit(2)
     contained, WorkerPresence.agents_uncontained = describe(settings.agent)
+    where = (
+        f"git worktrees under {settings.workspace.root}/trees"
+        if settings.workspace.enabled
+        else f"fresh directories under {settings.agent.workdir_root}"
+    )
     WorkerPresence.agents_as = (
-        f"agents run as {running_as(ident)} in fresh directories under "
-        f"{settings.agent.workdir_root}, {contained}"
-    )  # logged once logging is set up
+        f"agents run as {running_as(ident)} in {where}, {contained}"  # logged once logging is set up
+    )
 
 
 @signals.worker_process_init.connect

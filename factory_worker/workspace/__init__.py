@@ -13,17 +13,24 @@ The API the dispatch calls (one :class:`Workspace` per worker process, ``Workspa
 
 * ``route(issue) -> Route``: the repository, or ``url=None`` and a ``reason`` (from the settings only) that
   ``explain`` can show. ``prepare`` raises :class:`Unroutable` with that reason.
-* ``prepare(issue, attempt, uid, gid) -> Prepared``: fetch (or clone) the mirror, make the worktree on the
-  issue's branch (``workspace.branch``: continuing this worker's unpushed branch or the pushed one, else from
-  ``workspace.base``), owned by ``uid``/``gid``. Run the agent with ``cwd=prepared.cwd`` and
-  ``prepared.env`` added: ``FACTORY_REPO_DIR``, ``FACTORY_BRANCH``, ``FACTORY_BASE_SHA``, ``FACTORY_RESULT``.
-  :class:`WorkspaceError` (one line) is a failed attempt.
+* ``prepare(issue, attempt, uid, gid, name=None) -> Prepared``: fetch (or clone) the mirror, make the worktree
+  on the issue's branch (``workspace.branch``: continuing this worker's unpushed branch or the pushed one, else
+  from ``workspace.base``), owned by ``uid``/``gid``. Run the agent with ``cwd=prepared.cwd`` and
+  ``prepared.env`` added: ``FACTORY_REPO_DIR``, ``FACTORY_BRANCH``, ``FACTORY_BASE_SHA``, ``FACTORY_RESULT``,
+  ``FACTORY_ISSUE_JSON`` (beside the worktree), and ``HOME`` = ``prepared.home`` (beside it too).
+  :class:`WorkspaceError` (one line) is a failed attempt. ``name`` (``tree_name(issue, attempt)``): a staged
+  attempt's worktree, made by its first stage and found again by the next ones on this root.
 * ``publish(prepared, issue) -> Published`` after an exit 0: ``branch``, ``head_sha``, ``commits`` beyond the
   base, ``pushed``, ``pr_url``, ``no_changes``, ``failure`` ("no changes" with ``workspace.no_changes=fail``),
   the agent's ``result`` (or ``result_problem``); ``as_record()`` for the ledger. :class:`PublishError` is a
   failed attempt (retried with backoff; the commits stay on the branch and the next attempt continues it).
-* ``release(prepared, keep=None)``: always, after the run (``finally``): the worktree removed, or kept
-  (``agent.keep_workdir``). ``reclaim()``: once when a worker starts.
+* ``outcome(prepared) -> Published``: what a run that is not published (it failed) left, for the record.
+* ``release(prepared, keep=None, hand_over=False)``: always, after the run (``finally``): the worktree
+  removed, or kept (``agent.keep_workdir``); ``hand_over``: left for the attempt's next stage, its lock dropped.
+  ``reclaim()``: once when a worker starts; a staged attempt's worktree between two stages is kept while
+  ``keep_staged(name, note)`` (given by the caller, who knows the attempt) says so.
+
+The dispatch calls it from ``dispatch/worktree.py``.
 
 Security model: the worker's git runs only on the mirror (``--git-dir``, its own config, hooks off); the agent
 never gets the credential (it is in the environment of the worker's push and fetch git processes only, read

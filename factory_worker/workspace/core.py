@@ -13,6 +13,7 @@ import pwd
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from factory_worker.workspace import trees
 from factory_worker.workspace.git import Credential, Git, GitError, write_askpass
 from factory_worker.workspace.locks import HeldLock, LockTimeout, exclusive
 from factory_worker.workspace.mirror import Mirror
-from factory_worker.workspace.names import branch_for, tree_name
+from factory_worker.workspace.names import TREE_NAME, branch_for, tree_name
 from factory_worker.workspace.pulls import PullRequestError, PullRequests
 from factory_worker.workspace.result import ResultFile, make_result_file, read_result
 from factory_worker.workspace.types import Prepared, Published, PublishError, Unroutable, WorkspaceError
@@ -48,8 +49,13 @@ class Workspace:
         source: SourceSettings | None = None,
         environ: Mapping[str, str] | None = None,
         http: httpx.Client | None = None,
+        keep_staged: trees.Keep | None = None,
     ) -> None:
+        """``keep_staged(name, note)``: is the staged attempt whose worktree this is still live (its stages
+        share it, so between two of them nobody holds its lock)? Without it such a worktree is reclaimed like
+        any other whose lock is free."""
         self.settings, self.keep, self.source, self.http = settings, keep, source, http
+        self.keep_staged = keep_staged
         self.environ = os.environ if environ is None else environ
         self.root = Path(os.path.abspath(settings.root))
         self.mirrors_dir, self.trees_dir = self.root / "mirrors", self.root / "trees"
@@ -72,73 +78,95 @@ class Workspace:
     def route(self, issue: Issue) -> Route:
         return self.settings.route(issue.labels)
 
+    def branch(self, issue: Issue) -> str:
+        return branch_for(self.settings.branch, issue.id)
+
+    def tree_name(self, issue: Issue, attempt: int) -> str:
+        """A fresh worktree name for ``issue``: what a staged attempt records, so that its stages find it."""
+        return tree_name(self.branch(issue), attempt)
+
     # -- prepare -------------------------------------------------------------------------------------------
-    def prepare(self, issue: Issue, attempt: int, uid: int | None = None, gid: int | None = None) -> Prepared:
+    def prepare(
+        self, issue: Issue, attempt: int, uid: int | None = None, gid: int | None = None, name: str | None = None
+    ) -> Prepared:
         """A worktree of the issue's repository on its branch, owned by ``uid``/``gid`` (None: the worker's).
-        :class:`Unroutable` when the issue has no repository; :class:`WorkspaceError` otherwise (one line)."""
+        ``name`` (:meth:`tree_name`): a staged attempt's worktree, made by its first stage and found again by
+        the next ones (each :meth:`release` d with ``hand_over``) on this root. :class:`Unroutable` when the
+        issue has no repository; :class:`WorkspaceError` otherwise (one line)."""
         route = self.route(issue)
         if route.url is None:
             raise Unroutable(route.reason)
+        if name is not None and not TREE_NAME.match(name):
+            raise WorkspaceError(f"bad worktree name {name!r}")
         owner = _owner(uid, gid)
-        branch = branch_for(self.settings.branch, issue.id)
+        branch = self.branch(issue)
         try:
             self._dirs(owner)
             mirror = self._mirror(route.url)
-            mirror.update()
+            if name is None or not (self.trees_dir / name).is_dir() or not mirror.exists():
+                mirror.update()  # a later stage of an attempt works on: nothing to fetch
             with mirror.locked():
-                return self._add(mirror, issue.id, branch, attempt, owner)
+                if mirror.url not in self._reclaimed:  # once per process: what a dead process of this worker left
+                    trees.reclaim(mirror.path, self.trees_dir, self.keep_staged)
+                    self._reclaimed.add(mirror.url)
+                found = self._attach(mirror, issue.id, branch, attempt, name, owner) if name else None
+                return found or self._add(mirror, issue, branch, attempt, owner, name)
         except (GitError, LockTimeout, OSError, RuntimeError) as exc:
             raise WorkspaceError(f"workspace of {route.url} ({branch}): {_line(exc)}") from None
 
-    def _add(self, mirror: Mirror, issue_id: str, branch: str, attempt: int, owner: trees.Owner | None) -> Prepared:
-        if mirror.url not in self._reclaimed:  # once per process: what a dead process of this worker left
-            trees.reclaim(mirror.path, self.trees_dir)
-            self._reclaimed.add(mirror.url)
+    def _add(
+        self, mirror: Mirror, issue: Issue, branch: str, attempt: int, owner: trees.Owner | None, name: str | None
+    ) -> Prepared:
         base, base_sha = mirror.base(self.settings.base)
-        start, how = self._start(mirror, branch, base_sha)
+        start, how = mirror.branch_start(branch, base_sha)
         self._free(mirror, branch)
-        tree = trees.Tree.at(self.trees_dir, mirror.path, tree_name(branch, attempt))
-        lock = HeldLock(tree.lock_path, {"mirror": str(mirror.path), "branch": branch, "at": time.time()})
+        tree = trees.Tree.at(self.trees_dir, mirror.path, name or tree_name(branch, attempt))
+        about: dict[str, Any] = {
+            "issue": issue.id,
+            "base": base,
+            "base_sha": base_sha,
+            "start_sha": start,
+            "continued": how,
+        }
+        if name:  # a staged attempt's: kept between its stages while the attempt is live (``keep_staged``)
+            about["staged"] = True
+        lock = HeldLock(tree.lock_path, {"mirror": str(mirror.path), "branch": branch, "at": time.time(), **about})
         try:
             trees.add(self.git, mirror.path, tree, branch, start)
             trees.give(mirror.path, tree, branch, owner)
             make_result_file(tree.result_path, owner[1] if owner else None)
+            trees.write_issue(tree, issue.as_json_dict(), owner)
+            trees.make_home(tree, owner)
         except BaseException:
             trees.remove(tree, owner)
             lock.release()
             raise
-        log.info("worktree %s on %s (from %s %s) for issue %r", tree.path, branch, how, start[:12], issue_id)
+        log.info("worktree %s on %s (from %s %s) for issue %r", tree.path, branch, how, start[:12], issue.id)
         return Prepared(
-            issue_id, mirror.url, branch, base, base_sha, start, how, attempt, tree, mirror.path, owner, lock
+            issue.id, mirror.url, branch, base, base_sha, start, how, attempt, tree, mirror.path, owner, lock
         )
 
-    def _start(self, mirror: Mirror, branch: str, base_sha: str) -> tuple[str, str]:
-        """Where the branch starts: this worker's earlier attempt (unpushed commits), the pushed branch, or
-        the base. Both, diverged: the pushed one wins (someone else's commits are not dropped)."""
-        local, remote = mirror.tip(f"refs/heads/{branch}"), mirror.tip(f"refs/remotes/origin/{branch}")
-        if local and remote:
-            if local == remote or mirror.is_ancestor(remote, local):
-                return local, "local"
-            if not mirror.is_ancestor(local, remote):
-                log.warning(
-                    "%s: this worker's %s and the remote's %s diverged: continuing the remote's",
-                    branch,
-                    local[:12],
-                    remote[:12],
-                )
-            return remote, "remote"
-        if local:
-            return local, "local"
-        if remote:
-            return remote, "remote"
-        return base_sha, "base"
+    def _attach(
+        self, mirror: Mirror, issue_id: str, branch: str, attempt: int, name: str, owner: trees.Owner | None
+    ) -> Prepared | None:
+        """The worktree ``name`` an earlier stage of this attempt made and handed over, locked for this stage;
+        None when there is none on this root (then a new one is made on the branch, as for a first stage)."""
+        found = trees.attach(self.trees_dir, mirror.path, name, branch)
+        if found is None:
+            return None
+        tree, lock, held = found
+        log.info("worktree %s on %s: the next stage of the attempt for issue %r", tree.path, branch, issue_id)
+        base, base_sha, start = (str(held[k]) for k in ("base", "base_sha", "start_sha"))
+        return Prepared(
+            issue_id, mirror.url, branch, base, base_sha, start, "attempt", attempt, tree, mirror.path, owner, lock
+        )
 
     def _free(self, mirror: Mirror, branch: str) -> None:
         """Make sure no other worktree holds ``branch``: an orphan's is reclaimed, a kept one is detached from
         it; a live dispatch's or a foreign one is an error."""
         if not trees.holders(mirror.path, branch):
             return
-        trees.reclaim(mirror.path, self.trees_dir)
+        trees.reclaim(mirror.path, self.trees_dir, self.keep_staged)
         tip = mirror.tip(f"refs/heads/{branch}")
         for admin in trees.holders(mirror.path, branch):
             if (self.trees_dir / f"{admin.name}.kept").exists() and trees.detach(admin, tip):
@@ -198,36 +226,45 @@ class Workspace:
                 log.warning(
                     "issue %r: the agent's uncommitted changes were not committed: %s", prepared.issue_id, _line(exc)
                 )
-        head = mirror.tip(f"refs/heads/{prepared.branch}")
-        commits = mirror.count(prepared.base_sha, head) if head else 0
-        new = mirror.count(prepared.start_sha, head) if head else 0
-
-        def published(pushed: bool = False, pr: tuple[str | None, int | None] = (None, None)) -> Published:
-            return Published(
-                prepared.branch,
-                prepared.base_sha,
-                head,
-                commits,
-                new,
-                leftovers,
-                pushed,
-                pr_url=pr[0],
-                pr_number=pr[1],
-                result=result,
-                result_problem=problem,
-                no_changes_fail=s.no_changes == NoChanges.FAIL,
-            )
-
-        if not commits or head is None:
-            return published()
+        out = self._outcome(mirror, prepared, result, problem, leftovers)
+        if not out.commits or out.head_sha is None:
+            return out
         if s.push:
             try:
                 pub.push(self.git, prepared.mirror, prepared.branch, self._credential(prepared.url))
             except GitError as exc:
                 raise PublishError("push", f"{_line(exc)} (the commits stay on {prepared.branch})") from None
         if s.push and s.pull_requests:
-            return published(True, self._pull_request(prepared, issue, result))
-        return published(s.push)
+            pr_url, pr_number = self._pull_request(prepared, issue, result)
+            return replace(out, pushed=True, pr_url=pr_url, pr_number=pr_number)
+        return replace(out, pushed=s.push)
+
+    def outcome(self, prepared: Prepared) -> Published:
+        """What a run that is not published (it failed) left: its result file and the branch's head; nothing is
+        committed or pushed. Never raises (what cannot be read is None / 0)."""
+        result, problem = read_result(prepared.result_path, self.settings.result_max_bytes)
+        try:
+            return self._outcome(self._mirror(prepared.url), prepared, result, problem, False)
+        except (GitError, OSError) as exc:
+            log.warning("issue %r: the branch %s could not be read: %s", prepared.issue_id, prepared.branch, _line(exc))
+            return Published(prepared.branch, prepared.base_sha, None, 0, 0, False, False, result=result)
+
+    def _outcome(
+        self, mirror: Mirror, prepared: Prepared, result: ResultFile | None, problem: str | None, leftovers: bool
+    ) -> Published:
+        head = mirror.tip(f"refs/heads/{prepared.branch}")
+        return Published(
+            prepared.branch,
+            prepared.base_sha,
+            head,
+            mirror.count(prepared.base_sha, head) if head else 0,
+            mirror.count(prepared.start_sha, head) if head else 0,
+            leftovers,
+            False,
+            result=result,
+            result_problem=problem,
+            no_changes_fail=self.settings.no_changes == NoChanges.FAIL,
+        )
 
     def _pull_request(
         self, prepared: Prepared, issue: Issue, result: ResultFile | None
@@ -248,12 +285,18 @@ class Workspace:
         return pr.url, pr.number
 
     # -- release and reclaim -------------------------------------------------------------------------------
-    def release(self, prepared: Prepared, keep: bool | None = None) -> None:
+    def release(self, prepared: Prepared, keep: bool | None = None, hand_over: bool = False) -> None:
         """Remove the worktree after the run (``keep``, default ``agent.keep_workdir``: leave it, marked kept,
-        never reclaimed). Never raises; twice is once."""
+        never reclaimed). ``hand_over``: a stage of a staged attempt ended and the attempt goes on (or resumes
+        after a release): the worktree stays as it is for the next stage, its lock is dropped. Never raises;
+        twice is once."""
         if prepared.released:
             return
         prepared.released = True
+        if hand_over:
+            prepared.lock.release(unlink=False)
+            log.info("worktree %s (%s) handed over to the attempt's next stage", prepared.tree.path, prepared.branch)
+            return
         keep = self.keep if keep is None else keep
         try:
             if keep:  # detached, so that the issue's next attempt can check its branch out
@@ -277,7 +320,7 @@ class Workspace:
             lock = path.with_name(path.name.removesuffix(".git") + ".lock")
             try:
                 with exclusive(lock, self.settings.network_timeout_s + 60, f"the mirror {path.name}"):
-                    gone += trees.reclaim(path, self.trees_dir)
+                    gone += trees.reclaim(path, self.trees_dir, self.keep_staged)
             except (LockTimeout, OSError) as exc:
                 log.warning("reclaim of %s: %s", path, exc)
         return gone

@@ -6,7 +6,10 @@ never left owned by a process that is gone, and "is its holder alive?" is one no
   call opens its own file description). Local disks only: ``flock`` over NFS is not to be trusted.
 * :class:`HeldLock`: a dispatch's worktree lock, held from ``prepare`` to ``release``. It is created locked
   (written under a temporary name, locked, then renamed into place), so a visible lock file whose lock can
-  be taken belongs to a dead process: that is how the reclaim tells an orphan from a live worktree.
+  be taken belongs to a dead process: that is how the reclaim tells an orphan from a live worktree. A staged
+  attempt's worktree outlives its stage tasks: each stage takes the existing lock (:meth:`HeldLock.take`)
+  for its run and drops it at the hand-over, keeping the file (the reclaim asks whether such an attempt is
+  still live before it removes its worktree).
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ class HeldLock:
             tmp.unlink(missing_ok=True)
             raise
         self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, path: Path) -> HeldLock | None:
+        """The existing lock file ``path``, locked by this process; None when another holds it (or it is
+        missing)."""
+        fd = take_if_free(path)
+        if fd is None:
+            return None
+        lock = cls.__new__(cls)
+        lock.path, lock._fd = path, fd
+        return lock
 
     def release(self, unlink: bool = True) -> None:
         """Remove the lock file (what it guarded is gone, or kept on purpose) and drop the lock."""

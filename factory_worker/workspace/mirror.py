@@ -132,6 +132,28 @@ class Mirror:
             raise GitError("base", 1, f"workspace.base {base!r} is neither a branch of {self.url} nor a commit")
         return base, sha
 
+    def branch_start(self, branch: str, base_sha: str) -> tuple[str, str]:
+        """Where an issue's ``branch`` starts, and from what: this worker's earlier attempt (``local``: unpushed
+        commits), the pushed branch (``remote``), or the base (``base``). Both, diverged: the pushed one wins
+        (someone else's commits are not dropped)."""
+        local, remote = self.tip(f"refs/heads/{branch}"), self.tip(f"refs/remotes/origin/{branch}")
+        if local and remote:
+            if local == remote or self.is_ancestor(remote, local):
+                return local, "local"
+            if not self.is_ancestor(local, remote):
+                log.warning(
+                    "%s: this worker's %s and the remote's %s diverged: continuing the remote's",
+                    branch,
+                    local[:12],
+                    remote[:12],
+                )
+            return remote, "remote"
+        if local:
+            return local, "local"
+        if remote:
+            return remote, "remote"
+        return base_sha, "base"
+
     def tip(self, ref: str) -> str | None:
         return self.git.rev(self.path, ref)
 

@@ -3,8 +3,10 @@ again (reclaimed) when the process that made it died.
 
 Files of one dispatch, all in ``<workspace.root>/trees/`` (0711: an agent can enter its own worktree, not list
 the others): ``<name>/`` (the worktree), ``<name>.lock`` (its :class:`~.locks.HeldLock`, with a note naming
-the mirror and branch), ``<name>.result.json`` (``FACTORY_RESULT``), ``<name>.kept`` (kept on request). Its
-administrative directory is ``<mirror>/worktrees/<name>``.
+the mirror and branch), ``<name>.result.json`` (``FACTORY_RESULT``), ``<name>.issue.json``
+(``FACTORY_ISSUE_JSON``), ``<name>.home/`` (the agent's ``HOME``: what its tools write there, a CLI's config
+or cache, is not in the worktree, so never committed), ``<name>.kept`` (kept on request). Its administrative directory is
+``<mirror>/worktrees/<name>``.
 
 **What the agent may write in the mirror** (when it runs as another uid): its own worktree and admin
 directory (chowned to it), its branch's ref file and the directories of the branch namespace (group-writable
@@ -15,25 +17,32 @@ replace the worker's objects). Not the mirror's config, hooks, packs, remote-tra
 **Reclaim** (:func:`reclaim`, under the mirror's lock): a worktree of ours whose lock file can be locked
 (its process is gone: SIGKILL, OOM) and that was not kept is removed with its admin directory, its result file
 and its lock. Only names :data:`~.names.TREE_NAME` produced, under ``trees/``: a worktree someone else made
-from the mirror, or a live dispatch's, is never touched; ``git worktree prune`` is never run.
+from the mirror, or a live dispatch's, is never touched; ``git worktree prune`` is never run. A staged
+attempt's worktree between two stages (its lock free, its note ``staged``) is removed only when the caller's
+``keep`` does not claim it (the attempt is over, or was never recorded).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from factory_worker.workspace.git import Git
-from factory_worker.workspace.locks import note, take_if_free
+from factory_worker.workspace.locks import HeldLock, note, take_if_free
 from factory_worker.workspace.names import TREE_NAME
 
 log = logging.getLogger(__name__)
 
 Owner = tuple[int, int]  # (uid, gid)
+#: (worktree name, its lock's note) -> True to keep a staged attempt's worktree whose lock is free
+Keep = Callable[[str, dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class Tree:
     lock_path: Path
     result_path: Path
     kept_path: Path
+    issue_path: Path
+    home: Path
 
     @classmethod
     def at(cls, trees: Path, mirror: Path, name: str) -> Tree:
@@ -56,6 +67,8 @@ class Tree:
             trees / f"{name}.lock",
             trees / f"{name}.result.json",
             trees / f"{name}.kept",
+            trees / f"{name}.issue.json",
+            trees / f"{name}.home",
         )
 
 
@@ -141,10 +154,55 @@ def _share(folder: Path, gid: int, mode: int) -> None:
 
 def remove(tree: Tree, owner: Owner | None) -> None:
     """Remove the worktree, its admin directory and result file (the lock is the caller's, last)."""
-    for path in (tree.path, tree.admin):
+    for path in (tree.path, tree.admin, tree.home):
         _rmtree(path, owner)
     tree.result_path.unlink(missing_ok=True)
+    tree.issue_path.unlink(missing_ok=True)
     tree.kept_path.unlink(missing_ok=True)
+
+
+def attach(trees: Path, mirror: Path, name: str, branch: str) -> tuple[Tree, HeldLock, dict[str, Any]] | None:
+    """The worktree ``name`` a staged attempt's earlier stage made and handed over, its lock taken by this
+    process, and its lock's note (base, base_sha, start_sha); None when there is none (a lock file missing too:
+    the leftover is removed, the caller makes a new one). RuntimeError when it is in use, or not ``branch``'s."""
+    tree = Tree.at(trees, mirror, name)
+    if not tree.path.is_dir():
+        return None
+    lock = HeldLock.take(tree.lock_path)
+    if lock is None:
+        if tree.lock_path.exists():
+            raise RuntimeError(f"the worktree {name} is in use by another dispatch")
+        remove(tree, owner_of(tree.path))  # no lock, so no note to continue from: made again
+        return None
+    try:
+        held = note(tree.lock_path)
+        head = (tree.admin / "HEAD").read_text().strip() if tree.admin.is_dir() else ""
+        if held.get("mirror") != str(mirror) or held.get("branch") != branch:
+            raise RuntimeError(f"the worktree {name} is not {branch}'s of this mirror")
+        if head != f"ref: refs/heads/{branch}" or not all(held.get(k) for k in ("base", "base_sha", "start_sha")):
+            raise RuntimeError(f"the worktree {name} is not on {branch} any more")
+    except BaseException:
+        lock.release(unlink=False)
+        raise
+    return tree, lock, held
+
+
+def make_home(tree: Tree, owner: Owner | None) -> None:
+    """The agent's ``HOME`` beside its worktree: 0700, the agent's."""
+    os.mkdir(tree.home, 0o700)
+    if owner is not None and owner != (os.geteuid(), os.getegid()):
+        os.chown(tree.home, *owner)
+
+
+def write_issue(tree: Tree, issue: dict[str, Any], owner: Owner | None) -> None:
+    """The issue as JSON beside the worktree (``FACTORY_ISSUE_JSON``; not in it: ``git add -A`` would commit
+    it): the worker's, 0640 with the agent's group (0600 when the agent is the worker's own user)."""
+    fd = os.open(tree.issue_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            os.fchown(fh.fileno(), -1, owner[1])
+            os.fchmod(fh.fileno(), 0o640)
+        fh.write(json.dumps(issue, ensure_ascii=False, indent=2) + "\n")
 
 
 def _rmtree(path: Path, owner: Owner | None) -> None:
@@ -188,9 +246,9 @@ def owner_of(path: Path) -> Owner | None:
     return None if st.st_uid == os.geteuid() else (st.st_uid, st.st_gid)
 
 
-def reclaim(mirror: Path, trees: Path) -> list[str]:
+def reclaim(mirror: Path, trees: Path, keep: Keep | None = None) -> list[str]:
     """Remove this mirror's worktrees whose dispatch is gone (see the module); the names removed. The caller
-    holds the mirror's lock."""
+    holds the mirror's lock. ``keep``: asked about a staged attempt's worktree whose lock is free."""
     gone: list[str] = []
     names = set()
     for admin in sorted((mirror / "worktrees").glob("*")):
@@ -211,6 +269,10 @@ def reclaim(mirror: Path, trees: Path) -> list[str]:
         fd = take_if_free(tree.lock_path)
         if fd is None and tree.lock_path.exists():
             continue  # a live dispatch holds it
+        if fd is not None and keep is not None and (held := note(tree.lock_path)).get("staged"):
+            if _kept(keep, name, held):  # between two stages of a live attempt
+                os.close(fd)
+                continue
         try:
             remove(tree, owner_of(tree.path))
             tree.lock_path.unlink(missing_ok=True)
@@ -225,3 +287,11 @@ def reclaim(mirror: Path, trees: Path) -> list[str]:
             tmp.unlink(missing_ok=True)
             os.close(fd)
     return gone
+
+
+def _kept(keep: Keep, name: str, held: dict[str, Any]) -> bool:
+    try:
+        return bool(keep(name, held))
+    except Exception as exc:  # cannot tell (Redis down): keep it, a later reclaim decides
+        log.warning("could not tell whether the staged worktree %s is still in use (%s): kept", name, exc)
+        return True

@@ -43,7 +43,9 @@ class Prepared:
     base: str  # the base branch (or commit) name
     base_sha: str
     start_sha: str  # where the branch was when the agent got it (a continued branch: its earlier commits)
-    continued: str  # "base" (a new branch), "local" (this worker's earlier attempt), "remote" (the pushed branch)
+    #: "base" (a new branch), "local" (this worker's earlier attempt), "remote" (the pushed branch), "attempt"
+    #: (the worktree an earlier stage of this staged attempt made)
+    continued: str
     attempt: int
     tree: Tree
     mirror: Path
@@ -60,13 +62,20 @@ class Prepared:
         return self.tree.result_path
 
     @property
+    def home(self) -> Path:
+        """A ``HOME`` for the agent beside the worktree (what its tools write there is never committed)."""
+        return self.tree.home
+
+    @property
     def env(self) -> dict[str, str]:
-        """What the agent's environment gains (never a credential)."""
+        """What the agent's environment gains (never a credential); ``FACTORY_ISSUE_JSON`` is beside the
+        worktree, not in it."""
         return {
             "FACTORY_REPO_DIR": str(self.tree.path),
             "FACTORY_BRANCH": self.branch,
             "FACTORY_BASE_SHA": self.base_sha,
             "FACTORY_RESULT": str(self.tree.result_path),
+            "FACTORY_ISSUE_JSON": str(self.tree.issue_path),
         }
 
 
@@ -101,6 +110,8 @@ class Published:
         return {
             "branch": self.branch,
             "head_sha": self.head_sha,
+            "commits": self.commits,
+            "pushed": self.pushed,
             "pr_url": self.pr_url,
             "no_changes": self.no_changes,
             "summary": r.summary if r else None,

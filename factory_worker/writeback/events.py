@@ -92,7 +92,26 @@ def comment_body(event: Event) -> str:
         facts.append(f"attempt {f['attempt']}")
     if f.get("reason"):
         facts.append(f"reason: {f['reason']}")
+    if f.get("no_changes"):
+        facts.append("no changes")
     body = "factory-worker: " + ", ".join(facts)
+    if f.get("pr_url", "").startswith(("https://", "http://")):
+        body += f"\n\nPull request: {_one_line(f['pr_url'])}"
+    elif f.get("branch"):
+        body += f"\n\nBranch: `{_one_line(f['branch']).replace('`', '')}`"
+    if f.get("summary"):
+        body += "\n\n" + _quoted(f["summary"])
     if f.get("error"):
         body += "\n\n```\n" + f["error"].replace("```", "'''") + "\n```"
     return body + "\n\n" + marker(event)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def _quoted(text: str) -> str:
+    """The agent's summary as a quote, its text only: no HTML comment (a marker it wrote must not pass for one
+    of ours: ``<!--`` is escaped), no line that could end the quote."""
+    lines = text.replace("<!--", "&lt;!--").replace("\r", "").strip().splitlines()
+    return "\n".join("> " + line for line in lines)

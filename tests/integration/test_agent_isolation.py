@@ -51,7 +51,7 @@ ATTEMPTS = (
     "signal the worker",
     "list the worker's processes",
 )
-GIVEN_ENV = {"PATH", "HOME", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN"}
+GIVEN_ENV = {"PATH", "HOME", "FACTORY_ISSUE_ID", "FACTORY_ISSUE_JSON", "FACTORY_DISPATCH_TOKEN", "FACTORY_USAGE"}
 
 
 @dataclass

@@ -72,7 +72,9 @@ def test_round_trips_per_dispatch(real_redis, redis_url, make_settings, tmp_path
         res = execute(job)
         while stages:
             t, i, token, stage, step = stages.pop(0)
-            res = run_stage(Job(ctx, t, i.as_json_dict(), token, "r", "h", None, send, send_stage, stage, step))
+            res = run_stage(
+                Job(ctx, t, i.as_json_dict(), token, "r", "h", send=send, send_stage=send_stage, stage=stage, step=step)
+            )
         assert res["settled"] == "done" and agents, res  # done, and the freed slot refilled
 
     for _ in range(3):  # scripts loaded, connection made

@@ -145,7 +145,7 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
         ("implement", 2, "ok"),
         ("review", 2, "done"),
     ]
-    assert told["detail"]["last_result"] == "5 review (round 2): done" and "review (round 1): rejected" in told["text"]
+    assert told["detail"]["last_step"] == "5 review (round 2): done" and "review (round 1): rejected" in told["text"]
     done = json.loads(ctl(env, "dispatches", "--state", "done", "--json").stdout)
     assert [r.get("last_step") for r in done if r["issue"] == "P-1"] == ["5 review (round 2): done"]
 
@@ -155,7 +155,7 @@ def test_triage_implement_review_rejected_once_then_done_and_low_confidence_esca
     assert why.returncode == 0, why.stderr
     e = json.loads(why.stdout)
     assert e["state"] == "parked" and "needs-human" in e["text"] and e["detail"]["attempts"] == 0
-    assert e["detail"]["last_result"].startswith("1 triage (round 1): escalated (needs-human")
+    assert e["detail"]["last_step"].startswith("1 triage (round 1): escalated (needs-human")
     assert ctx.ledger.counters()["escalated"] == 1
     # retry releases it: triage runs again (and escalates again)
     assert ctl(env, "retry", "P-2").returncode == 0

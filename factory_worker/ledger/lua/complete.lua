@@ -1,10 +1,12 @@
 --[[ complete: the holder marks its issue done, permanently (compare-and-set on the token).
 KEYS: claim(issue) inflight started fences done_bucket(issue) done done_count backoff attempts errors counters stages(issue) stage_history(issue) outbox
-ARGV: token issue outbox
+ARGV: token issue outbox summary pr_url branch no_changes
 REPLIES: ok gone held
 Returns {'ok', done_marker} done | {'gone'} no live claim | {'held', current_token} held by another token
 The fence moves into the done marker "<fence>:<completed_ms>": one field of the issue's done bucket (a small
-hash; done_count counts the new ones; the legacy single done hash is only read). ]]
+hash; done_count counts the new ones; the legacy single done hash is only read). summary, pr_url, branch,
+no_changes ('1' or ''): what the dispatch made in its workspace, on the done event when not empty (the
+tracker's comment shows them). ]]
 local stale = not_holder(A.token)
 if stale then return stale end
 local marker = (string.match(A.token, '^(%d+):') or '0') .. ':' .. now_ms()
@@ -20,5 +22,9 @@ redis.call('HDEL', K.errors, A.issue)
 record_step('done')  -- a staged attempt's last step, kept in its history
 redis.call('DEL', K.stages)  -- a staged dispatch's progress ends with its attempt
 redis.call('HINCRBY', K.counters, 'completed', 1)
-emit('done', A.issue, A.token, {'attempt', attempt})
+local fields = {'attempt', attempt}
+for _, name in ipairs({'summary', 'pr_url', 'branch', 'no_changes'}) do
+  if A[name] ~= '' then fields[#fields + 1] = name; fields[#fields + 1] = A[name] end
+end
+emit('done', A.issue, A.token, fields)
 return {'ok', marker}

@@ -71,7 +71,7 @@ def staged_issue(ctx: Context, issue: str) -> StageLedger:
     return stages
 
 
-def test_a_staged_issues_steps_and_last_result_are_kept_after_the_attempt(ctx):
+def test_a_staged_issues_steps_and_last_step_are_kept_after_the_attempt(ctx):
     staged_issue(ctx, "EX-2")
     assert not ctx.redis.exists(ctx.keys.stages("EX-2"))  # the progress ends with the attempt, the history not
     e = explain(ctx, "EX-2")
@@ -87,7 +87,7 @@ def test_a_staged_issues_steps_and_last_result_are_kept_after_the_attempt(ctx):
         (3, "implement", 2, "ok"),
         (4, "review", 2, "done"),
     ]
-    assert e.detail["last_result"] == "4 review (round 2): done"
+    assert e.detail["last_step"] == "4 review (round 2): done"
     assert ctx.ledger.view.last_steps(["EX-2", "I-0"]) == {"EX-2": steps[-1]}
 
 
@@ -101,7 +101,7 @@ def test_a_failed_staged_attempt_keeps_its_error_and_the_history_is_bounded(ctx,
     e = explain(ctx, "EX-3")
     assert (
         e.state == "backoff"
-        and e.detail["last_result"] == "1 build (round 1): failed (exit 2: could not compile widget.c)"
+        and e.detail["last_step"] == "1 build (round 1): failed (exit 2: could not compile widget.c)"
     )
     key = ctx.keys.stage_history("EX-3")
     old = {"attempt": 0, "step": 1, "stage": "x", "round": 1, "outcome": "ok", "at_ms": 1}
