@@ -54,13 +54,18 @@ class StopCheck:
         if self._reason:
             return self._reason
         now = time.monotonic()
-        local = SHUTDOWN.agents_stop_at()  # this worker's own shutdown, from shared memory: no Redis needed
-        if (self._deadline is not None and now >= self._deadline) or (local is not None and now >= local):
+        if self._deadline is not None and now >= self._deadline:
             self._reason = "worker shutdown: soft-shutdown window elapsed"
             return self._reason
         if now < self._next:
             return None
         self._next = now + STOP_POLL_S
+        local = SHUTDOWN.agents_stop_at()  # this worker's own shutdown from shared memory, as often as from Redis
+        if local is not None:  # (an agent that begins past it runs its first poll interval, as before)
+            self._deadline = local if self._deadline is None else min(self._deadline, local)
+            if now >= self._deadline:
+                self._reason = "worker shutdown: soft-shutdown window elapsed"
+                return self._reason
         k = self.ctx.keys
         try:
             p = self.ctx.redis.pipeline(transaction=False)
